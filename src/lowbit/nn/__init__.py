@@ -1,0 +1,1 @@
+from lowbit.nn.linear import QuantizedLinear  # noqa: F401

@@ -1,0 +1,53 @@
+"""The interface every algorithm implements, and the walk that applies data-free methods.
+
+A method sees one linear layer at a time. Methods that need calibration data set
+``needs_calibration = True`` and receive that layer's inputs through ``observe`` (called by the
+sequential calibration runner, which alone knows about blocks, hooks and devices) before
+``apply`` is asked for the replacement module.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Method:
+    name: str = "?"
+    config_cls: type = object
+    needs_calibration: bool = False
+
+    def __init__(self, config):
+        self.config = config
+
+    def observe(self, layer_name: str, module: nn.Linear, x: Tensor) -> None:  # pragma: no cover
+        """Accumulate statistics of this layer's input activations x [..., in_features]."""
+
+    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+        """Return the module that replaces ``module`` (e.g. a QuantizedLinear)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-serialisable record of this method's settings, saved with the model."""
+        cfg = self.config
+        d = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+        if "scheme" in d:
+            d["scheme"] = d["scheme"].to_dict()
+        return {"method": self.name, "config": d}
+
+
+def make_method(name: str, scheme=None, **options) -> Method:
+    """Instantiate the registered method ``name`` with its config built from scheme + options."""
+    import dataclasses
+
+    from lowbit.core.registry import get_method
+    from lowbit.errors import LowbitError
+
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in fields)
+    if unknown:
+        raise LowbitError(f"method {name} does not take option(s) {', '.join(unknown)}")
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    if scheme is not None and "scheme" in fields:
+        kwargs["scheme"] = scheme
+    return cls(cls.config_cls(**kwargs))

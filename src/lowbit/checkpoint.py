@@ -1,0 +1,166 @@
+"""Saving and loading quantized models: safetensors + a JSON record, written atomically.
+
+A checkpoint directory holds
+
+* ``model.safetensors`` — every tensor: float parameters of the untouched modules, the packed
+  tensors of each quantized module (``<layer>.qweight``, ``<layer>.scales``, ...). Tied tensors
+  (e.g. lm_head = embed_tokens) are stored once.
+* ``config.json`` and the tokenizer files — the Hugging Face model skeleton.
+* ``lowbit.json`` — how the model was made: lowbit version, method and its settings (scheme),
+  the base model, the calibration data used, and each quantized module's format and shape.
+
+The directory is assembled under a temporary name beside the target and renamed into place only
+when complete (``lowbit.json`` last, everything fsync'ed), so a crash never leaves a directory
+that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+from lowbit.nn.linear import QuantizedLinear
+
+RECORD = "lowbit.json"
+WEIGHTS = "model.safetensors"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / RECORD).is_file()
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tensors that share storage (tied weights) kept once, contiguous, on CPU."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for k, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen[key] = k
+        out[k] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) -> Path:
+    """Write a checkpoint atomically. Refuses to overwrite a non-empty directory that is not a
+    lowbit checkpoint (so a typo never destroys unrelated files)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LowbitError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
+        raise LowbitError(f"output directory {out} is not empty and is not a lowbit checkpoint; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tensors = _unique_state_dict(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_version": __version__})
+        full = dict(record)
+        full["lowbit_version"] = __version__
+        full["modules"] = {n: m.meta() for n, m in quantized_modules(model).items()}
+        full["tied_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
+        (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        _fsync_dir(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    p = Path(path) / RECORD
+    try:
+        rec = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise LowbitError(f"{path} is not a lowbit checkpoint (no {RECORD})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{p} is corrupt: {e}") from None
+    if not isinstance(rec, dict) or "modules" not in rec or "method" not in rec:
+        raise LowbitError(f"{p} is not a valid lowbit record (missing 'method' or 'modules')")
+    return rec
+
+
+def load(path: str | os.PathLike):
+    """Load a checkpoint written by `save`: returns (model, tokenizer, record)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    rec = read_record(path)
+    wfile = path / WEIGHTS
+    if not wfile.is_file():
+        raise LowbitError(f"checkpoint {path} has no {WEIGHTS}")
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LowbitError(f"{wfile} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise LowbitError(f"{path}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, meta in rec["modules"].items():
+        prefix = name + "."
+        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        bias = own.pop("bias", None)
+        try:
+            qmod = QuantizedLinear.from_meta(meta, own, bias)
+        except KeyError as e:
+            raise LowbitError(f"checkpoint {path}: module {name} lacks tensor {e}") from None
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            raise LowbitError(f"checkpoint {path}: module {name} does not exist in {config.model_type}") from None
+        setattr(parent, child, qmod)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if rec.get("tied_word_embeddings"):
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if unexpected:
+        raise LowbitError(f"checkpoint {path} has unexpected tensors, e.g. {unexpected[0]}")
+    if missing:
+        raise LowbitError(f"checkpoint {path} lacks tensors, e.g. {missing[0]}")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LowbitError(f"checkpoint {path}: tensor {k} has NaN/Inf values")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, rec

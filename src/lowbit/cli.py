@@ -1,0 +1,231 @@
+"""lowbit command line: quantize, eval, compare, demo.
+
+Every command accepts an optional MODEL; omitted, it means the embedded default model
+(SmolLM2-135M-Instruct). Bad input ends with a one-line ``lowbit: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+
+
+def _log(msg: str) -> None:
+    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+
+
+# -- argument groups -----------------------------------------------------------------------------
+def _add_scheme_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8 (default: 4)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="columns sharing one scale; -1 = per output channel (default: 128)")
+    p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero-point) instead of symmetric")
+    p.add_argument("--restricted", action="store_true", help="restricted integer range (e.g. -127..127)")
+    p.add_argument("--calib", metavar="FILE", help="calibration text file (default: bundled text)")
+    p.add_argument("--samples", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
+    p.add_argument("--device", default="cpu", help="device for calibration/evaluation: cpu, cuda, cuda:1 ...")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", metavar="FILE", help="evaluate on this text file (default: bundled held-out text)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text to score (default: 16384)")
+    p.add_argument("--ctx", type=int, default=512, help="context window of the perplexity protocol (default: 512)")
+    p.add_argument("--no-latency", action="store_true", help="skip prefill/decode timing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+
+
+def _scheme(args):
+    from lowbit.core.scheme import scheme_from_args
+
+    if args.group_size is not None and args.group_size <= 0 and args.group_size != -1:
+        raise LowbitError(f"--group-size must be a positive integer or -1 (per-channel), got {args.group_size}")
+    gs = None if args.per_channel else args.group_size
+    return scheme_from_args(args.bits, gs, asym=args.asym, restricted=args.restricted, per_tensor=args.per_tensor)
+
+
+def _settings(args, latency_default=True):
+    from lowbit.eval.quality import PplProtocol
+    from lowbit.evaluate import EvalSettings
+
+    if args.max_tokens <= 0 or args.ctx <= 1:
+        raise LowbitError("--max-tokens must be positive and --ctx at least 2")
+    if args.text and not os.path.isfile(args.text):
+        raise LowbitError(f"text file not found: {args.text}")
+    return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
+                        latency=latency_default and not args.no_latency, device=args.device)
+
+
+def _check_model_arg(spec):
+    if spec is None:
+        return
+    from lowbit.models.builtin import builtin_models
+
+    if spec in builtin_models():
+        return
+    if not os.path.exists(spec):
+        raise LowbitError(f"model not found: {spec} (give a builtin name — {', '.join(builtin_models())} — "
+                          "a Hugging Face directory, a .gguf file or a lowbit checkpoint)")
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from lowbit import api
+    from lowbit.core.registry import get_method
+
+    get_method(args.method)  # unknown method -> clear error before any loading
+    scheme = _scheme(args)
+    if args.samples <= 0 or args.seq_len <= 1:
+        raise LowbitError("--samples must be positive and --seq-len at least 2")
+    if args.calib and not os.path.isfile(args.calib):
+        raise LowbitError(f"calibration text file not found: {args.calib}")
+    _check_model_arg(args.model)
+    m = api.load(args.model)
+    _log(f"quantizing {m.name} with {args.method} {scheme.short_name()} on {args.device}")
+    rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
+                       seq_len=args.seq_len, device=args.device)
+    out = api.save(m, args.output)
+    bpw, nbytes, n = api.linear_bits(m.model)
+    _log(f"done in {rec['quantize_seconds']:.1f} s: {bpw:.3f} bits/weight over {n / 1e6:.1f}M linear weights -> {out}")
+    if rec.get("runner"):
+        r = rec["runner"]
+        _log(f"runner peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (start {r['rss_at_start_bytes'] / 2**20:.0f} MiB, "
+             f"activations {r['activation_bytes'] / 2**20:.0f} MiB)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lowbit import api
+    from lowbit.evaluate import compare, render
+
+    settings = _settings(args)
+    _check_model_arg(args.model)
+    m = api.load(args.model)
+    variants = {}
+    if m.record is not None:
+        base = api.load(api.base_spec(m))
+        variants["original"] = base
+        variants[m.name] = m
+    else:
+        variants[m.name] = m
+    rows = compare(variants, next(iter(variants)), settings)
+    print(render(rows, markdown=args.markdown))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from lowbit import api
+    from lowbit.evaluate import compare, render, write_plot
+
+    settings = _settings(args)
+    for spec in args.models:
+        _check_model_arg(spec)
+    loaded = [api.load(s) for s in args.models]
+    bases = {api.base_spec(m) for m in loaded if m.record is not None}
+    base_spec = args.baseline or (bases.pop() if len(bases) == 1 else None)
+    if base_spec is None and not args.baseline:
+        raise LowbitError("the variants come from different base models; name the original with --baseline")
+    variants = {"original": api.load(base_spec)}
+    for m in loaded:
+        name = m.name
+        while name in variants:
+            name += "'"
+        variants[name] = m
+    rows = compare(variants, "original", settings)
+    print(render(rows, markdown=args.markdown))
+    if args.plot:
+        write_plot(rows, args.plot, f"{variants['original'].name}: perplexity vs bits/weight")
+        _log(f"plot written to {args.plot}")
+    return 0
+
+
+DEMO_VARIANTS = [
+    ("rtn-int8-channel", dict(bits=8, group_size=None, asym=False)),
+    ("rtn-int4-g128", dict(bits=4, group_size=128, asym=False)),
+    ("rtn-int4-g128-asym", dict(bits=4, group_size=128, asym=True)),
+    ("rtn-int3-g128-asym", dict(bits=3, group_size=128, asym=True)),
+]
+
+
+def cmd_demo(args) -> int:
+    from lowbit import api
+    from lowbit.core.scheme import scheme_from_args
+    from lowbit.eval.quality import PplProtocol
+    from lowbit.evaluate import EvalSettings, compare, render, write_plot
+
+    t0 = time.perf_counter()
+    base = api.load(args.model)
+    variants = {"original (fp32)": base}
+    for name, kw in DEMO_VARIANTS:
+        m = api.load(args.model)
+        api.quantize(m, "rtn", scheme_from_args(**kw), progress=False)
+        m.path = api.save(m, os.path.join(args.out_dir, name))
+        m.name = name
+        variants[name] = m
+        _log(f"{name}: quantized in {m.record['quantize_seconds']:.1f} s -> {m.path}")
+    settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=args.max_tokens), device=args.device)
+    rows = compare(variants, "original (fp32)", settings)
+    table = render(rows)
+    print(table)
+    plot = write_plot(rows, os.path.join(args.out_dir, "ppl_vs_bits.png"), f"{base.name}: RTN perplexity vs bits/weight")
+    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+        f.write(render(rows, markdown=True) + "\n")
+    _log(f"{rows[0]['n_tokens']} held-out tokens scored; plot {plot}; total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost, on a CPU.")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", nargs="?", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    _add_scheme_args(q)
+    q.add_argument("-o", "--output", required=True, help="output directory")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL to the original, size and speed of one model")
+    e.add_argument("model", nargs="?", help="model or lowbit checkpoint (default: embedded model)")
+    _add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="one table for several quantized variants of one model")
+    c.add_argument("models", nargs="+", help="lowbit checkpoints (and/or models) to compare")
+    c.add_argument("--baseline", help="original model (default: the one the checkpoints record)")
+    c.add_argument("--plot", default="compare.png", help="PNG plot of perplexity vs bits/weight (default: compare.png)")
+    _add_eval_args(c)
+    c.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("demo", help="quantize the embedded model with RTN at 8/4/3 bits and print the table")
+    d.add_argument("model", nargs="?", help="model (default: embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--out-dir", default="lowbit-demo", help="where checkpoints, table and plot go")
+    d.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to score (default: 8192)")
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

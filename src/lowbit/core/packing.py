@@ -1,0 +1,70 @@
+"""Exact bit packing of unsigned codes, 1 to 8 bits each, row by row.
+
+Layout: each row of N codes is packed independently (so rows can be sliced without unpacking
+the others). Codes are taken 8 at a time; a run of 8 codes of b bits forms one little-endian
+integer of 8*b bits (code j occupies bits [j*b, (j+1)*b)), which is stored as b bytes, low byte
+first. A row therefore takes ceil(N / 8) * b bytes (N bytes for b = 8); the tail of the last run
+is zero-padded.
+For b in {1, 2, 4} this is the familiar "code j of a byte sits at bit j*b" layout, and for
+b = 8 it is the codes themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import LowbitError
+
+
+def packed_row_bytes(n: int, bits: int) -> int:
+    """Bytes one packed row of n codes takes (8-bit codes are stored as-is, unpadded)."""
+    return n if bits == 8 else math.ceil(n / 8) * bits
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned integer codes [..., N] (each < 2**bits) into uint8 [..., ceil(N/8)*bits]."""
+    if not 1 <= bits <= 8:
+        raise LowbitError(f"can only pack 1 to 8 bits per value, got {bits}")
+    codes = codes.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+        raise LowbitError(f"codes out of range for {bits}-bit packing: [{int(codes.min())}, {int(codes.max())}]")
+    *lead, n = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8).clone()
+    runs = math.ceil(n / 8)
+    pad = runs * 8 - n
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.reshape(*lead, runs, 8)
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
+    word = (codes << shifts).sum(dim=-1)  # [..., runs], < 2**(8*bits) <= 2**56
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [..., runs, bits]
+    return out.reshape(*lead, runs * bits).to(torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack`: uint8 [..., ceil(n/8)*bits] -> int32 codes [..., n]."""
+    if not 1 <= bits <= 8:
+        raise LowbitError(f"can only unpack 1 to 8 bits per value, got {bits}")
+    *lead, nbytes = packed.shape
+    if nbytes != packed_row_bytes(n, bits):
+        raise LowbitError(f"packed row has {nbytes} bytes, expected {packed_row_bytes(n, bits)} for {n} {bits}-bit values")
+    if bits == 8:
+        return packed.to(torch.int32)
+    if bits in (1, 2, 4):
+        # Same layout, read byte-wise: byte k holds codes k*(8/b) .. k*(8/b)+8/b-1, code m at bit m*b.
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*lead, nbytes * per_byte)[..., :n].to(torch.int32)
+    runs = nbytes // bits
+    b = packed.to(torch.int64).reshape(*lead, runs, bits)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
+    word = (b << byte_shifts).sum(dim=-1)  # [..., runs]
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
+    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., runs, 8]
+    return codes.reshape(*lead, runs * 8)[..., :n].to(torch.int32)

@@ -1,0 +1,130 @@
+"""Range-based linear quantization: choose scale/zero-point, quantize, dequantize.
+
+Notation (per slice that shares one scale): x real, q integer in [qmin, qmax], s > 0 the scale,
+z the integer zero-point.
+
+* symmetric:  q = clamp(round(x / s), qmin, qmax),           x_hat = s * q
+  s = absmax / ((qmax - qmin) / 2)   (full range:  int8 -> absmax / 127.5, the extra negative
+                                       level absorbs the half step; restricted: absmax / 127)
+* asymmetric: q = clamp(round(x / s) + z, qmin, qmax),       x_hat = s * (q - z)
+  the range is first widened to include 0 (min <= 0 <= max), s = (max - min) / (qmax - qmin),
+  z = clamp(round(qmin - min / s), qmin, qmax), an integer, so x = 0 maps to q = z and back to
+  exactly 0.
+
+Slices: the weight W[out, in] is viewed as [out, n_groups, group] where each group holds
+`group_size` consecutive columns of one row; the last group of a row may be shorter when
+group_size does not divide `in` (it is padded with zeros for the statistics only; zeros never
+change min/max/absmax because 0 is always inside the range). Groups never straddle rows.
+Per-channel is one group per row; per-tensor is one group for everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+
+_TINY = 1e-8  # smallest scale we allow; an all-zero slice gets this scale and q = z
+
+
+def group_layout(shape: tuple[int, int], scheme: QuantScheme) -> tuple[int, int]:
+    """(n_groups per row, group length) for a 2-D weight of ``shape`` under ``scheme``."""
+    rows, cols = shape
+    if scheme.granularity == "group":
+        g = int(scheme.group_size)
+        return math.ceil(cols / g), g
+    return 1, cols
+
+
+def _grouped(W: Tensor, scheme: QuantScheme) -> Tensor:
+    """View W[out, in] as [out, n_groups, g] (zero-padded at the end of each row if needed).
+
+    For per-tensor the result is [1, 1, out*in]."""
+    if W.dim() != 2:
+        raise LowbitError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+    rows, cols = W.shape
+    if scheme.granularity == "tensor":
+        return W.reshape(1, 1, rows * cols)
+    n, g = group_layout((rows, cols), scheme)
+    pad = n * g - cols
+    if pad:
+        W = torch.nn.functional.pad(W, (0, pad))
+    return W.reshape(rows, n, g)
+
+
+def _ungrouped(Wg: Tensor, shape: tuple[int, int], scheme: QuantScheme) -> Tensor:
+    rows, cols = shape
+    if scheme.granularity == "tensor":
+        return Wg.reshape(rows, cols)
+    return Wg.reshape(rows, -1)[:, :cols]
+
+
+def _round_scale(s: Tensor, scheme: QuantScheme) -> Tensor:
+    """Scales are stored in ``scheme.scale_dtype``; quantize with the stored value so that
+    dequantization is exactly consistent with what was chosen."""
+    s = s.clamp(min=_TINY)
+    if scheme.scale_dtype == "float16":
+        s = s.clamp(max=65504.0).to(torch.float16).to(torch.float32)
+        s = torch.where(s > 0, s, torch.full_like(s, 2.0**-24))  # fp16 underflow -> smallest subnormal
+    return s
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Scale (fp32, already rounded to the storage dtype) and integer zero-point (or None if
+    symmetric) for slices whose real range is [lo, hi]."""
+    lo = lo.float()
+    hi = hi.float()
+    if scheme.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        s = _round_scale(absmax / ((scheme.qmax - scheme.qmin) / 2), scheme)
+        return s, None
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    s = _round_scale((hi - lo) / (scheme.qmax - scheme.qmin), scheme)
+    z = torch.clamp(torch.round(scheme.qmin - lo / s), scheme.qmin, scheme.qmax)
+    return s, z
+
+
+def choose_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Min/max (asymmetric) or absmax (symmetric) scales for each slice of a 2-D weight.
+
+    Returns scale [rows, n_groups] (per-tensor: [1, 1]) and zero-point of the same shape or None.
+    """
+    Wg = _grouped(W.float(), scheme)
+    return qparams_from_range(Wg.amin(dim=-1), Wg.amax(dim=-1), scheme)
+
+
+def quantize(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Integers q (int32, in [qmin, qmax]) for a 2-D weight given per-slice scale/zero."""
+    Wg = _grouped(W.float(), scheme)
+    q = torch.round(Wg / scale.unsqueeze(-1))
+    if zero is not None:
+        q = q + zero.unsqueeze(-1)
+    q = torch.clamp(q, scheme.qmin, scheme.qmax)
+    return _ungrouped(q, tuple(W.shape), scheme).to(torch.int32)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Float32 weight from integers q and per-slice scale/zero."""
+    shape = tuple(q.shape)
+    qg = _grouped(q.float(), scheme)
+    if zero is not None:
+        qg = qg - zero.float().unsqueeze(-1)
+    return _ungrouped(qg * scale.float().unsqueeze(-1), shape, scheme)
+
+
+def fake_quantize(W: Tensor, scheme: QuantScheme) -> Tensor:
+    """Quantize then dequantize with min/max qparams (round-to-nearest), same dtype as W."""
+    s, z = choose_qparams(W, scheme)
+    return dequantize(quantize(W, s, z, scheme), s, z, scheme).to(W.dtype)
+
+
+def check_finite(W: Tensor, name: str) -> None:
+    """One-line error for NaN/Inf weights (quantizing them would silently poison the result)."""
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).sum().item()
+        raise LowbitError(f"weight {name} has {bad} NaN/Inf values; refusing to quantize it")

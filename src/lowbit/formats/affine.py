@@ -1,0 +1,119 @@
+"""AffineWeight: integer codes + per-slice scale (+ zero-point), bit-packed row by row.
+
+The format produced by RTN, GPTQ, AWQ, HQQ and friends. Stored tensors:
+
+* ``qweight``  uint8 [out, packed_row_bytes(in, bits)]  codes u = q + code_offset, packed
+* ``scales``   float16/float32 [out, n_groups] (per-tensor: [1, 1])
+* ``qzeros``   uint8 [out, packed_row_bytes(n_groups, bits)] (asymmetric only), zero-points packed
+  with the same bit width as the codes
+
+Dequantization: W[r, c] = scales[r, g(c)] * (u[r, c] - offset)            (symmetric)
+                W[r, c] = scales[r, g(c)] * (u[r, c] - qzeros[r, g(c)])    (asymmetric)
+with g(c) = c // group_size. The last group of a row may be shorter than group_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.core import packing, primitives
+from lowbit.core.registry import register_format
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+
+
+@register_format("affine")
+@dataclass
+class AffineWeight:
+    qweight: Tensor
+    scales: Tensor
+    qzeros: Tensor | None
+    shape: tuple[int, int]
+    scheme: QuantScheme
+
+    tensor_names = ("qweight", "scales", "qzeros")
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_integers(cls, q: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> "AffineWeight":
+        """Pack integers q [out, in] (in [qmin, qmax]) with per-slice scale/zero."""
+        if q.dim() != 2:
+            raise LowbitError(f"expected 2-D integer weight, got shape {tuple(q.shape)}")
+        if q.numel() and (int(q.min()) < scheme.qmin or int(q.max()) > scheme.qmax):
+            raise LowbitError(f"integers outside [{scheme.qmin}, {scheme.qmax}] for {scheme.short_name()}")
+        dtype = torch.float16 if scheme.scale_dtype == "float16" else torch.float32
+        qweight = packing.pack(q.to(torch.int64) + scheme.code_offset, scheme.bits)
+        qzeros = None
+        if not scheme.symmetric:
+            if zero is None:
+                raise LowbitError("asymmetric scheme needs zero-points")
+            qzeros = packing.pack(zero.to(torch.int64), scheme.bits)
+        return cls(qweight=qweight, scales=scale.to(dtype).contiguous(), qzeros=qzeros,
+                   shape=(int(q.shape[0]), int(q.shape[1])), scheme=scheme)
+
+    @classmethod
+    def quantize_rtn(cls, W: Tensor, scheme: QuantScheme) -> "AffineWeight":
+        s, z = primitives.choose_qparams(W, scheme)
+        return cls.from_integers(primitives.quantize(W, s, z, scheme), s, z, scheme)
+
+    # -- reading ----------------------------------------------------------------------------
+    def integers(self) -> Tensor:
+        """Signed integers q [out, in] (int32)."""
+        return packing.unpack(self.qweight, self.scheme.bits, self.shape[1]) - self.scheme.code_offset
+
+    def zero_points(self) -> Tensor | None:
+        if self.qzeros is None:
+            return None
+        return packing.unpack(self.qzeros, self.scheme.bits, self.scales.shape[-1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        W = primitives.dequantize(self.integers(), self.scales.float(), self.zero_points(), self.scheme)
+        return W.to(dtype)
+
+    # -- storage ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.qzeros is not None:
+            out["qzeros"] = self.qzeros
+        return out
+
+    def meta(self) -> dict:
+        return {"format": "affine", "shape": list(self.shape), "scheme": self.scheme.to_dict()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "AffineWeight":
+        scheme = QuantScheme.from_dict(meta["scheme"])
+        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+        w = cls(qweight=tensors["qweight"], scales=tensors["scales"], qzeros=tensors.get("qzeros"),
+                shape=shape, scheme=scheme)
+        w.validate()
+        return w
+
+    def validate(self) -> None:
+        rows, cols = self.shape
+        n_groups, _ = primitives.group_layout(self.shape, self.scheme)
+        exp_scales = (1, 1) if self.scheme.granularity == "tensor" else (rows, n_groups)
+        exp_q = (rows, packing.packed_row_bytes(cols, self.scheme.bits))
+        if tuple(self.qweight.shape) != exp_q or self.qweight.dtype != torch.uint8:
+            raise LowbitError(f"qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, expected {exp_q}/uint8")
+        if tuple(self.scales.shape) != exp_scales:
+            raise LowbitError(f"scales have shape {tuple(self.scales.shape)}, expected {exp_scales}")
+        if not torch.isfinite(self.scales.float()).all():
+            raise LowbitError("scales contain NaN/Inf")
+        if self.scheme.symmetric != (self.qzeros is None):
+            raise LowbitError("zero-points present/absent inconsistently with the scheme")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def n_weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.n_weights

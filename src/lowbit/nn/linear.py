@@ -1,0 +1,54 @@
+"""QuantizedLinear: a drop-in for nn.Linear whose weight is a packed format.
+
+The packed tensors are registered as buffers (so `state_dict()` saves exactly what is stored and
+`.to(device)` moves them); the forward pass asks the kernel layer for y = x Wᵀ + b.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor, nn
+
+from lowbit.core.registry import get_format
+from lowbit.kernels import linear as kernel_linear
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, weight_format, bias: Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight_format.shape
+        self._format_cls = type(weight_format)
+        self._meta = weight_format.meta()
+        tensors = weight_format.tensors()
+        # Non-tensor fields (shape, scheme, ...) are kept as plain attributes, tensors as buffers.
+        self._fields = {f.name: getattr(weight_format, f.name) for f in dataclasses.fields(weight_format)
+                        if f.name not in self._format_cls.tensor_names}
+        self._tensor_names = tuple(tensors)
+        for k, t in tensors.items():
+            self.register_buffer(k, t)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone().float(), requires_grad=False)
+        else:
+            self.bias = None
+
+    @property
+    def weight_format(self):
+        """The packed weight, viewing this module's (current-device) buffers."""
+        tensors = {k: None for k in self._format_cls.tensor_names}
+        tensors.update({k: getattr(self, k) for k in self._tensor_names})
+        return self._format_cls(**tensors, **self._fields)
+
+    def meta(self) -> dict:
+        return dict(self._meta, bias=self.bias is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernel_linear(x, self.weight_format, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self._meta['format']}"
+
+    @classmethod
+    def from_meta(cls, meta: dict, tensors: dict[str, Tensor], bias: Tensor | None) -> "QuantizedLinear":
+        fmt = get_format(meta["format"]).from_tensors(tensors, meta)
+        return cls(fmt, bias)
