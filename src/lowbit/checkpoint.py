@@ -151,6 +151,8 @@ def load(path: str | os.PathLike):
             raise LowbitError(f"checkpoint {path}: module {name} does not exist in {config.model_type}") from None
         setattr(parent, child, qmod)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    qprefixes = tuple(n + "." for n in rec["modules"])
+    missing = [m for m in missing if not m.startswith(qprefixes)]  # loaded into QuantizedLinear above
     if rec.get("tied_word_embeddings"):
         model.tie_weights()
         missing = [m for m in missing if m != "lm_head.weight"]
@@ -162,5 +164,7 @@ def load(path: str | os.PathLike):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise LowbitError(f"checkpoint {path}: tensor {k} has NaN/Inf values")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, rec
