@@ -183,3 +183,12 @@ def test_rtn_error_shrinks_with_bits():
     W = torch.randn(64, 512)
     errs = [(primitives.fake_quantize(W, QuantScheme(b, True, "group", 128)) - W).pow(2).mean().item() for b in range(2, 9)]
     assert all(a > 3 * b for a, b in zip(errs, errs[1:]))  # each extra bit ~4x less MSE
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES[::3] + [QuantScheme(4, False, "group", 128), QuantScheme(4, True, "group", 64)],
+                         ids=lambda s: s.short_name())
+def test_fast_dequantize_equals_formula_exactly(scheme):
+    W = torch.randn(9, 576) * 2
+    fmt = AffineWeight.quantize_rtn(W, scheme)
+    ref = primitives.dequantize(fmt.integers(), fmt.scales.float(), fmt.zero_points(), scheme)
+    assert torch.equal(fmt.dequantize(), ref)

@@ -48,23 +48,30 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack`: uint8 [..., ceil(n/8)*bits] -> int32 codes [..., n]."""
+    return unpack_u8(packed, bits, n).to(torch.int32)
+
+
+def unpack_u8(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack` returning uint8 codes [..., n] (the cheapest form for dequantization)."""
     if not 1 <= bits <= 8:
         raise LowbitError(f"can only unpack 1 to 8 bits per value, got {bits}")
     *lead, nbytes = packed.shape
     if nbytes != packed_row_bytes(n, bits):
         raise LowbitError(f"packed row has {nbytes} bytes, expected {packed_row_bytes(n, bits)} for {n} {bits}-bit values")
     if bits == 8:
-        return packed.to(torch.int32)
+        return packed
     if bits in (1, 2, 4):
         # Same layout, read byte-wise: byte k holds codes k*(8/b) .. k*(8/b)+8/b-1, code m at bit m*b.
         per_byte = 8 // bits
         shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(*lead, nbytes * per_byte)[..., :n].to(torch.int32)
+        codes = codes.reshape(*lead, nbytes * per_byte)
+        return codes if codes.shape[-1] == n else codes[..., :n].contiguous()
     runs = nbytes // bits
-    b = packed.to(torch.int64).reshape(*lead, runs, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
-    word = (b << byte_shifts).sum(dim=-1)  # [..., runs]
-    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
+    wt = torch.int32 if bits <= 3 else torch.int64  # a run is 8*bits bits wide
+    b = packed.to(wt).reshape(*lead, runs, bits)
+    byte_shifts = torch.arange(bits, dtype=wt, device=packed.device) * 8
+    word = (b << byte_shifts).sum(dim=-1, dtype=wt)  # [..., runs]
+    shifts = torch.arange(8, dtype=wt, device=packed.device) * bits
     codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., runs, 8]
-    return codes.reshape(*lead, runs * 8)[..., :n].to(torch.int32)
+    return codes.reshape(*lead, runs * 8)[..., :n].to(torch.uint8)
