@@ -18,17 +18,17 @@ from lowbit.eval.report import format_table, plot_ppl_vs_bits
 from lowbit.eval.size import dir_size_bytes
 
 COLUMNS = [
-    ("variant", "variant", "{}"),
-    ("bpw", "bits/w", "{:.3f}"),
-    ("size_mb", "size MB", "{:.1f}"),
-    ("ppl", "ppl", "{:.3f}"),
-    ("dppl", "Δppl", "{:+.3f}"),
-    ("kl", "KL mean", "{:.5f}"),
-    ("kl_p99", "KL p99", "{:.4f}"),
-    ("top1", "top-1 %", "{:.2f}"),
-    ("qtime", "quant s", "{:.1f}"),
-    ("prefill", "prefill tok/s", "{:.0f}"),
-    ("decode", "decode tok/s", "{:.1f}"),
+    ("variant", "variant", None),
+    ("bpw", "bits/w", ".3f"),
+    ("size_mb", "size MB", ".1f"),
+    ("ppl", "ppl", ".3f"),
+    ("dppl", "Δppl", "+.3f"),
+    ("kl", "KL mean", ".5f"),
+    ("kl_p99", "KL p99", ".4f"),
+    ("top1", "top-1 %", ".2f"),
+    ("qtime", "quant s", ".1f"),
+    ("prefill", "prefill tok/s", ".0f"),
+    ("decode", "decode tok/s", ".1f"),
 ]
 
 
@@ -71,7 +71,7 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
                "kl": q.kl_mean if name != baseline else 0.0,
                "kl_p99": q.kl_p99 if name != baseline else 0.0,
                "top1": 100 * q.top1 if name != baseline else 100.0,
-               "qtime": (m.record or {}).get("quantize_seconds", float("nan"))}
+               "qtime": (m.record or {}).get("quantize_seconds")}
         if settings.latency:
             lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
                                   vocab_size=m.model.config.vocab_size, device=settings.device)
@@ -88,7 +88,9 @@ def render(rows: list[dict], markdown: bool = False) -> str:
 
 def write_plot(rows: list[dict], path: str, title: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    plot_ppl_vs_bits(rows, path, title)
+    pts = [{"name": r["variant"], "ppl": r["ppl"], "bits": r["bpw"], "baseline": i == 0,
+            "group": r.get("group")} for i, r in enumerate(rows)]
+    plot_ppl_vs_bits(pts, path, title)
     return path
 
 

@@ -1,0 +1,170 @@
+"""The command line: end to end on a tiny model, and a one-line error for each kind of bad input."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit import checkpoint
+from lowbit.cli import main
+from lowbit.models.tiny import save_tiny
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. However little known the feelings or views of such a man may be. ") * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("m") / "tiny", "llama")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("t") / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop whatever the test's own setup printed
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lowbit: error: ")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_quantize_eval_compare_end_to_end(tmp_path, capsys, tiny_dir, text_file):
+    outs = []
+    for bits, extra in ((4, ["--group-size", "32"]), (3, ["--group-size", "48", "--asym"]), (8, ["--per-channel"])):
+        out = tmp_path / f"q{bits}"
+        code, _, err = run(capsys, "quantize", tiny_dir, "--method", "rtn", "--bits", bits, *extra, "-o", out)
+        assert code == 0, err
+        rec = json.loads((out / "lowbit.json").read_text())
+        assert rec["method"]["method"] == "rtn"
+        assert rec["method"]["config"]["scheme"]["bits"] == bits
+        assert rec["base_model"]["path"] == str(tiny_dir)
+        assert rec["lowbit_version"]
+        assert len(rec["modules"]) == 14
+        outs.append(out)
+    # 48 does not divide 64 (hidden) nor 128: a ragged last group, recorded in the config
+    q3 = json.loads((outs[1] / "lowbit.json").read_text())
+    assert q3["modules"]["model.layers.0.mlp.down_proj"]["scheme"]["group_size"] == 48
+
+    code, out, err = run(capsys, "eval", outs[0], "--text", text_file, "--max-tokens", 512, "--ctx", 128, "--no-latency")
+    assert code == 0, err
+    assert "original" in out and "q4" in out and "KL" in out
+
+    plot = tmp_path / "cmp.png"
+    code, out, err = run(capsys, "compare", *outs, "--text", text_file, "--max-tokens", 512, "--ctx", 128,
+                         "--plot", plot)
+    assert code == 0, err
+    rows = [l for l in out.splitlines() if l.startswith(("original", "q4", "q3", "q8"))]
+    assert len(rows) == 4
+    assert plot.stat().st_size > 5000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--bits", "9"], ["bits", "9"]),
+    (["--bits", "1"], ["bits", "1"]),
+    (["--group-size", "0"], ["--group-size", "0"]),
+    (["--group-size", "-7"], ["--group-size", "-7"]),
+    (["--method", "nonsense"], ["unknown method", "nonsense", "rtn"]),
+])
+def test_bad_arguments(tmp_path, capsys, tiny_dir, argv, needles):
+    code, _, err = run(capsys, "quantize", tiny_dir, *argv, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model(tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", tmp_path / "nope", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "not found", "nope")
+    code, _, err = run(capsys, "eval", tmp_path / "nope.gguf")
+    assert_one_line_error(code, err, "not found")
+
+
+def test_missing_text_file(tmp_path, capsys, tiny_dir):
+    code, _, err = run(capsys, "eval", tiny_dir, "--text", tmp_path / "none.txt")
+    assert_one_line_error(code, err, "none.txt")
+
+
+def test_truncated_and_corrupt_gguf(tmp_path, capsys):
+    import gguf
+
+    good = tmp_path / "good.gguf"
+    w = gguf.GGUFWriter(str(good), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", torch.randn(16, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(data[: len(data) - 100])
+    code, _, err = run(capsys, "quantize", trunc, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "trunc.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 40)
+    code, _, err = run(capsys, "quantize", bad, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "bad.gguf")
+    notgguf = tmp_path / "x.gguf"
+    notgguf.write_bytes(b"hello world, not a model")
+    code, _, err = run(capsys, "eval", notgguf)
+    assert_one_line_error(code, err, "x.gguf")
+
+
+def test_truncated_safetensors(tmp_path, capsys):
+    d = save_tiny(tmp_path / "m", "llama")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    code, _, err = run(capsys, "quantize", d, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "safetensors")
+
+
+def test_nan_weights(tmp_path, capsys):
+    d = save_tiny(tmp_path / "m", "llama")
+    f = d / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    code, _, err = run(capsys, "quantize", d, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "model.layers.1.mlp.up_proj.weight", "NaN")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64)).save_pretrained(d)
+    code, _, err = run(capsys, "quantize", d, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "gpt2", "llama")
+
+
+def test_corrupt_checkpoint(tmp_path, capsys, tiny_dir):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", tiny_dir, "-o", out)[0] == 0
+    w = out / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:3000])
+    code, _, err = run(capsys, "eval", out, "--no-latency")
+    assert_one_line_error(code, err, "corrupt or truncated")
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "--bits", "12", "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["lowbit: error: bits must be an integer from 2 to 8, got 12"]
