@@ -33,6 +33,9 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=32, help="calibration samples (default: 32)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
     p.add_argument("--device", default="cpu", help="device for calibration/evaluation: cpu, cuda, cuda:1 ...")
+    p.add_argument("--sequential", action="store_true",
+                   help="run a data-free method (rtn) through the block-by-block calibration runner too "
+                        "(same result; reports the runner's peak memory)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +95,7 @@ def cmd_quantize(args) -> int:
     m = api.load(args.model)
     _log(f"quantizing {m.name} with {args.method} {scheme.short_name()} on {args.device}")
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
-                       seq_len=args.seq_len, device=args.device)
+                       seq_len=args.seq_len, device=args.device, force_runner=args.sequential)
     out = api.save(m, args.output)
     bpw, nbytes, n = api.linear_bits(m.model)
     _log(f"done in {rec['quantize_seconds']:.1f} s: {bpw:.3f} bits/weight over {n / 1e6:.1f}M linear weights -> {out}")
@@ -172,7 +175,8 @@ def cmd_demo(args) -> int:
         m.name = name
         variants[name] = m
         _log(f"{name}: quantized in {m.record['quantize_seconds']:.1f} s -> {m.path}")
-    settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=args.max_tokens), device=args.device)
+    settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=args.max_tokens), device=args.device,
+                            decode_tokens=8, latency_repeats=2)
     rows = compare(variants, "original (fp32)", settings)
     table = render(rows)
     print(table)

@@ -39,15 +39,16 @@ class EvalSettings:
     latency: bool = True
     prompt_len: int = 128
     decode_tokens: int = 16
+    latency_repeats: int = 3
     device: str = "cpu"
     progress: bool = True
 
 
 def bos_id(tokenizer) -> int | None:
     """The BOS id if (and only if) the tokenizer adds one by default."""
-    ids = tokenizer("a").input_ids
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return bos if bos is not None and ids and ids[0] == bos else None
+    from lowbit.data.texts import default_bos_id
+
+    return default_bos_id(tokenizer)
 
 
 def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSettings) -> list[dict]:
@@ -74,7 +75,8 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
                "qtime": (m.record or {}).get("quantize_seconds")}
         if settings.latency:
             lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
-                                  vocab_size=m.model.config.vocab_size, device=settings.device)
+                                  vocab_size=m.model.config.vocab_size, device=settings.device,
+                                  repeats=settings.latency_repeats)
             row["prefill"] = lat.prefill_tok_s
             row["decode"] = lat.decode_tok_s
         rows.append(row)
