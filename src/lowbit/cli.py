@@ -62,8 +62,10 @@ def _settings(args, latency_default=True):
 
     if args.max_tokens <= 0 or args.ctx <= 1:
         raise LowbitError("--max-tokens must be positive and --ctx at least 2")
-    if args.text and not os.path.isfile(args.text):
-        raise LowbitError(f"text file not found: {args.text}")
+    if args.text:
+        from lowbit.data.texts import load_text
+
+        load_text(args.text)  # a bundled split name or a readable text file; one-line error otherwise
     return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
                         latency=latency_default and not args.no_latency, device=args.device)
 

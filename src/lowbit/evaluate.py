@@ -68,10 +68,9 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
         bpw, _, _ = api.linear_bits(m.model)
         size = dir_size_bytes(m.path) if m.path else api.model_bytes(m.model)
         row = {"variant": name, "bpw": bpw, "size_mb": size / 1e6, "ppl": q.ppl,
-               "dppl": q.ppl - quality[baseline].ppl, "n_tokens": q.n_tokens,
-               "kl": q.kl_mean if name != baseline else 0.0,
-               "kl_p99": q.kl_p99 if name != baseline else 0.0,
-               "top1": 100 * q.top1 if name != baseline else 100.0,
+               "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
+               "kl": q.kl_mean, "kl_p99": q.kl_p99,
+               "top1": None if q.top1 is None else 100 * q.top1,
                "qtime": (m.record or {}).get("quantize_seconds")}
         if settings.latency:
             lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
