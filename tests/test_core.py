@@ -16,6 +16,9 @@ ALL_SCHEMES = [
     for sym in (True, False)
     for gran, gs in (("tensor", None), ("channel", None), ("group", 32), ("group", 100))
     for rr in (False, True)
+] + [
+    QuantScheme(bits=b, symmetric=False, granularity=gran, group_size=gs, zero_point="float", scale_dtype="float32")
+    for b in (2, 3, 4, 8) for gran, gs in (("tensor", None), ("channel", None), ("group", 32), ("group", 100))
 ]
 
 
@@ -118,7 +121,8 @@ def test_error_bound_and_zero_exact(scheme):
     q = primitives.quantize(W, s, z, scheme)
     assert int(q.min()) >= scheme.qmin and int(q.max()) <= scheme.qmax
     W_hat = primitives.dequantize(q, s, z, scheme)
-    assert torch.all(W_hat[:, 7] == 0.0)
+    if scheme.zero_point == "int":
+        assert torch.all(W_hat[:, 7] == 0.0)
     # every weight lies within half a step of its reconstruction (its slice's scale)
     n, gl = primitives.group_layout(tuple(W.shape), scheme)
     if scheme.granularity == "tensor":
@@ -192,3 +196,19 @@ def test_fast_dequantize_equals_formula_exactly(scheme):
     fmt = AffineWeight.quantize_rtn(W, scheme)
     ref = primitives.dequantize(fmt.integers(), fmt.scales.float(), fmt.zero_points(), scheme)
     assert torch.equal(fmt.dequantize(), ref)
+
+
+def test_float_zero_point_spans_min_to_max():
+    s = QuantScheme(4, False, "group", 4, zero_point="float", scale_dtype="float32")
+    W = torch.tensor([[1.0, 1.6, 2.0, 4.0, -3.0, -1.0, 0.0, 0.75]])
+    sc, z = primitives.choose_qparams(W, s)
+    assert sc[0].tolist() == pytest.approx([0.2, 0.25])
+    assert z[0].tolist() == pytest.approx([-5.0, 12.0])  # z = -min / s
+    q = primitives.quantize(W, sc, z, s)
+    assert q.tolist() == [[0, 3, 5, 15, 0, 8, 12, 15]]
+    W_hat = primitives.dequantize(q, sc, z, s)
+    assert W_hat[0, 0].item() == pytest.approx(1.0) and W_hat[0, 3].item() == pytest.approx(4.0)
+    fmt = AffineWeight.quantize_rtn(W, s)
+    assert fmt.qzeros is None and fmt.zeros is not None
+    assert torch.equal(AffineWeight.from_tensors(fmt.tensors(), fmt.meta()).dequantize(), fmt.dequantize())
+    assert torch.equal(fmt.dequantize(), primitives.dequantize(fmt.integers(), fmt.scales.float(), fmt.zero_points(), s))

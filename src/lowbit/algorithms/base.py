@@ -22,6 +22,19 @@ class Method:
     def observe(self, layer_name: str, module: nn.Linear, x: Tensor) -> None:  # pragma: no cover
         """Accumulate statistics of this layer's input activations x [..., in_features]."""
 
+    def transform_block(self, block: nn.Module, prefix: str, inputs: list[Tensor], block_kwargs: dict) -> None:
+        """Optional: rewrite ``block`` in place after observation and before its layers are
+        replaced (e.g. AWQ's per-channel scales folded into the preceding norm). ``inputs`` are the
+        block's input hidden states (a list of batches on the block's device) and ``block_kwargs``
+        the keyword arguments the block is called with, so a method can run the block or its
+        submodules on real data. The default does nothing."""
+
+    def statistics(self) -> dict[str, Tensor]:
+        """Optional: the accumulated statistics that are *sums over calibration samples* (e.g. the
+        GPTQ Hessian and its sample count). With calibration split across processes, the runner
+        all-reduces (sums) these tensors in place before ``apply``. The default has none."""
+        return {}
+
     def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
         """Return the module that replaces ``module`` (e.g. a QuantizedLinear)."""
         raise NotImplementedError

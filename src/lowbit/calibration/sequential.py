@@ -14,6 +14,11 @@ The only place that knows about decoder blocks, hooks and devices:
 
 Only one block and the activations live on the device at a time. Peak memory is measured while
 the runner works (process RSS sampled in a thread; CUDA's allocator peak on GPUs).
+
+Scale-out: when ``torch.distributed`` is initialized with several processes, each process passes
+its own share of the calibration samples; after a block's observation pass the method's
+`statistics()` (sums over samples) are all-reduced, so every process solves the same problem and
+ends with the same quantized block.
 """
 
 from __future__ import annotations
@@ -198,6 +203,9 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 finally:
                     for h in handles:
                         h.remove()
+                _all_reduce_statistics(method)
+                method.transform_block(blk, prefix, X, kw)
+                layers = linear_layers(blk)
             for name, lin in layers.items():
                 _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
             X = [_block_output(blk(x, **kw)) for x in X]
@@ -209,6 +217,16 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
         largest_block_bytes=largest,
         cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None, device=str(device))
     return stats
+
+
+def _all_reduce_statistics(method: Method) -> None:
+    """Sum the method's per-sample statistics over all processes (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for _, t in sorted(method.statistics().items()):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 @torch.no_grad()

@@ -10,6 +10,9 @@ z the integer zero-point.
   the range is first widened to include 0 (min <= 0 <= max), s = (max - min) / (qmax - qmin),
   z = clamp(round(qmin - min / s), qmin, qmax), an integer, so x = 0 maps to q = z and back to
   exactly 0.
+* asymmetric with a float zero-point (scheme.zero_point == "float"): the range is [min, max]
+  as is, s = (max - min) / (qmax - qmin), z = qmin - min / s real-valued (rounded to the scale
+  dtype), q = clamp(round(x / s + z), qmin, qmax); min and max map to qmin and qmax.
 
 Slices: the weight W[out, in] is viewed as [out, n_groups, group] where each group holds
 `group_size` consecutive columns of one row; the last group of a row may be shorter when
@@ -82,6 +85,12 @@ def qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme) -> tuple[Ten
         absmax = torch.maximum(lo.abs(), hi.abs())
         s = _round_scale(absmax / ((scheme.qmax - scheme.qmin) / 2), scheme)
         return s, None
+    if scheme.zero_point == "float":
+        s = _round_scale((hi - lo) / (scheme.qmax - scheme.qmin), scheme)
+        z = scheme.qmin - lo / s
+        if scheme.scale_dtype == "float16":
+            z = z.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
+        return s, z
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     s = _round_scale((hi - lo) / (scheme.qmax - scheme.qmin), scheme)
@@ -101,9 +110,12 @@ def choose_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | Non
 def quantize(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
     """Integers q (int32, in [qmin, qmax]) for a 2-D weight given per-slice scale/zero."""
     Wg = _grouped(W.float(), scheme)
-    q = torch.round(Wg / scale.unsqueeze(-1))
-    if zero is not None:
-        q = q + zero.unsqueeze(-1)
+    if zero is not None and scheme.zero_point == "float":
+        q = torch.round(Wg / scale.unsqueeze(-1) + zero.unsqueeze(-1))
+    else:
+        q = torch.round(Wg / scale.unsqueeze(-1))
+        if zero is not None:
+            q = q + zero.unsqueeze(-1)
     q = torch.clamp(q, scheme.qmin, scheme.qmax)
     return _ungrouped(q, tuple(W.shape), scheme).to(torch.int32)
 

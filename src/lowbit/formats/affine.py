@@ -4,8 +4,9 @@ The format produced by RTN, GPTQ, AWQ, HQQ and friends. Stored tensors:
 
 * ``qweight``  uint8 [out, packed_row_bytes(in, bits)]  codes u = q + code_offset, packed
 * ``scales``   float16/float32 [out, n_groups] (per-tensor: [1, 1])
-* ``qzeros``   uint8 [out, packed_row_bytes(n_groups, bits)] (asymmetric only), zero-points packed
-  with the same bit width as the codes
+* ``qzeros``   uint8 [out, packed_row_bytes(n_groups, bits)] (asymmetric, integer zero-points),
+  zero-points packed with the same bit width as the codes
+* ``zeros``    float16/float32 [out, n_groups] (asymmetric with ``zero_point="float"``)
 
 Dequantization: W[r, c] = scales[r, g(c)] * (u[r, c] - offset)            (symmetric)
                 W[r, c] = scales[r, g(c)] * (u[r, c] - qzeros[r, g(c)])    (asymmetric)
@@ -33,8 +34,9 @@ class AffineWeight:
     qzeros: Tensor | None
     shape: tuple[int, int]
     scheme: QuantScheme
+    zeros: Tensor | None = None
 
-    tensor_names = ("qweight", "scales", "qzeros")
+    tensor_names = ("qweight", "scales", "qzeros", "zeros")
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -46,13 +48,16 @@ class AffineWeight:
             raise LowbitError(f"integers outside [{scheme.qmin}, {scheme.qmax}] for {scheme.short_name()}")
         dtype = torch.float16 if scheme.scale_dtype == "float16" else torch.float32
         qweight = packing.pack(q.to(torch.int64) + scheme.code_offset, scheme.bits)
-        qzeros = None
+        qzeros = zeros = None
         if not scheme.symmetric:
             if zero is None:
                 raise LowbitError("asymmetric scheme needs zero-points")
-            qzeros = packing.pack(zero.to(torch.int64), scheme.bits)
+            if scheme.zero_point == "float":
+                zeros = zero.to(dtype).contiguous()
+            else:
+                qzeros = packing.pack(zero.to(torch.int64), scheme.bits)
         return cls(qweight=qweight, scales=scale.to(dtype).contiguous(), qzeros=qzeros,
-                   shape=(int(q.shape[0]), int(q.shape[1])), scheme=scheme)
+                   shape=(int(q.shape[0]), int(q.shape[1])), scheme=scheme, zeros=zeros)
 
     @classmethod
     def quantize_rtn(cls, W: Tensor, scheme: QuantScheme) -> "AffineWeight":
@@ -65,6 +70,9 @@ class AffineWeight:
         return packing.unpack(self.qweight, self.scheme.bits, self.shape[1]) - self.scheme.code_offset
 
     def zero_points(self) -> Tensor | None:
+        """Integer zero-points (int32), or the float ones (float32), or None if symmetric."""
+        if self.zeros is not None:
+            return self.zeros.float()
         if self.qzeros is None:
             return None
         return packing.unpack(self.qzeros, self.scheme.bits, self.scales.shape[-1])
@@ -97,6 +105,8 @@ class AffineWeight:
         out = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
             out["qzeros"] = self.qzeros
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
         return out
 
     def meta(self) -> dict:
@@ -107,7 +117,7 @@ class AffineWeight:
         scheme = QuantScheme.from_dict(meta["scheme"])
         shape = (int(meta["shape"][0]), int(meta["shape"][1]))
         w = cls(qweight=tensors["qweight"], scales=tensors["scales"], qzeros=tensors.get("qzeros"),
-                shape=shape, scheme=scheme)
+                shape=shape, scheme=scheme, zeros=tensors.get("zeros"))
         w.validate()
         return w
 
@@ -122,8 +132,12 @@ class AffineWeight:
             raise LowbitError(f"scales have shape {tuple(self.scales.shape)}, expected {exp_scales}")
         if not torch.isfinite(self.scales.float()).all():
             raise LowbitError("scales contain NaN/Inf")
-        if self.scheme.symmetric != (self.qzeros is None):
+        want_int = not self.scheme.symmetric and self.scheme.zero_point == "int"
+        want_float = not self.scheme.symmetric and self.scheme.zero_point == "float"
+        if want_int != (self.qzeros is not None) or want_float != (self.zeros is not None):
             raise LowbitError("zero-points present/absent inconsistently with the scheme")
+        if self.zeros is not None and tuple(self.zeros.shape) != exp_scales:
+            raise LowbitError(f"zeros have shape {tuple(self.zeros.shape)}, expected {exp_scales}")
 
     @property
     def nbytes(self) -> int:
