@@ -85,6 +85,13 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
         samples = calibration_samples(m.tokenizer, n_samples=n_samples, seq_len=seq_len,
                                       text=load_text(text_name), seed=seed)
         calib = {"text": text_name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # scale-out: this process calibrates on its share; the runner all-reduces statistics
+            rank, world = dist.get_rank(), dist.get_world_size()
+            samples = samples[rank::world]
+            calib["world_size"] = world
         runner = run_sequential(m.model, meth, samples, device=device, batch_size=batch_size,
                                 progress=progress).to_dict()
     else:
