@@ -168,3 +168,24 @@ def test_console_script_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["lowbit: error: bits must be an integer from 2 to 8, got 12"]
+
+
+def test_method_options_and_scheme_flags(tmp_path, capsys, tiny_dir):
+    out = tmp_path / "fz"
+    code, _, err = run(capsys, "quantize", tiny_dir, "--bits", "3", "--group-size", "32", "--float-zero", "-o", out)
+    assert code == 0, err
+    scheme = json.loads((out / "lowbit.json").read_text())["method"]["config"]["scheme"]
+    assert scheme["symmetric"] is False and scheme["zero_point"] == "float" and scheme["group_size"] == 32
+    code, _, err = run(capsys, "quantize", tiny_dir, "--option", "nonsense=1", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "no option", "nonsense")
+    code, _, err = run(capsys, "quantize", tiny_dir, "--asym", "--sym", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "mutually exclusive")
+    code, _, err = run(capsys, "quantize", tiny_dir, "--option", "novalue", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "KEY=VALUE")
+
+
+def test_methods_listing(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    assert out.splitlines()[-1].startswith("rtn") or any(l.startswith("rtn ") for l in out.splitlines())
+    assert "int4-g128" in out

@@ -21,14 +21,18 @@ def _log(msg: str) -> None:
 
 # -- argument groups -----------------------------------------------------------------------------
 def _add_scheme_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
-    p.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8 (default: 4)")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="columns sharing one scale; -1 = per output channel (default: 128)")
+    p.add_argument("--method", default="rtn", help="quantization method (default: rtn; see `lowbit methods`)")
+    p.add_argument("--bits", type=int, help="bits per weight, 2-8 (default: the method's, 4 for rtn)")
+    p.add_argument("--group-size", type=int,
+                   help="columns sharing one scale; -1 = per output channel (default: the method's, 128 for rtn)")
     p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
     p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
-    p.add_argument("--asym", action="store_true", help="asymmetric (zero-point) instead of symmetric")
+    p.add_argument("--asym", action="store_true", help="asymmetric with an integer zero-point")
+    p.add_argument("--float-zero", action="store_true", help="asymmetric with a real-valued zero-point (Q4_1/HQQ style)")
+    p.add_argument("--sym", action="store_true", help="symmetric (absmax), for methods whose default is asymmetric")
     p.add_argument("--restricted", action="store_true", help="restricted integer range (e.g. -127..127)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method setting, e.g. --option damp=0.1 --option act_order=false (repeatable)")
     p.add_argument("--calib", metavar="FILE", help="calibration text file (default: bundled text)")
     p.add_argument("--samples", type=int, default=32, help="calibration samples (default: 32)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
@@ -47,13 +51,77 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
 
 
-def _scheme(args):
-    from lowbit.core.scheme import scheme_from_args
+def _scheme(args, method_cls):
+    """The method's default scheme with the command line's flags applied (None if the method
+    takes no scheme)."""
+    import dataclasses
 
+    from lowbit.core.scheme import QuantScheme
+
+    fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls)}
     if args.group_size is not None and args.group_size <= 0 and args.group_size != -1:
         raise LowbitError(f"--group-size must be a positive integer or -1 (per-channel), got {args.group_size}")
-    gs = None if args.per_channel else args.group_size
-    return scheme_from_args(args.bits, gs, asym=args.asym, restricted=args.restricted, per_tensor=args.per_tensor)
+    given = [args.bits is not None, args.group_size is not None, args.per_channel, args.per_tensor, args.asym,
+             args.float_zero, args.sym, args.restricted]
+    if "scheme" not in fields:
+        if any(given):
+            raise LowbitError(f"method {method_cls.name} has its own number format; it takes no --bits/--group-size/"
+                              "--asym/... flags")
+        return None
+    if sum([args.asym, args.float_zero, args.sym]) > 1:
+        raise LowbitError("--asym, --float-zero and --sym are mutually exclusive")
+    if sum([args.per_channel, args.per_tensor, args.group_size is not None and args.group_size != -1]) > 1:
+        raise LowbitError("--per-channel, --per-tensor and --group-size N are mutually exclusive")
+    base = method_cls.config_cls().scheme
+    d = base.to_dict()
+    if args.bits is not None:
+        d["bits"] = args.bits
+    if args.per_tensor:
+        d.update(granularity="tensor", group_size=None)
+    elif args.per_channel or args.group_size == -1:
+        d.update(granularity="channel", group_size=None)
+    elif args.group_size is not None:
+        d.update(granularity="group", group_size=args.group_size)
+    if args.sym:
+        d.update(symmetric=True, zero_point="int")
+    elif args.asym:
+        d.update(symmetric=False, zero_point="int")
+    elif args.float_zero:
+        d.update(symmetric=False, zero_point="float")
+    if args.restricted:
+        d["restricted_range"] = True
+    return QuantScheme(**d)
+
+
+def _options(args, method_cls) -> dict:
+    """--option KEY=VALUE pairs, converted to the type of the method's config field."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls) if f.name != "scheme"}
+    out = {}
+    for item in args.option:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise LowbitError(f"--option expects KEY=VALUE, got {item!r}")
+        if key not in fields:
+            raise LowbitError(f"method {method_cls.name} has no option {key!r}; options: {', '.join(sorted(fields)) or 'none'}")
+        default = getattr(method_cls.config_cls(), key)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                val = raw.lower() in ("true", "1", "yes")
+            elif isinstance(default, int):
+                val = int(raw)
+            elif isinstance(default, float):
+                val = float(raw)
+            else:
+                val = raw
+        except ValueError:
+            raise LowbitError(f"option {key} expects a {type(default).__name__}, got {raw!r}") from None
+        out[key] = val
+    return out
 
 
 def _settings(args, latency_default=True):
@@ -87,17 +155,26 @@ def cmd_quantize(args) -> int:
     from lowbit import api
     from lowbit.core.registry import get_method
 
-    get_method(args.method)  # unknown method -> clear error before any loading
-    scheme = _scheme(args)
+    method_cls = get_method(args.method)  # unknown method -> clear error before any loading
+    scheme = _scheme(args, method_cls)
+    options = _options(args, method_cls)
+    try:
+        from lowbit.algorithms.base import make_method
+
+        make_method(args.method, scheme, **options)  # invalid settings -> clear error before loading
+    except TypeError as e:
+        raise LowbitError(f"invalid settings for {args.method}: {e}") from None
     if args.samples <= 0 or args.seq_len <= 1:
         raise LowbitError("--samples must be positive and --seq-len at least 2")
-    if args.calib and not os.path.isfile(args.calib):
-        raise LowbitError(f"calibration text file not found: {args.calib}")
+    if args.calib:
+        from lowbit.data.texts import load_text
+
+        load_text(args.calib)  # a bundled split name or a readable text file; one-line error otherwise
     _check_model_arg(args.model)
     m = api.load(args.model)
-    _log(f"quantizing {m.name} with {args.method} {scheme.short_name()} on {args.device}")
+    _log(f"quantizing {m.name} with {args.method}{' ' + scheme.short_name() if scheme else ''} on {args.device}")
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
-                       seq_len=args.seq_len, device=args.device, force_runner=args.sequential)
+                       seq_len=args.seq_len, device=args.device, force_runner=args.sequential, **options)
     out = api.save(m, args.output)
     bpw, nbytes, n = api.linear_bits(m.model)
     _log(f"done in {rec['quantize_seconds']:.1f} s: {bpw:.3f} bits/weight over {n / 1e6:.1f}M linear weights -> {out}")
@@ -189,6 +266,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    import dataclasses
+
+    from lowbit.core.registry import available, get_method
+
+    for name in available("method"):
+        cls = get_method(name)
+        cfg = cls.config_cls()
+        settings = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name != "scheme")
+        scheme = getattr(cfg, "scheme", None)
+        data = "calibration data" if cls.needs_calibration else "data-free"
+        line = f"{name:10s} {data:16s} {scheme.short_name() if scheme else '(own format)'}"
+        print(line + (f"  [{settings}]" if settings else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost, on a CPU.")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -211,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", default="compare.png", help="PNG plot of perplexity vs bits/weight (default: compare.png)")
     _add_eval_args(c)
     c.set_defaults(func=cmd_compare)
+
+    mt = sub.add_parser("methods", help="list the quantization methods and their default settings")
+    mt.set_defaults(func=cmd_methods)
 
     d = sub.add_parser("demo", help="quantize the embedded model with RTN at 8/4/3 bits and print the table")
     d.add_argument("model", nargs="?", help="model (default: embedded SmolLM2-135M-Instruct)")
