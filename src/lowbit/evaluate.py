@@ -71,7 +71,8 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
                "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
                "kl": q.kl_mean, "kl_p99": q.kl_p99,
                "top1": None if q.top1 is None else 100 * q.top1,
-               "qtime": (m.record or {}).get("quantize_seconds")}
+               "qtime": (m.record or {}).get("quantize_seconds"),
+               "method": ((m.record or {}).get("method") or {}).get("method")}
         if settings.latency:
             lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
                                   vocab_size=m.model.config.vocab_size, device=settings.device,
@@ -90,7 +91,7 @@ def render(rows: list[dict], markdown: bool = False) -> str:
 def write_plot(rows: list[dict], path: str, title: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pts = [{"name": r["variant"], "ppl": r["ppl"], "bits": r["bpw"], "baseline": i == 0,
-            "group": r.get("group")} for i, r in enumerate(rows)]
+            "group": r.get("method")} for i, r in enumerate(rows)]
     plot_ppl_vs_bits(pts, path, title)
     return path
 

@@ -128,3 +128,61 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     Only genuine ``nn.Linear`` instances are returned, so layers already replaced by a quantized
     module are skipped."""
     return {name: mod for name, mod in block.named_modules() if name and isinstance(mod, nn.Linear)}
+
+
+# -- AWQ scaling groups ------------------------------------------------------------------------
+# Read by algorithms/awq.py. AWQ multiplies the input columns of linears that read the same tensor
+# by per-channel scales s and folds 1/s into the op that produced that tensor (a norm's weight, or
+# the output rows of the previous linear), which leaves the float block unchanged.
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """``linears`` (paths inside one block) all read the output of the op at ``prev``."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AWQLayout:
+    """Where AWQ may fold scales inside one block of a family.
+
+    ``norm_offset``: the block's RMSNorms compute ``x_hat * (norm_offset + weight)`` (Gemma: 1).
+    A group whose shapes do not chain (``v_proj -> o_proj`` under grouped-query attention) is
+    skipped by AWQ at run time. ``no_clip``: linears left out of AWQ's clipping search."""
+
+    groups: tuple[ScaleGroup, ...]
+    norm_offset: float = 0.0
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def _awq_layout(attn_norm: str, mlp_norm: str, norm_offset: float = 0.0) -> AWQLayout:
+    return AWQLayout(
+        groups=(
+            ScaleGroup(attn_norm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+            ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+            ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+        ),
+        norm_offset=norm_offset,
+    )
+
+
+AWQ_LAYOUTS: dict[str, AWQLayout] = {
+    "llama": _awq_layout("input_layernorm", "post_attention_layernorm"),
+    "qwen2": _awq_layout("input_layernorm", "post_attention_layernorm"),
+    "mistral": _awq_layout("input_layernorm", "post_attention_layernorm"),
+    # Gemma 3: post_attention_layernorm normalises the attention *output*; the MLP reads
+    # pre_feedforward_layernorm. Its RMSNorm multiplies by (1 + weight).
+    "gemma3_text": _awq_layout("input_layernorm", "pre_feedforward_layernorm", norm_offset=1.0),
+}
+
+
+def awq_layout(model_type: str | None) -> AWQLayout:
+    """The AWQ scaling groups for an HF ``model_type`` (LowbitError if the family has none)."""
+    layout = AWQ_LAYOUTS.get(model_type or "")
+    if layout is None:
+        raise LowbitError(f"AWQ has no scaling groups for model family {model_type!r}; "
+                          f"supported: {', '.join(sorted(AWQ_LAYOUTS))}")
+    return layout
