@@ -35,8 +35,8 @@ METHOD_ZERO = {"rtn": "int", "gptq": "int", "awq": "int", "hqq": "float"}
 
 def share_untouched(base: torch.nn.Module, variant: torch.nn.Module) -> None:
     """Point the variant's float parameters that equal the original's at the original's tensors."""
-    bp = dict(base.named_parameters())
-    for name, p in list(variant.named_parameters()):
+    bp = dict(base.named_parameters(remove_duplicate=False))
+    for name, p in list(variant.named_parameters(remove_duplicate=False)):  # tied copies too
         q = bp.get(name)
         if q is not None and q.shape == p.shape and torch.equal(q, p):
             mod_name, _, attr = name.rpartition(".")
