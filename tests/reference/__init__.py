@@ -1,0 +1,1 @@
+"""Deliberately naive implementations from the papers, for tests."""
