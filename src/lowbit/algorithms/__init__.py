@@ -5,3 +5,4 @@ from lowbit.algorithms import gptq  # noqa: F401
 from lowbit.algorithms import llm_int8  # noqa: F401
 from lowbit.algorithms import nf4  # noqa: F401
 from lowbit.algorithms import awq  # noqa: F401
+from lowbit.algorithms import hqq  # noqa: F401

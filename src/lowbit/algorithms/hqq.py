@@ -1,0 +1,250 @@
+"""HQQ: Half-Quadratic Quantization (Badri & Shaji, 2023). Calibration-free.
+
+Paper: H. Badri, A. Shaji, "Half-Quadratic Quantization of Large Machine Learning Models",
+Mobius Labs blog, Nov 2023 (https://mobiusml.github.io/hqq_blog/). Equation numbers below are
+this file's, in the order the paper presents them.
+
+Affine quantization with a real-valued zero-point z and a fixed scale s (one pair per group):
+
+    Q_z(W)      = clamp(round(W / s + z), qmin, qmax)          quantize      (0)
+    Q_z⁻¹(W_q)  = s · (W_q − z)                                 dequantize
+
+RTN picks s, z from the group's min/max. HQQ keeps that s and looks for the z that minimises a
+sparsity-promoting l_p error (p < 1: a few large errors — outliers — are cheap, many small ones
+are not), with no data:
+
+    argmin_z  φ(W − Q_z⁻¹(Q_z(W))),      φ(x) = ‖x‖_p^p                                   (1)
+
+Half-quadratic splitting adds an auxiliary error variable W_e and a quadratic coupling β:
+
+    argmin_{z, W_e}  φ(W_e) + β/2 · ‖W_e − (W − Q_z⁻¹(Q_z(W)))‖₂²                          (2)
+
+and alternates two closed-form sub-problems, with β growing by κ each iteration:
+
+    W_e ← shrink_lp(W − Q_z⁻¹(Q_z(W)), β)                                                  (3)
+          shrink_lp(x, β) = sign(x) · relu(|x| − |x|^(p−1) / β)   (generalised soft-thresholding)
+    z   ← ⟨ Q_z(W) − (W − W_e) / s ⟩        ⟨·⟩ = mean over the group                    (4)
+    β   ← κ β                                                                              (5)
+
+(4) is the least-squares fit of Q_z⁻¹(W_q) to W − W_e over z with the codes W_q held fixed: the
+zero-point absorbs the mean of the "inlier" residual, while W_e soaks up the outliers so they do
+not drag z around. Note W_e is in weight units, so β's threshold (errors below β^(−1/(2−p)),
+≈ 0.17 for β = 10, p = 0.7, are zeroed) is not scale-invariant — as in the paper.
+
+How this file differs from the reference implementation (mobiusml/hqq,
+``optimize_weights_proximal_legacy``), all deliberate:
+
+* Keep the best, per group. The reference stops at the first iteration whose *global* mean-|error|
+  does not improve and returns the zero-point computed *after* that evaluation (never itself
+  evaluated). Here every iterate z_0 (min/max), z_1, …, z_T is evaluated with the paper's
+  objective (1) and each group keeps its best, so the result is never worse than RTN on the same
+  grid, group by group. Early stopping (on by default, as in the reference) ends the loop when the
+  total objective of the current iterate fails to decrease.
+* The zero-point is rounded to the storage dtype (fp16 by default) after every update, so the
+  objective that decides "best" is exactly that of the stored weight.
+* Ragged rows: when group_size does not divide the row, the last group of each row is shorter and
+  its means and objectives run over its real entries only (the reference requires divisibility).
+* ``optimize_scale`` (off by default; not in the paper): solve sub-problem (4) jointly over (s, z),
+  a 2-parameter least-squares line fit of W − W_e against the codes. The reference's comparable
+  experimental option is a grid search over s (``scale_gridsearch``).
+
+Defaults follow the paper/reference: p = 0.7, β = 10, κ = 1.01, 20 iterations, early stop, 4-bit
+groups of 64 with float zero-points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms.base import Method
+from lowbit.core.primitives import check_finite, group_layout, qparams_from_range
+from lowbit.core.registry import register_method
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+from lowbit.formats.affine import AffineWeight
+from lowbit.nn.linear import QuantizedLinear
+
+
+def _default_scheme() -> QuantScheme:
+    return QuantScheme(bits=4, symmetric=False, granularity="group", group_size=64, zero_point="float")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class HQQConfig:
+    scheme: QuantScheme = field(default_factory=_default_scheme)
+    lp_norm: float = 0.7         # p of the sparsity-promoting error φ = ‖·‖_p^p, 0 < p ≤ 1
+    beta: float = 1e1            # initial half-quadratic coupling β
+    kappa: float = 1.01          # β ← κβ every iteration
+    iters: int = 20              # zero-point updates (each followed by an evaluation)
+    early_stop: bool = True      # stop when the total objective of the iterate stops decreasing
+    optimize_scale: bool = False  # extension: fit (s, z) jointly in step (4)
+
+    def __post_init__(self) -> None:
+        s = self.scheme
+        if not isinstance(s, QuantScheme):
+            raise LowbitError(f"hqq: scheme must be a QuantScheme, got {type(s).__name__}")
+        if s.symmetric or s.zero_point != "float":
+            raise LowbitError(f"hqq optimizes a real-valued zero-point: it needs an asymmetric scheme with "
+                              f"zero_point='float' (--float-zero), got {s.short_name()}")
+        if not _is_number(self.lp_norm) or not 0 < self.lp_norm <= 1:
+            raise LowbitError(f"hqq: lp_norm must be in (0, 1], got {self.lp_norm!r}")
+        if not _is_number(self.beta) or self.beta <= 0:
+            raise LowbitError(f"hqq: beta must be a positive number, got {self.beta!r}")
+        if not _is_number(self.kappa) or self.kappa < 1:
+            raise LowbitError(f"hqq: kappa must be a number >= 1, got {self.kappa!r}")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise LowbitError(f"hqq: iters must be an integer >= 1, got {self.iters!r}")
+        for name in ("early_stop", "optimize_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise LowbitError(f"hqq: {name} must be True or False, got {getattr(self, name)!r}")
+
+
+# -- helpers: grouped views with a ragged last group -------------------------------------------
+def _grouped(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """W [out, in] viewed as [R, n, g] groups, and a {0,1} mask [n, g] of real entries (None when
+    every group is full). Per-tensor: [1, 1, out·in]; per-channel: [out, 1, in]."""
+    rows, cols = W.shape
+    if scheme.granularity == "tensor":
+        return W.reshape(1, 1, rows * cols), None
+    n, g = group_layout((rows, cols), scheme)
+    pad = n * g - cols
+    if not pad:
+        return W.reshape(rows, n, g), None
+    valid = torch.ones(n * g, dtype=W.dtype)
+    valid[cols:] = 0
+    return torch.nn.functional.pad(W, (0, pad)).reshape(rows, n, g), valid.reshape(n, g)
+
+
+def _ungrouped(Xg: Tensor, shape: tuple[int, int]) -> Tensor:
+    rows, cols = shape
+    return Xg.reshape(rows, -1)[:, :cols]
+
+
+def _stored(x: Tensor, scheme: QuantScheme) -> Tensor:
+    """x as it will read back from the checkpoint (scales/zeros are kept in scheme.scale_dtype)."""
+    if scheme.scale_dtype == "float16":
+        return x.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
+    return x
+
+
+def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
+    """Generalised soft-thresholding, the proximal operator of φ in (3):
+    sign(x) · relu(|x| − |x|^(p−1) / β)   (p = 1: ordinary soft-thresholding at 1/β)."""
+    a = x.abs()
+    thresh = a.pow(p - 1).div_(beta) if p != 1 else 1.0 / beta
+    return a.sub_(thresh).relu_().mul_(torch.sign(x))
+
+
+# -- the solver ----------------------------------------------------------------------------------
+@torch.no_grad()
+def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
+    """Pure solver: W [out, in] → (AffineWeight with float zero-points, info).
+
+    info["objective"][t]      φ = Σ |W − Q_z⁻¹(Q_z(W))|^p of iterate t over the whole matrix
+                              (t = 0: the min/max start, i.e. RTN on the same grid)
+    info["best_objective"][t] Σ over groups of the best φ seen up to iterate t (non-increasing)
+    info["iterations"]        zero-point updates done (≤ cfg.iters; fewer if stopped early)
+    info["stopped_early"]     whether early stopping ended the loop
+    """
+    if not isinstance(W, Tensor) or W.dim() != 2 or W.numel() == 0:
+        raise LowbitError(f"hqq expects a non-empty 2-D weight, got {getattr(W, 'shape', type(W).__name__)}")
+    check_finite(W, "passed to hqq")
+    scheme, p, shape = cfg.scheme, float(cfg.lp_norm), (int(W.shape[0]), int(W.shape[1]))
+    qmin, qmax = scheme.qmin, scheme.qmax
+    Wg, valid = _grouped(W.detach().float(), scheme)                     # [R, n, g], [n, g]|None
+    count = valid.sum(-1) if valid is not None else torch.tensor(float(Wg.shape[-1]))  # [n] | []
+
+    def group_sum(X: Tensor) -> Tensor:                                  # [R, n, g] → [R, n]
+        return (X if valid is None else X * valid).sum(-1)
+
+    def evaluate(W_over_s: Tensor, s: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(W_q, residual W − Q_z⁻¹(W_q), φ per group [R, n]) for scale s and zero z [R, n].
+        (In-place ops on fresh temporaries only: same numbers, fewer allocations.)"""
+        S, Z = s[..., None], z[..., None]
+        W_q = (W_over_s + Z).round_().clamp_(qmin, qmax)                  # Q_z(W)           (0)
+        Res = torch.sub(W_q, Z).mul_(S)                                   # Q_z⁻¹(Q_z(W))
+        torch.sub(Wg, Res, out=Res)                                       # W − Q_z⁻¹(Q_z(W))
+        phi = group_sum(Res.abs().pow_(p)).double()                       # φ per group      (1)
+        return W_q, Res, phi
+
+    # start: the min/max grid of RTN with a float zero-point (masked so padding is never a min/max)
+    if valid is None:
+        lo, hi = Wg.amin(-1), Wg.amax(-1)
+    else:
+        lo = Wg.masked_fill(valid == 0, math.inf).amin(-1)
+        hi = Wg.masked_fill(valid == 0, -math.inf).amax(-1)
+    s, z = qparams_from_range(lo, hi, scheme)                             # [R, n] each
+    W_over_s = Wg / s[..., None]
+    W_q, Res, phi = evaluate(W_over_s, s, z)
+    best_s, best_z, best_phi = s.clone(), z.clone(), phi.clone()
+    objective, best_objective = [float(phi.sum())], [float(best_phi.sum())]
+
+    beta, stopped_early, t = float(cfg.beta), False, 0
+    for t in range(1, cfg.iters + 1):
+        W_e = shrink_lp(Res, beta, p)                                     # (3)
+        Target = torch.sub(Wg, W_e, out=W_e)                              # W − W_e: what Q_z⁻¹(W_q) should fit
+        if cfg.optimize_scale:
+            s = _fit_scale(W_q, Target, s, group_sum, count, scheme)
+            W_over_s = Wg / s[..., None]
+        Target.div_(s[..., None])
+        z = _stored(group_sum(torch.sub(W_q, Target, out=Target)) / count, scheme)   # (4)
+        beta *= cfg.kappa                                                 # (5)
+
+        W_q, Res, phi = evaluate(W_over_s, s, z)
+        better = phi < best_phi
+        best_phi = torch.where(better, phi, best_phi)
+        best_z = torch.where(better, z, best_z)
+        best_s = torch.where(better, s, best_s)
+        objective.append(float(phi.sum()))
+        best_objective.append(float(best_phi.sum()))
+        if cfg.early_stop and objective[-1] >= objective[-2]:
+            stopped_early = True
+            break
+
+    s, z = best_s, best_z
+    W_q = torch.clamp(torch.round(Wg / s[..., None] + z[..., None]), qmin, qmax)
+    fmt = AffineWeight.from_integers(_ungrouped(W_q, shape).to(torch.int32), s, z, scheme)
+    info = {"objective": objective, "best_objective": best_objective, "iterations": t,
+            "stopped_early": stopped_early}
+    return fmt, info
+
+
+def _fit_scale(W_q: Tensor, Target: Tensor, s: Tensor, group_sum, count: Tensor, scheme: QuantScheme) -> Tensor:
+    """optimize_scale: least-squares line Target ≈ a·W_q + b per group (codes fixed), s = a.
+    Groups whose codes are all equal, or whose fitted slope is not a positive finite number that
+    survives the storage dtype, keep their scale. (z then follows from (4) with the new s, which is
+    the same line's intercept: b = −s·z.)"""
+    mq = group_sum(W_q) / count                                           # [R, n]
+    mt = group_sum(Target) / count
+    dq = W_q - mq[..., None]                                              # padding is masked by group_sum
+    var = group_sum(dq * dq)
+    cov = group_sum(dq * (Target - mt[..., None]))
+    a = _stored(cov / torch.where(var > 0, var, torch.ones_like(var)), scheme)
+    ok = (var > 0) & torch.isfinite(a) & (a > 0)
+    return torch.where(ok, a, s)
+
+
+# -- the method ----------------------------------------------------------------------------------
+@register_method("hqq")
+class HQQ(Method):
+    config_cls = HQQConfig
+    needs_calibration = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.info: dict[str, dict] = {}  # per layer: objective at the start / at the end, iterations
+
+    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+        check_finite(module.weight, layer_name)
+        fmt, info = hqq_quantize(module.weight, self.config)
+        self.info[layer_name] = {"objective_rtn": info["objective"][0], "objective": info["best_objective"][-1],
+                                 "iterations": info["iterations"]}
+        return QuantizedLinear(fmt, module.bias)

@@ -1,0 +1,91 @@
+"""Deliberately naive HQQ, straight from the paper, one group at a time, for tests.
+
+Badri & Shaji 2023: for each group (a 1-D slice of one row sharing s and z), with s fixed at the
+min/max scale and z starting from the min/max zero-point, repeat
+
+    W_q = clamp(round(W/s + z))                        quantize
+    W_r = s (W_q − z)                                  dequantize
+    W_e = sign(W − W_r) relu(|W − W_r| − |W − W_r|^(p−1) / β)      shrink_lp
+    z   = mean(W_q − (W − W_e)/s)                      closed-form zero-point
+    β   = κ β
+
+Conventions shared with lowbit's solver (so the two can be compared): s and every z are rounded
+to fp16 when the scheme stores fp16; all iterates z_0 … z_T are scored with Σ|W − W_r|^p and
+each group keeps its best; with early stopping the loop ends once the sum over *all* groups of the
+current iterate's score fails to decrease. Loops in Python over iterations and groups; no
+padding, no masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.scheme import QuantScheme
+
+
+def _fp16(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    return x.half().float() if scheme.scale_dtype == "float16" else x
+
+
+def _groups(W: torch.Tensor, scheme: QuantScheme) -> list[list[torch.Tensor]]:
+    """groups[r][j]: the 1-D entries of group j of row r (per-tensor: one group of everything)."""
+    if scheme.granularity == "tensor":
+        return [[W.reshape(-1)]]
+    rows, cols = W.shape
+    g = scheme.group_size if scheme.granularity == "group" else cols
+    return [[W[r, a:a + g] for a in range(0, cols, g)] for r in range(rows)]
+
+
+def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
+              iters: int = 20, early_stop: bool = True):
+    """Returns (q [out, in] int32, scale [R, n], zero [R, n], objectives per iterate)."""
+    W = W.float()
+    qmin, qmax = scheme.qmin, scheme.qmax
+    groups = _groups(W, scheme)
+    R, n = len(groups), len(groups[0])
+    s = torch.zeros(R, n)
+    z = torch.zeros(R, n)
+    for r in range(R):
+        for j in range(n):
+            w = groups[r][j]
+            s[r, j] = _fp16((w.max() - w.min()) / (qmax - qmin), scheme)
+            z[r, j] = _fp16(qmin - w.min() / s[r, j], scheme)
+
+    def score(w, sj, zj):
+        W_q = torch.clamp(torch.round(w / sj + zj), qmin, qmax)
+        W_r = sj * (W_q - zj)
+        return W_q, W_r, float((w - W_r).abs().pow(p).double().sum())
+
+    best_z = z.clone()
+    best = [[score(groups[r][j], s[r, j], z[r, j])[2] for j in range(n)] for r in range(R)]
+    objectives = [sum(map(sum, best))]
+    for _ in range(iters):
+        total = 0.0
+        for r in range(R):
+            for j in range(n):
+                w, sj = groups[r][j], s[r, j]
+                W_q, W_r, _ = score(w, sj, z[r, j])
+                x = w - W_r
+                W_e = torch.sign(x) * torch.relu(x.abs() - x.abs().pow(p - 1) / beta)
+                z[r, j] = _fp16(torch.mean(W_q - (w - W_e) / sj), scheme)
+                e = score(w, sj, z[r, j])[2]
+                total += e
+                if e < best[r][j]:
+                    best[r][j], best_z[r, j] = e, z[r, j]
+        beta *= kappa
+        objectives.append(total)
+        if early_stop and objectives[-1] >= objectives[-2]:
+            break
+
+    q = torch.zeros(W.shape, dtype=torch.int32)
+    qflat = q.reshape(-1) if scheme.granularity == "tensor" else None
+    for r in range(R):
+        for j in range(n):
+            w = groups[r][j]
+            codes = torch.clamp(torch.round(w / s[r, j] + best_z[r, j]), qmin, qmax).to(torch.int32)
+            if qflat is not None:
+                qflat[:] = codes
+            else:
+                g = scheme.group_size if scheme.granularity == "group" else W.shape[1]
+                q[r, j * g:j * g + len(w)] = codes
+    return q, s, best_z, objectives
