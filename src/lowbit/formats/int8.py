@@ -1,0 +1,135 @@
+"""Int8Weight: the weight of LLM.int8() — int8 codes with one absmax scale per output row.
+
+Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale", §3.1
+(vector-wise quantization) and §3.2 (mixed-precision decomposition). For Y = X Wᵀ with
+W [out, in] (nn.Linear layout), the paper's "one scale per column of W_f16" (it writes X W with
+W [in, out]) is one scale per *output row* of our W:
+
+    s_w[r]   = max_c |W[r, c]|                                   (absmax of output row r)
+    q_w[r,c] = round(W[r, c] · 127 / s_w[r])  ∈ [-127, 127]      (round half to even)
+    Ŵ[r, c]  = q_w[r, c] · (s_w[r] / 127)                        (the dequantized weight)
+
+The same absmax rule quantizes the activations, one scale per token row (`absmax_quantize_rows`,
+used by `lowbit.kernels.int8`). An all-zero row gets s = 0 and codes 0.
+
+Stored tensors:
+
+* ``qweight``  int8    [out, in]  the codes q_w
+* ``absmax``   float32 [out]      s_w (bitsandbytes' "SCB"), kept in float32 as bitsandbytes does
+
+The outlier ``threshold`` (|x| ≥ threshold marks a feature dimension as an outlier at run time)
+is a setting of the matmul, not of the codes; it travels in ``meta()`` so that a reloaded
+checkpoint runs the same decomposition. Storage: 8 bits per weight + 32 bits per output row.
+
+Outlier columns of W are *not* kept in higher precision: the kernel multiplies them as Ŵ (the
+dequantized int8 columns), as bitsandbytes' Linear8bitLt does for int8 weights
+(``has_fp16_weights=False``). Keeping the original columns would need the whole float weight,
+because the outlier dimensions are only known per batch (+16 bits/weight for fp16, i.e. 3× the
+memory); the paper's inference setting keeps fp16 weights and quantizes them on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.core.registry import register_format
+from lowbit.errors import LowbitError
+
+Q_MAX = 127  # symmetric restricted int8 range [-127, 127]
+
+
+def absmax_quantize_rows(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Vector-wise absmax quantization of a 2-D float tensor, one scale per row (paper eq. 1):
+    s = max_c |M[r, c]|, q = round(M · (127 / s)). Returns (q as float32 holding integers in
+    [-127, 127], s float32 [rows]). Rows that are all zero get s = 0 and q = 0."""
+    M = M.float()
+    s = M.abs().amax(dim=1)
+    inv = Q_MAX / torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(M * inv.unsqueeze(1)), s
+
+
+def validate_threshold(threshold) -> float:
+    """The outlier threshold as a float >= 0 (``inf`` disables the decomposition)."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise LowbitError(f"outlier threshold must be a number >= 0, got {threshold!r}") from None
+    if math.isnan(t) or t < 0:
+        raise LowbitError(f"outlier threshold must be a number >= 0 (inf disables outliers), got {threshold!r}")
+    return t
+
+
+@register_format("llm-int8")
+@dataclass
+class Int8Weight:
+    qweight: Tensor
+    absmax: Tensor
+    shape: tuple[int, int]
+    threshold: float = 6.0
+
+    tensor_names = ("qweight", "absmax")
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def quantize(cls, W: Tensor, threshold: float = 6.0) -> "Int8Weight":
+        """Row-wise absmax int8 codes for a 2-D float weight W [out, in]."""
+        if W.dim() != 2:
+            raise LowbitError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise LowbitError("weight has NaN/Inf values; refusing to quantize it")
+        q, s = absmax_quantize_rows(W.detach())
+        return cls(qweight=q.to(torch.int8), absmax=s.contiguous(), shape=(int(W.shape[0]), int(W.shape[1])),
+                   threshold=validate_threshold(threshold))
+
+    # -- reading ----------------------------------------------------------------------------
+    def scales(self) -> Tensor:
+        """s_w / 127 per output row (float32 [out]): Ŵ = q_w · scales."""
+        return self.absmax.float() / Q_MAX
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Ŵ = q_w · (s_w / 127), float32 arithmetic."""
+        W = self.qweight.float().mul_(self.scales().unsqueeze(1))
+        return W if dtype == torch.float32 else W.to(dtype)
+
+    # -- storage ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "absmax": self.absmax}
+
+    def meta(self) -> dict:
+        return {"format": "llm-int8", "shape": list(self.shape), "threshold": self.threshold}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "Int8Weight":
+        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+        w = cls(qweight=tensors["qweight"], absmax=tensors["absmax"], shape=shape,
+                threshold=validate_threshold(meta.get("threshold", 6.0)))
+        w.validate()
+        return w
+
+    def validate(self) -> None:
+        rows, cols = self.shape
+        if tuple(self.qweight.shape) != (rows, cols) or self.qweight.dtype != torch.int8:
+            raise LowbitError(f"qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, "
+                              f"expected {(rows, cols)}/int8")
+        if self.qweight.numel() and int(self.qweight.min()) < -Q_MAX:
+            raise LowbitError("qweight holds -128, outside the int8 range [-127, 127] of LLM.int8()")
+        if tuple(self.absmax.shape) != (rows,) or self.absmax.dtype != torch.float32:
+            raise LowbitError(f"absmax has shape {tuple(self.absmax.shape)}/{self.absmax.dtype}, expected {(rows,)}/float32")
+        if not torch.isfinite(self.absmax).all() or (self.absmax < 0).any():
+            raise LowbitError("absmax contains NaN/Inf or negative values")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def n_weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.n_weights
