@@ -212,3 +212,12 @@ def test_float_zero_point_spans_min_to_max():
     assert fmt.qzeros is None and fmt.zeros is not None
     assert torch.equal(AffineWeight.from_tensors(fmt.tensors(), fmt.meta()).dequantize(), fmt.dequantize())
     assert torch.equal(fmt.dequantize(), primitives.dequantize(fmt.integers(), fmt.scales.float(), fmt.zero_points(), s))
+
+
+def test_float_zero_short_last_group_is_not_widened_by_padding():
+    s = QuantScheme(4, False, "group", 4, zero_point="float", scale_dtype="float32")
+    W = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.5, 5.6]])  # last group: [5.5, 5.6], 2 wide
+    sc, z = primitives.choose_qparams(W, s)
+    assert sc[0, 1].item() == pytest.approx(0.1 / 15, rel=1e-5)
+    W_hat = primitives.fake_quantize(W, s)
+    assert (W_hat - W).abs().max().item() < 0.1 / 15

@@ -103,8 +103,17 @@ def choose_qparams(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | Non
 
     Returns scale [rows, n_groups] (per-tensor: [1, 1]) and zero-point of the same shape or None.
     """
-    Wg = _grouped(W.float(), scheme)
-    return qparams_from_range(Wg.amin(dim=-1), Wg.amax(dim=-1), scheme)
+    W = W.float()
+    Wg = _grouped(W, scheme)
+    lo, hi = Wg.amin(dim=-1), Wg.amax(dim=-1)
+    if scheme.zero_point == "float" and not scheme.symmetric and scheme.granularity == "group":
+        # The zero padding of a short last group must not widen its range ([min, max] as is).
+        n, g = group_layout(tuple(W.shape), scheme)
+        if n * g != W.shape[1]:
+            tail = W[:, (n - 1) * g:]
+            lo, hi = lo.clone(), hi.clone()
+            lo[:, -1], hi[:, -1] = tail.amin(dim=-1), tail.amax(dim=-1)
+    return qparams_from_range(lo, hi, scheme)
 
 
 def quantize(W: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> Tensor:
