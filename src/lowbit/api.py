@@ -90,6 +90,8 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # scale-out: this process calibrates on its share; the runner all-reduces statistics
             rank, world = dist.get_rank(), dist.get_world_size()
+            if samples.shape[0] < world:  # same answer on every rank, so no rank is left waiting
+                raise LowbitError(f"{samples.shape[0]} calibration samples cannot be split over {world} processes")
             samples = samples[rank::world]
             calib["world_size"] = world
         runner = run_sequential(m.model, meth, samples, device=device, batch_size=batch_size,
