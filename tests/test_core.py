@@ -221,3 +221,11 @@ def test_float_zero_short_last_group_is_not_widened_by_padding():
     assert sc[0, 1].item() == pytest.approx(0.1 / 15, rel=1e-5)
     W_hat = primitives.fake_quantize(W, s)
     assert (W_hat - W).abs().max().item() < 0.1 / 15
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_float_zero_constant_group_comes_back(scale_dtype):
+    s = QuantScheme(4, False, "group", 4, zero_point="float", scale_dtype=scale_dtype)
+    W = torch.tensor([[0.3, 0.3, 0.3, 0.3, -2.0, -2.0, -2.0, -2.0, 0.0, 0.0, 0.0, 0.0]])
+    W_hat = AffineWeight.quantize_rtn(W, s).dequantize()
+    torch.testing.assert_close(W_hat, W, rtol=2e-3, atol=1e-6)

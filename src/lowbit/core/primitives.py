@@ -86,7 +86,13 @@ def qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme) -> tuple[Ten
         s = _round_scale(absmax / ((scheme.qmax - scheme.qmin) / 2), scheme)
         return s, None
     if scheme.zero_point == "float":
-        s = _round_scale((hi - lo) / (scheme.qmax - scheme.qmin), scheme)
+        levels = scheme.qmax - scheme.qmin
+        # A (near-)constant slice has no range to span: give it the step of a grid that reaches
+        # its value from 0 instead, so the zero-point stays small (|z| <= levels) and the value
+        # comes back exactly, rather than a vanishing scale with an overflowing zero-point.
+        span = torch.maximum(lo.abs(), hi.abs())
+        flat = (hi - lo) < span * 2.0**-10
+        s = _round_scale(torch.where(flat, span, hi - lo) / levels, scheme)
         z = scheme.qmin - lo / s
         if scheme.scale_dtype == "float16":
             z = z.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
