@@ -189,3 +189,31 @@ def test_methods_listing(capsys):
     assert code == 0
     assert out.splitlines()[-1].startswith("rtn") or any(l.startswith("rtn ") for l in out.splitlines())
     assert "int4-g128" in out
+
+
+@pytest.mark.parametrize("argv,check", [
+    (["--method", "gptq", "--bits", "3", "--group-size", "32", "--asym", "--option", "damp=0.05"],
+     lambda c: c["scheme"]["bits"] == 3 and c["damp"] == 0.05 and c["act_order"] is True),
+    (["--method", "gptq", "--option", "act_order=false", "--option", "static_groups=false"],
+     lambda c: c["act_order"] is False and c["scheme"]["group_size"] == 128),
+    (["--method", "awq", "--bits", "3", "--option", "n_grid=4"],
+     lambda c: c["scheme"]["symmetric"] is False and c["scheme"]["bits"] == 3 and c["n_grid"] == 4),
+    (["--method", "hqq", "--bits", "3"], lambda c: c["scheme"]["zero_point"] == "float" and c["scheme"]["group_size"] == 64),
+    (["--method", "nf4"], lambda c: c["blocksize"] == 64 and c["double_quant"] is True),
+    (["--method", "llm-int8", "--option", "threshold=5.5"], lambda c: c["threshold"] == 5.5),
+])
+def test_every_method_from_the_command_line(tmp_path, capsys, tiny_dir, text_file, argv, check):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", tiny_dir, *argv, "--calib", text_file, "--samples", 4, "--seq-len", 64,
+                       "-o", out)
+    assert code == 0, err
+    rec = json.loads((out / "lowbit.json").read_text())
+    assert check(rec["method"]["config"]), rec["method"]
+    assert rec["modules"]
+    code, out_text, err = run(capsys, "eval", out, "--text", text_file, "--max-tokens", 256, "--ctx", 64, "--no-latency")
+    assert code == 0, err
+
+
+def test_own_format_methods_refuse_scheme_flags(tmp_path, capsys, tiny_dir):
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "nf4", "--bits", "3", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "nf4", "own number format")
