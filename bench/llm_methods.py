@@ -18,6 +18,7 @@ import time
 import torch
 
 from lowbit import api
+from lowbit.cli import quiet_transformers
 from lowbit.core.registry import available
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.quality import PplProtocol
@@ -62,6 +63,7 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    quiet_transformers()
     have = set(available("method"))
     methods = [m for m in args.methods.split(",") if m]
     missing = [m for m in methods if m not in have]

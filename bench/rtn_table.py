@@ -14,6 +14,7 @@ import sys
 import time
 
 from lowbit import api
+from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import scheme_from_args
 from lowbit.eval.quality import PplProtocol
 from lowbit.evaluate import EvalSettings, compare, render
@@ -36,6 +37,7 @@ def main() -> int:
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    quiet_transformers()
 
     t0 = time.perf_counter()
     variants = {"fp32": api.load(args.model)}

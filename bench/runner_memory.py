@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from lowbit import api
+from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
 
@@ -27,6 +28,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    quiet_transformers()
     m = api.load(args.model)
     model_mib = api.model_bytes(m.model) / MiB
     rec = api.quantize(m, "rtn", QuantScheme(4, True, "group", 128), n_samples=args.samples, seq_len=args.seq_len,

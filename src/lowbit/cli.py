@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """lowbit prints its own progress; transformers' per-load bars and warnings are noise here."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -331,7 +331,7 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_transformers()
+    quiet_transformers()
     try:
         return args.func(args)
     except LowbitError as e:
