@@ -74,3 +74,31 @@ def test_runner_gpu_memory_is_one_block_plus_activations():
     batch_tmp = 8 * 512 * (1536 * 3 + 9 * 512) * 4
     assert stats.cuda_peak_bytes < 2 * stats.activation_bytes + 2 * stats.largest_block_bytes + 2 * batch_tmp
     assert stats.cuda_peak_bytes < 0.75 * fp32_bytes
+
+
+@pytest.mark.parametrize("method,scheme", [
+    ("gptq", QuantScheme(4, False, "group", 32)),
+    ("awq", QuantScheme(4, False, "group", 32)),
+    ("hqq", QuantScheme(4, False, "group", 32, zero_point="float")),
+    ("nf4", None),
+    ("llm-int8", None),
+])
+def test_every_method_runs_on_cuda_like_on_cpu(method, scheme):
+    cpu, gpu = tiny_llama(), tiny_llama()
+    samples = _samples(4, 32)
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        m = make_method(method, scheme)
+        if m.needs_calibration:
+            run_sequential(model, m, samples, device=device, batch_size=2, progress=False)
+        else:
+            model.to(device)
+            apply_data_free(model, m, progress=False)
+            model.to("cpu")
+    x = _samples(2, 20)
+    with torch.no_grad():
+        ref = tiny_llama()(x).logits
+        l_cpu, l_gpu = cpu(x).logits, gpu(x).logits
+    # same quality on both devices (solvers may round a few ties differently on the GPU)
+    e_cpu = (l_cpu - ref).pow(2).mean().item()
+    e_gpu = (l_gpu - ref).pow(2).mean().item()
+    assert e_gpu == pytest.approx(e_cpu, rel=0.05, abs=1e-6)
