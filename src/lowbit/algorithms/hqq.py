@@ -120,7 +120,7 @@ def _grouped(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
     pad = n * g - cols
     if not pad:
         return W.reshape(rows, n, g), None
-    valid = torch.ones(n * g, dtype=W.dtype)
+    valid = torch.ones(n * g, dtype=W.dtype, device=W.device)
     valid[cols:] = 0
     return torch.nn.functional.pad(W, (0, pad)).reshape(rows, n, g), valid.reshape(n, g)
 
@@ -162,7 +162,7 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
     scheme, p, shape = cfg.scheme, float(cfg.lp_norm), (int(W.shape[0]), int(W.shape[1]))
     qmin, qmax = scheme.qmin, scheme.qmax
     Wg, valid = _grouped(W.detach().float(), scheme)                     # [R, n, g], [n, g]|None
-    count = valid.sum(-1) if valid is not None else torch.tensor(float(Wg.shape[-1]))  # [n] | []
+    count = valid.sum(-1) if valid is not None else torch.tensor(float(Wg.shape[-1]), device=Wg.device)  # [n] | []
 
     def group_sum(X: Tensor) -> Tensor:                                  # [R, n, g] → [R, n]
         return (X if valid is None else X * valid).sum(-1)
