@@ -6,3 +6,6 @@ from lowbit.algorithms import llm_int8  # noqa: F401
 from lowbit.algorithms import nf4  # noqa: F401
 from lowbit.algorithms import awq  # noqa: F401
 from lowbit.algorithms import hqq  # noqa: F401
+from lowbit.algorithms import magnitude  # noqa: F401
+from lowbit.algorithms import wanda  # noqa: F401
+from lowbit.algorithms import sparsegpt  # noqa: F401
