@@ -1,0 +1,386 @@
+"""Calibration observers: hand-computed ranges on small tensors, known distributions for the
+histogram searches (Gaussian with planted outliers, uniform), exact re-binning, qparams parity."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.core.observers import (
+    OBSERVERS,
+    EntropyObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    get_observer,
+    kl_clip_divergence,
+)
+from lowbit.core.primitives import dequantize, qparams_from_range, quantize
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+
+INT8_SYM = QuantScheme(bits=8, symmetric=True, granularity="tensor", scale_dtype="float32")
+INT8_ASYM = QuantScheme(bits=8, symmetric=False, granularity="tensor", scale_dtype="float32")
+INT4_SYM = QuantScheme(bits=4, symmetric=True, granularity="tensor", scale_dtype="float32")
+INT4_ASYM = QuantScheme(bits=4, symmetric=False, granularity="tensor", scale_dtype="float32")
+
+
+def _gaussian_with_outliers(n=1_000_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    x[:5] = 1000.0
+    x[5:10] = -1000.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def outliers():
+    return _gaussian_with_outliers()
+
+
+@pytest.fixture(scope="module")
+def uniform():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(1_000_000, generator=g) * 2 - 1
+
+
+def _feed(obs, x, chunks=4):
+    for c in x.chunk(chunks):
+        obs.update(c)
+    return obs
+
+
+def _lohi(obs, scheme=None):
+    lo, hi = obs.range(scheme)
+    return float(lo), float(hi)
+
+
+# -- min / max ---------------------------------------------------------------------------------
+
+
+def test_minmax_running_per_tensor():
+    o = MinMaxObserver()
+    o.update(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    assert _lohi(o) == (-2.0, 3.0)
+    o.update(torch.tensor([-5.0, 2.0]))
+    assert _lohi(o) == (-5.0, 3.0)
+    o.update(torch.tensor([[[0.0]]]))
+    assert _lohi(o) == (-5.0, 3.0)
+
+
+def test_minmax_per_channel_hand_values_and_torch():
+    o = MinMaxObserver(axis=1)
+    o.update(torch.tensor([[1.0, -2.0, 4.0], [3.0, 0.5, -1.0]]))
+    o.update(torch.tensor([[0.0, 7.0, -3.0]]))
+    lo, hi = o.range()
+    assert lo.tolist() == [0.0, -2.0, -3.0]
+    assert hi.tolist() == [3.0, 7.0, 4.0]
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g) * 3
+    o = MinMaxObserver(axis=1)
+    o.update(a)
+    o.update(b)
+    both = torch.cat([a, b])
+    lo, hi = o.range()
+    assert torch.equal(lo, torch.amin(both, dim=(0, 2)))
+    assert torch.equal(hi, torch.amax(both, dim=(0, 2)))
+    # negative axis, and per-channel qparams are per channel
+    o = MinMaxObserver(axis=-1)
+    o.update(a)
+    lo, hi = o.range()
+    assert torch.equal(lo, a.amin(dim=(0, 1))) and torch.equal(hi, a.amax(dim=(0, 1)))
+    s, z = o.qparams(INT8_ASYM)
+    s_ref, z_ref = qparams_from_range(lo, hi, INT8_ASYM)
+    assert s.shape == (6,) and torch.equal(s, s_ref) and torch.equal(z, z_ref)
+
+
+def test_minmax_per_channel_mismatch_and_bad_axis():
+    o = MinMaxObserver(axis=1)
+    o.update(torch.zeros(2, 3))
+    with pytest.raises(LowbitError, match="3"):
+        o.update(torch.zeros(2, 4))
+    with pytest.raises(LowbitError, match="axis 5"):
+        MinMaxObserver(axis=5).update(torch.zeros(2, 3))
+
+
+def test_moving_average_hand_values():
+    o = MovingAverageMinMaxObserver(averaging_constant=0.5)
+    o.update(torch.tensor([-1.0, 2.0]))
+    assert _lohi(o) == (-1.0, 2.0)  # the first batch sets them
+    o.update(torch.tensor([-3.0, 4.0]))
+    assert _lohi(o) == (-2.0, 3.0)  # -1 + 0.5 * (-3 + 1), 2 + 0.5 * (4 - 2)
+    o.update(torch.tensor([1.0, 1.0]))
+    assert _lohi(o) == (-0.5, 2.0)  # -2 + 0.5 * (1 + 2), 3 + 0.5 * (1 - 3)
+    # default constant 0.01
+    o = MovingAverageMinMaxObserver()
+    o.update(torch.tensor([-1.0, 1.0]))
+    o.update(torch.tensor([-101.0, 101.0]))
+    lo, hi = _lohi(o)
+    assert lo == pytest.approx(-2.0, abs=1e-6) and hi == pytest.approx(2.0, abs=1e-6)
+
+
+def test_moving_average_per_channel():
+    o = MovingAverageMinMaxObserver(averaging_constant=0.25, axis=0)
+    o.update(torch.tensor([[0.0, 4.0], [-4.0, 0.0]]))
+    o.update(torch.tensor([[-8.0, 8.0], [-8.0, 8.0]]))
+    lo, hi = o.range()
+    assert lo.tolist() == [-2.0, -5.0]  # 0 + .25 * -8, -4 + .25 * -4
+    assert hi.tolist() == [5.0, 2.0]    # 4 + .25 * 4, 0 + .25 * 8
+    with pytest.raises(LowbitError, match="averaging_constant"):
+        MovingAverageMinMaxObserver(averaging_constant=0.0)
+
+
+def test_qparams_agree_with_primitives_for_known_range():
+    o = MinMaxObserver()
+    o.update(torch.tensor([-1.0, 0.25, 3.0]))
+    s, z = o.qparams(INT8_ASYM)
+    assert float(s) == pytest.approx(4.0 / 255.0, rel=1e-7)
+    assert float(z) == 64.0  # round(0 - (-1) / (4 / 255)) = round(63.75)
+    s, z = o.qparams(INT8_SYM)
+    assert z is None and float(s) == pytest.approx(3.0 / 127.5, rel=1e-7)
+    restricted = QuantScheme(bits=8, symmetric=True, granularity="tensor", restricted_range=True,
+                             scale_dtype="float32")
+    s, _ = o.qparams(restricted)
+    assert float(s) == pytest.approx(3.0 / 127.0, rel=1e-7)
+    for scheme in (INT8_SYM, INT8_ASYM, INT4_ASYM, restricted, QuantScheme(bits=4, symmetric=False, zero_point="float"),
+                   QuantScheme(bits=3, symmetric=True)):
+        s, z = o.qparams(scheme)
+        s_ref, z_ref = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), scheme)
+        assert torch.equal(s, s_ref)
+        assert (z is None and z_ref is None) or torch.equal(z, z_ref)
+
+
+# -- errors and registry -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_nan_inf_refused_with_one_line_error(name):
+    o = get_observer(name)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(LowbitError) as e:
+            o.update(torch.tensor([1.0, bad, 2.0]))
+        assert "1 NaN/Inf" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(LowbitError, match="no data"):
+        o.range()
+    o.update(torch.tensor([1.0, -2.0]))  # still usable afterwards: the bad batches left no trace
+    lo, hi = o.range(INT8_ASYM)
+    assert -2.0 <= float(lo) <= 0.0 and 0.0 < float(hi) <= 1.0
+
+
+def test_registry_names_and_unknown():
+    assert sorted(OBSERVERS) == ["entropy", "minmax", "moving-minmax", "mse", "percentile"]
+    assert isinstance(get_observer("percentile", percentile=99.9), PercentileObserver)
+    assert get_observer("percentile", percentile=99.9).percentile == 99.9
+    assert isinstance(get_observer("moving-minmax", averaging_constant=0.1), MovingAverageMinMaxObserver)
+    with pytest.raises(LowbitError) as e:
+        get_observer("kl")
+    msg = str(e.value)
+    assert "'kl'" in msg and "entropy, minmax, moving-minmax, mse, percentile" in msg
+    with pytest.raises(LowbitError, match="bad options"):
+        get_observer("minmax", percentile=3)
+
+
+# -- histogram ---------------------------------------------------------------------------------
+
+
+def test_histogram_rebinning_exact_count_and_mass():
+    g = torch.Generator().manual_seed(2)
+    # multiples of 1/64 in [-1, 1] with both ends present: R = 1, bin width 1/8, all exact
+    a = torch.cat([torch.tensor([-1.0, 1.0]), torch.randint(-64, 65, (5000,), generator=g).float() / 64])
+    o = HistogramObserver(n_bins=8)
+    o.update(a)
+    assert o.R == 1.0 and o.count == 5002
+    before = o.counts.clone()
+    o.update(torch.tensor([3.0]))  # R grows 1 -> 4 (two doublings): 4 old bins per new bin
+    assert o.R == 4.0 and o.count == 5003
+    expected = torch.zeros(16, dtype=torch.float64)
+    expected[6:10] = before.reshape(4, 4).sum(dim=1)  # old [-1, 1] is new bins 6..9 ([-1, -.5) ...)
+    expected[14] += 1  # 3.0 is in [3, 3.5)
+    assert torch.equal(o.counts, expected)
+    # more data, more growth (4 -> 16): equals the histogram built at the final range directly
+    b = torch.randint(-16 * 64, 16 * 64 + 1, (3000,), generator=g).float() / 64
+    b[0] = 16.0
+    o.update(b)
+    assert o.R == 16.0 and o.count == 8003
+    allx = torch.cat([a, torch.tensor([3.0]), b]).double().numpy()
+    direct, _ = np.histogram(allx, bins=16, range=(-16.0, 16.0))
+    assert torch.equal(o.counts, torch.from_numpy(direct).double())
+    assert (o.data_min, o.data_max) == (float(allx.min()), 16.0)
+    # |x| folding: 8 bins over [0, 16]; a negative value on an edge, -k w, counts in the |x| bin
+    # below k w (the signed bins are [k w, (k + 1) w), mirrored they are (k w, (k + 1) w])
+    pos, _ = np.histogram(allx[allx >= 0], bins=8, range=(0.0, 16.0))
+    neg, _ = np.histogram(allx[allx < 0], bins=8, range=(-16.0, 0.0))
+    assert torch.equal(o.abs_counts(), torch.from_numpy(pos + neg[::-1].copy()).double())
+    assert float(o.abs_counts().sum()) == 8003
+
+
+def test_histogram_zeros_before_range_is_known():
+    o = HistogramObserver(n_bins=8)
+    o.update(torch.zeros(5))
+    assert o.count == 5 and o.R is None
+    o.update(torch.tensor([-2.0, 2.0]))
+    assert o.count == 7 and o.counts[8] == 5  # the five zeros, in bin n = [0, w)
+    assert o.counts[15] == 1 and o.counts[0] == 1 and o.counts.sum() == 7  # 2.0 = R: last bin
+
+
+# -- percentile --------------------------------------------------------------------------------
+
+
+def test_percentile_uniform(uniform):
+    o = _feed(PercentileObserver(percentile=99.0), uniform)
+    lo, hi = _lohi(o, INT8_SYM)
+    assert hi == -lo and hi == pytest.approx(0.99, abs=2e-3)  # P(|x| <= .99) = .99
+    lo, hi = _lohi(o, INT8_ASYM)
+    assert lo == pytest.approx(-0.98, abs=2e-3) and hi == pytest.approx(0.98, abs=2e-3)
+
+
+def test_percentile_clips_planted_outliers(outliers):
+    o = _feed(PercentileObserver(), outliers)
+    lo, hi = _lohi(o, INT8_SYM)
+    # 99.99th percentile of |N(0,1)| is 3.8906 (the 10 outliers move it by ~1e-5 in mass)
+    assert 2 < hi < 20 and hi == pytest.approx(3.89, abs=0.1) and lo == -hi
+    lo, hi = _lohi(o, INT8_ASYM)
+    assert -20 < lo < -2 and 2 < hi < 20  # 0.01% / 99.99% of N(0,1): -/+3.719
+    assert lo == pytest.approx(-3.72, abs=0.15) and hi == pytest.approx(3.72, abs=0.15)
+    with pytest.raises(LowbitError, match="percentile"):
+        PercentileObserver(percentile=30)
+
+
+# -- min-max keeps the outliers ----------------------------------------------------------------
+
+
+def test_minmax_keeps_planted_outliers(outliers):
+    o = _feed(MinMaxObserver(), outliers)
+    assert _lohi(o) == (-1000.0, 1000.0)
+    s, _ = o.qparams(INT8_SYM)
+    assert float(s) == pytest.approx(1000.0 / 127.5, rel=1e-7)
+
+
+# -- entropy -----------------------------------------------------------------------------------
+
+
+def test_kl_divergence_hand_values():
+    # window = whole histogram, one bin per level: Q == P, KL = 0
+    h = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert kl_clip_divergence(h, 0, 4, 4) == pytest.approx(0.0, abs=1e-15)
+    # two levels over four bins: chunks {1,2} and {3,4} flattened to {1.5,1.5}, {3.5,3.5}
+    p = np.array([1, 2, 3, 4]) / 10
+    q = np.array([1.5, 1.5, 3.5, 3.5]) / 10
+    assert kl_clip_divergence(h, 0, 4, 2) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-12)
+    # clip to [0, 2) with 2 levels: P = (1, 2 + 3 + 4) / 10, Q = in-window (1, 2) / 3
+    p = np.array([1, 9]) / 10
+    q = np.array([1, 2]) / 3
+    assert kl_clip_divergence(h, 0, 2, 2) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-12)
+    # an empty bin inside a chunk stays empty in Q: 3 levels over 4 bins -> chunks {0, 1}, {2}, {3};
+    # chunk {0, 1} puts all its mass 4 on bin 0, so Q == P
+    h = torch.tensor([4.0, 0.0, 2.0, 2.0], dtype=torch.float64)
+    assert kl_clip_divergence(h, 0, 4, 3) == pytest.approx(0.0, abs=1e-15)
+    # 2 levels over 4 bins: chunk {0, 1} -> (4, 0) stays, chunk {2, 3} -> (2, 2) stays: KL 0 ...
+    assert kl_clip_divergence(h, 0, 4, 2) == pytest.approx(0.0, abs=1e-15)
+    # ... but with h = (4, 1, 2, 2) chunk {0, 1} is flattened to (2.5, 2.5)
+    h1 = torch.tensor([4.0, 1.0, 2.0, 2.0], dtype=torch.float64)
+    p = np.array([4, 1, 2, 2]) / 9
+    q = np.array([2.5, 2.5, 2, 2]) / 9
+    assert kl_clip_divergence(h1, 0, 4, 2) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-12)
+    with pytest.raises(LowbitError, match="narrower"):
+        kl_clip_divergence(h, 0, 2, 3)
+
+
+def test_entropy_uniform_threshold_is_one(uniform):
+    for scheme in (INT8_SYM, INT4_SYM, INT8_ASYM, INT4_ASYM):
+        o = EntropyObserver()
+        o.update(uniform)
+        lo, hi = _lohi(o, scheme)
+        assert hi == pytest.approx(1.0, rel=0.03), scheme
+        assert lo == pytest.approx(-1.0, rel=0.03), scheme
+
+
+def test_entropy_clips_planted_outliers(outliers):
+    # default 2048 bins over |x| <= 1000: bin width 0.488. int4 needs >= 8 bins per window
+    o = _feed(EntropyObserver(), outliers)
+    lo, hi = _lohi(o, INT4_SYM)
+    assert 2 < hi < 20 and lo == -hi
+    # int8 needs >= 128 bins (62.5): the outliers are clipped, but the 2048-bin resolution
+    # does not allow a threshold below 128 * 1000 / 2048 ...
+    lo, hi = _lohi(o, INT8_SYM)
+    assert 128 * 1000 / 2048 <= hi < 100
+    # ... 65536 bins (width 0.0153) do
+    o = _feed(EntropyObserver(n_bins=65536), outliers)
+    lo, hi = _lohi(o, INT8_SYM)
+    assert 2 < hi < 20 and lo == -hi
+    lo, hi = _lohi(o, INT8_ASYM)
+    assert -20 < lo < -2 and 2 < hi < 20
+
+
+# -- MSE ---------------------------------------------------------------------------------------
+
+
+def _true_mse(x, lo, hi, scheme):
+    s, z = qparams_from_range(torch.tensor(lo), torch.tensor(hi), scheme)
+    s, z = s.reshape(1, 1), None if z is None else z.reshape(1, 1)
+    X = x.reshape(1, -1)
+    Xh = dequantize(quantize(X, s, z, scheme), s, z, scheme)
+    return float(((X.double() - Xh.double()) ** 2).mean())
+
+
+@pytest.mark.parametrize("scheme,lo,hi", [
+    (INT4_SYM, -2.5, 2.5), (INT4_ASYM, -2.0, 3.0), (INT8_SYM, -1.0, 1.0),
+    (QuantScheme(bits=4, symmetric=False, zero_point="float", granularity="tensor"), -1.7, 2.3),
+    (QuantScheme(bits=3, symmetric=True, restricted_range=True, granularity="tensor"), -3.0, 3.0),
+])
+def test_mse_estimate_matches_fake_quantized_samples(scheme, lo, hi):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200_000, generator=g)
+    o = MSEObserver()
+    o.update(x)
+    est = float(o.expected_mse(torch.tensor([lo]), torch.tensor([hi]), scheme)[0])
+    assert est == pytest.approx(_true_mse(x, lo, hi, scheme), rel=0.01)
+
+
+def test_mse_uniform_threshold_is_one(uniform):
+    for scheme in (INT8_SYM, INT4_SYM, INT8_ASYM, INT4_ASYM):
+        o = MSEObserver()
+        o.update(uniform)
+        lo, hi = _lohi(o, scheme)
+        assert hi == pytest.approx(1.0, rel=0.03), scheme
+        assert lo == pytest.approx(-1.0, rel=0.03), scheme
+
+
+def test_mse_gaussian_optimum_matches_brute_force():
+    # 4-bit symmetric on N(0,1): the MSE-optimal clip is ~2.9 sigma (known Lloyd-Max-style
+    # value for a uniform 16-level grid with s = T / 7.5); check against a brute-force scan of
+    # the true (sample) MSE
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300_000, generator=g)
+    o = MSEObserver()
+    o.update(x)
+    lo, hi = _lohi(o, INT4_SYM)
+    grid = np.arange(1.5, 4.51, 0.02)
+    true = [_true_mse(x, -t, t, INT4_SYM) for t in grid]
+    best = grid[int(np.argmin(true))]
+    assert hi == pytest.approx(best, abs=0.1) and 2.5 < hi < 3.3
+    assert _true_mse(x, lo, hi, INT4_SYM) <= min(true) * 1.005
+
+
+def test_mse_planted_outliers(outliers):
+    # ±1000 outliers, 10 of 1e6: clipping them to T ~ 4 costs 10 * 996^2 ~ 1e7 squared error,
+    # while keeping them costs at most the Gaussian's own energy (~1e6: everything rounds to 0).
+    # So the MSE optimum honestly keeps them, at every bit width ...
+    o = _feed(MSEObserver(), outliers)
+    for scheme in (INT8_SYM, INT4_SYM):
+        lo, hi = _lohi(o, scheme)
+        assert hi > 900 and lo == -hi
+    # ... and clips them once clipping is cheaper than the rounding noise it removes:
+    # 10 outliers at ±30 with int4: clipping at ~4 costs 10 * 26^2 ~ 7e3, keeping them costs
+    # ~1e6 (step 4 rounds N(0,1) to 0)
+    x = outliers.clone()
+    x[:10] = torch.sign(x[:10]) * 30
+    o = _feed(MSEObserver(), x)
+    lo, hi = _lohi(o, INT4_SYM)
+    assert 2 < hi < 20 and lo == -hi
+    lo, hi = _lohi(o, INT4_ASYM)
+    assert -20 < lo < -2 and 2 < hi < 20
