@@ -13,7 +13,7 @@ from lowbit.export import gguf_quants as G  # noqa: E402
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 TERNARY = ["TQ1_0", "TQ2_0"]
-KQUANTS: list[str] = []  # grows type by type
+KQUANTS = ["Q6_K", "Q4_K", "Q5_K", "Q3_K", "Q2_K"]
 GGUF_PY_QUANTIZES = LEGACY + TERNARY + ["F16", "BF16"]
 
 
@@ -135,7 +135,7 @@ def test_bad_input_one_line_errors():
     for bad in (np.nan, np.inf, -np.inf):
         x = np.zeros((1, 256), np.float32)
         x[0, 5] = bad
-        for name in ("Q8_0", "TQ2_0", "F16", "BF16"):
+        for name in ("Q8_0", "Q6_K", "Q2_K", "TQ2_0", "F16", "BF16"):
             with pytest.raises(LowbitError, match="NaN/Inf") as e:
                 G.quantize(x, name)
             assert "\n" not in str(e.value)
@@ -147,3 +147,341 @@ def test_bad_input_one_line_errors():
         G.quantize(np.zeros(32, np.float32), "Q9_9")
     with pytest.raises(LowbitError, match="too large"):
         G.quantize(np.full((1, 32), 1e7, np.float32), "Q8_0")
+
+
+# -- K-quants: a deliberately naive scalar transcription of llama.cpp's quantize_row_q*_K_ref ----
+# One block at a time, one value at a time, numpy float32 scalars (IEEE single, no FMA), exactly
+# the statement order of ggml-quants.c. The vectorised code in lowbit must agree bit for bit.
+f = np.float32
+EPS = f(1e-15)
+
+
+def nint(v):  # nearest_int: round half to even
+    return int(np.rint(f(v)))
+
+
+def f16(v):  # GGML_FP32_TO_FP16 then back
+    return f(np.float16(f(v)))
+
+
+def f16b(v):
+    return list(np.array([v], np.float32).astype("<f2").view(np.uint8))
+
+
+def ref_make_qx_quants(x, nmax):
+    n = len(x)
+    mx, amax = f(0), f(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < EPS:
+        return f(0), [0] * n
+    iscale = f(-nmax) / mx
+    L = [0] * n
+    sumlx = suml2 = f(0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nint(iscale * x[i])))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        sumlx = sumlx + w * x[i] * f(l)
+        suml2 = suml2 + w * f(l) * f(l)
+    scale = sumlx / suml2 if suml2 else f(0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(f(nmax) + f(0.1) * f(step)) / mx
+        sumlx = suml2 = f(0)
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, nint(iscale * x[i])))
+            w = x[i] * x[i]
+            sumlx = sumlx + w * x[i] * f(l)
+            suml2 = suml2 + w * f(l) * f(l)
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, nint(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale, L
+
+
+def ref_make_q3_quants(x, nmax):
+    n = len(x)
+    mx, amax = f(0), f(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < EPS:
+        return f(0), [0] * n
+    iscale = f(-nmax) / mx
+    L = [0] * n
+    sumlx = suml2 = f(0)
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nint(iscale * x[i])))
+        L[i] = l
+        w = x[i] * x[i]
+        sumlx = sumlx + w * x[i] * f(l)
+        suml2 = suml2 + w * f(l) * f(l)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            slx = sumlx - w * x[i] * f(L[i])
+            if slx > 0:
+                sl2 = suml2 - w * f(L[i]) * f(L[i])
+                new_l = max(-nmax, min(nmax - 1, nint(x[i] * sl2 / slx)))
+                if new_l != L[i]:
+                    slx = slx + w * x[i] * f(new_l)
+                    sl2 = sl2 + w * f(new_l) * f(new_l)
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i], sumlx, suml2 = new_l, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return (sumlx / suml2 if suml2 > 0 else f(0)), [l + nmax for l in L]
+
+
+def ref_make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
+    n = len(x)
+    mn = mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        mn = min(mn, x[i])
+        mx = max(mx, x[i])
+        sum_w = sum_w + weights[i]
+        sum_x = sum_x + weights[i] * x[i]
+    if mn > 0:
+        mn = f(0)
+    if mx == mn:
+        return f(0), -mn, [0] * n
+    iscale = f(nmax) / (mx - mn)
+    scale = f(1) / iscale
+    L = [0] * n
+    best = f(0)
+    for i in range(n):
+        L[i] = max(0, min(nmax, nint(iscale * (x[i] - mn))))
+        diff = scale * f(L[i]) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best = best + weights[i] * diff
+    for step in range(nstep + 1):
+        iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / (mx - mn)
+        aux = [max(0, min(nmax, nint(iscale * (x[i] - mn)))) for i in range(n)]
+        sum_l = sum_l2 = sum_xl = f(0)
+        for i in range(n):
+            w, l = weights[i], f(aux[i])
+            sum_l = sum_l + w * l
+            sum_l2 = sum_l2 + w * l * l
+            sum_xl = sum_xl + w * l * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > 0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > 0:
+                this_min = f(0)
+                this_scale = sum_xl / sum_l2
+            cur = f(0)
+            for i in range(n):
+                diff = this_scale * f(aux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur = cur + weights[i] * diff
+            if cur < best:
+                L, best, scale, mn = aux, cur, this_scale, this_min
+    return scale, -mn, L
+
+
+def ref_q6_k(x):
+    L = [0] * 256
+    scales = [f(0)] * 16
+    max_scale = max_abs = f(0)
+    for ib in range(16):
+        s, Lb = ref_make_qx_quants(x[16 * ib:16 * ib + 16], 32)
+        scales[ib] = s
+        L[16 * ib:16 * ib + 16] = Lb
+        if abs(s) > max_abs:
+            max_abs, max_scale = abs(s), s
+    if max_abs < EPS:
+        return [0] * 210
+    iscale = f(-128) / max_scale
+    d = f(1) / iscale
+    sc = [min(127, nint(iscale * scales[ib])) for ib in range(16)]
+    for j in range(16):
+        dj = f16(d) * f(sc[j])
+        if not dj:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-32, min(31, nint(x[16 * j + ii] / dj))) + 32
+    ql, qh = [0] * 128, [0] * 64
+    for h in range(2):
+        j = 128 * h
+        for l in range(32):
+            q1, q2, q3, q4 = (L[j + l + 32 * k] for k in range(4))
+            ql[64 * h + l] = (q1 & 15) | ((q3 & 15) << 4)
+            ql[64 * h + l + 32] = (q2 & 15) | ((q4 & 15) << 4)
+            qh[32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+    return ql + qh + [s & 0xFF for s in sc] + f16b(d)
+
+
+def ref_scale_min_k4(j, s):
+    if j < 4:
+        return s[j] & 63, s[j + 4] & 63
+    return (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4)
+
+
+def ref_q45_k(x, nmax, rmin, nstep):
+    L = [0] * 256
+    scales, mins = [f(0)] * 8, [f(0)] * 8
+    max_scale = max_min = f(0)
+    for j in range(8):
+        xb = x[32 * j:32 * j + 32]
+        sum_x2 = f(0)
+        for v in xb:
+            sum_x2 = sum_x2 + v * v
+        av_x = np.sqrt(sum_x2 / f(32))
+        w = [av_x + abs(v) for v in xb]
+        scales[j], mins[j], L[32 * j:32 * j + 32] = ref_make_qkx2_quants(xb, w, nmax, rmin, 0.1, nstep, False)
+        max_scale = max(max_scale, scales[j])
+        max_min = max(max_min, mins[j])
+    inv_scale = f(63) / max_scale if max_scale > 0 else f(0)
+    inv_min = f(63) / max_min if max_min > 0 else f(0)
+    s = [0] * 12
+    for j in range(8):
+        ls = min(63, nint(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, nint(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            s[j], s[j + 4] = ls, lm
+        else:
+            s[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            s[j - 4] |= (ls >> 4) << 6
+            s[j] |= (lm >> 4) << 6
+    d, dmin = max_scale / f(63), max_min / f(63)
+    for j in range(8):
+        sc, m = ref_scale_min_k4(j, s)
+        dj = f16(d) * f(sc)
+        if not dj:
+            continue
+        dm = f16(dmin) * f(m)
+        for ii in range(32):
+            L[32 * j + ii] = max(0, min(nmax, nint((x[32 * j + ii] + dm) / dj)))
+    head = f16b(d) + f16b(dmin) + s
+    if nmax == 15:
+        qs = []
+        for c in range(4):
+            qs += [L[64 * c + l] | (L[64 * c + l + 32] << 4) for l in range(32)]
+        return head + qs
+    qh, ql = [0] * 32, []
+    for c in range(4):
+        for l in range(32):
+            l1, l2 = L[64 * c + l], L[64 * c + l + 32]
+            if l1 > 15:
+                l1 -= 16
+                qh[l] |= 1 << (2 * c)
+            if l2 > 15:
+                l2 -= 16
+                qh[l] |= 2 << (2 * c)
+            ql.append(l1 | (l2 << 4))
+    return head + qh + ql
+
+
+def ref_pack_2bit(L):
+    qs = []
+    for j in (0, 128):
+        qs += [L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6) for l in range(32)]
+    return qs
+
+
+def ref_q3_k(x):
+    L = [0] * 256
+    scales = [f(0)] * 16
+    max_scale = amax = f(0)
+    for j in range(16):
+        scales[j], L[16 * j:16 * j + 16] = ref_make_q3_quants(x[16 * j:16 * j + 16], 4)
+        if abs(scales[j]) > amax:
+            amax, max_scale = abs(scales[j]), scales[j]
+    s = [0] * 12
+    if max_scale:
+        iscale = f(-32) / max_scale
+        for j in range(16):
+            l = max(-32, min(31, nint(iscale * scales[j]))) + 32
+            if j < 8:
+                s[j] = l & 0xF
+            else:
+                s[j - 8] |= (l & 0xF) << 4
+            s[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
+        d = f(1) / iscale
+    else:
+        d = f(0)
+    for j in range(16):
+        sc = s[j] & 0xF if j < 8 else s[j - 8] >> 4
+        sc = (sc | (((s[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+        dj = f16(d) * f(sc)
+        if not dj:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-4, min(3, nint(x[16 * j + ii] / dj))) + 4
+    hmask = [0] * 32
+    for j in range(256):
+        if L[j] > 3:
+            hmask[j % 32] |= 1 << (j // 32)
+            L[j] -= 4
+    return hmask + ref_pack_2bit(L) + s + f16b(d)
+
+
+def ref_q2_k(x):
+    L = [0] * 256
+    scales, mins = [f(0)] * 16, [f(0)] * 16
+    max_scale = max_min = f(0)
+    for j in range(16):
+        xb = x[16 * j:16 * j + 16]
+        scales[j], mins[j], L[16 * j:16 * j + 16] = ref_make_qkx2_quants(xb, [abs(v) for v in xb], 3, -0.5, 0.1, 15, True)
+        max_scale = max(max_scale, scales[j])
+        max_min = max(max_min, mins[j])
+    s = [0] * 16
+    d = dmin = f(0)
+    if max_scale > 0:
+        iscale = f(15) / max_scale
+        s = [nint(iscale * scales[j]) & 0xFF for j in range(16)]
+        d = max_scale / f(15)
+    if max_min > 0:
+        iscale = f(15) / max_min
+        s = [(s[j] | (nint(iscale * mins[j]) << 4)) & 0xFF for j in range(16)]
+        dmin = max_min / f(15)
+    for j in range(16):
+        dj = f16(d) * f(s[j] & 0xF)
+        if not dj:
+            continue
+        dm = f16(dmin) * f(s[j] >> 4)
+        for ii in range(16):
+            L[16 * j + ii] = max(0, min(3, nint((x[16 * j + ii] + dm) / dj)))
+    return s + ref_pack_2bit(L) + f16b(d) + f16b(dmin)
+
+
+REF_K = {
+    "Q6_K": ref_q6_k,
+    "Q5_K": lambda x: ref_q45_k(x, 31, -0.5, 15),
+    "Q4_K": lambda x: ref_q45_k(x, 15, -1.0, 20),
+    "Q3_K": ref_q3_k,
+    "Q2_K": ref_q2_k,
+}
+
+
+def k_cases(seed=0):
+    """Super-blocks [n, 256]: the tricky rows, plus rows whose 16/32-value sub-blocks mix the
+    tricky cases (an all-zero sub-block next to a spike, positive-only next to negative-only)."""
+    t = tricky(256, seed)
+    rng = np.random.default_rng(seed + 10)
+    mixed = np.concatenate([tricky(16, seed + 1).reshape(-1), tricky(16, seed + 2)[::-1].reshape(-1),
+                            rng.standard_normal(128)]).reshape(2, 256).astype(np.float32)
+    heavy = (rng.standard_t(2, (3, 256)) * rng.uniform(1e-2, 1e2, (3, 1))).astype(np.float32)
+    return np.concatenate([t, mixed, heavy])
+
+
+@pytest.mark.parametrize("name", ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"])
+def test_kquant_bytes_identical_to_naive_reference(name):
+    x = k_cases()
+    ours = G.quantize(x, name)
+    with np.errstate(all="ignore"):
+        ref = np.array([REF_K[name]([f(v) for v in row]) for row in x], dtype=np.uint8)
+    assert ours.shape == ref.shape == (len(x), G.BLOCK_LAYOUTS[name][1])
+    for i in range(len(x)):
+        np.testing.assert_array_equal(ours[i], ref[i], err_msg=f"{name} block {i}")

@@ -307,6 +307,446 @@ class Q5_1(BlockType):
         return d * q.astype(np.float32) + m
 
 
+# -- K-quants: super-blocks of 256 --------------------------------------------------------------
+# The K-quant reference quantizers (quantize_row_q*_K_ref) search per sub-block scales with
+# small iterative fits, then quantize the sub-block scales themselves to 4, 6 or 8 bits under
+# one f16 super-scale. Reproducing them bit for bit needs C's float32 evaluation order: every
+# sum below is a left-to-right float32 accumulation (`_seq_sum`, not numpy's pairwise sum),
+# products are evaluated left to right as written in C, and rounding is llama.cpp's
+# ``nearest_int`` (round half to even, `np.rint`). No fused multiply-adds (a build of
+# llama.cpp that contracts a*b+c into FMA may differ in the last bit of a search, rarely).
+
+_F = np.float32
+GROUP_MAX_EPS = _F(1e-15)
+
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum over the last axis (C's ``for (...) s += a[i]``)."""
+    acc = np.zeros(a.shape[:-1], np.float32)
+    for i in range(a.shape[-1]):
+        acc = acc + a[..., i]
+    return acc
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """llama.cpp ``nearest_int``: round half to even, as int32."""
+    return np.rint(v).astype(np.int32)
+
+
+def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(signed value, magnitude) of the first element of largest magnitude along the last axis."""
+    i = np.abs(x).argmax(axis=-1)[..., None]
+    v = np.take_along_axis(x, i, axis=-1)[..., 0]
+    return v, np.abs(v)
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) on rows x [B, n].
+
+    Symmetric codes l in [-nmax, nmax-1] for 19 candidate scales (nmax + 0.1*is)/max, is in
+    -9..9; keeps the one maximising (sum w x l)^2 / sum w l^2 with w = x^2 (a weighted
+    least-squares scale). Returns (scale [B], L = l + nmax [B, n] int32)."""
+    mx, amax = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, _F(1), mx)
+    w = x * x
+
+    def codes(iscale):
+        return np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+
+    def sums(l):
+        lf = l.astype(np.float32)
+        return _seq_sum(w * x * lf), _seq_sum(w * lf * lf)
+
+    l = codes(_F(-nmax) / mx)
+    sumlx, suml2 = sums(l)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, _F(0))
+    best = scale * sumlx
+    L = l
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(_F(nmax) + _F(0.1) * _F(step)) / mx
+        l = codes(iscale)
+        sumlx, suml2 = sums(l)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_scale = sumlx / suml2
+        L = np.where(better[:, None], l, L)
+        scale = np.where(better, new_scale, scale)
+        best = np.where(better, scale * sumlx, best)
+    L = np.where(zero[:, None], 0, L + nmax)
+    return np.where(zero, _F(0), scale), L
+
+
+def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) on rows x [B, n].
+
+    Start from l = nearest_int(-nmax/max * x) in [-nmax, nmax-1], then up to 5 passes of
+    coordinate descent: each code in turn is re-chosen given the others' weighted sums
+    (w = x^2), kept if it raises (sum w x l)^2 / sum w l^2. Returns (scale, L = l + nmax);
+    an all-zero row gives (0, L = 0)."""
+    mx, amax = _first_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    mx = np.where(zero, _F(1), mx)
+    w = x * x
+    wx = w * x
+    L = np.clip(_nearest_int((_F(-nmax) / mx)[:, None] * x), -nmax, nmax - 1)
+    Lf = L.astype(np.float32)
+    sumlx = _seq_sum(wx * Lf)
+    suml2 = _seq_sum(w * Lf * Lf)
+    # A pass that changes nothing leaves the state as it was, so running all 5 passes on every
+    # row gives the same result as C's early exit.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            for i in range(x.shape[1]):
+                li = L[:, i].astype(np.float32)
+                slx = sumlx - wx[:, i] * li
+                sl2 = suml2 - w[:, i] * li * li
+                ok = slx > 0
+                new_l = np.clip(_nearest_int(np.where(ok, x[:, i] * sl2 / np.where(ok, slx, _F(1)), 0)),
+                                -nmax, nmax - 1)
+                nl = new_l.astype(np.float32)
+                slx2 = slx + wx[:, i] * nl
+                sl22 = sl2 + w[:, i] * nl * nl
+                take = ok & (new_l != L[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                L[:, i] = np.where(take, new_l, L[:, i])
+                sumlx = np.where(take, slx2, sumlx)
+                suml2 = np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, _F(0))
+    L = np.where(zero[:, None], 0, L + nmax)
+    return np.where(zero, _F(0), scale), L
+
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants on rows x [B, n] with weights w: asymmetric codes l in [0, nmax] with
+    x ~ scale * l + min (min <= 0). Tries iscale = (rmin + rdelta*is + nmax) / (max - min) for
+    is = 0..nstep, each followed by a weighted least-squares fit of (scale, min); keeps the fit
+    of least weighted error (|diff| if use_mad else diff^2). Returns (scale, -min, L)."""
+    lo = x.min(axis=-1)
+    hi = x.max(axis=-1)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    lo = np.minimum(lo, _F(0))
+    flat = hi == lo
+    rng = np.where(flat, _F(1), hi - lo)
+
+    def err(scale, mn, l):
+        diff = scale[:, None] * l.astype(np.float32) + mn[:, None] - x
+        diff = np.abs(diff) if use_mad else diff * diff
+        return _seq_sum(w * diff)
+
+    iscale = _F(nmax) / rng
+    scale = _F(1) / iscale
+    L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    best = err(scale, lo, L)
+    mn = lo
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for step in range(nstep + 1):
+            # as in C, the running best ``min`` (not the data minimum) sets the next grid
+            iscale = (_F(rmin) + _F(rdelta) * _F(step) + _F(nmax)) / np.where(flat, _F(1), hi - mn)
+            l = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+            lf = l.astype(np.float32)
+            sum_l = _seq_sum(w * lf)
+            sum_l2 = _seq_sum(w * lf * lf)
+            sum_xl = _seq_sum(w * lf * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = D > 0
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, _F(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            cur = err(this_scale, this_min, l)
+            take = ok & (cur < best)
+            L = np.where(take[:, None], l, L)
+            best = np.where(take, cur, best)
+            scale = np.where(take, this_scale, scale)
+            mn = np.where(take, this_min, mn)
+    L = np.where(flat[:, None], 0, L)
+    return np.where(flat, _F(0), scale), -mn, L
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """Codes [N, 256] (< 4) -> [N, 64]: in each half h of 128, byte 32h + l holds
+    L[128h + l + 32k] at bits 2k..2k+1 (k = 0..3)."""
+    L = L.astype(np.uint8).reshape(-1, 2, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _unpack_2bit(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    return (q & 3).reshape(-1, 256)
+
+
+def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and eight 6-bit mins [N, 8] -> 12 bytes (Q4_K / Q5_K):
+    bytes 0-3: scale j (j < 4) in bits 0-5, high 2 bits of scale j+4 in bits 6-7;
+    bytes 4-7: min j (j < 4) in bits 0-5, high 2 bits of min j+4 in bits 6-7;
+    bytes 8-11: low 4 bits of scale j+4 | low 4 bits of min j+4 << 4."""
+    ls = ls.astype(np.uint8)
+    lm = lm.astype(np.uint8)
+    out = np.empty((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return out
+
+
+def _unpack_scales_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `_pack_scales_k4` (get_scale_min_k4): 12 bytes -> (scales, mins) [N, 8]."""
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def _pack_scales_q3(l: np.ndarray) -> np.ndarray:
+    """Sixteen 6-bit scales [N, 16] -> 12 bytes (Q3_K): bytes 0-7 hold the low 4 bits of
+    scale j (j < 8) in bits 0-3 and of scale j+8 in bits 4-7; byte 8 + (j % 4) holds the high 2
+    bits of scale j at bits 2*(j // 4)."""
+    l = l.astype(np.uint8)
+    out = np.empty((l.shape[0], 12), np.uint8)
+    out[:, 0:8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
+    hi = (l >> 4).reshape(-1, 4, 4)  # [N, j // 4, j % 4]
+    out[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return out
+
+
+def _unpack_scales_q3(s: np.ndarray) -> np.ndarray:
+    lo = np.concatenate([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], axis=-1)
+    hi = (s[:, None, 8:12] >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # [N, j // 4, j % 4]
+    return lo | (hi.reshape(-1, 16) << 4)
+
+
+class Q6_K(BlockType):
+    """Super-block of 256 = 16 sub-blocks of 16. x = d * sc[j] * (q - 32), q in 0..63.
+
+    Bytes: ``ql`` [128] (low 4 bits), ``qh`` [64] (high 2 bits), ``scales`` int8[16], ``d`` f16.
+    In each half h of 128 values (ql[64h : 64h+64], qh[32h : 32h+32]), for l < 32:
+    ql[l] = lo(q[l]) | lo(q[l+64]) << 4, ql[l+32] = lo(q[l+32]) | lo(q[l+96]) << 4,
+    qh[l] = hi(q[l]) | hi(q[l+32]) << 2 | hi(q[l+64]) << 4 | hi(q[l+96]) << 6 (q relative to
+    the half). Quantizer: make_qx_quants per sub-block (nmax 32), sub-block scales to int8
+    with d = max_scale / -128, then every value re-rounded with its final scale."""
+
+    name = "Q6_K"
+
+    @classmethod
+    def _quantize_blocks(cls, x):
+        nb = x.shape[0]
+        scales, L = _make_qx_quants(x.reshape(-1, 16), 32)
+        scales = scales.reshape(nb, 16)
+        L = L.reshape(nb, 16, 16)
+        max_scale, max_abs = _first_absmax(scales)
+        empty = max_abs < GROUP_MAX_EPS
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            iscale = _F(-128) / np.where(empty, _F(1), max_scale)
+            d = (_F(1) / iscale)[:, None]
+            cls._check_scale(np.where(empty[:, None], _F(0), d))
+            sc = np.minimum(127, _nearest_int(iscale[:, None] * scales))
+            dq = _f16_from(_f16_bytes(d)) * sc.astype(np.float32)  # [nb, 16]
+            l = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dq[:, :, None]), -32, 31) + 32
+        L = np.where((dq != 0)[:, :, None], l, L).reshape(nb, 2, 4, 32).astype(np.uint8)
+        lo, hi = L & 0xF, L >> 4
+        ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=-1)
+        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+        out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8),
+                              _f16_bytes(d)], axis=-1)
+        out[empty] = 0
+        return out
+
+    @classmethod
+    def _dequantize_blocks(cls, raw):
+        nb = raw.shape[0]
+        ql = raw[:, :128].reshape(nb, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]  # [nb, h, lo/hi nibble, 64]
+        lo = (ql & 0xF).reshape(nb, 2, 4, 32)  # quarter k of half h: nibble k // 2 of ql[32*(k % 2) ...]
+        qh = (raw[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+        q = (lo | (qh << 4)).reshape(nb, 16, 16).astype(np.int8) - np.int8(32)
+        d = _f16_from(raw[:, 208:210])
+        dl = (d * raw[:, 192:208].view(np.int8).astype(np.float32))[:, :, None]
+        return (dl * q.astype(np.float32)).reshape(nb, 256)
+
+
+def _qkx_weights(x: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K search weights per 32-value sub-block: w = sqrt(mean x^2) + |x|."""
+    av = np.sqrt(_seq_sum(x * x) / _F(32))
+    return av[:, None] + np.abs(x)
+
+
+def _k4_quantize(cls, x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """Shared by Q4_K / Q5_K: (d, dmin, packed scales [nb, 12], codes L [nb, 256] in 0..nmax)."""
+    nb = x.shape[0]
+    xs = x.reshape(-1, 32)
+    scales, mins, L = _make_qkx2_quants(xs, _qkx_weights(xs), nmax, rmin, 0.1, nstep, False)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
+    max_scale = np.maximum(scales.max(axis=-1), _F(0))
+    max_min = np.maximum(mins.max(axis=-1), _F(0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv_scale = np.where(max_scale > 0, _F(63) / max_scale, _F(0))
+        inv_min = np.where(max_min > 0, _F(63) / max_min, _F(0))
+        # (uint8_t) nearest_int(...) then MIN(63, .): a negative value wraps before the clamp
+        ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
+        lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+        d = (max_scale / _F(63))[:, None]
+        dmin = (max_min / _F(63))[:, None]
+        cls._check_scale(np.concatenate([d, dmin], axis=-1))
+        dq = _f16_from(_f16_bytes(d)) * ls.astype(np.float32)  # [nb, 8]
+        mq = _f16_from(_f16_bytes(dmin)) * lm.astype(np.float32)
+        l = np.clip(_nearest_int((x.reshape(nb, 8, 32) + mq[:, :, None]) / dq[:, :, None]), 0, nmax)
+    L = np.where((dq != 0)[:, :, None], l, L).reshape(nb, 256)
+    return d, dmin, _pack_scales_k4(ls, lm), L
+
+
+def _k4_dequantize(raw: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """x = d * sc[j] * q - dmin * m[j] for sub-block j of 32 (Q4_K / Q5_K)."""
+    nb = raw.shape[0]
+    d = _f16_from(raw[:, 0:2])
+    dmin = _f16_from(raw[:, 2:4])
+    sc, mn = _unpack_scales_k4(raw[:, 4:16])
+    dl = (d * sc.astype(np.float32))[:, :, None]
+    ml = (dmin * mn.astype(np.float32))[:, :, None]
+    return (dl * q.reshape(nb, 8, 32).astype(np.float32) - ml).reshape(nb, 256)
+
+
+def _nibbles_k(L: np.ndarray) -> np.ndarray:
+    """Codes [nb, 256] -> [nb, 128]: chunk c of 64 values -> bytes 32c..32c+31,
+    byte 32c + l = lo(L[64c + l]) | lo(L[64c + 32 + l]) << 4."""
+    L = L.astype(np.uint8).reshape(-1, 4, 2, 32)
+    return ((L[:, :, 0] & 0xF) | ((L[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+
+
+def _unnibbles_k(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    return (q & 0xF).reshape(-1, 256)
+
+
+class Q4_K(BlockType):
+    """Super-block of 256 = 8 sub-blocks of 32. x = d * sc[j] * q - dmin * m[j], q in 0..15.
+
+    Bytes: ``d`` f16, ``dmin`` f16, ``scales`` [12] (eight 6-bit scales and mins,
+    `_pack_scales_k4`), ``qs`` [128] (`_nibbles_k`). Quantizer: make_qkx2_quants per
+    sub-block (weights sqrt(mean x^2) + |x|, 21 candidate scales), scales and mins to 6 bits
+    under d = max_scale / 63, dmin = max_min / 63, then every value re-rounded."""
+
+    name = "Q4_K"
+
+    @classmethod
+    def _quantize_blocks(cls, x):
+        d, dmin, scales, L = _k4_quantize(cls, x, 15, -1.0, 20)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, _nibbles_k(L)], axis=-1)
+
+    @classmethod
+    def _dequantize_blocks(cls, raw):
+        return _k4_dequantize(raw, _unnibbles_k(raw[:, 16:144]))
+
+
+class Q5_K(BlockType):
+    """Super-block of 256 = 8 sub-blocks of 32. x = d * sc[j] * q - dmin * m[j], q in 0..31.
+
+    Bytes: ``d`` f16, ``dmin`` f16, ``scales`` [12] as Q4_K, ``qh`` [32], ``qs`` [128]
+    (low 4 bits, as Q4_K). Bit 2c of qh[l] is bit 4 of q[64c + l], bit 2c+1 is bit 4 of
+    q[64c + 32 + l]. Quantizer as Q4_K with 16 candidate scales (rmin -0.5)."""
+
+    name = "Q5_K"
+
+    @classmethod
+    def _quantize_blocks(cls, x):
+        d, dmin, scales, L = _k4_quantize(cls, x, 31, -0.5, 15)
+        hi = (L.astype(np.uint8) >> 4).reshape(-1, 8, 32)  # [nb, 2c + half, l]
+        qh = np.zeros((x.shape[0], 32), np.uint8)
+        for k in range(8):
+            qh |= hi[:, k] << k
+        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, qh, _nibbles_k(L)], axis=-1)
+
+    @classmethod
+    def _dequantize_blocks(cls, raw):
+        qh = (raw[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [nb, 8, 32]
+        q = _unnibbles_k(raw[:, 48:176]) | (qh.reshape(-1, 256) << 4)
+        return _k4_dequantize(raw, q)
+
+
+class Q3_K(BlockType):
+    """Super-block of 256 = 16 sub-blocks of 16. x = d * (s[j] - 32) * (q - 4), q in 0..7.
+
+    Bytes: ``hmask`` [32] (bit 2 of q: value v -> byte v % 32, bit v // 32), ``qs`` [64]
+    (low 2 bits, `_pack_2bit`), ``scales`` [12] (sixteen 6-bit s, `_pack_scales_q3`), ``d``
+    f16. Quantizer: make_q3_quants per sub-block (nmax 4, coordinate descent), sub-block
+    scales to 6 bits under d = max_scale / -32, then every value re-rounded."""
+
+    name = "Q3_K"
+
+    @classmethod
+    def _quantize_blocks(cls, x):
+        nb = x.shape[0]
+        scales, L = _make_q3_quants(x.reshape(-1, 16), 4)
+        scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+        max_scale, _ = _first_absmax(scales)
+        has = max_scale != 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            iscale = _F(-32) / np.where(has, max_scale, _F(1))
+            l = np.clip(_nearest_int(iscale[:, None] * scales), -32, 31) + 32
+            l = np.where(has[:, None], l, 0)
+            d = np.where(has, _F(1) / iscale, _F(0))[:, None]
+            cls._check_scale(d)
+            sc = _pack_scales_q3(l)
+            dq = _f16_from(_f16_bytes(d)) * (l - 32).astype(np.float32)  # [nb, 16]
+            new = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dq[:, :, None]), -4, 3) + 4
+        L = np.where((dq != 0)[:, :, None], new, L).reshape(nb, 256)
+        hmask = _bits_le(L.reshape(nb, 8, 32).transpose(0, 2, 1).astype(np.uint8), 2, 1).reshape(nb, 32)
+        return np.concatenate([hmask, _pack_2bit(L & 3), sc, _f16_bytes(d)], axis=-1)
+
+    @classmethod
+    def _dequantize_blocks(cls, raw):
+        nb = raw.shape[0]
+        hbit = _unbits_le(raw[:, :32].reshape(nb, 32, 1)).reshape(nb, 32, 8).transpose(0, 2, 1)
+        q = _unpack_2bit(raw[:, 32:96]).astype(np.int8) | (hbit.reshape(nb, 256).astype(np.int8) << 2)
+        s = _unpack_scales_q3(raw[:, 96:108]).astype(np.int8) - np.int8(32)
+        dl = (_f16_from(raw[:, 108:110]) * s.astype(np.float32))[:, :, None]
+        return (dl * (q - np.int8(4)).reshape(nb, 16, 16).astype(np.float32)).reshape(nb, 256)
+
+
+class Q2_K(BlockType):
+    """Super-block of 256 = 16 sub-blocks of 16. x = d * sc[j] * q - dmin * m[j], q in 0..3.
+
+    Bytes: ``scales`` [16] (byte j = sc[j] | m[j] << 4, 4 bits each), ``qs`` [64]
+    (`_pack_2bit`), ``d`` f16, ``dmin`` f16. Quantizer: make_qkx2_quants per sub-block
+    (weights |x|, mean absolute error, 16 candidate scales), scales and mins to 4 bits under
+    d = max_scale / 15, dmin = max_min / 15, then every value re-rounded."""
+
+    name = "Q2_K"
+
+    @classmethod
+    def _quantize_blocks(cls, x):
+        nb = x.shape[0]
+        xs = x.reshape(-1, 16)
+        scales, mins, L = _make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+        scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.reshape(nb, 16, 16)
+        max_scale = np.maximum(scales.max(axis=-1), _F(0))[:, None]
+        max_min = np.maximum(mins.max(axis=-1), _F(0))[:, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ls = np.where(max_scale > 0, _nearest_int(_F(15) / max_scale * scales), 0) & 0xFF
+            lm = np.where(max_min > 0, _nearest_int(_F(15) / max_min * mins), 0)
+            sc = (ls | (lm << 4)) & 0xFF  # int assigned to uint8_t: wraps
+            d = np.where(max_scale > 0, max_scale / _F(15), _F(0))
+            dmin = np.where(max_min > 0, max_min / _F(15), _F(0))
+            cls._check_scale(np.concatenate([d, dmin], axis=-1))
+            dq = _f16_from(_f16_bytes(d)) * (sc & 0xF).astype(np.float32)
+            mq = _f16_from(_f16_bytes(dmin)) * (sc >> 4).astype(np.float32)
+            new = np.clip(_nearest_int((x.reshape(nb, 16, 16) + mq[:, :, None]) / dq[:, :, None]), 0, 3)
+        L = np.where((dq != 0)[:, :, None], new, L).reshape(nb, 256)
+        return np.concatenate([sc.astype(np.uint8), _pack_2bit(L), _f16_bytes(d), _f16_bytes(dmin)], axis=-1)
+
+    @classmethod
+    def _dequantize_blocks(cls, raw):
+        nb = raw.shape[0]
+        sc = raw[:, :16]
+        dl = (_f16_from(raw[:, 80:82]) * (sc & 0xF).astype(np.float32))[:, :, None]
+        ml = (_f16_from(raw[:, 82:84]) * (sc >> 4).astype(np.float32))[:, :, None]
+        q = _unpack_2bit(raw[:, 16:80]).reshape(nb, 16, 16).astype(np.float32)
+        return (dl * q - ml).reshape(nb, 256)
+
+
 # -- ternary types (values in {-1, 0, 1} times d) ------------------------------------------------
 def _ternary_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """d = max|x|, t = roundf(x / d) + 1 in {0, 1, 2}."""
