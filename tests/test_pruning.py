@@ -325,4 +325,32 @@ def test_runner_end_to_end(tmp_path, make, pattern):
         with torch.no_grad():
             assert torch.equal(model(held_out).logits, loaded(held_out).logits)
         assert rec2["method"]["sparsity"] == 0.5 and rec2["modules"] == {}
-    assert 0 < kls["sparsegpt"] < kls["magnitude"], kls
+    # measured KL(SparseGPT) / min(KL(magnitude), KL(Wanda)) on held-out samples: 0.58-0.77 (random
+    # tiny models have no outlier features, so Wanda is close to magnitude here)
+    assert 0 < kls["sparsegpt"] < 0.85 * min(kls["magnitude"], kls["wanda"]), kls
+
+
+def test_command_line_prune_and_eval(tmp_path, capsys):
+    import json
+
+    from lowbit.cli import main
+    from lowbit.models.tiny import save_tiny
+
+    tiny = save_tiny(tmp_path / "tiny", "llama")
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
+    cases = [(["--method", "sparsegpt", "--option", "pattern=2:4"], 0.5, 0),
+             (["--method", "wanda", "--option", "sparsity=0.25"], 0.25, 0),
+             (["--method", "sparsegpt", "--bits", "4", "--group-size", "32", "--option", "quantize=true"], None, 14)]
+    for i, (argv, sparsity, n_modules) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        assert main([str(a) for a in ["quantize", tiny, *argv, "--calib", text, "--samples", 4, "--seq-len", 32,
+                                      "-o", out]]) == 0
+        rec = json.loads((out / "lowbit.json").read_text())
+        assert len(rec["modules"]) == n_modules and len(rec["method"]["layers"]) == 14
+        if sparsity is not None:
+            assert rec["method"]["sparsity"] == sparsity
+        else:                                       # joint: kept weights may also round to 0
+            assert 0.5 <= rec["method"]["sparsity"] < 0.6
+        assert main([str(a) for a in ["eval", out, "--text", text, "--max-tokens", 128, "--ctx", 32,
+                                      "--no-latency"]]) == 0
