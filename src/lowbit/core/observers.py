@@ -418,19 +418,36 @@ class EntropyObserver(HistogramObserver):
             self.last_divergence = 0.0
             return torch.tensor(self.data_min), torch.tensor(self.data_max)
         # distances from the zero bin boundary (index n) to the window ends
-        a_dist = _candidate_indices(0, max(n - first, 0), self.max_candidates_side)
-        b_dist = _candidate_indices(0, max(last - n, 0), self.max_candidates_side)
         table = _KLTable(h)
-        best_kl, best_ab = math.inf, (first, last)
-        for da in a_dist.tolist():
+
+        def window(da: int, db: int) -> tuple[int, int]:
             a = max(n - da, first)
-            for db in b_dist.tolist():
-                b = min(max(n + db, a + 1), last)
-                if b - a < levels:
-                    continue
-                kl = table.divergence(a, b, levels)
-                if kl < best_kl:
-                    best_kl, best_ab = kl, (a, b)
+            return a, min(max(n + db, a + 1), last)
+
+        def kl(da: int, db: int) -> float:
+            a, b = window(da, db)
+            return table.divergence(a, b, levels) if b - a >= levels else math.inf
+
+        da_max, db_max = max(n - first, 0), max(last - n, 0)
+        best_kl, best = math.inf, (da_max, db_max)
+        for da in _candidate_indices(0, da_max, self.max_candidates_side).tolist():  # coarse grid
+            for db in _candidate_indices(0, db_max, self.max_candidates_side).tolist():
+                d = kl(da, db)
+                if d < best_kl:
+                    best_kl, best = d, (da, db)
+        fine_a = _candidate_indices(0, da_max, self.max_candidates).tolist()
+        fine_b = _candidate_indices(0, db_max, self.max_candidates).tolist()
+        for _ in range(4):  # then coordinate descent on the fine candidates, one end at a time
+            moved = False
+            for side, fine in ((0, fine_a), (1, fine_b)):
+                for v in fine:
+                    cand = (v, best[1]) if side == 0 else (best[0], v)
+                    d = kl(*cand)
+                    if d < best_kl:
+                        best_kl, best, moved = d, cand, True
+            if not moved:
+                break
+        best_ab = window(*best)
         self.last_divergence = best_kl
         a, b = best_ab
         lo = max((a - n) * w, self.data_min)
@@ -528,18 +545,37 @@ class MSEObserver(HistogramObserver):
             return torch.tensor(-float(t[best])), torch.tensor(float(t[best]))
         nzi = torch.nonzero(self.counts).flatten()
         first, last = int(nzi[0]), int(nzi[-1]) + 1
-        lo_c = torch.unique(((_candidate_indices(0, max(n - first, 0), self.max_candidates_side).double()) * -w)
-                            .clamp(min=self.data_min))
-        hi_c = torch.unique(((_candidate_indices(0, max(last - n, 0), self.max_candidates_side).double()) * w)
-                            .clamp(max=self.data_max))
-        LO, HI = torch.meshgrid(lo_c, hi_c, indexing="ij")
-        LO, HI = LO.reshape(-1), HI.reshape(-1)
-        ok = HI > LO
-        LO, HI = LO[ok], HI[ok]
-        mse = self.expected_mse(LO, HI, scheme)
-        best = int(torch.argmin(mse))
-        self.last_mse = float(mse[best])
-        return torch.tensor(float(LO[best])), torch.tensor(float(HI[best]))
+
+        def lo_cands(count: int) -> Tensor:
+            return (_candidate_indices(0, max(n - first, 0), count).double() * -w).clamp(min=self.data_min).unique()
+
+        def hi_cands(count: int) -> Tensor:
+            return (_candidate_indices(0, max(last - n, 0), count).double() * w).clamp(max=self.data_max).unique()
+
+        def best_of(LO: Tensor, HI: Tensor) -> tuple[float, float, float]:
+            ok = HI > LO
+            LO, HI = LO[ok], HI[ok]
+            if len(LO) == 0:
+                return math.inf, 0.0, 0.0
+            mse = self.expected_mse(LO, HI, scheme)
+            i = int(torch.argmin(mse))
+            return float(mse[i]), float(LO[i]), float(HI[i])
+
+        LO, HI = torch.meshgrid(lo_cands(self.max_candidates_side), hi_cands(self.max_candidates_side), indexing="ij")
+        err, lo, hi = best_of(LO.reshape(-1), HI.reshape(-1))  # coarse grid
+        fine_lo, fine_hi = lo_cands(self.max_candidates), hi_cands(self.max_candidates)
+        for _ in range(4):  # then coordinate descent on the fine candidates, one end at a time
+            moved = False
+            e1, l1, _ = best_of(fine_lo, torch.full_like(fine_lo, hi))
+            if e1 < err:
+                err, lo, moved = e1, l1, True
+            e2, _, h2 = best_of(torch.full_like(fine_hi, lo), fine_hi)
+            if e2 < err:
+                err, hi, moved = e2, h2, True
+            if not moved:
+                break
+        self.last_mse = err
+        return torch.tensor(lo), torch.tensor(hi)
 
 
 # -- by name -----------------------------------------------------------------------------------
