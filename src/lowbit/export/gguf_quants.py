@@ -175,7 +175,7 @@ class BF16(BlockType):
     def _quantize_blocks(cls, x):
         u = x.view(np.uint32).astype(np.uint64)
         h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        if (h >= 0xFFFF).any() or ((h & 0x7FFF) == 0x7F80).any():
+        if ((h & 0x7FFF) == 0x7F80).any():  # rounded up to +-Inf
             raise LowbitError(f"{cls.name}: values too large for bfloat16")
         return h.astype("<u2").view(np.uint8)
 
