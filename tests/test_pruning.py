@@ -90,6 +90,9 @@ def test_settings_validation():
         SparseGPTConfig(quantize=True, scheme=QuantScheme(4, False, "group", 32, zero_point="float"))
     with pytest.raises(LowbitError, match="damp"):
         SparseGPTConfig(damp=0)
+    with pytest.raises(LowbitError, match="only with quantize=True"):
+        make_method("sparsegpt", QuantScheme(3, True, "channel"))
+    assert make_method("sparsegpt", QuantScheme()).config.quantize is False   # the default scheme is fine
     with pytest.raises(LowbitError, match="does not take"):
         make_method("wanda", None, damp=0.1)
 
@@ -354,3 +357,55 @@ def test_command_line_prune_and_eval(tmp_path, capsys):
             assert 0.5 <= rec["method"]["sparsity"] < 0.6
         assert main([str(a) for a in ["eval", out, "--text", text, "--max-tokens", 128, "--ctx", 32,
                                       "--no-latency"]]) == 0
+
+
+# -- scale-out -------------------------------------------------------------------------------------
+# As tests/test_distributed.py for GPTQ: 2 samples, 2 ranks, batch 1, one thread, so every process
+# runs the same single-sample batches as one process and the all-reduced float64 sums are equal.
+def _calibrate_pruned(text_path: str, n_samples: int) -> dict:
+    from lowbit import api
+    from tests.test_distributed import CharTokenizer
+
+    out = {}
+    for name in ("wanda", "sparsegpt"):
+        m = api.Model(model=tiny_llama(), tokenizer=CharTokenizer(), name="tiny", source={"kind": "test"})
+        api.quantize(m, name, None, calibration_text=text_path, n_samples=n_samples, seq_len=48,
+                     batch_size=1, progress=False, pattern="2:4" if name == "wanda" else None)
+        out[name] = m.model.state_dict()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, text_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(_calibrate_pruned(text_path, 2), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_prune_like_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import _free_port, _text
+
+    text = _text(tmp_path / "calib.txt")
+    mp.spawn(_worker, args=(2, _free_port(), text, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _calibrate_pruned(text, 2)
+        local_only = _calibrate_pruned(text, 1)   # rank 0's share alone, not reduced
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("wanda", "sparsegpt"):
+        weights = [k for k in single[name] if k.startswith("model.layers.") and k.endswith("proj.weight")]
+        assert len(weights) == 21
+        for got in ranks:
+            for k in weights:
+                assert torch.equal(got[name][k], single[name][k]), (name, k)
+        # and the reduction matters: rank 0's samples alone give a different result
+        assert any(not torch.equal(local_only[name][k], single[name][k]) for k in weights), name

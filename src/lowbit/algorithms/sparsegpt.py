@@ -59,7 +59,7 @@ class SparseGPTConfig:
     block_size: int = 128         # Bs: columns per mask selection and per lazy batch update
     damp: float = 0.01            # λ = damp · mean(diag H)
     quantize: bool = False        # also quantize the kept weights on `scheme` (joint, §3.5)
-    scheme: QuantScheme = field(default_factory=QuantScheme)  # used only with quantize=True
+    scheme: QuantScheme = field(default_factory=QuantScheme)  # only with quantize=True (else the default)
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, "SparseGPT")
@@ -76,6 +76,9 @@ class SparseGPTConfig:
             raise LowbitError(f"SparseGPT quantize must be true or false, got {self.quantize!r}")
         if not isinstance(self.scheme, QuantScheme):
             raise LowbitError(f"SparseGPT scheme must be a QuantScheme, got {type(self.scheme).__name__}")
+        if not self.quantize and self.scheme != QuantScheme():
+            raise LowbitError(f"SparseGPT uses a scheme ({self.scheme.short_name()}) only with quantize=True "
+                              "(joint pruning + quantization); set quantize=true or leave the scheme at its default")
         if self.quantize and self.scheme.zero_point == "float":
             raise LowbitError("SparseGPT joint quantization needs a grid that holds 0 exactly "
                               "(zero_point='float' does not); use an integer zero-point")
