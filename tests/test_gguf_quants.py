@@ -557,3 +557,80 @@ def test_kquant_error_on_gaussian_blocks(name, rel):
     err = np.sqrt(((x - y) ** 2).mean(-1)) / np.abs(x).max(-1)
     assert np.all(err < rel)
     assert np.median(err) > rel / 4  # and the bound is not vacuous for the bit width
+
+
+# -- golden bytes from llama.cpp's compiled reference ---------------------------------------------
+def golden_input(bs: int, n_blocks: int = 64) -> np.ndarray:
+    """Platform-independent test blocks [n_blocks, bs] float32 (integer hashing and exact float
+    operations only, no random generator or libm): Irwin-Hall(4) values at scales 2^-10..2^10,
+    plus an all-zero block, a spike, positive-only, negative-only, tiny, constant and sparse blocks."""
+    k = np.arange(n_blocks * bs, dtype=np.uint64)
+
+    def uniform(salt: int) -> np.ndarray:  # splitmix64 -> 24-bit fraction in [0, 1)
+        z = (k + np.uint64(salt)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        return (z >> np.uint64(40)).astype(np.float64) / 2.0**24
+
+    x = (uniform(1) + uniform(2) + uniform(3) + uniform(4) - 2.0).reshape(n_blocks, bs)
+    x = x * np.ldexp(1.0, (np.arange(n_blocks) % 21) - 10)[:, None]
+    x[0] = 0.0
+    x[1] *= 1e-3
+    x[1, bs // 3] = 1000.0
+    x[2] = np.abs(x[2]) + 0.25
+    x[3] = -np.abs(x[3]) - 0.25
+    x[4] *= 1e-30
+    x[5] = 0.7
+    x[6, (np.arange(bs) % 5) != 0] = 0.0
+    x[7] = np.clip(x[7] * 4e4, -6e4, 6e4)
+    return x.astype(np.float32)
+
+
+# sha256 (first 32 hex digits) of quantize_row_<type>_ref(golden_input(block_size)) computed by
+# llama.cpp's C reference (libggml-base 0.20.2 from PyPI libggml-python); lowbit must match it.
+GGML_REFERENCE_SHA256 = {
+    "Q8_0": "ae9b9757cf000c1460776aced45abfa6",
+    "Q4_0": "ba0de82baf437edee3ca9f5602ddcabb",
+    "Q4_1": "309762a15b6b8112806ef26138cc6549",
+    "Q5_0": "849d058c33d67b46b5619bf5ab23bf66",
+    "Q5_1": "df6da29390737ed233ea52cd3be17e75",
+    "Q6_K": "76aa716112f6e050ead1255e9630c2d0",
+    "Q5_K": "0cd8ba74cf19b5bedc8a01f161e3f292",
+    "Q4_K": "e30a94f31d66b66a2b3ac4d8196a06e5",
+    "Q3_K": "1efcfb239156a2ee3c50c9d51d932662",
+    "Q2_K": "3f78d2e45c2ff0ff1a3b4f5c337637e2",
+    "TQ1_0": "b89cad4bd602fca029c762e7afde1c4e",
+    "TQ2_0": "36f181049a343f43aa508b31bb62bd85",
+}
+
+
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + TERNARY)
+def test_bytes_identical_to_ggml_c_reference(name):
+    import hashlib
+
+    x = golden_input(G.BLOCK_LAYOUTS[name][0])
+    digest = hashlib.sha256(G.quantize(x, name).tobytes()).hexdigest()[:32]
+    assert digest == GGML_REFERENCE_SHA256[name]
+
+
+@pytest.mark.parametrize("name", LEGACY + KQUANTS + TERNARY)
+def test_bytes_identical_to_ggml_c_reference_live(name):
+    """The same against the compiled C reference on fresh random blocks, where PyPI's
+    libggml-python is installed (`pip install libggml-python`)."""
+    libggml = pytest.importorskip("libggml")
+    import ctypes
+    import pathlib
+
+    so = next(pathlib.Path(libggml.__file__).parent.glob("lib*/libggml-base.so"), None)
+    if so is None:
+        pytest.skip("libggml-base.so not found in the libggml package")
+    fn = getattr(ctypes.CDLL(str(so)), "quantize_row_%s_ref" % name.lower().replace("_k", "_K"))
+    fn.restype = None
+    bs, bpb = G.BLOCK_LAYOUTS[name]
+    rng = np.random.default_rng(11)
+    x = np.concatenate([tricky(bs, 12), rng.standard_normal((300, bs)) * rng.uniform(1e-3, 10, (300, 1)),
+                        rng.standard_t(3, (100, bs))]).astype(np.float32)
+    ref = np.zeros((len(x), bpb), np.uint8)
+    fn(x.ctypes.data_as(ctypes.c_void_p), ref.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    np.testing.assert_array_equal(G.quantize(x, name), ref)
