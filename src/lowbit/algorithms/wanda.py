@@ -8,7 +8,8 @@ and weights are compared *per output* (within each row of W: every row loses exa
 floor(sparsity · in) weights — the paper's §3 finding that per-output comparison matters for LLMs),
 or within each N:M group of a row. No weight update, no Hessian: one pass of activations.
 
-``observe`` accumulates Σ x_j² per input column (float64) and the token count; `statistics()`
+``observe`` accumulates Σ x_j² per input column (each batch's sum in float32, the running total in
+float64, so no float64 copy of the activations is made) and the token count; `statistics()`
 exposes these sums so the runner can all-reduce them across processes. Scaling all norms by the
 same factor (e.g. dividing by the token count) changes no decision, so the sums are used as is.
 """
@@ -73,11 +74,11 @@ class Wanda(Method):
     def observe(self, layer_name: str, module: nn.Linear, x: Tensor) -> None:
         if x.shape[-1] != module.in_features:
             raise LowbitError(f"{layer_name}: input has {x.shape[-1]} features, layer expects {module.in_features}")
-        X = x.detach().reshape(-1, x.shape[-1]).double()                   # [tokens, in]
+        X = x.detach().reshape(-1, x.shape[-1]).float()                    # [tokens, in]
         if layer_name not in self._sq:
             self._sq[layer_name] = torch.zeros(X.shape[1], dtype=torch.float64, device=x.device)
             self._count[layer_name] = torch.zeros(1, dtype=torch.int64, device=x.device)
-        self._sq[layer_name] += (X * X).sum(dim=0)
+        self._sq[layer_name] += (X * X).sum(dim=0).double()   # one float32 batch sum, float64 across batches
         self._count[layer_name] += X.shape[0]
 
     def statistics(self) -> dict[str, Tensor]:
