@@ -384,3 +384,94 @@ def test_mse_planted_outliers(outliers):
     assert 2 < hi < 20 and lo == -hi
     lo, hi = _lohi(o, INT4_ASYM)
     assert -20 < lo < -2 and 2 < hi < 20
+
+
+# -- more distributions and inputs ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def relu():
+    g = torch.Generator().manual_seed(6)
+    return torch.relu(torch.randn(1_000_000, generator=g))  # half the samples exactly 0
+
+
+def test_relu_outputs_asymmetric_ranges(relu):
+    o = _feed(EntropyObserver(), relu)
+    assert o.exact_zeros == int((relu == 0).sum()) and o.count == 1_000_000
+    lo, hi = _lohi(o, INT8_ASYM)
+    # the spike of exact zeros is left out of the KL: without that the threshold fell to ~1.9
+    assert lo == 0.0 and 3.0 < hi < 6.0
+    o = _feed(MSEObserver(), relu)
+    lo, hi = _lohi(o, INT8_ASYM)
+    assert lo == 0.0 and 3.0 < hi < 6.0
+    lo, hi = _lohi(o, INT4_ASYM)
+    assert lo == 0.0 and 2.0 < hi < 4.0
+    o = _feed(PercentileObserver(), relu)
+    lo, hi = _lohi(o, INT8_ASYM)
+    # P(max(0, X) <= t) = Phi(t) for t >= 0, so the 99.99% point is Phi^-1(.9999) = 3.719
+    assert 0.0 <= lo < 1e-3 and hi == pytest.approx(3.72, abs=0.05)
+
+
+def test_mse_exact_zeros_are_a_point_mass():
+    # zeros are on every integer-zero-point grid: adding 3 exact zeros to (-1, 1) changes the
+    # summed squared error by exactly nothing (spread over their bin [0, 1/8) they would add
+    # ~3 s^2 / 12), so mean * count agrees
+    with_zeros, without = MSEObserver(n_bins=8), MSEObserver(n_bins=8)
+    with_zeros.update(torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0]))
+    without.update(torch.tensor([-1.0, 1.0]))
+    for scheme in (INT8_ASYM, INT4_SYM):
+        for hi in (1.0, 0.7):
+            e5 = float(with_zeros.expected_mse(torch.tensor([-1.0]), torch.tensor([hi]), scheme)[0])
+            e2 = float(without.expected_mse(torch.tensor([-1.0]), torch.tensor([hi]), scheme)[0])
+            assert e5 * 5 == pytest.approx(e2 * 2, rel=1e-12) and e2 > 0
+    # clipping: the top bin [7/8, 1] is uniform, its error on [0, 0.5] is the mean of
+    # (x - 0.5)^2 over it = ((1/2)^3 - (3/8)^3) / 3 / (1/8); the bottom bin [-1, -7/8) is
+    # rounded on int8's fine grid (s = 1.5 / 255); 5 samples
+    e = float(with_zeros.expected_mse(torch.tensor([-1.0]), torch.tensor([0.5]), INT8_ASYM)[0])
+    clip = ((0.5) ** 3 - (0.375) ** 3) / 3 / 0.125
+    assert e == pytest.approx((clip + (1.5 / 255) ** 2 / 12) / 5, rel=1e-2)
+
+
+def test_histogram_grows_when_outliers_arrive_late():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1_000_000, generator=g)
+    late = x[500_000:].clone()
+    late[:5], late[5:10] = 1000.0, -1000.0
+    for o in (EntropyObserver(), PercentileObserver(), MinMaxObserver()):
+        o.update(x[:500_000])
+        o.update(late)
+    ent, pct, mm = (EntropyObserver(), PercentileObserver(), MinMaxObserver())
+    for o in (ent, pct, mm):
+        o.update(x[:500_000])
+        r0 = o.R if hasattr(o, "R") else None
+        o.update(late)
+        if r0 is not None:
+            assert o.R == r0 * 256 and o.count == 1_000_000  # 4.66 * 2^8 >= 1000
+    assert _lohi(mm) == (-1000.0, 1000.0)
+    lo, hi = _lohi(ent, INT4_SYM)
+    assert 2 < hi < 20 and lo == -hi
+    lo, hi = _lohi(pct, INT8_SYM)
+    assert hi == pytest.approx(3.89, abs=0.15)
+
+
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_all_zero_input_and_qparams_through_primitives(name):
+    o = get_observer(name)
+    o.update(torch.zeros(3, 4))
+    assert _lohi(o, INT8_SYM) == (0.0, 0.0) and _lohi(o, INT8_ASYM) == (0.0, 0.0)
+    # any shape, any float dtype; qparams are qparams_from_range of range(scheme)
+    g = torch.Generator().manual_seed(7)
+    o.update((torch.randn(2, 3, 50, generator=g) * 2).to(torch.bfloat16))
+    for scheme in (INT8_SYM, INT4_ASYM, QuantScheme(bits=4, symmetric=False, zero_point="float", granularity="tensor")):
+        lo, hi = o.range(scheme)
+        s, z = o.qparams(scheme)
+        s_ref, z_ref = qparams_from_range(lo, hi, scheme)
+        assert torch.equal(s, s_ref) and ((z is None and z_ref is None) or torch.equal(z, z_ref))
+        assert float(lo) <= 0.0 <= float(hi)
+
+
+def test_minmax_low_precision_inputs_exact():
+    o = MinMaxObserver()
+    o.update(torch.tensor([[0.5, -1.25]], dtype=torch.float16))
+    o.update(torch.tensor([3.0, -0.125], dtype=torch.bfloat16).reshape(1, 1, 2))
+    assert _lohi(o) == (-1.25, 3.0)

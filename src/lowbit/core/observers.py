@@ -171,6 +171,13 @@ def _candidate_indices(first: int, last: int, max_count: int) -> Tensor:
     return torch.unique(idx.clamp(first, last))
 
 
+def _bracket(coarse: list[int], best: int, max_count: int) -> list[int]:
+    """Candidates between the neighbours of ``best`` in the sorted ``coarse`` list."""
+    i = coarse.index(best)
+    lo, hi = coarse[max(i - 1, 0)], coarse[min(i + 1, len(coarse) - 1)]
+    return _candidate_indices(lo, hi, max_count).tolist()
+
+
 class HistogramObserver(Observer):
     """Histogram of x over a growing symmetric range ``[-R, R]`` (see the module docstring for
     the exact re-binning rule). Its own ``range`` is the data min / max; subclasses search a
@@ -187,6 +194,7 @@ class HistogramObserver(Observer):
         self.data_min = math.inf
         self.data_max = -math.inf
         self._zeros_pending = 0  # zeros seen while R was still undefined
+        self.exact_zeros = 0  # how many of the samples are exactly 0 (they sit in bin [0, w))
 
     # total number of samples seen
     @property
@@ -203,6 +211,12 @@ class HistogramObserver(Observer):
         """The ``2 * n_bins + 1`` edges of the signed histogram, float64."""
         n = self.n_bins
         return (torch.arange(-n, n + 1, dtype=torch.float64)) * self.bin_width
+
+    def counts_without_zeros(self) -> Tensor:
+        """The signed histogram less the samples that are exactly 0 (bin ``n_bins`` holds them)."""
+        h = self.counts.clone()
+        h[self.n_bins] -= self.exact_zeros
+        return h
 
     def abs_counts(self) -> Tensor:
         """Histogram of |x|: ``n_bins`` bins over ``[0, R]`` (the signed one folded at 0)."""
@@ -228,6 +242,7 @@ class HistogramObserver(Observer):
         lo, hi = float(x.min()), float(x.max())
         self.data_min, self.data_max = min(self.data_min, lo), max(self.data_max, hi)
         absmax = max(abs(lo), abs(hi))
+        self.exact_zeros += int((x == 0).sum())
         if self.R is None:
             if absmax == 0.0:
                 self._zeros_pending += x.numel()
@@ -375,7 +390,13 @@ class EntropyObserver(HistogramObserver):
     Asymmetric schemes, on the signed histogram: ``levels = qmax - qmin + 1`` and windows
     ``[a, b)`` with a on the negative side and b on the positive side of the zero bin (each from
     up to ``max_candidates_side`` geometrically spaced distances from 0, the data ends included),
-    ``b - a >= levels``; the best gives ``(max(a_edge, min), min(b_edge, max))``.
+    ``b - a >= levels``; the best pair of that grid is refined by coordinate descent (one end at a
+    time, up to 3 rounds) over the distances between its two grid neighbours on each side; the
+    final window gives ``(max(a_edge, min), min(b_edge, max))``.
+
+    Samples that are exactly 0 (ReLU outputs: often half of them) are left out of P and Q: 0 is
+    on every grid, so they are quantized exactly whatever the range, and as a spike inside the
+    first bin they would otherwise dominate the divergence and drag the threshold down.
 
     The threshold resolution is the bin width: with far outliers (R large) the smallest threshold
     that can be tried is ``levels * R / n_bins`` — raise ``n_bins`` if that is too coarse.
@@ -398,6 +419,9 @@ class EntropyObserver(HistogramObserver):
         if scheme.symmetric:
             levels = (scheme.qmax - scheme.qmin + 1) // 2
             h = self.abs_counts()
+            h[0] -= self.exact_zeros
+            if not bool((h > 0).any()):
+                return self._zero_range()
             absmax = max(abs(self.data_min), abs(self.data_max))
             last = int(torch.nonzero(h)[-1]) + 1
             cands = _candidate_indices(levels, last, self.max_candidates)
@@ -411,7 +435,9 @@ class EntropyObserver(HistogramObserver):
             t = min(float(cands[best]) * w, absmax)
             return torch.tensor(-t), torch.tensor(t)
         levels = scheme.qmax - scheme.qmin + 1
-        h, n = self.counts, self.n_bins
+        h, n = self.counts_without_zeros(), self.n_bins
+        if not bool((h > 0).any()):
+            return self._zero_range()
         nzi = torch.nonzero(h).flatten()
         first, last = int(nzi[0]), int(nzi[-1]) + 1
         if last - first <= levels:
@@ -430,14 +456,16 @@ class EntropyObserver(HistogramObserver):
 
         da_max, db_max = max(n - first, 0), max(last - n, 0)
         best_kl, best = math.inf, (da_max, db_max)
-        for da in _candidate_indices(0, da_max, self.max_candidates_side).tolist():  # coarse grid
-            for db in _candidate_indices(0, db_max, self.max_candidates_side).tolist():
+        coarse_a = _candidate_indices(0, da_max, self.max_candidates_side).tolist()
+        coarse_b = _candidate_indices(0, db_max, self.max_candidates_side).tolist()
+        for da in coarse_a:  # coarse grid
+            for db in coarse_b:
                 d = kl(da, db)
                 if d < best_kl:
                     best_kl, best = d, (da, db)
-        fine_a = _candidate_indices(0, da_max, self.max_candidates).tolist()
-        fine_b = _candidate_indices(0, db_max, self.max_candidates).tolist()
-        for _ in range(4):  # then coordinate descent on the fine candidates, one end at a time
+        fine_a = _bracket(coarse_a, best[0], self.max_candidates_side * 4)
+        fine_b = _bracket(coarse_b, best[1], self.max_candidates_side * 4)
+        for _ in range(3):  # then coordinate descent between the coarse neighbours, one end at a time
             moved = False
             for side, fine in ((0, fine_a), (1, fine_b)):
                 for v in fine:
@@ -474,13 +502,16 @@ class MSEObserver(HistogramObserver):
     ``[a, b)`` are spread uniformly over it, the bin's expected squared error is computed exactly:
     inside ``[cl, ch] = [s (qmin - z), s (qmax - z)]`` the rounding error, integrated in closed
     form from the periodic residual (one period contributes s^3 / 12); outside, the clipping
-    error ``(x - cl)^2`` or ``(x - ch)^2`` integrated in closed form. The MSE is the
+    error ``(x - cl)^2`` or ``(x - ch)^2`` integrated in closed form. Samples that are exactly 0
+    are counted as a point mass at 0, not spread over their bin. The MSE is the
     count-weighted mean (:meth:`expected_mse`).
 
     Candidates: symmetric ``[-T, T]`` with T = k w (w the bin width, k from 1 to the last
     non-empty |x| bin, or ``max_candidates`` geometrically spaced values), capped at max|x|;
     asymmetric pairs (lo, hi) of bin edges on either side of 0 (``max_candidates_side`` each,
-    geometric in distance from 0, capped at the data min / max). The smallest MSE wins.
+    geometric in distance from 0, capped at the data min / max), the best pair then refined by
+    coordinate descent (one end at a time, up to 3 rounds) over ``max_candidates`` geometric
+    distances per side. The smallest MSE wins (first on ties).
     """
 
     name = "mse"
@@ -503,10 +534,13 @@ class MSEObserver(HistogramObserver):
         if self._all_zero():
             return torch.zeros(lo.shape, dtype=torch.float64)
         edges = self.edges()
-        nzb = torch.nonzero(self.counts).flatten()
-        c = self.counts[nzb][None, :]
-        a = edges[nzb][None, :].clamp(min=self.data_min)
-        b = edges[nzb + 1][None, :].clamp(max=self.data_max)
+        h = self.counts_without_zeros()
+        nzb = torch.nonzero(h).flatten()
+        zero = torch.zeros(1, dtype=torch.float64)
+        # the exact zeros are one more "bin" squeezed to the point 0
+        c = torch.cat([h[nzb], zero + self.exact_zeros])[None, :]
+        a = torch.cat([edges[nzb].clamp(min=self.data_min), zero])[None, :]
+        b = torch.cat([edges[nzb + 1].clamp(max=self.data_max), zero])[None, :]
         width = b - a
         cl, ch = s * (scheme.qmin - z), s * (scheme.qmax - z)
         # rounding part, on [max(a, cl), min(b, ch)], in the shifted variable y = x + z s
@@ -564,7 +598,7 @@ class MSEObserver(HistogramObserver):
         LO, HI = torch.meshgrid(lo_cands(self.max_candidates_side), hi_cands(self.max_candidates_side), indexing="ij")
         err, lo, hi = best_of(LO.reshape(-1), HI.reshape(-1))  # coarse grid
         fine_lo, fine_hi = lo_cands(self.max_candidates), hi_cands(self.max_candidates)
-        for _ in range(4):  # then coordinate descent on the fine candidates, one end at a time
+        for _ in range(3):  # then coordinate descent on the fine candidates, one end at a time
             moved = False
             e1, l1, _ = best_of(fine_lo, torch.full_like(fine_lo, hi))
             if e1 < err:
