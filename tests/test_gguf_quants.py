@@ -78,13 +78,20 @@ def test_dequantize_random_bytes_identical_to_gguf_py(name):
     np.testing.assert_array_equal(ours[fin].view(np.uint32), ref[fin].view(np.uint32))
 
 
-@pytest.mark.parametrize("name", LEGACY + TERNARY)
+@pytest.mark.parametrize("name", list(G.BLOCK_LAYOUTS))
 def test_shapes_keep_leading_axes(name):
     cls = G.get_type(name)
     x = np.random.default_rng(3).standard_normal((2, 3, 2 * cls.block_size)).astype(np.float32)
     raw = G.quantize(x, name)
-    assert raw.shape == (2, 3, 2 * cls.bytes_per_block)
-    assert G.dequantize(raw, name).shape == x.shape
+    assert raw.shape == (2, 3, 2 * cls.bytes_per_block) and raw.dtype == np.uint8
+    y = G.dequantize(raw, name)
+    assert y.shape == x.shape and y.dtype == np.float32
+    # rows are independent: quantizing one row alone gives that row's bytes
+    np.testing.assert_array_equal(G.quantize(x[1, 2], name), raw[1, 2])
+    for shape in [(0, cls.block_size), (3, 0)]:
+        empty = G.quantize(np.zeros(shape, np.float32), name)
+        assert empty.shape == shape[:-1] + (shape[-1] // cls.block_size * cls.bytes_per_block,)
+        assert G.dequantize(empty, name).shape == shape
 
 
 @pytest.mark.parametrize("name", LEGACY)

@@ -16,7 +16,14 @@ reference (and of gguf-py, which mirrors it for the types it can quantize). Nota
 ``x`` the values, ``d`` the scale, ``m`` / ``dmin`` the offset, ``q`` the integer codes.
 
 Rounding: llama.cpp uses C ``roundf`` (halves away from zero) and, in the legacy types,
-``(int)(v + 0.5f)`` truncation; both are reproduced exactly (`_round_away`, `np.trunc`).
+``(int)(v + 0.5f)`` truncation; both are reproduced exactly (`_round_away`, `np.trunc`). The
+K-quants use ``nearest_int`` (halves to even, `np.rint`).
+
+Status (tests/test_gguf_quants.py): every type's quantized bytes are identical to llama.cpp's
+compiled C reference (libggml 0.20.2); for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0, F16 and
+BF16 also to ``gguf.quants.quantize`` (gguf-py 0.19 cannot quantize the K-quants), and every
+type dequantizes exactly as ``gguf.quants.dequantize``. Bad input (last dimension not a whole
+number of blocks, NaN/Inf, values whose scale overflows f16) raises a one-line LowbitError.
 """
 
 from __future__ import annotations
@@ -117,8 +124,11 @@ class BlockType:
             bad = int((~np.isfinite(x)).sum())
             raise LowbitError(f"{cls.name}: input has {bad} NaN/Inf values; refusing to quantize it")
         blocks = x.reshape(-1, cls.block_size)
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = cls._quantize_blocks(blocks)
+        if blocks.shape[0] == 0:
+            out = np.zeros((0, cls.bytes_per_block), np.uint8)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = cls._quantize_blocks(blocks)
         assert out.dtype == np.uint8 and out.shape == (blocks.shape[0], cls.bytes_per_block)
         return out.reshape(*x.shape[:-1], n // cls.block_size * cls.bytes_per_block)
 
@@ -131,8 +141,11 @@ class BlockType:
             nb = raw.shape[-1] if raw.ndim else 0
             raise LowbitError(f"{cls.name}: last dimension {nb} is not a multiple of {cls.bytes_per_block} bytes per block")
         blocks = np.ascontiguousarray(raw).reshape(-1, cls.bytes_per_block)
-        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN scales in foreign bytes
-            out = cls._dequantize_blocks(blocks)
+        if blocks.shape[0] == 0:
+            out = np.zeros((0, cls.block_size), np.float32)
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN scales in foreign bytes
+                out = cls._dequantize_blocks(blocks)
         assert out.dtype == np.float32 and out.shape == (blocks.shape[0], cls.block_size)
         return out.reshape(*raw.shape[:-1], raw.shape[-1] // cls.bytes_per_block * cls.block_size)
 
