@@ -24,6 +24,9 @@ compiled C reference (libggml 0.20.2); for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, 
 BF16 also to ``gguf.quants.quantize`` (gguf-py 0.19 cannot quantize the K-quants), and every
 type dequantizes exactly as ``gguf.quants.dequantize``. Bad input (last dimension not a whole
 number of blocks, NaN/Inf, values whose scale overflows f16) raises a one-line LowbitError.
+One known corner: a Q4_1 / Q5_1 block whose minimum is zero and that holds both +0.0 and -0.0
+stores ``m`` as -0.0 here and in gguf-py (numpy's min) but may store +0.0 in C (first one seen);
+the dequantized values are the same.
 """
 
 from __future__ import annotations
