@@ -286,6 +286,10 @@ def test_kl_divergence_hand_values():
     p = np.array([4, 1, 2, 2]) / 9
     q = np.array([2.5, 2.5, 2, 2]) / 9
     assert kl_clip_divergence(h1, 0, 4, 2) == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-12)
+    # a tail folded into a chunk with no in-window mass: Q has nothing there -> 1e-4
+    h2 = torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64)
+    expected = 0.4 * math.log(0.4 / 1.0) + 0.6 * math.log(0.6 / 1e-4)
+    assert kl_clip_divergence(h2, 0, 2, 2) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(LowbitError, match="narrower"):
         kl_clip_divergence(h, 0, 2, 3)
 
@@ -475,3 +479,9 @@ def test_minmax_low_precision_inputs_exact():
     o.update(torch.tensor([[0.5, -1.25]], dtype=torch.float16))
     o.update(torch.tensor([3.0, -0.125], dtype=torch.bfloat16).reshape(1, 1, 2))
     assert _lohi(o) == (-1.25, 3.0)
+    o = MinMaxObserver()
+    o.update(torch.tensor([1.0 + 1e-12, -3], dtype=torch.float64))  # float64 is not rounded to fp32
+    assert _lohi(o) == (-3.0, 1.0 + 1e-12)
+    o = MinMaxObserver()
+    o.update(torch.tensor([[3, -7]]))  # integer activations are fine too
+    assert _lohi(o) == (-7.0, 3.0)

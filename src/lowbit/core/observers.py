@@ -68,7 +68,7 @@ def _checked(x: Tensor, who: str) -> Tensor:
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise LowbitError(f"{who}.update got {bad} NaN/Inf values in a tensor of shape {tuple(x.shape)}")
-    return x.float()
+    return x if x.dtype == torch.float64 else x.float()  # float64 stays exact, the rest -> fp32
 
 
 class Observer:
