@@ -217,3 +217,29 @@ def test_every_method_from_the_command_line(tmp_path, capsys, tiny_dir, text_fil
 def test_own_format_methods_refuse_scheme_flags(tmp_path, capsys, tiny_dir):
     code, _, err = run(capsys, "quantize", tiny_dir, "--method", "nf4", "--bits", "3", "-o", tmp_path / "o")
     assert_one_line_error(code, err, "nf4", "own number format")
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--method", "magnitude", "--sparsity", "0.5"], 0.5),
+    (["--method", "wanda", "--pattern", "2:4"], 0.5),
+    (["--method", "sparsegpt", "--sparsity", "0.25"], 0.25),
+])
+def test_prune_command(tmp_path, capsys, tiny_dir, text_file, argv, expect):
+    out = tmp_path / "p"
+    code, _, err = run(capsys, "prune", tiny_dir, *argv, "--calib", text_file, "--samples", 4, "--seq-len", 64,
+                       "-o", out)
+    assert code == 0, err
+    assert "pruning" in err and f"{100 * expect:.1f}% zeros" in err
+    rec = json.loads((out / "lowbit.json").read_text())
+    assert rec["method"]["sparsity"] == pytest.approx(expect, abs=0.01)
+    code, _, err = run(capsys, "eval", out, "--text", text_file, "--max-tokens", 256, "--ctx", 64, "--no-latency")
+    assert code == 0, err
+
+
+def test_prune_errors(tmp_path, capsys, tiny_dir):
+    code, _, err = run(capsys, "prune", tiny_dir, "--method", "rtn", "--sparsity", "0.5", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "pruning method", "rtn")
+    code, _, err = run(capsys, "prune", tiny_dir, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "--sparsity", "--pattern")
+    code, _, err = run(capsys, "prune", tiny_dir, "--sparsity", "1.5", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "1.5")

@@ -172,17 +172,42 @@ def cmd_quantize(args) -> int:
         load_text(args.calib)  # a bundled split name or a readable text file; one-line error otherwise
     _check_model_arg(args.model)
     m = api.load(args.model)
-    _log(f"quantizing {m.name} with {args.method}{' ' + scheme.short_name() if scheme else ''} on {args.device}")
+    fields = method_cls.config_cls.__dataclass_fields__
+    # a pruner's scheme only matters when it also quantizes (SparseGPT's quantize=true)
+    quantizes = options.get("quantize", getattr(method_cls.config_cls(), "quantize", True))
+    shown = scheme if scheme is not None and quantizes else None
+    verb = "pruning" if "sparsity" in fields else "quantizing"
+    _log(f"{verb} {m.name} with {args.method}{' ' + shown.short_name() if shown else ''} on {args.device}")
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential, **options)
     out = api.save(m, args.output)
     bpw, nbytes, n = api.linear_bits(m.model)
-    _log(f"done in {rec['quantize_seconds']:.1f} s: {bpw:.3f} bits/weight over {n / 1e6:.1f}M linear weights -> {out}")
+    sparsity = rec["method"].get("sparsity")
+    what = f"{bpw:.3f} bits/weight" + (f", {100 * sparsity:.1f}% zeros" if sparsity is not None else "")
+    _log(f"done in {rec['quantize_seconds']:.1f} s: {what} over {n / 1e6:.1f}M linear weights -> {out}")
     if rec.get("runner"):
         r = rec["runner"]
         _log(f"runner peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (start {r['rss_at_start_bytes'] / 2**20:.0f} MiB, "
              f"activations {r['activation_bytes'] / 2**20:.0f} MiB)")
     return 0
+
+
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+
+
+def cmd_prune(args) -> int:
+    if args.method not in PRUNERS:
+        raise LowbitError(f"unknown pruning method {args.method!r}; available: {', '.join(PRUNERS)}")
+    if (args.sparsity is None) == (args.pattern is None):
+        raise LowbitError("give exactly one of --sparsity FRACTION or --pattern N:M")
+    opts = [f"sparsity={args.sparsity}"] if args.sparsity is not None else [f"pattern={args.pattern}"]
+    ns = argparse.Namespace(**vars(args))
+    ns.option = opts + list(args.option)
+    for k in ("bits", "group_size"):
+        setattr(ns, k, None)
+    for k in ("per_channel", "per_tensor", "asym", "float_zero", "sym", "restricted", "sequential"):
+        setattr(ns, k, False)
+    return cmd_quantize(ns)
 
 
 def cmd_eval(args) -> int:
@@ -292,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scheme_args(q)
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
+
+    pr = sub.add_parser("prune", help="prune a model (zero out weights) and save it")
+    pr.add_argument("model", nargs="?", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--method", default="wanda", help=f"one of {', '.join(PRUNERS)} (default: wanda)")
+    pr.add_argument("--sparsity", type=float, help="fraction of weights to zero, e.g. 0.5")
+    pr.add_argument("--pattern", help="N:M structured sparsity, N kept of every M, e.g. 2:4")
+    pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="other method settings")
+    pr.add_argument("--calib", metavar="FILE", help="calibration text file (default: bundled text)")
+    pr.add_argument("--samples", type=int, default=32)
+    pr.add_argument("--seq-len", type=int, default=512)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("-o", "--output", required=True, help="output directory")
+    pr.set_defaults(func=cmd_prune)
 
     e = sub.add_parser("eval", help="perplexity, KL to the original, size and speed of one model")
     e.add_argument("model", nargs="?", help="model or lowbit checkpoint (default: embedded model)")
