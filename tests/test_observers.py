@@ -355,19 +355,28 @@ def test_mse_uniform_threshold_is_one(uniform):
 
 
 def test_mse_gaussian_optimum_matches_brute_force():
-    # 4-bit symmetric on N(0,1): the MSE-optimal clip is ~2.9 sigma (known Lloyd-Max-style
-    # value for a uniform 16-level grid with s = T / 7.5); check against a brute-force scan of
-    # the true (sample) MSE
+    # 4-bit symmetric on N(0,1) (s = T / 7.5): the sample MSE scanned over T in steps of 0.01 is
+    # smallest at T = 2.55; the observer, from its histogram alone, must land there
     g = torch.Generator().manual_seed(5)
     x = torch.randn(300_000, generator=g)
     o = MSEObserver()
     o.update(x)
     lo, hi = _lohi(o, INT4_SYM)
-    grid = np.arange(1.5, 4.51, 0.02)
+    grid = np.arange(1.5, 4.51, 0.01)
     true = [_true_mse(x, -t, t, INT4_SYM) for t in grid]
     best = grid[int(np.argmin(true))]
-    assert hi == pytest.approx(best, abs=0.1) and 2.5 < hi < 3.3
-    assert _true_mse(x, lo, hi, INT4_SYM) <= min(true) * 1.005
+    assert best == pytest.approx(2.55, abs=0.015)
+    assert hi == pytest.approx(best, abs=0.03) and lo == -hi
+    assert _true_mse(x, lo, hi, INT4_SYM) <= min(true) * 1.001
+    # asymmetric (two free ends): no worse than the best of a 21 x 21 grid of (lo, hi) pairs
+    x = x[:100_000]
+    o = MSEObserver()
+    o.update(x)
+    lo, hi = _lohi(o, INT4_ASYM)
+    grid = [(a, b) for a in np.arange(-3.6, -1.99, 0.08) for b in np.arange(2.0, 3.61, 0.08)]
+    best = min(_true_mse(x, a, b, INT4_ASYM) for a, b in grid)
+    assert _true_mse(x, lo, hi, INT4_ASYM) <= best * 1.001
+    assert -3.0 < lo < -2.0 and 2.0 < hi < 3.0
 
 
 def test_mse_planted_outliers(outliers):
