@@ -294,6 +294,45 @@ def test_kl_divergence_hand_values():
         kl_clip_divergence(h, 0, 2, 3)
 
 
+def _naive_kl(h, a, b, m):
+    """The definition, one bin at a time."""
+    h = [float(v) for v in h]
+    L = b - a
+    P = h[a:b]
+    P[0] += sum(h[:a])
+    P[-1] += sum(h[b:])
+    chunks = {}
+    for i in range(L):
+        chunks.setdefault(i * m // L, []).append(i)
+    Q = [0.0] * L
+    for bins in chunks.values():
+        mass = sum(h[a + i] for i in bins)
+        full = [i for i in bins if P[i] > 0]
+        for i in full:
+            Q[i] = mass / len(full)
+    sp, sq = sum(P), sum(h[a:b])
+    kl = 0.0
+    for pi, qi in zip(P, Q):
+        if pi > 0:
+            q = qi / sq if qi > 0 else 1e-4
+            kl += pi / sp * math.log(pi / sp / q)
+    return kl
+
+
+def test_kl_divergence_matches_naive_definition():
+    g = torch.Generator().manual_seed(8)
+    for trial in range(40):
+        n = int(torch.randint(8, 60, (1,), generator=g))
+        h = torch.randint(0, 6, (n,), generator=g).double() * (torch.rand(n, generator=g) < 0.7)
+        h[int(torch.randint(0, n, (1,), generator=g))] += 1  # never all empty
+        m = int(torch.randint(2, 9, (1,), generator=g))
+        a = int(torch.randint(0, n - m + 1, (1,), generator=g))
+        b = int(torch.randint(a + m, n + 1, (1,), generator=g))
+        if h[a:b].sum() == 0:
+            continue
+        assert kl_clip_divergence(h, a, b, m) == pytest.approx(_naive_kl(h.tolist(), a, b, m), rel=1e-10, abs=1e-12)
+
+
 def test_entropy_uniform_threshold_is_one(uniform):
     for scheme in (INT8_SYM, INT4_SYM, INT8_ASYM, INT4_ASYM):
         o = EntropyObserver()
