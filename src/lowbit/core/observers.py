@@ -112,7 +112,8 @@ class MinMaxObserver(Observer):
         if self.axis is None:
             return x.amin(), x.amax()
         if not -x.dim() <= self.axis < x.dim():
-            raise LowbitError(f"{type(self).__name__}: axis {self.axis} is out of range for a tensor of shape {tuple(x.shape)}")
+            raise LowbitError(f"{type(self).__name__}: axis {self.axis} is out of range "
+                              f"for a tensor of shape {tuple(x.shape)}")
         xc = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
         if self.min is not None and xc.shape[0] != self.min.shape[0]:
             raise LowbitError(f"{type(self).__name__}: axis {self.axis} has {xc.shape[0]} channels, "
@@ -558,8 +559,8 @@ class MSEObserver(HistogramObserver):
         cl, ch = s * (scheme.qmin - z), s * (scheme.qmax - z)
         # rounding part, on [max(a, cl), min(b, ch)], in the shifted variable y = x + z s
         ra, rb = torch.maximum(a, cl), torch.minimum(b, ch)
-        rounding = torch.where(rb > ra, _round_err_antiderivative(rb + z * s, s) - _round_err_antiderivative(ra + z * s, s),
-                               torch.zeros_like(ra))
+        G = _round_err_antiderivative
+        rounding = torch.where(rb > ra, G(rb + z * s, s) - G(ra + z * s, s), torch.zeros_like(ra))
         below = torch.where(a < cl, ((torch.minimum(b, cl) - cl) ** 3 - (a - cl) ** 3) / 3.0, torch.zeros_like(a))
         above = torch.where(b > ch, ((b - ch) ** 3 - (torch.maximum(a, ch) - ch) ** 3) / 3.0, torch.zeros_like(b))
         integral = rounding + below + above
