@@ -397,7 +397,8 @@ class EntropyObserver(HistogramObserver):
     final window gives ``(max(a_edge, min), min(b_edge, max))``.
 
     Samples that are exactly 0 (ReLU outputs: often half of them) are left out of P and Q: 0 is
-    on every grid, so they are quantized exactly whatever the range, and as a spike inside the
+    on every integer-zero-point grid, so they are quantized exactly whatever the range (with a
+    float zero-point nearly so), and as a spike inside the
     first bin they would otherwise dominate the divergence and drag the threshold down.
 
     The threshold resolution is the bin width: with far outliers (R large) the smallest threshold
