@@ -119,7 +119,8 @@ def test_equals_naive_reference_other_hyperparameters():
     # Bit-exact here; on other BLAS/thread counts a summation-order difference can flip a rare
     # rounding tie (seen once on a 16-core machine), so allow a handful of codes to differ.
     assert (fmt.integers() != q).sum().item() <= 4
-    torch.testing.assert_close(fmt.zero_points(), z, rtol=1e-3, atol=1e-3)
+    # one flipped code moves its group's zero-point update by 1/64 (group size 64): allow two
+    torch.testing.assert_close(fmt.zero_points(), z, rtol=0, atol=2 / 64 + 1e-3)
     assert info["iterations"] == 7
     torch.testing.assert_close(torch.tensor(info["objective"]), torch.tensor(objectives), rtol=1e-4, atol=0)
 
