@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.formats.base import StoredSize
 from lowbit.core import packing, primitives
 from lowbit.core.registry import register_format
 from lowbit.core.scheme import QuantScheme
@@ -28,7 +29,7 @@ from lowbit.errors import LowbitError
 
 @register_format("affine")
 @dataclass
-class AffineWeight:
+class AffineWeight(StoredSize):
     qweight: Tensor
     scales: Tensor
     qzeros: Tensor | None
@@ -138,15 +139,3 @@ class AffineWeight:
             raise LowbitError("zero-points present/absent inconsistently with the scheme")
         if self.zeros is not None and tuple(self.zeros.shape) != exp_scales:
             raise LowbitError(f"zeros have shape {tuple(self.zeros.shape)}, expected {exp_scales}")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def n_weights(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / self.n_weights

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.formats.base import StoredSize
 from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
 
@@ -65,7 +66,7 @@ def validate_threshold(threshold) -> float:
 
 @register_format("llm-int8")
 @dataclass
-class Int8Weight:
+class Int8Weight(StoredSize):
     qweight: Tensor
     absmax: Tensor
     shape: tuple[int, int]
@@ -121,15 +122,3 @@ class Int8Weight:
             raise LowbitError(f"absmax has shape {tuple(self.absmax.shape)}/{self.absmax.dtype}, expected {(rows,)}/float32")
         if not torch.isfinite(self.absmax).all() or (self.absmax < 0).any():
             raise LowbitError("absmax contains NaN/Inf or negative values")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def n_weights(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / self.n_weights

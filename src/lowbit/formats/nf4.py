@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowbit.formats.base import StoredSize
 from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
 
@@ -122,7 +123,7 @@ def _blockwise_scale(values: Tensor, scale: Tensor, blocksize: int) -> Tensor:
 
 @register_format("nf4")
 @dataclass
-class NF4Weight:
+class NF4Weight(StoredSize):
     qweight: Tensor                 # uint8 [ceil(n / 2)], two NF4 codes per byte
     absmax: Tensor                  # float32 [n_blocks], or uint8 [n_blocks] when double-quantized
     nested_absmax: Tensor | None    # float32 [ceil(n_blocks / dq_blocksize)] (double quant only)
@@ -215,15 +216,3 @@ class NF4Weight:
             stats = self.absmax
         if not torch.isfinite(stats).all():
             raise LowbitError("nf4 absmax statistics contain NaN/Inf")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def n_weights(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / self.n_weights
