@@ -110,6 +110,19 @@ def _one_cpu_thread(device: torch.device):
 
 
 @torch.no_grad()
+def check_solver_inputs(W: Tensor, H: Tensor, who: str) -> None:
+    """One-line errors for a weight/Hessian pair a Hessian-based solver cannot take."""
+    if W.dim() != 2:
+        raise LowbitError(f"{who} expects a 2-D weight, got shape {tuple(W.shape)}")
+    cols = W.shape[1]
+    if tuple(H.shape) != (cols, cols):
+        raise LowbitError(f"{who} Hessian has shape {tuple(H.shape)}, expected ({cols}, {cols}) "
+                          f"for weight {tuple(W.shape)}")
+    check_finite(W, "W")
+    if not torch.isfinite(H).all():
+        raise LowbitError(f"{who} Hessian has NaN/Inf values")
+
+
 def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
                   dtype: torch.dtype = torch.float32) -> tuple[AffineWeight, dict]:
     """Pure solver (paper Algorithm 1). W [out, in] weights, H [in, in] = 2/n Σ x xᵀ.
@@ -119,15 +132,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     (the dampening added). ``dtype`` is the precision of the solve (float64 for tests).
     """
     scheme = cfg.scheme
-    if W.dim() != 2:
-        raise LowbitError(f"GPTQ expects a 2-D weight, got shape {tuple(W.shape)}")
+    check_solver_inputs(W, H, "GPTQ")
     rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise LowbitError(f"GPTQ Hessian has shape {tuple(H.shape)}, expected ({cols}, {cols}) "
-                          f"for weight {tuple(W.shape)}")
-    check_finite(W, "W")
-    if not torch.isfinite(H).all():
-        raise LowbitError("GPTQ Hessian has NaN/Inf values")
     W_in, H_in = W, H
     W = W.detach().to(dtype).clone()                              # [out, in]
     H = H.detach().to(device=W.device, dtype=dtype).clone()       # [in, in]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, _round_to_grid
+from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, _round_to_grid, check_solver_inputs
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, hessian_error, layer_info, lowest_k_mask,
                                        nm_mask, parse_pattern, prune_count, pruned_linear, sparsity_of,
                                        with_sparsity)
@@ -111,15 +111,8 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: SparseGPTConfig, *,
 
     ``info["error"]`` = tr((W - Ŵ) H (W - Ŵ)ᵀ) with the H given. ``dtype``: precision of the
     solve (float64 for tests)."""
-    if W.dim() != 2:
-        raise LowbitError(f"SparseGPT expects a 2-D weight, got shape {tuple(W.shape)}")
+    check_solver_inputs(W, H, "SparseGPT")
     rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise LowbitError(f"SparseGPT Hessian has shape {tuple(H.shape)}, expected ({cols}, {cols}) "
-                          f"for weight {tuple(W.shape)}")
-    check_finite(W, "W")
-    if not torch.isfinite(H).all():
-        raise LowbitError("SparseGPT Hessian has NaN/Inf values")
     nm = parse_pattern(cfg.pattern, "SparseGPT")
     if nm is not None:
         check_nm_columns(cols, nm, "SparseGPT")
