@@ -6,9 +6,8 @@ import torch
 
 from lowbit import api
 from lowbit.core.scheme import QuantScheme
-from lowbit.data.texts import eval_tokens, load_text
+from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 from lowbit.eval.quality import PplProtocol, evaluate_quality
-from lowbit.evaluate import bos_id
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +47,7 @@ def test_real_model_rtn_runner_save_load_and_quality(fp32, tmp_path):
 
     tokens = eval_tokens(fp32.tokenizer, load_text("evaluation"))
     q = evaluate_quality({"fp32": m, "int4": again.model}, "fp32", tokens, PplProtocol(ctx=512, max_tokens=2048),
-                         bos_id(fp32.tokenizer), progress=False)
+                         default_bos_id(fp32.tokenizer), progress=False)
     assert q["fp32"].n_tokens >= 2040
     assert 5 < q["fp32"].ppl < 60  # Persuasion/Emma under a 135M model
     # Measured: fp32 39.29; RTN int4 g128 sym 58.80, KL 0.563, top-1 56.5% (a 135M model whose

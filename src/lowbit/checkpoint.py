@@ -29,14 +29,11 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD
+from lowbit.models.loading import is_lowbit_checkpoint as is_checkpoint  # noqa: F401 (re-exported)
 from lowbit.nn.linear import QuantizedLinear
 
-RECORD = "lowbit.json"
 WEIGHTS = "model.safetensors"
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / RECORD).is_file()
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:

@@ -138,18 +138,6 @@ def _settings(args, latency_default=True):
                         latency=latency_default and not args.no_latency, device=args.device)
 
 
-def _check_model_arg(spec):
-    if spec is None:
-        return
-    from lowbit.models.builtin import builtin_models
-
-    if spec in builtin_models():
-        return
-    if not os.path.exists(spec):
-        raise LowbitError(f"model not found: {spec} (give a builtin name — {', '.join(builtin_models())} — "
-                          "a Hugging Face directory, a .gguf file or a lowbit checkpoint)")
-
-
 # -- commands ------------------------------------------------------------------------------------
 def cmd_quantize(args) -> int:
     from lowbit import api
@@ -170,7 +158,6 @@ def cmd_quantize(args) -> int:
         from lowbit.data.texts import load_text
 
         load_text(args.calib)  # a bundled split name or a readable text file; one-line error otherwise
-    _check_model_arg(args.model)
     m = api.load(args.model)
     fields = method_cls.config_cls.__dataclass_fields__
     # a pruner's scheme only matters when it also quantizes (SparseGPT's quantize=true)
@@ -215,7 +202,6 @@ def cmd_eval(args) -> int:
     from lowbit.evaluate import compare, render
 
     settings = _settings(args)
-    _check_model_arg(args.model)
     m = api.load(args.model)
     variants = {}
     if m.record is not None:
@@ -234,8 +220,6 @@ def cmd_compare(args) -> int:
     from lowbit.evaluate import compare, render, write_plot
 
     settings = _settings(args)
-    for spec in args.models:
-        _check_model_arg(spec)
     loaded = [api.load(s) for s in args.models]
     bases = {api.base_spec(m) for m in loaded if m.record is not None}
     base_spec = args.baseline or (bases.pop() if len(bases) == 1 else None)

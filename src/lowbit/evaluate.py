@@ -44,23 +44,16 @@ class EvalSettings:
     progress: bool = True
 
 
-def bos_id(tokenizer) -> int | None:
-    """The BOS id if (and only if) the tokenizer adds one by default."""
-    from lowbit.data.texts import default_bos_id
-
-    return default_bos_id(tokenizer)
-
-
 def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSettings) -> list[dict]:
     """Rows (dicts) for every variant, baseline first."""
-    from lowbit.data.texts import eval_tokens, load_text
+    from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 
     base = variants[baseline]
     tokens = eval_tokens(base.tokenizer, load_text(settings.text))
     for m in variants.values():
         m.model.to(settings.device).eval()
     quality = evaluate_quality({k: v.model for k, v in variants.items()}, baseline, tokens,
-                               settings.protocol, bos_id(base.tokenizer), device=settings.device,
+                               settings.protocol, default_bos_id(base.tokenizer), device=settings.device,
                                progress=settings.progress)
     rows = []
     for name, m in variants.items():
