@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to score (default: 8192)")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=cmd_demo)
+
+    from lowbit.commands import register_all
+
+    register_all(sub)
     return p
 
 

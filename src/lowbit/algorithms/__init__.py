@@ -1,11 +1,9 @@
-"""Quantization and pruning algorithms, one file each. Importing registers them by name."""
+"""Quantization and pruning algorithms, one file each. Importing this package imports every
+module in it, and each registers its method by name (``@register_method``)."""
 
-from lowbit.algorithms import rtn  # noqa: F401
-from lowbit.algorithms import gptq  # noqa: F401
-from lowbit.algorithms import llm_int8  # noqa: F401
-from lowbit.algorithms import nf4  # noqa: F401
-from lowbit.algorithms import awq  # noqa: F401
-from lowbit.algorithms import hqq  # noqa: F401
-from lowbit.algorithms import magnitude  # noqa: F401
-from lowbit.algorithms import wanda  # noqa: F401
-from lowbit.algorithms import sparsegpt  # noqa: F401
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _m in _pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_m.name}")

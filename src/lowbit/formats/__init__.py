@@ -1,5 +1,13 @@
-"""Packed weight formats. Importing this package registers every format by name."""
+"""Packed weight formats. Importing this package imports every module in it, and each registers
+its format by name (``@register_format``)."""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from lowbit.formats.affine import AffineWeight  # noqa: F401
 from lowbit.formats.int8 import Int8Weight  # noqa: F401
 from lowbit.formats.nf4 import NF4Weight  # noqa: F401
+
+for _m in _pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_m.name}")

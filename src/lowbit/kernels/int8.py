@@ -40,6 +40,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.int8 import Q_MAX, Int8Weight, absmax_quantize_rows
+from lowbit.kernels import register_kernel
 
 CHUNK = 1024  # input dims per exact fp32 GEMM: 127² · 1024 < 2²⁴
 
@@ -96,6 +97,7 @@ def decompose(X: Tensor, w: Int8Weight) -> Int8Parts:
     return Int8Parts(O, y_int, y_out)
 
 
+@register_kernel("llm-int8")
 def linear(x: Tensor, w: Int8Weight, bias: Tensor | None = None) -> Tensor:
     """y = LLM.int8(x, W) + b for x [..., in]; the outlier dims are found over all of x's rows."""
     out_f, in_f = w.shape
