@@ -231,7 +231,17 @@ def _all_reduce_statistics(method: Method) -> None:
 
 @torch.no_grad()
 def apply_data_free(model: nn.Module, method: Method, progress: bool = True) -> None:
-    """Apply a method that needs no data to every linear layer of every block, in place."""
+    """Apply a method that needs no data to every linear layer of every block, in place.
+
+    A model outside the decoder families (an encoder such as BERT, a plain classifier) has no
+    block table: there every ``nn.Linear`` of the whole model is replaced, in module order."""
+    from lowbit.models.families import FAMILIES
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
+        layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+        for name, lin in tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress, leave=False):
+            _set_submodule(model, name, method.apply(name, lin))
+        return
     blocks = find_blocks(model)
     for i, blk in enumerate(tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)):
         prefix = block_prefix(model, i)
