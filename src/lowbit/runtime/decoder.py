@@ -1,0 +1,316 @@
+"""LeanDecoder: batch-1 causal-LM inference over a model's own modules, with a preallocated KV cache.
+
+    dec = LeanDecoder(model, max_len=512)      # model: a float or lowbit-quantized HF *ForCausalLM
+    logits = dec.forward(prompt_ids)           # prefill: [vocab] logits of the last prompt position
+    logits = dec.forward(next_id)              # decode: one position more
+    dec.reset()                                # forget the cache (nothing is reallocated)
+
+Why a second forward pass next to transformers': at batch 1 a 135M model spends more time in
+transformers' per-token bookkeeping (mask construction, cache objects, output dataclasses, hooks)
+than in its matrix products. This decoder does only the arithmetic:
+
+* **Weights are the model's own.** Every projection calls the layer it finds: ``F.linear`` on an
+  ``nn.Linear``'s weight, `lowbit.kernels.linear` on a `QuantizedLinear`'s packed format (built
+  once, so the kernel registered for the format runs — fast native paths included), or the module
+  itself for anything else. Embedding, activation and rotary frequencies come from the model.
+  Nothing is copied or fused: only the norm weights' gain (``offset + weight``, a few KB) and the
+  rotary cos/sin tables ([max_len, head_dim] per rotary variant) are new tensors.
+* **KV cache preallocated** at ``max_len`` positions, [layers, kv_heads, max_len, head_dim] for K
+  and for V, written in place; attention reads views of the filled prefix. Grouped-query
+  attention is computed without repeating K/V: queries are viewed as [kv_heads, group, ...].
+* **One token = one pass of plain tensor ops** under ``torch.inference_mode``: no mask is built
+  for decode (a single query attends to the whole filled prefix, or its sliding window), rotary
+  tables are indexed, not recomputed.
+
+The arithmetic follows transformers' eager implementation of each family (RMSNorm in float32,
+``rotate_half`` rotary, softmax in float32, Gemma's ``(1 + w)`` norms, sandwich norms, q/k norms,
+scaled embedding, query_pre_attn_scalar, sliding windows as ``kv > q - window``), so logits agree
+with ``model(ids).logits`` to float32 rounding (tests/test_runtime.py).
+
+Families: those in `lowbit.models.families` (llama, gemma3_text, qwen2, mistral). The decoder
+holds references to the model's tensors at construction: build it after quantizing or moving the
+model, not before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.models.families import family_of
+
+__all__ = ["LeanDecoder", "linear_fn"]
+
+
+def linear_fn(mod: nn.Module):
+    """A callable x -> mod(x) with the least per-call overhead that gives the same result.
+
+    ``nn.Linear`` -> ``F.linear`` on its tensors; ``QuantizedLinear`` (whose forward is exactly
+    ``kernels.linear(x, self.weight_format, self.bias)``) -> that dispatch with the format built
+    once; anything else (or a subclass with its own forward) -> the module."""
+    from lowbit.kernels import linear as kernel_linear
+    from lowbit.nn.linear import QuantizedLinear
+
+    if type(mod) is nn.Linear:
+        w, b = mod.weight, mod.bias
+        return lambda x: F.linear(x, w, b)
+    if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
+        fmt, b = mod.weight_format, mod.bias
+        return lambda x: kernel_linear(x, fmt, b)
+    return mod
+
+
+@dataclass(frozen=True)
+class _Norm:
+    gain: Tensor  # offset + weight, float32
+    eps: float
+
+
+def _norm(mod: nn.Module, offset: float) -> _Norm:
+    w = getattr(mod, "weight", None)
+    eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+    if w is None or eps is None:
+        raise LowbitError(f"{type(mod).__name__} is not an RMSNorm lowbit's decoder understands (no weight/eps)")
+    gain = w.detach().float() + offset if offset else w.detach().float()
+    return _Norm(gain, float(eps))
+
+
+def _rms(x: Tensor, n: _Norm) -> Tensor:
+    """transformers' RMSNorm: x * rsqrt(mean(x²) + eps) * gain, in float32."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n.eps) * n.gain
+
+
+@dataclass
+class _Layer:
+    q: object
+    k: object
+    v: object
+    o: object
+    gate: object
+    up: object
+    down: object
+    act: object
+    attn_norm: _Norm
+    mlp_norm: _Norm
+    post_attn_norm: _Norm | None  # Gemma 3 sandwich norms
+    post_mlp_norm: _Norm | None
+    q_norm: _Norm | None  # Gemma 3 per-head q/k norms
+    k_norm: _Norm | None
+    window: int | None  # sliding window (keys with pos > q_pos - window), None = full causal
+    rope: str  # key into the decoder's rotary tables
+
+
+_FAMILY_STYLE = {
+    # model_type: (norm offset, sandwich + q/k norms)
+    "llama": (0.0, False),
+    "mistral": (0.0, False),
+    "qwen2": (0.0, False),
+    "gemma3_text": (1.0, True),
+}
+
+
+class LeanDecoder:
+    """Batch-1 decoder with a preallocated KV cache; see the module docstring."""
+
+    def __init__(self, model: nn.Module, max_len: int | None = None):
+        fam = family_of(model)  # LowbitError for an unsupported family
+        if fam.model_type not in _FAMILY_STYLE:
+            raise LowbitError(f"lowbit's decoder does not support model family {fam.model_type!r}")
+        offset, gemma = _FAMILY_STYLE[fam.model_type]
+        cfg = model.config
+        self.model = model
+        self.model_type = fam.model_type
+        self.config = cfg
+        limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+        if max_len is None:
+            max_len = limit or 2048
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise LowbitError(f"max_len must be a positive integer, got {max_len!r}")
+        if limit and max_len > limit:
+            raise LowbitError(f"max_len {max_len} exceeds the model's max_position_embeddings {limit}")
+        self.max_len = max_len
+
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        if self.n_heads % self.n_kv:
+            raise LowbitError(f"{self.n_heads} attention heads are not a multiple of {self.n_kv} key/value heads")
+        self.group = self.n_heads // self.n_kv
+        if gemma:
+            self.scaling = float(cfg.query_pre_attn_scalar) ** -0.5
+        else:
+            self.scaling = self.head_dim ** -0.5
+        self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+
+        inner = model.get_submodule(fam.blocks.rpartition(".")[0])  # e.g. model.model
+        self.embed = model.get_submodule(fam.embed)
+        self.final_norm = _norm(model.get_submodule(fam.final_norm), offset)
+        self.lm_head = linear_fn(model.get_submodule(fam.lm_head))
+        embed_w = getattr(self.embed, "weight", None)
+        self.dtype = embed_w.dtype if embed_w is not None else torch.float32
+        self.device = embed_w.device if embed_w is not None else torch.device("cpu")
+
+        layer_types = list(getattr(cfg, "layer_types", None) or [])
+        blocks = list(model.get_submodule(fam.blocks))
+        if layer_types and len(layer_types) < len(blocks):
+            raise LowbitError(f"config.layer_types lists {len(layer_types)} layers for {len(blocks)} blocks")
+        self.layers: list[_Layer] = []
+        for i, blk in enumerate(blocks):
+            attn, mlp = blk.self_attn, blk.mlp
+            ltype = layer_types[i] if layer_types else "full_attention"
+            window = None
+            if ltype == "sliding_attention":
+                window = getattr(cfg, "sliding_window", None)
+            elif fam.model_type == "mistral" and getattr(cfg, "sliding_window", None):
+                window = cfg.sliding_window
+            self.layers.append(_Layer(
+                q=linear_fn(attn.q_proj), k=linear_fn(attn.k_proj), v=linear_fn(attn.v_proj),
+                o=linear_fn(attn.o_proj), gate=linear_fn(mlp.gate_proj), up=linear_fn(mlp.up_proj),
+                down=linear_fn(mlp.down_proj), act=mlp.act_fn,
+                attn_norm=_norm(blk.input_layernorm, offset),
+                mlp_norm=_norm(blk.pre_feedforward_layernorm if gemma else blk.post_attention_layernorm, offset),
+                post_attn_norm=_norm(blk.post_attention_layernorm, offset) if gemma else None,
+                post_mlp_norm=_norm(blk.post_feedforward_layernorm, offset) if gemma else None,
+                q_norm=_norm(attn.q_norm, offset) if gemma else None,
+                k_norm=_norm(attn.k_norm, offset) if gemma else None,
+                window=int(window) if window else None,
+                rope=ltype if gemma else "default",
+            ))
+
+        # Rotary tables from the model's own rotary module (so every rope_type / scaling it
+        # implements is honoured): cos/sin [max_len, head_dim] per variant.
+        rot = getattr(inner, "rotary_emb", None)
+        if rot is None:
+            raise LowbitError(f"{type(inner).__name__} has no rotary_emb; lowbit's decoder needs rotary positions")
+        pos = torch.arange(max_len, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        self.rope: dict[str, tuple[Tensor, Tensor]] = {}
+        with torch.inference_mode():
+            for name in sorted({layer.rope for layer in self.layers}):
+                cos, sin = rot(probe, pos, name) if gemma else rot(probe, position_ids=pos)
+                cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
+                if cos.shape != (max_len, self.head_dim):
+                    raise LowbitError(f"rotary table has shape {tuple(cos.shape)}, expected ({max_len}, {self.head_dim})")
+                half = self.head_dim // 2
+                # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]
+                sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).contiguous()
+                self.rope[name] = (cos, sin_signed)
+
+        L = len(self.layers)
+        shape = (L, self.n_kv, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.pos = 0  # positions filled
+        self._causal = None  # bool [max_len, max_len] lower triangle, built at the first multi-token pass
+
+    # -- cache ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cached position (the buffers are reused, not reallocated)."""
+        self.pos = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _rotate(self, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+        # x [T, heads, head_dim]; cos/sin [T, 1, head_dim]
+        return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin_signed
+
+    def _mask(self, start: int, T: int, window: int | None) -> Tensor | None:
+        """Additive-free boolean mask [T, start+T] (True = attend), None when all keys are allowed."""
+        S = start + T
+        if T == 1 and (window is None or window >= S):
+            return None
+        if self._causal is None:
+            self._causal = torch.ones(self.max_len, self.max_len, dtype=torch.bool, device=self.device).tril_()
+        m = self._causal[start:S, :S]
+        if window is not None and window < S:
+            q = torch.arange(start, S, device=self.device)[:, None]
+            k = torch.arange(S, device=self.device)[None]
+            m = m & (k > q - window)
+        return m
+
+    def _attention(self, layer: int, q: Tensor, start: int, T: int, window: int | None) -> Tensor:
+        """q [T, heads, head_dim] (rotated); keys/values of positions [0, start+T) are cached.
+        Returns [T, heads*head_dim]."""
+        S = start + T
+        lo = 0
+        if window is not None and T == 1:
+            lo = max(0, S - window)  # a single query only sees its window: slice, no mask
+        K = self.k_cache[layer, :, lo:S]  # [kv, S', hd]
+        V = self.v_cache[layer, :, lo:S]
+        qg = q.view(T, self.n_kv, self.group, self.head_dim).permute(1, 2, 0, 3)  # [kv, g, T, hd]
+        qg = qg.reshape(self.n_kv, self.group * T, self.head_dim)
+        scores = torch.bmm(qg, K.transpose(1, 2)).mul_(self.scaling)  # [kv, g*T, S']
+        if self.attn_softcap is not None:
+            scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
+        mask = self._mask(start, T, window) if lo == 0 else None
+        if mask is not None:
+            scores = scores.view(self.n_kv, self.group, T, S).masked_fill_(~mask, float("-inf"))
+            scores = scores.view(self.n_kv, self.group * T, S)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.bmm(probs, V)  # [kv, g*T, hd]
+        return out.view(self.n_kv, self.group, T, self.head_dim).permute(2, 0, 1, 3).reshape(T, -1)
+
+    def forward(self, ids, all_logits: bool = False) -> Tensor:
+        """Run the next positions ``ids`` (int list or 1-D LongTensor) through the model, extending
+        the cache. Returns the logits of the last position [vocab] (``all_logits``: [T, vocab])."""
+        if not isinstance(ids, Tensor):
+            ids = torch.tensor(ids, dtype=torch.long)
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise LowbitError(f"expected a non-empty 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        T = int(ids.numel())
+        start = self.pos
+        if start + T > self.max_len:
+            raise LowbitError(f"sequence of {start + T} tokens exceeds the decoder's max length {self.max_len}")
+        vocab = self.config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise LowbitError(f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
+        with torch.inference_mode():
+            out = self._forward(ids.to(self.device), start, T, all_logits)
+        self.pos = start + T
+        return out
+
+    def _forward(self, ids: Tensor, start: int, T: int, all_logits: bool) -> Tensor:
+        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed(ids)  # [T, d] (Gemma's embedding scales itself)
+        ropes = {name: (c[start:start + T, None], s[start:start + T, None]) for name, (c, s) in self.rope.items()}
+        for i, L in enumerate(self.layers):
+            h = _rms(x, L.attn_norm)
+            q = L.q(h).view(T, H, hd)
+            k = L.k(h).view(T, KV, hd)
+            v = L.v(h).view(T, KV, hd)
+            if L.q_norm is not None:
+                q = _rms(q, L.q_norm)
+                k = _rms(k, L.k_norm)
+            cos, sin = ropes[L.rope]
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
+            self.k_cache[i, :, start:start + T].copy_(k.transpose(0, 1))
+            self.v_cache[i, :, start:start + T].copy_(v.transpose(0, 1))
+            a = L.o(self._attention(i, q, start, T, L.window))
+            if L.post_attn_norm is not None:
+                a = _rms(a, L.post_attn_norm)
+            x = x + a
+            h = _rms(x, L.mlp_norm)
+            m = L.down(L.act(L.gate(h)) * L.up(h))
+            if L.post_mlp_norm is not None:
+                m = _rms(m, L.post_mlp_norm)
+            x = x + m
+        if not all_logits:
+            x = x[-1:]
+        logits = self.lm_head(_rms(x, self.final_norm))
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits if all_logits else logits[0]
+
+    __call__ = forward
