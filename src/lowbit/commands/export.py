@@ -1,0 +1,101 @@
+"""``lowbit export``: write a model in a format other runtimes load.
+
+    lowbit export [MODEL_OR_OUT] --format gguf --type Q4_K_M [--imatrix] -o model.gguf
+    lowbit export [MODEL_OR_OUT] --format compressed-tensors -o OUT_DIR
+
+One function per format (`EXPORTERS`); each takes the loaded model (or checkpoint) and the
+parsed arguments and returns a one-line summary.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lowbit.errors import LowbitError
+
+GGUF_HELP = """\
+GGUF types: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K TQ1_0 TQ2_0 (every 2-D
+weight in that type, the output matrix in Q6_K for the quantized ones, as llama.cpp does), or the
+mixes Q3_K_M Q4_K_M Q5_K_M (llama.cpp's rules for which tensors get more bits). Rows not a multiple
+of 256 fall back as in llama.cpp (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> IQ4_NL).
+A lowbit quantized checkpoint is exported from its dequantized weights (re-quantized to the GGUF
+type; GGUF cannot hold lowbit's own formats)."""
+
+
+def _log(msg: str) -> None:
+    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+
+
+def _export_gguf(m, args) -> str:
+    from lowbit.export.gguf import collect_imatrix, export_gguf
+
+    qtype = args.type or "Q8_0"
+    imatrix = None
+    if args.imatrix:
+        text = None
+        if args.calib:
+            from lowbit.data.texts import load_text
+
+            text = load_text(args.calib)
+        _log(f"collecting the importance matrix ({args.samples} x {args.seq_len} calibration tokens)…")
+        imatrix = collect_imatrix(m, n_samples=args.samples, seq_len=args.seq_len, text=text)
+    rep = export_gguf(m, args.output, qtype, imatrix=imatrix)
+    types = ", ".join(f"{k} x{v}" for k, v in rep.types.items())
+    return (f"wrote {rep.path}: GGUF {rep.qtype} ({rep.arch}, {rep.n_tensors} tensors: {types}; "
+            f"{rep.bytes / 1e6:.1f} MB; tokenizer {rep.tokenizer}{'; imatrix' if rep.imatrix else ''}; "
+            f"{rep.seconds:.1f} s)")
+
+
+def _export_compressed_tensors(m, args) -> str:
+    try:
+        from lowbit.export.compressed_tensors import export_compressed_tensors
+    except ImportError:
+        raise LowbitError("the compressed-tensors exporter is not available in this version") from None
+    if args.type:
+        raise LowbitError("--type applies to --format gguf only")
+    if args.imatrix:
+        raise LowbitError("--imatrix applies to --format gguf only")
+    out = export_compressed_tensors(m, args.output)
+    return f"wrote {out if out is not None else args.output}: compressed-tensors"
+
+
+EXPORTERS = {"gguf": _export_gguf, "compressed-tensors": _export_compressed_tensors}
+
+
+def run(args) -> int:
+    from lowbit import api
+
+    if args.format not in EXPORTERS:
+        raise LowbitError(f"unknown export format {args.format!r}; choose one of {', '.join(EXPORTERS)}")
+    if args.format == "gguf":
+        from lowbit.export.gguf import EXPORT_TYPES
+
+        if args.type is not None and args.type not in EXPORT_TYPES:
+            raise LowbitError(f"unknown GGUF type {args.type!r}; choose one of {', '.join(EXPORT_TYPES)}")
+    if args.samples < 1 or args.seq_len < 2:
+        raise LowbitError("--samples must be positive and --seq-len at least 2")
+    m = api.load(args.model)
+    _log(EXPORTERS[args.format](m, args))
+    return 0
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "export", help="write a model as GGUF (llama.cpp) or compressed-tensors (transformers/vLLM)",
+        description="Write MODEL_OR_OUT (a model, or a lowbit checkpoint directory) for another runtime.\n\n"
+                    + GGUF_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL_OR_OUT",
+                   help="builtin name, HF directory, .gguf file or lowbit checkpoint (default: the embedded model)")
+    p.add_argument("--format", default="gguf", help="gguf (default) or compressed-tensors")
+    p.add_argument("--type", help="GGUF tensor type or mix, e.g. Q4_K_M, Q8_0, F16 (default: Q8_0)")
+    p.add_argument("--imatrix", action="store_true",
+                   help="collect an importance matrix on calibration text and weight the GGUF scale searches by it")
+    p.add_argument("--calib", metavar="FILE", help="calibration text for --imatrix (default: bundled text)")
+    p.add_argument("--samples", type=int, default=16, help="calibration samples for --imatrix (default: 16)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
+    p.add_argument("-o", "--output", required=True, help="output file (.gguf) or directory")
+    p.set_defaults(func=run)

@@ -1,0 +1,670 @@
+"""Write a model as a GGUF file that llama.cpp (and transformers) load.
+
+    export_gguf(model, "out.gguf", qtype="Q4_K_M", imatrix=None) -> ExportReport
+
+``model`` is a `lowbit.api.Model` (or anything with ``.model``, ``.tokenizer`` and ``.source``):
+a float model, or a lowbit quantized checkpoint, whose packed linears are *dequantized* first and
+then re-quantized to the GGUF block types (GGUF cannot store lowbit's formats as they are).
+
+What goes into the file
+-----------------------
+* architecture metadata (``{arch}.block_count``, ``embedding_length``, heads, rope, norm eps, ...)
+  from the HF config, under the llama.cpp architecture name of the family;
+* the tokenizer: copied verbatim (every ``tokenizer.*`` key) from the GGUF the model was loaded
+  from when there is one (the builtin models came from GGUFs: their tokenizer metadata is kept in
+  lowbit's cache), else converted from the HF tokenizer (byte-level BPE only);
+* tensors under llama.cpp's names (`TENSOR_NAMES`); ``attn_q`` / ``attn_k`` rows of llama-family
+  models permuted back into GGUF's rotary layout (`permute_qk`, the inverse of what transformers
+  undoes on load); a tied ``lm_head`` is not written (llama.cpp reuses ``token_embd``);
+* every 2-D weight in the type chosen by `choose_types`, 1-D tensors (norms, biases) in F32.
+
+Writes are atomic: the file is built under a temporary name in the target directory and renamed
+over the target only when complete.
+
+Per-tensor type rules (llama.cpp ``llama_tensor_get_type``, for dense decoder models)
+--------------------------------------------------------------------------------------
+``--type`` is either a single block type ("pure": every 2-D weight gets it) or one of the named
+mixes below, whose base type is the K-quant in the name. ``i`` is the block index, ``n`` the
+number of blocks; ``more(i) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`` (integer division).
+
+=======================  ==========================  ==========================  ==========================
+tensor                   Q3_K_M (base Q3_K)          Q4_K_M (base Q4_K)          Q5_K_M (base Q5_K)
+=======================  ==========================  ==========================  ==========================
+output (or tied embd)    Q6_K                        Q6_K                        Q6_K
+token_embd (untied)      base                        base                        base
+attn_v                   Q5_K if i < 2 else Q4_K     Q6_K if more(i) else base   Q6_K if more(i) else base
+attn_output              Q4_K                        base                        base
+ffn_down                 Q5_K if i < n/16 else Q4_K  Q6_K if more(i) else base   Q6_K if more(i) else base
+attn_q/k, ffn_gate/up    base                        base                        base
+=======================  ==========================  ==========================  ==========================
+
+The output rule also applies to pure quantized types other than Q8_0 (llama.cpp does this for
+every quantized file type): the output matrix (or the tied embedding) gets Q6_K. Pure types are
+otherwise applied as given. Then, for every type: a tensor whose row length is not a multiple of
+the chosen type's block size falls back (as llama.cpp): Q4_K -> Q5_0, Q5_K -> Q5_1,
+Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL, TQ1_0 / TQ2_0 -> Q4_0, and to F16 if even that does not
+divide the row. (An output row length not divisible by the base block size gives Q8_0 directly.)
+Not reproduced: llama.cpp's special cases for 70B models, mixture-of-experts and Falcon.
+
+Importance matrix
+-----------------
+``imatrix`` maps GGUF tensor names to per-input-column weights (mean squared activation of that
+linear's input over calibration text, `collect_imatrix`). The K-quant and legacy block
+quantizers then weight their scale searches by it (`lowbit.export.gguf_imatrix`), as llama.cpp's
+``quantize_*`` do when given ``quant_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.export import gguf_quants
+
+# --------------------------------------------------------------------------------------------
+# types
+# --------------------------------------------------------------------------------------------
+
+PURE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+              "Q5_K", "Q6_K", "TQ1_0", "TQ2_0")
+MIXES = {"Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}
+EXPORT_TYPES = PURE_TYPES + tuple(MIXES)
+
+# general.file_type (llama.cpp's llama_ftype) written for each --type; a pure K type is recorded as
+# the "_S" file type of that base, the closest llama.cpp name.
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+              "Q3_K": 11, "Q3_K_M": 12, "Q4_K": 14, "Q4_K_M": 15, "Q5_K": 16, "Q5_K_M": 17,
+              "Q6_K": 18, "BF16": 32, "TQ1_0": 36, "TQ2_0": 37}
+
+# llama.cpp's fallback when a row is not a whole number of blocks of the chosen type
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL",
+            "TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
+
+QUANTIZED = set(PURE_TYPES) - {"F32", "F16", "BF16"}
+
+
+def _block_size(t: str) -> int:
+    if t == "F32":
+        return 1
+    if t == "IQ4_NL":
+        return 32
+    return gguf_quants.BLOCK_LAYOUTS[t][0]
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _block_index(name: str) -> int | None:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def choose_types(shapes: dict[str, tuple[int, ...]], qtype: str, n_layer: int) -> dict[str, str]:
+    """The GGUF type of every tensor of a model to be written as ``qtype`` (see the module table).
+
+    ``shapes`` maps GGUF tensor names to torch shapes (rows, row length) in the order they will be
+    written. 1-D tensors get F32."""
+    if qtype not in EXPORT_TYPES:
+        raise LowbitError(f"unknown GGUF export type {qtype!r}; choose one of {', '.join(EXPORT_TYPES)}")
+    mix = qtype if qtype in MIXES else None
+    base = MIXES.get(qtype, qtype)
+    has_output = "output.weight" in shapes
+    out: dict[str, str] = {}
+    for name, shape in shapes.items():
+        if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight"):
+            out[name] = "F32"
+            continue
+        t = base
+        if base in QUANTIZED:
+            t = _rule(name, shape, base, mix, n_layer, has_output)
+            nx = shape[-1]
+            if nx % _block_size(t):
+                t = FALLBACK.get(t, "F16")
+                if nx % _block_size(t):
+                    t = "F16"
+        out[name] = t
+    return out
+
+
+def _rule(name: str, shape, base: str, mix: str | None, n: int, has_output: bool) -> str:
+    i = _block_index(name)
+    if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+        if shape[-1] % _block_size(base):
+            return "Q8_0"
+        return base if base == "Q8_0" else "Q6_K"
+    if name == "token_embd.weight":
+        return "Q4_K" if base in ("TQ1_0", "TQ2_0") else base
+    if mix is None or i is None:
+        return base
+    if ".attn_v." in name:
+        if mix == "Q3_K_M":
+            return "Q5_K" if i < 2 else "Q4_K"
+        return "Q6_K" if _more_bits(i, n) else base
+    if ".ffn_down" in name:
+        if mix == "Q3_K_M":
+            return "Q5_K" if i < n // 16 else "Q4_K"
+        return "Q6_K" if _more_bits(i, n) else base
+    if ".attn_output." in name and mix == "Q3_K_M":
+        return "Q4_K"
+    return base
+
+
+# --------------------------------------------------------------------------------------------
+# families: names, permutation, metadata
+# --------------------------------------------------------------------------------------------
+
+# HF parameter name (inside a decoder block) -> GGUF name
+_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+TENSOR_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight", **{f"model.layers.*.{k}": f"blk.*.{v}" for k, v in _BLOCK_NAMES.items()}}
+
+# HF model_type -> (GGUF architecture, q/k rows permuted)
+EXPORT_FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def gguf_name(hf_name: str) -> str:
+    """The GGUF tensor name of an HF parameter name (LowbitError for names it has no place for)."""
+    if hf_name in TENSOR_NAMES:
+        return TENSOR_NAMES[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"blk.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    raise LowbitError(f"no GGUF tensor name for parameter {hf_name!r}")
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotary layout -> GGUF (llama.cpp) layout of a q or k projection's rows.
+
+    HF rotates the two halves of each head's dimensions ([x0..x_{d/2-1}] with [x_{d/2}..]);
+    llama.cpp rotates adjacent pairs (x0, x1), (x2, x3), ... So within each head the row order
+    goes from [half 0, half 1] to interleaved: new row 2j + h = old row h * d/2 + j."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise LowbitError(f"cannot permute {rows} rows into {n_head} heads of even size")
+    d2 = rows // n_head // 2
+    return w.reshape(n_head, 2, d2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of `permute_qk` (GGUF -> HF)."""
+    rows = w.shape[0]
+    d2 = rows // n_head // 2
+    return w.reshape(n_head, d2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _cfg(config, *names, default=None):
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _rope_theta(config) -> float | None:
+    rp = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rp, dict) and rp.get("rope_theta") is not None:
+        return float(rp["rope_theta"])
+    v = getattr(config, "rope_theta", None)
+    return float(v) if v is not None else None
+
+
+def _rope_scaling(config) -> dict | None:
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rp, dict) and rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
+        return rp
+    return None
+
+
+def architecture_metadata(config, arch: str) -> dict[str, tuple[object, str]]:
+    """``{key: (value, gguf value type name)}`` of the architecture hyper-parameters."""
+    n_head = int(config.num_attention_heads)
+    n_kv = int(_cfg(config, "num_key_value_heads", default=n_head))
+    hidden = int(config.hidden_size)
+    head_dim = int(_cfg(config, "head_dim", default=hidden // n_head))
+    if _rope_scaling(config) is not None:
+        raise LowbitError(f"GGUF export of rope scaling {_rope_scaling(config)} is not supported")
+    md = {
+        f"{arch}.context_length": (int(config.max_position_embeddings), "UINT32"),
+        f"{arch}.embedding_length": (hidden, "UINT32"),
+        f"{arch}.block_count": (int(config.num_hidden_layers), "UINT32"),
+        f"{arch}.feed_forward_length": (int(config.intermediate_size), "UINT32"),
+        f"{arch}.attention.head_count": (n_head, "UINT32"),
+        f"{arch}.attention.head_count_kv": (n_kv, "UINT32"),
+        f"{arch}.attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), "FLOAT32"),
+        f"{arch}.vocab_size": (int(config.vocab_size), "UINT32"),
+        f"{arch}.rope.dimension_count": (head_dim, "UINT32"),
+    }
+    theta = _rope_theta(config)
+    if theta is not None:
+        md[f"{arch}.rope.freq_base"] = (theta, "FLOAT32")
+    if head_dim != hidden // n_head:
+        md[f"{arch}.attention.key_length"] = (head_dim, "UINT32")
+        md[f"{arch}.attention.value_length"] = (head_dim, "UINT32")
+    return md
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------------------------
+
+TOKENIZER_PREFIX = "tokenizer."
+
+# llama.cpp's pre-tokenizer names for the HF pre-tokenizer shapes we recognise
+_GPT2_REGEX_NAME = "gpt-2"
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp ``tokenizer.ggml.pre`` for an HF byte-level BPE pre-tokenizer (tokenizer.json)."""
+    def is_bytelevel(p, regex=True):
+        return isinstance(p, dict) and p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
+
+    if is_bytelevel(pre):
+        return _GPT2_REGEX_NAME
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        seq = pre.get("pretokenizers") or []
+        if (len(seq) == 2 and seq[0].get("type") == "Digits" and seq[0].get("individual_digits")
+                and is_bytelevel(seq[1])):
+            return "smollm"
+    raise LowbitError(
+        f"cannot convert this tokenizer to GGUF: pre-tokenizer {json.dumps(pre)[:120]} is not one lowbit "
+        "knows (byte-level GPT-2 or SmolLM); export from a model loaded from a GGUF file instead"
+    )
+
+
+def tokenizer_metadata_from_hf(tokenizer, vocab_size: int) -> dict[str, tuple[object, str]]:
+    """GGUF tokenizer metadata (llama.cpp "gpt2" byte-level BPE) converted from an HF fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LowbitError(f"cannot convert a {type(tokenizer).__name__} to GGUF: not a fast (tokenizers) tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise LowbitError(
+            f"cannot convert this tokenizer to GGUF: only byte-level BPE is supported (got {model.get('type')}); "
+            "export from a model loaded from a GGUF file instead"
+        )
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    for i, t in added.items():
+        vocab[t["content"]] = i
+    n = max(vocab_size, max(vocab.values()) + 1)
+    if n > vocab_size:
+        raise LowbitError(f"the tokenizer has ids up to {n - 1} but the embedding has only {vocab_size} rows")
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # UNUSED
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        types[i] = 1  # NORMAL
+    for i, t in added.items():
+        types[i] = 3 if t.get("special") else 4  # CONTROL / USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    from lowbit.data.texts import default_bos_id
+
+    md: dict[str, tuple[object, str]] = {
+        "tokenizer.ggml.model": ("gpt2", "STRING"),
+        "tokenizer.ggml.pre": (pre, "STRING"),
+        "tokenizer.ggml.tokens": (tokens, "ARRAY:STRING"),
+        "tokenizer.ggml.token_type": (types, "ARRAY:INT32"),
+        "tokenizer.ggml.merges": (merges, "ARRAY:STRING"),
+        "tokenizer.ggml.add_bos_token": (default_bos_id(tokenizer) is not None, "BOOL"),
+    }
+    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"),
+                      ("padding", "pad_token_id")):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int) and 0 <= v < n:
+            md[f"tokenizer.ggml.{key}_token_id"] = (v, "UINT32")
+    tmpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tmpl, str) and tmpl:
+        md["tokenizer.chat_template"] = (tmpl, "STRING")
+    return md
+
+
+def tokenizer_metadata_from_gguf(path: str | os.PathLike) -> dict[str, tuple[object, str]]:
+    """Every ``tokenizer.*`` key of a GGUF file, with its value type (file validated first)."""
+    from lowbit.export.gguf_read import read_metadata
+
+    md, types = read_metadata(path, with_types=True)
+    return {k: (v, types[k]) for k, v in md.items() if k.startswith(TOKENIZER_PREFIX)}
+
+
+def _tokenizer_cache_file(source: dict) -> Path | None:
+    sha = source.get("gguf_sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        return None
+    from lowbit.models.builtin import cache_root
+
+    return cache_root() / "gguf-tokenizers" / f"{sha}.json"
+
+
+def _builtin_gguf_tokenizer(source: dict) -> dict | None:
+    """Tokenizer metadata of the GGUF a builtin model was converted from.
+
+    Kept as JSON in ``$LOWBIT_CACHE/gguf-tokenizers/<sha256 of the GGUF>.json``; on first need the
+    GGUF is fetched again (as on the builtin's first use), checked against the sha256 recorded at
+    conversion, and its tokenizer keys stored there. None when it cannot be fetched."""
+    import shutil
+
+    from lowbit.models import builtin
+
+    cache = _tokenizer_cache_file(source)
+    name = source.get("name")
+    if cache is None or name not in builtin.BUILTINS:
+        return None
+    if cache.is_file():
+        try:
+            raw = json.loads(cache.read_text(encoding="utf-8"))
+            return {k: (v, t) for k, (v, t) in raw.items()}
+        except (OSError, ValueError, TypeError):
+            pass
+    b = builtin.BUILTINS[name]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".tmp-gguf-tok-", dir=cache.parent))
+    try:
+        try:
+            path, _ = builtin._FETCHERS[name](b, work)
+        except LowbitError:
+            return None
+        if builtin._sha256(Path(path)) != source["gguf_sha256"]:
+            return None
+        md = tokenizer_metadata_from_gguf(path)
+        tmp = work / "tok.json"
+        tmp.write_text(json.dumps({k: [v, t] for k, (v, t) in md.items()}), encoding="utf-8")
+        os.replace(tmp, cache)
+        return md
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tokenizer_metadata(m, vocab_size: int) -> tuple[dict, str]:
+    """(metadata, where it came from) for the model ``m`` (see the module docstring)."""
+    sources = []
+    if getattr(m, "record", None):
+        sources.append(m.record.get("base_model") or {})
+    sources.append(getattr(m, "source", None) or {})
+    for src in sources:
+        path = src.get("path")
+        if src.get("kind") == "gguf" and path and Path(path).is_file():
+            return tokenizer_metadata_from_gguf(path), f"copied from {Path(path).name}"
+        if src.get("kind") == "builtin":
+            md = _builtin_gguf_tokenizer(src)
+            if md is not None:
+                return md, f"copied from the {src.get('gguf_file', 'source GGUF')}"
+    return tokenizer_metadata_from_hf(m.tokenizer, vocab_size), "converted from the HF tokenizer"
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------
+
+
+def float_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF parameter name -> float32 tensor; lowbit quantized linears are dequantized."""
+    from lowbit.nn.linear import QuantizedLinear
+
+    out: dict[str, torch.Tensor] = {}
+    for mname, mod in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(mod, QuantizedLinear):
+            out[prefix + "weight"] = mod.weight_format.dequantize(dtype=torch.float32)
+            if mod.bias is not None:
+                out[prefix + "bias"] = mod.bias.detach().float()
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            out[prefix + pname] = p.detach().float()
+        for bname, b in mod.named_buffers(recurse=False):
+            if b.is_floating_point() and not bname.startswith("_") and "rotary" not in mname and bname != "inv_freq":
+                out.setdefault(prefix + bname, b.detach().float())
+    return out
+
+
+def _tied(model) -> bool:
+    cfg = model.config
+    tied = getattr(cfg, "tie_word_embeddings", None)
+    if tied is None and hasattr(cfg, "get_text_config"):
+        tied = getattr(cfg.get_text_config(), "tie_word_embeddings", False)
+    return bool(tied)
+
+
+def gguf_tensors(model) -> dict[str, torch.Tensor]:
+    """GGUF name -> float32 tensor (torch layout [rows, row length]), q/k permuted, tied head dropped."""
+    from lowbit.models.families import family_of
+
+    fam = family_of(model)
+    if fam.model_type not in EXPORT_FAMILIES:
+        raise LowbitError(f"GGUF export supports the families {', '.join(sorted(EXPORT_FAMILIES))}; "
+                          f"this model is {fam.model_type!r}")
+    arch, permute = EXPORT_FAMILIES[fam.model_type]
+    cfg = model.config
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
+    sd = float_state_dict(model)
+    if _tied(model):
+        sd.pop("lm_head.weight", None)
+    out: dict[str, torch.Tensor] = {}
+    for hf, t in sd.items():
+        if hf.endswith("rotary_emb.inv_freq") or ".rotary_emb." in hf:
+            continue
+        name = gguf_name(hf)
+        if permute and (name.endswith("attn_q.weight") or name.endswith("attn_q.bias")):
+            t = permute_qk(t, n_head)
+        elif permute and (name.endswith("attn_k.weight") or name.endswith("attn_k.bias")):
+            t = permute_qk(t, n_kv)
+        if not bool(torch.isfinite(t).all()):
+            raise LowbitError(f"tensor {hf} has NaN/Inf values; refusing to export it")
+        out[name] = t.contiguous()
+    if "token_embd.weight" not in out:
+        raise LowbitError("the model has no token embedding (model.embed_tokens.weight)")
+    # llama.cpp's order: token_embd, then per block, then the head (order only matters for readers)
+    def key(n):
+        i = _block_index(n)
+        return (0 if n == "token_embd.weight" else 1 if i is not None else 2, i or 0, n)
+
+    return {n: out[n] for n in sorted(out, key=key)}
+
+
+# --------------------------------------------------------------------------------------------
+# the writer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    path: str
+    qtype: str
+    arch: str
+    n_tensors: int
+    types: dict[str, int]  # GGUF type -> number of tensors
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    tokenizer: str = ""
+    imatrix: bool = False
+    seconds: float = 0.0
+
+
+def encode_tensor(x: np.ndarray, t: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float32 [rows, n] -> the array GGUFWriter stores for type ``t`` (float32 for F32, else bytes)."""
+    if t == "F32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if imatrix is not None and t in QUANTIZED | {"IQ4_NL"}:
+        from lowbit.export import gguf_imatrix
+
+        if gguf_imatrix.supports(t):
+            return gguf_imatrix.quantize(x, t, imatrix)
+    if t == "IQ4_NL":
+        from lowbit.export import gguf_imatrix
+
+        return gguf_imatrix.quantize(x, t, None)
+    return gguf_quants.quantize(x, t)
+
+
+def _writer_class():
+    """gguf.GGUFWriter that can also write an empty typed array (a tokenizer without merges)."""
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return bytes(head + self._pack("I", sub_type) + self._pack("Q", 0))
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+
+    return Writer
+
+
+def _add_kv(writer, key: str, value, vtype: str) -> None:
+    from gguf import GGUFValueType
+
+    if vtype.startswith("ARRAY"):
+        sub = vtype.split(":", 1)[1] if ":" in vtype else None
+        writer.add_key_value(key, list(value), GGUFValueType.ARRAY,
+                             sub_type=GGUFValueType[sub] if sub and sub != "ARRAY" else None)
+    else:
+        writer.add_key_value(key, value, GGUFValueType[vtype])
+
+
+def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix: dict | None = None,
+                name: str | None = None, progress=None) -> ExportReport:
+    """Write ``m`` (a lowbit Model: float or lowbit-quantized) to ``out_path`` as GGUF ``qtype``."""
+    import gguf
+
+    t0 = time.perf_counter()
+    if qtype not in EXPORT_TYPES:
+        raise LowbitError(f"unknown GGUF export type {qtype!r}; choose one of {', '.join(EXPORT_TYPES)}")
+    out_path = Path(out_path).expanduser()
+    if out_path.is_dir():
+        raise LowbitError(f"{out_path} is a directory; give the GGUF file name to write")
+    if not out_path.parent.is_dir():
+        raise LowbitError(f"output directory {out_path.parent} does not exist")
+    model = m.model
+    tensors = gguf_tensors(model)
+    from lowbit.models.families import family_of
+
+    arch, _ = EXPORT_FAMILIES[family_of(model).model_type]
+    cfg = model.config
+    n_layer = int(cfg.num_hidden_layers)
+    types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer)
+    vocab = int(tensors["token_embd.weight"].shape[0])
+    tok_md, tok_from = tokenizer_metadata(m, vocab)
+    if imatrix is not None:
+        for k, v in imatrix.items():
+            if k in tensors and tensors[k].dim() == 2 and np.asarray(v).shape != (tensors[k].shape[1],):
+                raise LowbitError(f"importance matrix for {k} has {np.asarray(v).size} values, expected {tensors[k].shape[1]}")
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    try:
+        w = _writer_class()(tmp, arch)
+        w.add_name(name or getattr(m, "name", None) or "model")
+        w.add_file_type(FILE_TYPES.get(qtype, 1))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for k, (v, vt) in architecture_metadata(cfg, arch).items():
+            _add_kv(w, k, v, vt)
+        for k, (v, vt) in tok_md.items():
+            _add_kv(w, k, v, vt)
+        w.add_string("general.quantized_by", "lowbit")
+        for i, (gname, t) in enumerate(tensors.items()):
+            gt = types[gname]
+            x = t.numpy()
+            if x.ndim == 1:
+                x = x[None, :]
+            imat = None if imatrix is None else imatrix.get(gname)
+            if imat is None and imatrix is not None and gname == "token_embd.weight" and "output.weight" not in tensors:
+                imat = imatrix.get("output.weight")  # tied: the embedding plays the output's role
+            if imat is not None:
+                imat = np.asarray(imat, dtype=np.float32)
+            data = encode_tensor(x, gt, imat)
+            if t.dim() == 1:
+                data = data.reshape(-1)
+                w.add_tensor(gname, data, raw_dtype=None if gt == "F32" else gguf.GGMLQuantizationType[gt])
+            else:
+                w.add_tensor(gname, data, raw_dtype=None if gt == "F32" else gguf.GGMLQuantizationType[gt])
+            if progress:
+                progress(i + 1, len(tensors), gname, gt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return ExportReport(path=str(out_path), qtype=qtype, arch=arch, n_tensors=len(tensors),
+                        types=dict(sorted(counts.items())), tensor_types=types, bytes=out_path.stat().st_size,
+                        tokenizer=tok_from, imatrix=imatrix is not None, seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# importance matrix
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_imatrix(m, n_samples: int = 16, seq_len: int = 512, text: str | None = None, seed: int = 0,
+                    batch_size: int = 4) -> dict[str, np.ndarray]:
+    """Per-input-column mean of x² for every linear layer's input over calibration windows,
+    keyed by GGUF tensor name (llama.cpp's imatrix: sum of x² over tokens / number of tokens).
+
+    Calibration text: lowbit's bundled calibration split (``lowbit.data.texts``) unless ``text``."""
+    from lowbit.data.texts import calibration_samples
+    from lowbit.nn.linear import QuantizedLinear
+
+    model = m.model
+    samples = calibration_samples(m.tokenizer, n_samples=n_samples, seq_len=seq_len, text=text, seed=seed)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, QuantizedLinear)):
+            continue
+        try:
+            gname = gguf_name(mname + ".weight")
+        except LowbitError:
+            continue
+
+        def hook(mod, args, out, key=gname):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            s = (x * x).sum(0)
+            sums[key] = sums[key] + s if key in sums else s
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        model.eval()
+        for i in range(0, samples.shape[0], batch_size):
+            model(samples[i : i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (sums[k] / counts[k]).float().numpy() for k in sums}
