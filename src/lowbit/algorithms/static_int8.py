@@ -1,0 +1,280 @@
+"""Full-integer static int8 (post-training): calibrate activation ranges with an observer, then
+convert to an integer-only network.
+
+Two uses:
+
+* **Ordinary networks** (``nn.Sequential`` of Conv2d / Linear / ReLU / BatchNorm2d / MaxPool2d /
+  Flatten / Dropout): :func:`quantize_static` = :func:`prepare` (fold BatchNorm into the conv,
+  fuse conv/linear + ReLU, put a :class:`~lowbit.nn.fake_quant.FakeQuantAct` with its own observer
+  at the input and after every conv/linear) -> :func:`calibrate` (~200 representative samples
+  through the float model, observers watching) -> :func:`convert` (an
+  :class:`~lowbit.nn.static_int8.IntegerSequential`: int8 in, int8 weights, int32 accumulation,
+  int32 bias, fixed-point requantization, int8 out; see :mod:`lowbit.kernels.static_int8`). The
+  same ``convert`` turns a QAT-trained model (:mod:`lowbit.algorithms.qat`) into integers.
+  ``FakeQuantSequential.freeze()`` gives the float simulation of the very same quantizers.
+* **LLMs** (method ``static-int8``, W8A8): every linear of every block gets a per-tensor static
+  input scale from an observer of its calibration inputs and int8 per-channel weights; the
+  output is the int32 accumulator scaled back to float (the ops that follow — norms, attention,
+  SiLU — are float). Optional SmoothQuant-style migration (``smooth_alpha`` > 0, Xiao et al. 2023,
+  eq. 4): per input channel j, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; x is divided by s
+  and W multiplied by it before quantization, which flattens outlier channels of x.
+
+Scheme flags: ``bits`` and ``restricted_range`` apply to weights and activations alike; weights
+are always symmetric (per output channel unless the scheme is per-tensor); ``symmetric`` chooses
+symmetric or asymmetric (zero-point) *activations*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms.base import Method
+from lowbit.core.observers import OBSERVERS, MinMaxObserver, get_observer
+from lowbit.core.primitives import check_finite
+from lowbit.core.registry import register_method
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+from lowbit.nn.fake_quant import FakeQuantAct, FakeQuantConv2d, FakeQuantLinear, FakeQuantSequential, _FakeQuantAffine
+from lowbit.nn.static_int8 import (
+    DequantizeOutput,
+    IntegerConv2d,
+    IntegerLinear,
+    IntegerMaxPool2d,
+    IntegerReLU,
+    IntegerSequential,
+    QuantizeInput,
+    act_qparams_from_observer,
+    quantize_weight,
+)
+
+
+def _default_scheme() -> QuantScheme:
+    return QuantScheme(bits=8, symmetric=False, granularity="channel", group_size=None, scale_dtype="float32")
+
+
+@dataclass(frozen=True)
+class StaticInt8Config:
+    scheme: QuantScheme = field(default_factory=_default_scheme)
+    observer: str = "minmax"
+    percentile: float = 99.99     # for observer="percentile"
+    n_bins: int = 2048            # for the histogram observers
+    smooth_alpha: float = 0.0     # LLMs: SmoothQuant migration strength (0 = off)
+    matmul: str = "auto"          # LLMs: exact int32 via "int" (int64 matmul) or "float" (chunked fp32 GEMM)
+
+    def __post_init__(self):
+        if self.observer not in OBSERVERS:
+            raise LowbitError(f"unknown observer {self.observer!r}; available: {', '.join(sorted(OBSERVERS))}")
+        if self.scheme.granularity == "group":
+            raise LowbitError("static-int8 weights are per-channel or per-tensor, not grouped "
+                              "(use --per-channel or --per-tensor)")
+        if not self.scheme.symmetric and self.scheme.zero_point == "float":
+            raise LowbitError("static-int8 needs integer zero-points (not --float-zero)")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise LowbitError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.matmul not in ("auto", "int", "float"):
+            raise LowbitError(f"matmul must be auto, int or float, got {self.matmul!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scheme.granularity != "tensor"
+
+    def make_observer(self):
+        kw = {}
+        if self.observer in ("entropy", "mse", "percentile"):
+            kw["n_bins"] = self.n_bins
+        if self.observer == "percentile":
+            kw["percentile"] = self.percentile
+        return get_observer(self.observer, **kw)
+
+    def fake_quant_act(self, observer=None) -> FakeQuantAct:
+        s = self.scheme
+        return FakeQuantAct(observer or self.make_observer(), s.bits, s.symmetric, s.restricted_range)
+
+
+# -- ordinary networks ------------------------------------------------------------------------------
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv with the (eval-mode) BatchNorm folded in: W' = W g / sqrt(v + eps), b' = (b - m) g /
+    sqrt(v + eps) + beta."""
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=True)
+    with torch.no_grad():
+        f = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        out.weight.copy_(conv.weight * f.reshape(-1, 1, 1, 1))
+        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        out.bias.copy_((b - bn.running_mean) * f + bn.bias)
+    return out
+
+
+def prepare(model: nn.Sequential, cfg: StaticInt8Config, observer_factory=None) -> FakeQuantSequential:
+    """Fold, fuse and instrument ``model`` (a copy of its float layers is shared, not copied).
+
+    ``observer_factory`` (default: the config's observer) makes one observer per activation."""
+    if not isinstance(model, nn.Sequential):
+        raise LowbitError(f"static int8 conversion takes an nn.Sequential, got {type(model).__name__}")
+    make = observer_factory or cfg.make_observer
+    mods = [m for m in model if not isinstance(m, (nn.Dropout, nn.Identity))]
+    layers: list[nn.Module] = []
+    s = cfg.scheme
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise LowbitError("static int8: grouped / depthwise convolutions are not supported")
+            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+                raise LowbitError(f"static int8: conv padding_mode {m.padding_mode!r} is not supported")
+            j = i + 1
+            if isinstance(m, nn.Conv2d) and j < len(mods) and isinstance(mods[j], nn.BatchNorm2d):
+                m = fold_batchnorm(m, mods[j])
+                j += 1
+            relu = j < len(mods) and isinstance(mods[j], nn.ReLU)
+            j += int(relu)
+            cls = FakeQuantConv2d if isinstance(m, nn.Conv2d) else FakeQuantLinear
+            layers.append(cls(m, cfg.fake_quant_act(make()), relu, s.bits, s.restricted_range, cfg.per_channel))
+            i = j
+            continue
+        if isinstance(m, nn.MaxPool2d):
+            if m.dilation not in (1, (1, 1)) or m.ceil_mode:
+                raise LowbitError("static int8: MaxPool2d with dilation or ceil_mode is not supported")
+        elif not isinstance(m, (nn.Flatten, nn.ReLU)):
+            raise LowbitError(f"static int8: layer type {type(m).__name__} is not supported "
+                              "(Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, MaxPool2d, Flatten, Dropout)")
+        layers.append(m)
+        i += 1
+    return FakeQuantSequential(cfg.fake_quant_act(make()), layers)
+
+
+@torch.no_grad()
+def calibrate(fq: FakeQuantSequential, data: Tensor, batch_size: int = 64) -> FakeQuantSequential:
+    """Run ``data`` through the float model with every observer watching, then freeze the
+    qparams (the model then simulates the integer network in float)."""
+    if not isinstance(data, Tensor) or data.numel() == 0:
+        raise LowbitError("calibration data must be a non-empty tensor")
+    fq.eval().set_mode(observing=True, quantizing=False)
+    for k in range(0, data.shape[0], batch_size):
+        fq(data[k:k + batch_size].float())
+    return fq.freeze()
+
+
+def convert(fq: FakeQuantSequential) -> IntegerSequential:
+    """The integer-only network of a calibrated (or QAT-trained) fake-quant model."""
+    qs = fq.quantizers()
+    first = fq.input_fq
+    in_aq = first.qparams()
+    mods: list[nn.Module] = [QuantizeInput(in_aq)]
+    for m in fq.layers:
+        if isinstance(m, _FakeQuantAffine):
+            out_aq = m.out_fq.qparams()
+            qw, s_w = quantize_weight(m.layer.weight, m.w_bits, m.restricted, m.per_channel)
+            bias = None if m.layer.bias is None else m.layer.bias.detach()
+            if isinstance(m, FakeQuantConv2d):
+                c = m.layer
+                mods.append(IntegerConv2d(qw, s_w, bias, in_aq, out_aq, m.relu, c.stride, c.padding, c.dilation))
+            else:
+                mods.append(IntegerLinear(qw, s_w, bias, in_aq, out_aq, m.relu))
+            in_aq = out_aq
+        elif isinstance(m, nn.MaxPool2d):
+            mods.append(IntegerMaxPool2d(m.kernel_size, m.stride, m.padding))
+        elif isinstance(m, nn.ReLU):
+            mods.append(IntegerReLU(in_aq.zero))
+        elif isinstance(m, nn.Flatten):
+            mods.append(nn.Flatten(m.start_dim, m.end_dim))
+        else:  # pragma: no cover - prepare() admits nothing else
+            raise LowbitError(f"cannot convert {type(m).__name__}")
+    assert len(qs) == 1 + sum(isinstance(m, _FakeQuantAffine) for m in fq.layers)
+    mods.append(DequantizeOutput(in_aq))
+    return IntegerSequential(*mods)
+
+
+def quantize_static(model: nn.Sequential, calibration_data: Tensor, cfg: StaticInt8Config | None = None,
+                    ) -> tuple[IntegerSequential, FakeQuantSequential]:
+    """Post-training static quantization of a float ``nn.Sequential``: (integer model, its float
+    simulation)."""
+    cfg = cfg or StaticInt8Config()
+    fq = calibrate(prepare(model.eval(), cfg), calibration_data)
+    return convert(fq), fq
+
+
+# -- LLMs: W8A8 linears through the sequential runner ------------------------------------------------
+
+
+def smooth_factors(x_absmax: Tensor, W: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant eq. 4: s_j = max|X_j|^alpha / max_o |W[o, j]|^(1 - alpha) (channels with a zero
+    statistic get s = 1)."""
+    w_absmax = W.detach().float().abs().amax(dim=0)
+    s = x_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    ok = (x_absmax > 0) & (w_absmax > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s))
+
+
+@register_method("static-int8")
+class StaticInt8(Method):
+    """W8A8 static: see the module docstring."""
+
+    config_cls = StaticInt8Config
+    needs_calibration = True
+
+    def __init__(self, config: StaticInt8Config):
+        super().__init__(config)
+        self._absmax: dict[str, MinMaxObserver] = {}
+        self._obs: dict[str, object] = {}
+        self._smooth: dict[str, Tensor] = {}
+
+    def observe(self, layer_name: str, module: nn.Linear, x: Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        if self.config.smooth_alpha > 0:  # first pass: per-channel |x| max; the observer runs later
+            self._absmax.setdefault(layer_name, MinMaxObserver(axis=1)).update(x2.abs())
+        else:
+            self._obs.setdefault(layer_name, self.config.make_observer()).update(x2)
+
+    def transform_block(self, block: nn.Module, prefix: str, inputs: list[Tensor], block_kwargs: dict) -> None:
+        if self.config.smooth_alpha <= 0:
+            return
+        from lowbit.models.families import linear_layers
+
+        layers = linear_layers(block)
+        handles = []
+        for name, lin in layers.items():
+            full = f"{prefix}.{name}"
+            s = smooth_factors(self._absmax.pop(full).max, lin.weight, self.config.smooth_alpha)
+            self._smooth[full] = s
+
+            def hook(mod, args, out, full=full, s=s):
+                x = args[0].detach()
+                self._obs.setdefault(full, self.config.make_observer()).update((x / s).reshape(-1, x.shape[-1]))
+
+            handles.append(lin.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                for x in inputs:
+                    block(x, **block_kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+        from lowbit.formats.static_int8 import StaticInt8Weight
+        from lowbit.nn.linear import QuantizedLinear
+
+        check_finite(module.weight, layer_name)
+        s = self.config.scheme
+        obs = self._obs.pop(layer_name, None)
+        if obs is None:
+            raise LowbitError(f"static-int8: layer {layer_name} saw no calibration data")
+        aq = act_qparams_from_observer(obs, s.bits, s.symmetric, s.restricted_range)
+        smooth = self._smooth.pop(layer_name, None)
+        W = module.weight.detach().float()
+        if smooth is not None:
+            W = W * smooth[None, :]
+        qw, s_w = quantize_weight(W, s.bits, s.restricted_range, self.config.per_channel)
+        fmt = StaticInt8Weight(qweight=qw, w_scale=s_w,
+                               act_qparams=torch.tensor([aq.scale, float(aq.zero)], dtype=torch.float32),
+                               shape=(int(W.shape[0]), int(W.shape[1])), act_qmin=aq.qmin, act_qmax=aq.qmax,
+                               smooth=None if smooth is None else smooth.float().contiguous(),
+                               observer=self.config.observer, matmul=self.config.matmul)
+        return QuantizedLinear(fmt, module.bias)

@@ -1,0 +1,192 @@
+"""Integer-only modules of a full-integer static int8 network (ordinary CNNs / MLPs).
+
+Between modules flow int8 tensors of codes; each tensor's real meaning is given by its
+:class:`ActQParams` (scale, zero-point, integer range), fixed at calibration (or QAT) time.
+
+* :class:`QuantizeInput`   float -> int8 (the only float-to-integer step, at the input)
+* :class:`IntegerLinear`   int8 -> int8: int32 accumulation, int32 bias, fixed-point requantization,
+                           optional fused ReLU (all arithmetic in :mod:`lowbit.kernels.static_int8`)
+* :class:`IntegerConv2d`   the same for a 2-D convolution (groups = 1)
+* :class:`IntegerMaxPool2d` max over int8 codes (monotone, so the scale and zero-point carry over)
+* :class:`IntegerReLU`     clamp at the zero-point (a ReLU that could not be fused)
+* ``nn.Flatten``           works on int8 tensors as is
+* :class:`DequantizeOutput` int8 -> float at the end (s * (q - z))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lowbit.core.primitives import choose_qparams, quantize
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+from lowbit.kernels import static_int8 as K
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """How int codes q in [qmin, qmax] mean real values: r = scale * (q - zero)."""
+
+    scale: float
+    zero: int
+    qmin: int
+    qmax: int
+
+    def __post_init__(self):
+        if not (self.scale > 0 and self.qmin <= self.zero <= self.qmax):
+            raise LowbitError(f"bad activation qparams: scale {self.scale}, zero {self.zero}, range [{self.qmin}, {self.qmax}]")
+
+
+def act_scheme(bits: int, symmetric: bool, restricted: bool) -> QuantScheme:
+    """The per-tensor scheme an observer uses to pick an activation range (float32 scale)."""
+    return QuantScheme(bits=bits, symmetric=symmetric, granularity="tensor", group_size=None,
+                       restricted_range=restricted, scale_dtype="float32")
+
+
+def act_qparams(lo: float | Tensor, hi: float | Tensor, bits: int, symmetric: bool, restricted: bool) -> ActQParams:
+    """ActQParams for a real range [lo, hi]: the library's ``qparams_from_range`` (0 always on the
+    grid); an asymmetric (unsigned) grid is shifted down by 2^(bits-1) so the codes fit int8."""
+    from lowbit.core.primitives import qparams_from_range
+
+    scheme = act_scheme(bits, symmetric, restricted)
+    s, z = qparams_from_range(torch.as_tensor(lo).float().reshape(()), torch.as_tensor(hi).float().reshape(()), scheme)
+    shift = 0 if symmetric else 2 ** (bits - 1)
+    zero = 0 if z is None else int(z) - shift
+    return ActQParams(float(s), zero, scheme.qmin - shift, scheme.qmax - shift)
+
+
+def act_qparams_from_observer(obs, bits: int, symmetric: bool, restricted: bool) -> ActQParams:
+    lo, hi = obs.range(act_scheme(bits, symmetric, restricted))
+    return act_qparams(lo, hi, bits, symmetric, restricted)
+
+
+def weight_scheme(bits: int, restricted: bool, per_channel: bool = True) -> QuantScheme:
+    return QuantScheme(bits=bits, symmetric=True, granularity="channel" if per_channel else "tensor",
+                       group_size=None, restricted_range=restricted, scale_dtype="float32")
+
+
+def quantize_weight(W: Tensor, bits: int, restricted: bool, per_channel: bool = True) -> tuple[Tensor, Tensor]:
+    """Symmetric weight codes (int8, W's shape) and one float32 scale per output channel [out]
+    (per-tensor: the one scale repeated)."""
+    W2 = W.detach().float().reshape(W.shape[0], -1)
+    scheme = weight_scheme(bits, restricted, per_channel)
+    s, _ = choose_qparams(W2, scheme)
+    q = quantize(W2, s, None, scheme)
+    s = s.reshape(-1).expand(W.shape[0]).contiguous() if not per_channel else s.reshape(-1)
+    return q.reshape(W.shape).to(torch.int8), s.float()
+
+
+class QuantizeInput(nn.Module):
+    def __init__(self, aq: ActQParams):
+        super().__init__()
+        self.aq = aq
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.aq
+        return K.quantize_activation(x, a.scale, a.zero, a.qmin, a.qmax)
+
+    def extra_repr(self) -> str:
+        return f"{self.aq}"
+
+
+class DequantizeOutput(nn.Module):
+    def __init__(self, aq: ActQParams):
+        super().__init__()
+        self.aq = aq
+
+    def forward(self, q: Tensor) -> Tensor:
+        return K.dequantize_activation(q, self.aq.scale, self.aq.zero)
+
+
+class _IntegerAffine(nn.Module):
+    """Shared by IntegerLinear / IntegerConv2d: codes, int32 bias, per-channel (M0, n)."""
+
+    def __init__(self, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, in_aq: ActQParams,
+                 out_aq: ActQParams, relu: bool):
+        super().__init__()
+        self.in_aq, self.out_aq, self.relu = in_aq, out_aq, bool(relu)
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("w_scale", w_scale.float().contiguous())
+        self.register_buffer("bias_q", K.quantize_bias(bias, in_aq.scale, w_scale).to(torch.int32))
+        M = (in_aq.scale * w_scale.double()) / out_aq.scale  # the real multipliers, float64
+        M0, n = K.quantize_multipliers(M)
+        self.register_buffer("M0", M0.to(torch.int32))
+        self.register_buffer("shift", n.to(torch.int32))
+        self.act_min = max(out_aq.qmin, out_aq.zero) if relu else out_aq.qmin
+        self.act_max = out_aq.qmax
+        self.matmul = "auto"
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def _requantize(self, acc: Tensor, channel_dim: int) -> Tensor:
+        shape = [1] * acc.dim()
+        shape[channel_dim] = -1
+        return K.requantize(acc, self.M0.long().reshape(shape), self.shift.long().reshape(shape),
+                            self.out_aq.zero, self.act_min, self.act_max)
+
+    def _check_input(self, q: Tensor) -> None:
+        if q.dtype != torch.int8:
+            raise LowbitError(f"{type(self).__name__} expects int8 codes, got {q.dtype}")
+
+
+class IntegerLinear(_IntegerAffine):
+    def accumulators(self, q: Tensor) -> Tensor:
+        return K.int_linear_acc(q, self.in_aq.zero, self.qweight, self.bias_q, self.matmul)
+
+    def forward(self, q: Tensor) -> Tensor:
+        self._check_input(q)
+        return self._requantize(self.accumulators(q), -1)
+
+
+class IntegerConv2d(_IntegerAffine):
+    def __init__(self, qweight, w_scale, bias, in_aq, out_aq, relu, stride=1, padding=0, dilation=1):
+        super().__init__(qweight, w_scale, bias, in_aq, out_aq, relu)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def accumulators(self, q: Tensor) -> Tensor:
+        return K.int_conv2d_acc(q, self.in_aq.zero, self.qweight, self.bias_q, self.stride, self.padding,
+                                self.dilation, self.matmul)
+
+    def forward(self, q: Tensor) -> Tensor:
+        self._check_input(q)
+        return self._requantize(self.accumulators(q), 1)
+
+
+class IntegerMaxPool2d(nn.Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, q: Tensor) -> Tensor:
+        # int8 codes are exact in float32; max commutes with the monotone map r = s (q - z)
+        return F.max_pool2d(q.float(), self.kernel_size, self.stride, self.padding).to(torch.int8)
+
+
+class IntegerReLU(nn.Module):
+    def __init__(self, zero: int):
+        super().__init__()
+        self.zero = int(zero)
+
+    def forward(self, q: Tensor) -> Tensor:
+        return q.clamp(min=self.zero)
+
+
+class IntegerSequential(nn.Sequential):
+    """QuantizeInput, integer modules ..., DequantizeOutput. ``int_forward`` stops before the last."""
+
+    def int_forward(self, x: Tensor) -> Tensor:
+        for m in list(self)[:-1]:
+            x = m(x)
+        return x
+
+    def stored_bytes(self) -> int:
+        """Bytes of everything the integer model stores (codes, int32 biases, multipliers, shifts,
+        weight scales) plus 8 bytes (scale, zero-point) per activation tensor."""
+        n = sum(m.nbytes() for m in self if isinstance(m, _IntegerAffine))
+        n_act = 1 + sum(1 for m in self if isinstance(m, _IntegerAffine))
+        return n + 8 * n_act
