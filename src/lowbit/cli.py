@@ -33,6 +33,8 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restricted", action="store_true", help="restricted integer range (e.g. -127..127)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, e.g. --option damp=0.1 --option act_order=false (repeatable)")
+    p.add_argument("--observer", choices=["minmax", "moving-minmax", "entropy", "mse", "percentile"],
+                   help="activation range observer of static-int8 (same as --option observer=NAME)")
     p.add_argument("--calib", metavar="FILE", help="calibration text file (default: bundled text)")
     p.add_argument("--samples", type=int, default=32, help="calibration samples (default: 32)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
@@ -99,7 +101,8 @@ def _options(args, method_cls) -> dict:
 
     fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls) if f.name != "scheme"}
     out = {}
-    for item in args.option:
+    observer = getattr(args, "observer", None)
+    for item in list(args.option) + ([f"observer={observer}"] if observer else []):
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
