@@ -1,0 +1,118 @@
+"""Kernels for the sparse weight formats: y = x Wᵀ + b with W stored N:M-compressed or as CSR.
+
+* ``nm_linear`` / ``csr_linear`` (registered for "sparse-nm" / "sparse-csr") call the native C
+  library built from ``csrc/sparse.c`` (OpenMP over output rows, AVX2+FMA chosen at run time,
+  scalar otherwise). They handle float32 CPU inputs; anything else (another device or dtype, or a
+  build without the library, or ``LOWBIT_NATIVE=0``) returns NotImplemented and the reference runs.
+* ``reference_linear``: the plain-torch twin the tests hold them to — scatter the stored entries
+  into a dense matrix (the format's ``dequantize``), then ``F.linear``.
+
+Whether sparsity pays on a given CPU is measured by ``bench/sparse_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit.core import packing
+from lowbit.errors import LowbitError
+from lowbit.formats.sparse_csr import CSRWeight
+from lowbit.formats.sparse_nm import SparseNMWeight, index_bits
+from lowbit.kernels import _native, register_kernel
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+def _lib():
+    lib = _native.load("sparse")
+    if lib is not None and not getattr(lib, "_lowbit_typed", False):
+        lib.lb_nm_linear.argtypes = [_P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _INT, _INT]
+        lib.lb_nm_linear.restype = None
+        lib.lb_csr_linear.argtypes = [_P, _I64, _I64, _P, _P, _INT, _P, _I64, _P, _P, _INT, _INT]
+        lib.lb_csr_linear.restype = None
+        lib.lb_sparse_has_avx2.restype = _INT
+        lib._lowbit_typed = True
+    return lib
+
+
+def native_available() -> bool:
+    return _lib() is not None
+
+
+def has_avx2() -> bool:
+    lib = _lib()
+    return bool(lib is not None and lib.lb_sparse_has_avx2())
+
+
+def reference_linear(x: Tensor, w, bias: Tensor | None = None) -> Tensor:
+    """Plain torch: the dense matrix the format stores, then F.linear."""
+    return F.linear(x, w.dequantize(dtype=x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _prepare(x: Tensor, w, bias: Tensor | None):
+    """(x as [B, in] contiguous float32, bias or None, output [B, out]) — or None if the native
+    path does not handle these inputs."""
+    out_f, in_f = w.shape
+    if x.shape[-1] != in_f:
+        raise LowbitError(f"input has {x.shape[-1]} features, the sparse layer expects {in_f}")
+    if x.device.type != "cpu" or x.dtype != torch.float32 or w.values.device.type != "cpu" or x.requires_grad:
+        return None
+    if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
+        return None
+    X = x.reshape(-1, in_f).contiguous()
+    y = torch.empty(X.shape[0], out_f, dtype=torch.float32)
+    b = None if bias is None else bias.detach().contiguous()
+    return X, b, y
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
+                     threads: int | None = None):
+    lib = _lib()
+    prep = None if lib is None else _prepare(x, w, bias)
+    if prep is None:
+        return NotImplemented
+    X, b, y = prep
+    out_f, in_f = w.shape
+    if X.shape[0]:
+        vals, codes = w.values.contiguous(), w.indices.contiguous()
+        K = in_f // w.m * w.n
+        lib.lb_nm_linear(X.data_ptr(), X.shape[0], in_f, vals.data_ptr(), codes.data_ptr(),
+                         packing.packed_row_bytes(K, index_bits(w.m)), index_bits(w.m), w.n, w.m, out_f,
+                         _ptr(b), y.data_ptr(), threads or torch.get_num_threads(), int(force_scalar))
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
+                      threads: int | None = None):
+    lib = _lib()
+    prep = None if lib is None else _prepare(x, w, bias)
+    if prep is None:
+        return NotImplemented
+    X, b, y = prep
+    out_f, in_f = w.shape
+    if X.shape[0]:
+        vals, cols, rp = w.values.contiguous(), w.col_idx.contiguous(), w.row_ptr.contiguous()
+        lib.lb_csr_linear(X.data_ptr(), X.shape[0], in_f, vals.data_ptr(), cols.data_ptr(),
+                          int(cols.dtype == torch.int32), rp.data_ptr(), out_f, _ptr(b), y.data_ptr(),
+                          threads or torch.get_num_threads(), int(force_scalar))
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+@register_kernel("sparse-nm")
+def nm_linear(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None):
+    return nm_linear_native(x, w, bias)
+
+
+@register_kernel("sparse-csr")
+def csr_linear(x: Tensor, w: CSRWeight, bias: Tensor | None = None):
+    return csr_linear_native(x, w, bias)
