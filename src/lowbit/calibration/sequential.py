@@ -237,6 +237,9 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True) -> 
     block table: there every ``nn.Linear`` of the whole model is replaced, in module order."""
     from lowbit.models.families import FAMILIES
 
+    prepare = getattr(method, "prepare_model", None)  # optional: see the whole model first (global pruning)
+    if prepare is not None:
+        prepare(model)
     if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
         for name, lin in tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress, leave=False):
