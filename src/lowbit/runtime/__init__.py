@@ -10,6 +10,7 @@ sampling, streaming generation and speed measurement.
 from lowbit.runtime.decoder import LeanDecoder, linear_fn
 from lowbit.runtime.generate import GenerationStats, TextStream, generate, run_generation
 from lowbit.runtime.sampling import SamplingParams, sample_next
+from lowbit.runtime.timing import bench_prompt, measure_lean
 
-__all__ = ["GenerationStats", "LeanDecoder", "SamplingParams", "TextStream", "generate", "linear_fn",
+__all__ = ["GenerationStats", "LeanDecoder", "bench_prompt", "measure_lean", "SamplingParams", "TextStream", "generate", "linear_fn",
            "run_generation", "sample_next"]

@@ -1,0 +1,104 @@
+"""``lowbit bench [MODEL_OR_OUT]``: prefill and decode tokens/s of the lean decoder, peak memory.
+
+Protocol: `lowbit.runtime.timing` (random prompt of --prompt-len ids, seed 0; greedy decode of
+--new-tokens tokens; medians over --repeats runs after --warmup). Peak RSS is the process's
+high-water mark (``getrusage``), so it includes loading the model.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+from lowbit.errors import LowbitError
+
+
+def _peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return int(kb) * (1 if sys.platform == "darwin" else 1024)
+
+
+def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -> list[dict]:
+    import torch
+
+    from lowbit import api
+    from lowbit.runtime import LeanDecoder, measure_lean
+
+    limit = getattr(m.model.config, "max_position_embeddings", None)
+    if limit and prompt_len + new_tokens > limit:
+        raise LowbitError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's maximum "
+                          f"length {limit}")
+    dec = LeanDecoder(m.model, max_len=prompt_len + new_tokens)
+    r = measure_lean(dec, prompt_len, new_tokens, warmup=warmup, repeats=repeats)
+    bits, _, _ = api.linear_bits(m.model)
+    fmt = (m.record or {}).get("method", {}).get("method", "float")
+    return [{
+        "model": m.name,
+        "method": fmt,
+        "bits/w": bits,
+        "threads": torch.get_num_threads(),
+        "prompt": prompt_len,
+        "new": new_tokens,
+        "prefill tok/s": r.prefill_tok_s,
+        "decode tok/s": r.decode_tok_s,
+        "ms/token": r.decode_ms_per_token,
+        "model MB": api.model_bytes(m.model) / 1e6,
+        "KV cache MB": dec.cache_bytes / 1e6,
+        "peak RSS MB": _peak_rss_bytes() / 1e6,
+    }]
+
+
+def render(rows: list[dict], markdown: bool = False) -> str:
+    cols = list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+        return str(v)
+
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    left = {0, 1}
+    just = lambda s, i: s.ljust(widths[i]) if i in left else s.rjust(widths[i])  # noqa: E731
+    if markdown:
+        lines = ["| " + " | ".join(just(c, i) for i, c in enumerate(cols)) + " |",
+                 "| " + " | ".join(("-" * widths[i]) if i in left else ("-" * (widths[i] - 1) + ":")
+                                   for i in range(len(cols))) + " |"]
+        lines += ["| " + " | ".join(just(s, i) for i, s in enumerate(row)) + " |" for row in cells]
+    else:
+        lines = ["  ".join(just(c, i) for i, c in enumerate(cols))]
+        lines += ["  ".join(just(s, i) for i, s in enumerate(row)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from lowbit.commands.generate import set_threads
+
+    set_threads(args.threads)
+    for name in ("prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise LowbitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise LowbitError(f"--warmup must be >= 0, got {args.warmup}")
+    m = _load(args.model)
+    rows = bench_rows(m, args.prompt_len, args.new_tokens, args.warmup, args.repeats)
+    print(render(rows, markdown=args.markdown))
+    return 0
+
+
+def _load(spec):
+    from lowbit import api
+
+    return api.load(spec)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory of the lean decoder")
+    p.add_argument("model", nargs="?", help="model or lowbit checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens (default: 64)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.set_defaults(func=cmd_bench)
