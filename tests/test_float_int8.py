@@ -126,12 +126,12 @@ def test_w8a16_equals_rtn_int8_per_channel():
 
 # -- dynamic int8: the C kernel against the exact reference -----------------------------------
 
-SHAPES = [(1, 64, 8), (3, 100, 7), (2, 576, 36), (5, 2080, 13), (4, 31, 5)]  # (M, K, N): tails everywhere
+SHAPES = [(1, 64, 8), (3, 100, 7), (2, 576, 36), (5, 2080, 13), (4, 31, 5), (9, 200, 21)]  # (M, K, N): tails everywhere
 
 
 @needs_native
 @pytest.mark.parametrize("M,K,N", SHAPES)
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("isa", ["auto", "scalar", "avx2", "vnni"])
 def test_c_gemm_int32_bit_exact(M, K, N, isa):
     g = torch.Generator().manual_seed(M * 1000 + K)
     A = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
@@ -150,7 +150,7 @@ def test_c_gemm_int32_bit_exact(M, K, N, isa):
 @needs_native
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("activations", ["token", "tensor"])
-@pytest.mark.parametrize("isa", ["auto", "scalar"])
+@pytest.mark.parametrize("isa", ["auto", "scalar", "avx2", "vnni"])
 def test_c_linear_equals_reference(M, K, N, activations, isa):
     X = _rand(M, K, seed=K, scale=2.0)
     X[0, 0] = 40.0  # one outlier: per-tensor and per-token scales now differ
@@ -179,7 +179,7 @@ def test_activation_scales_match_hand_computed_values():
     assert torch.equal(q, torch.tensor([[16.0, -32, 8], [64, 0, -127], [0, 0, 0]]))
     if NATIVE:
         for act in ("token", "tensor"):
-            for isa in ("auto", "scalar"):
+            for isa in ("auto", "scalar", "avx2", "vnni"):
                 qn, sn = kdyn.native_quantize(X, act, isa)
                 qr, sr = kdyn.quantize_activations(X, act)
                 assert torch.equal(qn.float(), qr) and torch.equal(sn, sr)

@@ -16,8 +16,9 @@ Two implementations of the same arithmetic:
   vector-wise rule) and acc from `lowbit.kernels.int8.exact_int_matmul` — the int8 codes are
   multiplied with the fp32 GEMM in chunks small enough that every partial sum is an exact integer,
   so acc is the exact integer sum rounded once to float32, i.e. float(int32 acc);
-* the native kernel (``csrc/int8_gemm.c``, AVX2 with a scalar fallback, OpenMP): quantizes the
-  activations, multiplies in int8 → int32 (maddubs/madd) and rescales in one fused call.
+* the native kernel (``csrc/int8_gemm.c``, OpenMP; AVX-512 VNNI where the CPU has it, else AVX2,
+  else scalar C, chosen at run time): quantizes the activations, multiplies in int8 → int32
+  (vpdpbusd, or the AVX2 maddubs/madd sign trick) and rescales, in one fused call.
 
 They agree bit for bit (tests check the int32 accumulators and the float outputs). The native
 kernel runs for float32 CPU inputs when the library is built and ``LOWBIT_NATIVE`` is not 0.
@@ -38,7 +39,8 @@ from lowbit.kernels import _native, register_kernel
 from lowbit.kernels.int8 import exact_int_matmul
 
 MAX_K = 133000  # 127² · K < 2³¹: the int32 accumulator cannot overflow
-ISA = {"auto": 0, "scalar": 1, "avx2": 2}
+ISA = {"auto": 0, "scalar": 1, "avx2": 2, "vnni": 3}
+PATHS = ("scalar", "avx2", "avx512-vnni")
 _ERRORS = {1: "input activations contain NaN/Inf; cannot choose an int8 scale",
            2: f"more than {MAX_K} input features overflow the int32 accumulator",
            3: "out of memory in the int8 kernel",
@@ -57,11 +59,19 @@ def native_lib():
         lib.lowbit_quantize_s8.argtypes = [vp, i64, i64, ci, vp, vp, ci, ci]
         lib.lowbit_s8_gemm.argtypes = [vp, vp, i64, i64, i64, vp, ci, ci]
         lib.lowbit_dynamic_linear.argtypes = [vp, i64, i64, vp, vp, vp, i64, ci, vp, ci, ci]
+        lib.lowbit_int8_gemm_path.argtypes = [ci]
         for f in (lib.lowbit_quantize_s8, lib.lowbit_s8_gemm, lib.lowbit_dynamic_linear,
-                  lib.lowbit_int8_gemm_has_avx2):
+                  lib.lowbit_int8_gemm_path):
             f.restype = ci
         _configured.add(id(lib))
     return lib
+
+
+def native_path(isa: str = "auto") -> str | None:
+    """The code path ``isa`` runs on this CPU ("scalar", "avx2" or "avx512-vnni"; None if not built).
+    A requested instruction set the CPU lacks falls back to the best one it has."""
+    lib = native_lib()
+    return None if lib is None else PATHS[lib.lowbit_int8_gemm_path(ISA[isa])]
 
 
 def _check(rc: int) -> None:

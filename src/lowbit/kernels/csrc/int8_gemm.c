@@ -13,6 +13,9 @@
    (lowbit.kernels.dynamic_int8), one float32 operation at a time (ISO C: no FMA contraction), so
    the reference and this code agree bit for bit.
 
+   Code paths, chosen at run time (isa argument: 0 auto, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; a
+   path the CPU lacks falls back to the best one it has): scalar C, AVX2, AVX-512 VNNI (below).
+
    AVX2 product of two int8 vectors a, b (both in [-127, 127]):
        maddubs(|a|, sign(b, a)) = pairwise sums of a_i b_i in int16 (|pair| <= 2 * 127^2 < 2^15,
        never saturates), then madd with ones -> int32 sums of four products.
@@ -33,20 +36,34 @@
 #define AVX2 __attribute__((target("avx2")))
 #define NC 16        /* weight rows per parallel work item (16 x K codes stay in L2) */
 #define MAX_K 133000 /* 127^2 * K < 2^31 */
+#define MAX_K_VNNI 66000 /* (127 + 128) * 127 * K < 2^31 (offset operand, below) */
 
-enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
+enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI = 3 };
+enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_VNNI = 2 };
 
-static int use_avx2(int isa) {
-    if (isa == ISA_SCALAR) return 0;
+static int cpu_has(int path) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") ? 1 : 0;
+    if (path == PATH_AVX2) return __builtin_cpu_supports("avx2");
+    if (path == PATH_VNNI)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vnni");
+    return 1;
 #else
-    return 0;
+    return path == PATH_SCALAR;
 #endif
 }
 
-int lowbit_int8_gemm_has_avx2(void) { return use_avx2(ISA_AUTO); }
+/* the code path for a request: auto = the best the CPU has; a named ISA the CPU lacks falls back */
+static int pick_path(int isa) {
+    if (isa == ISA_SCALAR) return PATH_SCALAR;
+    if ((isa == ISA_AUTO || isa == ISA_VNNI) && cpu_has(PATH_VNNI)) return PATH_VNNI;
+    if (cpu_has(PATH_AVX2)) return PATH_AVX2;
+    return PATH_SCALAR;
+}
+
+/* 0 scalar, 1 AVX2, 2 AVX-512 VNNI: what `isa` runs on this CPU */
+int lowbit_int8_gemm_path(int isa) { return pick_path(isa); }
 
 /* ---- round half to even without libm: exact for |v| < 2^22 in the default rounding mode ---- */
 static inline float round_even(float v) {
@@ -155,7 +172,7 @@ static int quantize(const float *X, int64_t M, int64_t K, int per_tensor, int8_t
 int lowbit_quantize_s8(const float *X, int64_t M, int64_t K, int per_tensor, int8_t *Q, float *s,
                        int nthreads, int isa) {
     if (nthreads < 1) nthreads = 1;
-    return quantize(X, M, K, per_tensor, Q, s, nthreads, use_avx2(isa));
+    return quantize(X, M, K, per_tensor, Q, s, nthreads, pick_path(isa) != PATH_SCALAR);
 }
 
 /* ---- GEMM ---------------------------------------------------------------------------------- */
@@ -166,6 +183,7 @@ typedef struct {
     int32_t *C;           /* int32 output, or NULL */
     float *Y;             /* float output, or NULL */
     const float *sa, *sb, *bias;
+    const int32_t *asum;  /* VNNI path: sum_k A[m, k] per activation row */
 } Gemm;
 
 static inline void emit(const Gemm *g, int64_t m, int64_t n, int32_t acc) {
@@ -289,14 +307,87 @@ AVX2 static void block_avx2(const Gemm *g, int64_t n0, int64_t n1) {
     }
 }
 
-static void run_gemm(const Gemm *g, int nthreads, int avx) {
+/* ---- AVX-512 VNNI ---------------------------------------------------------------------------
+   vpdpbusd multiplies unsigned by signed bytes, four products per int32 lane, without saturation.
+   The weight code b in [-127, 127] is offset to the unsigned b + 128 (= b XOR 0x80), so
+       sum_k (b + 128) a = sum_k a b + 128 sum_k a,
+   and the second term is removed with the activation row sums. |partial sums| <= 255 * 127 * K
+   stay below 2^31 for K <= MAX_K_VNNI, so every int32 step is exact. */
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+VNNI static inline __attribute__((always_inline)) void vtile(const Gemm *g, int64_t m, int64_t n, const int MR,
+                                                             const int NR) {
+    const int64_t K = g->K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4], b[4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        for (int j = 0; j < NR; j++)
+            b[j] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(g->B + (n + j) * K + k)), flip);
+        for (int i = 0; i < MR; i++) {
+            __m512i a = _mm512_loadu_si512((const void *)(g->A + (m + i) * K + k));
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b[j], a);
+        }
+    }
+    if (k < K) { /* masked tail: a = 0 there, so the offset weight 128 contributes nothing */
+        const __mmask64 msk = (~0ULL) >> (64 - (K - k));
+        for (int j = 0; j < NR; j++)
+            b[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(msk, g->B + (n + j) * K + k), flip);
+        for (int i = 0; i < MR; i++) {
+            __m512i a = _mm512_maskz_loadu_epi8(msk, g->A + (m + i) * K + k);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b[j], a);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++)
+            emit(g, m + i, n + j, _mm512_reduce_add_epi32(acc[i][j]) - 128 * g->asum[m + i]);
+}
+
+VNNI static void v4x4(const Gemm *g, int64_t m, int64_t n) { vtile(g, m, n, 4, 4); }
+VNNI static void v4x1(const Gemm *g, int64_t m, int64_t n) { vtile(g, m, n, 4, 1); }
+VNNI static void v1x4(const Gemm *g, int64_t m, int64_t n) { vtile(g, m, n, 1, 4); }
+VNNI static void v1x1(const Gemm *g, int64_t m, int64_t n) { vtile(g, m, n, 1, 1); }
+
+VNNI static void block_vnni(const Gemm *g, int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= g->M; m += 4) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) v4x4(g, m, n);
+        for (; n < n1; n++) v4x1(g, m, n);
+    }
+    for (; m < g->M; m++) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) v1x4(g, m, n);
+        for (; n < n1; n++) v1x1(g, m, n);
+    }
+}
+
+static int run_gemm(Gemm *g, int nthreads, int path) {
+    if (path == PATH_VNNI && g->K > MAX_K_VNNI) path = PATH_AVX2;
+    int32_t *asum = NULL;
+    if (path == PATH_VNNI) {
+        asum = (int32_t *)malloc((size_t)(g->M > 0 ? g->M : 1) * sizeof(int32_t));
+        if (!asum) return 3;
+        for (int64_t m = 0; m < g->M; m++) {
+            int32_t t = 0;
+            for (int64_t k = 0; k < g->K; k++) t += g->A[m * g->K + k];
+            asum[m] = t;
+        }
+        g->asum = asum;
+    }
     const int64_t nblocks = (g->N + NC - 1) / NC;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nblocks > 1 && g->M * g->N * g->K > 32768)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t n0 = b * NC, n1 = n0 + NC < g->N ? n0 + NC : g->N;
-        if (avx) block_avx2(g, n0, n1);
+        if (path == PATH_VNNI) block_vnni(g, n0, n1);
+        else if (path == PATH_AVX2) block_avx2(g, n0, n1);
         else block_scalar(g, n0, n1);
     }
+    free(asum);
+    return 0;
 }
 
 static int codes_ok(const int8_t *p, int64_t n) {
@@ -308,9 +399,8 @@ int lowbit_s8_gemm(const int8_t *A, const int8_t *B, int64_t M, int64_t N, int64
                    int nthreads, int isa) {
     if (K > MAX_K) return 2;
     if (!codes_ok(A, M * K) || !codes_ok(B, N * K)) return 4;
-    Gemm g = {A, B, M, N, K, C, NULL, NULL, NULL, NULL};
-    run_gemm(&g, nthreads < 1 ? 1 : nthreads, use_avx2(isa));
-    return 0;
+    Gemm g = {A, B, M, N, K, C, NULL, NULL, NULL, NULL, NULL};
+    return run_gemm(&g, nthreads < 1 ? 1 : nthreads, pick_path(isa));
 }
 
 /* The weight codes are checked once when the weight is loaded (Python side), not per call. */
@@ -318,14 +408,14 @@ int lowbit_dynamic_linear(const float *X, int64_t M, int64_t K, const int8_t *W,
                           const float *bias, int64_t N, int per_tensor, float *Y, int nthreads, int isa) {
     if (K > MAX_K) return 2;
     if (nthreads < 1) nthreads = 1;
-    int avx = use_avx2(isa);
+    int path = pick_path(isa);
     int8_t *Q = (int8_t *)malloc((size_t)(M * K > 0 ? M * K : 1));
     float *s = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
     if (!Q || !s) { free(Q); free(s); return 3; }
-    int rc = quantize(X, M, K, per_tensor, Q, s, nthreads, avx);
+    int rc = quantize(X, M, K, per_tensor, Q, s, nthreads, path != PATH_SCALAR);
     if (rc == 0) {
-        Gemm g = {Q, W, M, N, K, NULL, Y, s, ws, bias};
-        run_gemm(&g, nthreads, avx);
+        Gemm g = {Q, W, M, N, K, NULL, Y, s, ws, bias, NULL};
+        rc = run_gemm(&g, nthreads, path);
     }
     free(Q);
     free(s);
