@@ -37,21 +37,34 @@ form of compressed-tensors stores q + 2^(b-1) = u: the packed bits are lowbit's 
 * ``<name>.weight_shape``   int64 [2] = (out, in).
 
 ``int-quantized`` (W8A8: int8 weights per output channel, int8 activations quantized per token at
-run time): ``<name>.weight`` int8 [out, in] holding q, ``<name>.weight_scale`` [out, 1].
+run time): ``<name>.weight`` int8 [out, in] holding q, ``<name>.weight_scale`` [out, 1]. lowbit's
+``dynamic-int8`` format maps here as it is (its per-tensor activation option becomes a dynamic
+"tensor" strategy); 8-bit symmetric per-channel affine weights map here with
+``activations="int8-dynamic"``. Run-time activation rounding is the loader's: vLLM's int8 kernels
+use amax/127 per token like lowbit's; transformers' emulation uses amax/127.5 with [-128, 127],
+so its logits differ from lowbit's by the activation rounding (~1e-3 relative), not the weights.
+
+Loading with transformers (+ compressed-tensors 0.20): symmetric exports load as is and are
+decompressed on the first forward pass; asymmetric ones need
+``from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))``, because
+compressed-tensors 0.20 prepares the empty model with *unpacked* zero-points and then rejects the
+packed ones (which vLLM and compressed-tensors' own decompressor expect). ``dequantize=True``
+makes the model dense, activation quantization included (W8A8 then runs as W8A16).
 
 Groups: compressed-tensors needs group_size to divide the input width, while lowbit allows a
-shorter last group (SmolLM2's 576-wide rows at group 128 end in a 64-wide group). Such a layer is
-exported *exactly* at group size gcd(group_size, in): each lowbit group becomes
-group_size / gcd sub-groups sharing its scale and zero-point (more scales on disk, same weights).
-vLLM's kernels take group sizes 32/64/128 and channel; transformers takes any.
+shorter last group (SmolLM2's 576-wide rows at group 128 end in a 64-wide group). The layers of
+one lowbit scheme are then exported *exactly* at group size g = gcd(group_size, their input
+widths) (SmolLM2 at 128: 64): each lowbit group becomes group_size / g exported groups sharing
+its scale and zero-point (more scales on disk, the same weights), and the model keeps a single
+config group. vLLM's kernels take group sizes 32/64/128 and channel; transformers takes any.
 
 Not representable, refused with a one-line error: float zero-points (HQQ's default grid,
 ``zero_point="float"``: compressed-tensors zero-points are integers; quantize with integer
 zero-points instead), NF4 codebooks, and LLM.int8()'s outlier decomposition.
 
-Bit widths: every b from 2 to 8 is written in the layout above; vLLM runs b = 4 and 8 only.
-Releases of compressed-tensors before the dense packing packed floor(32/b) codes per word without
-straddling: identical for b = 2, 4, 8, different for 3, 5, 6, 7.
+Bit widths: every b from 2 to 8 is written in the layout above (checked against
+compressed-tensors 0.20's packer); vLLM runs b = 4 and 8 only. For b = 3, 5, 6, 7 older
+compressed-tensors releases may expect a different (non-straddling) packing.
 """
 
 from __future__ import annotations
@@ -143,8 +156,9 @@ def _weight_args(bits: int, symmetric: bool, strategy: str, group_size: int | No
             "strategy": strategy, "dynamic": False, "actorder": None}
 
 
-def _int8_token_args() -> dict:
-    return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+def _int8_dynamic_args(strategy: str = "token") -> dict:
+    """int8 activations, symmetric, scale chosen at run time per token (or per tensor)."""
+    return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": strategy,
             "dynamic": True, "actorder": None}
 
 
@@ -188,7 +202,7 @@ def convert_affine(w, name: str = "weight", *, activations: str | None = None,
         if b != 8 or not sch.symmetric or strategy == "group":
             raise LowbitError(f"{name}: W8A8 export needs 8-bit symmetric per-channel weights, got {sch.short_name()}")
         q = w.integers().to(torch.int8)
-        scheme = {"weights": _weight_args(8, True, strategy, None), "input_activations": _int8_token_args()}
+        scheme = {"weights": _weight_args(8, True, strategy, None), "input_activations": _int8_dynamic_args()}
         return {"weight": q.contiguous(), "weight_scale": scales}, scheme, INT8_FORMAT
     if activations is not None:
         raise LowbitError(f"unknown activation quantization {activations!r}; choose int8-dynamic or none")
@@ -215,6 +229,11 @@ def _convert_module(mod, name: str, activations: str | None, group_size: int | N
     kind = type(fmt).name
     if kind == "affine":
         return convert_affine(fmt, name, activations=activations, group_size=group_size)
+    if kind == "dynamic-int8":  # W8A8 by construction: int8 codes per channel, activations per token/tensor
+        rows = fmt.shape[0]
+        scheme = {"weights": _weight_args(8, True, "channel", None),
+                  "input_activations": _int8_dynamic_args(fmt.activations)}
+        return {"weight": fmt.qweight, "weight_scale": fmt.wscale.reshape(rows, 1)}, scheme, INT8_FORMAT
     if kind == "llm-int8":
         raise LowbitError(f"{name}: LLM.int8() weights (outlier decomposition) have no compressed-tensors form; "
                           "export rtn int8 per-channel instead")
