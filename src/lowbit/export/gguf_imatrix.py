@@ -81,8 +81,8 @@ def quantize(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.ndarray:
             raise LowbitError(f"{t}: importance matrix has {imatrix.shape[0]} values for rows of {n}")
         if not np.isfinite(imatrix).all() or (imatrix < 0).any():
             raise LowbitError(f"{t}: importance matrix has negative or non-finite values")
-    elif t != "IQ4_NL":
-        return G.quantize(x, t)
+    if t not in _QUANTIZERS or (imatrix is None and t != "IQ4_NL"):
+        return G.quantize(x, t)  # Q8_0, F16, ternary: llama.cpp ignores the importance matrix
     if rows == 0:
         return np.zeros((0, n // bs * bpb), np.uint8)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
