@@ -55,9 +55,9 @@ def reference_linear(x: Tensor, w, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w.dequantize(dtype=x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def _prepare(x: Tensor, w, bias: Tensor | None):
+def _prepare(x: Tensor, w, bias: Tensor | None, out: Tensor | None = None):
     """(x as [B, in] contiguous float32, bias or None, output [B, out]) — or None if the native
-    path does not handle these inputs."""
+    path does not handle these inputs. ``out``: a contiguous float32 buffer to write into."""
     out_f, in_f = w.shape
     if x.shape[-1] != in_f:
         raise LowbitError(f"input has {x.shape[-1]} features, the sparse layer expects {in_f}")
@@ -66,7 +66,12 @@ def _prepare(x: Tensor, w, bias: Tensor | None):
     if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
         return None
     X = x.reshape(-1, in_f).contiguous()
-    y = torch.empty(X.shape[0], out_f, dtype=torch.float32)
+    if out is None:
+        y = torch.empty(X.shape[0], out_f, dtype=torch.float32)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != X.shape[0] * out_f:
+        raise LowbitError(f"out must be a contiguous float32 tensor of {X.shape[0] * out_f} elements")
+    else:
+        y = out.view(X.shape[0], out_f)
     b = None if bias is None else bias.detach().contiguous()
     return X, b, y
 
@@ -76,9 +81,9 @@ def _ptr(t: Tensor | None):
 
 
 def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
-                     threads: int | None = None):
+                     threads: int | None = None, out: Tensor | None = None):
     lib = _lib()
-    prep = None if lib is None else _prepare(x, w, bias)
+    prep = None if lib is None else _prepare(x, w, bias, out)
     if prep is None:
         return NotImplemented
     X, b, y = prep
@@ -93,9 +98,9 @@ def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *
 
 
 def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
-                      threads: int | None = None):
+                      threads: int | None = None, out: Tensor | None = None):
     lib = _lib()
-    prep = None if lib is None else _prepare(x, w, bias)
+    prep = None if lib is None else _prepare(x, w, bias, out)
     if prep is None:
         return NotImplemented
     X, b, y = prep
