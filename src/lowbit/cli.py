@@ -197,7 +197,16 @@ def cmd_prune(args) -> int:
         setattr(ns, k, None)
     for k in ("per_channel", "per_tensor", "asym", "float_zero", "sym", "restricted", "sequential"):
         setattr(ns, k, False)
-    return cmd_quantize(ns)
+    if args.storage == "nm" and args.pattern is None:
+        raise LowbitError("--storage nm needs --pattern N:M")
+    rc = cmd_quantize(ns)
+    if args.storage != "dense":  # rewrite the pruned layers in a sparse format (lowbit.algorithms.sparse_storage)
+        from lowbit.algorithms.sparse_storage import restore_checkpoint
+
+        info = restore_checkpoint(args.output, args.storage)
+        _log(f"stored {args.storage}: " + ", ".join(f"{sum(1 for f in info['layers'].values() if f == k)} {k}"
+                                                    for k in sorted(set(info["layers"].values()))))
+    return rc
 
 
 def cmd_eval(args) -> int:
@@ -315,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=32)
     pr.add_argument("--seq-len", type=int, default=512)
     pr.add_argument("--device", default="cpu")
+    pr.add_argument("--storage", default="dense", choices=("dense", "nm", "csr", "auto"),
+                    help="how pruned layers are stored: dense zeros, N:M-compressed, CSR, or auto "
+                         "(per layer, what bench/sparse_kernels.py found smaller and not slower; default: dense)")
     pr.add_argument("-o", "--output", required=True, help="output directory")
     pr.set_defaults(func=cmd_prune)
 
