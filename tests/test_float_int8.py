@@ -94,6 +94,25 @@ def test_half_model_save_load_identical_logits(tmp_path, method):
     assert loaded.model.layers[0].mlp.down_proj.weight16.element_size() == 2
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_fused_kernel_matches_widened_reference(dtype):
+    """The C kernel widens in registers and accumulates in float32: the reference's float32
+    product up to summation order (relative to Σ|x||w|); more rows than it handles -> reference."""
+    from lowbit.kernels import halfw, linear, reference
+
+    if halfw.native_lib() is None:
+        pytest.skip("native half kernel not built or CPU lacks F16C/FMA")
+    for M, K, N in [(1, 4096, 9), (3, 100, 7), (8, 576, 33), (5, 17, 3)]:
+        X, W, b = _rand(M, K, seed=K), _rand(N, K, seed=N, scale=0.1), _rand(N, seed=1)
+        w = FloatWeight.cast(W, dtype)
+        y, r = linear(X, w, b), reference.linear(X, w, b)
+        assert ((y - r).abs() <= 1e-6 * (X.abs() @ w.dequantize().abs().T) + 1e-6).all()
+        assert torch.equal(halfw.fused_linear(X, w, b), y)
+    X = _rand(halfw.FUSED_MAX_ROWS + 1, 64, seed=3)
+    w = FloatWeight.cast(_rand(5, 64, seed=4), dtype)
+    assert torch.equal(linear(X, w), reference.linear(X, w))
+
+
 @pytest.mark.parametrize("method", ["fp16", "bf16"])
 def test_half_native_compute_close_to_upcast(method):
     up, _ = _quantized(method)

@@ -36,6 +36,7 @@
 #define AVX2 __attribute__((target("avx2")))
 #define NC 16        /* weight rows per parallel work item (16 x K codes stay in L2) */
 #define MAX_K 133000 /* 127^2 * K < 2^31 */
+#define PAR_MIN_MACS (1 << 22) /* smaller products run on one thread: waking a team costs more */
 #define MAX_K_VNNI 66000 /* (127 + 128) * 127 * K < 2^31 (offset operand, below) */
 
 enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI = 3 };
@@ -379,7 +380,7 @@ static int run_gemm(Gemm *g, int nthreads, int path) {
         g->asum = asum;
     }
     const int64_t nblocks = (g->N + NC - 1) / NC;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nblocks > 1 && g->M * g->N * g->K > 32768)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nblocks > 1 && g->M * g->N * g->K >= PAR_MIN_MACS)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t n0 = b * NC, n1 = n0 + NC < g->N ? n0 + NC : g->N;
         if (path == PATH_VNNI) block_vnni(g, n0, n1);

@@ -1,0 +1,185 @@
+"""Float16/bfloat16, W8A16 and dynamic int8 against fp32: kernel speed and SmolLM2 end to end.
+
+    python bench/int8_paths.py [--markdown] [--max-tokens 4096] [--skip-e2e] [--skip-kernels]
+
+Part 1 — one linear (4096×4096) and one SmolLM2 block's seven linears (q,k,v,o: 576→576/192,
+gate/up: 576→1536, down: 1536→576), y = x Wᵀ at batch 1 and batch 512, every path timed side by
+side in this run (median of repeats, torch's thread count). Batch 1 is shown twice:
+"hot" repeats the call on the same weight, which then sits in the last-level cache whenever it
+fits (an int8 4096² weight is 16 MB, the fp32 one 64 MB); "cold" evicts the caches before every
+call, as a decode step over a whole model does (SmolLM2's weights are far larger than the cache).
+
+Paths: fp32 F.linear; fp16/bf16 weights widened to fp32 per call (lowbit's "half" format,
+compute=fp32) and computed natively in the 16-bit type (compute=native); w8a16 through the
+reference kernel (dequantize, fp32 GEMM) and through the registered fast kernel for the affine
+format, if any; lowbit dynamic int8 (per-token and per-tensor activation scales; the native
+kernel's code path is printed); and fbgemm's dynamic int8 linear (torch.ops.quantized, a peer
+column, not part of lowbit).
+
+Part 2 — SmolLM2-135M end to end with lowbit's perplexity protocol (held-out text, ctx 512):
+ppl, KL to fp32, top-1 agreement, size, prefill and decode tokens/s for fp32, fp16, bf16,
+w8a16 and dynamic int8 (per token, per tensor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.eval.report import format_table
+from lowbit.formats.dynamic_int8 import DynamicInt8Weight
+from lowbit.formats.floatw import FloatWeight
+from lowbit.kernels import FORMAT_KERNELS
+from lowbit.kernels import dynamic_int8 as kdyn
+from lowbit.kernels import linear as kernel_linear
+from lowbit.kernels import reference
+
+SMOL_BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
+FLUSH = torch.empty(0)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "?"
+    keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+            "amx_int8", "amx_bf16")
+    return " ".join(f for f in keep if f in flags)
+
+
+def flush_caches() -> None:
+    FLUSH.add_(1.0)  # touches 128 MB: evicts every cache level of this machine
+
+
+def timed(fn, cold: bool, budget_s: float = 1.5, max_reps: int = 30) -> float:
+    """Median seconds per call."""
+    fn()
+    ts = []
+    t_end = time.perf_counter() + budget_s
+    while len(ts) < 3 or (len(ts) < max_reps and time.perf_counter() < t_end):
+        if cold:
+            flush_caches()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def fbgemm_linear(W: torch.Tensor):
+    """fbgemm's dynamic int8 linear on W (per-channel int8 weights), or None if unavailable."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scale = W.abs().amax(1).clamp_min(1e-12).double() / 127
+            qw = torch.quantize_per_channel(W, scale, torch.zeros(W.shape[0], dtype=torch.long), 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qw, None)
+            torch.ops.quantized.linear_dynamic(torch.zeros(1, W.shape[1]), packed)
+    except Exception:  # noqa: BLE001 (any failure means: no peer column)
+        return None
+    return lambda X: torch.ops.quantized.linear_dynamic(X, packed)
+
+
+def make_paths(W: torch.Tensor) -> dict:
+    """name -> (callable X -> Y) for one weight, or None where the path is unavailable."""
+    from lowbit.algorithms.rtn import rtn_quantize
+    from lowbit.algorithms.w8a16 import W8A16Config
+
+    w8 = rtn_quantize(W, W8A16Config())
+    h16 = {(dt, c): FloatWeight.cast(W, dt, c) for dt in ("float16", "bfloat16") for c in ("fp32", "native")}
+    dyn_t, dyn_T = DynamicInt8Weight.quantize(W, "token"), DynamicInt8Weight.quantize(W, "tensor")
+    return {
+        "fp32": lambda X: F.linear(X, W),
+        "fp16 store, fp32 compute": lambda X: kernel_linear(X, h16["float16", "fp32"]),
+        "fp16 compute": lambda X: kernel_linear(X, h16["float16", "native"]),
+        "bf16 store, fp32 compute": lambda X: kernel_linear(X, h16["bfloat16", "fp32"]),
+        "bf16 compute": lambda X: kernel_linear(X, h16["bfloat16", "native"]),
+        "w8a16 reference": lambda X: reference.linear(X, w8),
+        "w8a16 fast": (lambda X: kernel_linear(X, w8)) if "affine" in FORMAT_KERNELS else None,
+        "dynamic int8 per-token": lambda X: kernel_linear(X, dyn_t),
+        "dynamic int8 per-tensor": lambda X: kernel_linear(X, dyn_T),
+        "fbgemm dynamic int8 (peer)": fbgemm_linear(W),
+    }
+
+
+def kernel_table(markdown: bool) -> str:
+    global FLUSH
+    FLUSH = torch.zeros(32 * 1024 * 1024)
+    g = torch.Generator().manual_seed(0)
+    cases = {"4096²": [(4096, 4096)], "SmolLM2 block": SMOL_BLOCK}
+    layers = {k: [make_paths(torch.randn(o, i, generator=g) * 0.02) for o, i in shapes] for k, shapes in cases.items()}
+    names = list(layers["4096²"][0])
+    cols = [("4096²", 1, False), ("4096²", 1, True), ("4096²", 512, False),
+            ("SmolLM2 block", 1, False), ("SmolLM2 block", 1, True), ("SmolLM2 block", 512, False)]
+    res: dict = {}
+    for case, M, cold in cols:
+        xs = [torch.randn(M, i, generator=g) for _, i in cases[case]]
+        for name in names:
+            fns = [p[name] for p in layers[case]]
+            if any(f is None for f in fns):
+                res[name, case, M, cold] = None
+                continue
+            with torch.inference_mode():
+                res[name, case, M, cold] = timed(lambda: [f(x) for f, x in zip(fns, xs)], cold,
+                                                 budget_s=1.0 if M == 1 else 2.0, max_reps=40 if M == 1 else 5)
+    rows = []
+    for name in names:
+        row = {"path": name}
+        for case, M, cold in cols:
+            t, base = res[name, case, M, cold], res["fp32", case, M, cold]
+            key = f"{case} b{M}{' cold' if cold else (' hot' if M == 1 else '')}"
+            row[key] = "-" if t is None else f"{1e3 * t:.3f} ms ({base / t:.2f}×)"
+        rows.append(row)
+    columns = [("path", "path", "s")] + [(k, k, "s") for k in rows[0] if k != "path"]
+    return format_table(rows, columns, markdown=markdown)
+
+
+def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None) -> str:
+    from lowbit import api
+    from lowbit.cli import quiet_transformers
+    from lowbit.eval.quality import PplProtocol
+    from lowbit.evaluate import EvalSettings, compare, render
+
+    quiet_transformers()
+    variants = {"fp32": api.load(model_spec)}
+    for label, method, opts in (("fp16", "fp16", {}), ("bf16", "bf16", {}), ("w8a16", "w8a16", {}),
+                                ("dynamic int8 per-token", "dynamic-int8", {"activations": "token"}),
+                                ("dynamic int8 per-tensor", "dynamic-int8", {"activations": "tensor"})):
+        m = api.load(model_spec)
+        api.quantize(m, method, progress=False, **opts)
+        variants[label] = m
+    settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=max_tokens), latency=True, progress=False)
+    rows = compare(variants, "fp32", settings)
+    return render(rows, markdown=markdown) + f"\n\n{rows[0]['n_tokens']} held-out tokens, ctx 512"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}; "
+          f"lowbit dynamic int8 path: {kdyn.native_path() or 'reference (torch)'}; "
+          f"w8a16 fast kernel: {'yes' if 'affine' in FORMAT_KERNELS else 'none registered'}\n")
+    if not args.skip_kernels:
+        print(kernel_table(args.markdown))
+        print(f"\n(kernels: {time.perf_counter() - t0:.0f} s)\n", file=sys.stderr)
+    if not args.skip_e2e:
+        print(e2e_table(args.markdown, args.max_tokens, args.model))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
