@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.algorithms.static_int8 import StaticInt8Config, calibrate, convert, prepare, quantize_static
+from lowbit.algorithms.static_int8 import (
+    ALPHA_GRID,
+    StaticInt8Config,
+    prepare,
+    quantize_static,
+    search_smooth_alpha,
+    smooth_factors,
+)
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.kernels import static_int8 as K
@@ -222,8 +229,8 @@ def _tiny():
     return tiny_llama()
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.5])
-def test_llm_method_exact_int32_and_fake_quant(alpha):
+@pytest.mark.parametrize("alpha,search", [(0.0, False), (0.5, False), (0.0, True)])
+def test_llm_method_exact_int32_and_fake_quant(alpha, search):
     from lowbit.algorithms.base import make_method
     from lowbit.calibration.sequential import run_sequential
     from lowbit.formats.static_int8 import StaticInt8Weight
@@ -233,12 +240,14 @@ def test_llm_method_exact_int32_and_fake_quant(alpha):
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     samples = torch.randint(0, 96, (4, 32), generator=g)
-    meth = make_method("static-int8", observer="percentile", smooth_alpha=alpha)
+    meth = make_method("static-int8", observer="percentile", smooth_alpha=alpha, smooth_search=search)
     run_sequential(model, meth, samples, progress=False)
+    if search:
+        assert set(meth.describe()["smooth_alpha_per_layer"].values()) <= set(ALPHA_GRID)
     qls = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert qls and all(isinstance(q.weight_format, StaticInt8Weight) for q in qls)
     w = qls[0].weight_format
-    assert (w.smooth is not None) == (alpha > 0)
+    assert (w.smooth is not None) == (alpha > 0 or search)
     x = torch.randn(3, 5, w.shape[1], generator=g)
     b = torch.randn(w.shape[0], generator=g)
     # exact int32: the chunked float GEMM path equals int64 matmul and the naive loops
@@ -263,6 +272,19 @@ def test_llm_method_exact_int32_and_fake_quant(alpha):
         lq = torch.log_softmax(model(ids).logits, -1)
     kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
     assert kl < 0.05, kl
+
+
+def test_smooth_search_prefers_migration_for_an_outlier_channel():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(512, 64, generator=g)
+    X[:, 3] *= 80.0  # one outlier feature, as in LLM activations
+    W = torch.randn(32, 64, generator=g) * 0.05
+    cfg = StaticInt8Config()
+    alpha, errs = search_smooth_alpha(X, W, cfg)
+    assert alpha > 0 and errs[alpha] < 0.5 * errs[0.0]
+    s = smooth_factors(X.abs().amax(0), W, 0.5)
+    # migration is exact in float: (X / s) (W s)^T = X W^T
+    assert torch.allclose((X / s) @ (W * s).T, X @ W.T, rtol=1e-4, atol=1e-3)
 
 
 def test_llm_checkpoint_round_trip(tmp_path):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.observers import OBSERVERS, MinMaxObserver, get_observer
+from lowbit.core.observers import OBSERVERS, get_observer
 from lowbit.core.primitives import check_finite
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
@@ -62,6 +62,7 @@ class StaticInt8Config:
     percentile: float = 99.99     # for observer="percentile"
     n_bins: int = 2048            # for the histogram observers
     smooth_alpha: float = 0.0     # LLMs: SmoothQuant migration strength (0 = off)
+    smooth_search: bool = False   # LLMs: pick alpha per layer from ALPHA_GRID by output error
     matmul: str = "auto"          # LLMs: exact int32 via "int" (int64 matmul) or "float" (chunked fp32 GEMM)
 
     def __post_init__(self):
@@ -212,6 +213,40 @@ def smooth_factors(x_absmax: Tensor, W: Tensor, alpha: float) -> Tensor:
     return torch.where(ok, s, torch.ones_like(s))
 
 
+ALPHA_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def w8a8_output(X: Tensor, W: Tensor, s: Tensor, cfg: StaticInt8Config) -> Tensor:
+    """Float simulation of the W8A8 layer with smoothing factors s and a min-max input range
+    (used only to rank smoothing strengths)."""
+    from lowbit.nn.fake_quant import fake_quantize
+    from lowbit.nn.static_int8 import act_qparams
+
+    sc = cfg.scheme
+    Xs = X / s
+    a = act_qparams(Xs.min(), Xs.max(), sc.bits, sc.symmetric, sc.restricted_range)
+    Xq = fake_quantize(Xs, a.scale, float(a.zero), a.qmin, a.qmax)
+    qw, s_w = quantize_weight(W * s[None, :], sc.bits, sc.restricted_range, cfg.per_channel)
+    return Xq @ (qw.float() * s_w[:, None]).T
+
+
+def search_smooth_alpha(X: Tensor, W: Tensor, cfg: StaticInt8Config, grid=ALPHA_GRID,
+                        max_rows: int = 2048) -> tuple[float, dict[float, float]]:
+    """The SmoothQuant strength from ``grid`` whose W8A8 output (min-max ranges) is closest in
+    mean squared error to the float output X Wᵀ on (up to ``max_rows`` of) the calibration rows."""
+    W = W.detach().float()
+    if X.shape[0] > max_rows:
+        X = X[torch.linspace(0, X.shape[0] - 1, max_rows).long()]
+    ref = X @ W.T
+    absmax = X.abs().amax(dim=0)
+    errs = {}
+    for a in grid:
+        s = smooth_factors(absmax, W, a) if a > 0 else torch.ones(X.shape[1])
+        errs[a] = float((w8a8_output(X, W, s, cfg) - ref).pow(2).mean())
+    best = min(errs, key=errs.get)
+    return best, errs
+
+
 @register_method("static-int8")
 class StaticInt8(Method):
     """W8A8 static: see the module docstring."""
@@ -221,41 +256,51 @@ class StaticInt8(Method):
 
     def __init__(self, config: StaticInt8Config):
         super().__init__(config)
-        self._absmax: dict[str, MinMaxObserver] = {}
+        self._inputs: dict[str, list[Tensor]] = {}
         self._obs: dict[str, object] = {}
         self._smooth: dict[str, Tensor] = {}
+        self._alpha: dict[str, float] = {}
+
+    @property
+    def smoothing(self) -> bool:
+        return self.config.smooth_alpha > 0 or self.config.smooth_search
 
     def observe(self, layer_name: str, module: nn.Linear, x: Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1])
-        if self.config.smooth_alpha > 0:  # first pass: per-channel |x| max; the observer runs later
-            self._absmax.setdefault(layer_name, MinMaxObserver(axis=1)).update(x2.abs())
+        # one observer update per calibration sequence (moving averages step per sample)
+        seqs = list(x.detach().float().reshape(-1, x.shape[-2] if x.dim() > 2 else 1, x.shape[-1]))
+        if self.smoothing:  # keep the inputs: the smoothing factors must be known before observing
+            self._inputs.setdefault(layer_name, []).extend(t.cpu() for t in seqs)
         else:
-            self._obs.setdefault(layer_name, self.config.make_observer()).update(x2)
+            obs = self._obs.setdefault(layer_name, self.config.make_observer())
+            for t in seqs:
+                obs.update(t)
 
     def transform_block(self, block: nn.Module, prefix: str, inputs: list[Tensor], block_kwargs: dict) -> None:
-        if self.config.smooth_alpha <= 0:
+        if not self.smoothing:
             return
         from lowbit.models.families import linear_layers
 
-        layers = linear_layers(block)
-        handles = []
-        for name, lin in layers.items():
+        for name, lin in linear_layers(block).items():
             full = f"{prefix}.{name}"
-            s = smooth_factors(self._absmax.pop(full).max, lin.weight, self.config.smooth_alpha)
+            seqs = self._inputs.pop(full)
+            X = torch.cat(seqs)
+            if self.config.smooth_search:
+                alpha, _ = search_smooth_alpha(X, lin.weight, self.config)
+            else:
+                alpha = self.config.smooth_alpha
+            s = smooth_factors(X.abs().amax(dim=0), lin.weight, alpha) if alpha > 0 else torch.ones(X.shape[1])
             self._smooth[full] = s
+            self._alpha[full] = alpha
+            obs = self.config.make_observer()
+            for t in seqs:
+                obs.update(t / s)
+            self._obs[full] = obs
 
-            def hook(mod, args, out, full=full, s=s):
-                x = args[0].detach()
-                self._obs.setdefault(full, self.config.make_observer()).update((x / s).reshape(-1, x.shape[-1]))
-
-            handles.append(lin.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                for x in inputs:
-                    block(x, **block_kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+    def describe(self) -> dict:
+        d = super().describe()
+        if self._alpha:
+            d["smooth_alpha_per_layer"] = dict(self._alpha)
+        return d
 
     def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
         from lowbit.formats.static_int8 import StaticInt8Weight
