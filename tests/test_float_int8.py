@@ -301,6 +301,52 @@ def test_data_free_methods_work_on_any_linear_model():
         assert (net(x) - ref(x)).abs().max() < 0.02
 
 
+# -- dynamic int8 Conv2d -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activations", ["token", "tensor"])
+@pytest.mark.parametrize("geom", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=2, dilation=(1, 2))])
+def test_dynamic_int8_conv2d_is_im2col_plus_the_int8_matmul(activations, geom):
+    from lowbit.nn.dynamic_conv import DynamicInt8Conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, **geom)
+    x = _rand(2, 5, 11, 10, seed=2)
+    q = DynamicInt8Conv2d.from_float(conv, activations)
+    with torch.no_grad():
+        y, y_float = q(x), conv(x)
+    # naive: every output pixel's receptive field is one activation row of the reference matmul
+    kh, kw = conv.kernel_size
+    cols = F.unfold(x, (kh, kw), dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    w = DynamicInt8Weight.quantize(conv.weight.detach().reshape(7, -1), activations)
+    ref = kdyn.reference_linear(cols.transpose(1, 2).reshape(-1, 5 * kh * kw), w, conv.bias.detach())
+    assert y.shape == y_float.shape
+    assert torch.equal(y, ref.reshape(2, -1, 7).transpose(1, 2).reshape(y.shape))
+    assert (y - y_float).norm() / y_float.norm() < 0.02
+
+
+def test_quantize_dynamic_converts_a_cnn_and_refuses_grouped_convs():
+    from lowbit.algorithms.dynamic_int8 import quantize_dynamic
+    from lowbit.nn.dynamic_conv import DynamicInt8Conv2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(16 * 2 * 2, 10))
+    x = _rand(4, 1, 8, 8, seed=1)
+    with torch.no_grad():
+        y0 = net(x)
+        q = quantize_dynamic(copy.deepcopy(net))
+        y1 = q(x)
+    assert sum(isinstance(m, DynamicInt8Conv2d) for m in q.modules()) == 2
+    assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 1
+    assert (y1 - y0).norm() / y0.norm() < 0.03
+    with pytest.raises(LowbitError, match="groups"):
+        quantize_dynamic(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+    with pytest.raises(LowbitError, match="padding"):
+        quantize_dynamic(nn.Sequential(nn.Conv2d(4, 4, 3, padding="same")))
+    with pytest.raises(LowbitError, match="channels"):
+        q[0](torch.ones(1, 2, 8, 8))
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 def test_cli_quantize_dynamic_int8(tmp_path, capsys):

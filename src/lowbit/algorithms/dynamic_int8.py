@@ -3,7 +3,9 @@ activations quantized at run time, per token row (default) or per tensor; the ma
 int8 × int8 → int32 and is rescaled once to float (`lowbit.kernels.dynamic_int8`).
 
 The classic "dynamic quantization" of TensorFlow Lite and PyTorch, written from the formulas
-rather than on a deprecated quantization framework. Per-token scales are what keeps small LLMs
+rather than on a deprecated quantization framework. nn.Conv2d layers (groups = 1) become
+`DynamicInt8Conv2d` (im2col + the same int8 matmul): `quantize_dynamic(model)` converts the
+Linear and Conv2d layers of any network. Per-token scales are what keeps small LLMs
 usable: a few huge activation features would otherwise set one coarse scale for every token.
 """
 
@@ -18,6 +20,7 @@ from lowbit.algorithms.base import Method
 from lowbit.core.primitives import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight, check_activations
+from lowbit.nn.dynamic_conv import DynamicInt8Conv2d
 from lowbit.nn.linear import QuantizedLinear
 
 
@@ -34,8 +37,24 @@ class DynamicInt8(Method):
     config_cls = DynamicInt8Config
     needs_calibration = False
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Module) -> nn.Module:
+        """nn.Linear -> QuantizedLinear; nn.Conv2d (groups=1) -> DynamicInt8Conv2d."""
         check_finite(module.weight, layer_name)
         with torch.no_grad():
+            if isinstance(module, nn.Conv2d):
+                return DynamicInt8Conv2d.from_float(module, self.config.activations)
             fmt = DynamicInt8Weight.quantize(module.weight.float(), self.config.activations)
         return QuantizedLinear(fmt, module.bias)
+
+
+def quantize_dynamic(model: nn.Module, activations: str = "token") -> nn.Module:
+    """Replace every nn.Linear and nn.Conv2d of any model with its dynamic int8 twin, in place
+    (for ordinary networks such as CNNs; `lowbit.api.quantize` covers the Linear layers of LLMs
+    and encoders). Returns the model."""
+    meth = DynamicInt8(DynamicInt8Config(activations))
+    targets = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, meth.apply(name, mod))
+    return model

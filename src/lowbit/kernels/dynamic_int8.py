@@ -177,22 +177,26 @@ def linear(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None) -> Tenso
     return y.reshape(*lead, out_f).to(x.dtype)
 
 
-def conv2d(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None, kernel_size: tuple[int, int],
-           stride=1, padding=0, dilation=1) -> Tensor:
-    """Dynamic int8 Conv2d (groups=1) as im2col + the same int8 matmul: each output pixel's
-    receptive field [C_in·kh·kw] is one "token" row, so per-token scales are per pixel.
-    ``w`` holds the conv weight flattened to [C_out, C_in·kh·kw]."""
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv2d(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None, kernel_size, stride=1, padding=0,
+           dilation=1) -> Tensor:
+    """Dynamic int8 Conv2d (groups=1, zero padding) as im2col + the same int8 matmul: each output
+    pixel's receptive field [C_in·kh·kw] is one activation row, so per-token scales are per pixel
+    (per-tensor: one scale for the whole input). ``w`` is the conv weight flattened to
+    [C_out, C_in·kh·kw] (PyTorch's order: channel, then kernel row, then kernel column)."""
     if x.dim() != 4:
         raise LowbitError(f"conv2d expects input [N, C, H, W], got shape {tuple(x.shape)}")
-    kh, kw = kernel_size
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
     if x.shape[1] * kh * kw != w.shape[1]:
         raise LowbitError(f"input has {x.shape[1]} channels, the int8 conv expects {w.shape[1] // (kh * kw)}")
     n, _, h, wd = x.shape
-    cols = F.unfold(x.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C·kh·kw, L]
-    sh, sw_ = (stride, stride) if isinstance(stride, int) else stride
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw_ + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise LowbitError(f"input {h}×{wd} is smaller than the {kh}×{kw} kernel (padding {ph}, {pw})")
+    cols = F.unfold(x.detach().float(), (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))  # [N, CKK, L]
     y = linear(cols.transpose(1, 2), w, bias)  # [N, L, C_out]
     return y.transpose(1, 2).reshape(n, w.shape[0], oh, ow).to(x.dtype)

@@ -1,0 +1,53 @@
+"""DynamicInt8Conv2d: a drop-in for nn.Conv2d (groups = 1, zero padding) with dynamic int8 compute.
+
+The weight [C_out, C_in, kh, kw] is flattened to [C_out, C_in·kh·kw] and stored as a
+`DynamicInt8Weight` (int8 codes, one scale per output channel); the forward pass is im2col
+(``F.unfold``) followed by the dynamic int8 matmul, so each output pixel's receptive field is one
+activation row with its own scale ("token" granularity) — or one scale for the whole input
+("tensor"). See `lowbit.kernels.dynamic_int8.conv2d`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lowbit.errors import LowbitError
+from lowbit.formats.dynamic_int8 import DynamicInt8Weight
+from lowbit.kernels import dynamic_int8 as kdyn
+
+
+class DynamicInt8Conv2d(nn.Module):
+    def __init__(self, weight_format: DynamicInt8Weight, bias: Tensor | None, in_channels: int,
+                 kernel_size: tuple[int, int], stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+        super().__init__()
+        kh, kw = kernel_size
+        if weight_format.shape[1] != in_channels * kh * kw:
+            raise LowbitError(f"weight has {weight_format.shape[1]} columns, expected {in_channels}·{kh}·{kw}")
+        self.in_channels, self.out_channels = in_channels, weight_format.shape[0]
+        self.kernel_size, self.stride, self.padding, self.dilation = (kh, kw), tuple(stride), tuple(padding), tuple(dilation)
+        self.activations = weight_format.activations
+        self.register_buffer("qweight", weight_format.qweight)
+        self.register_buffer("wscale", weight_format.wscale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, activations: str = "token") -> "DynamicInt8Conv2d":
+        if conv.groups != 1:
+            raise LowbitError(f"dynamic int8 conv supports groups=1 only, got groups={conv.groups}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise LowbitError(f"dynamic int8 conv needs explicit zero padding, got {conv.padding!r}/{conv.padding_mode}")
+        W = conv.weight.detach().float().reshape(conv.out_channels, -1)
+        fmt = DynamicInt8Weight.quantize(W, activations)
+        return cls(fmt, conv.bias, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+
+    @property
+    def weight_format(self) -> DynamicInt8Weight:
+        return DynamicInt8Weight(qweight=self.qweight, wscale=self.wscale, shape=tuple(self.qweight.shape),
+                                 activations=self.activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kdyn.conv2d(x, self.weight_format, self.bias, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, activations={self.activations}")
