@@ -175,9 +175,10 @@ def convert(fq: FakeQuantSequential) -> IntegerSequential:
             bias = None if m.layer.bias is None else m.layer.bias.detach()
             if isinstance(m, FakeQuantConv2d):
                 c = m.layer
-                mods.append(IntegerConv2d(qw, s_w, bias, in_aq, out_aq, m.relu, c.stride, c.padding, c.dilation))
+                mods.append(IntegerConv2d(qw, s_w, bias, in_aq, out_aq, m.relu, c.stride, c.padding, c.dilation,
+                                          weight_bits=m.w_bits))
             else:
-                mods.append(IntegerLinear(qw, s_w, bias, in_aq, out_aq, m.relu))
+                mods.append(IntegerLinear(qw, s_w, bias, in_aq, out_aq, m.relu, weight_bits=m.w_bits))
             in_aq = out_aq
         elif isinstance(m, nn.MaxPool2d):
             mods.append(IntegerMaxPool2d(m.kernel_size, m.stride, m.padding))

@@ -106,7 +106,7 @@ class _IntegerAffine(nn.Module):
     """Shared by IntegerLinear / IntegerConv2d: codes, int32 bias, per-channel (M0, n)."""
 
     def __init__(self, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, in_aq: ActQParams,
-                 out_aq: ActQParams, relu: bool):
+                 out_aq: ActQParams, relu: bool, weight_bits: int = 8):
         super().__init__()
         self.in_aq, self.out_aq, self.relu = in_aq, out_aq, bool(relu)
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
@@ -116,6 +116,7 @@ class _IntegerAffine(nn.Module):
         M0, n = K.quantize_multipliers(M)
         self.register_buffer("M0", M0.to(torch.int32))
         self.register_buffer("shift", n.to(torch.int32))
+        self.weight_bits = int(weight_bits)
         self.act_min = max(out_aq.qmin, out_aq.zero) if relu else out_aq.qmin
         self.act_max = out_aq.qmax
         self.matmul = "auto"
@@ -144,8 +145,8 @@ class IntegerLinear(_IntegerAffine):
 
 
 class IntegerConv2d(_IntegerAffine):
-    def __init__(self, qweight, w_scale, bias, in_aq, out_aq, relu, stride=1, padding=0, dilation=1):
-        super().__init__(qweight, w_scale, bias, in_aq, out_aq, relu)
+    def __init__(self, qweight, w_scale, bias, in_aq, out_aq, relu, stride=1, padding=0, dilation=1, weight_bits=8):
+        super().__init__(qweight, w_scale, bias, in_aq, out_aq, relu, weight_bits)
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
     def accumulators(self, q: Tensor) -> Tensor:
@@ -184,9 +185,13 @@ class IntegerSequential(nn.Sequential):
             x = m(x)
         return x
 
-    def stored_bytes(self) -> int:
-        """Bytes of everything the integer model stores (codes, int32 biases, multipliers, shifts,
-        weight scales) plus 8 bytes (scale, zero-point) per activation tensor."""
-        n = sum(m.nbytes() for m in self if isinstance(m, _IntegerAffine))
-        n_act = 1 + sum(1 for m in self if isinstance(m, _IntegerAffine))
-        return n + 8 * n_act
+    def stored_bytes(self, packed: bool = True) -> int:
+        """Bytes an integer-only runtime needs: weight codes (packed at their bit width, or one
+        byte each), int32 biases, int32 multipliers M0 and one-byte shifts per output channel,
+        and 8 bytes (scale, zero-point) for the input and the output of the network."""
+        n = 0
+        for m in self:
+            if isinstance(m, _IntegerAffine):
+                bits = m.weight_bits if packed else 8
+                n += -(-m.qweight.numel() * bits // 8) + m.qweight.shape[0] * (4 + 4 + 1)
+        return n + 16
