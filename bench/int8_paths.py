@@ -9,8 +9,10 @@ side in this run (median of repeats, torch's thread count). Batch 1 is shown twi
 fits (an int8 4096² weight is 16 MB, the fp32 one 64 MB); "cold" evicts the caches before every
 call, as a decode step over a whole model does (SmolLM2's weights are far larger than the cache).
 
-Paths: fp32 F.linear; fp16/bf16 weights widened to fp32 per call (lowbit's "half" format,
-compute=fp32) and computed natively in the 16-bit type (compute=native); w8a16 through the
+Paths: fp32 F.linear; fp16/bf16 weights (lowbit's "half" format) widened to a float32 copy per
+call (the reference), through lowbit's default kernel (compute=fp32: the fused C kernel widens in
+registers for up to 8 rows, larger batches take the upcast path), and computed natively in the
+16-bit type by torch (compute=native: activations and outputs rounded to 16 bits); w8a16 through the
 reference kernel (dequantize, fp32 GEMM) and through the registered fast kernel for the affine
 format, if any; lowbit dynamic int8 (per-token and per-tensor activation scales; the native
 kernel's code path is printed); and fbgemm's dynamic int8 linear (torch.ops.quantized, a peer
@@ -97,10 +99,12 @@ def make_paths(W: torch.Tensor) -> dict:
     dyn_t, dyn_T = DynamicInt8Weight.quantize(W, "token"), DynamicInt8Weight.quantize(W, "tensor")
     return {
         "fp32": lambda X: F.linear(X, W),
-        "fp16 store, fp32 compute": lambda X: kernel_linear(X, h16["float16", "fp32"]),
-        "fp16 compute": lambda X: kernel_linear(X, h16["float16", "native"]),
-        "bf16 store, fp32 compute": lambda X: kernel_linear(X, h16["bfloat16", "fp32"]),
-        "bf16 compute": lambda X: kernel_linear(X, h16["bfloat16", "native"]),
+        "fp16 store, upcast per call": lambda X: reference.linear(X, h16["float16", "fp32"]),
+        "fp16 store, fused C (default)": lambda X: kernel_linear(X, h16["float16", "fp32"]),
+        "fp16 compute (torch)": lambda X: kernel_linear(X, h16["float16", "native"]),
+        "bf16 store, upcast per call": lambda X: reference.linear(X, h16["bfloat16", "fp32"]),
+        "bf16 store, fused C (default)": lambda X: kernel_linear(X, h16["bfloat16", "fp32"]),
+        "bf16 compute (torch)": lambda X: kernel_linear(X, h16["bfloat16", "native"]),
         "w8a16 reference": lambda X: reference.linear(X, w8),
         "w8a16 fast": (lambda X: kernel_linear(X, w8)) if "affine" in FORMAT_KERNELS else None,
         "dynamic int8 per-token": lambda X: kernel_linear(X, dyn_t),
