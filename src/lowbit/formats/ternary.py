@@ -1,0 +1,113 @@
+"""TernaryWeight: weights in {-1, 0, +1} times one absmean scale (BitNet b1.58).
+
+Ma et al. 2024, "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits", eq. (1)-(3):
+
+    gamma    = (1 / nm) * sum_ij |W_ij|                       absmean of the slice
+    W~_ij    = RoundClip(W_ij / (gamma + eps), -1, 1)         RoundClip(x, a, b) = max(a, min(b, round(x)))
+    W_hat_ij = gamma * W~_ij                                   (the dequantized weight)
+
+The paper uses one gamma per tensor; ``granularity="channel"`` keeps one per output row instead
+(the same formula over each row), which costs 32 bits per row and follows the rows' spread.
+
+Stored tensors:
+
+* ``qweight``  uint8   [out, packed_row_bytes(in, 2)]  codes u = W~ + 1 in {0, 1, 2}, packed
+  2 bits each row by row with `lowbit.core.packing` (code j of a byte at bits 2j..2j+1; u = 3
+  never occurs and is rejected)
+* ``scales``   float32 [1] (per tensor) or [out] (per channel): gamma
+
+Bits per weight: 2 + 32/(out*in) per tensor (2 + 32/in per channel). The 2-bit codes waste
+log2(4/3) of a bit against the 1.58-bit entropy bound, for a byte layout that unpacks with two
+shifts and a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.core import packing
+from lowbit.core.registry import register_format
+from lowbit.errors import LowbitError
+from lowbit.formats.base import StoredSize
+
+GRANULARITIES = ("tensor", "channel")
+
+
+@register_format("ternary")
+@dataclass
+class TernaryWeight(StoredSize):
+    qweight: Tensor
+    scales: Tensor
+    shape: tuple[int, int]
+    granularity: str = "tensor"
+
+    tensor_names = ("qweight", "scales")
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_ternary(cls, T: Tensor, gamma: Tensor, granularity: str = "tensor") -> "TernaryWeight":
+        """Pack T [out, in] with values in {-1, 0, 1} and its scale(s) gamma ([1] or [out])."""
+        if T.dim() != 2:
+            raise LowbitError(f"expected a 2-D ternary weight, got shape {tuple(T.shape)}")
+        if T.numel() and (int(T.min()) < -1 or int(T.max()) > 1):
+            raise LowbitError(f"ternary values must be -1, 0 or 1, got [{int(T.min())}, {int(T.max())}]")
+        w = cls(qweight=packing.pack(T.to(torch.int64) + 1, 2),
+                scales=gamma.detach().to(torch.float32).reshape(-1).contiguous(),
+                shape=(int(T.shape[0]), int(T.shape[1])), granularity=granularity)
+        w.validate()
+        return w
+
+    # -- reading ----------------------------------------------------------------------------
+    def ternary(self) -> Tensor:
+        """W~ as int8 [out, in], values in {-1, 0, 1}."""
+        return (packing.unpack_u8(self.qweight, 2, self.shape[1]).to(torch.int8) - 1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """gamma * W~ in float32 (exact: W~ is -1, 0 or 1), then cast to dtype."""
+        W = self.ternary().to(torch.float32)
+        g = self.scales.float()
+        W.mul_(g.reshape(()) if self.granularity == "tensor" else g[:, None])
+        return W if dtype == torch.float32 else W.to(dtype)
+
+    # -- storage ----------------------------------------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales}
+
+    def meta(self) -> dict:
+        return {"format": "ternary", "shape": list(self.shape), "granularity": self.granularity}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "TernaryWeight":
+        try:
+            shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+            gran = str(meta.get("granularity", "tensor"))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise LowbitError(f"ternary metadata is malformed ({e!r}): {meta}") from None
+        w = cls(qweight=tensors["qweight"], scales=tensors["scales"], shape=shape, granularity=gran)
+        w.validate()
+        return w
+
+    def validate(self) -> None:
+        rows, cols = self.shape
+        if rows <= 0 or cols <= 0:
+            raise LowbitError(f"ternary weight shape must be positive, got {self.shape}")
+        if self.granularity not in GRANULARITIES:
+            raise LowbitError(f"ternary granularity must be tensor or channel, got {self.granularity!r}")
+        exp_q = (rows, packing.packed_row_bytes(cols, 2))
+        if tuple(self.qweight.shape) != exp_q or self.qweight.dtype != torch.uint8:
+            raise LowbitError(f"ternary qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, "
+                              f"expected {exp_q}/uint8")
+        exp_s = (1,) if self.granularity == "tensor" else (rows,)
+        if tuple(self.scales.shape) != exp_s or self.scales.dtype != torch.float32:
+            raise LowbitError(f"ternary scales have shape {tuple(self.scales.shape)}/{self.scales.dtype}, "
+                              f"expected {exp_s}/float32")
+        if not torch.isfinite(self.scales).all():
+            raise LowbitError("ternary scales contain NaN/Inf")
+        # code 3 would decode to +2: only a corrupt file holds it
+        q = self.qweight
+        if bool((((q >> 0) & 3) == 3).any() | (((q >> 2) & 3) == 3).any()
+                | (((q >> 4) & 3) == 3).any() | (((q >> 6) & 3) == 3).any()):
+            raise LowbitError("ternary qweight holds the invalid 2-bit code 3")

@@ -1,0 +1,315 @@
+"""Fast CPU kernels for packed weights with float32 activations: affine (2/4/8-bit, grouped or
+per-channel, symmetric or with integer / float zero-points), NF4 and ternary.
+
+Why plain C + OpenMP loaded with ctypes (``csrc/cpu_linear.c``):
+
+* The work is a weight-streaming GEMV: at batch 1 every packed byte is read once, so the kernel
+  must unpack in registers and never materialise a float copy of the weight. Nothing in torch
+  does that for these layouts with fp32 activations (torch's int4 CPU kernel runs at 0.04x fp32
+  here), and a torch.compile'd "unpack then matmul" still writes the float weight.
+* Plain C needs only a C compiler at install (no torch headers, no Python C API, no build-time
+  torch), runs under any torch version, and dispatches on the CPU at run time (AVX-512 /
+  AVX2+FMA+F16C / portable C) with per-function target attributes, so one build fits every x86-64
+  CPU. numba would add a core dependency and a JIT warm-up per process.
+* The cost of crossing into C through ctypes is small next to the kernels: measured with
+  `bench/kernels.py --overhead` (a C function with the same 20 arguments that does nothing)
+  at about 2 us per call here, against 10-40 us for a SmolLM2 layer at batch 1; the
+  whole Python wrapper (checks, output allocation, pointers) adds about as much again.
+* OpenMP shares torch's runtime (torch ships ``libgomp.so.1``, which the dynamic linker reuses
+  for this library), so the kernels use torch's thread pool: no second set of spinning threads.
+  The thread count follows ``torch.get_num_threads()``; calls with under 48 KiB of weights run on
+  one thread (waking a second costs more than it saves).
+
+Dispatch: batch rows <= ``FUSED_MAX_ROWS`` run the fused kernel (unpack once per weight row,
+multiply with up to 8 activation rows per pass). Larger batches (prefill) dequantize the whole
+weight once in C (one pass, faster than the reference's torch ops) and call the float GEMM:
+at those sizes the GEMM is compute bound and MKL's blocking beats a fused kernel (measured in
+`bench/kernels.py --crossover`).
+
+Every function returns ``NotImplemented`` for what it does not handle, and the reference path
+(`lowbit.kernels.reference.linear`) runs then: non-CPU tensors, activations that are not
+float32, autograd through x, affine bit widths other than 2/4/8, NF4 rows that straddle blocks
+(in_features odd or not a multiple of the block size), a missing native library, or
+``LOWBIT_NATIVE=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit.kernels import _native, register_kernel
+
+FUSED_MAX_ROWS = 32  # batch rows up to which the fused kernel runs (above: dequantize + GEMM)
+
+_ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+_ISA_LEVELS = {v: k for k, v in _ISA_NAMES.items()}
+
+_vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+class _AffineWeightC(ctypes.Structure):
+    """Mirror of ``lb_affine_weight`` in csrc/cpu_linear.c."""
+    _fields_ = [("qw", _vp), ("scales", _vp), ("qz", _vp), ("fz", _vp),
+                ("K", _i64), ("N", _i64), ("row_bytes", _i64), ("s_stride", _i64), ("G", _i64),
+                ("n_groups", _i64), ("qz_stride", _i64),
+                ("bits", ctypes.c_int32), ("scales_f16", ctypes.c_int32), ("fz_f16", ctypes.c_int32),
+                ("zconst", _f32)]
+
+_AFFINE_ARGS = [_vp, _i64, _i64, _i64, _vp, _i64, _i32, _vp, _i32, _i64, _i64, _i64, _vp, _i64, _vp, _i32,
+                _f32, _vp, _vp, _i32]
+_state: dict = {}
+
+
+def library():
+    """The loaded native library with its function signatures set, or None (not built, or
+    ``LOWBIT_NATIVE=0``)."""
+    if not _native.enabled():
+        return None
+    lib = _state.get("lib", False)
+    if lib is False:
+        lib = _native.load("cpu_linear")
+        if lib is not None:
+            for name, args in (("lb_affine_linear", _AFFINE_ARGS), ("lb_noop", _AFFINE_ARGS),
+                               ("lb_affine_dequant", [_i64, _i64, _vp, _i64, _i32, _vp, _i32, _i64, _i64, _i64,
+                                                      _vp, _i64, _vp, _i32, _f32, _vp, _i32]),
+                               ("lb_nf4_linear", [_vp, _i64, _i64, _i64, _vp, _vp, _i32, _vp, _i64, _f32, _i64,
+                                                  _vp, _vp, _vp, _vp, _i32]),
+                               ("lb_affine_linear_w", [_vp, _vp, _i64, _vp, _vp, _i32]),
+                               ("lb_noop_w", [_vp, _vp, _i64, _vp, _vp, _i32]),
+                               ("lb_set_isa", [_i32]), ("lb_isa", []), ("lb_isa_max", []),
+                               ("lb_set_min_parallel_bytes", [_i64])):
+                fn = getattr(lib, name)
+                fn.argtypes = args
+                fn.restype = ctypes.c_int if name != "lb_set_min_parallel_bytes" else None
+        _state["lib"] = lib
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def isa() -> str:
+    """The instruction set the kernels use now: "avx512", "avx2" or "scalar"."""
+    lib = library()
+    return "none" if lib is None else _ISA_NAMES[lib.lb_isa()]
+
+
+def isa_max() -> str:
+    lib = library()
+    return "none" if lib is None else _ISA_NAMES[lib.lb_isa_max()]
+
+
+def set_isa(name: str | None) -> str:
+    """Use at most instruction set ``name`` ("scalar", "avx2", "avx512"; None: the best the CPU
+    has) — for tests and benchmarks. Returns the one now in use."""
+    lib = library()
+    if lib is None:
+        return "none"
+    return _ISA_NAMES[lib.lb_set_isa(-1 if name is None else _ISA_LEVELS[name])]
+
+
+if os.environ.get("LOWBIT_ISA"):  # e.g. LOWBIT_ISA=avx2 to benchmark a lower path
+    set_isa(os.environ["LOWBIT_ISA"])
+
+
+def _prepare_x(x: Tensor, in_f: int):
+    """x as a contiguous float32 [M, in] CPU tensor, or None when the fast path does not apply."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_f:
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    X = x.reshape(-1, in_f)
+    return X if X.is_contiguous() else X.contiguous()
+
+
+def _bias_ptr(bias: Tensor | None, out_f: int):
+    """(pointer, keep-alive tensor) for a float32 CPU bias, (None, None) without one, or False when
+    the bias is unusable by the fast path."""
+    if bias is None:
+        return None, None
+    if bias.device.type != "cpu" or bias.numel() != out_f:
+        return False, None
+    b = bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous()
+    return b.data_ptr(), b
+
+
+def _cpu_tensors(*ts) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in ts)
+
+
+# -- affine ------------------------------------------------------------------------------------
+def affine_params(w):
+    """The stored tensors of an AffineWeight as the C functions take them, or None."""
+    sch = w.scheme
+    bits = sch.bits
+    if bits not in (2, 4, 8):
+        return None
+    N, K = w.shape
+    scales, qz, fz = w.scales, w.qzeros, w.zeros
+    if not _cpu_tensors(w.qweight, scales, qz, fz):
+        return None
+    if scales.dtype not in (torch.float16, torch.float32) or (fz is not None and fz.dtype not in (torch.float16, torch.float32)):
+        return None
+    gran = sch.granularity
+    if gran == "group":
+        G = sch.group_size
+        n_groups = -(-K // G)
+        s_stride = n_groups
+    else:
+        G, n_groups = K, 1
+        s_stride = 0 if gran == "tensor" else 1
+    qz_stride = 0 if qz is None or gran == "tensor" else qz.shape[-1]
+    return (w.qweight.data_ptr(), w.qweight.shape[-1], bits, scales.data_ptr(), int(scales.dtype == torch.float16),
+            s_stride, G, n_groups, None if qz is None else qz.data_ptr(), qz_stride,
+            None if fz is None else fz.data_ptr(), int(fz is not None and fz.dtype == torch.float16),
+            float(sch.code_offset))
+
+
+def _affine_dequant(lib, w, p) -> Tensor:
+    N, K = w.shape
+    W = torch.empty(N, K, dtype=torch.float32)
+    rc = lib.lb_affine_dequant(K, N, *p, W.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"lb_affine_dequant failed ({rc})")
+    return W
+
+
+# The C view of a weight is built once per stored tensor set and cached: a QuantizedLinear
+# hands the kernel a new format object on every call, but over the same buffers. The entry is
+# keyed by id(qweight), dropped when qweight is freed, and only used while every tensor it
+# points into is still the one it was built from.
+_WEIGHTS: dict = {}
+
+
+def _drop(key):
+    return lambda _ref: _WEIGHTS.pop(key, None)
+
+
+def _cached_weight(w, params_fn, extra):
+    q = w.qweight
+    key = id(q)
+    e = _WEIGHTS.get(key)
+    if e is not None and e[0]() is q and (e[1] is extra or e[1] == extra) and all(a is b for a, b in zip(e[2], _tensors_of(w))):
+        return e[3], e[4]
+    p = params_fn(w)
+    if p is None:
+        return None, None
+    st = _AffineWeightC(qw=p[0], row_bytes=p[1], bits=p[2], scales=p[3], scales_f16=p[4], s_stride=p[5], G=p[6],
+                        n_groups=p[7], qz=p[8], qz_stride=p[9], fz=p[10], fz_f16=p[11], zconst=p[12],
+                        K=w.shape[1], N=w.shape[0])
+    try:
+        ref = weakref.ref(q, _drop(key))
+    except TypeError:
+        return p, None
+    _WEIGHTS[key] = (ref, extra, tuple(_tensors_of(w)), p, st)
+    return p, st
+
+
+def _tensors_of(w):
+    return [getattr(w, n, None) for n in type(w).tensor_names]
+
+
+def _run_affine(lib, x: Tensor, w, bias, params_fn, extra):
+    N, K = w.shape
+    if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != K:
+        return NotImplemented
+    if x.requires_grad and torch.is_grad_enabled():
+        return NotImplemented
+    if not x.is_contiguous():
+        x = x.contiguous()
+    p, st = _cached_weight(w, params_fn, extra)
+    if p is None:
+        return NotImplemented
+    bptr, b = _bias_ptr(bias, N)
+    if bptr is False:
+        return NotImplemented
+    M = x.numel() // K if K else 0
+    if M > FUSED_MAX_ROWS:
+        return F.linear(x, _affine_dequant(lib, w, p), b)
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    if st is not None:
+        rc = lib.lb_affine_linear_w(ctypes.addressof(st), x.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
+    else:
+        rc = lib.lb_affine_linear(x.data_ptr(), M, K, N, *p, bptr, y.data_ptr(), torch.get_num_threads())
+    return NotImplemented if rc else y
+
+
+@register_kernel("affine")
+def affine_linear(x: Tensor, w, bias: Tensor | None = None):
+    lib = library()
+    if lib is None:
+        return NotImplemented
+    return _run_affine(lib, x, w, bias, affine_params, w.scheme)
+
+
+# -- ternary -----------------------------------------------------------------------------------
+def ternary_params(w):
+    """A TernaryWeight as an affine weight for the C functions: 2-bit codes u = t + 1, zero-point
+    1, one fp32 scale per row (or one for the tensor), no groups."""
+    if not _cpu_tensors(w.qweight, w.scales) or w.scales.dtype != torch.float32:
+        return None
+    N, K = w.shape
+    return (w.qweight.data_ptr(), w.qweight.shape[-1], 2, w.scales.data_ptr(), 0,
+            1 if w.granularity == "channel" else 0, K, 1, None, 0, None, 0, 1.0)
+
+
+@register_kernel("ternary")
+def ternary_linear(x: Tensor, w, bias: Tensor | None = None):
+    lib = library()
+    if lib is None:
+        return NotImplemented
+    return _run_affine(lib, x, w, bias, ternary_params, w.granularity)
+
+
+# -- NF4 ---------------------------------------------------------------------------------------
+_NF4_CONST: dict = {}
+
+
+def _nf4_constants():
+    if not _NF4_CONST:
+        from lowbit.formats.nf4 import DYNAMIC_MAP_8BIT, NF4_CODEBOOK
+
+        _NF4_CONST["lut"] = NF4_CODEBOOK.float().contiguous()
+        _NF4_CONST["dyn"] = DYNAMIC_MAP_8BIT.float().contiguous()
+    return _NF4_CONST["lut"], _NF4_CONST["dyn"]
+
+
+@register_kernel("nf4")
+def nf4_linear(x: Tensor, w, bias: Tensor | None = None):
+    lib = library()
+    if lib is None or len(w.shape) != 2:
+        return NotImplemented
+    N, K = w.shape
+    if K % 2 or K % w.blocksize:
+        return NotImplemented
+    X = _prepare_x(x, K)
+    if X is None or not _cpu_tensors(w.qweight, w.absmax, w.nested_absmax, w.offset):
+        return NotImplemented
+    M = X.shape[0]
+    if M > FUSED_MAX_ROWS:
+        return NotImplemented  # the reference (dequantize + GEMM) is the right tool for prefill
+    bptr, b = _bias_ptr(bias, N)
+    if bptr is False:
+        return NotImplemented
+    lut, dyn = _nf4_constants()
+    dq = w.dq_blocksize is not None
+    if dq:
+        if w.absmax.dtype != torch.uint8 or w.nested_absmax.dtype != torch.float32:
+            return NotImplemented
+        nested, off = w.nested_absmax.data_ptr(), float(w.offset)
+    else:
+        if w.absmax.dtype != torch.float32:
+            return NotImplemented
+        nested, off = None, 0.0
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    rc = lib.lb_nf4_linear(X.data_ptr(), M, K, N, w.qweight.data_ptr(), w.absmax.data_ptr(), int(dq), nested,
+                           w.dq_blocksize or 0, off, w.blocksize, dyn.data_ptr(), lut.data_ptr(), bptr,
+                           y.data_ptr(), torch.get_num_threads())
+    return NotImplemented if rc else y
