@@ -317,6 +317,29 @@ AVX2 static void block_avx2(const Gemm *g, int64_t n0, int64_t n1) {
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
+/* the four horizontal sums of a[0..3], as one vector (transpose-and-add) */
+VNNI static inline __m128i reduce4(const __m512i *a) {
+    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* emit() for four consecutive outputs n..n+3 of row m: the same float32 operations, 4 lanes wide */
+VNNI static inline void emit4(const Gemm *g, int64_t m, int64_t n, __m128i acc, int32_t offset) {
+    acc = _mm_sub_epi32(acc, _mm_set1_epi32(offset));
+    if (g->C) {
+        _mm_storeu_si128((__m128i *)(g->C + m * g->N + n), acc);
+        return;
+    }
+    __m128 t = _mm_cvtepi32_ps(acc);
+    t = _mm_mul_ps(t, _mm_set1_ps(g->sa[m]));
+    t = _mm_mul_ps(t, _mm_loadu_ps(g->sb + n));
+    if (g->bias) t = _mm_add_ps(t, _mm_loadu_ps(g->bias + n));
+    _mm_storeu_ps(g->Y + m * g->N + n, t);
+}
+
 VNNI static inline __attribute__((always_inline)) void vtile(const Gemm *g, int64_t m, int64_t n, const int MR,
                                                              const int NR) {
     const int64_t K = g->K;
@@ -342,9 +365,13 @@ VNNI static inline __attribute__((always_inline)) void vtile(const Gemm *g, int6
             for (int j = 0; j < NR; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], b[j], a);
         }
     }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++)
-            emit(g, m + i, n + j, _mm512_reduce_add_epi32(acc[i][j]) - 128 * g->asum[m + i]);
+    if (NR == 4) {
+        for (int i = 0; i < MR; i++) emit4(g, m + i, n, reduce4(acc[i]), 128 * g->asum[m + i]);
+    } else {
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < NR; j++)
+                emit(g, m + i, n + j, _mm512_reduce_add_epi32(acc[i][j]) - 128 * g->asum[m + i]);
+    }
 }
 
 VNNI static void v4x4(const Gemm *g, int64_t m, int64_t n) { vtile(g, m, n, 4, 4); }
