@@ -365,3 +365,18 @@ def test_cli_quantize_dynamic_int8(tmp_path, capsys):
     code = main(["quantize", str(tiny), "--method", "dynamic-int8", "--bits", "4", "-o", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and "own number format" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method,fmt", [("fp16", "half"), ("bf16", "half"), ("w8a16", "affine")])
+def test_cli_quantize_float_and_w8a16(tmp_path, capsys, method, fmt):
+    tiny = save_tiny(tmp_path / "tiny", "llama")
+    out = tmp_path / method
+    code = main(["quantize", str(tiny), "--method", method, "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((out / "lowbit.json").read_text())
+    assert rec["method"]["method"] == method and len(rec["modules"]) == 14
+    assert all(m["format"] == fmt for m in rec["modules"].values())
+    loaded, _, _ = checkpoint.load(out)
+    x = _tokens()
+    with torch.no_grad():
+        assert torch.isfinite(loaded(x).logits).all()
