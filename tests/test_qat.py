@@ -92,3 +92,16 @@ def test_digits_static_int8_within_one_point_and_qat4_beats_ptq4(digits):
     with torch.no_grad():
         agree = float((qm4(Xte).argmax(-1) == fq4(Xte).argmax(-1)).float().mean())
     assert agree >= 0.98
+
+
+def test_cli_qat_digits(tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "int.pt"
+    assert main(["qat", "--bits", "8", "--epochs", "2", "--qat-epochs", "1", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fp32" in text and "QAT W8A8 -> integer" in text
+    qm = torch.load(out, weights_only=False)
+    assert qm.int_forward(torch.rand(2, 1, 8, 8)).dtype == torch.int8
+    assert main(["qat", "smollm2"]) == 2
+    assert "not implemented" in capsys.readouterr().err

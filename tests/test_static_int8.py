@@ -302,3 +302,28 @@ def test_llm_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, m2(ids).logits)
     assert rec["method"]["config"]["observer"] == "minmax"
+
+
+def test_cli_quantize_static_int8_with_observer(tmp_path, capsys):
+    import json
+
+    from lowbit.cli import main
+    from lowbit.models.tiny import save_tiny
+
+    d = save_tiny(tmp_path / "m", "llama")
+    out = tmp_path / "q"
+    code = main(["quantize", str(d), "--method", "static-int8", "--observer", "percentile", "--restricted",
+                 "--samples", "2", "--seq-len", "32", "-o", str(out)])
+    assert code == 0
+    rec = json.loads((out / "lowbit.json").read_text())
+    cfg = rec["method"]["config"]
+    assert rec["method"]["method"] == "static-int8" and cfg["observer"] == "percentile"
+    assert cfg["scheme"]["restricted_range"] is True
+    mod = next(iter(rec["modules"].values()))
+    assert mod["format"] == "static-int8" and mod["observer"] == "percentile"
+    assert (mod["act_qmin"], mod["act_qmax"]) == (-128, 126)  # asymmetric restricted, shifted to int8
+    capsys.readouterr()
+    assert main(["quantize", str(d), "--method", "static-int8", "--observer", "entropy", "--group-size", "32",
+                 "-o", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grouped" in err[0]
