@@ -127,7 +127,7 @@ def test_kv_cache_chunked_prefill_equals_full_recompute_and_reset_reuses_buffers
     with torch.inference_mode():
         m(ids[None], cache=cache, use_cache=True)
     k_ref = cache.layers[1].keys[0]  # [kv, T, hd]
-    assert torch.allclose(dec.k_cache[1, :, :30], k_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(dec.k_cache[1, :30].transpose(0, 1), k_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_decoder_uses_the_models_own_weights():

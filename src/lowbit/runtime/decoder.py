@@ -15,7 +15,7 @@ than in its matrix products. This decoder does only the arithmetic:
   itself for anything else. Embedding, activation and rotary frequencies come from the model.
   Nothing is copied or fused: only the norm weights' gain (``offset + weight``, a few KB) and the
   rotary cos/sin tables ([max_len, head_dim] per rotary variant) are new tensors.
-* **KV cache preallocated** at ``max_len`` positions, [layers, kv_heads, max_len, head_dim] for K
+* **KV cache preallocated** at ``max_len`` positions, [layers, max_len, kv_heads, head_dim] for K
   and for V, written in place; attention reads views of the filled prefix. Grouped-query
   attention is computed without repeating K/V: queries are viewed as [kv_heads, group, ...].
 * **One token = one pass of plain tensor ops** under ``torch.inference_mode``: no mask is built
@@ -56,8 +56,10 @@ def linear_fn(mod: nn.Module):
     from lowbit.nn.linear import QuantizedLinear
 
     if type(mod) is nn.Linear:
-        w, b = mod.weight, mod.bias
-        return lambda x: F.linear(x, w, b)
+        wt, b = mod.weight.t(), mod.bias  # a transposed view, not a copy: what F.linear passes to BLAS
+        if b is None:
+            return lambda x: torch.mm(x, wt) if x.dim() == 2 else F.linear(x, wt.t())
+        return lambda x: torch.addmm(b, x, wt) if x.dim() == 2 else F.linear(x, wt.t(), b)
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt, b = mod.weight_format, mod.bias
         return lambda x: kernel_linear(x, fmt, b)
@@ -204,11 +206,16 @@ class LeanDecoder:
                 self.rope[name] = (cos, sin_signed)
 
         L = len(self.layers)
-        shape = (L, self.n_kv, max_len, self.head_dim)
+        # [layer, position, kv_head, head_dim]: the positions written by one pass are one contiguous
+        # block (written in place by the rotary arithmetic), attention reads strided views.
+        shape = (L, max_len, self.n_kv, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._k = list(self.k_cache.unbind(0))  # per-layer views
+        self._v = list(self.v_cache.unbind(0))
+        half = self.head_dim // 2
+        self._swap = torch.cat((torch.arange(half, self.head_dim), torch.arange(half))).to(self.device)
         self.pos = 0  # positions filled
-        self._causal = None  # bool [max_len, max_len] lower triangle, built at the first multi-token pass
 
     # -- cache ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -222,52 +229,55 @@ class LeanDecoder:
     # -- forward ----------------------------------------------------------------------------------
     _rms = staticmethod(_rms)
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-        # x [T, heads, head_dim]; cos/sin [T, 1, head_dim]
-        return x * cos + torch.roll(x, self.head_dim // 2, dims=-1) * sin_signed
-
     def _rotate_and_store(self, i: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, start: int,
                           T: int) -> Tensor:
-        """Rotate q and k; write k and v into layer i's cache at [start, start+T). Returns rotated q."""
-        self.k_cache[i, :, start:start + T].copy_(self._rotate(k, cos, sin).transpose(0, 1))
-        self.v_cache[i, :, start:start + T].copy_(v.transpose(0, 1))
-        return self._rotate(q, cos, sin)
+        """Rotate q and k (x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x, half)·sin_signed);
+        write k and v into layer i's cache at [start, start+T). Returns the rotated q."""
+        swap = self._swap
+        kdst = self._k[i][start:start + T]  # [T, kv, hd], contiguous
+        torch.mul(k, cos, out=kdst)
+        kdst.addcmul_(k.index_select(-1, swap), sin)
+        self._v[i][start:start + T].copy_(v)
+        return torch.addcmul(q * cos, q.index_select(-1, swap), sin)
 
     def _mask(self, start: int, T: int, window: int | None) -> Tensor | None:
-        """Additive-free boolean mask [T, start+T] (True = attend), None when all keys are allowed."""
+        """Boolean mask [T, start+T] (True = attend), None when every key is allowed."""
         S = start + T
         if T == 1 and (window is None or window >= S):
             return None
-        if self._causal is None:
-            self._causal = torch.ones(self.max_len, self.max_len, dtype=torch.bool, device=self.device).tril_()
-        m = self._causal[start:S, :S]
+        q = torch.arange(start, S, device=self.device)[:, None]
+        k = torch.arange(S, device=self.device)[None]
+        m = k <= q
         if window is not None and window < S:
-            q = torch.arange(start, S, device=self.device)[:, None]
-            k = torch.arange(S, device=self.device)[None]
-            m = m & (k > q - window)
+            m &= k > q - window
         return m
 
     def _attention(self, layer: int, q: Tensor, start: int, T: int, window: int | None) -> Tensor:
         """q [T, heads, head_dim] (rotated); keys/values of positions [0, start+T) are cached.
-        Returns [T, heads*head_dim]."""
+        Returns [T, heads*head_dim]. Queries are grouped per key/value head ([kv, group*T, hd]), so
+        grouped-query attention needs no copy of K/V."""
         S = start + T
-        lo = 0
-        if window is not None and T == 1:
-            lo = max(0, S - window)  # a single query only sees its window: slice, no mask
-        K = self.k_cache[layer, :, lo:S]  # [kv, S', hd]
-        V = self.v_cache[layer, :, lo:S]
-        qg = q.view(T, self.n_kv, self.group, self.head_dim).permute(1, 2, 0, 3)  # [kv, g, T, hd]
-        qg = qg.reshape(self.n_kv, self.group * T, self.head_dim)
+        KV, g, hd = self.n_kv, self.group, self.head_dim
+        lo = max(0, S - window) if (window is not None and T == 1) else 0  # one query: slice its window
+        K = self._k[layer][lo:S].transpose(0, 1)  # [kv, S', hd] (strided view)
+        V = self._v[layer][lo:S].transpose(0, 1)
+        if T == 1:
+            qg = q.view(KV, g, hd)
+        else:
+            qg = q.view(T, KV, g, hd).permute(1, 2, 0, 3).reshape(KV, g * T, hd)
         scores = torch.bmm(qg, K.transpose(1, 2)).mul_(self.scaling)  # [kv, g*T, S']
         if self.attn_softcap is not None:
             scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
-        mask = self._mask(start, T, window) if lo == 0 else None
-        if mask is not None:
-            scores = scores.view(self.n_kv, self.group, T, S).masked_fill_(~mask, float("-inf"))
-            scores = scores.view(self.n_kv, self.group * T, S)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if T > 1:
+            mask = self._mask(start, T, window)
+            scores = scores.view(KV, g, T, S).masked_fill_(~mask, float("-inf")).view(KV, g * T, S)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if probs.dtype != q.dtype:
+            probs = probs.to(q.dtype)
         out = torch.bmm(probs, V)  # [kv, g*T, hd]
-        return out.view(self.n_kv, self.group, T, self.head_dim).permute(2, 0, 1, 3).reshape(T, -1)
+        if T == 1:
+            return out.view(1, KV * g * hd)
+        return out.view(KV, g, T, hd).permute(2, 0, 1, 3).reshape(T, -1)
 
     def forward(self, ids, all_logits: bool = False) -> Tensor:
         """Run the next positions ``ids`` (int list or 1-D LongTensor) through the model, extending
