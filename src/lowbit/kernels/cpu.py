@@ -188,8 +188,8 @@ def _affine_dequant(lib, w, p) -> Tensor:
 _WEIGHTS: dict = {}
 
 
-def _drop(key):
-    return lambda _ref: _WEIGHTS.pop(key, None)
+def _drop(key, table=_WEIGHTS):
+    return lambda _ref: table.pop(key, None)
 
 
 def _cached_weight(w, params_fn, extra):

@@ -629,7 +629,8 @@ int lb_noop_w(const lb_affine_weight* w, const float* x, int64_t M, const float*
     return 0;
 }
 
-/* Dequantize the affine weight into W [N, K] fp32 (same arithmetic as the kernels). */
+/* Dequantize the affine weight into W [N, K] fp32 exactly as AffineWeight.dequantize does:
+ * W = (u - z) * s in fp32, two roundings). */
 int lb_affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes, int bits, const void* scales,
                       int scales_f16, int64_t s_stride, int64_t G, int64_t n_groups, const uint8_t* qz,
                       int64_t qz_stride, const void* fz, int fz_f16, float zconst, float* W, int nthreads) {
@@ -644,19 +645,19 @@ int lb_affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes
         float* o = W + r * K;
         for (int64_t g = 0; g < n_groups; g++) {
             float s = ld_f(scales, scales_f16, r * s_stride + g);
-            float nz = -(affine_zero(&a, r, g) * s);
+            float z = affine_zero(&a, r, g);
             int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
             if (bits == 4) {
                 int64_t c = c0;
-                if (c & 1) { o[c] = (float)(row[c >> 1] >> 4) * s + nz; c++; }
+                if (c & 1) { o[c] = ((float)(row[c >> 1] >> 4) - z) * s; c++; }
                 for (; c + 1 < c1; c += 2) {
                     uint8_t b = row[c >> 1];
-                    o[c] = (float)(b & 15) * s + nz;
-                    o[c + 1] = (float)(b >> 4) * s + nz;
+                    o[c] = ((float)(b & 15) - z) * s;
+                    o[c + 1] = ((float)(b >> 4) - z) * s;
                 }
-                if (c < c1) o[c] = (float)(row[c >> 1] & 15) * s + nz;
+                if (c < c1) o[c] = ((float)(row[c >> 1] & 15) - z) * s;
             } else {
-                for (int64_t c = c0; c < c1; c++) o[c] = (float)code_at(row, bits, c) * s + nz;
+                for (int64_t c = c0; c < c1; c++) o[c] = ((float)code_at(row, bits, c) - z) * s;
             }
         }
     }
