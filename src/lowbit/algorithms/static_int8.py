@@ -232,7 +232,7 @@ def w8a8_output(X: Tensor, W: Tensor, s: Tensor, cfg: StaticInt8Config) -> Tenso
 
 
 def search_smooth_alpha(X: Tensor, W: Tensor, cfg: StaticInt8Config, grid=ALPHA_GRID,
-                        max_rows: int = 2048) -> tuple[float, dict[float, float]]:
+                        max_rows: int = 512) -> tuple[float, dict[float, float]]:
     """The SmoothQuant strength from ``grid`` whose W8A8 output (min-max ranges) is closest in
     mean squared error to the float output X Wᵀ on (up to ``max_rows`` of) the calibration rows."""
     W = W.detach().float()
