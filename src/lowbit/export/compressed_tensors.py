@@ -41,8 +41,10 @@ run time): ``<name>.weight`` int8 [out, in] holding q, ``<name>.weight_scale`` [
 ``dynamic-int8`` format maps here as it is (its per-tensor activation option becomes a dynamic
 "tensor" strategy); 8-bit symmetric per-channel affine weights map here with
 ``activations="int8-dynamic"``. Run-time activation rounding is the loader's: vLLM's int8 kernels
-use amax/127 per token like lowbit's; transformers' emulation uses amax/127.5 with [-128, 127],
-so its logits differ from lowbit's by the activation rounding (~1e-3 relative), not the weights.
+use amax/127 per token like lowbit's; transformers' emulation uses amax/127.5 with [-128, 127].
+The weights load exactly; the logits differ by the activation rounding: 0.6% relative on a tiny
+random model, ~9% on SmolLM2, whose outlier activations amplify any rounding difference through
+the layers (a 1e-7 relative change of its embeddings moves lowbit's own int8 logits as much).
 
 Loading with transformers (+ compressed-tensors 0.20): symmetric exports load as is and are
 decompressed on the first forward pass; asymmetric ones need
