@@ -327,3 +327,23 @@ def test_cli_quantize_static_int8_with_observer(tmp_path, capsys):
                  "-o", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "grouped" in err[0]
+
+
+def test_quantize_linears_static_any_model():
+    from lowbit.algorithms.static_int8 import quantize_linears_static
+    from lowbit.nn.linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    X = torch.randn(4, 50, 16)
+    X[..., 2] *= 30.0
+    ref = model(X).detach()
+    errs = {}
+    for opts in ({"observer": "minmax"}, {"observer": "minmax", "smooth_search": True}):
+        m = copy.deepcopy(model)
+        meth = quantize_linears_static(m, lambda mm: mm(X), **opts)
+        assert all(isinstance(m[i], QuantizedLinear) for i in (0, 2))
+        errs[bool(opts.get("smooth_search"))] = float((m(X) - ref).norm() / ref.norm())
+    assert errs[True] <= errs[False] and errs[True] < 0.02, errs
+    with pytest.raises(LowbitError, match="no calibration data"):
+        quantize_linears_static(copy.deepcopy(model), lambda mm: None)

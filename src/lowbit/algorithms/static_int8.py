@@ -282,20 +282,25 @@ class StaticInt8(Method):
         from lowbit.models.families import linear_layers
 
         for name, lin in linear_layers(block).items():
-            full = f"{prefix}.{name}"
-            seqs = self._inputs.pop(full)
-            X = torch.cat(seqs)
-            if self.config.smooth_search:
-                alpha, _ = search_smooth_alpha(X, lin.weight, self.config)
-            else:
-                alpha = self.config.smooth_alpha
-            s = smooth_factors(X.abs().amax(dim=0), lin.weight, alpha) if alpha > 0 else torch.ones(X.shape[1])
-            self._smooth[full] = s
-            self._alpha[full] = alpha
-            obs = self.config.make_observer()
-            for t in seqs:
-                obs.update(t / s)
-            self._obs[full] = obs
+            self.finish_layer(f"{prefix}.{name}", lin)
+
+    def finish_layer(self, full: str, lin: nn.Linear) -> None:
+        """With smoothing: choose the factors from the stored inputs, then feed the observer x / s."""
+        if not self.smoothing:
+            return
+        seqs = self._inputs.pop(full)
+        X = torch.cat(seqs)
+        if self.config.smooth_search:
+            alpha, _ = search_smooth_alpha(X, lin.weight, self.config)
+        else:
+            alpha = self.config.smooth_alpha
+        s = smooth_factors(X.abs().amax(dim=0), lin.weight, alpha) if alpha > 0 else torch.ones(X.shape[1])
+        self._smooth[full] = s
+        self._alpha[full] = alpha
+        obs = self.config.make_observer()
+        for t in seqs:
+            obs.update(t / s)
+        self._obs[full] = obs
 
     def describe(self) -> dict:
         d = super().describe()
@@ -324,3 +329,31 @@ class StaticInt8(Method):
                                smooth=None if smooth is None else smooth.float().contiguous(),
                                observer=self.config.observer, matmul=self.config.matmul)
         return QuantizedLinear(fmt, module.bias)
+
+
+@torch.no_grad()
+def quantize_linears_static(model: nn.Module, run, **options) -> StaticInt8:
+    """W8A8 static int8 for every ``nn.Linear`` of any model (encoders, classifiers): hooks observe
+    each linear's inputs while ``run(model)`` feeds calibration data through the float model, then
+    every linear is replaced by its static-int8 QuantizedLinear. ``options`` are the method's
+    (``observer``, ``smooth_alpha``, ``smooth_search``, ``scheme``). Returns the method (its
+    ``describe()`` records the settings)."""
+    from lowbit.algorithms.base import make_method
+    from lowbit.calibration.sequential import _set_submodule
+
+    meth = make_method("static-int8", options.pop("scheme", None), **options)
+    lins = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+    if not lins:
+        raise LowbitError(f"{type(model).__name__} has no nn.Linear layers to quantize")
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: meth.observe(n, mod, args[0])) for n, m in lins]
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, m in lins:
+        if n not in meth._obs and n not in meth._inputs:
+            raise LowbitError(f"static-int8: layer {n} saw no calibration data")
+        meth.finish_layer(n, m)
+        _set_submodule(model, n, meth.apply(n, m))
+    return meth
