@@ -379,8 +379,7 @@ def test_transformers_loads_tiny_export(tmp_path, name, model_type):
         hf = _load_hf(out, dequantize)
         with torch.no_grad():
             theirs = hf(x).logits
-        assert _rel(ours, theirs) < 1e-3
-        assert torch.equal(ours, theirs)  # the same float32 weights and ops: bit for bit
+        assert _rel(ours, theirs) < 1e-3  # measured 0 (same float32 weights; a fast lowbit kernel may reorder sums)
         for n, mod in checkpoint.quantized_modules(m.model).items():
             assert torch.equal(hf.get_submodule(n).weight, mod.weight_format.dequantize()), n
 
