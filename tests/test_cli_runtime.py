@@ -82,7 +82,7 @@ def test_generate_errors(capsys, tiny_dir):
 
 
 def test_bench_table(capsys, tiny_dir, int4_dir):
-    for model, method in ((tiny_dir, "float"), (int4_dir, "rtn")):
+    for model, method in ((tiny_dir, "lowbit float"), (int4_dir, "lowbit rtn")):
         code, out, err = run(capsys, "bench", model, "--prompt-len", 16, "--new-tokens", 8, "--repeats", 1,
                              "--threads", 1)
         assert code == 0, err
@@ -90,8 +90,13 @@ def test_bench_table(capsys, tiny_dir, int4_dir):
         cols = head.split()
         assert cols[:2] == ["model", "method"] and "decode" in cols and "RSS" in cols
         cells = row.split()
-        assert cells[1] == method and cells[3] == "1" and cells[4] == "16" and cells[5] == "8"
-        assert float(cells[6]) > 0 and float(cells[7]) > 0  # prefill, decode tok/s
+        assert " ".join(cells[1:3]) == method and cells[4] == "1" and cells[5] == "16" and cells[6] == "8"
+        assert float(cells[7]) > 0 and float(cells[8]) > 0  # prefill, decode tok/s
+    code, out, err = run(capsys, "bench", tiny_dir, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1,
+                         "--transformers")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and lines[2].split()[1] == "transformers"
     code, out, _ = run(capsys, "bench", tiny_dir, "--prompt-len", 4, "--new-tokens", 2, "--repeats", 1, "--markdown")
     assert code == 0 and out.splitlines()[1].startswith("| ---") and out.count("\n") == 3
     one_line_error(*run(capsys, "bench", tiny_dir, "--prompt-len", 250, "--new-tokens", 10)[::2],

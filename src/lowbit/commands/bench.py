@@ -31,7 +31,7 @@ def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int) -
     dec = LeanDecoder(m.model, max_len=prompt_len + new_tokens)
     r = measure_lean(dec, prompt_len, new_tokens, warmup=warmup, repeats=repeats)
     bits, _, _ = api.linear_bits(m.model)
-    fmt = (m.record or {}).get("method", {}).get("method", "float")
+    fmt = "lowbit " + (m.record or {}).get("method", {}).get("method", "float")
     return [{
         "model": m.name,
         "method": fmt,
@@ -52,6 +52,8 @@ def render(rows: list[dict], markdown: bool = False) -> str:
     cols = list(rows[0])
 
     def fmt(v):
+        if isinstance(v, float) and v != v:
+            return "-"
         if isinstance(v, float):
             return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
         return str(v)
@@ -82,8 +84,21 @@ def cmd_bench(args) -> int:
         raise LowbitError(f"--warmup must be >= 0, got {args.warmup}")
     m = _load(args.model)
     rows = bench_rows(m, args.prompt_len, args.new_tokens, args.warmup, args.repeats)
+    if args.transformers:
+        rows.append(transformers_row(m, rows[0], args))
     print(render(rows, markdown=args.markdown))
     return 0
+
+
+def transformers_row(m, lean: dict, args) -> dict:
+    """The same measurement through transformers' own forward and cache (same prompt)."""
+    from lowbit.eval.latency import measure_latency
+
+    r = measure_latency(m.model, args.prompt_len, args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+    row = dict(lean, **{"method": "transformers", "prefill tok/s": r.prefill_tok_s, "decode tok/s": r.decode_tok_s,
+                        "ms/token": r.decode_ms_per_token, "KV cache MB": float("nan"),
+                        "peak RSS MB": _peak_rss_bytes() / 1e6})
+    return row
 
 
 def _load(spec):
@@ -101,4 +116,6 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--transformers", action="store_true",
+                   help="add a row measured through transformers' forward and cache (same prompt and protocol)")
     p.set_defaults(func=cmd_bench)
