@@ -153,11 +153,6 @@ def native_linear(X: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None, i
     return Y
 
 
-def _native_ok(X: Tensor, w: DynamicInt8Weight, bias: Tensor | None) -> bool:
-    ts = (X, w.qweight, w.wscale) + (() if bias is None else (bias,))
-    return all(t.device.type == "cpu" for t in ts) and X.dtype == torch.float32 and w.wscale.dtype == torch.float32
-
-
 @register_kernel("dynamic-int8")
 def linear(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None) -> Tensor:
     """y = x Wᵀ + b for x [..., in]; activation scales per token row of x (or per tensor)."""
@@ -168,10 +163,20 @@ def linear(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None) -> Tenso
         raise LowbitError(_ERRORS[2])
     lead = x.shape[:-1]
     X = x.detach().reshape(-1, in_f)
-    if X.shape[0] == 0:
+    M = X.shape[0]
+    if M == 0:
         return x.new_zeros(*lead, out_f)
-    if native_lib() is not None and _native_ok(X, w, bias):
-        y = native_linear(X, w, bias)
+    lib = native_lib()
+    if (lib is not None and X.dtype == torch.float32 and X.device.type == "cpu" and w.qweight.device.type == "cpu"
+            and w.wscale.dtype == torch.float32 and (bias is None or bias.device.type == "cpu")):
+        # the fused C call (quantize, int8 GEMM, rescale), inlined here: this runs per layer per token
+        X = X if X.is_contiguous() else X.contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        qw, ws = w.qweight.contiguous(), w.wscale.contiguous()  # kept alive across the call
+        y = torch.empty(M, out_f, dtype=torch.float32)
+        _check(lib.lowbit_dynamic_linear(X.data_ptr(), M, in_f, qw.data_ptr(), ws.data_ptr(),
+                                         None if b is None else b.data_ptr(), out_f,
+                                         int(w.activations == "tensor"), y.data_ptr(), torch.get_num_threads(), 0))
     else:
         y = reference_linear(X, w, bias)
     return y.reshape(*lead, out_f).to(x.dtype)
