@@ -203,7 +203,8 @@ class LeanDecoder:
                 half = self.head_dim // 2
                 # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]
                 sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).contiguous()
-                self.rope[name] = (cos, sin_signed)
+                # q's tables also carry the attention scaling (q·k·s == (s·q)·k), saving one op per layer
+                self.rope[name] = (cos, sin_signed, cos * self.scaling, sin_signed * self.scaling)
 
         L = len(self.layers)
         # [layer, position, kv_head, head_dim]: the positions written by one pass are one contiguous
@@ -229,16 +230,16 @@ class LeanDecoder:
     # -- forward ----------------------------------------------------------------------------------
     _rms = staticmethod(_rms)
 
-    def _rotate_and_store(self, i: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, start: int,
-                          T: int) -> Tensor:
-        """Rotate q and k (x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x, half)·sin_signed);
-        write k and v into layer i's cache at [start, start+T). Returns the rotated q."""
+    def _rotate_and_store(self, i: int, q: Tensor, k: Tensor, v: Tensor, tables, start: int, T: int) -> Tensor:
+        """Rotate q and k (x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = x[swap]·sin_signed);
+        write k and v into layer i's cache at [start, start+T). Returns the rotated, scaled q."""
+        cos, sin, cos_q, sin_q = tables
         swap = self._swap
         kdst = self._k[i][start:start + T]  # [T, kv, hd], contiguous
         torch.mul(k, cos, out=kdst)
         kdst.addcmul_(k.index_select(-1, swap), sin)
         self._v[i][start:start + T].copy_(v)
-        return torch.addcmul(q * cos, q.index_select(-1, swap), sin)
+        return torch.addcmul(q * cos_q, q.index_select(-1, swap), sin_q)
 
     def _mask(self, start: int, T: int, window: int | None) -> Tensor | None:
         """Boolean mask [T, start+T] (True = attend), None when every key is allowed."""
@@ -265,7 +266,7 @@ class LeanDecoder:
             qg = q.view(KV, g, hd)
         else:
             qg = q.view(T, KV, g, hd).permute(1, 2, 0, 3).reshape(KV, g * T, hd)
-        scores = torch.bmm(qg, K.transpose(1, 2)).mul_(self.scaling)  # [kv, g*T, S']
+        scores = torch.bmm(qg, K.transpose(1, 2))  # [kv, g*T, S'] (q carries the scaling)
         if self.attn_softcap is not None:
             scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
         if T > 1:
@@ -304,7 +305,7 @@ class LeanDecoder:
     def _forward(self, ids: Tensor, start: int, T: int, all_logits: bool) -> Tensor:
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed(ids)  # [T, d] (Gemma's embedding scales itself)
-        ropes = {name: (c[start:start + T, None], s[start:start + T, None]) for name, (c, s) in self.rope.items()}
+        ropes = {name: tuple(t[start:start + T, None] for t in tabs) for name, tabs in self.rope.items()}
         for i, L in enumerate(self.layers):
             h = self._rms(x, L.attn_norm)
             q = L.q(h).view(T, H, hd)
@@ -313,17 +314,16 @@ class LeanDecoder:
             if L.q_norm is not None:
                 q = self._rms(q, L.q_norm)
                 k = self._rms(k, L.k_norm)
-            cos, sin = ropes[L.rope]
-            q = self._rotate_and_store(i, q, k, v, cos, sin, start, T)
+            q = self._rotate_and_store(i, q, k, v, ropes[L.rope], start, T)
             a = L.o(self._attention(i, q, start, T, L.window))
             if L.post_attn_norm is not None:
                 a = self._rms(a, L.post_attn_norm)
-            x = x + a
+            x += a
             h = self._rms(x, L.mlp_norm)
-            m = L.down(L.act(L.gate(h)) * L.up(h))
+            m = L.down(L.act(L.gate(h)).mul_(L.up(h)))
             if L.post_mlp_norm is not None:
                 m = self._rms(m, L.post_mlp_norm)
-            x = x + m
+            x += m
         if not all_logits:
             x = x[-1:]
         logits = self.lm_head(self._rms(x, self.final_norm))
