@@ -88,9 +88,13 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    out, st = run_generation(dec, m.tokenizer, ids, args.max_new_tokens, sampling, stops, write)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    try:
+        out, st = run_generation(dec, m.tokenizer, ids, args.max_new_tokens, sampling, stops, write)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")
+        return 0
     import torch
 
     _log(f"{m.name}: prefill {st.prompt_tokens} tokens in {st.prefill_s * 1000:.0f} ms ({st.prefill_tok_s:.1f} tok/s), "
