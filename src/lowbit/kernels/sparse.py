@@ -57,23 +57,29 @@ def reference_linear(x: Tensor, w, bias: Tensor | None = None) -> Tensor:
 
 def _prepare(x: Tensor, w, bias: Tensor | None, out: Tensor | None = None):
     """(x as [B, in] contiguous float32, bias or None, output [B, out]) — or None if the native
-    path does not handle these inputs. ``out``: a contiguous float32 buffer to write into."""
+    path does not handle these inputs. ``out``: a contiguous float32 buffer to write into.
+    (Kept lean: at batch 1 a small layer's whole matmul takes tens of microseconds.)"""
     out_f, in_f = w.shape
     if x.shape[-1] != in_f:
         raise LowbitError(f"input has {x.shape[-1]} features, the sparse layer expects {in_f}")
-    if x.device.type != "cpu" or x.dtype != torch.float32 or w.values.device.type != "cpu" or x.requires_grad:
+    if x.dtype != torch.float32 or not x.is_cpu or x.requires_grad or not w.values.is_cpu:
         return None
-    if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu):
         return None
-    X = x.reshape(-1, in_f).contiguous()
+    X = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, in_f).contiguous()
     if out is None:
-        y = torch.empty(X.shape[0], out_f, dtype=torch.float32)
+        y = torch.empty((X.shape[0], out_f), dtype=torch.float32)
     elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != X.shape[0] * out_f:
         raise LowbitError(f"out must be a contiguous float32 tensor of {X.shape[0] * out_f} elements")
     else:
         y = out.view(X.shape[0], out_f)
-    b = None if bias is None else bias.detach().contiguous()
-    return X, b, y
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    return X, bias, y
+
+
+def _shaped(y: Tensor, x: Tensor, out_f: int) -> Tensor:
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
 def _ptr(t: Tensor | None):
@@ -94,7 +100,7 @@ def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *
         lib.lb_nm_linear(X.data_ptr(), X.shape[0], in_f, vals.data_ptr(), codes.data_ptr(),
                          packing.packed_row_bytes(K, index_bits(w.m)), index_bits(w.m), w.n, w.m, out_f,
                          _ptr(b), y.data_ptr(), threads or torch.get_num_threads(), int(force_scalar))
-    return y.reshape(*x.shape[:-1], out_f)
+    return _shaped(y, x, out_f)
 
 
 def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
@@ -110,7 +116,7 @@ def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, fo
         lib.lb_csr_linear(X.data_ptr(), X.shape[0], in_f, vals.data_ptr(), cols.data_ptr(),
                           int(cols.dtype == torch.int32), rp.data_ptr(), out_f, _ptr(b), y.data_ptr(),
                           threads or torch.get_num_threads(), int(force_scalar))
-    return y.reshape(*x.shape[:-1], out_f)
+    return _shaped(y, x, out_f)
 
 
 @register_kernel("sparse-nm")
