@@ -347,3 +347,25 @@ def test_quantize_linears_static_any_model():
     assert errs[True] <= errs[False] and errs[True] < 0.02, errs
     with pytest.raises(LowbitError, match="no calibration data"):
         quantize_linears_static(copy.deepcopy(model), lambda mm: None)
+
+
+def test_native_int8_gemm_path_equals_exact_torch_path():
+    from lowbit.algorithms.static_int8 import quantize_linears_static
+    from lowbit.kernels.dynamic_int8 import native_lib
+
+    if native_lib() is None:
+        pytest.skip("native int8 GEMM not built")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(40, 24))
+    X = torch.randn(3, 20, 40)
+    scheme = QuantScheme(bits=8, symmetric=True, granularity="channel", restricted_range=True, scale_dtype="float32")
+    quantize_linears_static(model, lambda mm: mm(X), scheme=scheme, observer="minmax")
+    w = model[0].weight_format
+    assert w.native_ok()
+    b = torch.randn(24)
+    assert torch.equal(w.accumulators(X, b, "native"), w.accumulators(X, b, "int"))
+    asym = nn.Sequential(nn.Linear(40, 24))
+    quantize_linears_static(asym, lambda mm: mm(X), observer="minmax")
+    assert not asym[0].weight_format.native_ok()
+    with pytest.raises(LowbitError, match="native"):
+        asym[0].weight_format.accumulators(X, None, "native")

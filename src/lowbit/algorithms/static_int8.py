@@ -63,7 +63,8 @@ class StaticInt8Config:
     n_bins: int = 2048            # for the histogram observers
     smooth_alpha: float = 0.0     # LLMs: SmoothQuant migration strength (0 = off)
     smooth_search: bool = False   # LLMs: pick alpha per layer from ALPHA_GRID by output error
-    matmul: str = "auto"          # LLMs: exact int32 via "int" (int64 matmul) or "float" (chunked fp32 GEMM)
+    matmul: str = "auto"          # LLMs: exact int32 via "int" (int64 matmul), "float" (chunked fp32
+                                  # GEMM) or "native" (the AVX2 int8 GEMM; symmetric restricted only)
 
     def __post_init__(self):
         if self.observer not in OBSERVERS:
@@ -75,8 +76,8 @@ class StaticInt8Config:
             raise LowbitError("static-int8 needs integer zero-points (not --float-zero)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise LowbitError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.matmul not in ("auto", "int", "float"):
-            raise LowbitError(f"matmul must be auto, int or float, got {self.matmul!r}")
+        if self.matmul not in ("auto", "int", "float", "native"):
+            raise LowbitError(f"matmul must be auto, int, float or native, got {self.matmul!r}")
 
     @property
     def per_channel(self) -> bool:
@@ -327,7 +328,8 @@ class StaticInt8(Method):
                                act_qparams=torch.tensor([aq.scale, float(aq.zero)], dtype=torch.float32),
                                shape=(int(W.shape[0]), int(W.shape[1])), act_qmin=aq.qmin, act_qmax=aq.qmax,
                                smooth=None if smooth is None else smooth.float().contiguous(),
-                               observer=self.config.observer, matmul=self.config.matmul)
+                               observer=self.config.observer, matmul=self.config.matmul,
+                               w_min=-127 if s.restricted_range else -128)
         return QuantizedLinear(fmt, module.bias)
 
 
