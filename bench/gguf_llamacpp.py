@@ -98,7 +98,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--imatrix-samples", type=int, default=16)
+    ap.add_argument("--imatrix-samples", type=int, default=8)
     ap.add_argument("--keep", metavar="DIR", help="write the GGUF files here (default: a temporary directory)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
