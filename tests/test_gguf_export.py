@@ -363,6 +363,25 @@ def test_cli_export(tiny, tmp_path):
     assert main(["export", str(tmp_path / "hf"), "--type", "Q9_K", "-o", str(tmp_path / "x.gguf")]) == 2
     assert main(["export", str(tmp_path / "hf"), "--format", "onnx", "-o", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x.gguf").exists()
+    assert main(["export", str(tmp_path / "hf"), "--type", "Q8_0", "--dtype", "float16", "-o", str(tmp_path / "y.gguf")]) == 2
+
+
+def test_cli_export_dispatches_compressed_tensors(tmp_path):
+    """--format compressed-tensors goes to lowbit.export.compressed_tensors (its own tests cover it)."""
+    import json
+
+    from lowbit.cli import main
+    from lowbit.core.scheme import QuantScheme
+
+    pytest.importorskip("lowbit.export.compressed_tensors")
+    save_tiny(tmp_path / "hf", "llama", seed=3)
+    m = api.load(str(tmp_path / "hf"))
+    api.quantize(m, "rtn", QuantScheme(bits=4, group_size=32, symmetric=False))
+    api.save(m, str(tmp_path / "q"))
+    assert main(["export", str(tmp_path / "q"), "--format", "compressed-tensors", "-o", str(tmp_path / "ct")]) == 0
+    assert "quantization_config" in json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert main(["export", str(tmp_path / "q"), "--format", "compressed-tensors", "--type", "Q4_K_M",
+                 "-o", str(tmp_path / "ct2")]) == 2
 
 
 def test_unsupported_family_and_tokenizer_errors(tmp_path):

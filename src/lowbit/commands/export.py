@@ -1,7 +1,7 @@
 """``lowbit export``: write a model in a format other runtimes load.
 
     lowbit export [MODEL_OR_OUT] --format gguf --type Q4_K_M [--imatrix] -o model.gguf
-    lowbit export [MODEL_OR_OUT] --format compressed-tensors -o OUT_DIR
+    lowbit export OUT --format compressed-tensors [--dtype float16] [--activations int8-dynamic] -o OUT_DIR
 
 One function per format (`EXPORTERS`); each takes the loaded model (or checkpoint) and the
 parsed arguments and returns a one-line summary.
@@ -53,9 +53,9 @@ def _export_compressed_tensors(m, args) -> str:
         raise LowbitError("the compressed-tensors exporter is not available in this version") from None
     if args.type:
         raise LowbitError("--type applies to --format gguf only")
-    if args.imatrix:
-        raise LowbitError("--imatrix applies to --format gguf only")
-    out = export_compressed_tensors(m, args.output)
+    if args.imatrix or args.calib:
+        raise LowbitError("--imatrix and --calib apply to --format gguf only")
+    out = export_compressed_tensors(m, args.output, dtype=args.dtype, activations=args.activations)
     return f"wrote {out if out is not None else args.output}: compressed-tensors"
 
 
@@ -69,6 +69,9 @@ def run(args) -> int:
         raise LowbitError(f"unknown export format {args.format!r}; choose one of {', '.join(EXPORTERS)}")
     if args.format == "gguf":
         from lowbit.export.gguf import EXPORT_TYPES
+
+        if args.dtype is not None or args.activations is not None:
+            raise LowbitError("--dtype and --activations apply to --format compressed-tensors only")
 
         if args.type is not None and args.type not in EXPORT_TYPES:
             raise LowbitError(f"unknown GGUF type {args.type!r}; choose one of {', '.join(EXPORT_TYPES)}")
@@ -97,5 +100,10 @@ def register(sub) -> None:
     p.add_argument("--calib", metavar="FILE", help="calibration text for --imatrix (default: bundled text)")
     p.add_argument("--samples", type=int, default=16, help="calibration samples for --imatrix (default: 16)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="compressed-tensors: dtype of the float tensors and scales (default: the model's)")
+    p.add_argument("--activations", choices=("int8-dynamic",),
+                   help="compressed-tensors: int8-dynamic writes W8A8 (int8 weights per channel, int8 "
+                        "activations per token at run time); default weight-only")
     p.add_argument("-o", "--output", required=True, help="output file (.gguf) or directory")
     p.set_defaults(func=run)
