@@ -59,7 +59,8 @@ def check(y, ref, what):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=None, help="torch + kernel threads (default: torch's)")
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts for torch and the kernels, "
+                                                     "each measured in this run (default: torch's)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timed repeat")
     ap.add_argument("--repeats", type=int, default=5)
@@ -69,15 +70,13 @@ def main() -> int:
     if not native_available():
         print("the native sparse library is not built (pip install -e .); nothing to compare", file=sys.stderr)
         return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     batches = [int(b) for b in args.batches.split(",")]
     shapes = [SHAPES[0], SHAPES[-1]] if args.quick else SHAPES
     g = torch.Generator().manual_seed(0)
     t_start = time.perf_counter()
 
-    header = ["shape", "batch", "dense µs", "2:4 (50%)"] + [f"CSR {int(100 * s)}%" for s in SPARSITIES]
+    header = ["shape", "threads", "batch", "dense µs", "2:4 (50%)"] + [f"CSR {int(100 * s)}%" for s in SPARSITIES]
     rows = []
     sizes = []
     for name, out_f, in_f in shapes:
@@ -89,22 +88,24 @@ def main() -> int:
             Ws = W.masked_fill(unstructured_mask(W.abs(), s), 0.0)
             csr[s] = (Ws, CSRWeight.from_dense(Ws))
         sizes.append([name, "32.00", f"{f24.bits_per_weight:.2f}"] + [f"{csr[s][1].bits_per_weight:.2f}" for s in SPARSITIES])
-        for B in batches:
-            x = torch.randn(B, in_f, generator=g)
-            check(nm_linear_native(x, f24), F.linear(x, W24), f"2:4 {name} batch {B}")
-            for s in SPARSITIES:
-                check(csr_linear_native(x, csr[s][1]), F.linear(x, csr[s][0]), f"CSR {s} {name} batch {B}")
-            # dense timed on the 50 % unstructured weight (dense cost does not depend on zeros)
-            Wd = csr[0.5][0]
-            t_dense = timeit(lambda: F.linear(x, Wd), args.min_time, args.repeats)
-            t24 = timeit(lambda: nm_linear_native(x, f24, threads=threads), args.min_time, args.repeats)
-            cells = [name, str(B), f"{1e6 * t_dense:.1f}", f"{1e6 * t24:.1f} ({t_dense / t24:.2f}x)"]
-            for s in SPARSITIES:
-                f = csr[s][1]
-                t = timeit(lambda: csr_linear_native(x, f, threads=threads), args.min_time, args.repeats)
-                cells.append(f"{1e6 * t:.1f} ({t_dense / t:.2f}x)")
-            rows.append(cells)
-            print("  " + " | ".join(cells), file=sys.stderr, flush=True)
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for B in batches:
+                x = torch.randn(B, in_f, generator=g)
+                check(nm_linear_native(x, f24), F.linear(x, W24), f"2:4 {name} batch {B}")
+                for s in SPARSITIES:
+                    check(csr_linear_native(x, csr[s][1]), F.linear(x, csr[s][0]), f"CSR {s} {name} batch {B}")
+                # dense timed on the 50 % unstructured weight (dense cost does not depend on zeros)
+                Wd = csr[0.5][0]
+                t_dense = timeit(lambda: F.linear(x, Wd), args.min_time, args.repeats)
+                t24 = timeit(lambda: nm_linear_native(x, f24, threads=threads), args.min_time, args.repeats)
+                cells = [name, str(threads), str(B), f"{1e6 * t_dense:.1f}", f"{1e6 * t24:.1f} ({t_dense / t24:.2f}x)"]
+                for s in SPARSITIES:
+                    f = csr[s][1]
+                    t = timeit(lambda: csr_linear_native(x, f, threads=threads), args.min_time, args.repeats)
+                    cells.append(f"{1e6 * t:.1f} ({t_dense / t:.2f}x)")
+                rows.append(cells)
+                print("  " + " | ".join(cells), file=sys.stderr, flush=True)
 
     def table(hdr, body):
         if args.markdown:
@@ -115,7 +116,7 @@ def main() -> int:
         return "\n".join("  ".join(str(c).rjust(w[i]) if i else str(c).ljust(w[i]) for i, c in enumerate(r))
                          for r in [hdr] + body)
 
-    print(f"time per call in µs (dense time / kernel time); {threads} threads, "
+    print(f"time per call in µs (dense time / kernel time); threads {','.join(map(str, thread_counts))}, "
           f"AVX2 {'on' if has_avx2() else 'off'}; torch {torch.__version__}\n")
     print(table(header, rows))
     print("\nbits per dense weight (values, indices, row pointers)\n")

@@ -30,6 +30,7 @@
 #endif
 
 #define BT 32 /* batch rows per tile of the batched path */
+#define SMALL_WORK (1 << 17) /* multiply-adds below which one thread does the whole product */
 
 int lb_sparse_has_avx2(void) {
 #if LB_X86
@@ -253,6 +254,9 @@ static void sparse_linear(const sparse_w *w, const float *x, int64_t B, int64_t 
                           const float *bias, float *y, int nthreads, int force_scalar) {
     int avx2 = !force_scalar && lb_sparse_has_avx2();
     if (nthreads < 1) nthreads = 1;
+    /* small products run on one thread: waking a team costs more than it saves */
+    int64_t work = (w->kind == 0 ? out * w->K : (int64_t)w->row_ptr[out]) * B;
+    if (work < SMALL_WORK) nthreads = 1;
     int64_t maxK = w->kind == 0 ? w->K : in;
     if (B == 1) {
         #pragma omp parallel num_threads(nthreads)
