@@ -384,12 +384,45 @@ def test_cli_export_dispatches_compressed_tensors(tmp_path):
                  "-o", str(tmp_path / "ct2")]) == 2
 
 
-def test_unsupported_family_and_tokenizer_errors(tmp_path):
-    save_tiny(tmp_path / "g", "gemma3_text", seed=0)
-    with pytest.raises(LowbitError, match="GGUF export supports"):
-        GW.export_gguf(api.load(str(tmp_path / "g")), tmp_path / "g.gguf", "F16")
+def test_name_and_tokenizer_errors():
+    with pytest.raises(LowbitError, match="no GGUF tensor name"):
+        GW.gguf_name("model.layers.0.mlp.experts.0.weight")
     with pytest.raises(LowbitError, match="pre-tokenizer"):
         GW._pre_tokenizer_name({"type": "Metaspace"})
+
+
+GEMMA = dict(num_hidden_layers=6, head_dim=256,  # llama.cpp: every 6th layer global, scale 1/sqrt(head_dim)
+             layer_types=["sliding_attention"] * 5 + ["full_attention"])
+
+
+def test_gemma3_round_trip(tmp_path):
+    """Gemma 3: its extra norms named as llama.cpp's, RMSNorm gains stored as 1 + w; transformers
+    and (where installed) llama.cpp reproduce the model's logits from our F32 file."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(tmp_path / "hf", "gemma3_text", seed=1, **GEMMA)
+    m = api.load(str(tmp_path / "hf"))
+    rep = GW.export_gguf(m, tmp_path / "g.gguf", "F32")
+    md, ts = read_gguf(tmp_path / "g.gguf")
+    assert md["general.architecture"] == "gemma3" and md["gemma3.attention.sliding_window"] == 32
+    assert "output.weight" not in ts and "blk.0.post_ffw_norm.weight" in ts and rep.n_tensors == len(ts)
+    torch.testing.assert_close(ts["blk.0.attn_q_norm.weight"], m.model.model.layers[0].self_attn.q_norm.weight + 1)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    ref = _logits(m.model, ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf", dtype=torch.float32)
+    torch.testing.assert_close(_logits(hf, ids), ref, rtol=0, atol=1e-5)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(str(tmp_path / "g.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids[0].tolist())
+    got = np.array(llm.scores[:40])
+    assert float(np.abs(got - ref[0].numpy()).max() / ref.abs().max()) < 3e-3
+    llm.close()
+    save_tiny(tmp_path / "bad", "gemma3_text", seed=1, num_hidden_layers=2)  # local/global pattern llama.cpp lacks
+    with pytest.raises(LowbitError, match="every 6th layer"):
+        GW.export_gguf(api.load(str(tmp_path / "bad")), tmp_path / "b.gguf", "F32")
 
 
 # -- llama.cpp runs our file --------------------------------------------------------------------

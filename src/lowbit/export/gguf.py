@@ -13,9 +13,11 @@ What goes into the file
 * the tokenizer: copied verbatim (every ``tokenizer.*`` key) from the GGUF the model was loaded
   from when there is one (the builtin models came from GGUFs: their tokenizer metadata is kept in
   lowbit's cache), else converted from the HF tokenizer (byte-level BPE only);
-* tensors under llama.cpp's names (`TENSOR_NAMES`); ``attn_q`` / ``attn_k`` rows of llama-family
-  models permuted back into GGUF's rotary layout (`permute_qk`, the inverse of what transformers
-  undoes on load); a tied ``lm_head`` is not written (llama.cpp reuses ``token_embd``);
+* tensors under llama.cpp's names (`TENSOR_NAMES`, per family `EXPORT_FAMILIES`: llama, mistral
+  (as llama), qwen2, gemma3); ``attn_q`` / ``attn_k`` rows of llama-family models permuted back
+  into GGUF's rotary layout (`permute_qk`, the inverse of what transformers undoes on load);
+  Gemma 3's RMSNorm gains stored as 1 + w, as llama.cpp reads them; a tied ``lm_head`` is not
+  written (llama.cpp reuses ``token_embd``);
 * every 2-D weight in the type chosen by `choose_types`, 1-D tensors (norms, biases) in F32.
 
 Writes are atomic: the file is built under a temporary name in the target directory and renamed
@@ -178,20 +180,44 @@ _BLOCK_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-TENSOR_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight", **{f"model.layers.*.{k}": f"blk.*.{v}" for k, v in _BLOCK_NAMES.items()}}
+# Gemma 3 normalises the attention and MLP outputs too, and q / k per head
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+TENSOR_NAMES = {**_TOP_NAMES, **{f"model.layers.*.{k}": f"blk.*.{v}" for k, v in _BLOCK_NAMES.items()}}
 
-# HF model_type -> (GGUF architecture, q/k rows permuted)
-EXPORT_FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+@dataclass(frozen=True)
+class ExportFamily:
+    arch: str  # general.architecture
+    permute_qk: bool  # llama.cpp's llama arch rotates adjacent pairs: q/k rows permuted
+    block_names: dict
+    norm_offset: float = 0.0  # GGUF stores the RMSNorm gain (1 + w) of Gemma as such
 
 
-def gguf_name(hf_name: str) -> str:
+# HF model_type -> how it is written
+EXPORT_FAMILIES = {
+    "llama": ExportFamily("llama", True, _BLOCK_NAMES),
+    "mistral": ExportFamily("llama", True, _BLOCK_NAMES),
+    "qwen2": ExportFamily("qwen2", False, _BLOCK_NAMES),
+    "gemma3_text": ExportFamily("gemma3", False, _GEMMA3_BLOCK_NAMES, norm_offset=1.0),
+}
+
+
+def gguf_name(hf_name: str, block_names: dict = _BLOCK_NAMES) -> str:
     """The GGUF tensor name of an HF parameter name (LowbitError for names it has no place for)."""
-    if hf_name in TENSOR_NAMES:
-        return TENSOR_NAMES[hf_name]
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"blk.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    if m and m.group(2) in block_names:
+        return f"blk.{m.group(1)}.{block_names[m.group(2)]}"
     raise LowbitError(f"no GGUF tensor name for parameter {hf_name!r}")
 
 
@@ -225,6 +251,8 @@ def _cfg(config, *names, default=None):
 
 def _rope_theta(config) -> float | None:
     rp = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
+        rp = rp["full_attention"]  # per layer type (Gemma 3): llama.cpp takes the global layers' theta
     if isinstance(rp, dict) and rp.get("rope_theta") is not None:
         return float(rp["rope_theta"])
     v = getattr(config, "rope_theta", None)
@@ -233,8 +261,10 @@ def _rope_theta(config) -> float | None:
 
 def _rope_scaling(config) -> dict | None:
     rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(rp, dict) and rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
-        return rp
+    parts = [v for v in rp.values() if isinstance(v, dict)] if isinstance(rp, dict) else []
+    for r in parts or [rp]:
+        if isinstance(r, dict) and r.get("rope_type", r.get("type", "default")) not in ("default", None):
+            return r
     return None
 
 
@@ -260,9 +290,24 @@ def architecture_metadata(config, arch: str) -> dict[str, tuple[object, str]]:
     theta = _rope_theta(config)
     if theta is not None:
         md[f"{arch}.rope.freq_base"] = (theta, "FLOAT32")
-    if head_dim != hidden // n_head:
+    if head_dim != hidden // n_head or arch == "gemma3":
         md[f"{arch}.attention.key_length"] = (head_dim, "UINT32")
         md[f"{arch}.attention.value_length"] = (head_dim, "UINT32")
+    if arch == "gemma3":
+        # llama.cpp fixes Gemma 3's pattern (every 6th layer global) and the local rope base (10^4)
+        types = list(getattr(config, "layer_types", None) or [])
+        if types and types != [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(len(types))]:
+            raise LowbitError("GGUF (llama.cpp) Gemma 3 needs every 6th layer global; this model's layer_types differ")
+        md[f"{arch}.attention.sliding_window"] = (int(config.sliding_window), "UINT32")
+        qpas = getattr(config, "query_pre_attn_scalar", head_dim)
+        if qpas != head_dim:
+            raise LowbitError(f"GGUF (llama.cpp) Gemma 3 scales attention by 1/sqrt(head_dim = {head_dim}); "
+                              f"this model's query_pre_attn_scalar is {qpas}")
+        for k in (f"{arch}.vocab_size", f"{arch}.rope.dimension_count"):
+            md.pop(k)
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(config, key, None) is not None:
+                raise LowbitError(f"GGUF export of Gemma 3 with {key} is not supported")
     return md
 
 
@@ -422,7 +467,8 @@ def tokenizer_metadata(m, vocab_size: int) -> tuple[dict, str]:
 
 
 def float_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF parameter name -> float32 tensor; lowbit quantized linears are dequantized."""
+    """HF parameter name -> float32 tensor; lowbit quantized linears are dequantized. Buffers
+    (rotary tables, Gemma's embedding scale) are derived from the config and not written."""
     from lowbit.nn.linear import QuantizedLinear
 
     out: dict[str, torch.Tensor] = {}
@@ -435,9 +481,6 @@ def float_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         for pname, p in mod.named_parameters(recurse=False):
             out[prefix + pname] = p.detach().float()
-        for bname, b in mod.named_buffers(recurse=False):
-            if b.is_floating_point() and not bname.startswith("_") and "rotary" not in mname and bname != "inv_freq":
-                out.setdefault(prefix + bname, b.detach().float())
     return out
 
 
@@ -457,7 +500,8 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     if fam.model_type not in EXPORT_FAMILIES:
         raise LowbitError(f"GGUF export supports the families {', '.join(sorted(EXPORT_FAMILIES))}; "
                           f"this model is {fam.model_type!r}")
-    arch, permute = EXPORT_FAMILIES[fam.model_type]
+    ef = EXPORT_FAMILIES[fam.model_type]
+    permute = ef.permute_qk
     cfg = model.config
     n_head = int(cfg.num_attention_heads)
     n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
@@ -468,7 +512,9 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     for hf, t in sd.items():
         if hf.endswith("rotary_emb.inv_freq") or ".rotary_emb." in hf:
             continue
-        name = gguf_name(hf)
+        name = gguf_name(hf, ef.block_names)
+        if ef.norm_offset and name.endswith("norm.weight"):
+            t = t + ef.norm_offset
         if permute and (name.endswith("attn_q.weight") or name.endswith("attn_q.bias")):
             t = permute_qk(t, n_head)
         elif permute and (name.endswith("attn_k.weight") or name.endswith("attn_k.bias")):
@@ -563,7 +609,7 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
     tensors = gguf_tensors(model)
     from lowbit.models.families import family_of
 
-    arch, _ = EXPORT_FAMILIES[family_of(model).model_type]
+    arch = EXPORT_FAMILIES[family_of(model).model_type].arch
     cfg = model.config
     n_layer = int(cfg.num_hidden_layers)
     types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer)
@@ -641,6 +687,10 @@ def collect_imatrix(m, n_samples: int = 16, seq_len: int = 512, text: str | None
     from lowbit.nn.linear import QuantizedLinear
 
     model = m.model
+    from lowbit.models.families import family_of
+
+    ef = EXPORT_FAMILIES.get(family_of(model).model_type)
+    block_names = ef.block_names if ef else _BLOCK_NAMES
     samples = calibration_samples(m.tokenizer, n_samples=n_samples, seq_len=seq_len, text=text, seed=seed)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -649,7 +699,7 @@ def collect_imatrix(m, n_samples: int = 16, seq_len: int = 512, text: str | None
         if not isinstance(mod, (torch.nn.Linear, QuantizedLinear)):
             continue
         try:
-            gname = gguf_name(mname + ".weight")
+            gname = gguf_name(mname + ".weight", block_names)
         except LowbitError:
             continue
 
