@@ -235,66 +235,6 @@ T2 __m256i load8_u8(const uint8_t* p, int64_t avail) {
     return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)t));
 }
 
-/* RB rows x MB activation rows; BITS in {2, 4, 8}. */
-T2 void affine_tile_avx2(const affine_args* a, const float* xp, int64_t Kp, int64_t r, int64_t m0,
-                         const int RB, const int MB, const int BITS) {
-    const int S = 8 / BITS, CPI = 8 * S;
-    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-    __m256 acc[4][8];
-    for (int i = 0; i < RB; i++)
-        for (int j = 0; j < MB; j++) acc[i][j] = _mm256_setzero_ps();
-    const int64_t K = a->K;
-    for (int64_t g = 0; g < a->n_groups; g++) {
-        __m256 vs[4], vnz[4];
-        for (int i = 0; i < RB; i++) {
-            float s = ld_f(a->scales, a->scales_f16, (r + i) * a->s_stride + g);
-            vs[i] = _mm256_set1_ps(s);
-            vnz[i] = _mm256_set1_ps(-(affine_zero(a, r + i, g) * s));
-        }
-        int64_t c0 = g * a->G, c1 = c0 + a->G < K ? c0 + a->G : K;
-        for (int64_t blk = c0 / CPI; blk * CPI < c1; blk++) {
-            int64_t off = blk * 8, avail = a->row_bytes - off;
-            for (int i = 0; i < RB; i++) {
-                __m256i v = load8_u8(a->qw + (r + i) * a->row_bytes + off, avail);
-                for (int j = 0; j < S; j++) {
-                    __m256i cj = BITS == 8 ? v : (j == S - 1 ? _mm256_srli_epi32(v, j * BITS)
-                                                 : _mm256_and_si256(_mm256_srli_epi32(v, j * BITS), mask));
-                    __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(cj), vs[i], vnz[i]);
-                    for (int mm = 0; mm < MB; mm++)
-                        acc[i][mm] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + (m0 + mm) * Kp + blk * CPI + j * 8),
-                                                     acc[i][mm]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < RB; i++)
-        for (int mm = 0; mm < MB; mm++)
-            a->y[(m0 + mm) * a->N + r + i] = hsum256(acc[i][mm]) + (a->bias ? a->bias[r + i] : 0.0f);
-}
-
-#define AVX2_ROWS(BITS)                                                                                  \
-    __attribute__((target("avx2,fma,f16c"))) static void affine_rows_avx2_##BITS(                        \
-        const affine_args* a, const float* xp, int64_t Kp, int64_t r0, int64_t r1) {                    \
-        const int64_t M = a->M;                                                                         \
-        int64_t m0 = 0;                                                                                 \
-        for (; m0 + 8 <= M; m0 += 8)                                                                    \
-            for (int64_t r = r0; r < r1; r++) affine_tile_avx2(a, xp, Kp, r, m0, 1, 8, BITS);           \
-        for (; m0 + 4 <= M; m0 += 4)                                                                    \
-            for (int64_t r = r0; r < r1; r++) affine_tile_avx2(a, xp, Kp, r, m0, 1, 4, BITS);           \
-        for (; m0 + 2 <= M; m0 += 2) {                                                                  \
-            int64_t r = r0;                                                                             \
-            for (; r + 2 <= r1; r += 2) affine_tile_avx2(a, xp, Kp, r, m0, 2, 2, BITS);                 \
-            for (; r < r1; r++) affine_tile_avx2(a, xp, Kp, r, m0, 1, 2, BITS);                         \
-        }                                                                                               \
-        for (; m0 < M; m0++) {                                                                          \
-            int64_t r = r0;                                                                             \
-            for (; r + 4 <= r1; r += 4) affine_tile_avx2(a, xp, Kp, r, m0, 4, 1, BITS);                 \
-            for (; r < r1; r++) affine_tile_avx2(a, xp, Kp, r, m0, 1, 1, BITS);                         \
-        }                                                                                               \
-    }
-AVX2_ROWS(2)
-AVX2_ROWS(4)
-AVX2_ROWS(8)
 
 /* ------------------------------------------------------------------------------------------ */
 /* AVX-512 path: V = 16 bytes per load, 16 fp32 lanes                                         */
@@ -306,72 +246,6 @@ T5 __m512i load16_u8(const uint8_t* p, int64_t avail) {
     return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p));
 }
 
-T5 void affine_tile_avx512(const affine_args* a, const float* xp, int64_t Kp, int64_t r, int64_t m0,
-                           const int RB, const int MB, const int BITS) {
-    const int S = 8 / BITS, CPI = 16 * S;
-    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
-    __m512 acc[4][8];
-    for (int i = 0; i < RB; i++)
-        for (int j = 0; j < MB; j++) acc[i][j] = _mm512_setzero_ps();
-    const int64_t K = a->K;
-    for (int64_t g = 0; g < a->n_groups; g++) {
-        __m512 vs[4], vnz[4];
-        for (int i = 0; i < RB; i++) {
-            float s = ld_f(a->scales, a->scales_f16, (r + i) * a->s_stride + g);
-            vs[i] = _mm512_set1_ps(s);
-            vnz[i] = _mm512_set1_ps(-(affine_zero(a, r + i, g) * s));
-        }
-        int64_t c0 = g * a->G, c1 = c0 + a->G < K ? c0 + a->G : K;
-        for (int64_t blk = c0 / CPI; blk * CPI < c1; blk++) {
-            int64_t off = blk * 16, avail = a->row_bytes - off;
-            for (int i = 0; i < RB; i++) {
-                __m512i v = load16_u8(a->qw + (r + i) * a->row_bytes + off, avail);
-                for (int j = 0; j < S; j++) {
-                    __m512i cj = BITS == 8 ? v : (j == S - 1 ? _mm512_srli_epi32(v, j * BITS)
-                                                 : _mm512_and_si512(_mm512_srli_epi32(v, j * BITS), mask));
-                    __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(cj), vs[i], vnz[i]);
-                    for (int mm = 0; mm < MB; mm++)
-                        acc[i][mm] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + (m0 + mm) * Kp + blk * CPI + j * 16),
-                                                     acc[i][mm]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < RB; i++)
-        for (int mm = 0; mm < MB; mm++)
-            a->y[(m0 + mm) * a->N + r + i] = _mm512_reduce_add_ps(acc[i][mm]) + (a->bias ? a->bias[r + i] : 0.0f);
-}
-
-#define AVX512_ROWS(BITS)                                                                                \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static void                     \
-        affine_rows_avx512_##BITS(const affine_args* a, const float* xp, int64_t Kp, int64_t r0,         \
-                                  int64_t r1) {                                                          \
-        const int64_t M = a->M;                                                                         \
-        int64_t m0 = 0;                                                                                 \
-        for (; m0 + 8 <= M; m0 += 8) {                                                                  \
-            int64_t r = r0;                                                                             \
-            for (; r + 2 <= r1; r += 2) affine_tile_avx512(a, xp, Kp, r, m0, 2, 8, BITS);               \
-            for (; r < r1; r++) affine_tile_avx512(a, xp, Kp, r, m0, 1, 8, BITS);                       \
-        }                                                                                               \
-        for (; m0 + 4 <= M; m0 += 4) {                                                                  \
-            int64_t r = r0;                                                                             \
-            for (; r + 2 <= r1; r += 2) affine_tile_avx512(a, xp, Kp, r, m0, 2, 4, BITS);               \
-            for (; r < r1; r++) affine_tile_avx512(a, xp, Kp, r, m0, 1, 4, BITS);                       \
-        }                                                                                               \
-        for (; m0 + 2 <= M; m0 += 2) {                                                                  \
-            int64_t r = r0;                                                                             \
-            for (; r + 4 <= r1; r += 4) affine_tile_avx512(a, xp, Kp, r, m0, 4, 2, BITS);               \
-            for (; r < r1; r++) affine_tile_avx512(a, xp, Kp, r, m0, 1, 2, BITS);                       \
-        }                                                                                               \
-        for (; m0 < M; m0++) {                                                                          \
-            int64_t r = r0;                                                                             \
-            for (; r + 4 <= r1; r += 4) affine_tile_avx512(a, xp, Kp, r, m0, 4, 1, BITS);               \
-            for (; r < r1; r++) affine_tile_avx512(a, xp, Kp, r, m0, 1, 1, BITS);                       \
-        }                                                                                               \
-    }
-AVX512_ROWS(2)
-AVX512_ROWS(4)
-AVX512_ROWS(8)
 #endif /* LB_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
@@ -501,6 +375,84 @@ T2 void affine_gemv_avx2(const affine_args* a, const float* xp, const float* xsu
     if (RB == 2) a->y[r + 1] = hsum256(_mm256_add_ps(acc1, acc1b)) - z1 + (a->bias ? a->bias[r + 1] : 0.0f);
 }
 
+/* Small batches, factorised the same way: one weight row at a time, its codes unpacked and
+ * centred once per block and multiplied with MB activation rows (MB <= 8 for AVX-512, <= 4 for
+ * AVX2), per-group sums scaled into MB accumulators. */
+T2 void affine_row_scales(const affine_args* a, int64_t r, float* sc, float* zz) {
+    const int64_t ng = a->n_groups;
+    if (a->scales_f16) halves_to_floats((const uint16_t*)a->scales + r * a->s_stride, sc, ng);
+    else memcpy(sc, (const float*)a->scales + r * a->s_stride, (size_t)ng * sizeof(float));
+    const float mid = (float)(1 << (a->bits - 1));
+    for (int64_t g = 0; g < ng; g++) zz[g] = (affine_zero(a, r, g) - mid) * sc[g];
+}
+
+#define BATCH_KERNEL(NAME, TGT, VEC, W, SET0, LOADX, FMA, MUL1, ADD, RED, UNPACK_T, LOADB, CVT, SUBI, ANDI, SRLI,  \
+                     SETI)                                                                                          \
+    __attribute__((target(TGT), always_inline)) static inline void NAME(                                            \
+        const affine_args* a, const float* xp, int64_t Kp, const float* xsum, const float* sc, const float* zz,     \
+        int64_t r, int64_t m0, const int MB, const int BITS) {                                                      \
+        const int S = 8 / BITS, CPI = W * S;                                                                       \
+        const UNPACK_T mask = SETI((1 << BITS) - 1), mid = SETI(1 << (BITS - 1));                                   \
+        const int64_t K = a->K, G = a->G, rb = a->row_bytes, ng = a->n_groups;                                      \
+        const uint8_t* p0 = a->qw + r * rb;                                                                         \
+        VEC acc[8], t[8];                                                                                           \
+        _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) acc[mm] = SET0();                                   \
+        for (int64_t g = 0; g < ng; g++) {                                                                          \
+            _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) t[mm] = SET0();                                 \
+            int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;                                                       \
+            for (int64_t blk = c0 / CPI; blk * CPI < c1; blk++) {                                                   \
+                int64_t off = blk * W, avail = rb - off;                                                            \
+                UNPACK_T v = LOADB(p0 + off, avail);                                                                \
+                _Pragma("GCC unroll 4") for (int j = 0; j < S; j++) {                                               \
+                    UNPACK_T cj = BITS == 8 ? v : (j == S - 1 ? SRLI(v, j * BITS) : ANDI(SRLI(v, j * BITS), mask)); \
+                    VEC wj = CVT(SUBI(cj, mid));                                                                    \
+                    const float* xb = xp + m0 * Kp + blk * CPI + j * W;                                             \
+                    _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++)                                         \
+                        t[mm] = FMA(wj, LOADX(xb + mm * Kp), t[mm]);                                                \
+                }                                                                                                   \
+            }                                                                                                       \
+            VEC sv = MUL1(sc[g]);                                                                                   \
+            _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) acc[mm] = FMA(t[mm], sv, acc[mm]);              \
+        }                                                                                                           \
+        _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) {                                                   \
+            const float* xs = xsum + (m0 + mm) * ng;                                                                \
+            float zt = 0.0f;                                                                                        \
+            for (int64_t g = 0; g < ng; g++) zt += zz[g] * xs[g];                                                   \
+            a->y[(m0 + mm) * a->N + r] = RED(acc[mm]) - zt + (a->bias ? a->bias[r] : 0.0f);                         \
+        }                                                                                                           \
+    }
+
+BATCH_KERNEL(affine_batch_avx2, "avx2,fma,f16c", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps,
+             _mm256_set1_ps, _mm256_add_ps, hsum256, __m256i, load8_u8, _mm256_cvtepi32_ps, _mm256_sub_epi32,
+             _mm256_and_si256, _mm256_srli_epi32, _mm256_set1_epi32)
+BATCH_KERNEL(affine_batch_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", __m512, 16, _mm512_setzero_ps,
+             _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_reduce_add_ps, __m512i,
+             load16_u8, _mm512_cvtepi32_ps, _mm512_sub_epi32, _mm512_and_si512, _mm512_srli_epi32,
+             _mm512_set1_epi32)
+
+#define BATCH_ROWS(ISA, BITS, FN, MBMAX)                                                                     \
+    __attribute__((target(TGT_##ISA))) static void affine_batch_rows_##ISA##_##BITS(                        \
+        const affine_args* a, const float* xp, int64_t Kp, const float* xsum, float* sc, int64_t r0,        \
+        int64_t r1) {                                                                                       \
+        float* zz = sc + a->n_groups;                                                                       \
+        const int64_t M = a->M;                                                                             \
+        for (int64_t r = r0; r < r1; r++) {                                                                 \
+            affine_row_scales(a, r, sc, zz);                                                                \
+            int64_t m0 = 0;                                                                                 \
+            for (; m0 + MBMAX <= M; m0 += MBMAX) FN(a, xp, Kp, xsum, sc, zz, r, m0, MBMAX, BITS);           \
+            switch (M - m0) {                                                                               \
+                case 7: FN(a, xp, Kp, xsum, sc, zz, r, m0, 7 < MBMAX ? 7 : 1, BITS); break;                 \
+                case 6: FN(a, xp, Kp, xsum, sc, zz, r, m0, 6 < MBMAX ? 6 : 1, BITS); break;                 \
+                case 5: FN(a, xp, Kp, xsum, sc, zz, r, m0, 5 < MBMAX ? 5 : 1, BITS); break;                 \
+                case 4: FN(a, xp, Kp, xsum, sc, zz, r, m0, 4 < MBMAX ? 4 : 1, BITS); break;                 \
+                case 3: FN(a, xp, Kp, xsum, sc, zz, r, m0, 3, BITS); break;                                 \
+                case 2: FN(a, xp, Kp, xsum, sc, zz, r, m0, 2, BITS); break;                                 \
+                case 1: FN(a, xp, Kp, xsum, sc, zz, r, m0, 1, BITS); break;                                 \
+                default: break;                                                                             \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
 #define TGT_1 "avx2,fma,f16c"
 #define TGT_2 "avx512f,avx512bw,avx512vl,avx2,fma,f16c"
 #define GEMV_ROWS(ISA, BITS)                                                                         \
@@ -524,6 +476,12 @@ GEMV_ROWS(1, 8)
 GEMV_ROWS(2, 2)
 GEMV_ROWS(2, 4)
 GEMV_ROWS(2, 8)
+BATCH_ROWS(1, 2, affine_batch_avx2, 4)
+BATCH_ROWS(1, 4, affine_batch_avx2, 4)
+BATCH_ROWS(1, 8, affine_batch_avx2, 4)
+BATCH_ROWS(2, 2, affine_batch_avx512, 8)
+BATCH_ROWS(2, 4, affine_batch_avx512, 8)
+BATCH_ROWS(2, 8, affine_batch_avx512, 8)
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
@@ -556,22 +514,23 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
 #if LB_X86
     int V = isa == LB_AVX512 ? 16 : 8, cpi = V * S;
     int64_t Kp = (K + cpi - 1) / cpi * cpi;
-    float* xp = scratch(M * Kp + n_groups);
+    float* xp = scratch(M * Kp + M * n_groups);
     if (!xp) return 2;
     rearrange(x, M, K, V, S, xp, Kp);
-    if (M == 1) {
-        float* xsum = xp + Kp;  /* scratch holds M*Kp + n_groups floats (see below) */
+    float* xsum = xp + M * Kp;  /* [M, n_groups]: sum of x over each group */
+    for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < n_groups; g++) {
             float t = 0.0f;
-            for (int64_t c = g * G; c < (g + 1) * G && c < K; c++) t += x[c];
-            xsum[g] = t;
+            for (int64_t c = g * G; c < (g + 1) * G && c < K; c++) t += x[m * K + c];
+            xsum[m * n_groups + g] = t;
         }
 #pragma omp parallel num_threads(nt)
-        {
-            int64_t r0, r1;
-            thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
-            float* sc = (float*)malloc((size_t)(2 * n_groups) * sizeof(float));
-            if (r0 < r1 && sc) {
+    {
+        int64_t r0, r1;
+        thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
+        float* sc = (float*)malloc((size_t)(2 * n_groups) * sizeof(float));
+        if (r0 < r1 && sc) {
+            if (M == 1) {
                 if (isa == LB_AVX512) {
                     if (bits == 4) affine_gemv_rows_2_4(&a, xp, xsum, sc, r0, r1);
                     else if (bits == 8) affine_gemv_rows_2_8(&a, xp, xsum, sc, r0, r1);
@@ -581,26 +540,17 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
                     else if (bits == 8) affine_gemv_rows_1_8(&a, xp, xsum, sc, r0, r1);
                     else affine_gemv_rows_1_2(&a, xp, xsum, sc, r0, r1);
                 }
-            }
-            free(sc);
-        }
-        return 0;
-    }
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t r0, r1;
-        thread_rows(N, nt, omp_get_thread_num(), 4, &r0, &r1);
-        if (r0 < r1) {
-            if (isa == LB_AVX512) {
-                if (bits == 4) affine_rows_avx512_4(&a, xp, Kp, r0, r1);
-                else if (bits == 8) affine_rows_avx512_8(&a, xp, Kp, r0, r1);
-                else affine_rows_avx512_2(&a, xp, Kp, r0, r1);
+            } else if (isa == LB_AVX512) {
+                if (bits == 4) affine_batch_rows_2_4(&a, xp, Kp, xsum, sc, r0, r1);
+                else if (bits == 8) affine_batch_rows_2_8(&a, xp, Kp, xsum, sc, r0, r1);
+                else affine_batch_rows_2_2(&a, xp, Kp, xsum, sc, r0, r1);
             } else {
-                if (bits == 4) affine_rows_avx2_4(&a, xp, Kp, r0, r1);
-                else if (bits == 8) affine_rows_avx2_8(&a, xp, Kp, r0, r1);
-                else affine_rows_avx2_2(&a, xp, Kp, r0, r1);
+                if (bits == 4) affine_batch_rows_1_4(&a, xp, Kp, xsum, sc, r0, r1);
+                else if (bits == 8) affine_batch_rows_1_8(&a, xp, Kp, xsum, sc, r0, r1);
+                else affine_batch_rows_1_2(&a, xp, Kp, xsum, sc, r0, r1);
             }
         }
+        free(sc);
     }
 #endif
     return 0;
