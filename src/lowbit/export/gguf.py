@@ -426,8 +426,11 @@ def _builtin_gguf_tokenizer(source: dict) -> dict | None:
         except (OSError, ValueError, TypeError):
             pass
     b = builtin.BUILTINS[name]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tmp-gguf-tok-", dir=cache.parent))
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".tmp-gguf-tok-", dir=cache.parent))
+    except OSError:
+        return None
     try:
         try:
             path, _ = builtin._FETCHERS[name](b, work)
@@ -437,8 +440,11 @@ def _builtin_gguf_tokenizer(source: dict) -> dict | None:
             return None
         md = tokenizer_metadata_from_gguf(path)
         tmp = work / "tok.json"
-        tmp.write_text(json.dumps({k: [v, t] for k, (v, t) in md.items()}), encoding="utf-8")
-        os.replace(tmp, cache)
+        try:
+            tmp.write_text(json.dumps({k: [v, t] for k, (v, t) in md.items()}), encoding="utf-8")
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # could not cache it: still use it
         return md
     finally:
         shutil.rmtree(work, ignore_errors=True)
