@@ -289,6 +289,25 @@ def test_transformers_loads_our_files(tiny, tmp_path):
     assert tok(text, add_special_tokens=False)["input_ids"] == tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_round_trip_through_transformers(family, tmp_path):
+    """qwen2 (biases on q/k/v, no permutation) and mistral (written as llama): F32 logits exact."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny(tmp_path / "hf", family, seed=2)
+    m = api.load(str(tmp_path / "hf"))
+    if family == "qwen2":
+        with torch.no_grad():  # make the biases matter
+            for layer in m.model.model.layers:
+                layer.self_attn.q_proj.bias.normal_()
+                layer.self_attn.k_proj.bias.normal_()
+    GW.export_gguf(m, tmp_path / "m.gguf", "F32")
+    assert read_metadata(tmp_path / "m.gguf")["general.architecture"] == ("qwen2" if family == "qwen2" else "llama")
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    torch.testing.assert_close(_logits(hf, ids), _logits(m.model, ids), rtol=0, atol=1e-5)
+
+
 def test_tied_embeddings_and_tokenizer_copied_from_a_gguf_source(tmp_path):
     """A tied model writes no output.weight; a model loaded from a GGUF gets its tokenizer keys
     copied verbatim; the F32 re-export reproduces the logits."""

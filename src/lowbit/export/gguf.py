@@ -319,6 +319,8 @@ TOKENIZER_PREFIX = "tokenizer."
 
 # llama.cpp's pre-tokenizer names for the HF pre-tokenizer shapes we recognise
 _GPT2_REGEX_NAME = "gpt-2"
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -333,9 +335,13 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         if (len(seq) == 2 and seq[0].get("type") == "Digits" and seq[0].get("individual_digits")
                 and is_bytelevel(seq[1])):
             return "smollm"
+        if (len(seq) == 2 and seq[0].get("type") == "Split" and seq[0].get("behavior") == "Isolated"
+                and not seq[0].get("invert") and (seq[0].get("pattern") or {}).get("Regex") == _QWEN2_REGEX
+                and is_bytelevel(seq[1], regex=False)):
+            return "qwen2"
     raise LowbitError(
         f"cannot convert this tokenizer to GGUF: pre-tokenizer {json.dumps(pre)[:120]} is not one lowbit "
-        "knows (byte-level GPT-2 or SmolLM); export from a model loaded from a GGUF file instead"
+        "knows (byte-level GPT-2, SmolLM or Qwen2); export from a model loaded from a GGUF file instead"
     )
 
 
@@ -353,7 +359,9 @@ def tokenizer_metadata_from_hf(tokenizer, vocab_size: int) -> dict[str, tuple[ob
         )
     pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
     vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    # added (special) tokens past the embedding can never be scored or produced by the model; the
+    # GGUF vocabulary has exactly one entry per embedding row, so they are left out
+    added = {t["id"]: t for t in spec.get("added_tokens") or [] if t["id"] < vocab_size}
     for i, t in added.items():
         vocab[t["content"]] = i
     n = max(vocab_size, max(vocab.values()) + 1)
