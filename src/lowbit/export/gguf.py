@@ -53,7 +53,12 @@ Importance matrix
 ``imatrix`` maps GGUF tensor names to per-input-column weights (mean squared activation of that
 linear's input over calibration text, `collect_imatrix`). The K-quant and legacy block
 quantizers then weight their scale searches by it (`lowbit.export.gguf_imatrix`), as llama.cpp's
-``quantize_*`` do when given ``quant_weights``.
+``quantize_*`` do when given ``quant_weights`` (bytes identical to llama.cpp's).
+
+Status: without an importance matrix every tensor is byte-identical to what llama.cpp's own
+quantizer (``llama_model_quantize``) writes from the same (F16-exact) weights, mixes included
+(tests/test_gguf_export.py on a tiny model; bench/gguf_llamacpp.py on SmolLM2); Gemma-3-270M's
+Q4_K_M gets the same type for each of its 236 tensors as the published llama.cpp Q4_K_M file.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ and replaces the reference quantizers' heuristic weights (|W|, W², mean|W| + |W
 Q6_K uses w_j alone (no σ² term), as llama.cpp does. Q8_0 and the ternary types ignore the matrix.
 
 Every step is written in float32 with llama.cpp's evaluation order (left-to-right sums, ``nearest_int``
-rounding halves to even), vectorised over blocks like `lowbit.export.gguf_quants`, so the bytes
-can match llama.cpp's quantizer exactly (compared in tests where llama.cpp's library is present).
+rounding halves to even), vectorised over blocks like `lowbit.export.gguf_quants`: the bytes are
+identical to llama.cpp's ``ggml_quantize_chunk`` with the same weights (tests/test_gguf_export.py
+compares them where llama-cpp-python is installed), and IQ4_NL's also without weights.
 """
 
 from __future__ import annotations
