@@ -37,6 +37,8 @@ from llm_peers import _calib_loader, block_linears, float_copy_with  # noqa: E40
 SETTINGS = {"50%": dict(sparsity=0.5), "2:4": dict(pattern="2:4")}
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PEER_METHODS = ("sparsegpt", "wanda")
+COLS = [("variant", "variant", None), ("sparsity", "zeros %", ".2f"), ("ppl", "ppl", ".3f"), ("dppl", "Δppl", "+.3f"),
+        ("kl", "KL mean", ".5f"), ("kl_p99", "KL p99", ".4f"), ("top1", "top-1 %", ".2f"), ("qtime", "prune s", ".1f")]
 
 
 def have_llmcompressor() -> bool:
@@ -129,9 +131,8 @@ def main() -> int:
             rows.append(r)
         del variants
         gc.collect()
-    cols = [("variant", "variant", None), ("sparsity", "zeros %", ".2f"), ("ppl", "ppl", ".3f"), ("dppl", "Δppl", "+.3f"),
-            ("kl", "KL mean", ".5f"), ("kl_p99", "KL p99", ".4f"), ("top1", "top-1 %", ".2f"), ("qtime", "prune s", ".1f")]
-    print(format_table(rows, cols, markdown=args.markdown))
+        print(format_table(rows, COLS), file=sys.stderr, flush=True)   # the rows so far
+    print(format_table(rows, COLS, markdown=args.markdown))
     print(f"\n{base.name}: {rows[0]['n_tokens']} held-out tokens, ctx {args.ctx}, {args.samples} calibration samples x "
           f"{args.seq_len} tokens (same for both sides); llmcompressor {'included' if peers else 'not available'}; "
           f"total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
