@@ -8,7 +8,8 @@ Every linear of every block: int8 weights per output channel (symmetric), one st
 and zero-point per layer input (asymmetric, from the observer over the calibration tokens), exact
 int32 accumulation, output scaled back to float. ``+sq0.5`` rows migrate activation scale into
 the weights first (SmoothQuant, alpha 0.5); ``+sqauto`` rows pick alpha per layer from
-{0, 0.3, 0.5, ..., 0.9} by the output error of the layer on the calibration tokens. The dynamic-int8 row (per-token scales at run time,
+{0, 0.3, 0.5, ..., 0.9} by the output error of the layer on the calibration tokens; ``+sqauto+clip`` also shrinks the
+observer's range by a ratio from {1, 0.9, ..., 0.4}, searched jointly with alpha. The dynamic-int8 row (per-token scales at run time,
 no calibration) is included when that method is registered. All variants are evaluated in
 lockstep on the same held-out windows (calibration text and held-out text are disjoint).
 """
@@ -26,7 +27,7 @@ from lowbit.eval.quality import PplProtocol
 from lowbit.evaluate import EvalSettings, compare, render
 
 OBSERVERS = ["minmax", "moving-minmax", "percentile", "entropy", "mse"]
-DEFAULT = OBSERVERS + ["minmax+sq0.5", "minmax+sqauto", "percentile+sqauto", "entropy+sqauto", "mse+sqauto"]
+DEFAULT = OBSERVERS + ["minmax+sq0.5", "minmax+sqauto", "percentile+sqauto", "mse+sqauto", "minmax+sqauto+clip"]
 
 
 def main() -> int:
@@ -50,8 +51,9 @@ def main() -> int:
     for v in [s for s in args.variants.split(",") if s]:
         obs, _, sq = v.partition("+sq")
         opts = {"observer": obs}
-        if sq == "auto":
+        if sq.startswith("auto"):
             opts["smooth_search"] = True
+            opts["clip_search"] = sq == "auto+clip"
         elif sq:
             opts["smooth_alpha"] = float(sq)
         m = api.load(args.model)

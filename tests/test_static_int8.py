@@ -12,6 +12,7 @@ from torch import nn
 
 from lowbit.algorithms.static_int8 import (
     ALPHA_GRID,
+    CLIP_GRID,
     StaticInt8Config,
     prepare,
     quantize_static,
@@ -229,8 +230,8 @@ def _tiny():
     return tiny_llama()
 
 
-@pytest.mark.parametrize("alpha,search", [(0.0, False), (0.5, False), (0.0, True)])
-def test_llm_method_exact_int32_and_fake_quant(alpha, search):
+@pytest.mark.parametrize("alpha,search,clip", [(0.0, False, False), (0.5, False, False), (0.0, True, True)])
+def test_llm_method_exact_int32_and_fake_quant(alpha, search, clip):
     from lowbit.algorithms.base import make_method
     from lowbit.calibration.sequential import run_sequential
     from lowbit.formats.static_int8 import StaticInt8Weight
@@ -240,10 +241,12 @@ def test_llm_method_exact_int32_and_fake_quant(alpha, search):
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     samples = torch.randint(0, 96, (4, 32), generator=g)
-    meth = make_method("static-int8", observer="percentile", smooth_alpha=alpha, smooth_search=search)
+    meth = make_method("static-int8", observer="percentile", smooth_alpha=alpha, smooth_search=search,
+                       clip_search=clip)
     run_sequential(model, meth, samples, progress=False)
     if search:
         assert set(meth.describe()["smooth_alpha_per_layer"].values()) <= set(ALPHA_GRID)
+        assert set(meth.describe()["clip_per_layer"].values()) <= set(CLIP_GRID)
     qls = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert qls and all(isinstance(q.weight_format, StaticInt8Weight) for q in qls)
     w = qls[0].weight_format
@@ -280,8 +283,10 @@ def test_smooth_search_prefers_migration_for_an_outlier_channel():
     X[:, 3] *= 80.0  # one outlier feature, as in LLM activations
     W = torch.randn(32, 64, generator=g) * 0.05
     cfg = StaticInt8Config()
-    alpha, errs = search_smooth_alpha(X, W, cfg)
-    assert alpha > 0 and errs[alpha] < 0.5 * errs[0.0]
+    (alpha, clip), errs = search_smooth_alpha(X, W, cfg)
+    assert clip == 1.0 and alpha > 0 and errs[(alpha, 1.0)] < 0.5 * errs[(0.0, 1.0)]
+    (alpha2, clip2), errs2 = search_smooth_alpha(X, W, cfg, clips=(1.0, 0.8, 0.5))
+    assert errs2[(alpha2, clip2)] <= errs[(alpha, 1.0)]
     s = smooth_factors(X.abs().amax(0), W, 0.5)
     # migration is exact in float: (X / s) (W s)^T = X W^T
     assert torch.allclose((X / s) @ (W * s).T, X @ W.T, rtol=1e-4, atol=1e-3)

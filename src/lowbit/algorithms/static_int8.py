@@ -63,6 +63,7 @@ class StaticInt8Config:
     n_bins: int = 2048            # for the histogram observers
     smooth_alpha: float = 0.0     # LLMs: SmoothQuant migration strength (0 = off)
     smooth_search: bool = False   # LLMs: pick alpha per layer from ALPHA_GRID by output error
+    clip_search: bool = False     # with smooth_search: also shrink the observer's range by a ratio from CLIP_GRID
     matmul: str = "auto"          # LLMs: exact int32 via "int" (int64 matmul), "float" (chunked fp32
                                   # GEMM) or "native" (the AVX2 int8 GEMM; symmetric restricted only)
 
@@ -76,6 +77,8 @@ class StaticInt8Config:
             raise LowbitError("static-int8 needs integer zero-points (not --float-zero)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise LowbitError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.clip_search and not self.smooth_search:
+            raise LowbitError("clip_search works together with smooth_search=true")
         if self.matmul not in ("auto", "int", "float", "native"):
             raise LowbitError(f"matmul must be auto, int, float or native, got {self.matmul!r}")
 
@@ -218,33 +221,40 @@ def smooth_factors(x_absmax: Tensor, W: Tensor, alpha: float) -> Tensor:
 ALPHA_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def w8a8_output(X: Tensor, W: Tensor, s: Tensor, cfg: StaticInt8Config) -> Tensor:
-    """Float simulation of the W8A8 layer with smoothing factors s and a min-max input range
-    (used only to rank smoothing strengths)."""
+CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+
+
+def w8a8_output(X: Tensor, W: Tensor, s: Tensor, cfg: StaticInt8Config, lo: float, hi: float) -> Tensor:
+    """Float simulation of the W8A8 layer with smoothing factors s and input range [lo, hi] of
+    X / s (used only to rank smoothing strengths and clipping ratios)."""
     from lowbit.nn.fake_quant import fake_quantize
     from lowbit.nn.static_int8 import act_qparams
 
     sc = cfg.scheme
     Xs = X / s
-    a = act_qparams(Xs.min(), Xs.max(), sc.bits, sc.symmetric, sc.restricted_range)
+    a = act_qparams(torch.tensor(lo), torch.tensor(hi), sc.bits, sc.symmetric, sc.restricted_range)
     Xq = fake_quantize(Xs, a.scale, float(a.zero), a.qmin, a.qmax)
     qw, s_w = quantize_weight(W * s[None, :], sc.bits, sc.restricted_range, cfg.per_channel)
     return Xq @ (qw.float() * s_w[:, None]).T
 
 
-def search_smooth_alpha(X: Tensor, W: Tensor, cfg: StaticInt8Config, grid=ALPHA_GRID,
-                        max_rows: int = 512) -> tuple[float, dict[float, float]]:
-    """The SmoothQuant strength from ``grid`` whose W8A8 output (min-max ranges) is closest in
-    mean squared error to the float output X Wᵀ on (up to ``max_rows`` of) the calibration rows."""
+def search_smooth_alpha(X: Tensor, W: Tensor, cfg: StaticInt8Config, grid=ALPHA_GRID, clips=(1.0,),
+                        max_rows: int = 512) -> tuple[tuple[float, float], dict[tuple[float, float], float]]:
+    """The SmoothQuant strength from ``grid`` (and, with several ``clips``, the fraction of the
+    min-max range of X / s to keep) whose W8A8 output is closest in mean squared error to the float
+    output X Wᵀ on (up to ``max_rows`` evenly spaced) calibration rows. Ranges and smoothing
+    statistics come from all rows. Returns ((alpha, clip), errors)."""
     W = W.detach().float()
-    if X.shape[0] > max_rows:
-        X = X[torch.linspace(0, X.shape[0] - 1, max_rows).long()]
-    ref = X @ W.T
     absmax = X.abs().amax(dim=0)
+    Xe = X[torch.linspace(0, X.shape[0] - 1, max_rows).long()] if X.shape[0] > max_rows else X
+    ref = Xe @ W.T
     errs = {}
     for a in grid:
-        s = smooth_factors(absmax, W, a) if a > 0 else torch.ones(X.shape[1])
-        errs[a] = float((w8a8_output(X, W, s, cfg) - ref).pow(2).mean())
+        sm = smooth_factors(absmax, W, a) if a > 0 else torch.ones(X.shape[1])
+        Xs = X / sm
+        lo, hi = float(Xs.min()), float(Xs.max())
+        for r in clips:
+            errs[(a, r)] = float((w8a8_output(Xe, W, sm, cfg, lo * r, hi * r) - ref).pow(2).mean())
     best = min(errs, key=errs.get)
     return best, errs
 
@@ -262,6 +272,8 @@ class StaticInt8(Method):
         self._obs: dict[str, object] = {}
         self._smooth: dict[str, Tensor] = {}
         self._alpha: dict[str, float] = {}
+        self._clip: dict[str, float] = {}
+        self._clip_record: dict[str, float] = {}
 
     @property
     def smoothing(self) -> bool:
@@ -291,10 +303,13 @@ class StaticInt8(Method):
             return
         seqs = self._inputs.pop(full)
         X = torch.cat(seqs)
+        clip = 1.0
         if self.config.smooth_search:
-            alpha, _ = search_smooth_alpha(X, lin.weight, self.config)
+            clips = CLIP_GRID if self.config.clip_search else (1.0,)
+            (alpha, clip), _ = search_smooth_alpha(X, lin.weight, self.config, clips=clips)
         else:
             alpha = self.config.smooth_alpha
+        self._clip[full] = self._clip_record[full] = clip
         s = smooth_factors(X.abs().amax(dim=0), lin.weight, alpha) if alpha > 0 else torch.ones(X.shape[1])
         self._smooth[full] = s
         self._alpha[full] = alpha
@@ -307,6 +322,8 @@ class StaticInt8(Method):
         d = super().describe()
         if self._alpha:
             d["smooth_alpha_per_layer"] = dict(self._alpha)
+        if self.config.clip_search:
+            d["clip_per_layer"] = dict(self._clip_record)
         return d
 
     def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
@@ -318,7 +335,14 @@ class StaticInt8(Method):
         obs = self._obs.pop(layer_name, None)
         if obs is None:
             raise LowbitError(f"static-int8: layer {layer_name} saw no calibration data")
-        aq = act_qparams_from_observer(obs, s.bits, s.symmetric, s.restricted_range)
+        clip = self._clip.pop(layer_name, 1.0)
+        if clip == 1.0:
+            aq = act_qparams_from_observer(obs, s.bits, s.symmetric, s.restricted_range)
+        else:  # the observer's range, narrowed by the searched clipping ratio
+            from lowbit.nn.static_int8 import act_qparams, act_scheme
+
+            lo, hi = obs.range(act_scheme(s.bits, s.symmetric, s.restricted_range))
+            aq = act_qparams(lo * clip, hi * clip, s.bits, s.symmetric, s.restricted_range)
         smooth = self._smooth.pop(layer_name, None)
         W = module.weight.detach().float()
         if smooth is not None:
