@@ -14,7 +14,9 @@ Needs llama-cpp-python (the optional peer, built from source). Steps:
 It also reports how many tensors of lowbit's Q4_K_M (made from the F16-rounded weights, i.e.
 from exactly the input llama.cpp sees) are byte-identical to llama.cpp's.
 
-Runs under the benchmark lock (/tmp/lowbit-bench.lock) so benchmarks never overlap.
+Runs under the benchmark lock (/tmp/lowbit-bench.lock) so benchmarks never overlap;
+``--quality-only`` drops the timing columns and the lock (the quality numbers do not depend on
+the machine's load).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main() -> int:
     ap.add_argument("--imatrix-samples", type=int, default=8)
     ap.add_argument("--keep", metavar="DIR", help="write the GGUF files here (default: a temporary directory)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--quality-only", action="store_true",
+                    help="no timing columns and no benchmark lock (for a busy machine: run it niced, 1 thread)")
     args = ap.parse_args()
     quiet_transformers()
     try:
@@ -109,8 +113,9 @@ def main() -> int:
         print("llama-cpp-python is not importable; set PYTHONPATH to its install directory", file=sys.stderr)
         return 2
 
-    lock = open("/tmp/lowbit-bench.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not args.quality_only:
+        lock = open("/tmp/lowbit-bench.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     t_all = time.perf_counter()
     torch.set_num_threads(args.threads)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="lowbit-gguf-bench-"))
@@ -173,6 +178,8 @@ def main() -> int:
     cols = [("variant", "variant"), ("runtime", "runs in"), ("mb", "file MB", ".1f"), ("bpw", "bits/w", ".2f"),
             ("ppl", "ppl", ".3f"), ("dppl", "Δppl", "+.3f"), ("kl", "KL mean", ".5f"), ("kl99", "KL p99", ".4f"),
             ("top1", "top-1 %", ".2f"), ("qs", "quant s", ".1f"), ("tps", "llama.cpp tok/s", ".0f")]
+    if args.quality_only:
+        cols = [c for c in cols if c[0] not in ("qs", "tps")]
     print(format_table(out_rows, cols, markdown=args.markdown))
     print()
     print(f"lowbit Q4_K_M made from the F16-rounded weights (llama.cpp's input) vs llama.cpp's Q4_K_M: "
