@@ -6,7 +6,9 @@ decoder on fp32 / int8 / int4 / ternary weights, and llama.cpp (llama-cpp-python
 
 Protocol (every row): the same prompt of --prompt-len random token ids (seed 0, as in
 `lowbit.eval.latency`), batch 1, the same thread count; prefill the prompt, then --new-tokens
-greedy decode steps of one token; medians of --repeats timed runs after one warm-up run.
+greedy decode steps of one token. Every row gets one warm-up run, then --repeats rounds, each
+timing every row once in table order (interleaved, so a change in machine load during the run
+hits all rows alike rather than a few); the table shows medians over the rounds.
 
 * transformers rows: `lowbit.eval.latency.measure_latency` (model forward with its DynamicCache,
   eager PyTorch, no compilation), once with the model's default attention (sdpa) and once with
@@ -21,7 +23,8 @@ greedy decode steps of one token; medians of --repeats timed runs after one warm
   process so neither runtime's thread pool competes with the other's. Q4_0 and Q8_0 are
   requantized from the shipped Q4_1 GGUF with ``llama_model_quantize(allow_requantize=True)``
   (the fp16/fp32 original is not available offline), so they carry Q4_1's rounding as well;
-  the Q4_1 file itself is also timed. llama-cpp-python must be importable (an optional peer,
+  the Q4_1 file itself is also timed. One long-lived child process per GGUF loads it once and
+  times a run on each request. llama-cpp-python must be importable (an optional peer,
   e.g. ``PYTHONPATH=<its --target dir>``); otherwise those rows are skipped with a note.
 
 Columns: decode tok/s (the target metric), ms/token, prefill tok/s, ratios to transformers fp32
@@ -38,6 +41,7 @@ import copy
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,8 +52,9 @@ COMPUTE_CEILING = 268  # tok/s: 2 FLOP per parameter at ~72 GFLOP/s fp32 (same m
 
 
 # -- llama.cpp (child process) -------------------------------------------------------------------
-def llama_worker(spec: dict) -> dict:
-    """Time llama.cpp on one GGUF (runs in a child process; prints JSON)."""
+def llama_worker(spec: dict) -> None:
+    """Child process: load one GGUF, then time one run (prefill + greedy decode) per "run" line
+    read from stdin, answering each with a JSON line."""
     import numpy as np
     from llama_cpp import Llama
 
@@ -64,7 +69,10 @@ def llama_worker(spec: dict) -> dict:
         logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
         return int(logits.argmax())
 
-    def one_run():
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -74,15 +82,33 @@ def llama_worker(spec: dict) -> dict:
             llm.eval([tok])
             tok = last_argmax()
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        print(json.dumps({"prefill_s": t1 - t0, "decode_s": t2 - t1}), flush=True)
 
-    for _ in range(spec["warmup"]):
-        one_run()
-    runs = [one_run() for _ in range(spec["repeats"])]
-    runs.sort(key=lambda r: r[1])
-    pre = sorted(r[0] for r in runs)[len(runs) // 2]
-    dec = runs[len(runs) // 2][1]
-    return {"prefill_tok_s": len(prompt) / pre, "decode_tok_s": n_new / dec, "ms_per_token": 1000 * dec / n_new}
+
+class LlamaRunner:
+    """The parent's handle on one llama_worker child."""
+
+    def __init__(self, path: Path, prompt: list[int], args):
+        spec = {"path": str(path), "prompt": prompt, "new_tokens": args.new_tokens, "threads": args.threads}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--llama-worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        first = self.proc.stdout.readline()
+        if not first.strip():
+            err = self.proc.stderr.read().strip().splitlines()
+            raise RuntimeError(err[-1] if err else "llama.cpp worker exited")
+
+    def run(self) -> tuple[float, float]:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        r = json.loads(self.proc.stdout.readline())
+        return r["prefill_s"], r["decode_s"]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        finally:
+            self.proc.wait(timeout=30)
 
 
 def gguf_bytes_per_token(path: Path) -> tuple[int, dict]:
@@ -143,12 +169,13 @@ def requantize(src: Path, dst: Path, ftype_name: str, threads: int) -> None:
     os.replace(tmp, dst)
 
 
-def llama_rows(prompt: list[int], args, notes: list[str]) -> list[dict]:
+def llama_runners(prompt: list[int], args, notes: list[str]) -> list[tuple[str, object, int]]:
+    """[(label, LlamaRunner, bytes per token)] for the three GGUFs, or [] with a note."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         notes.append("llama.cpp rows skipped: llama-cpp-python is not importable (an optional peer; put its "
-                      "install directory on PYTHONPATH)")
+                     "install directory on PYTHONPATH)")
         return []
     from lowbit.models.builtin import cache_root
 
@@ -159,23 +186,19 @@ def llama_rows(prompt: list[int], args, notes: list[str]) -> list[dict]:
              ("llama.cpp Q8_0 (requant. from Q4_1)", cache / "SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf",
               "LLAMA_FTYPE_MOSTLY_Q8_0"),
              ("llama.cpp Q4_1 (shipped file)", q41, None)]
-    rows = []
+    out = []
     for label, path, ftype in files:
-        if ftype and not path.is_file():
-            requantize(q41, path, ftype, args.threads)
-        spec = {"path": str(path), "prompt": prompt, "new_tokens": args.new_tokens, "threads": args.threads,
-                "warmup": 1, "repeats": args.repeats}
-        r = subprocess.run([sys.executable, __file__, "--llama-worker", json.dumps(spec)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            notes.append(f"{label}: failed ({(r.stderr.strip().splitlines() or ['?'])[-1]})")
+        try:
+            if ftype and not path.is_file():
+                requantize(q41, path, ftype, args.threads)
+            runner = LlamaRunner(path, prompt, args)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            notes.append(f"{label}: skipped ({e})")
             continue
-        res = json.loads(r.stdout.strip().splitlines()[-1])
         nbytes, types = gguf_bytes_per_token(path)
         notes.append(f"{label}: tensor types {dict(sorted(types.items()))}")
-        rows.append({"variant": label, "decode": res["decode_tok_s"], "ms": res["ms_per_token"],
-                     "prefill": res["prefill_tok_s"], "bytes": nbytes, "kind": "llama"})
-    return rows
+        out.append((label, runner, nbytes))
+    return out
 
 
 # -- lowbit / transformers -----------------------------------------------------------------------
@@ -211,14 +234,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (default: 5)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print where one decoded token's time goes")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
     ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llama_worker:
-        print(json.dumps(llama_worker(json.loads(args.llama_worker))))
+        llama_worker(json.loads(args.llama_worker))
         return 0
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -238,28 +261,32 @@ def main() -> int:
     base = api.load(args.model)
     vocab = base.model.config.vocab_size
     prompt = bench_prompt(vocab, args.prompt_len)
-    rows: list[dict] = []
     fp32_bytes = lowbit_bytes_per_token(base.model)
+    P, N = args.prompt_len, args.new_tokens
 
-    # transformers, default attention and eager attention
-    for label, impl in (("transformers fp32 (sdpa attention)", None), ("transformers fp32 (eager attention)", "eager")):
-        m = base.model
-        if impl:
-            m = copy.deepcopy(base.model)
-            m.set_attn_implementation(impl)
-        r = measure_latency(m, args.prompt_len, args.new_tokens, repeats=args.repeats)
-        rows.append({"variant": label, "decode": r.decode_tok_s, "ms": r.decode_ms_per_token,
-                     "prefill": r.prefill_tok_s, "bytes": fp32_bytes, "kind": "hf"})
-        del m
-        gc.collect()
+    # Each entry: (label, kind, bytes read per token, run() -> (prefill s, decode s)).
+    entries: list[tuple[str, str, int, object]] = []
 
-    def lean_row(label, model, kind="lowbit"):
-        dec = LeanDecoder(model, max_len=args.prompt_len + args.new_tokens + 1)
-        r = measure_lean(dec, args.prompt_len, args.new_tokens, repeats=args.repeats)
-        rows.append({"variant": label, "decode": r.decode_tok_s, "ms": r.decode_ms_per_token,
-                     "prefill": r.prefill_tok_s, "bytes": lowbit_bytes_per_token(model), "kind": kind})
+    def hf_run(model):
+        def run():
+            r = measure_latency(model, P, N, warmup=0, repeats=1)
+            return r.prefill_ms / 1000, r.decode_ms_per_token * N / 1000
+        return run
 
-    lean_row("lowbit fp32 (lean loop)", base.model)
+    hf_eager = copy.deepcopy(base.model)
+    hf_eager.set_attn_implementation("eager")
+    entries.append(("transformers fp32 (sdpa attention)", "hf", fp32_bytes, hf_run(base.model)))
+    entries.append(("transformers fp32 (eager attention)", "hf", fp32_bytes, hf_run(hf_eager)))
+
+    def lean_run(model):
+        dec = LeanDecoder(model, max_len=P + N + 1)
+
+        def run():
+            r = measure_lean(dec, P, N, warmup=0, repeats=1)
+            return r.prefill_ms / 1000, r.decode_ms_per_token * N / 1000
+        return run
+
+    entries.append(("lowbit fp32 (lean loop)", "lowbit", fp32_bytes, lean_run(base.model)))
     variants = [
         ("lowbit int8 (rtn per-channel)", "rtn", QuantScheme(bits=8, symmetric=True, granularity="channel",
                                                              group_size=None), False),
@@ -277,17 +304,34 @@ def main() -> int:
         api.quantize(q, method, scheme, progress=False)
         if head:
             quantize_head_int8(q.model)
-        lean_row(label, q.model)
-        if args.profile and ("g32" in label):
+        entries.append((label, "lowbit", lowbit_bytes_per_token(q.model), lean_run(q.model)))
+        if args.profile and "g32" in label:
             profiled[label] = q.model
-        else:
-            del q
         gc.collect()
 
+    runners = []
     if not args.no_llama:
-        rows += llama_rows(prompt.tolist(), args, notes)
+        runners = llama_runners(prompt.tolist(), args, notes)
+        for label, runner, nbytes in runners:
+            entries.append((label, "llama", nbytes, runner.run))
     else:
         notes.append("llama.cpp rows skipped (--no-llama)")
+
+    for _, _, _, run in entries:  # warm-up
+        run()
+    times: dict[str, list[tuple[float, float]]] = {e[0]: [] for e in entries}
+    for _ in range(args.repeats):
+        for label, _, _, run in entries:
+            times[label].append(run())
+    for _, runner, _ in runners:
+        runner.close()
+
+    rows: list[dict] = []
+    for label, kind, nbytes, _ in entries:
+        pre = statistics.median(t[0] for t in times[label])
+        dec = statistics.median(t[1] for t in times[label])
+        rows.append({"variant": label, "decode": N / dec, "ms": 1000 * dec / N, "prefill": P / pre,
+                     "bytes": nbytes, "kind": kind})
 
     hf = max(r["decode"] for r in rows if r["kind"] == "hf")
     q40 = next((r["decode"] for r in rows if r["variant"].startswith("llama.cpp Q4_0")), None)
@@ -304,7 +348,7 @@ def main() -> int:
     print(render(head, table, args.markdown))
     print()
     print(f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt_len} random ids, {args.new_tokens} greedy decode "
-          f"steps, {args.threads} threads for every row, median of {args.repeats} runs; torch "
+          f"steps, {args.threads} threads for every row, median of {args.repeats} interleaved rounds; torch "
           f"{torch.__version__}; lowbit kernels registered for: {', '.join(sorted(FORMAT_KERNELS)) or 'none'}.")
     print(f"'vs transformers' divides by the faster transformers row ({hf:.1f} tok/s). 'ceiling' = "
           f"{BANDWIDTH / 1e9:.0f} GB/s / MB read per token (weights of every linear incl. the output head); the "
