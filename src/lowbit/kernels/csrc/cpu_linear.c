@@ -278,14 +278,20 @@ T2 float affine_row_prepass(const affine_args* a, int64_t r, const float* xsum, 
     return zt;
 }
 
-#define GEMV_UNPACK_AVX512(BITS, v, J) _mm512_sub_epi32( \
-    (BITS == 8 ? (v) : ((J) == 8 / BITS - 1 ? _mm512_srli_epi32(v, (J) * BITS) \
-                                             : _mm512_and_si512(_mm512_srli_epi32(v, (J) * BITS), mask))), mid)
+/* AVX-512: stream J of the codes as floats u - 2^(b-1), without a conversion instruction:
+ * OR-ing u (< 2^23) into the mantissa of 2^23 gives the float 2^23 + u exactly (one ternary-logic
+ * op does the mask and the OR), and subtracting 2^23 + 2^(b-1) is exact. */
+#define GEMV_W_AVX512(BITS, v, J) _mm512_sub_ps(_mm512_castsi512_ps( \
+    (BITS == 8 ? _mm512_or_si512(v, magic) \
+               : ((J) == 8 / BITS - 1 ? _mm512_or_si512(_mm512_srli_epi32(v, (J) * BITS), magic) \
+                                      : _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, (J) * BITS), mask, magic, 0xEA)))), \
+    magic_mid)
 
 T5 void affine_gemv_avx512(const affine_args* a, const float* xp, const float* xsum, float* sc0, float* sc1,
                            int64_t r, const int RB, const int BITS) {
     const int S = 8 / BITS, CPI = 16 * S;
-    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1), mid = _mm512_set1_epi32(1 << (BITS - 1));
+    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1), magic = _mm512_set1_epi32(0x4B000000);
+    const __m512 magic_mid = _mm512_set1_ps(8388608.0f + (float)(1 << (BITS - 1)));
     const int64_t K = a->K, G = a->G, rb = a->row_bytes;
     float z0 = affine_row_prepass(a, r, xsum, sc0), z1 = 0.0f;
     if (RB == 2) z1 = affine_row_prepass(a, r + 1, xsum, sc1);
@@ -293,7 +299,63 @@ T5 void affine_gemv_avx512(const affine_args* a, const float* xp, const float* x
     const uint8_t* p1 = p0 + rb;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     __m512 acc0b = _mm512_setzero_ps(), acc1b = _mm512_setzero_ps();
-    for (int64_t g = 0; g < a->n_groups; g++) {
+    int64_t g = 0;
+    if (G == CPI && K / G > 1) {  /* one block per group (4-bit g32): a product chain per group */
+        const int64_t nfull = K / G;
+        for (; g < nfull; g++) {
+            const float* xb = xp + g * CPI;
+            __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p0 + g * 16)));
+            __m512i v1 = _mm512_setzero_si512();
+            if (RB == 2) v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p1 + g * 16)));
+            __m512 x0 = _mm512_loadu_ps(xb);
+            __m512 t0 = _mm512_mul_ps(GEMV_W_AVX512(BITS, v0, 0), x0), t1 = _mm512_setzero_ps();
+            if (RB == 2) t1 = _mm512_mul_ps(GEMV_W_AVX512(BITS, v1, 0), x0);
+            for (int j = 1; j < S; j++) {
+                __m512 xj = _mm512_loadu_ps(xb + j * 16);
+                t0 = _mm512_fmadd_ps(GEMV_W_AVX512(BITS, v0, j), xj, t0);
+                if (RB == 2) t1 = _mm512_fmadd_ps(GEMV_W_AVX512(BITS, v1, j), xj, t1);
+            }
+            if (g & 1) {
+                acc0b = _mm512_fmadd_ps(t0, _mm512_set1_ps(sc0[g]), acc0b);
+                if (RB == 2) acc1b = _mm512_fmadd_ps(t1, _mm512_set1_ps(sc1[g]), acc1b);
+            } else {
+                acc0 = _mm512_fmadd_ps(t0, _mm512_set1_ps(sc0[g]), acc0);
+                if (RB == 2) acc1 = _mm512_fmadd_ps(t1, _mm512_set1_ps(sc1[g]), acc1);
+            }
+        }
+    }
+    if (G % CPI == 0) {  /* full groups: whole blocks inside the row, no bounds to check */
+        const int64_t nbg = G / CPI, nfull = K / G;
+        for (; g < nfull; g++) {
+            __m512 t0a = _mm512_setzero_ps(), t0b = _mm512_setzero_ps();
+            __m512 t1a = _mm512_setzero_ps(), t1b = _mm512_setzero_ps();
+            for (int64_t blk = g * nbg; blk < (g + 1) * nbg; blk++) {
+                const float* xb = xp + blk * CPI;
+                __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p0 + blk * 16)));
+                __m512i v1 = _mm512_setzero_si512();
+                if (RB == 2) v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p1 + blk * 16)));
+                for (int j = 0; j < S; j++) {
+                    __m512 xj = _mm512_loadu_ps(xb + j * 16);
+                    __m512 w0 = GEMV_W_AVX512(BITS, v0, j);
+                    if ((j + (S == 1 ? (int)blk : 0)) & 1) t0b = _mm512_fmadd_ps(w0, xj, t0b);
+                    else t0a = _mm512_fmadd_ps(w0, xj, t0a);
+                    if (RB == 2) {
+                        __m512 w1 = GEMV_W_AVX512(BITS, v1, j);
+                        if ((j + (S == 1 ? (int)blk : 0)) & 1) t1b = _mm512_fmadd_ps(w1, xj, t1b);
+                        else t1a = _mm512_fmadd_ps(w1, xj, t1a);
+                    }
+                }
+            }
+            if (g & 1) {
+                acc0b = _mm512_fmadd_ps(_mm512_add_ps(t0a, t0b), _mm512_set1_ps(sc0[g]), acc0b);
+                if (RB == 2) acc1b = _mm512_fmadd_ps(_mm512_add_ps(t1a, t1b), _mm512_set1_ps(sc1[g]), acc1b);
+            } else {
+                acc0 = _mm512_fmadd_ps(_mm512_add_ps(t0a, t0b), _mm512_set1_ps(sc0[g]), acc0);
+                if (RB == 2) acc1 = _mm512_fmadd_ps(_mm512_add_ps(t1a, t1b), _mm512_set1_ps(sc1[g]), acc1);
+            }
+        }
+    }
+    for (; g < a->n_groups; g++) {  /* the ragged last group, or groups not on block boundaries */
         __m512 t0a = _mm512_setzero_ps(), t0b = _mm512_setzero_ps();
         __m512 t1a = _mm512_setzero_ps(), t1b = _mm512_setzero_ps();
         int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
@@ -305,10 +367,10 @@ T5 void affine_gemv_avx512(const affine_args* a, const float* xp, const float* x
             if (RB == 2) v1 = load16_u8(p1 + off, avail);
             for (int j = 0; j < S; j++) {
                 __m512 xj = _mm512_loadu_ps(xb + j * 16);
-                __m512 w0 = _mm512_cvtepi32_ps(GEMV_UNPACK_AVX512(BITS, v0, j));
+                __m512 w0 = GEMV_W_AVX512(BITS, v0, j);
                 if (j & 1) t0b = _mm512_fmadd_ps(w0, xj, t0b); else t0a = _mm512_fmadd_ps(w0, xj, t0a);
                 if (RB == 2) {
-                    __m512 w1 = _mm512_cvtepi32_ps(GEMV_UNPACK_AVX512(BITS, v1, j));
+                    __m512 w1 = GEMV_W_AVX512(BITS, v1, j);
                     if (j & 1) t1b = _mm512_fmadd_ps(w1, xj, t1b); else t1a = _mm512_fmadd_ps(w1, xj, t1a);
                 }
             }
@@ -325,6 +387,7 @@ T5 void affine_gemv_avx512(const affine_args* a, const float* xp, const float* x
     if (RB == 2) a->y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(acc1, acc1b)) - z1 + (a->bias ? a->bias[r + 1] : 0.0f);
 }
 
+#define GEMV_W_AVX2(BITS, v, J) _mm256_cvtepi32_ps(GEMV_UNPACK_AVX2(BITS, v, J))
 #define GEMV_UNPACK_AVX2(BITS, v, J) _mm256_sub_epi32( \
     (BITS == 8 ? (v) : ((J) == 8 / BITS - 1 ? _mm256_srli_epi32(v, (J) * BITS) \
                                              : _mm256_and_si256(_mm256_srli_epi32(v, (J) * BITS), mask))), mid)
@@ -340,7 +403,39 @@ T2 void affine_gemv_avx2(const affine_args* a, const float* xp, const float* xsu
     const uint8_t* p1 = p0 + rb;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc0b = _mm256_setzero_ps(), acc1b = _mm256_setzero_ps();
-    for (int64_t g = 0; g < a->n_groups; g++) {
+    int64_t g = 0;
+    if (G % CPI == 0) {  /* full groups: whole blocks inside the row, no bounds to check */
+        const int64_t nbg = G / CPI, nfull = K / G;
+        for (; g < nfull; g++) {
+            __m256 t0a = _mm256_setzero_ps(), t0b = _mm256_setzero_ps();
+            __m256 t1a = _mm256_setzero_ps(), t1b = _mm256_setzero_ps();
+            for (int64_t blk = g * nbg; blk < (g + 1) * nbg; blk++) {
+                const float* xb = xp + blk * CPI;
+                __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p0 + blk * 8)));
+                __m256i v1 = _mm256_setzero_si256();
+                if (RB == 2) v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p1 + blk * 8)));
+                for (int j = 0; j < S; j++) {
+                    __m256 xj = _mm256_loadu_ps(xb + j * 8);
+                    __m256 w0 = GEMV_W_AVX2(BITS, v0, j);
+                    if ((j + (S == 1 ? (int)blk : 0)) & 1) t0b = _mm256_fmadd_ps(w0, xj, t0b);
+                    else t0a = _mm256_fmadd_ps(w0, xj, t0a);
+                    if (RB == 2) {
+                        __m256 w1 = GEMV_W_AVX2(BITS, v1, j);
+                        if ((j + (S == 1 ? (int)blk : 0)) & 1) t1b = _mm256_fmadd_ps(w1, xj, t1b);
+                        else t1a = _mm256_fmadd_ps(w1, xj, t1a);
+                    }
+                }
+            }
+            if (g & 1) {
+                acc0b = _mm256_fmadd_ps(_mm256_add_ps(t0a, t0b), _mm256_set1_ps(sc0[g]), acc0b);
+                if (RB == 2) acc1b = _mm256_fmadd_ps(_mm256_add_ps(t1a, t1b), _mm256_set1_ps(sc1[g]), acc1b);
+            } else {
+                acc0 = _mm256_fmadd_ps(_mm256_add_ps(t0a, t0b), _mm256_set1_ps(sc0[g]), acc0);
+                if (RB == 2) acc1 = _mm256_fmadd_ps(_mm256_add_ps(t1a, t1b), _mm256_set1_ps(sc1[g]), acc1);
+            }
+        }
+    }
+    for (; g < a->n_groups; g++) {  /* the ragged last group, or groups not on block boundaries */
         __m256 t0a = _mm256_setzero_ps(), t0b = _mm256_setzero_ps();
         __m256 t1a = _mm256_setzero_ps(), t1b = _mm256_setzero_ps();
         int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
