@@ -48,6 +48,9 @@ import time
 from pathlib import Path
 
 BANDWIDTH = 27e9  # bytes/s, measured read bandwidth with 2 threads on the development machine
+# Decode ceilings of a 135M model by weight class, from the same measurements (every weight,
+# head included, at that width): tok/s (low, high).
+CLASS_CEILING = {"fp32": (51, 51), "int8": (200, 200), "int4": (324, 404)}
 COMPUTE_CEILING = 268  # tok/s: 2 FLOP per parameter at ~72 GFLOP/s fp32 (same machine)
 
 
@@ -228,6 +231,13 @@ def quantize_head_int8(model) -> None:
     model.lm_head = QuantizedLinear(fmt, model.lm_head.bias)
 
 
+def weight_class(label: str) -> str | None:
+    for key, cls in (("Q8_0", "int8"), ("int4", "int4"), ("Q4_", "int4"), ("int8", "int8"), ("fp32", "fp32")):
+        if key in label:
+            return cls
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
@@ -340,11 +350,20 @@ def main() -> int:
     table = []
     for r in rows:
         ceiling = BANDWIDTH / r["bytes"]
+        cls = weight_class(r["variant"])
+        if cls:
+            lo, hi = CLASS_CEILING[cls]
+            cls_ceiling = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            share = (f"{100 * r['decode'] / lo:.0f}%" if lo == hi
+                     else f"{100 * r['decode'] / hi:.0f}-{100 * r['decode'] / lo:.0f}%")
+        else:
+            cls_ceiling = share = "-"
         table.append([r["variant"], f"{r['decode']:.1f}", f"{r['ms']:.2f}", f"{r['prefill']:.0f}",
                       f"{r['decode'] / hf:.2f}x", f"{r['decode'] / q40:.2f}x" if q40 else "-",
-                      f"{r['bytes'] / 1e6:.1f}", f"{ceiling:.0f}", f"{100 * r['decode'] / ceiling:.0f}%"])
+                      f"{r['bytes'] / 1e6:.1f}", f"{ceiling:.0f}", f"{100 * r['decode'] / ceiling:.0f}%",
+                      cls_ceiling, share])
     head = ["variant", "decode tok/s", "ms/token", "prefill tok/s", "vs transformers", "vs llama.cpp Q4_0",
-            "MB read/token", "ceiling tok/s", "of ceiling"]
+            "MB read/token", "ceiling tok/s", "of ceiling", "class ceiling", "of class"]
     print(render(head, table, args.markdown))
     print()
     print(f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt_len} random ids, {args.new_tokens} greedy decode "
@@ -354,6 +373,8 @@ def main() -> int:
           f"{BANDWIDTH / 1e9:.0f} GB/s / MB read per token (weights of every linear incl. the output head); the "
           f"compute ceiling is ~{COMPUTE_CEILING} tok/s (2 FLOP/param at 72 GFLOP/s), so rows whose bandwidth "
           f"ceiling is above it are compute-bound at best.")
+    print("'class ceiling': the machine's decode ceilings for a 135M model with every weight (head included) "
+          "at that width, by bandwidth: fp32 ~51, int8 ~200, int4 ~324-404 tok/s (ternary: none given).")
     print("lowbit rows keep the embedding and lm_head in fp32 (113 MB read per token by the head alone) unless "
           "marked '+ int8 head'. SmolLM2's weights come from a Q4_1 GGUF: int4 g32 asym re-quantizes its "
           "linears exactly; Q4_0/Q8_0 GGUFs are requantized from that Q4_1 file.")
