@@ -175,7 +175,7 @@ def requantize(src: Path, dst: Path, ftype_name: str, threads: int) -> None:
 def llama_runners(prompt: list[int], args, notes: list[str]) -> list[tuple[str, object, int]]:
     """[(label, LlamaRunner, bytes per token)] for the three GGUFs, or [] with a note."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp  # noqa: F401  (only: is it importable?)
     except ImportError:
         notes.append("llama.cpp rows skipped: llama-cpp-python is not importable (an optional peer; put its "
                      "install directory on PYTHONPATH)")

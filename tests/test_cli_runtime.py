@@ -1,7 +1,6 @@
 """`lowbit generate` and `lowbit bench` end to end on a tiny model (and a quantized checkpoint)."""
 
 import pytest
-import torch
 
 from lowbit import api
 from lowbit.cli import main

@@ -12,5 +12,5 @@ from lowbit.runtime.generate import GenerationStats, TextStream, generate, run_g
 from lowbit.runtime.sampling import SamplingParams, sample_next
 from lowbit.runtime.timing import bench_prompt, measure_lean
 
-__all__ = ["GenerationStats", "LeanDecoder", "bench_prompt", "measure_lean", "SamplingParams", "TextStream", "generate", "linear_fn",
-           "run_generation", "sample_next"]
+__all__ = ["GenerationStats", "LeanDecoder", "SamplingParams", "TextStream", "bench_prompt", "generate", "linear_fn",
+           "measure_lean", "run_generation", "sample_next"]

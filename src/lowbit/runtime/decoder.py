@@ -199,7 +199,8 @@ class LeanDecoder:
                 cos, sin = rot(probe, pos, name) if gemma else rot(probe, position_ids=pos)
                 cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
                 if cos.shape != (max_len, self.head_dim):
-                    raise LowbitError(f"rotary table has shape {tuple(cos.shape)}, expected ({max_len}, {self.head_dim})")
+                    raise LowbitError(f"rotary table has shape {tuple(cos.shape)}, "
+                                      f"expected ({max_len}, {self.head_dim})")
                 half = self.head_dim // 2
                 # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]
                 sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).contiguous()

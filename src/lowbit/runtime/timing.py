@@ -36,7 +36,8 @@ def measure_lean(dec: LeanDecoder, prompt_len: int = 128, new_tokens: int = 64, 
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LowbitError(f"{label} must be an integer >= {low}, got {value!r}")
     if prompt_len + new_tokens > dec.max_len:
-        raise LowbitError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the decoder's max length {dec.max_len}")
+        raise LowbitError(f"prompt {prompt_len} + {new_tokens} new tokens exceed the decoder's max length "
+                          f"{dec.max_len}")
     prompt = bench_prompt(dec.config.vocab_size, prompt_len)
 
     def one_run() -> GenerationStats:
