@@ -125,10 +125,10 @@ typedef struct {
 } affine_args;
 
 static inline float affine_zero(const affine_args* a, int64_t r, int64_t g) {
-    if (a->qz) {
+    if (a->qz) {  /* bits 2, 4, 8: 4, 2, 1 zero-points per byte (shifts, no division) */
         const uint8_t* p = a->qz + r * a->qz_stride;
-        int per = 8 / a->bits;
-        return (float)((p[g / per] >> ((g % per) * a->bits)) & ((1 << a->bits) - 1));
+        int lg = a->bits == 8 ? 0 : (a->bits == 4 ? 1 : 2);
+        return (float)((p[g >> lg] >> ((g & ((1 << lg) - 1)) * a->bits)) & ((1 << a->bits) - 1));
     }
     if (a->fz) return ld_f(a->fz, a->fz_f16, r * a->s_stride + g);
     return a->zconst;
@@ -190,8 +190,8 @@ static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_
 /* scalar path: any group size, any K                                                          */
 static inline unsigned code_at(const uint8_t* row, int bits, int64_t c) {
     if (bits == 8) return row[c];
-    int per = 8 / bits;
-    return (row[c / per] >> ((c % per) * bits)) & ((1u << bits) - 1u);
+    int lg = bits == 4 ? 1 : 2;  /* bits 4 or 2: 2 or 4 codes per byte */
+    return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
 }
 
 static void affine_rows_scalar(const affine_args* a, int64_t r0, int64_t r1) {
