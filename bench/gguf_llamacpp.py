@@ -94,6 +94,28 @@ def identical_tensors(a: Path, b: Path) -> tuple[int, int]:
     return same, len(ta)
 
 
+def token_nll(lm: LlamaCppLM, tokens: torch.Tensor, protocol: PplProtocol, bos: int | None) -> np.ndarray:
+    """Per-token NLL (nats) of ``lm`` on the protocol's windows, in order (float64)."""
+    stride = protocol.stride(bos is not None)
+    out = []
+    for w in range(protocol.n_windows(tokens.numel(), bos is not None)):
+        chunk = tokens[w * stride : (w + 1) * stride]
+        if bos is not None:
+            chunk = torch.cat([torch.tensor([bos]), chunk])
+        lp = torch.log_softmax(lm(chunk[None])[0, :-1].double(), dim=-1)
+        out.append(-lp.gather(-1, chunk[1:, None]).squeeze(-1).numpy())
+    return np.concatenate(out)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(ppl_a - ppl_b, two standard errors of it) from per-token NLLs on the same tokens: the
+    mean NLL difference d has standard error s.e. = std(a - b) / sqrt(n); ppl_a - ppl_b is
+    ~ ppl_b * (exp(d) - 1), so its 2 s.e. is ~ ppl_a * 2 s.e.(d)."""
+    d = a - b
+    se = float(d.std(ddof=1) / np.sqrt(d.size))
+    return float(np.exp(a.mean()) - np.exp(b.mean())), float(np.exp(a.mean()) * 2 * se)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M)")
@@ -184,6 +206,14 @@ def main() -> int:
     print()
     print(f"lowbit Q4_K_M made from the F16-rounded weights (llama.cpp's input) vs llama.cpp's Q4_K_M: "
           f"{same}/{total} tensors byte-identical.")
+    ours, theirs = "lowbit Q4_K_M", "llama.cpp Q4_K_M (of lowbit F16)"
+    diff, two_se = paired_difference(token_nll(lms[ours], tokens, protocol, bos),
+                                     token_nll(lms[theirs], tokens, protocol, bos))
+    print(f"ppl({ours}) - ppl({theirs}) = {diff:+.3f} (paired over the same tokens: two standard errors "
+          f"{two_se:.3f}; {'within' if abs(diff) <= two_se else 'outside'} noise).")
+    diff, two_se = paired_difference(token_nll(lms[ours + ' + imatrix'], tokens, protocol, bos),
+                                     token_nll(lms[theirs], tokens, protocol, bos))
+    print(f"ppl({ours} + imatrix) - ppl({theirs}) = {diff:+.3f} (two standard errors {two_se:.3f}).")
     print(f"Greedy continuations of {PROMPT!r} (24 tokens):")
     for name, lm in lms.items():
         text = lm.generate(PROMPT).replace("\n", " ")
