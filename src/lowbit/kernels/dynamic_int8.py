@@ -128,7 +128,8 @@ def native_gemm(A: Tensor, B: Tensor, isa: str = "auto") -> Tensor:
     if lib is None:
         raise LowbitError("the native int8 kernel is not available")
     if A.dtype != torch.int8 or B.dtype != torch.int8 or A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[1]:
-        raise LowbitError(f"expected int8 [M, K] and [N, K], got {A.dtype}{tuple(A.shape)} and {B.dtype}{tuple(B.shape)}")
+        raise LowbitError(f"expected int8 [M, K] and [N, K], got {A.dtype}{tuple(A.shape)} "
+                          f"and {B.dtype}{tuple(B.shape)}")
     A, B = A.contiguous(), B.contiguous()
     C = torch.empty(A.shape[0], B.shape[0], dtype=torch.int32)
     _check(lib.lowbit_s8_gemm(_ptr(A), _ptr(B), A.shape[0], B.shape[0], A.shape[1], _ptr(C),

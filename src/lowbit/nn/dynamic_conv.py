@@ -24,7 +24,8 @@ class DynamicInt8Conv2d(nn.Module):
         if weight_format.shape[1] != in_channels * kh * kw:
             raise LowbitError(f"weight has {weight_format.shape[1]} columns, expected {in_channels}·{kh}·{kw}")
         self.in_channels, self.out_channels = in_channels, weight_format.shape[0]
-        self.kernel_size, self.stride, self.padding, self.dilation = (kh, kw), tuple(stride), tuple(padding), tuple(dilation)
+        self.kernel_size, self.stride = (kh, kw), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
         self.activations = weight_format.activations
         self.register_buffer("qweight", weight_format.qweight)
         self.register_buffer("wscale", weight_format.wscale)
@@ -35,7 +36,8 @@ class DynamicInt8Conv2d(nn.Module):
         if conv.groups != 1:
             raise LowbitError(f"dynamic int8 conv supports groups=1 only, got groups={conv.groups}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise LowbitError(f"dynamic int8 conv needs explicit zero padding, got {conv.padding!r}/{conv.padding_mode}")
+            raise LowbitError(f"dynamic int8 conv needs explicit zero padding, "
+                              f"got {conv.padding!r}/{conv.padding_mode}")
         W = conv.weight.detach().float().reshape(conv.out_channels, -1)
         fmt = DynamicInt8Weight.quantize(W, activations)
         return cls(fmt, conv.bias, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
