@@ -470,81 +470,93 @@ T2 void affine_gemv_avx2(const affine_args* a, const float* xp, const float* xsu
     if (RB == 2) a->y[r + 1] = hsum256(_mm256_add_ps(acc1, acc1b)) - z1 + (a->bias ? a->bias[r + 1] : 0.0f);
 }
 
-/* Small batches, factorised the same way: one weight row at a time, its codes unpacked and
- * centred once per block and multiplied with MB activation rows (MB <= 8 for AVX-512, <= 4 for
- * AVX2), per-group sums scaled into MB accumulators. */
-T2 void affine_row_scales(const affine_args* a, int64_t r, float* sc, float* zz) {
+/* Small batches: RB weight rows x MB activation rows per pass. Each block of codes is unpacked,
+ * centred and dequantized once in registers (w = (u - mid) * s - (z - mid) * s, one FMA) and
+ * multiplied with MB activation rows; every activation load feeds RB rows. */
+T2 void affine_row_scales(const affine_args* a, int64_t r, float* sc, float* nz) {
     const int64_t ng = a->n_groups;
     if (a->scales_f16) halves_to_floats((const uint16_t*)a->scales + r * a->s_stride, sc, ng);
     else memcpy(sc, (const float*)a->scales + r * a->s_stride, (size_t)ng * sizeof(float));
     const float mid = (float)(1 << (a->bits - 1));
-    for (int64_t g = 0; g < ng; g++) zz[g] = (affine_zero(a, r, g) - mid) * sc[g];
+    for (int64_t g = 0; g < ng; g++) nz[g] = -((affine_zero(a, r, g) - mid) * sc[g]);
 }
 
-#define BATCH_KERNEL(NAME, TGT, VEC, W, SET0, LOADX, FMA, MUL1, ADD, RED, UNPACK_T, LOADB, CVT, SUBI, ANDI, SRLI,  \
-                     SETI)                                                                                          \
+#define BATCH_KERNEL(NAME, TGT, VEC, W, SET0, LOADX, FMA, SET1, RED, UNPACK_T, LOADB, CVT, SUBI, ANDI, SRLI, SETI)   \
     __attribute__((target(TGT), always_inline)) static inline void NAME(                                            \
-        const affine_args* a, const float* xp, int64_t Kp, const float* xsum, const float* sc, const float* zz,     \
-        int64_t r, int64_t m0, const int MB, const int BITS) {                                                      \
+        const affine_args* a, const float* xp, int64_t Kp, const float* sc, int64_t r, int64_t m0, const int RB,    \
+        const int MB, const int BITS) {                                                                             \
         const int S = 8 / BITS, CPI = W * S;                                                                       \
         const UNPACK_T mask = SETI((1 << BITS) - 1), mid = SETI(1 << (BITS - 1));                                   \
         const int64_t K = a->K, G = a->G, rb = a->row_bytes, ng = a->n_groups;                                      \
         const uint8_t* p0 = a->qw + r * rb;                                                                         \
-        VEC acc[8], t[8];                                                                                           \
-        _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) acc[mm] = SET0();                                   \
+        VEC acc[2][8];                                                                                              \
+        _Pragma("GCC unroll 2") for (int i = 0; i < RB; i++)                                                        \
+            _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) acc[i][mm] = SET0();                            \
         for (int64_t g = 0; g < ng; g++) {                                                                          \
-            _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) t[mm] = SET0();                                 \
+            VEC vs[2], vnz[2];                                                                                      \
+            _Pragma("GCC unroll 2") for (int i = 0; i < RB; i++) {                                                  \
+                vs[i] = SET1(sc[i * 2 * ng + g]);                                                                   \
+                vnz[i] = SET1(sc[i * 2 * ng + ng + g]);                                                             \
+            }                                                                                                       \
             int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;                                                       \
             for (int64_t blk = c0 / CPI; blk * CPI < c1; blk++) {                                                   \
                 int64_t off = blk * W, avail = rb - off;                                                            \
-                UNPACK_T v = LOADB(p0 + off, avail);                                                                \
+                UNPACK_T v[2];                                                                                      \
+                _Pragma("GCC unroll 2") for (int i = 0; i < RB; i++) v[i] = LOADB(p0 + i * rb + off, avail);        \
                 _Pragma("GCC unroll 4") for (int j = 0; j < S; j++) {                                               \
-                    UNPACK_T cj = BITS == 8 ? v : (j == S - 1 ? SRLI(v, j * BITS) : ANDI(SRLI(v, j * BITS), mask)); \
-                    VEC wj = CVT(SUBI(cj, mid));                                                                    \
                     const float* xb = xp + m0 * Kp + blk * CPI + j * W;                                             \
-                    _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++)                                         \
-                        t[mm] = FMA(wj, LOADX(xb + mm * Kp), t[mm]);                                                \
+                    VEC wj[2];                                                                                      \
+                    _Pragma("GCC unroll 2") for (int i = 0; i < RB; i++) {                                          \
+                        UNPACK_T cj = BITS == 8 ? v[i] : (j == S - 1 ? SRLI(v[i], j * BITS)                         \
+                                                                   : ANDI(SRLI(v[i], j * BITS), mask));             \
+                        wj[i] = FMA(CVT(SUBI(cj, mid)), vs[i], vnz[i]);                                             \
+                    }                                                                                               \
+                    _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) {                                       \
+                        VEC xv = LOADX(xb + mm * Kp);                                                               \
+                        _Pragma("GCC unroll 2") for (int i = 0; i < RB; i++) acc[i][mm] = FMA(wj[i], xv, acc[i][mm]); \
+                    }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
-            VEC sv = MUL1(sc[g]);                                                                                   \
-            _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) acc[mm] = FMA(t[mm], sv, acc[mm]);              \
         }                                                                                                           \
-        _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) {                                                   \
-            const float* xs = xsum + (m0 + mm) * ng;                                                                \
-            float zt = 0.0f;                                                                                        \
-            for (int64_t g = 0; g < ng; g++) zt += zz[g] * xs[g];                                                   \
-            a->y[(m0 + mm) * a->N + r] = RED(acc[mm]) - zt + (a->bias ? a->bias[r] : 0.0f);                         \
-        }                                                                                                           \
+        _Pragma("GCC unroll 2") for (int i = 0; i < RB; i++)                                                        \
+            _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++)                                                 \
+                a->y[(m0 + mm) * a->N + r + i] = RED(acc[i][mm]) + (a->bias ? a->bias[r + i] : 0.0f);               \
     }
 
 BATCH_KERNEL(affine_batch_avx2, "avx2,fma,f16c", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps,
-             _mm256_set1_ps, _mm256_add_ps, hsum256, __m256i, load8_u8, _mm256_cvtepi32_ps, _mm256_sub_epi32,
-             _mm256_and_si256, _mm256_srli_epi32, _mm256_set1_epi32)
+             _mm256_set1_ps, hsum256, __m256i, load8_u8, _mm256_cvtepi32_ps, _mm256_sub_epi32, _mm256_and_si256,
+             _mm256_srli_epi32, _mm256_set1_epi32)
 BATCH_KERNEL(affine_batch_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", __m512, 16, _mm512_setzero_ps,
-             _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_reduce_add_ps, __m512i,
-             load16_u8, _mm512_cvtepi32_ps, _mm512_sub_epi32, _mm512_and_si512, _mm512_srli_epi32,
-             _mm512_set1_epi32)
+             _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_reduce_add_ps, __m512i, load16_u8,
+             _mm512_cvtepi32_ps, _mm512_sub_epi32, _mm512_and_si512, _mm512_srli_epi32, _mm512_set1_epi32)
 
-#define BATCH_ROWS(ISA, BITS, FN, MBMAX)                                                                     \
+/* sc: per row of a pair, its scales [n_groups] then its -(z - mid) * s [n_groups]. AVX-512 runs
+ * 2 weight rows x up to 8 activation rows (16 accumulators); AVX2 (16 registers) 2 x up to 4
+ * when the batch has at most 4 rows, else 1 x 8. */
+#define BATCH_CALL(FN, RB, MB, BITS) FN(a, xp, Kp, sc, r, m0, RB, MB, BITS)
+#define BATCH_ROWS(ISA, BITS, FN, RBMAX)                                                                     \
     __attribute__((target(TGT_##ISA))) static void affine_batch_rows_##ISA##_##BITS(                        \
-        const affine_args* a, const float* xp, int64_t Kp, const float* xsum, float* sc, int64_t r0,        \
-        int64_t r1) {                                                                                       \
-        float* zz = sc + a->n_groups;                                                                       \
-        const int64_t M = a->M;                                                                             \
-        for (int64_t r = r0; r < r1; r++) {                                                                 \
-            affine_row_scales(a, r, sc, zz);                                                                \
+        const affine_args* a, const float* xp, int64_t Kp, float* sc, int64_t r0, int64_t r1) {             \
+        const int64_t M = a->M, ng = a->n_groups;                                                           \
+        for (int64_t r = r0; r < r1;) {                                                                     \
+            const int two = r + 2 <= r1 && (RBMAX == 2 || M <= 4);                                          \
+            affine_row_scales(a, r, sc, sc + ng);                                                           \
+            if (two) affine_row_scales(a, r + 1, sc + 2 * ng, sc + 3 * ng);                                 \
             int64_t m0 = 0;                                                                                 \
-            for (; m0 + MBMAX <= M; m0 += MBMAX) FN(a, xp, Kp, xsum, sc, zz, r, m0, MBMAX, BITS);           \
+            for (; m0 + 8 <= M; m0 += 8) {                                                                  \
+                if (two) BATCH_CALL(FN, 2, 8, BITS); else BATCH_CALL(FN, 1, 8, BITS);                   \
+            }                                                                                               \
             switch (M - m0) {                                                                               \
-                case 7: FN(a, xp, Kp, xsum, sc, zz, r, m0, 7 < MBMAX ? 7 : 1, BITS); break;                 \
-                case 6: FN(a, xp, Kp, xsum, sc, zz, r, m0, 6 < MBMAX ? 6 : 1, BITS); break;                 \
-                case 5: FN(a, xp, Kp, xsum, sc, zz, r, m0, 5 < MBMAX ? 5 : 1, BITS); break;                 \
-                case 4: FN(a, xp, Kp, xsum, sc, zz, r, m0, 4 < MBMAX ? 4 : 1, BITS); break;                 \
-                case 3: FN(a, xp, Kp, xsum, sc, zz, r, m0, 3, BITS); break;                                 \
-                case 2: FN(a, xp, Kp, xsum, sc, zz, r, m0, 2, BITS); break;                                 \
-                case 1: FN(a, xp, Kp, xsum, sc, zz, r, m0, 1, BITS); break;                                 \
+                case 7: if (two) BATCH_CALL(FN, 2, 7, BITS); else BATCH_CALL(FN, 1, 7, BITS); break;    \
+                case 6: if (two) BATCH_CALL(FN, 2, 6, BITS); else BATCH_CALL(FN, 1, 6, BITS); break;    \
+                case 5: if (two) BATCH_CALL(FN, 2, 5, BITS); else BATCH_CALL(FN, 1, 5, BITS); break;    \
+                case 4: if (two) BATCH_CALL(FN, 2, 4, BITS); else BATCH_CALL(FN, 1, 4, BITS); break;    \
+                case 3: if (two) BATCH_CALL(FN, 2, 3, BITS); else BATCH_CALL(FN, 1, 3, BITS); break;    \
+                case 2: if (two) BATCH_CALL(FN, 2, 2, BITS); else BATCH_CALL(FN, 1, 2, BITS); break;    \
+                case 1: if (two) BATCH_CALL(FN, 2, 1, BITS); else BATCH_CALL(FN, 1, 1, BITS); break;    \
                 default: break;                                                                             \
             }                                                                                               \
+            r += two ? 2 : 1;                                                                               \
         }                                                                                                   \
     }
 
@@ -571,12 +583,12 @@ GEMV_ROWS(1, 8)
 GEMV_ROWS(2, 2)
 GEMV_ROWS(2, 4)
 GEMV_ROWS(2, 8)
-BATCH_ROWS(1, 2, affine_batch_avx2, 4)
-BATCH_ROWS(1, 4, affine_batch_avx2, 4)
-BATCH_ROWS(1, 8, affine_batch_avx2, 4)
-BATCH_ROWS(2, 2, affine_batch_avx512, 8)
-BATCH_ROWS(2, 4, affine_batch_avx512, 8)
-BATCH_ROWS(2, 8, affine_batch_avx512, 8)
+BATCH_ROWS(1, 2, affine_batch_avx2, 1)
+BATCH_ROWS(1, 4, affine_batch_avx2, 1)
+BATCH_ROWS(1, 8, affine_batch_avx2, 1)
+BATCH_ROWS(2, 2, affine_batch_avx512, 2)
+BATCH_ROWS(2, 4, affine_batch_avx512, 2)
+BATCH_ROWS(2, 8, affine_batch_avx512, 2)
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
@@ -623,7 +635,7 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
     {
         int64_t r0, r1;
         thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
-        float* sc = (float*)malloc((size_t)(2 * n_groups) * sizeof(float));
+        float* sc = (float*)malloc((size_t)(4 * n_groups) * sizeof(float));
         if (r0 < r1 && sc) {
             if (M == 1) {
                 if (isa == LB_AVX512) {
@@ -636,13 +648,13 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
                     else affine_gemv_rows_1_2(&a, xp, xsum, sc, r0, r1);
                 }
             } else if (isa == LB_AVX512) {
-                if (bits == 4) affine_batch_rows_2_4(&a, xp, Kp, xsum, sc, r0, r1);
-                else if (bits == 8) affine_batch_rows_2_8(&a, xp, Kp, xsum, sc, r0, r1);
-                else affine_batch_rows_2_2(&a, xp, Kp, xsum, sc, r0, r1);
+                if (bits == 4) affine_batch_rows_2_4(&a, xp, Kp, sc, r0, r1);
+                else if (bits == 8) affine_batch_rows_2_8(&a, xp, Kp, sc, r0, r1);
+                else affine_batch_rows_2_2(&a, xp, Kp, sc, r0, r1);
             } else {
-                if (bits == 4) affine_batch_rows_1_4(&a, xp, Kp, xsum, sc, r0, r1);
-                else if (bits == 8) affine_batch_rows_1_8(&a, xp, Kp, xsum, sc, r0, r1);
-                else affine_batch_rows_1_2(&a, xp, Kp, xsum, sc, r0, r1);
+                if (bits == 4) affine_batch_rows_1_4(&a, xp, Kp, sc, r0, r1);
+                else if (bits == 8) affine_batch_rows_1_8(&a, xp, Kp, sc, r0, r1);
+                else affine_batch_rows_1_2(&a, xp, Kp, sc, r0, r1);
             }
         }
         free(sc);
@@ -725,11 +737,12 @@ typedef struct {
     const float* lut;        /* 16 */
     const float* bias;
     float* y;
+    int bs_lg, dq_lg;        /* log2 of the (power-of-two) block sizes */
 } nf4_args;
 
 static inline float nf4_absmax(const nf4_args* a, int64_t b) {
     if (!a->absmax_u8) return ((const float*)a->absmax)[b];
-    float d = a->dyn[((const uint8_t*)a->absmax)[b]] * a->nested[b / a->dqbs];
+    float d = a->dyn[((const uint8_t*)a->absmax)[b]] * a->nested[b >> a->dq_lg];
     return d + a->offset;
 }
 
@@ -742,7 +755,7 @@ static void nf4_rows_scalar(const nf4_args* a, int64_t r0, int64_t r1) {
             for (int i = 0; i < mb; i++) acc[i] = 0.0f;
             for (int64_t c0 = 0; c0 < K; c0 += a->bs) {
                 int64_t f0 = r * K + c0;
-                float am = nf4_absmax(a, f0 / a->bs);
+                float am = nf4_absmax(a, f0 >> a->bs_lg);
                 for (int64_t c = c0; c < c0 + a->bs && c < K; c++) {
                     int64_t f = r * K + c;
                     uint8_t b = a->qw[f >> 1];
@@ -766,7 +779,7 @@ T2 void nf4_tile_avx2(const nf4_args* a, const float* xp, int64_t Kp, int64_t r,
     const int64_t K = a->K, bs = a->bs;
     for (int64_t c0 = 0; c0 < K; c0 += bs) {
         __m256 am[4];
-        for (int i = 0; i < RB; i++) am[i] = _mm256_set1_ps(nf4_absmax(a, ((r + i) * K + c0) / bs));
+        for (int i = 0; i < RB; i++) am[i] = _mm256_set1_ps(nf4_absmax(a, ((r + i) * K + c0) >> a->bs_lg));
         for (int64_t blk = c0 / 16; blk < (c0 + bs) / 16; blk++) {
             for (int i = 0; i < RB; i++) {
                 __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a->qw + (((r + i) * K) >> 1) + blk * 8)));
@@ -816,7 +829,7 @@ T5 void nf4_tile_avx512(const nf4_args* a, const float* xp, int64_t Kp, int64_t 
     const int64_t K = a->K, bs = a->bs;
     for (int64_t c0 = 0; c0 < K; c0 += bs) {
         __m512 am[4];
-        for (int i = 0; i < RB; i++) am[i] = _mm512_set1_ps(nf4_absmax(a, ((r + i) * K + c0) / bs));
+        for (int i = 0; i < RB; i++) am[i] = _mm512_set1_ps(nf4_absmax(a, ((r + i) * K + c0) >> a->bs_lg));
         for (int64_t blk = c0 / 32; blk < (c0 + bs) / 32; blk++) {
             for (int i = 0; i < RB; i++) {
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a->qw + (((r + i) * K) >> 1) + blk * 16)));
@@ -866,10 +879,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static void n
 int lb_nf4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const void* absmax,
                   int absmax_u8, const float* nested, int64_t dqbs, float offset, int64_t bs, const float* dyn,
                   const float* lut, const float* bias, float* y, int nthreads) {
-    if (M < 0 || K <= 0 || N < 0 || bs <= 0 || (absmax_u8 && dqbs <= 0)) return 2;
+    if (M < 0 || K <= 0 || N < 0 || bs <= 0 || (bs & (bs - 1)) || (absmax_u8 && (dqbs <= 0 || (dqbs & (dqbs - 1)))))
+        return 2;
     if ((K & 1) || K % bs) return 1;
     if (M == 0 || N == 0) return 0;
-    nf4_args a = {x, M, K, N, qw, absmax, absmax_u8, nested, dqbs, offset, bs, dyn, lut, bias, y};
+    nf4_args a = {x, M, K, N, qw, absmax, absmax_u8, nested, dqbs, offset, bs, dyn, lut, bias, y,
+                  __builtin_ctzll((unsigned long long)bs), absmax_u8 ? __builtin_ctzll((unsigned long long)dqbs) : 0};
     int isa = lb_isa();
     if (isa == LB_AVX512 && bs % 32) isa = LB_AVX2;
     if (isa == LB_AVX2 && bs % 16) isa = LB_SCALAR;
