@@ -19,8 +19,8 @@ kernel's code path is printed); and fbgemm's dynamic int8 linear (torch.ops.quan
 column, not part of lowbit).
 
 Part 2 — SmolLM2-135M end to end with lowbit's perplexity protocol (held-out text, ctx 512):
-ppl, KL to fp32, top-1 agreement, size, prefill and decode tokens/s for fp32, fp16, bf16,
-w8a16 and dynamic int8 (per token, per tensor).
+ppl, KL to fp32, top-1 agreement, size, prefill and decode tokens/s (best of ``--rounds``, the
+variants interleaved) for fp32, fp16, bf16, w8a16 and dynamic int8 (per token, per tensor).
 """
 
 from __future__ import annotations
@@ -145,11 +145,26 @@ def kernel_table(markdown: bool) -> str:
     return format_table(rows, columns, markdown=markdown)
 
 
-def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None) -> str:
+def decode_speed(variants: dict, rounds: int) -> dict:
+    """Best prefill / decode tokens/s of each variant over ``rounds`` rounds (128-token prompt,
+    16 greedy decode tokens), the variants interleaved so that load on a shared machine hits all
+    of them alike."""
+    from lowbit.eval.latency import measure_latency
+
+    best = {k: [0.0, 0.0] for k in variants}
+    for _ in range(rounds):
+        for name, m in variants.items():
+            lat = measure_latency(m.model, prompt_len=128, decode_tokens=16, repeats=1)
+            best[name][0] = max(best[name][0], lat.prefill_tok_s)
+            best[name][1] = max(best[name][1], lat.decode_tok_s)
+    return best
+
+
+def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None, quality: bool, rounds: int) -> str:
     from lowbit import api
     from lowbit.cli import quiet_transformers
     from lowbit.eval.quality import PplProtocol
-    from lowbit.evaluate import EvalSettings, compare, render
+    from lowbit.evaluate import COLUMNS, EvalSettings, compare
 
     quiet_transformers()
     variants = {"fp32": api.load(model_spec)}
@@ -159,9 +174,19 @@ def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None) -> str:
         m = api.load(model_spec)
         api.quantize(m, method, progress=False, **opts)
         variants[label] = m
-    settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=max_tokens), latency=True, progress=False)
-    rows = compare(variants, "fp32", settings)
-    return render(rows, markdown=markdown) + f"\n\n{rows[0]['n_tokens']} held-out tokens, ctx 512"
+    if quality:
+        settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=max_tokens), latency=False, progress=False)
+        rows = compare(variants, "fp32", settings)
+    else:
+        rows = [{"variant": k, "bpw": api.linear_bits(m.model)[0], "size_mb": api.model_bytes(m.model) / 1e6}
+                for k, m in variants.items()]
+    speed = decode_speed(variants, rounds)
+    for r in rows:
+        r["prefill"], r["decode"] = speed[r["variant"]]
+        r["decode_x"] = r["decode"] / speed["fp32"][1]
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)] + [("decode_x", "decode × fp32", ".2f")]
+    note = f"{rows[0]['n_tokens']} held-out tokens, ctx 512; " if quality else ""
+    return format_table(rows, cols, markdown=markdown) + f"\n\n{note}speed: best of {rounds} rounds"
 
 
 def main() -> int:
@@ -171,6 +196,8 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--no-quality", action="store_true", help="end to end: speed only (skip ppl/KL)")
+    ap.add_argument("--rounds", type=int, default=5, help="end to end: speed rounds (best of)")
     ap.add_argument("--threads", type=int, default=None, help="torch (and lowbit kernel) threads")
     args = ap.parse_args()
     if args.threads:
@@ -183,7 +210,7 @@ def main() -> int:
         print(kernel_table(args.markdown))
         print(f"\n(kernels: {time.perf_counter() - t0:.0f} s)\n", file=sys.stderr)
     if not args.skip_e2e:
-        print(e2e_table(args.markdown, args.max_tokens, args.model))
+        print(e2e_table(args.markdown, args.max_tokens, args.model, not args.no_quality, args.rounds))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 
