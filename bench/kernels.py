@@ -178,7 +178,7 @@ def crossover(args):
         w = AffineWeight.quantize_rtn(W, QuantScheme(bits=4, symmetric=False, group_size=128))
         p = cpu.affine_params(w)
         _, st = cpu._cached_weight(w, cpu.affine_params, w.scheme)
-        for M in (1, 2, 4, 8, 16, 32, 64, 128):
+        for M in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
             x = torch.randn(M, K)
             y = torch.empty(M, N)
             nt = torch.get_num_threads()

@@ -169,7 +169,7 @@ def test_ternary_matches_reference(isa, granularity):
     g = torch.Generator().manual_seed(5)
     for shape in SHAPES:
         w = ternary_quantize(torch.randn(shape, generator=g), TernaryConfig(granularity=granularity))
-        for M in (1, 2, 4, 9, cpu.FUSED_MAX_ROWS + 1):
+        for M in ((1, 2, 4, 9, cpu.FUSED_MAX_ROWS + 1) if shape[0] * shape[1] < 50000 else (1, 2, 9)):
             x = torch.randn(M, shape[1], generator=g)
             b = torch.randn(shape[0], generator=g) if M % 2 else None
             y = cpu.ternary_linear(x, w, b)
