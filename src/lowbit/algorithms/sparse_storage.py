@@ -6,11 +6,15 @@ Storage modes (``lowbit prune --storage ...``):
 * ``dense`` — keep ordinary nn.Linear layers full of zeros (no saving, fastest at large batch);
 * ``nm``    — every pruned layer as `SparseNMWeight` (its N:M pattern; the layer must follow it);
 * ``csr``   — every pruned layer as `CSRWeight`;
-* ``auto``  — per layer, what ``bench/sparse_kernels.py`` measured as both smaller and not slower
-  than dense fp32 at batch 1 (decoding) on the development CPU (2-core AMD EPYC Zen 1, AVX2):
-  an N:M-sparse layer (50 %) → ``nm`` (17 bits/weight, 1.4–1.8× dense at batch 1); an
-  unstructured layer with sparsity ≥ `AUTO_CSR_MIN_SPARSITY` → ``csr``; anything else → dense
-  (CSR at 50 % is smaller, 24 bits/weight, but gathers make it slower than dense).
+* ``auto``  — per layer, the smaller storage where ``bench/sparse_kernels.py`` measured it no
+  slower than dense fp32 at batch 1 (decoding), one thread, on the development CPU (2-core AMD
+  EPYC Zen 1, AVX2, shared and busy when measured):
+    - an N:M layer of at least `AUTO_LARGE` weights → ``nm`` (4096×4096 2:4: 1.85× dense, 17
+      bits/weight); smaller N:M layers stay dense (SmolLM2's 576×576 … 576×1536 2:4 layers ran at
+      0.4–1.0× dense: the per-call overhead and the permute work eat the halved memory traffic);
+    - an unstructured layer at sparsity ≥ `AUTO_CSR_MIN_SPARSITY` (90 %) → ``csr``, or at
+      ≥ `AUTO_CSR_LARGE_MIN_SPARSITY` (70 %) when it has at least `AUTO_LARGE` weights;
+    - anything else stays dense (CSR at 50 % is smaller, 24 bits/weight, but slower: gathers).
 
 Only float nn.Linear layers are converted; layers that already hold a quantized format (SparseGPT
 with quantize=true) keep it. The conversion is exact: every layer's dequantized weight equals the
@@ -30,7 +34,9 @@ from lowbit.formats.sparse_nm import SparseNMWeight, nonzero_bits
 from lowbit.nn.linear import QuantizedLinear
 
 STORAGES = ("dense", "nm", "csr", "auto")
-AUTO_CSR_MIN_SPARSITY = 0.8
+AUTO_LARGE = 1 << 20                 # weights; "large" layers amortise the per-call overhead
+AUTO_CSR_MIN_SPARSITY = 0.9
+AUTO_CSR_LARGE_MIN_SPARSITY = 0.7
 
 
 def _is_nm(W: torch.Tensor, n: int, m: int) -> bool:
@@ -55,10 +61,11 @@ def choose_format(W: torch.Tensor, storage: str, nm: tuple[int, int] | None, nam
     if storage == "csr":
         return CSRWeight.from_dense(W)
     # auto
-    if nm is not None and _is_nm(W, *nm):
+    large = W.numel() >= AUTO_LARGE
+    if large and nm is not None and _is_nm(W, *nm):
         return SparseNMWeight.from_dense(W, *nm)
     sparsity = 1.0 - float(nonzero_bits(W.detach().float()).sum()) / max(1, W.numel())
-    if sparsity >= AUTO_CSR_MIN_SPARSITY:
+    if sparsity >= (AUTO_CSR_LARGE_MIN_SPARSITY if large else AUTO_CSR_MIN_SPARSITY):
         return CSRWeight.from_dense(W)
     return None
 
