@@ -29,10 +29,13 @@ def test_fake_quantize_values_and_ste_gradient():
 
 
 def test_weight_fake_quant_gradient_is_straight_through():
+    torch.manual_seed(0)
     W = (torch.randn(4, 6) * 0.3).requires_grad_()
+    W.data[0, 0] = W.data[0].abs().max() + 0.1  # a positive channel maximum: the full-range grid clips it
     Wq, s = fake_quantize_weight(W, 4, restricted=False)
     assert s.shape == (4,)
-    # every weight lies inside its channel's absmax range: the gradient passes unchanged
+    assert float(Wq[0, 0].detach()) == pytest.approx(7 * float(s[0])) and float(W[0, 0].detach()) == pytest.approx(7.5 * float(s[0]))
+    # plain STE for weights: the gradient passes unchanged, the clipped maximum included
     g = torch.randn(4, 6)
     Wq.backward(g)
     assert torch.equal(W.grad, g)
