@@ -168,9 +168,7 @@ def calibrate(fq: FakeQuantSequential, data: Tensor, batch_size: int = 64) -> Fa
 
 def convert(fq: FakeQuantSequential) -> IntegerSequential:
     """The integer-only network of a calibrated (or QAT-trained) fake-quant model."""
-    qs = fq.quantizers()
-    first = fq.input_fq
-    in_aq = first.qparams()
+    in_aq = fq.input_fq.qparams()
     mods: list[nn.Module] = [QuantizeInput(in_aq)]
     for m in fq.layers:
         if isinstance(m, _FakeQuantAffine):
@@ -192,7 +190,6 @@ def convert(fq: FakeQuantSequential) -> IntegerSequential:
             mods.append(nn.Flatten(m.start_dim, m.end_dim))
         else:  # pragma: no cover - prepare() admits nothing else
             raise LowbitError(f"cannot convert {type(m).__name__}")
-    assert len(qs) == 1 + sum(isinstance(m, _FakeQuantAffine) for m in fq.layers)
     mods.append(DequantizeOutput(in_aq))
     return IntegerSequential(*mods)
 
