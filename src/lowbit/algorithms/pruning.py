@@ -17,8 +17,9 @@ Two kinds of sparsity:
   This is the convention of NVIDIA's sparse tensor cores. The layer's in_features must be a
   multiple of M. A pattern overrides ``sparsity``.
 
-Pruned layers stay ordinary dense ``nn.Linear`` modules holding zeros (sparse storage and kernels
-are separate work); `pruned_linear` builds one and `layer_info` records what was achieved.
+Pruned layers stay ordinary dense ``nn.Linear`` modules holding zeros; `pruned_linear` builds one
+and `layer_info` records what was achieved. `lowbit.algorithms.sparse_storage` turns them into
+compressed N:M or CSR weights run by the native sparse kernels (``lowbit prune --storage``).
 """
 
 from __future__ import annotations
