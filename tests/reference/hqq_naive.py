@@ -10,9 +10,10 @@ min/max scale and z starting from the min/max zero-point, repeat
     β   = κ β
 
 Conventions shared with lowbit's solver (so the two can be compared): s and every z are rounded
-to fp16 when the scheme stores fp16; all iterates z_0 … z_T are scored with Σ|W − W_r|^p and
-each group keeps its best; with early stopping the loop ends once the sum over *all* groups of the
-current iterate's score fails to decrease. Loops in Python over iterations and groups; no
+to fp16 when the scheme stores fp16; all iterates z_0 … z_T are scored with the selection
+criterion — ``select="l2"``: Σ(W − W_r)², ``"lp"``: Σ|W − W_r|^p — and each group keeps its best;
+with early stopping the loop ends once the sum over *all* groups of the current iterate's score
+fails to decrease. The objectives returned are always the lp ones (the paper's φ). Loops in Python over iterations and groups; no
 padding, no masks.
 """
 
@@ -37,7 +38,7 @@ def _groups(W: torch.Tensor, scheme: QuantScheme) -> list[list[torch.Tensor]]:
 
 
 def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
-              iters: int = 20, early_stop: bool = True):
+              iters: int = 20, early_stop: bool = True, select: str = "l2"):
     """Returns (q [out, in] int32, scale [R, n], zero [R, n], objectives per iterate)."""
     W = W.float()
     qmin, qmax = scheme.qmin, scheme.qmax
@@ -54,27 +55,33 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
     def score(w, sj, zj):
         W_q = torch.clamp(torch.round(w / sj + zj), qmin, qmax)
         W_r = sj * (W_q - zj)
-        return W_q, W_r, float((w - W_r).abs().pow(p).double().sum())
+        d = (w - W_r).double()
+        lp, l2 = float(d.abs().pow(p).sum()), float((d * d).sum())
+        return W_q, W_r, lp, (l2 if select == "l2" else lp)
 
     best_z = z.clone()
-    best = [[score(groups[r][j], s[r, j], z[r, j])[2] for j in range(n)] for r in range(R)]
-    objectives = [sum(map(sum, best))]
+    start = [[score(groups[r][j], s[r, j], z[r, j]) for j in range(n)] for r in range(R)]
+    best = [[c[3] for c in row] for row in start]
+    objectives = [sum(c[2] for row in start for c in row)]
+    totals = [sum(map(sum, best))]
     for _ in range(iters):
-        total = 0.0
+        total = lp_total = 0.0
         for r in range(R):
             for j in range(n):
                 w, sj = groups[r][j], s[r, j]
-                W_q, W_r, _ = score(w, sj, z[r, j])
+                W_q, W_r, _, _ = score(w, sj, z[r, j])
                 x = w - W_r
                 W_e = torch.sign(x) * torch.relu(x.abs() - x.abs().pow(p - 1) / beta)
                 z[r, j] = _fp16(torch.mean(W_q - (w - W_e) / sj), scheme)
-                e = score(w, sj, z[r, j])[2]
+                _, _, lp, e = score(w, sj, z[r, j])
                 total += e
+                lp_total += lp
                 if e < best[r][j]:
                     best[r][j], best_z[r, j] = e, z[r, j]
         beta *= kappa
-        objectives.append(total)
-        if early_stop and objectives[-1] >= objectives[-2]:
+        objectives.append(lp_total)
+        totals.append(total)
+        if early_stop and totals[-1] >= totals[-2]:
             break
 
     q = torch.zeros(W.shape, dtype=torch.int32)

@@ -36,10 +36,15 @@ How this file differs from the reference implementation (mobiusml/hqq,
 
 * Keep the best, per group. The reference stops at the first iteration whose *global* mean-|error|
   does not improve and returns the zero-point computed *after* that evaluation (never itself
-  evaluated). Here every iterate z_0 (min/max), z_1, …, z_T is evaluated with the paper's
-  objective (1) and each group keeps its best, so the result is never worse than RTN on the same
-  grid, group by group. Early stopping (on by default, as in the reference) ends the loop when the
-  total objective of the current iterate fails to decrease.
+  evaluated). Here every iterate z_0 (min/max), z_1, …, z_T is scored per group and each group
+  keeps its best, so the result is never worse than RTN on the same grid, group by group. The
+  score (``select``) is the squared error Σ(W − Q_z⁻¹(Q_z(W)))² by default, not the paper's φ:
+  the iteration lowers the squared error much more than φ (SmolLM2, W4 g64: Σ relative squared
+  error −15% vs RTN, φ −1%), and picking the φ-best iterate stops early and gave a clearly worse
+  model than the hqq package (KL to fp32 0.290 vs 0.246; with the squared-error pick lowbit's
+  weights match the package's error to 0.01% and its KL). ``select="lp"`` keeps the φ-best, as
+  the paper's objective reads. Early stopping (on by default, as in the reference) ends the loop
+  when the total score of the current iterate fails to decrease.
 * The zero-point is rounded to the storage dtype (fp16 by default) after every update, so the
   objective that decides "best" is exactly that of the stored weight.
 * Ragged rows: when group_size does not divide the row, the last group of each row is shorter and
@@ -88,6 +93,7 @@ class HQQConfig:
     iters: int = 20              # zero-point updates (each followed by an evaluation)
     early_stop: bool = True      # stop when the total objective of the iterate stops decreasing
     optimize_scale: bool = False  # extension: fit (s, z) jointly in step (4)
+    select: str = "l2"           # per-group pick among the iterates: squared error "l2" or φ "lp"
 
     def __post_init__(self) -> None:
         s = self.scheme
@@ -107,6 +113,8 @@ class HQQConfig:
         for name in ("early_stop", "optimize_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"hqq: {name} must be True or False, got {getattr(self, name)!r}")
+        if self.select not in ("l2", "lp"):
+            raise LowbitError(f"hqq: select must be 'l2' or 'lp', got {self.select!r}")
 
 
 # -- helpers: grouped views with a ragged last group -------------------------------------------
@@ -152,7 +160,10 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
 
     info["objective"][t]      φ = Σ |W − Q_z⁻¹(Q_z(W))|^p of iterate t over the whole matrix
                               (t = 0: the min/max start, i.e. RTN on the same grid)
-    info["best_objective"][t] Σ over groups of the best φ seen up to iterate t (non-increasing)
+    info["error"][t]          Σ (W − Q_z⁻¹(Q_z(W)))² of iterate t
+    info["best_objective"][t] Σ over groups of the best score (cfg.select: the squared error or φ)
+                              seen up to iterate t (non-increasing); its last value is the stored
+                              weight's score
     info["iterations"]        zero-point updates done (≤ cfg.iters; fewer if stopped early)
     info["stopped_early"]     whether early stopping ended the loop
     """
@@ -174,8 +185,9 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         W_q = (W_over_s + Z).round_().clamp_(qmin, qmax)                  # Q_z(W)           (0)
         Res = torch.sub(W_q, Z).mul_(S)                                   # Q_z⁻¹(Q_z(W))
         torch.sub(Wg, Res, out=Res)                                       # W − Q_z⁻¹(Q_z(W))
-        phi = group_sum(Res.abs().pow_(p)).double()                       # φ per group      (1)
-        return W_q, Res, phi
+        phi = group_sum(Res.abs().pow(p)).double()                        # φ per group      (1)
+        sq = group_sum(Res.square()).double()                             # squared error per group
+        return W_q, Res, phi, sq
 
     # start: the min/max grid of RTN with a float zero-point (masked so padding is never a min/max)
     if valid is None:
@@ -185,9 +197,12 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         hi = Wg.masked_fill(valid == 0, -math.inf).amax(-1)
     s, z = qparams_from_range(lo, hi, scheme)                             # [R, n] each
     W_over_s = Wg / s[..., None]
-    W_q, Res, phi = evaluate(W_over_s, s, z)
-    best_s, best_z, best_phi = s.clone(), z.clone(), phi.clone()
-    objective, best_objective = [float(phi.sum())], [float(best_phi.sum())]
+    use_l2 = cfg.select == "l2"
+    W_q, Res, phi, sq = evaluate(W_over_s, s, z)
+    score = sq if use_l2 else phi
+    best_s, best_z, best_score = s.clone(), z.clone(), score.clone()
+    objective, error, best_objective = [float(phi.sum())], [float(sq.sum())], [float(best_score.sum())]
+    totals = [float(score.sum())]
 
     beta, stopped_early, t = float(cfg.beta), False, 0
     for t in range(1, cfg.iters + 1):
@@ -200,21 +215,24 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         z = _stored(group_sum(torch.sub(W_q, Target, out=Target)) / count, scheme)   # (4)
         beta *= cfg.kappa                                                 # (5)
 
-        W_q, Res, phi = evaluate(W_over_s, s, z)
-        better = phi < best_phi
-        best_phi = torch.where(better, phi, best_phi)
+        W_q, Res, phi, sq = evaluate(W_over_s, s, z)
+        score = sq if use_l2 else phi
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
         best_z = torch.where(better, z, best_z)
         best_s = torch.where(better, s, best_s)
         objective.append(float(phi.sum()))
-        best_objective.append(float(best_phi.sum()))
-        if cfg.early_stop and objective[-1] >= objective[-2]:
+        error.append(float(sq.sum()))
+        best_objective.append(float(best_score.sum()))
+        totals.append(float(score.sum()))
+        if cfg.early_stop and totals[-1] >= totals[-2]:
             stopped_early = True
             break
 
     s, z = best_s, best_z
     W_q = torch.clamp(torch.round(Wg / s[..., None] + z[..., None]), qmin, qmax)
     fmt = AffineWeight.from_integers(_ungrouped(W_q, shape).to(torch.int32), s, z, scheme)
-    info = {"objective": objective, "best_objective": best_objective, "iterations": t,
+    info = {"objective": objective, "error": error, "best_objective": best_objective, "iterations": t,
             "stopped_early": stopped_early}
     return fmt, info
 
@@ -242,7 +260,7 @@ class HQQ(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.info: dict[str, dict] = {}  # per layer: objective at the start / at the end, iterations
+        self.info: dict[str, dict] = {}  # per layer: score (config.select) at the start / at the end, iterations
 
     def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
         check_finite(module.weight, layer_name)
