@@ -204,6 +204,37 @@ def test_activation_scales_match_hand_computed_values():
                 assert torch.equal(qn.float(), qr) and torch.equal(sn, sr)
 
 
+def test_activation_codes_at_rounding_ties_follow_the_true_division():
+    """q = round(x · (127 / amax)) with 127 / amax a true float32 division. Computing it as
+    127 · (1 / amax) rounds differently for some amax and flips the code of an x that sits at a
+    tie; these rows are built so that x · (127 / amax) is exactly k + 0.5 where the two differ."""
+    import numpy as np
+
+    from tests.reference.int8_naive import quantize_row
+
+    rng = np.random.default_rng(0)
+    rows = [[0.18696871399879456, 6.7842936515808105]]  # found on SmolLM2's activations
+    for a in rng.uniform(0.5, 50.0, 20000).astype(np.float32):
+        inv, inv_recip = np.float32(127) / a, np.float32(127) * (np.float32(1) / a)
+        if inv == inv_recip:
+            continue
+        for k in range(1, 60):
+            x = np.float32((k + 0.5) / inv)
+            if x * inv == np.float32(k + 0.5) and x < a:
+                rows.append([float(x), float(a)])
+                break
+        if len(rows) >= 40:
+            break
+    assert len(rows) >= 20
+    X = torch.tensor(rows, dtype=torch.float32)
+    q, _ = kdyn.quantize_activations(X, "token")
+    assert q.tolist() == [[float(v) for v in quantize_row(r)[0]] for r in X.tolist()]
+    if NATIVE:
+        for isa in ("auto", "scalar", "avx2", "vnni"):
+            qn, _ = kdyn.native_quantize(X, "token", isa)
+            assert torch.equal(qn.float(), q)
+
+
 @pytest.mark.parametrize("activations", ["token", "tensor"])
 def test_quantized_linear_error_bound(activations):
     """|ŷ - y| ≤ Σ_k |x̂_k|·s_w/2 + |w_k|·s_x/2 (each operand is off by at most half a step)."""

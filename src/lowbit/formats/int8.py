@@ -49,7 +49,9 @@ def absmax_quantize_rows(M: Tensor) -> tuple[Tensor, Tensor]:
     [-127, 127], s float32 [rows]). Rows that are all zero get s = 0 and q = 0."""
     M = M.float()
     s = M.abs().amax(dim=1)
-    inv = Q_MAX / torch.where(s > 0, s, torch.ones_like(s))
+    # a true float32 division 127 / s: `Q_MAX / tensor` would be computed as 127 · (1 / s), which
+    # rounds differently for some s and flips a code exactly at a rounding tie
+    inv = torch.full_like(s, Q_MAX) / torch.where(s > 0, s, torch.ones_like(s))
     return torch.round(M * inv.unsqueeze(1)), s
 
 

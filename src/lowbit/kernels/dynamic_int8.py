@@ -90,7 +90,7 @@ def quantize_activations(X: Tensor, activations: str = "token") -> tuple[Tensor,
         q, amax = absmax_quantize_rows(X)
     else:
         a = X.abs().amax() if X.numel() else X.new_zeros(())
-        q = torch.round(X * (Q_MAX / torch.where(a > 0, a, torch.ones_like(a))))
+        q = torch.round(X * (torch.full_like(a, Q_MAX) / torch.where(a > 0, a, torch.ones_like(a))))
         amax = a.expand(X.shape[0])
     return q, amax / Q_MAX
 
