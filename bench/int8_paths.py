@@ -15,7 +15,9 @@ registers for up to 8 rows, larger batches take the upcast path), and computed n
 16-bit type by torch (compute=native: activations and outputs rounded to 16 bits); w8a16 through the
 reference kernel (dequantize, fp32 GEMM) and through the registered fast kernel for the affine
 format, if any; lowbit dynamic int8 (per-token and per-tensor activation scales; the native
-kernel's code path is printed); and fbgemm's dynamic int8 linear (torch.ops.quantized, a peer
+kernel's code path is printed); static W8A8 (the full-integer static-int8 linear, its input range
+calibrated with min-max: asymmetric activations on the exact plain-torch integer path, symmetric
+restricted ones on the native int8 GEMM); and fbgemm's dynamic int8 linear (torch.ops.quantized, a peer
 column, not part of lowbit).
 
 Part 2 — SmolLM2-135M end to end with lowbit's perplexity protocol (held-out text, ctx 512):
@@ -32,6 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lowbit.algorithms.static_int8 import quantize_linears_static
+from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight
 from lowbit.formats.floatw import FloatWeight
@@ -109,8 +113,24 @@ def make_paths(W: torch.Tensor) -> dict:
         "w8a16 fast": (lambda X: kernel_linear(X, w8)) if "affine" in FORMAT_KERNELS else None,
         "dynamic int8 per-token": lambda X: kernel_linear(X, dyn_t),
         "dynamic int8 per-tensor": lambda X: kernel_linear(X, dyn_T),
+        "static W8A8 asym (torch exact)": _static_linear(W, None),
+        "static W8A8 sym-restricted (native GEMM)": _static_linear(W, _SYM_RESTRICTED),
         "fbgemm dynamic int8 (peer)": fbgemm_linear(W),
     }
+
+
+_SYM_RESTRICTED = QuantScheme(bits=8, symmetric=True, granularity="channel", restricted_range=True,
+                              scale_dtype="float32")
+
+
+def _static_linear(W: torch.Tensor, scheme):
+    """The static-int8 QuantizedLinear of W, its input range calibrated (min-max) on 64 random rows."""
+    lin = torch.nn.Sequential(torch.nn.Linear(W.shape[1], W.shape[0], bias=False))
+    lin[0].weight.data.copy_(W)
+    calib = torch.randn(64, W.shape[1], generator=torch.Generator().manual_seed(1))
+    opts = {} if scheme is None else {"scheme": scheme}
+    quantize_linears_static(lin, lambda m: m(calib), observer="minmax", **opts)
+    return lin[0]
 
 
 def kernel_table(markdown: bool) -> str:
