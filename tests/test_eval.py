@@ -402,3 +402,25 @@ def test_plot_writes_a_png_atomically(tmp_path):
         plot_ppl_vs_bits([{"name": "x", "ppl": 3.0}], out)
     assert out.read_bytes() == before  # a failed call leaves the old file alone
     assert sorted(os.listdir(out.parent)) == ["ppl.png"]
+
+
+def test_linear_bits_counts_float_layers_left_beside_quantized_ones():
+    """A partly converted model (e.g. sparse storage that keeps some layers dense): the float
+    block linears count 32 bits each, the converted ones what their format stores."""
+    from lowbit import api
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.formats.affine import AffineWeight
+    from lowbit.models.families import find_blocks
+    from lowbit.nn.linear import QuantizedLinear
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    blk = find_blocks(model)[0]
+    n_all = sum(m.weight.numel() for b in find_blocks(model) for m in b.modules() if isinstance(m, torch.nn.Linear))
+    assert api.linear_bits(model) == (32.0, 4 * n_all, n_all)
+    fmt = AffineWeight.quantize_rtn(blk.self_attn.q_proj.weight.detach(), QuantScheme(bits=4, group_size=72))
+    blk.self_attn.q_proj = QuantizedLinear(fmt)
+    n_q = fmt.n_weights
+    bpw, nbytes, n = api.linear_bits(model)
+    assert n == n_all and nbytes == 4 * (n_all - n_q) + fmt.nbytes
+    assert bpw == 8 * nbytes / n_all < 32.0

@@ -119,21 +119,28 @@ def save(m: Model, out_dir: str) -> str:
 
 
 def linear_bits(model: nn.Module) -> tuple[float, int, int]:
-    """(bits per weight over quantized linear layers, stored bytes, number of weights).
+    """(bits per weight over the model's linear layers, stored bytes, number of weights).
 
-    For an unquantized model: the float linear layers inside its blocks (32 bits for fp32)."""
-    qm = checkpoint.quantized_modules(model)
-    if qm:
-        nbytes = sum(mod.weight_format.nbytes for mod in qm.values())
-        n = sum(mod.in_features * mod.out_features for mod in qm.values())
-        return 8 * nbytes / n, nbytes, n
-    from lowbit.models.families import find_blocks, linear_layers
+    A quantized (or sparse-stored) layer counts what its format stores; a layer still in float
+    (an unquantized model, or the layers a partly sparse model keeps dense) counts its weight.
+    For a supported LLM family: the linear layers inside its blocks; for other models: the
+    quantized layers."""
+    from lowbit.models.families import family_of, find_blocks
+    from lowbit.nn.linear import QuantizedLinear
 
+    try:
+        family_of(model)
+        modules = [m for blk in find_blocks(model) for m in blk.modules()]
+    except LowbitError:
+        modules = list(checkpoint.quantized_modules(model).values())
     nbytes = n = 0
-    for blk in find_blocks(model):
-        for lin in linear_layers(blk).values():
-            n += lin.weight.numel()
-            nbytes += lin.weight.numel() * lin.weight.element_size()
+    for mod in modules:
+        if isinstance(mod, QuantizedLinear):
+            n += mod.in_features * mod.out_features
+            nbytes += mod.weight_format.nbytes
+        elif isinstance(mod, nn.Linear):
+            n += mod.weight.numel()
+            nbytes += mod.weight.numel() * mod.weight.element_size()
     return (8 * nbytes / n if n else float("nan")), nbytes, n
 
 
