@@ -111,6 +111,13 @@ def peer_llmcompressor(spec, method: str, bits: int, group: int, samples: torch.
                                dampening_frac=0.01, actorder="static")]
     else:
         recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+        # llmcompressor 0.14's AWQ pins cached activations to page-locked memory, which a CPU-only
+        # torch refuses ("Cannot access accelerator device"); pinning only speeds up host-to-GPU
+        # copies, so on a CPU it is skipped.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None
     t0 = time.perf_counter()
     oneshot(model=m.model, dataset=_calib_loader(samples), recipe=recipe,
             num_calibration_samples=samples.shape[0], max_seq_length=samples.shape[1],
