@@ -34,10 +34,20 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight_format(self):
-        """The packed weight, viewing this module's (current-device) buffers."""
+        """The packed weight, viewing this module's (current-device) buffers.
+
+        Built once and reused while the buffers are the same tensor objects (`.to()`, loading a
+        state dict into new tensors or assigning a buffer makes a new one): decode calls every
+        layer once per token, and rebuilding the dataclass each time cost ~3 µs a call."""
+        bufs = tuple(self._buffers[k] for k in self._tensor_names)
+        cached = self.__dict__.get("_fmt_cache")
+        if cached is not None and len(cached[0]) == len(bufs) and all(a is b for a, b in zip(cached[0], bufs)):
+            return cached[1]
         tensors = {k: None for k in self._format_cls.tensor_names}
-        tensors.update({k: getattr(self, k) for k in self._tensor_names})
-        return self._format_cls(**tensors, **self._fields)
+        tensors.update(zip(self._tensor_names, bufs))
+        fmt = self._format_cls(**tensors, **self._fields)
+        self.__dict__["_fmt_cache"] = (bufs, fmt)
+        return fmt
 
     def meta(self) -> dict:
         return dict(self._meta, bias=self.bias is not None)
