@@ -292,13 +292,14 @@ def cmd_methods(args) -> int:
 
     from lowbit.core.registry import available, get_method
 
+    width = max(len(n) for n in available("method"))
     for name in available("method"):
         cls = get_method(name)
         cfg = cls.config_cls()
         settings = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name != "scheme")
         scheme = getattr(cfg, "scheme", None)
         data = "calibration data" if cls.needs_calibration else "data-free"
-        line = f"{name:10s} {data:16s} {scheme.short_name() if scheme else '(own format)'}"
+        line = f"{name:{width}s} {data:16s} {scheme.short_name() if scheme else '(own format)'}"
         print(line + (f"  [{settings}]" if settings else ""))
     return 0
 
