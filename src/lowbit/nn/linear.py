@@ -37,8 +37,9 @@ class QuantizedLinear(nn.Module):
         """The packed weight, viewing this module's (current-device) buffers.
 
         Built once and reused while the buffers are the same tensor objects (`.to()`, loading a
-        state dict into new tensors or assigning a buffer makes a new one): decode calls every
-        layer once per token, and rebuilding the dataclass each time cost ~3 µs a call."""
+        state dict into new tensors or assigning a buffer makes a new one) and no field changed
+        (change fields with `set_field`): decode calls every layer once per token, and rebuilding
+        the dataclass each time cost ~3 µs a call."""
         bufs = tuple(self._buffers[k] for k in self._tensor_names)
         cached = self.__dict__.get("_fmt_cache")
         if cached is not None and len(cached[0]) == len(bufs) and all(a is b for a, b in zip(cached[0], bufs)):
@@ -48,6 +49,13 @@ class QuantizedLinear(nn.Module):
         fmt = self._format_cls(**tensors, **self._fields)
         self.__dict__["_fmt_cache"] = (bufs, fmt)
         return fmt
+
+    def set_field(self, name: str, value) -> None:
+        """Change one non-tensor field of the weight format (e.g. LLM.int8()'s threshold)."""
+        if name not in self._fields:
+            raise KeyError(f"{self._format_cls.__name__} has no field {name!r}")
+        self._fields[name] = value
+        self.__dict__.pop("_fmt_cache", None)
 
     def meta(self) -> dict:
         return dict(self._meta, bias=self.bias is not None)
