@@ -17,7 +17,7 @@ hits all rows alike rather than a few); the table shows medians over the rounds.
   kernel is registered for their format). Weights are quantized by RTN from the same fp32 model.
   Embedding and lm_head stay fp32 (lowbit's methods quantize the decoder blocks only); the
   "+ int8 head" row additionally replaces lm_head by an int8 per-channel RTN copy of the tied
-  embedding (the embedding itself stays fp32 for the lookup) to show what the fp32 head costs.
+  embedding (``lowbit quantize --head int8``; the embedding itself stays fp32 for the lookup).
 * llama.cpp rows: llama-cpp-python's ``Llama.eval`` (prefill in one batch of the whole prompt,
   then one token per call) with a greedy argmax of the last logits in numpy, run in a child
   process so neither runtime's thread pool competes with the other's. Q4_0 and Q8_0 are
@@ -221,14 +221,11 @@ def lowbit_bytes_per_token(model) -> int:
 
 
 def quantize_head_int8(model) -> None:
-    """Replace lm_head with an int8 per-channel RTN copy of its (tied) weight."""
-    from lowbit.core.scheme import QuantScheme
-    from lowbit.formats.affine import AffineWeight
-    from lowbit.nn.linear import QuantizedLinear
+    """Replace lm_head with an int8 per-channel RTN copy of its (tied) weight, as
+    ``lowbit quantize --head int8`` does."""
+    from lowbit import api
 
-    W = model.lm_head.weight.detach()
-    fmt = AffineWeight.quantize_rtn(W, QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None))
-    model.lm_head = QuantizedLinear(fmt, model.lm_head.bias)
+    api.quantize_head(model, api.HEAD_SCHEMES["int8"])
 
 
 def weight_class(label: str) -> str | None:

@@ -84,7 +84,10 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) 
         full = dict(record)
         full["lowbit_version"] = __version__
         full["modules"] = {n: m.meta() for n, m in quantized_modules(model).items()}
-        full["tied_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
+        # a quantized output layer (api.quantize(head=...)) no longer shares the embedding's weight
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        full["tied_word_embeddings"] = (bool(getattr(model.config, "tie_word_embeddings", False))
+                                        and not isinstance(head, QuantizedLinear))
         (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n")
         _fsync_dir(tmp)
         if out.exists():

@@ -169,7 +169,8 @@ def cmd_quantize(args) -> int:
     verb = "pruning" if "sparsity" in fields else "quantizing"
     _log(f"{verb} {m.name} with {args.method}{' ' + shown.short_name() if shown else ''} on {args.device}")
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
-                       seq_len=args.seq_len, device=args.device, force_runner=args.sequential, **options)
+                       seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
+                       head=getattr(args, "head", None), **options)
     out = api.save(m, args.output)
     bpw, nbytes, n = api.linear_bits(m.model)
     sparsity = rec["method"].get("sparsity")
@@ -312,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", nargs="?", help="model (default: the embedded SmolLM2-135M-Instruct)")
     _add_scheme_args(q)
+    q.add_argument("--head", choices=("int8", "int4"),
+                   help="also quantize the output layer (lm_head) with RTN: int8 per channel or int4 g32 "
+                        "(untied from the embedding; default: keep it in float)")
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
 
