@@ -297,9 +297,20 @@ def test_refusals(tmp_path):
 def test_overwrite_previous_export_and_no_partial_on_failure(tmp_path, monkeypatch):
     m = quantized_tiny(SCHEMES["w4-g16-sym"])
     out = ct.export_compressed_tensors(m, tmp_path / "o")
-    before = (out / "model.safetensors").read_bytes()
+    def contents():
+        # tensors and metadata, not raw bytes: safetensors writes its metadata map in hash order,
+        # which differs from one call to the next
+        from safetensors import safe_open
+
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    meta, before = contents()
     ct.export_compressed_tensors(m, tmp_path / "o")  # an earlier export may be replaced
-    assert (out / "model.safetensors").read_bytes() == before
+    meta2, after = contents()
+    assert meta2 == meta and after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    raw = (out / "model.safetensors").read_bytes()
 
     import safetensors.torch
 
@@ -309,7 +320,7 @@ def test_overwrite_previous_export_and_no_partial_on_failure(tmp_path, monkeypat
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         ct.export_compressed_tensors(m, tmp_path / "o")
-    assert (out / "model.safetensors").read_bytes() == before  # the old export is untouched
+    assert (out / "model.safetensors").read_bytes() == raw  # the old export is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no partial directory left
 
 
