@@ -1,6 +1,6 @@
 """Fast CPU kernels vs fp32 F.linear and vs the reference path, per layer and end to end.
 
-    flock /tmp/lowbit-bench.lock python bench/kernels.py [--threads N] [--markdown] [--quick]
+    python bench/kernels.py [--threads N] [--markdown] [--quick]
                                                          [--no-e2e] [--crossover]
 
 Per layer (SmolLM2-135M's shapes and a 4096 x 4096) at batch 1 and 8, all measured side by side

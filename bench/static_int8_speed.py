@@ -1,6 +1,6 @@
 """Static int8 (W8A8) linear vs fp32: time per call at batch 1 and batch 512, side by side.
 
-    flock /tmp/lowbit-bench.lock python bench/static_int8_speed.py [--markdown] [--repeats 20]
+    python bench/static_int8_speed.py [--markdown] [--repeats 20]
 
 Shapes: a 4096x4096 linear and SmolLM2's 576->1536 (gate/up) and 1536->576 (down). Paths: fp32
 F.linear; static int8 with asymmetric activations (exact int32 through chunked fp32 GEMMs, the
