@@ -16,6 +16,7 @@ that looks like a finished checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -65,6 +66,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Build a directory under a temporary name beside ``out`` and swap it into place when the
+    block completes (fsynced; a previous ``out`` is replaced). If the block raises, the partial
+    directory is removed and ``out`` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) -> Path:
     """Write a checkpoint atomically. Refuses to overwrite a non-empty directory that is not a
     lowbit checkpoint (so a typo never destroys unrelated files)."""
@@ -73,9 +97,7 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) 
         raise LowbitError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
         raise LowbitError(f"output directory {out} is not empty and is not a lowbit checkpoint; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -89,18 +111,6 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) 
         full["tied_word_embeddings"] = (bool(getattr(model.config, "tie_word_embeddings", False))
                                         and not isinstance(head, QuantizedLinear))
         (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n")
-        _fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -76,8 +76,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -426,9 +424,7 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_RECORD).is_file():
         raise LowbitError(f"output directory {out} is not empty and is not a lowbit compressed-tensors export; "
                           "refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with checkpoint.atomic_dir(out) as tmp:
         cfg.save_pretrained(tmp)
         cfg_file = tmp / "config.json"
         data = json.loads(cfg_file.read_text())
@@ -444,18 +440,6 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
                "activations": activations, "dtype": str(dense).removeprefix("torch."),
                "record": record, "modules": {n: m.meta() for n, m in qmods.items()}}
         (tmp / EXPORT_RECORD).write_text(json.dumps(rec, indent=2, default=str) + "\n")
-        checkpoint._fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
