@@ -98,38 +98,6 @@ def _check(t: str, *v: np.ndarray) -> None:
 
 
 # -- building blocks ----------------------------------------------------------------------------
-def _make_qx_quants_w(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w) on rows [B, n]: (scale [B], L = l + nmax)."""
-    mx, amax = _first_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, _F(1), mx)
-
-    def codes(iscale):
-        return np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-
-    def sums(l):
-        lf = l.astype(np.float32)
-        return _seq_sum(w * x * lf), _seq_sum(w * lf * lf)
-
-    l = codes(_F(-nmax) / mx)
-    sumlx, suml2 = sums(l)
-    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, _F(1)), _F(0)).astype(np.float32)
-    best = scale * sumlx
-    L = l
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        l = codes(-(_F(nmax) + _F(0.1) * _F(step)) / mx)
-        sumlx, suml2 = sums(l)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        new_scale = sumlx / np.where(suml2 > 0, suml2, _F(1))
-        L = np.where(better[:, None], l, L)
-        scale = np.where(better, new_scale, scale)
-        best = np.where(better, scale * sumlx, best)
-    L = np.where(zero[:, None], 0, L + nmax)
-    return np.where(zero, _F(0), scale).astype(np.float32), L
-
-
 def _make_qkx3_quants(x, w, nmax):
     """make_qkx3_quants(n, nmax, x, w, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=false):
     the same search as make_qkx2_quants (shared code) on a finer grid. (scale, the_min, L)."""
@@ -255,8 +223,8 @@ def _q3_k(x, imatrix):
     weights = _search_weights(xs, qw, sigma2).reshape(nb * 16, 16)
     xb = xs.reshape(nb * 16, 16)
     sw = _seq_sum(weights).reshape(nb, 16)
-    scales, L = _make_qx_quants_w(xb, 4, weights)
-    d_block, Ls = _make_qx_quants_w(scales.reshape(nb, 16), 32, sw)
+    scales, L = G._make_qx_quants(xb, 4, weights)
+    d_block, Ls = G._make_qx_quants(scales.reshape(nb, 16), 32, sw)
     _check("Q3_K", d_block)
     d = d_block[:, None]
     sc = _pack_scales_q3(Ls)
@@ -270,7 +238,7 @@ def _q3_k(x, imatrix):
 def _q6_k(x, imatrix):
     xs, qw = _superblocks(x, imatrix)
     nb = xs.shape[0]
-    scales, L = _make_qx_quants_w(xs.reshape(nb * 16, 16), 32, np.ascontiguousarray(qw).reshape(nb * 16, 16))
+    scales, L = G._make_qx_quants(xs.reshape(nb * 16, 16), 32, np.ascontiguousarray(qw).reshape(nb * 16, 16))
     scales = scales.reshape(nb, 16)
     L = L.reshape(nb, 16, 16)
     max_scale, max_abs = _first_absmax(scales)
@@ -302,14 +270,14 @@ def _legacy_weights(x, imatrix):
 
 def _q4_0(x, imatrix):
     xb, w = _legacy_weights(x, imatrix)
-    d, L = _make_qx_quants_w(xb, 8, w)
+    d, L = G._make_qx_quants(xb, 8, w)
     _check("Q4_0", d)
     return np.concatenate([_f16_bytes(d[:, None]), _pack_nibbles(L.astype(np.uint8))], axis=-1)
 
 
 def _q5_0(x, imatrix):
     xb, w = _legacy_weights(x, imatrix)
-    d, L = _make_qx_quants_w(xb, 16, w)
+    d, L = G._make_qx_quants(xb, 16, w)
     _check("Q5_0", d)
     L = L.astype(np.uint8)
     return np.concatenate([_f16_bytes(d[:, None]), _bits_le(L, 4, 4), _pack_nibbles(L & 0xF)], axis=-1)

@@ -356,16 +356,18 @@ def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v, np.abs(v)
 
 
-def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) on rows x [B, n].
+def _make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) on rows x [B, n].
 
     Symmetric codes l in [-nmax, nmax-1] for 19 candidate scales (nmax + 0.1*is)/max, is in
-    -9..9; keeps the one maximising (sum w x l)^2 / sum w l^2 with w = x^2 (a weighted
-    least-squares scale). Returns (scale [B], L = l + nmax [B, n] int32)."""
+    -9..9; keeps the one maximising (sum w x l)^2 / sum w l^2 with w = x^2, or the importance
+    weights ``w`` [B, n] when given (qw != NULL; a weighted least-squares scale). Returns
+    (scale [B], L = l + nmax [B, n] int32)."""
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, _F(1), mx)
-    w = x * x
+    if w is None:
+        w = x * x
 
     def codes(iscale):
         return np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
@@ -393,7 +395,7 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         scale = np.where(better, new_scale, scale)
         best = np.where(better, scale * sumlx, best)
     L = np.where(zero[:, None], 0, L + nmax)
-    return np.where(zero, _F(0), scale), L
+    return np.where(zero, _F(0), scale).astype(np.float32), L
 
 
 def _make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
