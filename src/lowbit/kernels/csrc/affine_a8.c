@@ -1,0 +1,705 @@
+/* Affine packed weights times int8-quantized activations (W4A8 / W8A8 / W2A8), batch 1 first.
+ *
+ * Weights are lowbit's affine layout, read in place (see cpu_linear.c): codes u (2, 4 or 8
+ * bits) packed row by row, byte k of a row holding codes k*s .. k*s+s-1 (s = 8/b), code j at
+ * bit j*b; one scale s_w per group of G consecutive input columns (fp16 or fp32); zero-point z
+ * per group: packed integer (same bit width), float (fp16/fp32), or a constant `zconst`
+ * (symmetric: the code offset).  W[r, c] = s_w * (u - z).
+ *
+ * Activations are quantized once per call, per row m and per block of 32 columns:
+ *     amax = max |x| over the block
+ *     amax == 0:  q = 0, sx = 0
+ *     otherwise:  inv = 127.0f / amax, sx = amax / 127.0f   (float32 divisions)
+ *                 q = clamp(nearbyint(x * inv), -127, 127)  (float32 product, ties to even)
+ * and the output is
+ *     y[m, r] = bias[r] + sum_g s_w[r, g] * ( sum_{b in g} sx_b * D_b  -  z[r, g] * sum_{b in g} sx_b * Q_b )
+ * with D_b = sum_{c in b} u_c q_c and Q_b = sum_{c in b} q_c exact in int32.  Requirements:
+ * K % 32 == 0, and G % 32 == 0 unless the weight has one group per row (per channel / tensor);
+ * the last group of a row may be shorter (K % G != 0).
+ *
+ * SIMD layout.  The int8 activations are split into s streams, stream j holding q[k*s + j], so
+ * that byte k of a weight row pairs with byte k of every stream: unpacking the codes of stream j
+ * is a shift and a mask, no shuffle.  One 32-bit lane of a dot-product instruction (vpdpbusd:
+ * u8 x s8 -> int32, or vpmaddubsw + vpmaddwd on AVX2) then sums 4*s consecutive codes, all in
+ * one 32-column block and one group.  Per lane the int32 sum is converted to float and
+ * multiplied by the lane's scale s_w * sx_b (per-lane tables built once per call), and
+ * accumulated in float.  The zero-point term uses the per-block activation sums: for a constant
+ * integer zero-point (symmetric weights) it is folded into the integer accumulator (which
+ * starts at -z * Q_lane), otherwise a per-row pass over the groups subtracts
+ * s_w * z * sum_b sx_b Q_b.  Two weight rows share every activation load.
+ *
+ * Paths (chosen at run time; lb_a8_set_isa lowers it for tests): 2 = AVX-512 F/BW/VL/VNNI
+ * (64-byte chunks, vpdpbusd), 1 = AVX2 (32-byte chunks, vpmaddubsw/vpmaddwd; 8-bit codes are
+ * centred to u - 128 with the sign trick so that the int16 pair sums cannot saturate),
+ * 0 = portable scalar C.
+ *
+ * lb_affine_a8_linear_w returns 0 on success, a positive code when the case is not supported
+ * (the caller then runs another path): 1 bit width, 2 bad arguments / out of memory,
+ * 3 K not a multiple of 32, 4 group size not a multiple of 32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LB_X86 1
+#include <immintrin.h>
+#else
+#define LB_X86 0
+#endif
+
+#define A8_SCALAR 0
+#define A8_AVX2 1
+#define A8_VNNI 2
+#define QB 32 /* activation block */
+
+typedef struct {
+    const uint8_t* qw;
+    const void* scales;
+    const uint8_t* qz;
+    const void* fz;
+    int64_t K, N, row_bytes, s_stride, G, n_groups, qz_stride;
+    int32_t bits, scales_f16, fz_f16;
+    float zconst;
+} lb_affine_weight;
+
+/* ------------------------------------------------------------------------------------------ */
+/* dispatch                                                                                    */
+static int g_isa_max = -1, g_isa = -1;
+
+static int detect_isa(void) {
+#if LB_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    int vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return vnni ? A8_VNNI : (avx2 ? A8_AVX2 : A8_SCALAR);
+#else
+    return A8_SCALAR;
+#endif
+}
+
+int lb_a8_isa_max(void) {
+    if (g_isa_max < 0) g_isa_max = detect_isa();
+    return g_isa_max;
+}
+
+int lb_a8_isa(void) {
+    if (g_isa < 0) g_isa = lb_a8_isa_max();
+    return g_isa;
+}
+
+/* Use at most `level` (negative: the best the CPU has); returns the level now in use. */
+int lb_a8_set_isa(int level) {
+    int mx = lb_a8_isa_max();
+    g_isa = level < 0 ? mx : (level > mx ? mx : level);
+    return g_isa;
+}
+
+static int64_t g_min_parallel_bytes = 48 * 1024;
+void lb_a8_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
+
+static inline int pick_threads(int nthreads, int64_t work_bytes, int64_t N) {
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work_bytes < g_min_parallel_bytes) nt = 1;
+    if (nt > N) nt = (int)(N < 1 ? 1 : N);
+    return nt;
+}
+
+static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_t* r0, int64_t* r1) {
+    int64_t per = (N + nt - 1) / nt;
+    per = (per + align - 1) / align * align;
+    *r0 = per * tid;
+    *r1 = *r0 + per;
+    if (*r0 > N) *r0 = N;
+    if (*r1 > N) *r1 = N;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* helpers                                                                                     */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float ld_f(const void* p, int f16, int64_t i) {
+    return f16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static inline float weight_zero(const lb_affine_weight* w, int64_t r, int64_t g) {
+    if (w->qz) {
+        const uint8_t* p = w->qz + r * w->qz_stride;
+        int lg = w->bits == 8 ? 0 : (w->bits == 4 ? 1 : 2);
+        return (float)((p[g >> lg] >> ((g & ((1 << lg) - 1)) * w->bits)) & ((1 << w->bits) - 1));
+    }
+    if (w->fz) return ld_f(w->fz, w->fz_f16, r * w->s_stride + g);
+    return w->zconst;
+}
+
+static inline unsigned code_at(const uint8_t* row, int bits, int64_t c) {
+    if (bits == 8) return row[c];
+    int lg = bits == 4 ? 1 : 2;
+    return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
+}
+
+/* grow-only scratch: one for the caller's per-call activation data, one per worker thread */
+static _Thread_local void* t_act = NULL;
+static _Thread_local size_t t_act_n = 0;
+static _Thread_local float* t_row = NULL;
+static _Thread_local size_t t_row_n = 0;
+
+static void* grow(void** p, size_t* have, size_t n) {
+    if (n > *have) {
+        free(*p);
+        *p = aligned_alloc(64, (n + 63) / 64 * 64);
+        *have = *p ? n : 0;
+    }
+    return *p;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* activation quantization                                                                     */
+static inline void quant_block_scalar(const float* x, int8_t* q, float* sx) {
+    float amax = 0.0f;
+    for (int i = 0; i < QB; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+    }
+    if (amax == 0.0f) {
+        memset(q, 0, QB);
+        *sx = 0.0f;
+        return;
+    }
+    float inv = 127.0f / amax;
+    *sx = amax / 127.0f;
+    for (int i = 0; i < QB; i++) {
+        float v = nearbyintf(x[i] * inv);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        q[i] = (int8_t)v;
+    }
+}
+
+#if LB_X86
+#define TV __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define TV_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"), always_inline)) static inline
+#define T2 __attribute__((target("avx2,fma,f16c")))
+#define T2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+TV static void quant_blocks_avx512(const float* x, int64_t nb, int8_t* q, float* sx) {
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 a0 = _mm512_loadu_ps(x + b * QB), a1 = _mm512_loadu_ps(x + b * QB + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+        if (!(amax > 0.0f)) { /* zero block (or NaN): the scalar rule */
+            quant_block_scalar(x + b * QB, q + b * QB, sx + b);
+            continue;
+        }
+        float inv = 127.0f / amax;
+        sx[b] = amax / 127.0f;
+        __m512 vi = _mm512_set1_ps(inv);
+        /* cvtps rounds with MXCSR (nearest even), the same as nearbyintf */
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, vi)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, vi));
+        i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
+        i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
+        _mm_storeu_si128((__m128i*)(q + b * QB), _mm512_cvtepi32_epi8(i0));
+        _mm_storeu_si128((__m128i*)(q + b * QB + 16), _mm512_cvtepi32_epi8(i1));
+    }
+}
+
+T2 static void quant_blocks_avx2(const float* x, int64_t nb, int8_t* q, float* sx) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    for (int64_t b = 0; b < nb; b++) {
+        const float* xb = x + b * QB;
+        __m256 a[4], m;
+        for (int i = 0; i < 4; i++) a[i] = _mm256_loadu_ps(xb + 8 * i);
+        m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(a[0], absmask), _mm256_and_ps(a[1], absmask)),
+                          _mm256_max_ps(_mm256_and_ps(a[2], absmask), _mm256_and_ps(a[3], absmask)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
+        if (!(amax > 0.0f)) {
+            quant_block_scalar(xb, q + b * QB, sx + b);
+            continue;
+        }
+        float inv = 127.0f / amax;
+        sx[b] = amax / 127.0f;
+        __m256 vi = _mm256_set1_ps(inv);
+        __m256i c[4];
+        for (int i = 0; i < 4; i++)
+            c[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a[i], vi)), lo), hi);
+        /* int32 -> int16 -> int8 with saturating packs (values already in range); the packs
+         * interleave 128-bit halves, a final permute restores the order */
+        __m256i p01 = _mm256_packs_epi32(c[0], c[1]), p23 = _mm256_packs_epi32(c[2], c[3]);
+        __m256i p = _mm256_packs_epi16(p01, p23);
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i*)(q + b * QB), p);
+    }
+}
+#endif
+
+static void quant_blocks(int isa, const float* x, int64_t nb, int8_t* q, float* sx) {
+#if LB_X86
+    if (isa == A8_VNNI) { quant_blocks_avx512(x, nb, q, sx); return; }
+    if (isa == A8_AVX2) { quant_blocks_avx2(x, nb, q, sx); return; }
+#endif
+    (void)isa;
+    for (int64_t b = 0; b < nb; b++) quant_block_scalar(x + b * QB, q + b * QB, sx + b);
+}
+
+/* Quantize x [M, K] (K % 32 == 0) with the rule above: q [M, K] int8, sx [M, K/32]; for tests
+ * and for callers that want the codes.  Returns 0, or 3 when K % 32 != 0. */
+int lb_a8_quantize(const float* x, int64_t M, int64_t K, int8_t* q, float* sx) {
+    if (K <= 0 || K % QB || M < 0) return 3;
+    for (int64_t m = 0; m < M; m++) quant_blocks(lb_a8_isa(), x + m * K, K / QB, q + m * K, sx + m * (K / QB));
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* per-call activation data                                                                    */
+typedef struct {
+    int isa, S, CL, CB, mode, zi_fold;
+    int64_t K, M, NL, NC, nb;   /* lanes per row (K / 4S), chunks per row, blocks per row */
+    int64_t nfull;              /* chunks fully inside a weight row's code bytes */
+    int64_t code_bytes;         /* K / S */
+    int8_t* q;                  /* [M, K] plain codes (scalar path) */
+    float* sxb;                 /* [M, nb] block scales */
+    int32_t* qsb;               /* [M, nb] block code sums */
+    int8_t* qs;                 /* [M, S, NC*CB] streams */
+    float* sxl;                 /* [M, NC*CL] lane scales */
+    int32_t* zq;                /* [M, NC*CL] initial lane accumulators: (c - zi) * Q_lane */
+    float* xs;                  /* [M, n_groups]: sum_{b in g} sx_b Q_b */
+    int32_t* g0;                /* [NC] first group of a chunk (mode 2) */
+    int32_t* idx;               /* [NC, CL] group of a lane relative to g0 (mode 2) */
+} a8_act;
+
+#define PAD64(n) (((n) + 63) / 64 * 64)
+
+/* ------------------------------------------------------------------------------------------ */
+/* scalar path                                                                                 */
+static void rows_scalar(const lb_affine_weight* w, const a8_act* A, const float* bias, float* y, int64_t r0,
+                        int64_t r1) {
+    const int64_t K = w->K, N = w->N, G = w->G, nb = A->nb, bpg = G / QB;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t* row = w->qw + r * w->row_bytes;
+        for (int64_t m = 0; m < A->M; m++) {
+            const int8_t* q = A->q + m * K;
+            const float* sx = A->sxb + m * nb;
+            const float* xs = A->xs + m * w->n_groups;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < w->n_groups; g++) {
+                float s = ld_f(w->scales, w->scales_f16, r * w->s_stride + g);
+                float z = weight_zero(w, r, g);
+                int64_t b0 = w->n_groups == 1 ? 0 : g * bpg, b1 = w->n_groups == 1 ? nb : b0 + bpg;
+                if (b1 > nb) b1 = nb;
+                float t = 0.0f;
+                for (int64_t b = b0; b < b1; b++) {
+                    int32_t d = 0;
+                    for (int64_t c = b * QB; c < (b + 1) * QB; c++) d += (int32_t)code_at(row, w->bits, c) * q[c];
+                    t += sx[b] * (float)d;
+                }
+                acc += s * (t - z * xs[g]);
+            }
+            y[m * N + r] = acc + (bias ? bias[r] : 0.0f);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* per-row pre-pass for the SIMD paths: the row's scales as floats (padded by 16 for the
+ * per-chunk loads) and, when the zero-point is not folded, the zero-point term per activation row */
+#if LB_X86
+T2_INLINE void row_prepass(const lb_affine_weight* w, const a8_act* A, int64_t r, float* sc, float* zt) {
+    const int64_t ng = w->n_groups;
+    if (w->scales_f16) {
+        const uint16_t* h = (const uint16_t*)w->scales + r * w->s_stride;
+        int64_t i = 0;
+        for (; i + 8 <= ng; i += 8) _mm256_storeu_ps(sc + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+        for (; i < ng; i++) sc[i] = _cvtsh_ss(h[i]);
+    } else {
+        memcpy(sc, (const float*)w->scales + r * w->s_stride, (size_t)ng * sizeof(float));
+    }
+    if (A->zi_fold) {
+        for (int64_t m = 0; m < A->M; m++) zt[m] = 0.0f;
+        return;
+    }
+    for (int64_t m = 0; m < A->M; m++) {
+        const float* xs = A->xs + m * ng;
+        float t = 0.0f;
+        if (!w->qz && !w->fz) {
+            for (int64_t g = 0; g < ng; g++) t += sc[g] * xs[g];
+            t *= w->zconst;
+        } else {
+            for (int64_t g = 0; g < ng; g++) t += (sc[g] * weight_zero(w, r, g)) * xs[g];
+        }
+        zt[m] = t;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* AVX-512 VNNI: 64-byte chunks, 16 int32 lanes of 4*S codes each                             */
+TV_INLINE __m512i vnni_dot(__m512i acc, __m512i wv, const int8_t* qs, int64_t sstride, const int BITS) {
+    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    if (BITS == 8) return _mm512_dpbusd_epi32(acc, wv, _mm512_loadu_si512(qs));
+    if (BITS == 4) {
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(wv, mask), _mm512_loadu_si512(qs));
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask),
+                                   _mm512_loadu_si512(qs + sstride));
+    }
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(wv, mask), _mm512_loadu_si512(qs));
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(wv, 2), mask), _mm512_loadu_si512(qs + sstride));
+    acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask),
+                              _mm512_loadu_si512(qs + 2 * sstride));
+    return _mm512_dpbusd_epi32(acc, _mm512_srli_epi16(_mm512_andnot_si512(_mm512_set1_epi8(0x3f), wv), 6),
+                               _mm512_loadu_si512(qs + 3 * sstride));
+}
+
+/* rows r .. r+RB-1, activation row m; MODE 0: one group per row, 1: one group per chunk,
+ * 2: several groups per chunk (per-lane table) */
+TV_INLINE void vnni_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, int64_t m, float** sc,
+                         const float* zt, const float* bias, float* y, const int RB, const int BITS,
+                         const int MODE) {
+    const int S = 8 / BITS;
+    const int64_t NCB = A->NC * 64, cpc = 64 * S; /* codes per chunk */
+    const int8_t* qs = A->qs + m * S * NCB;
+    const float* sxl = A->sxl + m * A->NC * 16;
+    const int32_t* zq = A->zq + m * A->NC * 16;
+    const uint8_t* p[4];
+    __m512 acc[4];
+    for (int i = 0; i < RB; i++) {
+        p[i] = w->qw + (r + i) * w->row_bytes;
+        acc[i] = _mm512_setzero_ps();
+    }
+    const int64_t NC = A->NC, nfull = A->nfull;
+    for (int64_t c = 0; c < NC; c++) {
+        __m512i z0 = _mm512_load_si512(zq + c * 16);
+        __m512 sxv = _mm512_load_ps(sxl + c * 16);
+        __mmask64 km = 0;
+        if (c >= nfull) {
+            int64_t avail = A->code_bytes - c * 64;
+            km = avail >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << avail) - 1);
+        }
+        int64_t gg = MODE == 2 ? A->g0[c] : (MODE == 1 ? (c * cpc) / w->G : 0);
+        for (int i = 0; i < RB; i++) {
+            __m512i wv = c < nfull ? _mm512_loadu_si512(p[i] + c * 64) : _mm512_maskz_loadu_epi8(km, p[i] + c * 64);
+            __m512i ia = vnni_dot(z0, wv, qs + c * 64, NCB, BITS);
+            __m512 f = _mm512_cvtepi32_ps(ia);
+            if (MODE == 0) {
+                acc[i] = _mm512_fmadd_ps(f, sxv, acc[i]);
+            } else if (MODE == 1) {
+                acc[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(sxv, _mm512_set1_ps(sc[i][gg])), acc[i]);
+            } else {
+                __m512 sv = _mm512_castps256_ps512(_mm256_loadu_ps(sc[i] + gg));
+                __m512 sw = _mm512_permutexvar_ps(_mm512_load_si512(A->idx + c * 16), sv);
+                acc[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(sxv, sw), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < RB; i++) {
+        float v = _mm512_reduce_add_ps(acc[i]);
+        if (MODE == 0) v *= sc[i][0];
+        y[m * w->N + r + i] = v - zt[i * A->M + m] + (bias ? bias[r + i] : 0.0f);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* AVX2: 32-byte chunks, 8 int32 lanes of 4*S codes each                                      */
+T2_INLINE __m256i avx2_dot(__m256i wv, const int8_t* qs, int64_t sstride, const int BITS) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p16;
+    if (BITS == 8) { /* (u - 128) * q with the sign on q: |u - 128| <= 128, |q| <= 127, no saturation */
+        __m256i ws = _mm256_xor_si256(wv, _mm256_set1_epi8((char)0x80));
+        __m256i qv = _mm256_loadu_si256((const __m256i*)qs);
+        p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(qv, ws));
+    } else {
+        const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+        p16 = _mm256_maddubs_epi16(_mm256_and_si256(wv, mask), _mm256_loadu_si256((const __m256i*)qs));
+        for (int j = 1; j < 8 / BITS; j++) {
+            __m256i u = _mm256_and_si256(_mm256_srli_epi16(wv, j * BITS), mask);
+            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)(qs + j * sstride))));
+        }
+    }
+    return _mm256_madd_epi16(p16, ones);
+}
+
+T2_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+T2_INLINE __m256i load32_u8(const uint8_t* p, int64_t avail) {
+    if (avail >= 32) return _mm256_loadu_si256((const __m256i*)p);
+    uint8_t t[32] = {0};
+    memcpy(t, p, (size_t)avail);
+    return _mm256_loadu_si256((const __m256i*)t);
+}
+
+T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, int64_t m, float** sc,
+                         const float* zt, const float* bias, float* y, const int RB, const int BITS,
+                         const int MODE) {
+    const int S = 8 / BITS;
+    const int64_t NCB = A->NC * 32, cpc = 32 * S;
+    const int8_t* qs = A->qs + m * S * NCB;
+    const float* sxl = A->sxl + m * A->NC * 8;
+    const int32_t* zq = A->zq + m * A->NC * 8;
+    const uint8_t* p[4];
+    __m256 acc[4];
+    for (int i = 0; i < RB; i++) {
+        p[i] = w->qw + (r + i) * w->row_bytes;
+        acc[i] = _mm256_setzero_ps();
+    }
+    const int64_t NC = A->NC, nfull = A->nfull;
+    for (int64_t c = 0; c < NC; c++) {
+        __m256i z0 = _mm256_load_si256((const __m256i*)(zq + c * 8));
+        __m256 sxv = _mm256_load_ps(sxl + c * 8);
+        int64_t gg = MODE == 2 ? A->g0[c] : (MODE == 1 ? (c * cpc) / w->G : 0);
+        for (int i = 0; i < RB; i++) {
+            __m256i wv = c < nfull ? _mm256_loadu_si256((const __m256i*)(p[i] + c * 32))
+                                   : load32_u8(p[i] + c * 32, A->code_bytes - c * 32);
+            __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(avx2_dot(wv, qs + c * 32, NCB, BITS), z0));
+            if (MODE == 0) {
+                acc[i] = _mm256_fmadd_ps(f, sxv, acc[i]);
+            } else if (MODE == 1) {
+                acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(sxv, _mm256_set1_ps(sc[i][gg])), acc[i]);
+            } else {
+                __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc[i] + gg),
+                                                     _mm256_load_si256((const __m256i*)(A->idx + c * 8)));
+                acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(sxv, sw), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < RB; i++) {
+        float v = hsum256(acc[i]);
+        if (MODE == 0) v *= sc[i][0];
+        y[m * w->N + r + i] = v - zt[i * A->M + m] + (bias ? bias[r + i] : 0.0f);
+    }
+}
+
+/* Row drivers: for a tile of rows, every activation row; RB = 2 rows at a time. */
+#define ROWS_FN(NAME, INNER, ATTR, BITS, MODE)                                                          \
+    ATTR static void NAME(const lb_affine_weight* w, const a8_act* A, const float* bias, float* y,      \
+                          float* scr, int64_t r0, int64_t r1) {                                          \
+        int64_t sl = w->n_groups + 16;                                                                   \
+        float* sc[2] = {scr, scr + sl};                                                                  \
+        float* zt = scr + 2 * sl; /* [2, M] */                                                           \
+        const int64_t TILE = 16;                                                                         \
+        for (int64_t t0 = r0; t0 < r1; t0 += TILE) {                                                     \
+            int64_t t1 = t0 + TILE < r1 ? t0 + TILE : r1;                                                \
+            int64_t r = t0;                                                                              \
+            for (; r + 2 <= t1; r += 2) {                                                                \
+                row_prepass(w, A, r, sc[0], zt);                                                         \
+                row_prepass(w, A, r + 1, sc[1], zt + A->M);                                              \
+                for (int64_t m = 0; m < A->M; m++) INNER(w, A, r, m, sc, zt, bias, y, 2, BITS, MODE);    \
+            }                                                                                            \
+            for (; r < t1; r++) {                                                                        \
+                row_prepass(w, A, r, sc[0], zt);                                                         \
+                for (int64_t m = 0; m < A->M; m++) INNER(w, A, r, m, sc, zt, bias, y, 1, BITS, MODE);    \
+            }                                                                                            \
+        }                                                                                                \
+    }
+
+ROWS_FN(vnni_4_0, vnni_rows, TV, 4, 0)
+ROWS_FN(vnni_4_1, vnni_rows, TV, 4, 1)
+ROWS_FN(vnni_4_2, vnni_rows, TV, 4, 2)
+ROWS_FN(vnni_8_0, vnni_rows, TV, 8, 0)
+ROWS_FN(vnni_8_1, vnni_rows, TV, 8, 1)
+ROWS_FN(vnni_8_2, vnni_rows, TV, 8, 2)
+ROWS_FN(vnni_2_0, vnni_rows, TV, 2, 0)
+ROWS_FN(vnni_2_1, vnni_rows, TV, 2, 1)
+ROWS_FN(vnni_2_2, vnni_rows, TV, 2, 2)
+ROWS_FN(avx2_4_0, avx2_rows, T2, 4, 0)
+ROWS_FN(avx2_4_1, avx2_rows, T2, 4, 1)
+ROWS_FN(avx2_4_2, avx2_rows, T2, 4, 2)
+ROWS_FN(avx2_8_0, avx2_rows, T2, 8, 0)
+ROWS_FN(avx2_8_1, avx2_rows, T2, 8, 1)
+ROWS_FN(avx2_8_2, avx2_rows, T2, 8, 2)
+ROWS_FN(avx2_2_0, avx2_rows, T2, 2, 0)
+ROWS_FN(avx2_2_1, avx2_rows, T2, 2, 1)
+ROWS_FN(avx2_2_2, avx2_rows, T2, 2, 2)
+
+typedef void (*rows_fn)(const lb_affine_weight*, const a8_act*, const float*, float*, float*, int64_t, int64_t);
+static const rows_fn VNNI_FNS[3][3] = {{vnni_2_0, vnni_2_1, vnni_2_2}, {vnni_4_0, vnni_4_1, vnni_4_2},
+                                       {vnni_8_0, vnni_8_1, vnni_8_2}};
+static const rows_fn AVX2_FNS[3][3] = {{avx2_2_0, avx2_2_1, avx2_2_2}, {avx2_4_0, avx2_4_1, avx2_4_2},
+                                       {avx2_8_0, avx2_8_1, avx2_8_2}};
+
+/* lane code sums in the SIMD lane layout, and the initial accumulators */
+TV static void lane_sums_vnni(const int8_t* qs, int64_t NCB, int S, int64_t NC, int32_t* zq, int32_t zmul) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t c = 0; c < NC; c++) {
+        __m512i s = _mm512_setzero_si512();
+        for (int j = 0; j < S; j++) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(qs + j * NCB + c * 64));
+        _mm512_store_si512(zq + c * 16, _mm512_mullo_epi32(s, _mm512_set1_epi32(zmul)));
+    }
+}
+#endif /* LB_X86 */
+
+/* ------------------------------------------------------------------------------------------ */
+/* entry point                                                                                 */
+int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, const float* bias, float* y,
+                          int nthreads) {
+    if (!w) return 2;
+    const int bits = w->bits;
+    if (bits != 2 && bits != 4 && bits != 8) return 1;
+    const int64_t K = w->K, N = w->N, G = w->G, ng = w->n_groups;
+    if (M < 0 || K <= 0 || N < 0 || G <= 0 || ng <= 0 || (ng - 1) * G >= K || ng * G < K) return 2;
+    if (w->row_bytes * 8 < K * bits) return 2;
+    if (K % QB) return 3;
+    if (ng > 1 && G % QB) return 4;
+    if (M == 0 || N == 0) return 0;
+    if (!x || !y || !w->qw || !w->scales) return 2;
+
+    a8_act A;
+    memset(&A, 0, sizeof A);
+    A.isa = lb_a8_isa();
+    A.S = 8 / bits;
+    A.K = K;
+    A.M = M;
+    A.nb = K / QB;
+    A.code_bytes = K / A.S;
+    A.CL = A.isa == A8_VNNI ? 16 : 8;
+    A.CB = 4 * A.CL;
+    A.NL = K / (4 * A.S);
+    A.NC = (A.NL + A.CL - 1) / A.CL;
+    A.nfull = A.code_bytes / A.CB;
+    const int64_t cpc = (int64_t)A.CB * A.S;
+    A.mode = ng == 1 ? 0 : (G % cpc == 0 ? 1 : 2);
+    /* centring of the integer dot on each path: AVX2 8-bit computes sum (u - 128) q */
+    const int centre = (A.isa == A8_AVX2 && bits == 8) ? 128 : 0;
+    int zi = 0;
+    if (!w->qz && !w->fz && w->zconst == nearbyintf(w->zconst) && fabsf(w->zconst) <= 256.0f) {
+        zi = (int)w->zconst;
+        A.zi_fold = 1;
+    }
+
+    /* scratch layout (64-byte aligned pieces) */
+    const int64_t NCB = A.NC * A.CB, NLP = A.NC * A.CL;
+    size_t off_q = 0, off_sxb = off_q + PAD64(M * K), off_qsb = off_sxb + PAD64(M * A.nb * 4),
+           off_qs = off_qsb + PAD64(M * A.nb * 4), off_sxl = off_qs + PAD64(M * A.S * NCB),
+           off_zq = off_sxl + PAD64(M * NLP * 4), off_xs = off_zq + PAD64(M * NLP * 4),
+           off_g0 = off_xs + PAD64(M * ng * 4), off_idx = off_g0 + PAD64(A.NC * 4),
+           total = off_idx + PAD64(A.NC * A.CL * 4);
+    uint8_t* base = (uint8_t*)grow(&t_act, &t_act_n, total);
+    if (!base) return 2;
+    A.q = (int8_t*)(base + off_q);
+    A.sxb = (float*)(base + off_sxb);
+    A.qsb = (int32_t*)(base + off_qsb);
+    A.qs = (int8_t*)(base + off_qs);
+    A.sxl = (float*)(base + off_sxl);
+    A.zq = (int32_t*)(base + off_zq);
+    A.xs = (float*)(base + off_xs);
+    A.g0 = (int32_t*)(base + off_g0);
+    A.idx = (int32_t*)(base + off_idx);
+
+    const int64_t bpg = ng == 1 ? A.nb : G / QB;
+    for (int64_t m = 0; m < M; m++) {
+        int8_t* q = A.q + m * K;
+        float* sx = A.sxb + m * A.nb;
+        int32_t* qsb = A.qsb + m * A.nb;
+        quant_blocks(A.isa, x + m * K, A.nb, q, sx);
+        for (int64_t b = 0; b < A.nb; b++) {
+            int32_t s = 0;
+            for (int i = 0; i < QB; i++) s += q[b * QB + i];
+            qsb[b] = s;
+        }
+        float* xs = A.xs + m * ng;
+        for (int64_t g = 0; g < ng; g++) {
+            float t = 0.0f;
+            int64_t b1 = (g + 1) * bpg < A.nb ? (g + 1) * bpg : A.nb;
+            for (int64_t b = g * bpg; b < b1; b++) t += sx[b] * (float)qsb[b];
+            xs[g] = t;
+        }
+        if (A.isa == A8_SCALAR) continue;
+        /* streams: stream j byte k = q[k*S + j], zero beyond the row */
+        int8_t* qs = A.qs + m * A.S * NCB;
+        if (A.S == 1) {
+            memcpy(qs, q, (size_t)K);
+            memset(qs + K, 0, (size_t)(NCB - K));
+        } else {
+            for (int j = 0; j < A.S; j++) {
+                int8_t* o = qs + j * NCB;
+                for (int64_t k = 0; k < A.code_bytes; k++) o[k] = q[k * A.S + j];
+                memset(o + A.code_bytes, 0, (size_t)(NCB - A.code_bytes));
+            }
+        }
+        /* lane tables: lane l covers codes 4S*l .. 4S*l + 4S - 1, in block 4S*l/32 */
+        float* sxl = A.sxl + m * NLP;
+        int32_t* zq = A.zq + m * NLP;
+        const int lpb = QB / (4 * A.S); /* lanes per block */
+        for (int64_t l = 0; l < NLP; l++) sxl[l] = l < A.NL ? sx[l / lpb] : 0.0f;
+        int32_t zmul = centre - (A.zi_fold ? zi : 0);
+#if LB_X86
+        if (A.isa == A8_VNNI) {
+            lane_sums_vnni(qs, NCB, A.S, A.NC, zq, zmul);
+        } else
+#endif
+        {
+            for (int64_t l = 0; l < NLP; l++) {
+                int32_t s = 0;
+                if (l < A.NL)
+                    for (int i = 0; i < 4 * A.S; i++) s += q[l * 4 * A.S + i];
+                zq[l] = s * zmul;
+            }
+        }
+    }
+    if (A.mode == 2) {
+        for (int64_t c = 0; c < A.NC; c++) {
+            int64_t gfirst = (c * cpc) / G;
+            A.g0[c] = (int32_t)gfirst;
+            for (int l = 0; l < A.CL; l++) {
+                int64_t code = (c * A.CL + l) * 4 * A.S;
+                int64_t g = code < K ? code / G : gfirst;
+                A.idx[c * A.CL + l] = (int32_t)(g - gfirst);
+            }
+        }
+    }
+
+    const int64_t wbytes = N * w->row_bytes * (M < 8 ? 1 : M / 8);
+    int nt = pick_threads(nthreads, wbytes, N);
+    int bad = 0;
+    if (A.isa == A8_SCALAR) {
+#pragma omp parallel num_threads(nt)
+        {
+            int64_t r0, r1;
+            thread_rows(N, nt, omp_get_thread_num(), 1, &r0, &r1);
+            rows_scalar(w, &A, bias, y, r0, r1);
+        }
+        return 0;
+    }
+#if LB_X86
+    const int bi = bits == 2 ? 0 : (bits == 4 ? 1 : 2);
+    rows_fn fn = A.isa == A8_VNNI ? VNNI_FNS[bi][A.mode] : AVX2_FNS[bi][A.mode];
+#pragma omp parallel num_threads(nt) reduction(| : bad)
+    {
+        int64_t r0, r1;
+        thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
+        if (r0 < r1) {
+            float* scr = (float*)grow((void**)&t_row, &t_row_n, (size_t)(2 * (ng + 16) + 2 * M + 16) * sizeof(float));
+            if (scr) fn(w, &A, bias, y, scr, r0, r1);
+            else bad = 1;
+        }
+    }
+#endif
+    return bad ? 2 : 0;
+}
