@@ -120,7 +120,7 @@ _FAMILY_STYLE = {
 class LeanDecoder:
     """Batch-1 decoder with a preallocated KV cache; see the module docstring."""
 
-    def __init__(self, model: nn.Module, max_len: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int | None = None, native: bool | None = None):
         fam = family_of(model)  # LowbitError for an unsupported family
         if fam.model_type not in _FAMILY_STYLE:
             raise LowbitError(f"lowbit's decoder does not support model family {fam.model_type!r}")
@@ -154,13 +154,15 @@ class LeanDecoder:
         inner = model.get_submodule(fam.blocks.rpartition(".")[0])  # e.g. model.model
         self.embed = model.get_submodule(fam.embed)
         self.final_norm = _norm(model.get_submodule(fam.final_norm), offset)
-        self.lm_head = linear_fn(model.get_submodule(fam.lm_head))
+        self.lm_head_module = model.get_submodule(fam.lm_head)
+        self.lm_head = linear_fn(self.lm_head_module)
         embed_w = getattr(self.embed, "weight", None)
         self.dtype = embed_w.dtype if embed_w is not None else torch.float32
         self.device = embed_w.device if embed_w is not None else torch.device("cpu")
 
         layer_types = list(getattr(cfg, "layer_types", None) or [])
         blocks = list(model.get_submodule(fam.blocks))
+        self.blocks = blocks
         if layer_types and len(layer_types) < len(blocks):
             raise LowbitError(f"config.layer_types lists {len(layer_types)} layers for {len(blocks)} blocks")
         self.layers: list[_Layer] = []
@@ -218,6 +220,18 @@ class LeanDecoder:
         half = self.head_dim // 2
         self._swap = torch.cat((torch.arange(half, self.head_dim), torch.arange(half))).to(self.device)
         self.pos = 0  # positions filled
+
+        # One-token steps run in C when every part of the model is something the C step covers
+        # (lowbit.runtime.native); `native_reason` says why not otherwise. native=False keeps the
+        # Python path (the reference); native=True raises if the C step cannot be used.
+        from lowbit.runtime.native import NativeStep
+
+        if native is False:
+            self.native_step, self.native_reason = None, "disabled (native=False)"
+        else:
+            self.native_step, self.native_reason = NativeStep.create(self)
+        if native is True and self.native_step is None:
+            raise LowbitError(f"lowbit's native decode step cannot run this model: {self.native_reason}")
 
     # -- cache ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -299,7 +313,11 @@ class LeanDecoder:
         if lo < 0 or hi >= vocab:
             raise LowbitError(f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab})")
         with torch.inference_mode():
-            out = self._forward(ids.to(self.device), start, T, all_logits)
+            if T == 1 and self.native_step is not None:
+                out = self.native_step.step(hi, start)
+                out = out[None] if all_logits else out
+            else:
+                out = self._forward(ids.to(self.device), start, T, all_logits)
         self.pos = start + T
         return out
 

@@ -27,7 +27,7 @@ _NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "g
 
 class ProfiledDecoder(LeanDecoder):
     def __init__(self, model, max_len=None):
-        super().__init__(model, max_len)
+        super().__init__(model, max_len, native=False)  # times the Python path's seams
         self.times: dict[str, float] = defaultdict(float)
         for L in self.layers:
             for f in _LINEARS:

@@ -1,0 +1,280 @@
+/* One batch-1 decode step of a decoder-only transformer in C: the whole token (embedding row,
+ * every block, final norm, output head) in one call, so no interpreter runs between the
+ * operations of a token.
+ *
+ * Why: at batch 1 a 135M model's token is ~200 small operations (30 blocks of norms, 7 linear
+ * layers, rotary, attention, residual adds). Done as torch ops from Python, each costs a few
+ * microseconds of dispatch before any arithmetic: ~3 ms per token on SmolLM2-135M, as much as
+ * the int4 matrix products themselves. Here that overhead disappears; the arithmetic is the same
+ * as lowbit.runtime.decoder.LeanDecoder's Python path (which stays the reference, and does
+ * prefill), so the two agree to float32 rounding.
+ *
+ * The linear layers are not implemented here: each is a function pointer with the signature of
+ * lowbit's native kernels' ``*_linear_w`` entry points (weight struct, x, rows, bias, y,
+ * threads), so the step runs whatever kernel lowbit would use for that layer's stored format
+ * (affine 2/4/8-bit, ternary, ... from cpu_linear.c; float32 from this file). Each kernel
+ * parallelises itself with OpenMP (torch's thread pool: both link the same libgomp). The rest
+ * of the step (norms, rotary, attention over the cached prefix, activation) is a few hundred
+ * microseconds at most and runs on the calling thread, attention across heads on the pool when
+ * the context is long.
+ *
+ * Families: RMSNorm everywhere (gain already offset, e.g. Gemma's 1 + w), optional Gemma 3
+ * sandwich norms and per-head q/k norms, rotary with rotate_half folded into a signed sin table,
+ * grouped-query attention, sliding windows (keys with position > pos - window), optional logit
+ * soft-capping, SiLU or tanh-GELU gated MLP.
+ *
+ * Profile: when plan->prof is non-NULL, the step adds the seconds spent in each category to
+ * prof[LB_PROF_*] (clock_gettime, ~20 ns a reading).
+ */
+#define _POSIX_C_SOURCE 199309L
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+typedef int (*lb_linear_fn)(const void* w, const float* x, int64_t M, const float* bias, float* y, int nthreads);
+
+typedef struct {
+    lb_linear_fn fn;
+    const void* w;
+    const float* bias;
+} lb_dec_linear;
+
+typedef struct {
+    lb_dec_linear q, k, v, o, gate, up, down;
+    const float *attn_norm, *mlp_norm;             /* [d] */
+    const float *post_attn_norm, *post_mlp_norm;   /* [d] or NULL */
+    const float *q_norm, *k_norm;                  /* [head_dim] or NULL */
+    float *k_cache, *v_cache;                      /* [max_len, n_kv, head_dim] */
+    const float *cos, *sin;                        /* [max_len, head_dim], sin signed */
+    int64_t window;                                /* 0: full causal */
+} lb_dec_layer;
+
+typedef struct {
+    int64_t n_layers, d, n_heads, n_kv, head_dim, ffn, vocab, max_len;
+    float eps, scaling, attn_softcap, final_softcap, embed_scale;  /* softcaps: 0 = none */
+    int32_t act;                                   /* 0 SiLU, 1 GELU (tanh approximation) */
+    const float* embed;                            /* [vocab, d] */
+    const float* final_norm;                       /* [d] */
+    lb_dec_linear head;
+    const lb_dec_layer* layers;
+    float* work;                                   /* lb_decode_work_floats() floats */
+    double* prof;                                  /* NULL, or LB_PROF_N accumulators (seconds) */
+} lb_dec_plan;
+
+enum { LB_PROF_QKV, LB_PROF_ATTN, LB_PROF_O, LB_PROF_MLP, LB_PROF_HEAD, LB_PROF_NORM, LB_PROF_OTHER, LB_PROF_N };
+
+typedef struct {
+    const float* W;  /* [N, K] row-major (nn.Linear's weight) */
+    int64_t K, N;
+} lb_f32_weight;
+
+int lb_decode_abi(void) { return 1; }  /* bumped when a struct above changes */
+
+int64_t lb_decode_work_floats(const lb_dec_plan* p) {
+    int64_t H = p->n_heads, hd = p->head_dim, KV = p->n_kv;
+    return 4 * p->d + 2 * H * hd + 2 * KV * hd + 2 * p->ffn + H * p->max_len;
+}
+
+static inline double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* -- small vector helpers (one body, compiled for AVX-512 / AVX2 / baseline; picked at load) -- */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+CLONES static float dot(const float* a, const float* b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the max), written so that loops of it vectorise:
+ * x = k ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation < 2e-8
+ * relative), 2^k through the exponent bits. Relative error ~2e-7 against expf; 0 below -87. */
+static inline float exp_neg(float x) {
+    const int under = x < -87.0f;
+    x = under ? -87.0f : x;
+    const float k = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } two_k = {.i = ((int32_t)k + 127) << 23};
+    return under ? 0.0f : p * two_k.f;
+}
+
+/* y = x * rsqrt(mean(x^2) + eps) * gain (float32, as torch's rms_norm) */
+CLONES static void rms_norm(float* y, const float* x, const float* gain, int64_t n, float eps) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * gain[i];
+}
+
+/* -- float32 GEMV / small GEMM for layers kept in float ------------------------------------- */
+int lb_dec_f32_linear_w(const lb_f32_weight* w, const float* x, int64_t M, const float* bias, float* y,
+                        int nthreads) {
+    const int64_t K = w->K, N = w->N;
+    if (K <= 0 || N < 0 || M < 0) return 2;
+    int nt = nthreads > 0 ? nthreads : 1;
+    if (N * K < 12288) nt = 1;  /* under 48 KiB of weights: one thread */
+    for (int64_t m = 0; m < M; m++) {
+        const float* xm = x + m * K;
+        float* ym = y + m * N;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < N; r++) ym[r] = dot(w->W + r * K, xm, K) + (bias ? bias[r] : 0.0f);
+    }
+    return 0;
+}
+
+/* -- one step ---------------------------------------------------------------------------------- */
+static inline int lin(const lb_dec_linear* L, const float* x, float* y, int nt) {
+    return L->fn(L->w, x, 1, L->bias, y, nt);
+}
+
+/* x * cos + x[swap] * sin, times `scale`; swap = the two halves exchanged (rotate_half). */
+static void rotary(float* dst, const float* x, const float* cos, const float* sin, int64_t hd, float scale) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) dst[i] = (x[i] * cos[i] + x[i + half] * sin[i]) * scale;
+    for (int64_t i = half; i < hd; i++) dst[i] = (x[i] * cos[i] + x[i - half] * sin[i]) * scale;
+}
+
+/* Attention of the g query heads that share one key/value head, over cached positions [lo, S):
+ * scores = q·k (q carries the scaling), optional soft-cap, softmax, out = sum p v. One function
+ * (so the inner loops inline and vectorise); each key and value row is loaded once for all g. */
+CLONES static void attend_group(const float* q, int64_t g, const float* K, const float* V, int64_t stride,
+                                int64_t lo, int64_t S, int64_t hd, float softcap, float* scores, float* out) {
+    const int64_t n = S - lo;
+    for (int64_t j = 0; j < n; j++) {
+        const float* kj = K + (lo + j) * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const float* qh = q + h * hd;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < hd; i++) s += qh[i] * kj[i];
+            scores[h * n + j] = s;
+        }
+    }
+    for (int64_t h = 0; h < g; h++) {
+        float* sc = scores + h * n;
+        if (softcap > 0.0f)
+            for (int64_t j = 0; j < n; j++) sc[j] = tanhf(sc[j] / softcap) * softcap;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) {
+            sc[j] = exp_neg(sc[j] - mx);
+            sum += sc[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n; j++) sc[j] *= inv;
+    }
+    memset(out, 0, (size_t)(g * hd) * sizeof(float));
+    for (int64_t j = 0; j < n; j++) {
+        const float* vj = V + (lo + j) * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const float p = scores[h * n + j];
+            float* oh = out + h * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) oh[i] += p * vj[i];
+        }
+    }
+}
+
+static inline float act(float g, int kind) {
+    if (kind == 0) return g / (1.0f + expf(-g));
+    const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
+    return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+/* Runs position `pos` (the cache holds positions [0, pos)) for `token`; writes logits [vocab].
+ * Returns 0, or a positive code: 1 bad arguments, 10 + i when linear i of a block failed
+ * (i = 0..6 for q, k, v, o, gate, up, down), 20 when the head failed. */
+int lb_decode_step(const lb_dec_plan* p, int64_t token, int64_t pos, float* logits, int nthreads) {
+    if (!p || token < 0 || token >= p->vocab || pos < 0 || pos >= p->max_len) return 1;
+    const int64_t d = p->d, H = p->n_heads, KV = p->n_kv, hd = p->head_dim, F = p->ffn, S = pos + 1;
+    float* x = p->work;
+    float* h = x + d;
+    float* a = h + d;
+    float* m = a + d;
+    float* q = m + d;
+    float* att = q + H * hd;
+    float* k = att + H * hd;
+    float* v = k + KV * hd;
+    float* g = v + KV * hd;
+    float* u = g + F;
+    float* scores = u + F;  /* [H, max_len] */
+    double* prof = p->prof;
+    double t0 = prof ? now() : 0.0, t1;
+#define TICK(cat) do { if (prof) { t1 = now(); prof[cat] += t1 - t0; t0 = t1; } } while (0)
+
+    const float* e = p->embed + token * d;
+    for (int64_t i = 0; i < d; i++) x[i] = e[i] * p->embed_scale;
+    TICK(LB_PROF_OTHER);
+    for (int64_t l = 0; l < p->n_layers; l++) {
+        const lb_dec_layer* L = p->layers + l;
+        rms_norm(h, x, L->attn_norm, d, p->eps);
+        TICK(LB_PROF_NORM);
+        if (lin(&L->q, h, q, nthreads)) return 10;
+        if (lin(&L->k, h, k, nthreads)) return 11;
+        if (lin(&L->v, h, v, nthreads)) return 12;
+        TICK(LB_PROF_QKV);
+        if (L->q_norm) {
+            for (int64_t i = 0; i < H; i++) rms_norm(q + i * hd, q + i * hd, L->q_norm, hd, p->eps);
+            for (int64_t i = 0; i < KV; i++) rms_norm(k + i * hd, k + i * hd, L->k_norm, hd, p->eps);
+        }
+        const float* cs = L->cos + pos * hd;
+        const float* sn = L->sin + pos * hd;
+        for (int64_t i = 0; i < H; i++) rotary(att + i * hd, q + i * hd, cs, sn, hd, p->scaling);
+        for (int64_t i = 0; i < KV; i++) rotary(L->k_cache + (pos * KV + i) * hd, k + i * hd, cs, sn, hd, 1.0f);
+        memcpy(L->v_cache + pos * KV * hd, v, (size_t)(KV * hd) * sizeof(float));
+        memcpy(q, att, (size_t)(H * hd) * sizeof(float));
+        TICK(LB_PROF_NORM);
+        const int64_t lo = (L->window > 0 && S > L->window) ? S - L->window : 0;
+        const int64_t grp = H / KV;
+        const int nta = (S - lo) * H * hd >= 131072 ? nthreads : 1;
+#pragma omp parallel for num_threads(nta) schedule(static) if (nta > 1)
+        for (int64_t i = 0; i < KV; i++)
+            attend_group(q + i * grp * hd, grp, L->k_cache + i * hd, L->v_cache + i * hd, KV * hd, lo, S, hd,
+                         p->attn_softcap, scores + i * grp * p->max_len, att + i * grp * hd);
+        TICK(LB_PROF_ATTN);
+        if (lin(&L->o, att, a, nthreads)) return 13;
+        TICK(LB_PROF_O);
+        if (L->post_attn_norm) rms_norm(a, a, L->post_attn_norm, d, p->eps);
+        for (int64_t i = 0; i < d; i++) x[i] += a[i];
+        rms_norm(h, x, L->mlp_norm, d, p->eps);
+        TICK(LB_PROF_NORM);
+        if (lin(&L->gate, h, g, nthreads)) return 14;
+        if (lin(&L->up, h, u, nthreads)) return 15;
+        for (int64_t i = 0; i < F; i++) g[i] = act(g[i], p->act) * u[i];
+        if (lin(&L->down, g, m, nthreads)) return 16;
+        TICK(LB_PROF_MLP);
+        if (L->post_mlp_norm) rms_norm(m, m, L->post_mlp_norm, d, p->eps);
+        for (int64_t i = 0; i < d; i++) x[i] += m[i];
+        TICK(LB_PROF_NORM);
+    }
+    rms_norm(h, x, p->final_norm, d, p->eps);
+    TICK(LB_PROF_NORM);
+    if (lin(&p->head, h, logits, nthreads)) return 20;
+    if (p->final_softcap > 0.0f)
+        for (int64_t i = 0; i < p->vocab; i++) logits[i] = tanhf(logits[i] / p->final_softcap) * p->final_softcap;
+    TICK(LB_PROF_HEAD);
+#undef TICK
+    return 0;
+}

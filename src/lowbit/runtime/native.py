@@ -1,0 +1,253 @@
+"""The lean decoder's native decode step: one C call per generated token (``csrc/decode.c``).
+
+`NativeStep.create(decoder)` describes a `LeanDecoder`'s model to the C step — pointers to the
+model's own tensors (embedding, norm gains, rotary tables, the decoder's KV cache) and, for each
+linear layer, the address of the native kernel lowbit runs for it plus that kernel's weight
+struct. It returns (None, the reason) when any part of the
+model is something the C step does not cover; the decoder then keeps its Python path, which is
+also the reference the C step is tested against (tests/test_runtime_native.py).
+
+Covered: float32 CPU models of the decoder's families whose linear layers are ``nn.Linear``
+(float32) or lowbit ``QuantizedLinear``s with an affine (2/4/8-bit) or ternary format that the
+native affine kernel takes, a float32 ``nn.Embedding`` (Gemma's scaled one included), SiLU or
+tanh-GELU gated MLPs, one RMSNorm epsilon for the whole model. Prefill (several positions at once)
+stays on the Python path, where the work is matrix-matrix and torch's dispatch cost is amortised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.kernels import FORMAT_KERNELS, _native
+
+__all__ = ["NativeStep", "PROFILE_CATEGORIES"]
+
+_vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+PROFILE_CATEGORIES = ("q/k/v projections", "attention", "o projection", "MLP (gate/up/act/down)",
+                      "output head", "norms, rotary, residuals", "embedding")
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("fn", _vp), ("w", _vp), ("bias", _vp)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = ([(n, _Linear) for n in ("q", "k", "v", "o", "gate", "up", "down")]
+                + [(n, _vp) for n in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm",
+                                      "k_norm", "k_cache", "v_cache", "cos", "sin")]
+                + [("window", _i64)])
+
+
+class _Plan(ctypes.Structure):
+    _fields_ = ([(n, _i64) for n in ("n_layers", "d", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "max_len")]
+                + [(n, _f32) for n in ("eps", "scaling", "attn_softcap", "final_softcap", "embed_scale")]
+                + [("act", _i32), ("embed", _vp), ("final_norm", _vp), ("head", _Linear), ("layers", _vp),
+                   ("work", _vp), ("prof", _vp)])
+
+
+class _F32Weight(ctypes.Structure):
+    _fields_ = [("W", _vp), ("K", _i64), ("N", _i64)]
+
+
+_ABI = 1
+_state: dict = {}
+
+
+def _library():
+    if not _native.enabled():
+        return None
+    if "lib" not in _state:
+        lib = _native.load("decode")
+        if lib is not None:
+            lib.lb_decode_abi.restype = ctypes.c_int
+            if lib.lb_decode_abi() != _ABI:
+                lib = None
+        if lib is not None:
+            lib.lb_decode_step.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_int]
+            lib.lb_decode_step.restype = ctypes.c_int
+            lib.lb_decode_work_floats.argtypes = [_vp]
+            lib.lb_decode_work_floats.restype = _i64
+        _state["lib"] = lib
+    return _state["lib"]
+
+
+def _addr(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _f32_cpu(t: torch.Tensor | None, what: str) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise _Unsupported(f"{what} is not a contiguous float32 CPU tensor")
+    return t
+
+
+def _activation_kind(act) -> int:
+    """0 for SiLU, 1 for tanh-GELU, decided by evaluating the model's own activation."""
+    probe = torch.linspace(-10, 10, 401)
+    with torch.inference_mode():
+        try:
+            y = act(probe.clone())
+        except Exception as e:  # noqa: BLE001 - any failure: not a plain elementwise activation
+            raise _Unsupported(f"activation {type(act).__name__} cannot be evaluated ({e})") from None
+    for kind, ref in ((0, F.silu(probe)), (1, F.gelu(probe, approximate="tanh"))):
+        if isinstance(y, torch.Tensor) and y.shape == probe.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-6):
+            return kind
+    raise _Unsupported(f"activation {type(act).__name__} is neither SiLU nor tanh-GELU")
+
+
+class NativeStep:
+    """A built plan; `step(token, pos)` returns the logits [vocab] of one decode position."""
+
+    def __init__(self, lib, plan: _Plan, keep: list, vocab: int):
+        self._lib, self._plan, self._keep, self.vocab = lib, plan, keep, vocab
+        self._plan_addr = ctypes.addressof(plan)
+        self._prof = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, dec) -> tuple[NativeStep | None, str | None]:
+        """(the step, None) when the C step covers this decoder's model, else (None, the reason)."""
+        try:
+            return cls._describe(dec), None
+        except _Unsupported as e:
+            return None, str(e)
+
+    @classmethod
+    def _describe(cls, dec) -> NativeStep:
+        lib = _library()
+        if lib is None:
+            raise _Unsupported("the native decode library is not built (or LOWBIT_NATIVE=0)")
+        if dec.dtype != torch.float32 or dec.device.type != "cpu":
+            raise _Unsupported(f"the model is {dec.dtype} on {dec.device}, the C step runs float32 on the CPU")
+        keep: list = []
+        eps = {dec.final_norm.eps}
+
+        def linear(mod: nn.Module, what: str) -> _Linear:
+            return _Linear(*_linear_entry(mod, what, keep))
+
+        def norm(n, what):
+            if n is None:
+                return None
+            eps.add(n.eps)
+            return _f32_cpu(n.gain, what).data_ptr()
+
+        embed = dec.embed
+        if type(embed).__name__ not in ("Embedding", "Gemma3TextScaledWordEmbedding") or not isinstance(embed, nn.Embedding):
+            raise _Unsupported(f"embedding {type(embed).__name__} is not a plain (or Gemma-scaled) nn.Embedding")
+        ew = _f32_cpu(embed.weight.detach(), "the embedding weight")
+        scale = getattr(embed, "embed_scale", None)
+        embed_scale = 1.0 if scale is None else float(scale)
+
+        L = len(dec.layers)
+        layers = (_Layer * L)()
+        act = None
+        for i, ly in enumerate(dec.layers):
+            c = layers[i]
+            blk = dec.blocks[i]
+            attn, mlp = blk.self_attn, blk.mlp
+            for name, mod in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
+                              ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
+                setattr(c, name, linear(mod, f"block {i} {name}_proj"))
+            kind = _activation_kind(ly.act)
+            if act is not None and kind != act:
+                raise _Unsupported("blocks use different activations")
+            act = kind
+            c.attn_norm = norm(ly.attn_norm, f"block {i} norm")
+            c.mlp_norm = norm(ly.mlp_norm, f"block {i} norm")
+            c.post_attn_norm = norm(ly.post_attn_norm, f"block {i} norm")
+            c.post_mlp_norm = norm(ly.post_mlp_norm, f"block {i} norm")
+            c.q_norm = norm(ly.q_norm, f"block {i} q norm")
+            c.k_norm = norm(ly.k_norm, f"block {i} k norm")
+            c.k_cache, c.v_cache = dec._k[i].data_ptr(), dec._v[i].data_ptr()
+            cos, sin = dec.rope[ly.rope][0], dec.rope[ly.rope][1]
+            c.cos, c.sin = _f32_cpu(cos, "rotary table").data_ptr(), _f32_cpu(sin, "rotary table").data_ptr()
+            c.window = int(ly.window or 0)
+        if len(eps) != 1:
+            raise _Unsupported(f"norms use different epsilons {sorted(eps)}")
+        cfg = dec.config
+        ffn = max(_out_features(blk.mlp.gate_proj, f"block {i} gate_proj") for i, blk in enumerate(dec.blocks))
+        plan = _Plan(n_layers=L, d=int(ew.shape[1]), n_heads=dec.n_heads, n_kv=dec.n_kv, head_dim=dec.head_dim,
+                     ffn=ffn, vocab=int(cfg.vocab_size), max_len=dec.max_len, eps=float(eps.pop()),
+                     scaling=float(dec.scaling), attn_softcap=float(dec.attn_softcap or 0.0),
+                     final_softcap=float(dec.final_softcap or 0.0), embed_scale=embed_scale, act=act,
+                     embed=ew.data_ptr(), final_norm=dec.final_norm.gain.data_ptr(),
+                     head=linear(dec.lm_head_module, "the output head"),
+                     layers=ctypes.addressof(layers))
+        if int(ew.shape[0]) < plan.vocab:
+            raise _Unsupported("the embedding has fewer rows than the vocabulary")
+        work = torch.empty(int(lib.lb_decode_work_floats(ctypes.byref(plan))), dtype=torch.float32)
+        plan.work = work.data_ptr()
+        keep += [layers, work, ew]
+        return cls(lib, plan, keep, plan.vocab)
+
+    # -- running --------------------------------------------------------------------------------
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        logits = torch.empty(self.vocab, dtype=torch.float32)
+        rc = self._lib.lb_decode_step(self._plan_addr, token, pos, logits.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native decode step failed (code {rc})")
+        return logits
+
+    def start_profile(self) -> None:
+        """Accumulate per-category seconds (see PROFILE_CATEGORIES) from the next step on."""
+        self._prof = (ctypes.c_double * len(PROFILE_CATEGORIES))()
+        self._plan.prof = ctypes.addressof(self._prof)
+
+    def stop_profile(self) -> dict[str, float]:
+        """Seconds per category since `start_profile`, and stop profiling."""
+        out = dict(zip(PROFILE_CATEGORIES, list(self._prof))) if self._prof is not None else {}
+        self._plan.prof = None
+        self._prof = None
+        return out
+
+
+def _out_features(mod: nn.Module, what: str) -> int:
+    n = getattr(mod, "out_features", None)
+    if not isinstance(n, int):
+        raise _Unsupported(f"{what} has no out_features")
+    return n
+
+
+def _linear_entry(mod: nn.Module, what: str, keep: list) -> tuple[int, int, int | None]:
+    """(kernel function address, weight struct address, bias address or None) for one layer."""
+    from lowbit.kernels import cpu
+    from lowbit.nn.linear import QuantizedLinear
+
+    lib = _library()
+    if type(mod) is nn.Linear:
+        W = _f32_cpu(mod.weight.detach(), f"{what} weight")
+        b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
+        st = _F32Weight(W=W.data_ptr(), K=int(W.shape[1]), N=int(W.shape[0]))
+        keep += [st, W, b]
+        return _addr(lib.lb_dec_f32_linear_w), ctypes.addressof(st), None if b is None else b.data_ptr()
+    if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
+        fmt = mod.weight_format
+        name = getattr(type(fmt), "name", None)
+        params = {"affine": (cpu.affine_linear, cpu.affine_params, lambda w: w.scheme),
+                  "ternary": (cpu.ternary_linear, cpu.ternary_params, lambda w: w.granularity)}.get(name)
+        if params is None:
+            raise _Unsupported(f"{what}: format {name!r} has no native decode kernel")
+        kernel, params_fn, extra = params
+        if FORMAT_KERNELS.get(name) is not kernel:
+            raise _Unsupported(f"{what}: the kernel registered for {name!r} is not lowbit's native one")
+        clib = cpu.library()
+        if clib is None:
+            raise _Unsupported("the native kernel library is not built")
+        p, st = cpu._cached_weight(fmt, params_fn, extra(fmt))
+        if st is None:
+            raise _Unsupported(f"{what}: the native kernel does not take this weight's storage")
+        b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
+        keep += [fmt, st, b]
+        return _addr(clib.lb_affine_linear_w), ctypes.addressof(st), None if b is None else b.data_ptr()
+    raise _Unsupported(f"{what} is a {type(mod).__name__}, which the C step has no kernel for")

@@ -1,0 +1,199 @@
+"""The lean decoder's native decode step (csrc/decode.c, lowbit.runtime.native) against the
+decoder's Python path, which is itself checked against transformers in test_runtime.py: every
+family, float and quantized weights (affine 2/4/8-bit with int / float / no zero-points, ternary,
+quantized output head), sliding windows, soft-capping, long contexts (attention split across
+threads), every kernel instruction set; the KV cache it writes; when it declines a model."""
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.core.scheme import QuantScheme
+from lowbit.errors import LowbitError
+from lowbit.kernels import cpu
+from lowbit.models.tiny import tiny_model
+from lowbit.runtime import LeanDecoder
+from lowbit.runtime.native import PROFILE_CATEGORIES, _library
+
+pytestmark = pytest.mark.skipif(_library() is None or not cpu.available(),
+                                reason="native kernels not built (no C compiler at install)")
+
+REL = 2e-6
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def ids_for(n, vocab, seed=1):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def run_both(model, n_prompt=9, n_steps=16, max_len=None, threads=None):
+    """Prefill the same prompt in a Python-path decoder and a native one, then feed both the
+    Python path's greedy tokens; returns (max rel err of the step logits, the two decoders)."""
+    vocab = model.config.vocab_size
+    ids = ids_for(n_prompt, vocab)
+    max_len = max_len or n_prompt + n_steps
+    ref = LeanDecoder(model, max_len=max_len, native=False)
+    nat = LeanDecoder(model, max_len=max_len, native=True)
+    assert nat.native_step is not None and nat.native_reason is None
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = ref.forward(ids), nat.forward(ids)
+        assert torch.equal(a, b)  # prefill: both on the Python path
+        worst = 0.0
+        for _ in range(n_steps):
+            tok = int(a.argmax())
+            a, b = ref.forward([tok]), nat.forward([tok])
+            assert b.shape == a.shape and torch.isfinite(b).all()
+            worst = max(worst, rel(b, a))
+    finally:
+        torch.set_num_threads(old)
+    assert nat.pos == ref.pos == n_prompt + n_steps
+    return worst, ref, nat
+
+
+FAMILIES = {
+    "llama": {},
+    "qwen2": {},                            # q/k/v biases
+    "mistral": {"sliding_window": 5},       # window shorter than the run
+    "gemma3_text": {"sliding_window": 5},   # (1 + w) norms, sandwich and q/k norms, scaled embedding, GELU
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_float_step_equals_python_path_and_writes_the_same_cache(family):
+    m = tiny_model(family, seed=3, **FAMILIES[family]).model
+    if family == "qwen2":
+        with torch.no_grad():
+            for blk in m.model.layers:
+                blk.self_attn.k_proj.bias.normal_()
+    worst, ref, nat = run_both(m)
+    assert worst < REL, worst
+    n = ref.pos
+    assert float((ref.k_cache[:, :n] - nat.k_cache[:, :n]).abs().max()) < 1e-5
+    assert float((ref.v_cache[:, :n] - nat.v_cache[:, :n]).abs().max()) < 1e-5
+
+
+QUANT = [
+    ("rtn", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32)),
+    ("rtn", QuantScheme(bits=4, symmetric=True, granularity="group", group_size=64)),
+    ("rtn", QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None)),
+    ("rtn", QuantScheme(bits=2, symmetric=False, granularity="group", group_size=32)),
+    ("hqq", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32, zero_point="float")),
+    ("ternary", None),
+]
+
+
+@pytest.mark.parametrize("method,scheme", QUANT, ids=lambda v: getattr(v, "short_name", lambda: str(v))())
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_quantized_step_equals_python_path(family, method, scheme):
+    lm = tiny_model(family, seed=4, **FAMILIES[family])
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, method, scheme, progress=False)
+    worst, _, _ = run_both(m.model)
+    assert worst < REL, worst
+
+
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_quantized_output_head(head):
+    lm = tiny_model("llama", seed=5)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32), progress=False,
+                 head=head)
+    worst, _, _ = run_both(m.model)
+    assert worst < REL, worst
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_kernel_instruction_set(isa):
+    if cpu.isa_max() == "scalar" and isa != "scalar" or (isa == "avx512" and cpu.isa_max() != "avx512"):
+        pytest.skip(f"CPU has no {isa}")
+    lm = tiny_model("llama", seed=6)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32), progress=False)
+    cpu.set_isa(isa)
+    try:
+        worst, _, _ = run_both(m.model)
+    finally:
+        cpu.set_isa(None)
+    assert worst < REL, worst
+
+
+def test_soft_capping():
+    m = tiny_model("gemma3_text", seed=7, sliding_window=5).model
+    m.config.attn_logit_softcapping = 0.5  # small caps so that both clearly bite
+    m.config.final_logit_softcapping = 0.3
+    worst, ref, _ = run_both(m)
+    assert worst < REL, worst
+    assert ref.attn_softcap == 0.5 and ref.final_softcap == 0.3
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_context_attention_across_threads(threads):
+    # 2100 positions x 6 heads x 12 dims: above the size at which attention is split over threads
+    m = tiny_model("llama", seed=8, max_position_embeddings=2200).model
+    worst, _, _ = run_both(m, n_prompt=2090, n_steps=8, threads=threads)
+    assert worst < 1e-5, worst
+
+
+def test_thread_count_does_not_change_the_result():
+    lm = tiny_model("llama", seed=9)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32), progress=False)
+    out = []
+    for t in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(t)
+        try:
+            dec = LeanDecoder(m.model, max_len=24, native=True)
+            dec.forward(ids_for(5, m.model.config.vocab_size))
+            out.append(torch.stack([dec.forward([i]) for i in range(3, 10)]))
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(out[0], out[1])
+
+
+def test_profile_accounts_for_the_step():
+    m = tiny_model("llama", seed=10).model
+    dec = LeanDecoder(m, max_len=32, native=True)
+    dec.forward(ids_for(4, m.config.vocab_size))
+    dec.native_step.start_profile()
+    for i in range(5):
+        dec.forward([i])
+    prof = dec.native_step.stop_profile()
+    assert tuple(prof) == PROFILE_CATEGORIES
+    assert all(v >= 0 for v in prof.values()) and sum(prof.values()) > 0
+    assert prof["q/k/v projections"] > 0 and prof["attention"] > 0 and prof["output head"] > 0
+    assert dec.native_step.stop_profile() == {}  # stopped: nothing more is recorded
+
+
+def test_declines_what_it_does_not_cover_and_python_path_takes_over():
+    lm = tiny_model("llama", seed=11)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "nf4", None, progress=False)   # NF4 has no native step kernel
+    dec = LeanDecoder(m.model, max_len=16)
+    assert dec.native_step is None and "nf4" in dec.native_reason
+    with pytest.raises(LowbitError, match="native decode step cannot run this model: .*nf4"):
+        LeanDecoder(m.model, max_len=16, native=True)
+    ids = ids_for(4, m.model.config.vocab_size)
+    a = LeanDecoder(m.model, max_len=16, native=False)
+    assert torch.equal(a.forward(ids), dec.forward(ids))
+    assert torch.equal(a.forward([3]), dec.forward([3]))  # same Python path for the step
+
+    half = tiny_model("llama", seed=12).model.to(torch.bfloat16)
+    d16 = LeanDecoder(half, max_len=8)
+    assert d16.native_step is None and "float32" in d16.native_reason
+    assert LeanDecoder(tiny_model("llama").model, max_len=8, native=False).native_reason == "disabled (native=False)"
+
+
+def test_lowbit_native_off_keeps_python_path(monkeypatch):
+    import lowbit.runtime.native as nat
+
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    monkeypatch.setattr(nat, "_state", {})
+    dec = LeanDecoder(tiny_model("llama").model, max_len=8)
+    assert dec.native_step is None and "LOWBIT_NATIVE" in dec.native_reason
