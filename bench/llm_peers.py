@@ -22,7 +22,10 @@ Both sides calibrate on the very same samples (``lowbit.data.texts.calibration_s
 the ones ``lowbit.api.quantize`` draws). Every peer result is dequantized into the float weights
 of a fresh copy of the model (norms too, which AWQ rescales), and all variants are evaluated in
 lockstep by lowbit's evaluator (same windows, same protocol). Time: the quantization call only
-(model loading excluded); the last column is lowbit's time / the peer's.
+(model loading excluded); "time lowbit/peer" is lowbit's time / the peer's. "ppl lowbit/peer"
+is exp(mean per-token NLL difference) on the same tokens, with two standard errors estimated from
+the 511-token windows' mean differences (`lowbit.eval.quality.paired_ppl_ratio`): a ratio whose
+interval contains 1 is a tie within the evaluation's noise.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 from lowbit import api
 from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import QuantScheme
-from lowbit.eval.quality import PplProtocol
+from lowbit.eval.quality import PplProtocol, paired_ppl_ratio
 from lowbit.eval.report import format_table
 from lowbit.evaluate import EvalSettings, compare
 from lowbit.models.families import block_prefix, find_blocks, linear_layers
@@ -196,6 +199,7 @@ COLUMNS = [
     ("top1", "top-1 %", ".2f"),
     ("qtime", "quant s", ".1f"),
     ("ratio", "time lowbit/peer", ".2f"),
+    ("pplratio", "ppl lowbit/peer ± 2se", None),
 ]
 
 
@@ -250,9 +254,13 @@ def main() -> int:
             print(f"{name}: {secs:.1f} s", file=sys.stderr, flush=True)
 
     rows = compare(models, "original", EvalSettings(protocol=PplProtocol(512, args.max_tokens), latency=False))
+    by_name = {r["variant"]: r for r in rows}
     for r in rows:
         if r["variant"] in extra:
             r["bpw"], r["qtime"], r["ratio"] = extra[r["variant"]]
+            ours = by_name[r["variant"].rsplit(" ", 1)[0] + " lowbit"]
+            ratio, se = paired_ppl_ratio(ours["token_nll"], r["token_nll"], block=511)
+            r["pplratio"] = f"{ratio:.4f} ± {2 * se:.4f}"
     print(format_table(rows, COLUMNS, markdown=args.markdown))
     print(f"\n{base.name}: {rows[0]['n_tokens']} held-out tokens, ctx 512; calibration {args.samples} x "
           f"{args.seq_len} tokens (same samples for both sides); {torch.get_num_threads()} threads; "

@@ -183,6 +183,27 @@ def test_kl_and_top1_equal_float64_reference(base, noisy, bos_id):
     assert q.ppl == pytest.approx(ref_ppl, rel=1e-6)
 
 
+def test_token_nll_and_paired_ppl_ratio(base, noisy):
+    from lowbit.eval.quality import paired_ppl_ratio
+
+    tokens = random_tokens(5 * 20, seed=6)
+    proto = PplProtocol(ctx=20, max_tokens=None)
+    res = evaluate_quality({"fp": base, "q": noisy}, "fp", tokens, proto, progress=False)
+    a, b = res["q"].token_nll, res["fp"].token_nll
+    assert a.shape == b.shape == (res["q"].n_tokens,) == (5 * 19,)
+    assert float(np.mean(a.astype(np.float64))) == pytest.approx(res["q"].nll, rel=1e-6)
+    ratio, se = paired_ppl_ratio(a, b, block=19)
+    assert ratio == pytest.approx(res["q"].ppl / res["fp"].ppl, rel=1e-6)
+    d = (a.astype(np.float64) - b).reshape(5, 19).mean(1)  # naive: sd of window means / sqrt(n)
+    assert se == pytest.approx(ratio * math.sqrt(sum((x - d.mean()) ** 2 for x in d) / 4 / 5), rel=1e-9)
+    r2, se2 = paired_ppl_ratio(b, b, block=19)
+    assert r2 == 1.0 and se2 == 0.0
+    with pytest.raises(LowbitError, match="blocks of 7"):
+        paired_ppl_ratio(a, b, block=7)
+    with pytest.raises(LowbitError, match="equal-length"):
+        paired_ppl_ratio(a[:-1], b, block=19)
+
+
 class Recorder(nn.Module):
     """Wraps a model and logs (name, input ids) of every call into a shared list."""
 

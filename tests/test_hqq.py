@@ -76,14 +76,14 @@ def test_best_objective_non_increasing_and_is_what_is_stored(bits, early_stop):
 def test_raw_iterate_objective_is_not_monotone_hence_keep_best():
     # The HQQ iteration is not a descent method for φ: the zero-point step (4) is a least-squares
     # fit with the codes frozen, and re-rounding can move the lp error up. Here the objective of
-    # the iterate rises at iterations 6 and 7 (8-bit, groups of 128), while the best-so-far per group
+    # the iterate rises at iteration 16 (8-bit, groups of 128), while the best-so-far per group
     # never does, and keeping the best per group beats the last iterate.
     W = heavy(64, 576, seed=3)
     _, info = hqq_quantize(W, HQQConfig(fz(8, group_size=128), early_stop=False, iters=20, select="lp"))
     obj, best = info["objective"], info["best_objective"]
     rises = [t for t in range(1, len(obj)) if obj[t] > obj[t - 1]]
-    assert rises == [6, 7]
-    assert obj[6] == pytest.approx(1036.0700, abs=1e-3) and obj[5] == pytest.approx(1036.0441, abs=1e-3)
+    assert rises == [16]
+    assert obj[16] == pytest.approx(1018.8088, abs=1e-3) and obj[15] == pytest.approx(1018.7926, abs=1e-3)
     assert all(b1 <= b0 for b0, b1 in zip(best, best[1:]))
     assert best[-1] < min(obj)
 

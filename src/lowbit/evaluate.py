@@ -65,7 +65,8 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
                "kl": q.kl_mean, "kl_p99": q.kl_p99,
                "top1": None if q.top1 is None else 100 * q.top1,
                "qtime": (m.record or {}).get("quantize_seconds"),
-               "method": ((m.record or {}).get("method") or {}).get("method")}
+               "method": ((m.record or {}).get("method") or {}).get("method"),
+               "token_nll": q.token_nll}
         if settings.latency:
             lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
                                   vocab_size=m.model.config.vocab_size, device=settings.device,

@@ -9,8 +9,9 @@ min/max scale and z starting from the min/max zero-point, repeat
     z   = mean(W_q − (W − W_e)/s)                      closed-form zero-point
     β   = κ β
 
-Conventions shared with lowbit's solver (so the two can be compared): s and every z are rounded
-to fp16 when the scheme stores fp16; all iterates z_0 … z_T are scored with the selection
+Conventions shared with lowbit's solver (so the two can be compared): s and every scored z are
+rounded to fp16 when the scheme stores fp16, while the iteration itself carries the unrounded z
+(each update starts from the previous unrounded zero-point); all iterates z_0 … z_T are scored with the selection
 criterion — ``select="l2"``: Σ(W − W_r)², ``"lp"``: Σ|W − W_r|^p — and each group keeps its best;
 with early stopping the loop ends once the sum over *all* groups of the current iterate's score
 fails to decrease. The objectives returned are always the lp ones (the paper's φ). Loops in Python over iterations and groups; no
@@ -60,6 +61,7 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
         return W_q, W_r, lp, (l2 if select == "l2" else lp)
 
     best_z = z.clone()
+    z_run = z.clone()  # the iteration's own, unrounded zero-points
     start = [[score(groups[r][j], s[r, j], z[r, j]) for j in range(n)] for r in range(R)]
     best = [[c[3] for c in row] for row in start]
     objectives = [sum(c[2] for row in start for c in row)]
@@ -69,10 +71,11 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
         for r in range(R):
             for j in range(n):
                 w, sj = groups[r][j], s[r, j]
-                W_q, W_r, _, _ = score(w, sj, z[r, j])
+                W_q, W_r, _, _ = score(w, sj, z_run[r, j])
                 x = w - W_r
                 W_e = torch.sign(x) * torch.relu(x.abs() - x.abs().pow(p - 1) / beta)
-                z[r, j] = _fp16(torch.mean(W_q - (w - W_e) / sj), scheme)
+                z_run[r, j] = torch.mean(W_q - (w - W_e) / sj)
+                z[r, j] = _fp16(z_run[r, j], scheme)
                 _, _, lp, e = score(w, sj, z[r, j])
                 total += e
                 lp_total += lp

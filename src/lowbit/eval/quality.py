@@ -48,7 +48,7 @@ logits gets NaN/inf numbers rather than an exception, so a broken variant shows 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ class QualityResult:
     top1: float | None
     n_tokens: int
     delta_ppl: float | None = None
+    token_nll: np.ndarray | None = field(default=None, repr=False)  # [n_tokens] float32, in scoring order
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,7 @@ class _Accumulator:
         self.n = 0
         self.top1 = 0
         self.kl: list[torch.Tensor] = []
+        self.nll: list[torch.Tensor] = []
 
 
 def evaluate_quality(
@@ -258,6 +260,7 @@ def evaluate_quality(
                         continue
                     a = acc[name]
                     a.nll_sum += nll_sum
+                    a.nll.append(nll.cpu())
                     a.n += targets.numel()
                     if kl is not None:
                         a.kl.append(kl)
@@ -286,6 +289,7 @@ def evaluate_quality(
                 top1=None if is_base else 1.0,
                 n_tokens=a.n,
                 delta_ppl=None if is_base else 0.0,
+                token_nll=torch.cat(a.nll).numpy(),
             )
             continue
         kl_all = torch.cat(a.kl).numpy()
@@ -297,6 +301,7 @@ def evaluate_quality(
             top1=a.top1 / a.n,
             n_tokens=a.n,
             delta_ppl=ppl - base_ppl,
+            token_nll=torch.cat(a.nll).numpy(),
         )
     return results
 
@@ -311,3 +316,21 @@ def perplexity(
 ) -> QualityResult:
     """Perplexity of one model under ``protocol`` (:func:`evaluate_quality` with no comparison)."""
     return evaluate_quality({"model": model}, "model", tokens, protocol, bos_id, device, progress)["model"]
+
+
+def paired_ppl_ratio(nll_a, nll_b, block: int) -> tuple[float, float]:
+    """ppl(a) / ppl(b) of two models scored on the same tokens, and its standard error.
+
+    ppl(a)/ppl(b) = exp(mean(nll_a − nll_b)). The per-token differences are correlated within a
+    window, so the standard error is estimated from the means of consecutive blocks of ``block``
+    tokens (one protocol window each: ``ctx − 1`` scored tokens) and propagated through exp:
+    se(ratio) ≈ ratio · sd(block means) / sqrt(n_blocks)."""
+    a, b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise LowbitError(f"paired ppl ratio needs two equal-length token NLL vectors, got {a.shape} and {b.shape}")
+    if block < 1 or a.size % block:
+        raise LowbitError(f"{a.size} scored tokens do not split into blocks of {block}")
+    d = (a - b).reshape(-1, block).mean(axis=1)
+    ratio = float(np.exp((a - b).mean()))
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) * ratio if d.size > 1 else float("nan")
+    return ratio, se
