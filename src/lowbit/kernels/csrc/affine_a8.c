@@ -50,6 +50,10 @@
 #define LB_X86 0
 #endif
 
+/* Small copies in the per-row code stay inline loops (a libc memcpy call per row costs more
+ * than the row's arithmetic on the small layers). */
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+
 #define A8_SCALAR 0
 #define A8_AVX2 1
 #define A8_VNNI 2
@@ -279,6 +283,7 @@ int lb_a8_quantize(const float* x, int64_t M, int64_t K, int8_t* q, float* sx) {
 typedef struct {
     int isa, S, CL, CB, mode, zi_fold;
     int64_t K, M, NL, NC, nb;   /* lanes per row (K / 4S), chunks per row, blocks per row */
+    int64_t ngp;                /* n_groups rounded up to 16 (row stride of xs) */
     int64_t nfull;              /* chunks fully inside a weight row's code bytes */
     int64_t code_bytes;         /* K / S */
     int8_t* q;                  /* [M, K] plain codes (scalar path) */
@@ -287,7 +292,7 @@ typedef struct {
     int8_t* qs;                 /* [M, S, NC*CB] streams */
     float* sxl;                 /* [M, NC*CL] lane scales */
     int32_t* zq;                /* [M, NC*CL] initial lane accumulators: (c - zi) * Q_lane */
-    float* xs;                  /* [M, n_groups]: sum_{b in g} sx_b Q_b */
+    float* xs;                  /* [M, ngp]: sum_{b in g} sx_b Q_b, zero-padded */
     int32_t* g0;                /* [NC] first group of a chunk (mode 2) */
     int32_t* idx;               /* [NC, CL] group of a lane relative to g0 (mode 2) */
 } a8_act;
@@ -304,7 +309,7 @@ static void rows_scalar(const lb_affine_weight* w, const a8_act* A, const float*
         for (int64_t m = 0; m < A->M; m++) {
             const int8_t* q = A->q + m * K;
             const float* sx = A->sxb + m * nb;
-            const float* xs = A->xs + m * w->n_groups;
+            const float* xs = A->xs + m * A->ngp;
             float acc = 0.0f;
             for (int64_t g = 0; g < w->n_groups; g++) {
                 float s = ld_f(w->scales, w->scales_f16, r * w->s_stride + g);
@@ -328,29 +333,98 @@ static void rows_scalar(const lb_affine_weight* w, const a8_act* A, const float*
 /* per-row pre-pass for the SIMD paths: the row's scales as floats (padded by 16 for the
  * per-chunk loads) and, when the zero-point is not folded, the zero-point term per activation row */
 #if LB_X86
-T2_INLINE void row_prepass(const lb_affine_weight* w, const a8_act* A, int64_t r, float* sc, float* zt) {
-    const int64_t ng = w->n_groups;
-    if (w->scales_f16) {
-        const uint16_t* h = (const uint16_t*)w->scales + r * w->s_stride;
-        int64_t i = 0;
-        for (; i + 8 <= ng; i += 8) _mm256_storeu_ps(sc + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
-        for (; i < ng; i++) sc[i] = _cvtsh_ss(h[i]);
-    } else {
-        memcpy(sc, (const float*)w->scales + r * w->s_stride, (size_t)ng * sizeof(float));
+T2_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* the 8 zero-points of row r from group g (g + 8 <= n_groups) as floats */
+T2_INLINE __m256 zeros8(const lb_affine_weight* w, int64_t r, int64_t g) {
+    if (w->qz) {
+        const int bits = w->bits;
+        const uint8_t* p = w->qz + r * w->qz_stride + g * bits / 8;
+        if (bits == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+        uint32_t v;
+        __m256i sh;
+        if (bits == 4) {
+            memcpy(&v, p, 4);
+            sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        } else {
+            uint16_t t;
+            memcpy(&t, p, 2);
+            v = t;
+            sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        }
+        return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)v), sh),
+                                                   _mm256_set1_epi32((1 << bits) - 1)));
     }
+    const int64_t o = r * w->s_stride + g;
+    if (w->fz_f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)w->fz + o)));
+    return _mm256_loadu_ps((const float*)w->fz + o);
+}
+
+/* Whether 8 scales / zero-points of row r from group g can be loaded whole although fewer remain
+ * in the row: the tensors are [N, n_groups] (zero-points [N, qz_stride] bytes), so reading into
+ * the next row is fine, past the last row is not. */
+static inline int tail_readable(const lb_affine_weight* w, int64_t r, int64_t g) {
+    if (w->s_stride <= 0 || (r * w->s_stride + g + 8) > w->N * w->s_stride) return 0;
+    if (w->qz) {
+        int64_t nb = w->bits == 8 ? 8 : (w->bits == 4 ? 4 : 2);
+        if (w->qz_stride <= 0 || r * w->qz_stride + g * w->bits / 8 + nb > w->N * w->qz_stride) return 0;
+    }
+    return 1;
+}
+
+/* Per-row pre-pass of the SIMD paths: the row's scales as floats in sc (zero-padded: the chunk
+ * loop reads up to 8 past the last group; sc holds n_groups + 24 floats) and the zero-point term
+ * zt[m] = sum_g s_g z_g xs[m, g] unless it is folded into the integer accumulators.  Values
+ * are used from registers, never re-read from sc here (a vector load of data just written by
+ * narrower stores stalls). */
+T2_INLINE void row_prepass(const lb_affine_weight* w, const a8_act* A, int64_t r, float* sc, float* zt) {
+    const int64_t ng = w->n_groups, ngp = A->ngp;
+    const int zterm = !A->zi_fold && (w->qz || w->fz) && A->M == 1;
+    const uint16_t* h = (const uint16_t*)w->scales + r * w->s_stride;
+    const float* f = (const float*)w->scales + r * w->s_stride;
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.0f;
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        __m256 sv = w->scales_f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + g))) : _mm256_loadu_ps(f + g);
+        _mm256_storeu_ps(sc + g, sv);
+        if (zterm) acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, zeros8(w, r, g)), _mm256_loadu_ps(A->xs + g), acc);
+    }
+    if (g < ng && tail_readable(w, r, g)) { /* the last < 8 groups with full-width loads, masked */
+        __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(ng - g)),
+                                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        __m256 sv = w->scales_f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + g))) : _mm256_loadu_ps(f + g);
+        sv = _mm256_and_ps(sv, live);
+        _mm256_storeu_ps(sc + g, sv);
+        if (zterm)
+            acc = _mm256_fmadd_ps(_mm256_and_ps(_mm256_mul_ps(sv, zeros8(w, r, g)), live), _mm256_loadu_ps(A->xs + g), acc);
+        g = ng;
+    }
+    for (; g < ng; g++) {
+        float sg = w->scales_f16 ? _cvtsh_ss(h[g]) : f[g];
+        sc[g] = sg;
+        if (zterm) tail += (sg * weight_zero(w, r, g)) * A->xs[g];
+    }
+    _mm256_storeu_ps(sc + (ng + 7) / 8 * 8, _mm256_setzero_ps());
+    _mm256_storeu_ps(sc + (ng + 7) / 8 * 8 + 8, _mm256_setzero_ps());
     if (A->zi_fold) {
         for (int64_t m = 0; m < A->M; m++) zt[m] = 0.0f;
         return;
     }
+    if (zterm) {
+        zt[0] = hsum256(acc) + tail;
+        return;
+    }
+    /* a non-integer constant zero-point, or several activation rows: scalar */
     for (int64_t m = 0; m < A->M; m++) {
-        const float* xs = A->xs + m * ng;
+        const float* xs = A->xs + m * ngp;
         float t = 0.0f;
-        if (!w->qz && !w->fz) {
-            for (int64_t g = 0; g < ng; g++) t += sc[g] * xs[g];
-            t *= w->zconst;
-        } else {
-            for (int64_t g = 0; g < ng; g++) t += (sc[g] * weight_zero(w, r, g)) * xs[g];
-        }
+        for (int64_t j = 0; j < ng; j++) t += (sc[j] * weight_zero(w, r, j)) * xs[j];
         zt[m] = t;
     }
 }
@@ -379,7 +453,7 @@ TV_INLINE void vnni_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
                          const float* zt, const float* bias, float* y, const int RB, const int BITS,
                          const int MODE) {
     const int S = 8 / BITS;
-    const int64_t NCB = A->NC * 64, cpc = 64 * S; /* codes per chunk */
+    const int64_t NCB = A->NC * 64;
     const int8_t* qs = A->qs + m * S * NCB;
     const float* sxl = A->sxl + m * A->NC * 16;
     const int32_t* zq = A->zq + m * A->NC * 16;
@@ -398,7 +472,7 @@ TV_INLINE void vnni_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
             int64_t avail = A->code_bytes - c * 64;
             km = avail >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << avail) - 1);
         }
-        int64_t gg = MODE == 2 ? A->g0[c] : (MODE == 1 ? (c * cpc) / w->G : 0);
+        int64_t gg = MODE ? A->g0[c] : 0;
         for (int i = 0; i < RB; i++) {
             __m512i wv = c < nfull ? _mm512_loadu_si512(p[i] + c * 64) : _mm512_maskz_loadu_epi8(km, p[i] + c * 64);
             __m512i ia = vnni_dot(z0, wv, qs + c * 64, NCB, BITS);
@@ -408,8 +482,8 @@ TV_INLINE void vnni_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
             } else if (MODE == 1) {
                 acc[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(sxv, _mm512_set1_ps(sc[i][gg])), acc[i]);
             } else {
-                __m512 sv = _mm512_castps256_ps512(_mm256_loadu_ps(sc[i] + gg));
-                __m512 sw = _mm512_permutexvar_ps(_mm512_load_si512(A->idx + c * 16), sv);
+                __m512i ix = _mm512_load_si512(A->idx + c * 16);
+                __m512 sw = _mm512_permutexvar_ps(ix, _mm512_castps256_ps512(_mm256_loadu_ps(sc[i] + gg)));
                 acc[i] = _mm512_fmadd_ps(f, _mm512_mul_ps(sxv, sw), acc[i]);
             }
         }
@@ -441,12 +515,6 @@ T2_INLINE __m256i avx2_dot(__m256i wv, const int8_t* qs, int64_t sstride, const 
     return _mm256_madd_epi16(p16, ones);
 }
 
-T2_INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 T2_INLINE __m256i load32_u8(const uint8_t* p, int64_t avail) {
     if (avail >= 32) return _mm256_loadu_si256((const __m256i*)p);
@@ -459,7 +527,7 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
                          const float* zt, const float* bias, float* y, const int RB, const int BITS,
                          const int MODE) {
     const int S = 8 / BITS;
-    const int64_t NCB = A->NC * 32, cpc = 32 * S;
+    const int64_t NCB = A->NC * 32;
     const int8_t* qs = A->qs + m * S * NCB;
     const float* sxl = A->sxl + m * A->NC * 8;
     const int32_t* zq = A->zq + m * A->NC * 8;
@@ -473,7 +541,7 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
     for (int64_t c = 0; c < NC; c++) {
         __m256i z0 = _mm256_load_si256((const __m256i*)(zq + c * 8));
         __m256 sxv = _mm256_load_ps(sxl + c * 8);
-        int64_t gg = MODE == 2 ? A->g0[c] : (MODE == 1 ? (c * cpc) / w->G : 0);
+        int64_t gg = MODE ? A->g0[c] : 0;
         for (int i = 0; i < RB; i++) {
             __m256i wv = c < nfull ? _mm256_loadu_si256((const __m256i*)(p[i] + c * 32))
                                    : load32_u8(p[i] + c * 32, A->code_bytes - c * 32);
@@ -483,8 +551,8 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
             } else if (MODE == 1) {
                 acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(sxv, _mm256_set1_ps(sc[i][gg])), acc[i]);
             } else {
-                __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc[i] + gg),
-                                                     _mm256_load_si256((const __m256i*)(A->idx + c * 8)));
+                __m256i ix = _mm256_load_si256((const __m256i*)(A->idx + c * 8));
+                __m256 sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc[i] + gg), ix);
                 acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(sxv, sw), acc[i]);
             }
         }
@@ -496,49 +564,46 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
     }
 }
 
-/* Row drivers: for a tile of rows, every activation row; RB = 2 rows at a time. */
+/* Row drivers: for a tile of rows, every activation row; RB = 2 rows at a time.  The pre-pass of
+ * the next row pair runs before the current pair's chunk loop (two buffer sets), so that the
+ * chunk loop's vector loads of a scale buffer do not wait on the stores that filled it. */
 #define ROWS_FN(NAME, INNER, ATTR, BITS, MODE)                                                          \
     ATTR static void NAME(const lb_affine_weight* w, const a8_act* A, const float* bias, float* y,      \
                           float* scr, int64_t r0, int64_t r1) {                                          \
-        int64_t sl = w->n_groups + 16;                                                                   \
-        float* sc[2] = {scr, scr + sl};                                                                  \
-        float* zt = scr + 2 * sl; /* [2, M] */                                                           \
-        const int64_t TILE = 16;                                                                         \
-        for (int64_t t0 = r0; t0 < r1; t0 += TILE) {                                                     \
-            int64_t t1 = t0 + TILE < r1 ? t0 + TILE : r1;                                                \
-            int64_t r = t0;                                                                              \
-            for (; r + 2 <= t1; r += 2) {                                                                \
-                row_prepass(w, A, r, sc[0], zt);                                                         \
-                row_prepass(w, A, r + 1, sc[1], zt + A->M);                                              \
-                for (int64_t m = 0; m < A->M; m++) INNER(w, A, r, m, sc, zt, bias, y, 2, BITS, MODE);    \
+        const int64_t sl = w->n_groups + 24, M = A->M;                                                   \
+        float* sc[2][2] = {{scr, scr + sl}, {scr + 2 * sl, scr + 3 * sl}};                               \
+        float* zt[2] = {scr + 4 * sl, scr + 4 * sl + 2 * M}; /* [2, M] each */                           \
+        const int64_t npair = (r1 - r0) / 2;                                                             \
+        int k = 0;                                                                                       \
+        if (npair > 0) {                                                                                 \
+            row_prepass(w, A, r0, sc[0][0], zt[0]);                                                      \
+            row_prepass(w, A, r0 + 1, sc[0][1], zt[0] + M);                                              \
+        }                                                                                                \
+        for (int64_t i = 0; i < npair; i++, k ^= 1) {                                                    \
+            int64_t r = r0 + 2 * i;                                                                      \
+            if (i + 1 < npair) {                                                                         \
+                row_prepass(w, A, r + 2, sc[k ^ 1][0], zt[k ^ 1]);                                       \
+                row_prepass(w, A, r + 3, sc[k ^ 1][1], zt[k ^ 1] + M);                                   \
             }                                                                                            \
-            for (; r < t1; r++) {                                                                        \
-                row_prepass(w, A, r, sc[0], zt);                                                         \
-                for (int64_t m = 0; m < A->M; m++) INNER(w, A, r, m, sc, zt, bias, y, 1, BITS, MODE);    \
-            }                                                                                            \
+            for (int64_t m = 0; m < M; m++) INNER(w, A, r, m, sc[k], zt[k], bias, y, 2, BITS, MODE);     \
+        }                                                                                                \
+        if (r0 + 2 * npair < r1) {                                                                       \
+            int64_t r = r0 + 2 * npair;                                                                  \
+            row_prepass(w, A, r, sc[0][0], zt[0]);                                                       \
+            for (int64_t m = 0; m < M; m++) INNER(w, A, r, m, sc[0], zt[0], bias, y, 1, BITS, MODE);     \
         }                                                                                                \
     }
 
-ROWS_FN(vnni_4_0, vnni_rows, TV, 4, 0)
-ROWS_FN(vnni_4_1, vnni_rows, TV, 4, 1)
-ROWS_FN(vnni_4_2, vnni_rows, TV, 4, 2)
-ROWS_FN(vnni_8_0, vnni_rows, TV, 8, 0)
-ROWS_FN(vnni_8_1, vnni_rows, TV, 8, 1)
-ROWS_FN(vnni_8_2, vnni_rows, TV, 8, 2)
-ROWS_FN(vnni_2_0, vnni_rows, TV, 2, 0)
-ROWS_FN(vnni_2_1, vnni_rows, TV, 2, 1)
-ROWS_FN(vnni_2_2, vnni_rows, TV, 2, 2)
-ROWS_FN(avx2_4_0, avx2_rows, T2, 4, 0)
-ROWS_FN(avx2_4_1, avx2_rows, T2, 4, 1)
-ROWS_FN(avx2_4_2, avx2_rows, T2, 4, 2)
-ROWS_FN(avx2_8_0, avx2_rows, T2, 8, 0)
-ROWS_FN(avx2_8_1, avx2_rows, T2, 8, 1)
-ROWS_FN(avx2_8_2, avx2_rows, T2, 8, 2)
-ROWS_FN(avx2_2_0, avx2_rows, T2, 2, 0)
-ROWS_FN(avx2_2_1, avx2_rows, T2, 2, 1)
-ROWS_FN(avx2_2_2, avx2_rows, T2, 2, 2)
+#define ROWS_ALL(P, INNER, ATTR)                                                                         \
+    ROWS_FN(P##_2_0, INNER, ATTR, 2, 0) ROWS_FN(P##_2_1, INNER, ATTR, 2, 1) ROWS_FN(P##_2_2, INNER, ATTR, 2, 2) \
+    ROWS_FN(P##_4_0, INNER, ATTR, 4, 0) ROWS_FN(P##_4_1, INNER, ATTR, 4, 1) ROWS_FN(P##_4_2, INNER, ATTR, 4, 2) \
+    ROWS_FN(P##_8_0, INNER, ATTR, 8, 0) ROWS_FN(P##_8_1, INNER, ATTR, 8, 1) ROWS_FN(P##_8_2, INNER, ATTR, 8, 2)
+
+ROWS_ALL(vnni, vnni_rows, TV)
+ROWS_ALL(avx2, avx2_rows, T2)
 
 typedef void (*rows_fn)(const lb_affine_weight*, const a8_act*, const float*, float*, float*, int64_t, int64_t);
+/* [bits 2/4/8][mode] */
 static const rows_fn VNNI_FNS[3][3] = {{vnni_2_0, vnni_2_1, vnni_2_2}, {vnni_4_0, vnni_4_1, vnni_4_2},
                                        {vnni_8_0, vnni_8_1, vnni_8_2}};
 static const rows_fn AVX2_FNS[3][3] = {{avx2_2_0, avx2_2_1, avx2_2_2}, {avx2_4_0, avx2_4_1, avx2_4_2},
@@ -583,6 +648,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
     A.NL = K / (4 * A.S);
     A.NC = (A.NL + A.CL - 1) / A.CL;
     A.nfull = A.code_bytes / A.CB;
+    A.ngp = (ng + 15) / 16 * 16;
     const int64_t cpc = (int64_t)A.CB * A.S;
     A.mode = ng == 1 ? 0 : (G % cpc == 0 ? 1 : 2);
     /* centring of the integer dot on each path: AVX2 8-bit computes sum (u - 128) q */
@@ -598,7 +664,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
     size_t off_q = 0, off_sxb = off_q + PAD64(M * K), off_qsb = off_sxb + PAD64(M * A.nb * 4),
            off_qs = off_qsb + PAD64(M * A.nb * 4), off_sxl = off_qs + PAD64(M * A.S * NCB),
            off_zq = off_sxl + PAD64(M * NLP * 4), off_xs = off_zq + PAD64(M * NLP * 4),
-           off_g0 = off_xs + PAD64(M * ng * 4), off_idx = off_g0 + PAD64(A.NC * 4),
+           off_g0 = off_xs + PAD64(M * A.ngp * 4), off_idx = off_g0 + PAD64(A.NC * 4),
            total = off_idx + PAD64(A.NC * A.CL * 4);
     uint8_t* base = (uint8_t*)grow(&t_act, &t_act_n, total);
     if (!base) return 2;
@@ -623,7 +689,8 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
             for (int i = 0; i < QB; i++) s += q[b * QB + i];
             qsb[b] = s;
         }
-        float* xs = A.xs + m * ng;
+        float* xs = A.xs + m * A.ngp;
+        for (int64_t g = ng; g < A.ngp; g++) xs[g] = 0.0f;
         for (int64_t g = 0; g < ng; g++) {
             float t = 0.0f;
             int64_t b1 = (g + 1) * bpg < A.nb ? (g + 1) * bpg : A.nb;
@@ -663,7 +730,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
             }
         }
     }
-    if (A.mode == 2) {
+    if (A.mode) { /* first group of each chunk (and, mode 2, each lane's group relative to it) */
         for (int64_t c = 0; c < A.NC; c++) {
             int64_t gfirst = (c * cpc) / G;
             A.g0[c] = (int32_t)gfirst;
@@ -695,7 +762,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
         int64_t r0, r1;
         thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
         if (r0 < r1) {
-            float* scr = (float*)grow((void**)&t_row, &t_row_n, (size_t)(2 * (ng + 16) + 2 * M + 16) * sizeof(float));
+            float* scr = (float*)grow((void**)&t_row, &t_row_n, (size_t)(4 * (ng + 24) + 4 * M + 16) * sizeof(float));
             if (scr) fn(w, &A, bias, y, scr, r0, r1);
             else bad = 1;
         }
