@@ -123,6 +123,25 @@ def test_every_kernel_instruction_set(isa):
     assert worst < REL, worst
 
 
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("head_dim", [16, 12])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_instruction_sets_head_dims_and_chunks(isa, head_dim, threads):
+    from lowbit.runtime import native
+
+    if native.set_isa(isa) != isa:
+        native.set_isa(None)
+        pytest.skip(f"CPU has no {isa}")
+    try:
+        # 2 query heads per key/value head; 700 positions x 4 heads x head_dim: split into chunks
+        # of positions when threads > 1
+        m = tiny_model("llama", seed=13, head_dim=head_dim, max_position_embeddings=800).model
+        worst, _, _ = run_both(m, n_prompt=690, n_steps=6, threads=threads)
+    finally:
+        native.set_isa(None)
+    assert worst < 1e-5, worst
+
+
 def test_soft_capping():
     m = tiny_model("gemma3_text", seed=7, sliding_window=5).model
     m.config.attn_logit_softcapping = 0.5  # small caps so that both clearly bite

@@ -72,8 +72,24 @@ def _library():
             lib.lb_decode_step.restype = ctypes.c_int
             lib.lb_decode_work_floats.argtypes = [_vp]
             lib.lb_decode_work_floats.restype = _i64
+            lib.lb_decode_set_isa.argtypes = [ctypes.c_int]
+            lib.lb_decode_set_isa.restype = ctypes.c_int
         _state["lib"] = lib
     return _state["lib"]
+
+
+_ISA = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def set_isa(name: str | None) -> str:
+    """Use at most this instruction set for the step's attention ("portable", "avx2", "avx512";
+    None: the best the CPU has), for tests. Returns the one now in use. (The linear layers follow
+    their own kernels' setting, e.g. `lowbit.kernels.cpu.set_isa`.)"""
+    lib = _library()
+    if lib is None:
+        return "none"
+    got = lib.lb_decode_set_isa(-1 if name is None else _ISA[name])
+    return {v: k for k, v in _ISA.items()}[got]
 
 
 def _addr(fn) -> int:

@@ -27,6 +27,12 @@
  * prof[LB_PROF_*] (clock_gettime, ~20 ns a reading).
  */
 #define _POSIX_C_SOURCE 199309L
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LB_X86 1
+#else
+#define LB_X86 0
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -70,11 +76,13 @@ typedef struct {
     int64_t K, N;
 } lb_f32_weight;
 
+#define LB_MAX_CHUNKS 16  /* attention: at most this many chunks of positions (one per thread) */
+
 int lb_decode_abi(void) { return 1; }  /* bumped when a struct above changes */
 
 int64_t lb_decode_work_floats(const lb_dec_plan* p) {
     int64_t H = p->n_heads, hd = p->head_dim, KV = p->n_kv;
-    return 4 * p->d + 2 * H * hd + 2 * KV * hd + 2 * p->ffn + H * p->max_len;
+    return 4 * p->d + 2 * H * hd + 2 * KV * hd + 2 * p->ffn + H * p->max_len + LB_MAX_CHUNKS * (H * hd + 2 * H);
 }
 
 static inline double now(void) {
@@ -155,52 +163,189 @@ static void rotary(float* dst, const float* x, const float* cos, const float* si
     for (int64_t i = half; i < hd; i++) dst[i] = (x[i] * cos[i] + x[i - half] * sin[i]) * scale;
 }
 
+/* Softmax numerators in place over n scores (after the optional soft-cap): sc[j] = exp(sc[j] - m)
+ * with m the max; stores m and returns the sum (the caller normalises, possibly after merging
+ * several chunks of positions). */
+static float softmax_num(float* sc, int64_t n, float softcap, float* m) {
+    if (softcap > 0.0f)
+        for (int64_t j = 0; j < n; j++) sc[j] = tanhf(sc[j] / softcap) * softcap;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; j++) {
+        sc[j] = exp_neg(sc[j] - mx);
+        sum += sc[j];
+    }
+    *m = mx;
+    return sum;
+}
+
 /* Attention of the g query heads that share one key/value head, over cached positions [lo, S):
- * scores = q·k (q carries the scaling), optional soft-cap, softmax, out = sum p v. One function
- * (so the inner loops inline and vectorise); each key and value row is loaded once for all g. */
-CLONES static void attend_group(const float* q, int64_t g, const float* K, const float* V, int64_t stride,
-                                int64_t lo, int64_t S, int64_t hd, float softcap, float* scores, float* out) {
+ * scores = q·k (q carries the scaling), optional soft-cap, softmax numerators p = exp(s - m),
+ * out = sum p v (not yet divided by l = sum p; m[h], l[h] returned per head). Each key and value
+ * row is loaded once for all g heads. Portable version (any head_dim). */
+static void attend_group_c(const float* q, int64_t g, const float* K, const float* V, int64_t stride, int64_t lo,
+                           int64_t S, int64_t hd, float softcap, float* scores, float* out, float* m, float* l) {
     const int64_t n = S - lo;
     for (int64_t j = 0; j < n; j++) {
         const float* kj = K + (lo + j) * stride;
-        for (int64_t h = 0; h < g; h++) {
-            const float* qh = q + h * hd;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < hd; i++) s += qh[i] * kj[i];
-            scores[h * n + j] = s;
-        }
+        for (int64_t h = 0; h < g; h++) scores[h * n + j] = dot(q + h * hd, kj, hd);
     }
-    for (int64_t h = 0; h < g; h++) {
-        float* sc = scores + h * n;
-        if (softcap > 0.0f)
-            for (int64_t j = 0; j < n; j++) sc[j] = tanhf(sc[j] / softcap) * softcap;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; j++) {
-            sc[j] = exp_neg(sc[j] - mx);
-            sum += sc[j];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n; j++) sc[j] *= inv;
-    }
+    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
     memset(out, 0, (size_t)(g * hd) * sizeof(float));
     for (int64_t j = 0; j < n; j++) {
         const float* vj = V + (lo + j) * stride;
         for (int64_t h = 0; h < g; h++) {
             const float p = scores[h * n + j];
             float* oh = out + h * hd;
-#pragma omp simd
             for (int64_t i = 0; i < hd; i++) oh[i] += p * vj[i];
         }
     }
+}
+
+#if LB_X86
+/* AVX-512, head_dim a multiple of 16 (up to 256): the g query heads stay in registers... as
+ * far as they fit; each key row is read once per group and reduced per head. */
+__attribute__((target("avx512f"))) static void attend_group_avx512(const float* q, int64_t g, const float* K,
+                                                                  const float* V, int64_t stride, int64_t lo,
+                                                                  int64_t S, int64_t hd, float softcap,
+                                                                  float* scores, float* out, float* m, float* l) {
+    const int64_t n = S - lo, nv = hd / 16;
+    for (int64_t j = 0; j < n; j++) {
+        const float* kj = K + (lo + j) * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const float* qh = q + h * hd;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
+            for (int64_t v = 1; v < nv; v++)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * v), _mm512_loadu_ps(kj + 16 * v), acc);
+            scores[h * n + j] = _mm512_reduce_add_ps(acc);
+        }
+    }
+    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
+    memset(out, 0, (size_t)(g * hd) * sizeof(float));
+    for (int64_t j = 0; j < n; j++) {
+        const float* vj = V + (lo + j) * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const __m512 p = _mm512_set1_ps(scores[h * n + j]);
+            float* oh = out + h * hd;
+            for (int64_t v = 0; v < nv; v++)
+                _mm512_storeu_ps(oh + 16 * v, _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * v), _mm512_loadu_ps(oh + 16 * v)));
+        }
+    }
+}
+
+/* AVX2 + FMA, head_dim a multiple of 8. */
+__attribute__((target("avx2,fma"))) static void attend_group_avx2(const float* q, int64_t g, const float* K,
+                                                                 const float* V, int64_t stride, int64_t lo,
+                                                                 int64_t S, int64_t hd, float softcap,
+                                                                 float* scores, float* out, float* m, float* l) {
+    const int64_t n = S - lo, nv = hd / 8;
+    for (int64_t j = 0; j < n; j++) {
+        const float* kj = K + (lo + j) * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const float* qh = q + h * hd;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kj));
+            for (int64_t v = 1; v < nv; v++)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * v), _mm256_loadu_ps(kj + 8 * v), acc);
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            scores[h * n + j] = _mm_cvtss_f32(r);
+        }
+    }
+    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
+    memset(out, 0, (size_t)(g * hd) * sizeof(float));
+    for (int64_t j = 0; j < n; j++) {
+        const float* vj = V + (lo + j) * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const __m256 p = _mm256_set1_ps(scores[h * n + j]);
+            float* oh = out + h * hd;
+            for (int64_t v = 0; v < nv; v++)
+                _mm256_storeu_ps(oh + 8 * v, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * v), _mm256_loadu_ps(oh + 8 * v)));
+        }
+    }
+}
+#endif
+
+/* 2 AVX-512, 1 AVX2+FMA, 0 portable; lowered by lb_decode_set_isa (tests run every path). */
+static int g_isa = -1;
+static int isa_max(void) {
+#if LB_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    return 0;
+}
+int lb_decode_set_isa(int level) {
+    int m = isa_max();
+    g_isa = (level < 0 || level > m) ? m : level;
+    return g_isa;
+}
+
+static void attend_group(const float* q, int64_t g, const float* K, const float* V, int64_t stride, int64_t lo,
+                         int64_t S, int64_t hd, float softcap, float* scores, float* out, float* m, float* l) {
+    if (g_isa < 0) lb_decode_set_isa(-1);
+#if LB_X86
+    if (g_isa >= 2 && hd % 16 == 0) {
+        attend_group_avx512(q, g, K, V, stride, lo, S, hd, softcap, scores, out, m, l);
+        return;
+    }
+    if (g_isa >= 1 && hd % 8 == 0) {
+        attend_group_avx2(q, g, K, V, stride, lo, S, hd, softcap, scores, out, m, l);
+        return;
+    }
+#endif
+    attend_group_c(q, g, K, V, stride, lo, S, hd, softcap, scores, out, m, l);
 }
 
 static inline float act(float g, int kind) {
     if (kind == 0) return g / (1.0f + expf(-g));
     const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+/* Attention of every head for one query over cached positions [lo, S) into att [H * hd]. Long
+ * contexts are split into chunks of positions, one per thread, each with its own softmax max and
+ * sum, merged afterwards (out = sum_c e^(m_c - m) o_c / sum_c e^(m_c - m) l_c). */
+static void attention(const lb_dec_plan* p, const lb_dec_layer* L, const float* q, float* att, float* scores,
+                      int64_t lo, int64_t S, int nthreads) {
+    const int64_t H = p->n_heads, KV = p->n_kv, hd = p->head_dim, grp = H / KV, n = S - lo;
+    int64_t nch = (n * H * hd >= 32768 && nthreads > 1) ? nthreads : 1;
+    if (nch > LB_MAX_CHUNKS) nch = LB_MAX_CHUNKS;
+    if (nch > n) nch = n;
+    float* part = scores + H * p->max_len;      /* [nch][H * hd] unnormalised outputs */
+    float* ml = part + LB_MAX_CHUNKS * H * hd;  /* [nch][2 H]: max, sum per head */
+#pragma omp parallel for num_threads((int)nch) schedule(static) if (nch > 1)
+    for (int64_t c = 0; c < nch; c++) {
+        const int64_t j0 = lo + n * c / nch, j1 = lo + n * (c + 1) / nch;
+        float* out = nch > 1 ? part + c * H * hd : att;
+        float* mc = ml + c * 2 * H;
+        for (int64_t i = 0; i < KV; i++)
+            attend_group(q + i * grp * hd, grp, L->k_cache + i * hd, L->v_cache + i * hd, KV * hd, j0, j1, hd,
+                         p->attn_softcap, scores + i * grp * p->max_len + grp * (j0 - lo), out + i * grp * hd,
+                         mc + i * grp, mc + H + i * grp);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float m = -INFINITY, l = 0.0f;
+        for (int64_t c = 0; c < nch; c++) m = ml[c * 2 * H + h] > m ? ml[c * 2 * H + h] : m;
+        float w[LB_MAX_CHUNKS];
+        for (int64_t c = 0; c < nch; c++) {
+            w[c] = nch > 1 ? expf(ml[c * 2 * H + h] - m) : 1.0f;
+            l += w[c] * ml[c * 2 * H + H + h];
+        }
+        float* oh = att + h * hd;
+        const float inv = 1.0f / l;
+        if (nch == 1) {
+            for (int64_t i = 0; i < hd; i++) oh[i] *= inv;
+        } else {
+            for (int64_t i = 0; i < hd; i++) {
+                float t = 0.0f;
+                for (int64_t c = 0; c < nch; c++) t += w[c] * part[c * H * hd + h * hd + i];
+                oh[i] = t * inv;
+            }
+        }
+    }
 }
 
 /* Runs position `pos` (the cache holds positions [0, pos)) for `token`; writes logits [vocab].
@@ -247,12 +392,7 @@ int lb_decode_step(const lb_dec_plan* p, int64_t token, int64_t pos, float* logi
         memcpy(q, att, (size_t)(H * hd) * sizeof(float));
         TICK(LB_PROF_NORM);
         const int64_t lo = (L->window > 0 && S > L->window) ? S - L->window : 0;
-        const int64_t grp = H / KV;
-        const int nta = (S - lo) * H * hd >= 131072 ? nthreads : 1;
-#pragma omp parallel for num_threads(nta) schedule(static) if (nta > 1)
-        for (int64_t i = 0; i < KV; i++)
-            attend_group(q + i * grp * hd, grp, L->k_cache + i * hd, L->v_cache + i * hd, KV * hd, lo, S, hd,
-                         p->attn_softcap, scores + i * grp * p->max_len, att + i * grp * hd);
+        attention(p, L, q, att, scores, lo, S, nthreads);
         TICK(LB_PROF_ATTN);
         if (lin(&L->o, att, a, nthreads)) return 13;
         TICK(LB_PROF_O);
