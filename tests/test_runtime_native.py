@@ -216,3 +216,51 @@ def test_lowbit_native_off_keeps_python_path(monkeypatch):
     monkeypatch.setattr(nat, "_state", {})
     dec = LeanDecoder(tiny_model("llama").model, max_len=8)
     assert dec.native_step is None and "LOWBIT_NATIVE" in dec.native_reason
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32),
+                                    QuantScheme(bits=4, symmetric=True, granularity="group", group_size=64),
+                                    QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None)],
+                         ids=lambda s: s.short_name())
+def test_int8_activation_step_equals_python_int8_path(scheme):
+    from lowbit.kernels import a8
+
+    if not a8.available():
+        pytest.skip("int8-activation kernel not built")
+    lm = tiny_model("llama", seed=14)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "rtn", scheme, progress=False, head="int8")
+    vocab = m.model.config.vocab_size
+    ids = ids_for(7, vocab)
+    ref = LeanDecoder(m.model, max_len=24, native=False, int8_activations=True)
+    nat = LeanDecoder(m.model, max_len=24, native=True, int8_activations=True)
+    flt = LeanDecoder(m.model, max_len=24, native=True)
+    assert nat.native_step.kernels == {"affine-a8": 15}   # 2 blocks x 7 + the head
+    assert flt.native_step.kernels == {"affine": 15}
+    a, b, c = ref.forward(ids), nat.forward(ids), flt.forward(ids)
+    assert torch.equal(a, b)  # prompts: Python path for both (the last position's head row in int8)
+    assert 0 < rel(a, c) < 5e-2
+    worst, drift = 0.0, 0.0
+    for _ in range(12):
+        tok = int(a.argmax())
+        a, b, c = ref.forward([tok]), nat.forward([tok]), flt.forward([tok])
+        worst = max(worst, rel(b, a))
+        drift = max(drift, rel(a, c))
+    assert worst < REL, worst
+    assert 1e-5 < drift < 5e-2, drift  # int8 activations: a visible but small change from float
+
+
+def test_int8_activations_keep_float_where_the_kernel_declines():
+    from lowbit.kernels import a8
+
+    if not a8.available():
+        pytest.skip("int8-activation kernel not built")
+    # in_features 72 (not a multiple of 32): the int8 kernel declines, float activations run
+    m = tiny_model("llama", seed=15, hidden_size=72, head_dim=18, num_attention_heads=4).model
+    lm = api.Model(model=m, tokenizer=None, name="t", source={})
+    api.quantize(lm, "rtn", QuantScheme(bits=4, symmetric=False, granularity="channel", group_size=None),
+                 progress=False)
+    nat = LeanDecoder(m, max_len=16, native=True, int8_activations=True)
+    assert nat.native_step.kernels.get("affine", 0) >= 4  # q/k/v/gate/up read 72-wide rows
+    worst, _, _ = run_both(m, n_prompt=4, n_steps=6)
+    assert worst < REL

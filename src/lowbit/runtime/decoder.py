@@ -46,12 +46,17 @@ from lowbit.models.families import family_of
 __all__ = ["LeanDecoder", "linear_fn"]
 
 
-def linear_fn(mod: nn.Module):
+def linear_fn(mod: nn.Module, int8_activations: bool = False):
     """A callable x -> mod(x) with the least per-call overhead that gives the same result.
 
     ``nn.Linear`` -> ``F.linear`` on its tensors; ``QuantizedLinear`` (whose forward is exactly
     ``kernels.linear(x, self.weight_format, self.bias)``) -> that dispatch with the format built
-    once; anything else (or a subclass with its own forward) -> the module."""
+    once; anything else (or a subclass with its own forward) -> the module.
+
+    ``int8_activations``: for an affine ``QuantizedLinear``, a single activation row is quantized
+    to int8 per block of 32 and multiplied in integers (`lowbit.kernels.a8`, the W4A8 product
+    llama.cpp's Q4_0 x Q8_0 dot computes) where that kernel takes the weight; several rows
+    (prompts) keep float activations."""
     from lowbit.kernels import linear as kernel_linear
     from lowbit.nn.linear import QuantizedLinear
 
@@ -62,6 +67,16 @@ def linear_fn(mod: nn.Module):
         return lambda x: torch.addmm(b, x, wt) if x.dim() == 2 else F.linear(x, wt.t(), b)
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt, b = mod.weight_format, mod.bias
+        if int8_activations and getattr(type(fmt), "name", None) == "affine":
+            from lowbit.kernels.a8 import affine_a8_linear
+
+            def run(x):
+                if x.numel() == x.shape[-1]:
+                    y = affine_a8_linear(x, fmt, b)
+                    if y is not NotImplemented:
+                        return y
+                return kernel_linear(x, fmt, b)
+            return run
         return lambda x: kernel_linear(x, fmt, b)
     return mod
 
@@ -120,7 +135,8 @@ _FAMILY_STYLE = {
 class LeanDecoder:
     """Batch-1 decoder with a preallocated KV cache; see the module docstring."""
 
-    def __init__(self, model: nn.Module, max_len: int | None = None, native: bool | None = None):
+    def __init__(self, model: nn.Module, max_len: int | None = None, native: bool | None = None,
+                 int8_activations: bool = False):
         fam = family_of(model)  # LowbitError for an unsupported family
         if fam.model_type not in _FAMILY_STYLE:
             raise LowbitError(f"lowbit's decoder does not support model family {fam.model_type!r}")
@@ -155,7 +171,9 @@ class LeanDecoder:
         self.embed = model.get_submodule(fam.embed)
         self.final_norm = _norm(model.get_submodule(fam.final_norm), offset)
         self.lm_head_module = model.get_submodule(fam.lm_head)
-        self.lm_head = linear_fn(self.lm_head_module)
+        self.int8_activations = bool(int8_activations)
+        lin = lambda m: linear_fn(m, self.int8_activations)  # noqa: E731
+        self.lm_head = lin(self.lm_head_module)
         embed_w = getattr(self.embed, "weight", None)
         self.dtype = embed_w.dtype if embed_w is not None else torch.float32
         self.device = embed_w.device if embed_w is not None else torch.device("cpu")
@@ -175,9 +193,9 @@ class LeanDecoder:
             elif fam.model_type == "mistral" and getattr(cfg, "sliding_window", None):
                 window = cfg.sliding_window
             self.layers.append(_Layer(
-                q=linear_fn(attn.q_proj), k=linear_fn(attn.k_proj), v=linear_fn(attn.v_proj),
-                o=linear_fn(attn.o_proj), gate=linear_fn(mlp.gate_proj), up=linear_fn(mlp.up_proj),
-                down=linear_fn(mlp.down_proj), act=mlp.act_fn,
+                q=lin(attn.q_proj), k=lin(attn.k_proj), v=lin(attn.v_proj),
+                o=lin(attn.o_proj), gate=lin(mlp.gate_proj), up=lin(mlp.up_proj),
+                down=lin(mlp.down_proj), act=mlp.act_fn,
                 attn_norm=_norm(blk.input_layernorm, offset),
                 mlp_norm=_norm(blk.pre_feedforward_layernorm if gemma else blk.post_attention_layernorm, offset),
                 post_attn_norm=_norm(blk.post_attention_layernorm, offset) if gemma else None,

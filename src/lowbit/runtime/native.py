@@ -129,6 +129,7 @@ class NativeStep:
         self._lib, self._plan, self._keep, self.vocab = lib, plan, keep, vocab
         self._plan_addr = ctypes.addressof(plan)
         self._prof = None
+        self.kernels: dict[str, int] = {}  # kernel kind -> number of linear layers that run it
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -149,8 +150,12 @@ class NativeStep:
         keep: list = []
         eps = {dec.final_norm.eps}
 
+        kinds: dict[str, int] = {}
+
         def linear(mod: nn.Module, what: str) -> _Linear:
-            return _Linear(*_linear_entry(mod, what, keep))
+            fn, w, b, kind = _linear_entry(mod, what, keep, dec.int8_activations)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            return _Linear(fn, w, b)
 
         def norm(n, what):
             if n is None:
@@ -205,7 +210,9 @@ class NativeStep:
         work = torch.empty(int(lib.lb_decode_work_floats(ctypes.byref(plan))), dtype=torch.float32)
         plan.work = work.data_ptr()
         keep += [layers, work, ew]
-        return cls(lib, plan, keep, plan.vocab)
+        step = cls(lib, plan, keep, plan.vocab)
+        step.kernels = dict(sorted(kinds.items()))
+        return step
 
     # -- running --------------------------------------------------------------------------------
     def step(self, token: int, pos: int) -> torch.Tensor:
@@ -235,8 +242,10 @@ def _out_features(mod: nn.Module, what: str) -> int:
     return n
 
 
-def _linear_entry(mod: nn.Module, what: str, keep: list) -> tuple[int, int, int | None]:
-    """(kernel function address, weight struct address, bias address or None) for one layer."""
+def _linear_entry(mod: nn.Module, what: str, keep: list, int8_activations: bool = False):
+    """(kernel function address, weight struct address, bias address or None, kernel kind) for one
+    layer. The kind names the kernel: "float32", "affine" (float activations), "affine-a8" (int8
+    activations, `lowbit.kernels.a8`), "ternary"."""
     from lowbit.kernels import cpu
     from lowbit.nn.linear import QuantizedLinear
 
@@ -246,7 +255,7 @@ def _linear_entry(mod: nn.Module, what: str, keep: list) -> tuple[int, int, int 
         b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
         st = _F32Weight(W=W.data_ptr(), K=int(W.shape[1]), N=int(W.shape[0]))
         keep += [st, W, b]
-        return _addr(lib.lb_dec_f32_linear_w), ctypes.addressof(st), None if b is None else b.data_ptr()
+        return _addr(lib.lb_dec_f32_linear_w), ctypes.addressof(st), None if b is None else b.data_ptr(), "float32"
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt = mod.weight_format
         name = getattr(type(fmt), "name", None)
@@ -265,5 +274,25 @@ def _linear_entry(mod: nn.Module, what: str, keep: list) -> tuple[int, int, int 
             raise _Unsupported(f"{what}: the native kernel does not take this weight's storage")
         b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
         keep += [fmt, st, b]
-        return _addr(clib.lb_affine_linear_w), ctypes.addressof(st), None if b is None else b.data_ptr()
+        bptr = None if b is None else b.data_ptr()
+        if int8_activations and name == "affine":
+            a8 = _a8_function(st, fmt.shape)
+            if a8 is not None:  # the int8-activation kernel takes this weight (else: float activations)
+                return a8, ctypes.addressof(st), bptr, "affine-a8"
+        return _addr(clib.lb_affine_linear_w), ctypes.addressof(st), bptr, name
     raise _Unsupported(f"{what} is a {type(mod).__name__}, which the C step has no kernel for")
+
+
+def _a8_function(st, shape) -> int | None:
+    """Address of the int8-activation kernel if it computes this weight (probed with one call on
+    a zero row, the same test `lowbit.kernels.a8.affine_a8_linear` makes), else None."""
+    from lowbit.kernels import a8
+
+    lib = a8.library()
+    if lib is None:
+        return None
+    N, K = shape
+    x, y = torch.zeros(K), torch.empty(N)
+    if lib.lb_affine_a8_linear_w(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1):
+        return None
+    return a8.function_address()
