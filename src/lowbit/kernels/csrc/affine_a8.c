@@ -261,6 +261,56 @@ T2 static void quant_blocks_avx2(const float* x, int64_t nb, int8_t* q, float* s
 }
 #endif
 
+#if LB_X86
+/* AVX-512 path, one activation row: quantize every block and write the SIMD-side data directly:
+ * the S code streams (stream j byte k = q[k*S + j]), the block scales sx and code sums qsb, and
+ * the per-lane scales sxl (lane = 4*S consecutive codes, 8/S lanes per block). */
+TV static void act_prep_vnni(const float* x, int64_t nb, int S, int8_t* qs, int64_t NCB, float* sx, int32_t* qsb,
+                             float* sxl) {
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    const __m512i q4 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    for (int64_t b = 0; b < nb; b++) {
+        const float* xb = x + b * QB;
+        __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+        __m512i i0, i1;
+        float s;
+        if (amax > 0.0f) {
+            float inv = 127.0f / amax;
+            s = amax / 127.0f;
+            __m512 vi = _mm512_set1_ps(inv);
+            i0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a0, vi)), lo), hi);
+            i1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a1, vi)), lo), hi);
+        } else { /* zero block (or NaN): the scalar rule */
+            int8_t t[QB];
+            quant_block_scalar(xb, t, &s);
+            i0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)t));
+            i1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(t + 16)));
+        }
+        sx[b] = s;
+        qsb[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        if (S == 1) {
+            _mm_storeu_si128((__m128i*)(qs + b * 32), _mm512_cvtepi32_epi8(i0));
+            _mm_storeu_si128((__m128i*)(qs + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
+            _mm256_storeu_ps(sxl + b * 8, _mm256_set1_ps(s));
+        } else if (S == 2) {
+            _mm_storeu_si128((__m128i*)(qs + b * 16), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(i0, ev, i1)));
+            _mm_storeu_si128((__m128i*)(qs + NCB + b * 16), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(i0, od, i1)));
+            _mm_storeu_ps(sxl + b * 4, _mm_set1_ps(s));
+        } else {
+            for (int j = 0; j < 4; j++) {
+                __m512i v = _mm512_permutex2var_epi32(i0, _mm512_add_epi32(q4, _mm512_set1_epi32(j)), i1);
+                _mm_storel_epi64((__m128i*)(qs + j * NCB + b * 8), _mm512_cvtepi32_epi8(v));
+            }
+            sxl[b * 2] = s;
+            sxl[b * 2 + 1] = s;
+        }
+    }
+}
+#endif
+
 static void quant_blocks(int isa, const float* x, int64_t nb, int8_t* q, float* sx) {
 #if LB_X86
     if (isa == A8_VNNI) { quant_blocks_avx512(x, nb, q, sx); return; }
@@ -488,6 +538,20 @@ TV_INLINE void vnni_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
             }
         }
     }
+    if (RB == 4) { /* the four horizontal sums at once */
+        __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+        __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+        __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
+        __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)), _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
+        __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        const int64_t M = A->M;
+        if (MODE == 0) v = _mm_mul_ps(v, _mm_setr_ps(sc[0][0], sc[1][0], sc[2][0], sc[3][0]));
+        v = _mm_sub_ps(v, _mm_setr_ps(zt[m], zt[M + m], zt[2 * M + m], zt[3 * M + m]));
+        if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + r));
+        _mm_storeu_ps(y + m * w->N + r, v);
+        return;
+    }
     for (int i = 0; i < RB; i++) {
         float v = _mm512_reduce_add_ps(acc[i]);
         if (MODE == 0) v *= sc[i][0];
@@ -557,6 +621,16 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
             }
         }
     }
+    if (RB == 4) { /* the four horizontal sums at once */
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        const int64_t M = A->M;
+        if (MODE == 0) v = _mm_mul_ps(v, _mm_setr_ps(sc[0][0], sc[1][0], sc[2][0], sc[3][0]));
+        v = _mm_sub_ps(v, _mm_setr_ps(zt[m], zt[M + m], zt[2 * M + m], zt[3 * M + m]));
+        if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + r));
+        _mm_storeu_ps(y + m * w->N + r, v);
+        return;
+    }
     for (int i = 0; i < RB; i++) {
         float v = hsum256(acc[i]);
         if (MODE == 0) v *= sc[i][0];
@@ -564,31 +638,32 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
     }
 }
 
-/* Row drivers: for a tile of rows, every activation row; RB = 2 rows at a time.  The pre-pass of
- * the next row pair runs before the current pair's chunk loop (two buffer sets), so that the
- * chunk loop's vector loads of a scale buffer do not wait on the stores that filled it. */
+/* Row drivers: for the thread's rows, every activation row; RB = 4 rows at a time (they share
+ * every activation load; their four horizontal sums are done together), leftover rows one by
+ * one.  The pre-pass of the next row quad runs before the current quad's chunk loop (two buffer
+ * sets), so that the chunk loop's vector loads of a scale buffer never wait on the narrower
+ * stores that filled it. */
 #define ROWS_FN(NAME, INNER, ATTR, BITS, MODE)                                                          \
     ATTR static void NAME(const lb_affine_weight* w, const a8_act* A, const float* bias, float* y,      \
                           float* scr, int64_t r0, int64_t r1) {                                          \
         const int64_t sl = w->n_groups + 24, M = A->M;                                                   \
-        float* sc[2][2] = {{scr, scr + sl}, {scr + 2 * sl, scr + 3 * sl}};                               \
-        float* zt[2] = {scr + 4 * sl, scr + 4 * sl + 2 * M}; /* [2, M] each */                           \
-        const int64_t npair = (r1 - r0) / 2;                                                             \
+        float* sc[2][4];                                                                                 \
+        float* zt[2];                                                                                    \
+        for (int k = 0; k < 2; k++) {                                                                    \
+            for (int i = 0; i < 4; i++) sc[k][i] = scr + (4 * k + i) * sl;                               \
+            zt[k] = scr + 8 * sl + 4 * k * M; /* [4, M] */                                               \
+        }                                                                                                \
+        const int64_t nq = (r1 - r0) / 4;                                                                \
+        if (nq > 0)                                                                                      \
+            for (int i = 0; i < 4; i++) row_prepass(w, A, r0 + i, sc[0][i], zt[0] + i * M);              \
         int k = 0;                                                                                       \
-        if (npair > 0) {                                                                                 \
-            row_prepass(w, A, r0, sc[0][0], zt[0]);                                                      \
-            row_prepass(w, A, r0 + 1, sc[0][1], zt[0] + M);                                              \
+        for (int64_t q = 0; q < nq; q++, k ^= 1) {                                                       \
+            int64_t r = r0 + 4 * q;                                                                      \
+            if (q + 1 < nq)                                                                              \
+                for (int i = 0; i < 4; i++) row_prepass(w, A, r + 4 + i, sc[k ^ 1][i], zt[k ^ 1] + i * M); \
+            for (int64_t m = 0; m < M; m++) INNER(w, A, r, m, sc[k], zt[k], bias, y, 4, BITS, MODE);     \
         }                                                                                                \
-        for (int64_t i = 0; i < npair; i++, k ^= 1) {                                                    \
-            int64_t r = r0 + 2 * i;                                                                      \
-            if (i + 1 < npair) {                                                                         \
-                row_prepass(w, A, r + 2, sc[k ^ 1][0], zt[k ^ 1]);                                       \
-                row_prepass(w, A, r + 3, sc[k ^ 1][1], zt[k ^ 1] + M);                                   \
-            }                                                                                            \
-            for (int64_t m = 0; m < M; m++) INNER(w, A, r, m, sc[k], zt[k], bias, y, 2, BITS, MODE);     \
-        }                                                                                                \
-        if (r0 + 2 * npair < r1) {                                                                       \
-            int64_t r = r0 + 2 * npair;                                                                  \
+        for (int64_t r = r0 + 4 * nq; r < r1; r++) {                                                     \
             row_prepass(w, A, r, sc[0][0], zt[0]);                                                       \
             for (int64_t m = 0; m < M; m++) INNER(w, A, r, m, sc[0], zt[0], bias, y, 1, BITS, MODE);     \
         }                                                                                                \
@@ -679,65 +754,67 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
     A.idx = (int32_t*)(base + off_idx);
 
     const int64_t bpg = ng == 1 ? A.nb : G / QB;
+    const int lpb = QB / (4 * A.S); /* lanes per block */
+    const int32_t zmul = centre - (A.zi_fold ? zi : 0);
     for (int64_t m = 0; m < M; m++) {
         int8_t* q = A.q + m * K;
         float* sx = A.sxb + m * A.nb;
         int32_t* qsb = A.qsb + m * A.nb;
-        quant_blocks(A.isa, x + m * K, A.nb, q, sx);
-        for (int64_t b = 0; b < A.nb; b++) {
-            int32_t s = 0;
-            for (int i = 0; i < QB; i++) s += q[b * QB + i];
-            qsb[b] = s;
-        }
-        float* xs = A.xs + m * A.ngp;
-        for (int64_t g = ng; g < A.ngp; g++) xs[g] = 0.0f;
-        for (int64_t g = 0; g < ng; g++) {
-            float t = 0.0f;
-            int64_t b1 = (g + 1) * bpg < A.nb ? (g + 1) * bpg : A.nb;
-            for (int64_t b = g * bpg; b < b1; b++) t += sx[b] * (float)qsb[b];
-            xs[g] = t;
-        }
-        if (A.isa == A8_SCALAR) continue;
-        /* streams: stream j byte k = q[k*S + j], zero beyond the row */
         int8_t* qs = A.qs + m * A.S * NCB;
-        if (A.S == 1) {
-            memcpy(qs, q, (size_t)K);
-            memset(qs + K, 0, (size_t)(NCB - K));
-        } else {
-            for (int j = 0; j < A.S; j++) {
-                int8_t* o = qs + j * NCB;
-                for (int64_t k = 0; k < A.code_bytes; k++) o[k] = q[k * A.S + j];
-                memset(o + A.code_bytes, 0, (size_t)(NCB - A.code_bytes));
-            }
-        }
-        /* lane tables: lane l covers codes 4S*l .. 4S*l + 4S - 1, in block 4S*l/32 */
         float* sxl = A.sxl + m * NLP;
         int32_t* zq = A.zq + m * NLP;
-        const int lpb = QB / (4 * A.S); /* lanes per block */
-        for (int64_t l = 0; l < NLP; l++) sxl[l] = l < A.NL ? sx[l / lpb] : 0.0f;
-        int32_t zmul = centre - (A.zi_fold ? zi : 0);
 #if LB_X86
         if (A.isa == A8_VNNI) {
+            act_prep_vnni(x + m * K, A.nb, A.S, qs, NCB, sx, qsb, sxl);
+            for (int j = 0; j < A.S; j++) memset(qs + j * NCB + A.code_bytes, 0, (size_t)(NCB - A.code_bytes));
+            for (int64_t l = A.NL; l < NLP; l++) sxl[l] = 0.0f;
             lane_sums_vnni(qs, NCB, A.S, A.NC, zq, zmul);
         } else
 #endif
         {
-            for (int64_t l = 0; l < NLP; l++) {
-                int32_t s = 0;
-                if (l < A.NL)
-                    for (int i = 0; i < 4 * A.S; i++) s += q[l * 4 * A.S + i];
-                zq[l] = s * zmul;
+            quant_blocks(A.isa, x + m * K, A.nb, q, sx);
+            for (int64_t b = 0; b < A.nb; b++) {
+                int32_t t = 0;
+                for (int i = 0; i < QB; i++) t += q[b * QB + i];
+                qsb[b] = t;
             }
+            if (A.isa != A8_SCALAR) {
+                /* streams: stream j byte k = q[k*S + j], zero beyond the row */
+                for (int j = 0; j < A.S; j++) {
+                    int8_t* o = qs + j * NCB;
+                    for (int64_t k = 0; k < A.code_bytes; k++) o[k] = q[k * A.S + j];
+                    memset(o + A.code_bytes, 0, (size_t)(NCB - A.code_bytes));
+                }
+                /* lane tables: lane l covers codes 4S*l .. 4S*l + 4S - 1, in block l / lpb */
+                for (int64_t b = 0; b < A.nb; b++)
+                    for (int i = 0; i < lpb; i++) sxl[b * lpb + i] = sx[b];
+                for (int64_t l = A.NL; l < NLP; l++) sxl[l] = 0.0f;
+                for (int64_t l = 0; l < NLP; l++) {
+                    int32_t t = 0;
+                    if (l < A.NL)
+                        for (int i = 0; i < 4 * A.S; i++) t += q[l * 4 * A.S + i];
+                    zq[l] = t * zmul;
+                }
+            }
+        }
+        float* xs = A.xs + m * A.ngp;
+        for (int64_t g = ng; g < A.ngp; g++) xs[g] = 0.0f;
+        for (int64_t g = 0, b = 0; g < ng; g++) {
+            float t = 0.0f;
+            int64_t b1 = (g + 1) * bpg < A.nb ? (g + 1) * bpg : A.nb;
+            for (; b < b1; b++) t += sx[b] * (float)qsb[b];
+            xs[g] = t;
         }
     }
     if (A.mode) { /* first group of each chunk (and, mode 2, each lane's group relative to it) */
+        const int lc = 4 * A.S; /* codes per lane */
         for (int64_t c = 0; c < A.NC; c++) {
-            int64_t gfirst = (c * cpc) / G;
+            int64_t code = c * cpc, gfirst = code / G, rel = 0, next = (gfirst + 1) * G;
             A.g0[c] = (int32_t)gfirst;
-            for (int l = 0; l < A.CL; l++) {
-                int64_t code = (c * A.CL + l) * 4 * A.S;
-                int64_t g = code < K ? code / G : gfirst;
-                A.idx[c * A.CL + l] = (int32_t)(g - gfirst);
+            for (int l = 0; l < A.CL; l++, code += lc) {
+                if (code < K)
+                    while (code >= next) { rel++; next += G; }
+                A.idx[c * A.CL + l] = (int32_t)(code < K ? rel : 0);
             }
         }
     }
@@ -760,9 +837,9 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
 #pragma omp parallel num_threads(nt) reduction(| : bad)
     {
         int64_t r0, r1;
-        thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
+        thread_rows(N, nt, omp_get_thread_num(), 4, &r0, &r1);
         if (r0 < r1) {
-            float* scr = (float*)grow((void**)&t_row, &t_row_n, (size_t)(4 * (ng + 24) + 4 * M + 16) * sizeof(float));
+            float* scr = (float*)grow((void**)&t_row, &t_row_n, (size_t)(8 * (ng + 24) + 8 * M + 16) * sizeof(float));
             if (scr) fn(w, &A, bias, y, scr, r0, r1);
             else bad = 1;
         }
