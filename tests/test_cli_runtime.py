@@ -66,6 +66,9 @@ def test_generate_quantized_checkpoint(capsys, int4_dir):
     assert code == 0, err
     q = api.load(str(int4_dir))
     assert out == expected_text(q.model, q.tokenizer, "Hi", 6) + "\n"
+    code, out8, err = run(capsys, "generate", int4_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--ignore-eos",
+                          "--int8-activations")
+    assert code == 0 and len(out8) > 1, err
 
 
 def test_generate_errors(capsys, tiny_dir):
@@ -91,6 +94,13 @@ def test_bench_table(capsys, tiny_dir, int4_dir):
         cells = row.split()
         assert " ".join(cells[1:3]) == method and cells[4] == "1" and cells[5] == "16" and cells[6] == "8"
         assert float(cells[7]) > 0 and float(cells[8]) > 0  # prefill, decode tok/s
+    for model, flag, act in ((tiny_dir, (), "float"), (int4_dir, ("--int8-activations",), "int8")):
+        code, out, err = run(capsys, "bench", model, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1,
+                             "--markdown", *flag)
+        assert code == 0, err
+        head, _, row = out.strip().splitlines()
+        got = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
+        assert got["step"] == "C" and got["act"] == act and float(got["decode tok/s"]) > 0
     code, out, err = run(capsys, "bench", tiny_dir, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1,
                          "--transformers")
     assert code == 0, err
