@@ -13,11 +13,15 @@ hits all rows alike rather than a few); the table shows medians over the rounds.
 * transformers rows: `lowbit.eval.latency.measure_latency` (model forward with its DynamicCache,
   eager PyTorch, no compilation), once with the model's default attention (sdpa) and once with
   attn_implementation="eager"; the ratio column uses the faster of the two.
-* lowbit rows: `lowbit.runtime.measure_lean` (LeanDecoder; quantized layers run through whatever
-  kernel is registered for their format). Weights are quantized by RTN from the same fp32 model.
-  Embedding and lm_head stay fp32 (lowbit's methods quantize the decoder blocks only); the
-  "+ int8 head" row additionally replaces lm_head by an int8 per-channel RTN copy of the tied
-  embedding (``lowbit quantize --head int8``; the embedding itself stays fp32 for the lookup).
+* lowbit rows: `lowbit.runtime.measure_lean` (LeanDecoder; one-token steps run in C, one call per
+  token, with each linear through the native kernel of its format, unless marked "Python step").
+  Weights are quantized by RTN from the same fp32 model. Embedding and lm_head stay fp32 unless
+  marked "+ int8 head" (lm_head replaced by an int8 per-channel RTN copy of the tied embedding, as
+  ``lowbit quantize --head int8``; the embedding stays fp32 for the lookup). "int8 act": decode
+  steps quantize activations to int8 per block of 32 and multiply in integers
+  (``LeanDecoder(int8_activations=True)``, ``--int8-activations``), the product llama.cpp's
+  Q4_0 x Q8_0 and Q8_0 x Q8_0 dots compute; prompts keep float activations. Rows that differ only
+  in how they run share one quantized model.
 * llama.cpp rows: llama-cpp-python's ``Llama.eval`` (prefill in one batch of the whole prompt,
   then one token per call) with a greedy argmax of the last logits in numpy, run in a child
   process so neither runtime's thread pool competes with the other's. Q4_0 and Q8_0 are
@@ -29,9 +33,13 @@ hits all rows alike rather than a few); the table shows medians over the rounds.
 
 Columns: decode tok/s (the target metric), ms/token, prefill tok/s, ratios to transformers fp32
 and to llama.cpp Q4_0, bytes read per decoded token (every linear's stored weight including the
-output head; norms, KV cache and activations are negligible here) and the bandwidth ceiling
-those bytes imply at the machine's measured ~27 GB/s read bandwidth (tok/s and the row's share
-of it). --profile adds where the time of one decoded token goes in the lean decoder.
+output head; norms, KV cache and activations are small here) and the bandwidth ceiling those
+bytes imply at the read bandwidth measured in the same run (torch.sum over 512 MB, same thread
+count), then ASSETS.md's per-class ceilings; "step KL" / "step top-1 %": each lowbit row's own
+timed decode path, teacher-forced over --quality-tokens tokens of the bundled evaluation text,
+against the fp32 lean decoder (KL of the next-token distributions, argmax agreement), so a speed
+trick that costs quality shows it in the same table. --profile adds where the time of one
+decoded token goes (the C step's own timers) for the fp32 row and the fastest lowbit row.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ import sys
 import time
 from pathlib import Path
 
-BANDWIDTH = 27e9  # bytes/s, measured read bandwidth with 2 threads on the development machine
+ASSETS_BANDWIDTH = 27e9  # bytes/s, read bandwidth with 2 threads that ../shared/ASSETS.md gives
 # Decode ceilings of a 135M model by weight class, from the same measurements (every weight,
 # head included, at that width): tok/s (low, high).
 CLASS_CEILING = {"fp32": (51, 51), "int8": (200, 200), "int4": (324, 404)}
@@ -205,6 +213,20 @@ def llama_runners(prompt: list[int], args, notes: list[str]) -> list[tuple[str, 
 
 
 # -- lowbit / transformers -----------------------------------------------------------------------
+def read_bandwidth(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth of this machine now (bytes/s): the best of `repeats` torch.sum passes over a
+    float32 buffer of `mb` MB (far larger than any cache) on `threads` threads."""
+    import torch
+
+    buf = torch.ones(mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(buf.sum())
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
 def lowbit_bytes_per_token(model) -> int:
     """Stored bytes of every linear a decode step reads: the blocks' projections and lm_head."""
     from torch import nn
@@ -245,6 +267,8 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also print where one decoded token's time goes")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
+    ap.add_argument("--quality-tokens", type=int, default=256,
+                    help="teacher-forced steps for the 'step KL' columns (0: skip; default 256)")
     ap.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llama_worker:
@@ -285,35 +309,50 @@ def main() -> int:
     entries.append(("transformers fp32 (sdpa attention)", "hf", fp32_bytes, hf_run(base.model)))
     entries.append(("transformers fp32 (eager attention)", "hf", fp32_bytes, hf_run(hf_eager)))
 
-    def lean_run(model):
-        dec = LeanDecoder(model, max_len=P + N + 1)
+    decoders: dict[str, LeanDecoder] = {}
+
+    def lean_run(label, model, int8_act=False, native=None):
+        dec = LeanDecoder(model, max_len=max(P + N + 1, P + 33, args.quality_tokens + 1), native=native,
+                          int8_activations=int8_act)
+        decoders[label] = dec
 
         def run():
             r = measure_lean(dec, P, N, warmup=0, repeats=1)
             return r.prefill_ms / 1000, r.decode_ms_per_token * N / 1000
         return run
 
-    entries.append(("lowbit fp32 (lean loop)", "lowbit", fp32_bytes, lean_run(base.model)))
+    entries.append(("lowbit fp32 (lean loop)", "lowbit", fp32_bytes, lean_run("lowbit fp32 (lean loop)", base.model)))
+    g32, g128 = (QuantScheme(bits=4, symmetric=False, group_size=32),
+                 QuantScheme(bits=4, symmetric=False, group_size=128))
+    int8pc = QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None)
+    # (label, method, scheme, int8 head, int8 activations, C step)
     variants = [
-        ("lowbit int8 (rtn per-channel)", "rtn", QuantScheme(bits=8, symmetric=True, granularity="channel",
-                                                             group_size=None), False),
-        ("lowbit int4 g128 (rtn asym)", "rtn", QuantScheme(bits=4, symmetric=False, group_size=128), False),
-        ("lowbit int4 g32 (rtn asym)", "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), False),
-        ("lowbit int4 g32 (rtn asym) + int8 head", "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), True),
-        ("lowbit ternary (per-tensor absmean)", "ternary", None, False),
+        ("lowbit int8 (rtn per-channel)", "rtn", int8pc, False, False, None),
+        ("lowbit int8 + int8 head, int8 act", "rtn", int8pc, True, True, None),
+        ("lowbit int4 g128 (rtn asym)", "rtn", g128, False, False, None),
+        ("lowbit int4 g128 + int8 head", "rtn", g128, True, False, None),
+        ("lowbit int4 g128 + int8 head, int8 act", "rtn", g128, True, True, None),
+        ("lowbit int4 g32 (rtn asym)", "rtn", g32, False, False, None),
+        ("lowbit int4 g32 + int8 head, Python step", "rtn", g32, True, False, False),
+        ("lowbit int4 g32 + int8 head", "rtn", g32, True, False, None),
+        ("lowbit int4 g32 + int8 head, int8 act", "rtn", g32, True, True, None),
+        ("lowbit ternary (per-tensor absmean)", "ternary", None, False, False, None),
     ]
-    profiled = {"lowbit fp32 (lean loop)": base.model} if args.profile else {}
-    for label, method, scheme, head in variants:
+    quantized: dict[tuple, object] = {}
+    for label, method, scheme, head, int8_act, native in variants:
         if method not in available("method"):
             notes.append(f"{label}: skipped, method {method!r} is not registered in this build")
             continue
-        q = api.Model(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, name=base.name, source=base.source)
-        api.quantize(q, method, scheme, progress=False)
-        if head:
-            quantize_head_int8(q.model)
-        entries.append((label, "lowbit", lowbit_bytes_per_token(q.model), lean_run(q.model)))
-        if args.profile and "g32" in label:
-            profiled[label] = q.model
+        key = (method, scheme, head)
+        if key not in quantized:  # rows that differ only in how they run share one quantized model
+            q = api.Model(model=copy.deepcopy(base.model), tokenizer=base.tokenizer, name=base.name,
+                          source=base.source)
+            api.quantize(q, method, scheme, progress=False)
+            if head:
+                quantize_head_int8(q.model)
+            quantized[key] = q.model
+        model = quantized[key]
+        entries.append((label, "lowbit", lowbit_bytes_per_token(model), lean_run(label, model, int8_act, native)))
         gc.collect()
 
     runners = []
@@ -333,12 +372,20 @@ def main() -> int:
     for _, runner, _ in runners:
         runner.close()
 
+    bandwidth = read_bandwidth(args.threads)
+    quality = {}
+    if args.quality_tokens:
+        from lowbit.data.texts import eval_tokens, load_text
+
+        text_ids = eval_tokens(base.tokenizer, load_text("evaluation"))[:args.quality_tokens]
+        quality = step_quality(decoders, "lowbit fp32 (lean loop)", text_ids)
+
     rows: list[dict] = []
     for label, kind, nbytes, _ in entries:
         pre = statistics.median(t[0] for t in times[label])
         dec = statistics.median(t[1] for t in times[label])
         rows.append({"variant": label, "decode": N / dec, "ms": 1000 * dec / N, "prefill": P / pre,
-                     "bytes": nbytes, "kind": kind})
+                     "bytes": nbytes, "kind": kind, "quality": quality.get(label)})
 
     hf = max(r["decode"] for r in rows if r["kind"] == "hf")
     q40 = next((r["decode"] for r in rows if r["variant"].startswith("llama.cpp Q4_0")), None)
@@ -346,7 +393,7 @@ def main() -> int:
 
     table = []
     for r in rows:
-        ceiling = BANDWIDTH / r["bytes"]
+        ceiling = bandwidth / r["bytes"]
         cls = weight_class(r["variant"])
         if cls:
             lo, hi = CLASS_CEILING[cls]
@@ -358,19 +405,22 @@ def main() -> int:
         table.append([r["variant"], f"{r['decode']:.1f}", f"{r['ms']:.2f}", f"{r['prefill']:.0f}",
                       f"{r['decode'] / hf:.2f}x", f"{r['decode'] / q40:.2f}x" if q40 else "-",
                       f"{r['bytes'] / 1e6:.1f}", f"{ceiling:.0f}", f"{100 * r['decode'] / ceiling:.0f}%",
-                      cls_ceiling, share])
+                      cls_ceiling, share,
+                      f"{r['quality'][0]:.4f}" if r["quality"] else "-",
+                      f"{100 * r['quality'][1]:.1f}" if r["quality"] else "-"])
     head = ["variant", "decode tok/s", "ms/token", "prefill tok/s", "vs transformers", "vs llama.cpp Q4_0",
-            "MB read/token", "ceiling tok/s", "of ceiling", "class ceiling", "of class"]
+            "MB read/token", "ceiling tok/s", "of ceiling", "class ceiling", "of class", "step KL", "step top-1 %"]
     print(render(head, table, args.markdown))
     print()
     print(f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt_len} random ids, {args.new_tokens} greedy decode "
           f"steps, {args.threads} threads for every row, median of {args.repeats} interleaved rounds; torch "
           f"{torch.__version__}; lowbit kernels registered for: {', '.join(sorted(FORMAT_KERNELS)) or 'none'}.")
     print(f"'vs transformers' divides by the faster transformers row ({hf:.1f} tok/s). 'ceiling' = "
-          f"{BANDWIDTH / 1e9:.0f} GB/s / MB read per token (weights of every linear incl. the output head); the "
+          f"{bandwidth / 1e9:.1f} GB/s (this machine's read bandwidth, measured in this run with "
+          f"{args.threads} threads; ASSETS.md gives {ASSETS_BANDWIDTH / 1e9:.0f} GB/s) / MB read per token (weights of every linear incl. the output head); the "
           f"compute ceiling is ~{COMPUTE_CEILING} tok/s (2 FLOP/param at 72 GFLOP/s), so rows whose bandwidth "
           f"ceiling is above it are compute-bound at best.")
-    print("'class ceiling': the machine's decode ceilings for a 135M model with every weight (head included) "
+    print("'class ceiling': ASSETS.md's decode ceilings for a 135M model with every weight (head included) "
           "at that width, by bandwidth: fp32 ~51, int8 ~200, int4 ~324-404 tok/s (ternary: none given).")
     print("lowbit rows keep the embedding and lm_head in fp32 (113 MB read per token by the head alone) unless "
           "marked '+ int8 head'. SmolLM2's weights come from a Q4_1 GGUF: int4 g32 asym re-quantizes its "
@@ -379,16 +429,59 @@ def main() -> int:
         print(f"note: {n}")
     print(f"total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
+    if quality:
+        print(f"'step KL' / 'step top-1': the row's own decode path (the timed one) fed the first "
+              f"{args.quality_tokens} tokens of the bundled evaluation text one step at a time (teacher "
+              f"forcing), mean KL(fp32 lean || row) over the next-token distributions and agreement of their argmax.")
     if args.profile:
-        from lowbit.runtime.profile import profile_decode
-
-        for label, model in profiled.items():
+        lowbit_rows = [r for r in rows if r["kind"] == "lowbit" and decoders[r["variant"]].native_step is not None]
+        best = max(lowbit_rows, key=lambda r: r["decode"]) if lowbit_rows else None
+        for r in [x for x in rows if x["variant"] in ("lowbit fp32 (lean loop)",)] + ([best] if best else []):
+            label = r["variant"]
             print()
-            print(f"Where one decoded token's time goes: {label} (prompt {args.prompt_len}, 16 tokens averaged)")
-            prof = profile_decode(model, args.prompt_len, 16)
+            print(f"Where one decoded token's time goes: {label} (C step's own timers; prompt {P}, 32 tokens "
+                  f"averaged, {args.threads} threads)")
+            prof = native_profile(decoders[label], prompt, 32)
+            total = sum(prof.values())
             print(render(["category", "ms/token", "share"],
-                         [[k, f"{ms:.3f}", f"{100 * f:.1f}%"] for k, ms, f in prof], args.markdown))
+                         [[k, f"{1000 * v:.3f}", f"{100 * v / total:.1f}%"] for k, v in prof.items()]
+                         + [["total", f"{1000 * total:.3f}", "100.0%"]], args.markdown))
     return 0
+
+
+def native_profile(dec, prompt, n: int) -> dict:
+    """Seconds per token by category from the C step's timers, over n greedy steps after the prompt."""
+    dec.reset()
+    logits = dec.forward(prompt)
+    dec.native_step.start_profile()
+    for _ in range(n):
+        logits = dec.forward([int(logits.argmax())])
+    return {k: v / n for k, v in dec.native_step.stop_profile().items()}
+
+
+def step_quality(decoders: dict, reference: str, ids) -> dict:
+    """{label: (mean KL(reference || row), top-1 agreement)} from teacher-forced one-token steps."""
+    import torch
+
+    ref_lp = []
+    dec = decoders[reference]
+    dec.reset()
+    with torch.inference_mode():
+        for t in range(len(ids)):
+            ref_lp.append(torch.log_softmax(dec.forward(ids[t:t + 1]), -1))
+    out = {}
+    for label, dec in decoders.items():
+        if label == reference:
+            continue
+        dec.reset()
+        kl, same = 0.0, 0
+        with torch.inference_mode():
+            for t in range(len(ids)):
+                lp = torch.log_softmax(dec.forward(ids[t:t + 1]), -1)
+                kl += float((ref_lp[t].exp() * (ref_lp[t] - lp)).sum())
+                same += int(lp.argmax() == ref_lp[t].argmax())
+        out[label] = (kl / len(ids), same / len(ids))
+    return out
 
 
 def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
