@@ -334,6 +334,7 @@ typedef struct {
     int isa, S, CL, CB, mode, zi_fold;
     int64_t K, M, NL, NC, nb;   /* lanes per row (K / 4S), chunks per row, blocks per row */
     int64_t ngp;                /* n_groups rounded up to 16 (row stride of xs) */
+    int64_t tail_rmax;          /* last row whose < 8 trailing scales/zero-points may be read 8-wide */
     int64_t nfull;              /* chunks fully inside a weight row's code bytes */
     int64_t code_bytes;         /* K / S */
     int8_t* q;                  /* [M, K] plain codes (scalar path) */
@@ -415,20 +416,9 @@ T2_INLINE __m256 zeros8(const lb_affine_weight* w, int64_t r, int64_t g) {
     return _mm256_loadu_ps((const float*)w->fz + o);
 }
 
-/* Whether 8 scales / zero-points of row r from group g can be loaded whole although fewer remain
- * in the row: the tensors are [N, n_groups] (zero-points [N, qz_stride] bytes), so reading into
- * the next row is fine, past the last row is not. */
-static inline int tail_readable(const lb_affine_weight* w, int64_t r, int64_t g) {
-    if (w->s_stride <= 0 || (r * w->s_stride + g + 8) > w->N * w->s_stride) return 0;
-    if (w->qz) {
-        int64_t nb = w->bits == 8 ? 8 : (w->bits == 4 ? 4 : 2);
-        if (w->qz_stride <= 0 || r * w->qz_stride + g * w->bits / 8 + nb > w->N * w->qz_stride) return 0;
-    }
-    return 1;
-}
-
-/* Per-row pre-pass of the SIMD paths: the row's scales as floats in sc (zero-padded: the chunk
- * loop reads up to 8 past the last group; sc holds n_groups + 24 floats) and the zero-point term
+/* Per-row pre-pass of the SIMD paths: the row's scales as floats in sc (the chunk loop reads up
+ * to 7 past the last group but never uses those lanes; sc holds n_groups + 24 floats) and the
+ * zero-point term
  * zt[m] = sum_g s_g z_g xs[m, g] unless it is folded into the integer accumulators.  Values
  * are used from registers, never re-read from sc here (a vector load of data just written by
  * narrower stores stalls). */
@@ -445,14 +435,14 @@ T2_INLINE void row_prepass(const lb_affine_weight* w, const a8_act* A, int64_t r
         _mm256_storeu_ps(sc + g, sv);
         if (zterm) acc = _mm256_fmadd_ps(_mm256_mul_ps(sv, zeros8(w, r, g)), _mm256_loadu_ps(A->xs + g), acc);
     }
-    if (g < ng && tail_readable(w, r, g)) { /* the last < 8 groups with full-width loads, masked */
-        __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(ng - g)),
-                                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    if (g < ng && r <= A->tail_rmax) { /* the last < 8 groups with full-width loads (into the next row) */
         __m256 sv = w->scales_f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + g))) : _mm256_loadu_ps(f + g);
-        sv = _mm256_and_ps(sv, live);
-        _mm256_storeu_ps(sc + g, sv);
-        if (zterm)
+        _mm256_storeu_ps(sc + g, sv); /* sc past n_groups: never used */
+        if (zterm) {
+            __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(ng - g)),
+                                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
             acc = _mm256_fmadd_ps(_mm256_and_ps(_mm256_mul_ps(sv, zeros8(w, r, g)), live), _mm256_loadu_ps(A->xs + g), acc);
+        }
         g = ng;
     }
     for (; g < ng; g++) {
@@ -460,8 +450,6 @@ T2_INLINE void row_prepass(const lb_affine_weight* w, const a8_act* A, int64_t r
         sc[g] = sg;
         if (zterm) tail += (sg * weight_zero(w, r, g)) * A->xs[g];
     }
-    _mm256_storeu_ps(sc + (ng + 7) / 8 * 8, _mm256_setzero_ps());
-    _mm256_storeu_ps(sc + (ng + 7) / 8 * 8 + 8, _mm256_setzero_ps());
     if (A->zi_fold) {
         for (int64_t m = 0; m < A->M; m++) zt[m] = 0.0f;
         return;
@@ -724,6 +712,21 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
     A.NC = (A.NL + A.CL - 1) / A.CL;
     A.nfull = A.code_bytes / A.CB;
     A.ngp = (ng + 15) / 16 * 16;
+    /* The tensors are [N, n_groups] (zero-points [N, qz_stride] bytes): reading 8 scales (4/8/2
+     * bytes of packed zero-points) from the last partial group block runs into the next row,
+     * which is fine for every row but the last few. */
+    A.tail_rmax = -1;
+    if (ng % 8 && w->s_stride > 0) {
+        const int64_t gt = ng / 8 * 8;
+        int64_t rmax = (N * w->s_stride - gt - 8) / w->s_stride; /* r * s_stride + gt + 8 <= N * s_stride */
+        if (N * w->s_stride - gt - 8 < 0) rmax = -1;
+        if (w->qz) {
+            const int64_t nbz = bits == 8 ? 8 : (bits == 4 ? 4 : 2), off = gt * bits / 8 + nbz;
+            int64_t rz = w->qz_stride > 0 && N * w->qz_stride - off >= 0 ? (N * w->qz_stride - off) / w->qz_stride : -1;
+            if (rz < rmax) rmax = rz;
+        }
+        A.tail_rmax = rmax;
+    }
     const int64_t cpc = (int64_t)A.CB * A.S;
     A.mode = ng == 1 ? 0 : (G % cpc == 0 ? 1 : 2);
     /* centring of the integer dot on each path: AVX2 8-bit computes sum (u - 128) q */
