@@ -58,6 +58,12 @@
 #define A8_AVX2 1
 #define A8_VNNI 2
 #define QB 32 /* activation block */
+#ifndef A8_PREFETCH
+/* Software prefetch distance (bytes) in the weight stream: the rows are contiguous, so this is
+ * the same distance whatever the row length.  Measured on the 49152 x 576 output layer (one
+ * thread, weights from memory): 1.7-1.9x faster with 8 KiB than without. */
+#define A8_PREFETCH 8192
+#endif
 
 typedef struct {
     const uint8_t* qw;
@@ -512,6 +518,7 @@ TV_INLINE void vnni_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
         }
         int64_t gg = MODE ? A->g0[c] : 0;
         for (int i = 0; i < RB; i++) {
+            _mm_prefetch((const char*)(p[i] + c * 64 + A8_PREFETCH), _MM_HINT_T0);
             __m512i wv = c < nfull ? _mm512_loadu_si512(p[i] + c * 64) : _mm512_maskz_loadu_epi8(km, p[i] + c * 64);
             __m512i ia = vnni_dot(z0, wv, qs + c * 64, NCB, BITS);
             __m512 f = _mm512_cvtepi32_ps(ia);
@@ -595,6 +602,7 @@ T2_INLINE void avx2_rows(const lb_affine_weight* w, const a8_act* A, int64_t r, 
         __m256 sxv = _mm256_load_ps(sxl + c * 8);
         int64_t gg = MODE ? A->g0[c] : 0;
         for (int i = 0; i < RB; i++) {
+            if (!(c & 1)) _mm_prefetch((const char*)(p[i] + c * 32 + A8_PREFETCH), _MM_HINT_T0);
             __m256i wv = c < nfull ? _mm256_loadu_si256((const __m256i*)(p[i] + c * 32))
                                    : load32_u8(p[i] + c * 32, A->code_bytes - c * 32);
             __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(avx2_dot(wv, qs + c * 32, NCB, BITS), z0));
