@@ -706,6 +706,18 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
     if (M == 0 || N == 0) return 0;
     if (!x || !y || !w->qw || !w->scales) return 2;
 
+#if LB_X86
+    /* start the first weight bytes of every thread's share on their way from memory while the
+     * activations are quantized (the chunk loops prefetch A8_PREFETCH bytes ahead from there) */
+    {
+        const int64_t span = N * w->row_bytes;
+        const int nt0 = pick_threads(nthreads, span, N);
+        const int64_t per = span / nt0;
+        for (int t = 0; t < nt0; t++)
+            for (int64_t o = 0; o < A8_PREFETCH && o < per; o += 64)
+                _mm_prefetch((const char*)(w->qw + t * per + o), _MM_HINT_T0);
+    }
+#endif
     a8_act A;
     memset(&A, 0, sizeof A);
     A.isa = lb_a8_isa();
