@@ -40,6 +40,7 @@ import ctypes
 import torch
 from torch import Tensor
 
+from lowbit.errors import LowbitError
 from lowbit.kernels import _native
 from lowbit.kernels.cpu import _AffineWeightC, _bias_ptr, _cached_weight, affine_params
 
@@ -100,13 +101,15 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     inspection)."""
     lib = library()
     if lib is None:
-        raise RuntimeError("the affine_a8 native library is not built")
+        raise LowbitError("the affine_a8 native library is not built (no C compiler at install?)")
+    if x.dim() < 1 or x.shape[-1] % 32 or x.shape[-1] == 0:
+        raise LowbitError(f"in_features must be a positive multiple of 32, got {tuple(x.shape)[-1:]}")
     X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     M, K = X.shape
     q = torch.empty(M, K, dtype=torch.int8)
     sx = torch.empty(M, max(K // 32, 1), dtype=torch.float32)
     if lib.lb_a8_quantize(X.data_ptr(), M, K, q.data_ptr(), sx.data_ptr()):
-        raise ValueError(f"in_features must be a multiple of 32, got {K}")
+        raise LowbitError(f"in_features must be a positive multiple of 32, got {K}")
     return q, sx
 
 
