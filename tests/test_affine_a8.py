@@ -243,3 +243,24 @@ def test_function_pointer_and_struct():
     assert fn(addr, x.data_ptr(), 1, None, y.data_ptr(), 1) == 0
     assert torch.equal(y, _run(x, w))
     assert ctypes.sizeof(st) == 4 * 8 + 7 * 8 + 4 * 4
+    assert a8.supports(w)
+
+
+def test_supports_matches_the_c_side():
+    """supports(w) is True exactly when the C function accepts the weight (return code 0)."""
+    if not a8.available():
+        pytest.skip("native affine_a8 library not built")
+    lib = a8.library()
+    for (N, K), sch in [((8, 64), S(4, True, 16)), ((8, 96), S(4, True, 32)), ((8, 48), S(8, True, gran="channel")),
+                        ((8, 64), S(3, True, 32)), ((8, 576), S(4, False, 128)), ((8, 160), S(2, True, 96)),
+                        ((8, 192), S(8, False, gran="tensor"))]:
+        w, g = _weight((N, K), sch, K)
+        x = torch.randn(1, K, generator=g)
+        y = torch.empty(1, N)
+        ok = a8.supports(w)
+        if sch.bits == 3:
+            assert not ok
+            continue
+        st, addr = a8.weight_struct(w)
+        rc = lib.lb_affine_a8_linear_w(addr, x.data_ptr(), 1, None, y.data_ptr(), 1)
+        assert ok == (rc == 0), (sch.short_name(), K, rc)

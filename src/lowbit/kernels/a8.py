@@ -131,6 +131,23 @@ def _struct_from_params(w, p):
                           K=w.shape[1], N=w.shape[0])
 
 
+def supports(w) -> bool:
+    """Whether the kernel handles AffineWeight ``w`` (so a caller holding the C pointer can decide
+    once, when it builds its plan, instead of checking the return code on every call): bits
+    2/4/8, in_features a multiple of 32, group size a multiple of 32 or one group per row, CPU
+    tensors the C code can read in place."""
+    if not available() or getattr(type(w), "name", None) != "affine":
+        return False
+    N, K = w.shape
+    if K <= 0 or K % 32 or w.scheme.bits not in (2, 4, 8):
+        return False
+    p = affine_params(w)
+    if p is None:
+        return False
+    G, n_groups = p[6], p[7]
+    return n_groups == 1 or G % 32 == 0
+
+
 def function_address() -> int | None:
     """Address of ``lb_affine_a8_linear_w`` (for a C caller), or None without the library."""
     lib = library()
