@@ -26,7 +26,8 @@
  * accumulated in float.  The zero-point term uses the per-block activation sums: for a constant
  * integer zero-point (symmetric weights) it is folded into the integer accumulator (which
  * starts at -z * Q_lane), otherwise a per-row pass over the groups subtracts
- * s_w * z * sum_b sx_b Q_b.  Two weight rows share every activation load.
+ * s_w * z * sum_b sx_b Q_b.  Four weight rows share every activation load and one joint
+ * horizontal sum; the weight stream is prefetched A8_PREFETCH bytes ahead.
  *
  * Paths (chosen at run time; lb_a8_set_isa lowers it for tests): 2 = AVX-512 F/BW/VL/VNNI
  * (64-byte chunks, vpdpbusd), 1 = AVX2 (32-byte chunks, vpmaddubsw/vpmaddwd; 8-bit codes are
