@@ -29,14 +29,19 @@ def ids_for(n, vocab, seed=1):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def run_both(model, n_prompt=9, n_steps=16, max_len=None, threads=None):
+def test_library_is_built_whenever_the_kernels_are():
+    # (the skip above would otherwise hide a decode library that fails to build or load)
+    assert _library() is not None
+
+
+def run_both(model, n_prompt=9, n_steps=16, max_len=None, threads=None, **kw):
     """Prefill the same prompt in a Python-path decoder and a native one, then feed both the
     Python path's greedy tokens; returns (max rel err of the step logits, the two decoders)."""
     vocab = model.config.vocab_size
     ids = ids_for(n_prompt, vocab)
     max_len = max_len or n_prompt + n_steps
-    ref = LeanDecoder(model, max_len=max_len, native=False)
-    nat = LeanDecoder(model, max_len=max_len, native=True)
+    ref = LeanDecoder(model, max_len=max_len, native=False, **kw)
+    nat = LeanDecoder(model, max_len=max_len, native=True, **kw)
     assert nat.native_step is not None and nat.native_reason is None
     old = torch.get_num_threads()
     if threads:
@@ -264,3 +269,62 @@ def test_int8_activations_keep_float_where_the_kernel_declines():
     assert nat.native_step.kernels.get("affine", 0) >= 4  # q/k/v/gate/up read 72-wide rows
     worst, _, _ = run_both(m, n_prompt=4, n_steps=6)
     assert worst < REL
+
+
+def test_half_conversions_match_torch_bit_for_bit():
+    lib = _library()
+    import ctypes
+
+    lib.lb_decode_float_to_half.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.lb_decode_half_to_float.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * torch.exp2(torch.randint(-30, 18, (20000,), generator=g)),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e6, float("inf"), -float("inf"),
+                                 2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 2.0 ** -14, 3 * 2.0 ** -25]),
+                   # exact ties between two halves: 1 + (2k+1) * 2^-11
+                   1 + (2 * torch.arange(64, dtype=torch.float32) + 1) * 2.0 ** -11])
+    y = torch.empty(x.numel(), dtype=torch.float16)
+    lib.lb_decode_float_to_half(x.data_ptr(), y.data_ptr(), x.numel())
+    assert torch.equal(y.view(torch.int16), x.half().view(torch.int16))
+    h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    h = h[~torch.isnan(h)].contiguous()
+    f = torch.empty(h.numel())
+    lib.lb_decode_half_to_float(h.data_ptr(), f.data_ptr(), h.numel())
+    assert torch.equal(f, h.float())
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp16_kv_cache(isa, threads):
+    from lowbit.runtime import native
+
+    if native.set_isa(isa) != isa:
+        native.set_isa(None)
+        pytest.skip(f"CPU has no {isa}")
+    try:
+        m = tiny_model("gemma3_text", seed=16, sliding_window=300, max_position_embeddings=800).model
+        worst, ref, nat = run_both(m, n_prompt=690, n_steps=6, threads=threads, kv_dtype=torch.float16)
+    finally:
+        native.set_isa(None)
+    assert worst < 1e-5, worst
+    assert nat.k_cache.dtype == torch.float16 and nat.cache_bytes == ref.cache_bytes
+    n = ref.pos
+    for a, b in ((ref.k_cache[:, :n], nat.k_cache[:, :n]), (ref.v_cache[:, :n], nat.v_cache[:, :n])):
+        assert float((a.float() - b.float()).abs().max()) <= 2e-3 * float(a.float().abs().max())
+        assert float((a == b).float().mean()) > 0.97  # mostly bit-identical halves
+
+
+def test_fp16_kv_cache_stays_close_to_float32():
+    m = tiny_model("llama", seed=17).model
+    ids = ids_for(6, m.config.vocab_size)
+    a = LeanDecoder(m, max_len=20)
+    b = LeanDecoder(m, max_len=20, kv_dtype=torch.float16)
+    assert b.cache_bytes * 2 == a.cache_bytes
+    la, lb = a.forward(ids), b.forward(ids)
+    for t in range(10):
+        la, lb = a.forward([t]), b.forward([t])
+        assert 0 < rel(lb, la) < 2e-3
+    with pytest.raises(LowbitError, match="kv_dtype"):
+        LeanDecoder(m, max_len=8, kv_dtype=torch.int8)
+    bf = LeanDecoder(m, max_len=8, kv_dtype=torch.bfloat16)
+    assert bf.native_step is None and "bfloat16" in bf.native_reason

@@ -136,7 +136,7 @@ class LeanDecoder:
     """Batch-1 decoder with a preallocated KV cache; see the module docstring."""
 
     def __init__(self, model: nn.Module, max_len: int | None = None, native: bool | None = None,
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, kv_dtype: torch.dtype | None = None):
         fam = family_of(model)  # LowbitError for an unsupported family
         if fam.model_type not in _FAMILY_STYLE:
             raise LowbitError(f"lowbit's decoder does not support model family {fam.model_type!r}")
@@ -230,9 +230,14 @@ class LeanDecoder:
         L = len(self.layers)
         # [layer, position, kv_head, head_dim]: the positions written by one pass are one contiguous
         # block (written in place by the rotary arithmetic), attention reads strided views.
+        # kv_dtype=torch.float16 stores K/V at half the bytes (as llama.cpp does by default): every
+        # write rounds the float32 result once, every read widens back to the compute dtype.
+        self.kv_dtype = self.dtype if kv_dtype is None else kv_dtype
+        if self.kv_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LowbitError(f"kv_dtype must be torch.float32, float16 or bfloat16, got {kv_dtype!r}")
         shape = (L, max_len, self.n_kv, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self._k = list(self.k_cache.unbind(0))  # per-layer views
         self._v = list(self.v_cache.unbind(0))
         half = self.head_dim // 2
@@ -269,8 +274,11 @@ class LeanDecoder:
         cos, sin, cos_q, sin_q = tables
         swap = self._swap
         kdst = self._k[i][start:start + T]  # [T, kv, hd], contiguous
-        torch.mul(k, cos, out=kdst)
-        kdst.addcmul_(k.index_select(-1, swap), sin)
+        if kdst.dtype == k.dtype:
+            torch.mul(k, cos, out=kdst)
+            kdst.addcmul_(k.index_select(-1, swap), sin)
+        else:  # rotate in the compute dtype, round once into the cache
+            kdst.copy_(torch.addcmul(k * cos, k.index_select(-1, swap), sin))
         self._v[i][start:start + T].copy_(v)
         return torch.addcmul(q * cos_q, q.index_select(-1, swap), sin_q)
 
@@ -295,6 +303,8 @@ class LeanDecoder:
         lo = max(0, S - window) if (window is not None and T == 1) else 0  # one query: slice its window
         K = self._k[layer][lo:S].transpose(0, 1)  # [kv, S', hd] (strided view)
         V = self._v[layer][lo:S].transpose(0, 1)
+        if K.dtype != q.dtype:
+            K, V = K.to(q.dtype), V.to(q.dtype)
         if T == 1:
             qg = q.view(KV, g, hd)
         else:

@@ -46,7 +46,7 @@ class _Layer(ctypes.Structure):
 class _Plan(ctypes.Structure):
     _fields_ = ([(n, _i64) for n in ("n_layers", "d", "n_heads", "n_kv", "head_dim", "ffn", "vocab", "max_len")]
                 + [(n, _f32) for n in ("eps", "scaling", "attn_softcap", "final_softcap", "embed_scale")]
-                + [("act", _i32), ("embed", _vp), ("final_norm", _vp), ("head", _Linear), ("layers", _vp),
+                + [("act", _i32), ("kv_f16", _i32), ("embed", _vp), ("final_norm", _vp), ("head", _Linear), ("layers", _vp),
                    ("work", _vp), ("prof", _vp)])
 
 
@@ -54,7 +54,7 @@ class _F32Weight(ctypes.Structure):
     _fields_ = [("W", _vp), ("K", _i64), ("N", _i64)]
 
 
-_ABI = 1
+_ABI = 2
 _state: dict = {}
 
 
@@ -147,6 +147,10 @@ class NativeStep:
             raise _Unsupported("the native decode library is not built (or LOWBIT_NATIVE=0)")
         if dec.dtype != torch.float32 or dec.device.type != "cpu":
             raise _Unsupported(f"the model is {dec.dtype} on {dec.device}, the C step runs float32 on the CPU")
+        if dec.kv_dtype not in (torch.float32, torch.float16):
+            raise _Unsupported(f"the KV cache is {dec.kv_dtype}; the C step keeps it in float32 or float16")
+        if dec.head_dim > 1024:
+            raise _Unsupported(f"head_dim {dec.head_dim} is above the C step's 1024")
         keep: list = []
         eps = {dec.final_norm.eps}
 
@@ -198,10 +202,13 @@ class NativeStep:
             raise _Unsupported(f"norms use different epsilons {sorted(eps)}")
         cfg = dec.config
         ffn = max(_out_features(blk.mlp.gate_proj, f"block {i} gate_proj") for i, blk in enumerate(dec.blocks))
+        if ffn < dec.n_kv * dec.head_dim:
+            raise _Unsupported("the MLP is narrower than the key/value projection (the C step reuses its buffer)")
         plan = _Plan(n_layers=L, d=int(ew.shape[1]), n_heads=dec.n_heads, n_kv=dec.n_kv, head_dim=dec.head_dim,
                      ffn=ffn, vocab=int(cfg.vocab_size), max_len=dec.max_len, eps=float(eps.pop()),
                      scaling=float(dec.scaling), attn_softcap=float(dec.attn_softcap or 0.0),
                      final_softcap=float(dec.final_softcap or 0.0), embed_scale=embed_scale, act=act,
+                     kv_f16=int(dec.kv_dtype == torch.float16),
                      embed=ew.data_ptr(), final_norm=dec.final_norm.gain.data_ptr(),
                      head=linear(dec.lm_head_module, "the output head"),
                      layers=ctypes.addressof(layers))

@@ -52,7 +52,7 @@ typedef struct {
     const float *attn_norm, *mlp_norm;             /* [d] */
     const float *post_attn_norm, *post_mlp_norm;   /* [d] or NULL */
     const float *q_norm, *k_norm;                  /* [head_dim] or NULL */
-    float *k_cache, *v_cache;                      /* [max_len, n_kv, head_dim] */
+    void *k_cache, *v_cache;                       /* [max_len, n_kv, head_dim], float32 or fp16 */
     const float *cos, *sin;                        /* [max_len, head_dim], sin signed */
     int64_t window;                                /* 0: full causal */
 } lb_dec_layer;
@@ -61,6 +61,7 @@ typedef struct {
     int64_t n_layers, d, n_heads, n_kv, head_dim, ffn, vocab, max_len;
     float eps, scaling, attn_softcap, final_softcap, embed_scale;  /* softcaps: 0 = none */
     int32_t act;                                   /* 0 SiLU, 1 GELU (tanh approximation) */
+    int32_t kv_f16;                                /* the caches hold IEEE half, else float32 */
     const float* embed;                            /* [vocab, d] */
     const float* final_norm;                       /* [d] */
     lb_dec_linear head;
@@ -78,7 +79,7 @@ typedef struct {
 
 #define LB_MAX_CHUNKS 16  /* attention: at most this many chunks of positions (one per thread) */
 
-int lb_decode_abi(void) { return 1; }  /* bumped when a struct above changes */
+int lb_decode_abi(void) { return 2; }  /* bumped when a struct above changes */
 
 int64_t lb_decode_work_floats(const lb_dec_plan* p) {
     int64_t H = p->n_heads, hd = p->head_dim, KV = p->n_kv;
@@ -180,68 +181,73 @@ static float softmax_num(float* sc, int64_t n, float softcap, float* m) {
     return sum;
 }
 
-/* Attention of the g query heads that share one key/value head, over cached positions [lo, S):
- * scores = q·k (q carries the scaling), optional soft-cap, softmax numerators p = exp(s - m),
- * out = sum p v (not yet divided by l = sum p; m[h], l[h] returned per head). Each key and value
- * row is loaded once for all g heads. Portable version (any head_dim). */
-static void attend_group_c(const float* q, int64_t g, const float* K, const float* V, int64_t stride, int64_t lo,
-                           int64_t S, int64_t hd, float softcap, float* scores, float* out, float* m, float* l) {
-    const int64_t n = S - lo;
-    for (int64_t j = 0; j < n; j++) {
-        const float* kj = K + (lo + j) * stride;
-        for (int64_t h = 0; h < g; h++) scores[h * n + j] = dot(q + h * hd, kj, hd);
-    }
-    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
-    memset(out, 0, (size_t)(g * hd) * sizeof(float));
-    for (int64_t j = 0; j < n; j++) {
-        const float* vj = V + (lo + j) * stride;
+/* -- attention -------------------------------------------------------------------------------
+ * For the g query heads that share one key/value head, over n cached rows (K, V rows `stride`
+ * floats apart): scores = q·k (q carries the scaling), optional soft-cap, softmax numerators
+ * p = exp(s - m), out = sum p v, not yet divided by l = sum p (m[h], l[h] returned per head).
+ * Each key and value row is loaded once for all g heads. Three code paths (portable, AVX2+FMA,
+ * AVX-512), each in two phases so that an fp16 cache can be widened tile by tile in between. */
+static void scores_c(const float* q, int64_t g, const float* K, int64_t stride, int64_t n, int64_t hd, float* sc,
+                     int64_t ld) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t h = 0; h < g; h++) sc[h * ld + j] = dot(q + h * hd, K + j * stride, hd);
+}
+
+static void pv_c(const float* sc, int64_t ld, int64_t g, const float* V, int64_t stride, int64_t n, int64_t hd,
+                 float* out) {
+    for (int64_t j = 0; j < n; j++)
         for (int64_t h = 0; h < g; h++) {
-            const float p = scores[h * n + j];
+            const float pj = sc[h * ld + j];
+            const float* vj = V + j * stride;
             float* oh = out + h * hd;
-            for (int64_t i = 0; i < hd; i++) oh[i] += p * vj[i];
+            for (int64_t i = 0; i < hd; i++) oh[i] += pj * vj[i];
         }
-    }
 }
 
 #if LB_X86
-/* AVX-512, head_dim a multiple of 16 (up to 256): the g query heads stay in registers... as
- * far as they fit; each key row is read once per group and reduced per head. */
-__attribute__((target("avx512f"))) static void attend_group_avx512(const float* q, int64_t g, const float* K,
-                                                                  const float* V, int64_t stride, int64_t lo,
-                                                                  int64_t S, int64_t hd, float softcap,
-                                                                  float* scores, float* out, float* m, float* l) {
-    const int64_t n = S - lo, nv = hd / 16;
+__attribute__((target("avx512f"))) static void scores_avx512(const float* q, int64_t g, const float* K,
+                                                            int64_t stride, int64_t n, int64_t hd, float* sc,
+                                                            int64_t ld) {
+    const int64_t nv = hd / 16;
     for (int64_t j = 0; j < n; j++) {
-        const float* kj = K + (lo + j) * stride;
+        const float* kj = K + j * stride;
         for (int64_t h = 0; h < g; h++) {
             const float* qh = q + h * hd;
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), _mm512_loadu_ps(kj));
             for (int64_t v = 1; v < nv; v++)
                 acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * v), _mm512_loadu_ps(kj + 16 * v), acc);
-            scores[h * n + j] = _mm512_reduce_add_ps(acc);
-        }
-    }
-    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
-    memset(out, 0, (size_t)(g * hd) * sizeof(float));
-    for (int64_t j = 0; j < n; j++) {
-        const float* vj = V + (lo + j) * stride;
-        for (int64_t h = 0; h < g; h++) {
-            const __m512 p = _mm512_set1_ps(scores[h * n + j]);
-            float* oh = out + h * hd;
-            for (int64_t v = 0; v < nv; v++)
-                _mm512_storeu_ps(oh + 16 * v, _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * v), _mm512_loadu_ps(oh + 16 * v)));
+            sc[h * ld + j] = _mm512_reduce_add_ps(acc);
         }
     }
 }
 
-/* AVX2 + FMA, head_dim a multiple of 8. */
-__attribute__((target("avx2,fma"))) static void attend_group_avx2(const float* q, int64_t g, const float* K,
-                                                                 const float* V, int64_t stride, int64_t lo,
-                                                                 int64_t S, int64_t hd, float softcap,
-                                                                 float* scores, float* out, float* m, float* l) {
-    const int64_t n = S - lo, nv = hd / 8;
+__attribute__((target("avx512f"))) static void pv_avx512(const float* sc, int64_t ld, int64_t g, const float* V,
+                                                        int64_t stride, int64_t n, int64_t hd, float* out) {
+    const int64_t nv = hd / 16;
     for (int64_t j = 0; j < n; j++) {
-        const float* kj = K + (lo + j) * stride;
+        const float* vj = V + j * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const __m512 pj = _mm512_set1_ps(sc[h * ld + j]);
+            float* oh = out + h * hd;
+            for (int64_t v = 0; v < nv; v++)
+                _mm512_storeu_ps(oh + 16 * v, _mm512_fmadd_ps(pj, _mm512_loadu_ps(vj + 16 * v), _mm512_loadu_ps(oh + 16 * v)));
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void widen_avx512(const uint16_t* src, int64_t stride, int64_t n,
+                                                           int64_t hd, float* dst) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < hd; i += 16)
+            _mm512_storeu_ps(dst + j * hd + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + j * stride + i))));
+}
+
+__attribute__((target("avx2,fma"))) static void scores_avx2(const float* q, int64_t g, const float* K,
+                                                           int64_t stride, int64_t n, int64_t hd, float* sc,
+                                                           int64_t ld) {
+    const int64_t nv = hd / 8;
+    for (int64_t j = 0; j < n; j++) {
+        const float* kj = K + j * stride;
         for (int64_t h = 0; h < g; h++) {
             const float* qh = q + h * hd;
             __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kj));
@@ -250,30 +256,98 @@ __attribute__((target("avx2,fma"))) static void attend_group_avx2(const float* q
             __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
             r = _mm_add_ps(r, _mm_movehl_ps(r, r));
             r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            scores[h * n + j] = _mm_cvtss_f32(r);
-        }
-    }
-    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
-    memset(out, 0, (size_t)(g * hd) * sizeof(float));
-    for (int64_t j = 0; j < n; j++) {
-        const float* vj = V + (lo + j) * stride;
-        for (int64_t h = 0; h < g; h++) {
-            const __m256 p = _mm256_set1_ps(scores[h * n + j]);
-            float* oh = out + h * hd;
-            for (int64_t v = 0; v < nv; v++)
-                _mm256_storeu_ps(oh + 8 * v, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * v), _mm256_loadu_ps(oh + 8 * v)));
+            sc[h * ld + j] = _mm_cvtss_f32(r);
         }
     }
 }
+
+__attribute__((target("avx2,fma"))) static void pv_avx2(const float* sc, int64_t ld, int64_t g, const float* V,
+                                                       int64_t stride, int64_t n, int64_t hd, float* out) {
+    const int64_t nv = hd / 8;
+    for (int64_t j = 0; j < n; j++) {
+        const float* vj = V + j * stride;
+        for (int64_t h = 0; h < g; h++) {
+            const __m256 pj = _mm256_set1_ps(sc[h * ld + j]);
+            float* oh = out + h * hd;
+            for (int64_t v = 0; v < nv; v++)
+                _mm256_storeu_ps(oh + 8 * v, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * v), _mm256_loadu_ps(oh + 8 * v)));
+        }
+    }
+}
+
+__attribute__((target("avx2,f16c"))) static void widen_f16c(const uint16_t* src, int64_t stride, int64_t n,
+                                                           int64_t hd, float* dst) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < hd; i += 8)
+            _mm256_storeu_ps(dst + j * hd + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + j * stride + i))));
+}
 #endif
 
-/* 2 AVX-512, 1 AVX2+FMA, 0 portable; lowered by lb_decode_set_isa (tests run every path). */
+/* IEEE half <-> float, portable (the store rounds to nearest even, as torch's conversion). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t bits;
+    if (e == 0) {
+        if (m == 0) {
+            bits = sign;
+        } else {  /* subnormal: m * 2^-24 */
+            float f = (float)m * 5.9604644775390625e-08f;
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+    } else if (e == 31) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, mant = x & 0x7fffff;
+    const int32_t exp = (int32_t)((x >> 23) & 0xff);
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
+    const int32_t e = exp - 112;  /* half exponent field */
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {  /* half subnormal (or zero) */
+        if (e < -10) return (uint16_t)sign;
+        const uint32_t full = mant | 0x800000;
+        const int shift = 14 - e;
+        uint32_t hm = full >> shift;
+        const uint32_t rem = full & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (hm & 1))) hm++;
+        return (uint16_t)(sign | hm);
+    }
+    uint32_t h = sign | ((uint32_t)e << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;  /* a carry into the exponent is right */
+    return (uint16_t)h;
+}
+
+/* for tests: the cache's conversions over arrays */
+void lb_decode_float_to_half(const float* x, uint16_t* y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = float_to_half(x[i]);
+}
+void lb_decode_half_to_float(const uint16_t* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = half_to_float(x[i]);
+}
+
+static void widen_c(const uint16_t* src, int64_t stride, int64_t n, int64_t hd, float* dst) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < hd; i++) dst[j * hd + i] = half_to_float(src[j * stride + i]);
+}
+
+/* 2 AVX-512, 1 AVX2+FMA+F16C, 0 portable; lowered by lb_decode_set_isa (tests run every path). */
 static int g_isa = -1;
 static int isa_max(void) {
 #if LB_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
 #endif
     return 0;
 }
@@ -283,26 +357,71 @@ int lb_decode_set_isa(int level) {
     return g_isa;
 }
 
-static void attend_group(const float* q, int64_t g, const float* K, const float* V, int64_t stride, int64_t lo,
-                         int64_t S, int64_t hd, float softcap, float* scores, float* out, float* m, float* l) {
+#define LB_TILE 32  /* fp16 cache: rows widened per tile */
+
+static void attend_group(const float* q, int64_t g, const void* K, const void* V, int f16, int64_t stride,
+                         int64_t j0, int64_t j1, int64_t hd, float softcap, float* scores, float* out, float* m,
+                         float* l) {
     if (g_isa < 0) lb_decode_set_isa(-1);
+    int path = 0;
 #if LB_X86
-    if (g_isa >= 2 && hd % 16 == 0) {
-        attend_group_avx512(q, g, K, V, stride, lo, S, hd, softcap, scores, out, m, l);
-        return;
-    }
-    if (g_isa >= 1 && hd % 8 == 0) {
-        attend_group_avx2(q, g, K, V, stride, lo, S, hd, softcap, scores, out, m, l);
-        return;
-    }
+    if (g_isa >= 2 && hd % 16 == 0) path = 2;
+    else if (g_isa >= 1 && hd % 8 == 0) path = 1;
 #endif
-    attend_group_c(q, g, K, V, stride, lo, S, hd, softcap, scores, out, m, l);
+    void (*score)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t) = scores_c;
+    void (*pv)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*) = pv_c;
+    void (*widen)(const uint16_t*, int64_t, int64_t, int64_t, float*) = widen_c;
+#if LB_X86
+    if (path == 2) { score = scores_avx512; pv = pv_avx512; widen = widen_avx512; }
+    if (path == 1) { score = scores_avx2; pv = pv_avx2; widen = widen_f16c; }
+#endif
+    const int64_t n = j1 - j0;
+    float tile[LB_TILE * 256];
+    const int tiled = f16 && hd <= 256;
+    if (!f16) {
+        score(q, g, (const float*)K + j0 * stride, stride, n, hd, scores, n);
+    } else if (tiled) {
+        for (int64_t t = 0; t < n; t += LB_TILE) {
+            const int64_t nt = n - t < LB_TILE ? n - t : LB_TILE;
+            widen((const uint16_t*)K + (j0 + t) * stride, stride, nt, hd, tile);
+            score(q, g, tile, hd, nt, hd, scores + t, n);
+        }
+    } else {  /* head_dim > 256 with an fp16 cache: row by row */
+        for (int64_t t = 0; t < n; t++) {
+            float row[1024];
+            if (hd > 1024) return;  /* not reached: the plan refuses such heads */
+            widen_c((const uint16_t*)K + (j0 + t) * stride, stride, 1, hd, row);
+            scores_c(q, g, row, hd, 1, hd, scores + t, n);
+        }
+    }
+    for (int64_t h = 0; h < g; h++) l[h] = softmax_num(scores + h * n, n, softcap, m + h);
+    memset(out, 0, (size_t)(g * hd) * sizeof(float));
+    if (!f16) {
+        pv(scores, n, g, (const float*)V + j0 * stride, stride, n, hd, out);
+    } else if (tiled) {
+        for (int64_t t = 0; t < n; t += LB_TILE) {
+            const int64_t nt = n - t < LB_TILE ? n - t : LB_TILE;
+            widen((const uint16_t*)V + (j0 + t) * stride, stride, nt, hd, tile);
+            pv(scores + t, n, g, tile, hd, nt, hd, out);
+        }
+    } else {
+        for (int64_t t = 0; t < n; t++) {
+            float row[1024];
+            widen_c((const uint16_t*)V + (j0 + t) * stride, stride, 1, hd, row);
+            pv_c(scores + t, n, g, row, hd, 1, hd, out);
+        }
+    }
 }
 
 static inline float act(float g, int kind) {
     if (kind == 0) return g / (1.0f + expf(-g));
     const float c = 0.7978845608028654f;  /* sqrt(2 / pi) */
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+/* element `i` of a cache (float32 or fp16) */
+static inline void* kv_at(const lb_dec_plan* p, void* base, int64_t i) {
+    return p->kv_f16 ? (void*)((uint16_t*)base + i) : (void*)((float*)base + i);
 }
 
 /* Attention of every head for one query over cached positions [lo, S) into att [H * hd]. Long
@@ -322,9 +441,9 @@ static void attention(const lb_dec_plan* p, const lb_dec_layer* L, const float* 
         float* out = nch > 1 ? part + c * H * hd : att;
         float* mc = ml + c * 2 * H;
         for (int64_t i = 0; i < KV; i++)
-            attend_group(q + i * grp * hd, grp, L->k_cache + i * hd, L->v_cache + i * hd, KV * hd, j0, j1, hd,
-                         p->attn_softcap, scores + i * grp * p->max_len + grp * (j0 - lo), out + i * grp * hd,
-                         mc + i * grp, mc + H + i * grp);
+            attend_group(q + i * grp * hd, grp, kv_at(p, L->k_cache, i * hd), kv_at(p, L->v_cache, i * hd), p->kv_f16,
+                         KV * hd, j0, j1, hd, p->attn_softcap, scores + i * grp * p->max_len + grp * (j0 - lo),
+                         out + i * grp * hd, mc + i * grp, mc + H + i * grp);
     }
     for (int64_t h = 0; h < H; h++) {
         float m = -INFINITY, l = 0.0f;
@@ -387,8 +506,16 @@ int lb_decode_step(const lb_dec_plan* p, int64_t token, int64_t pos, float* logi
         const float* cs = L->cos + pos * hd;
         const float* sn = L->sin + pos * hd;
         for (int64_t i = 0; i < H; i++) rotary(att + i * hd, q + i * hd, cs, sn, hd, p->scaling);
-        for (int64_t i = 0; i < KV; i++) rotary(L->k_cache + (pos * KV + i) * hd, k + i * hd, cs, sn, hd, 1.0f);
-        memcpy(L->v_cache + pos * KV * hd, v, (size_t)(KV * hd) * sizeof(float));
+        for (int64_t i = 0; i < KV; i++) rotary(u + i * hd, k + i * hd, cs, sn, hd, 1.0f);  /* u: free here */
+        if (p->kv_f16) {
+            uint16_t* kd = (uint16_t*)L->k_cache + pos * KV * hd;
+            uint16_t* vd = (uint16_t*)L->v_cache + pos * KV * hd;
+            for (int64_t i = 0; i < KV * hd; i++) kd[i] = float_to_half(u[i]);
+            for (int64_t i = 0; i < KV * hd; i++) vd[i] = float_to_half(v[i]);
+        } else {
+            memcpy((float*)L->k_cache + pos * KV * hd, u, (size_t)(KV * hd) * sizeof(float));
+            memcpy((float*)L->v_cache + pos * KV * hd, v, (size_t)(KV * hd) * sizeof(float));
+        }
         memcpy(q, att, (size_t)(H * hd) * sizeof(float));
         TICK(LB_PROF_NORM);
         const int64_t lo = (L->window > 0 && S > L->window) ? S - L->window : 0;
