@@ -21,7 +21,8 @@ hits all rows alike rather than a few); the table shows medians over the rounds.
   steps quantize activations to int8 per block of 32 and multiply in integers
   (``LeanDecoder(int8_activations=True)``, ``--int8-activations``), the product llama.cpp's
   Q4_0 x Q8_0 and Q8_0 x Q8_0 dots compute; prompts keep float activations. Rows that differ only
-  in how they run share one quantized model.
+  in how they run share one quantized model. "fp16 KV": the KV cache stored as float16
+  (``kv_dtype=torch.float16``, ``--kv-cache float16``; llama.cpp's default cache type).
 * llama.cpp rows: llama-cpp-python's ``Llama.eval`` (prefill in one batch of the whole prompt,
   then one token per call) with a greedy argmax of the last logits in numpy, run in a child
   process so neither runtime's thread pool competes with the other's. Q4_0 and Q8_0 are
@@ -311,9 +312,9 @@ def main() -> int:
 
     decoders: dict[str, LeanDecoder] = {}
 
-    def lean_run(label, model, int8_act=False, native=None):
+    def lean_run(label, model, int8_act=False, native=None, kv=None):
         dec = LeanDecoder(model, max_len=max(P + N + 1, P + 33, args.quality_tokens + 1), native=native,
-                          int8_activations=int8_act)
+                          int8_activations=int8_act, kv_dtype=kv)
         decoders[label] = dec
 
         def run():
@@ -325,7 +326,7 @@ def main() -> int:
     g32, g128 = (QuantScheme(bits=4, symmetric=False, group_size=32),
                  QuantScheme(bits=4, symmetric=False, group_size=128))
     int8pc = QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None)
-    # (label, method, scheme, int8 head, int8 activations, C step)
+    # (label, method, scheme, int8 head, int8 activations, C step[, KV cache dtype])
     variants = [
         ("lowbit int8 (rtn per-channel)", "rtn", int8pc, False, False, None),
         ("lowbit int8 + int8 head, int8 act", "rtn", int8pc, True, True, None),
@@ -336,10 +337,11 @@ def main() -> int:
         ("lowbit int4 g32 + int8 head, Python step", "rtn", g32, True, False, False),
         ("lowbit int4 g32 + int8 head", "rtn", g32, True, False, None),
         ("lowbit int4 g32 + int8 head, int8 act", "rtn", g32, True, True, None),
+        ("lowbit int4 g32 + int8 head, int8 act, fp16 KV", "rtn", g32, True, True, None, torch.float16),
         ("lowbit ternary (per-tensor absmean)", "ternary", None, False, False, None),
     ]
     quantized: dict[tuple, object] = {}
-    for label, method, scheme, head, int8_act, native in variants:
+    for label, method, scheme, head, int8_act, native, *kv in variants:
         if method not in available("method"):
             notes.append(f"{label}: skipped, method {method!r} is not registered in this build")
             continue
@@ -352,7 +354,7 @@ def main() -> int:
                 quantize_head_int8(q.model)
             quantized[key] = q.model
         model = quantized[key]
-        entries.append((label, "lowbit", lowbit_bytes_per_token(model), lean_run(label, model, int8_act, native)))
+        entries.append((label, "lowbit", lowbit_bytes_per_token(model), lean_run(label, model, int8_act, native, *kv)))
         gc.collect()
 
     runners = []

@@ -67,7 +67,7 @@ def test_generate_quantized_checkpoint(capsys, int4_dir):
     q = api.load(str(int4_dir))
     assert out == expected_text(q.model, q.tokenizer, "Hi", 6) + "\n"
     code, out8, err = run(capsys, "generate", int4_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--ignore-eos",
-                          "--int8-activations")
+                          "--int8-activations", "--kv-cache", "float16")
     assert code == 0 and len(out8) > 1, err
 
 
@@ -94,13 +94,14 @@ def test_bench_table(capsys, tiny_dir, int4_dir):
         cells = row.split()
         assert " ".join(cells[1:3]) == method and cells[4] == "1" and cells[5] == "16" and cells[6] == "8"
         assert float(cells[7]) > 0 and float(cells[8]) > 0  # prefill, decode tok/s
-    for model, flag, act in ((tiny_dir, (), "float"), (int4_dir, ("--int8-activations",), "int8")):
+    for model, flag, act in ((tiny_dir, (), "float"), (int4_dir, ("--int8-activations", "--kv-cache", "float16"), "int8")):
         code, out, err = run(capsys, "bench", model, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1,
                              "--markdown", *flag)
         assert code == 0, err
         head, _, row = out.strip().splitlines()
         got = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
         assert got["step"] == "C" and got["act"] == act and float(got["decode tok/s"]) > 0
+        assert got["KV"] == ("fp16" if flag else "fp32")
     code, out, err = run(capsys, "bench", tiny_dir, "--prompt-len", 8, "--new-tokens", 4, "--repeats", 1,
                          "--transformers")
     assert code == 0, err

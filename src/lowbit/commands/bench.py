@@ -19,7 +19,7 @@ def _peak_rss_bytes() -> int:
 
 
 def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int,
-               int8_activations: bool = False) -> list[dict]:
+               int8_activations: bool = False, kv_cache: str = "float32") -> list[dict]:
     import torch
 
     from lowbit import api
@@ -29,7 +29,8 @@ def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int,
     if limit and prompt_len + new_tokens > limit:
         raise LowbitError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's maximum "
                           f"length {limit}")
-    dec = LeanDecoder(m.model, max_len=prompt_len + new_tokens, int8_activations=int8_activations)
+    dec = LeanDecoder(m.model, max_len=prompt_len + new_tokens, int8_activations=int8_activations,
+                      kv_dtype=getattr(torch, kv_cache))
     r = measure_lean(dec, prompt_len, new_tokens, warmup=warmup, repeats=repeats)
     bits, _, _ = api.linear_bits(m.model)
     fmt = "lowbit " + (m.record or {}).get("method", {}).get("method", "float")
@@ -45,6 +46,7 @@ def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int,
         "ms/token": r.decode_ms_per_token,
         "step": "C" if dec.native_step is not None else "Python",
         "act": "int8" if int8_activations else "float",
+        "KV": kv_cache.replace("float", "fp"),
         "model MB": api.model_bytes(m.model) / 1e6,
         "KV cache MB": dec.cache_bytes / 1e6,
         "peak RSS MB": _peak_rss_bytes() / 1e6,
@@ -86,7 +88,8 @@ def cmd_bench(args) -> int:
     if args.warmup < 0:
         raise LowbitError(f"--warmup must be >= 0, got {args.warmup}")
     m = _load(args.model)
-    rows = bench_rows(m, args.prompt_len, args.new_tokens, args.warmup, args.repeats, args.int8_activations)
+    rows = bench_rows(m, args.prompt_len, args.new_tokens, args.warmup, args.repeats, args.int8_activations,
+                      args.kv_cache)
     if args.transformers:
         rows.append(transformers_row(m, rows[0], args))
     print(render(rows, markdown=args.markdown))
@@ -98,7 +101,7 @@ def transformers_row(m, lean: dict, args) -> dict:
     from lowbit.eval.latency import measure_latency
 
     r = measure_latency(m.model, args.prompt_len, args.new_tokens, warmup=args.warmup, repeats=args.repeats)
-    row = dict(lean, **{"method": "transformers", "step": "Python", "act": "float",
+    row = dict(lean, **{"method": "transformers", "step": "Python", "act": "float", "KV": "fp32",
                         "prefill tok/s": r.prefill_tok_s, "decode tok/s": r.decode_tok_s,
                         "ms/token": r.decode_ms_per_token, "KV cache MB": float("nan"),
                         "peak RSS MB": _peak_rss_bytes() / 1e6})
@@ -120,6 +123,8 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs; medians are reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
+                   help="KV cache element type (float16: half the memory, as llama.cpp's default)")
     p.add_argument("--int8-activations", action="store_true",
                    help="decode steps quantize activations to int8 for affine weights (W4A8, as llama.cpp's "
                         "Q4_0 x Q8_0; faster, slightly different numbers)")

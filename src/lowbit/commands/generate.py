@@ -81,7 +81,10 @@ def cmd_generate(args) -> int:
     if limit and max_len > limit:
         raise LowbitError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens exceeds the model's "
                           f"maximum length {limit}")
-    dec = LeanDecoder(m.model, max_len=max_len, int8_activations=args.int8_activations)
+    import torch
+
+    dec = LeanDecoder(m.model, max_len=max_len, int8_activations=args.int8_activations,
+                      kv_dtype=getattr(torch, args.kv_cache))
     stops = set() if args.ignore_eos else stop_ids(m)
 
     def write(piece: str) -> None:
@@ -116,6 +119,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--max-len", type=int, help="KV cache length (default: prompt + new tokens)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    p.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
+                   help="KV cache element type (float16: half the memory, as llama.cpp's default)")
     p.add_argument("--int8-activations", action="store_true",
                    help="decode steps quantize activations to int8 for affine weights (W4A8, as llama.cpp's "
                         "Q4_0 x Q8_0; faster, slightly different numbers)")
