@@ -61,10 +61,13 @@ def test_best_objective_non_increasing_and_is_what_is_stored(bits, early_stop):
     assert best[0] == obj[0]
     assert all(b1 <= b0 for b0, b1 in zip(best, best[1:]))
     assert all(b <= o for b, o in zip(best, obj))
-    # the start is RTN's min/max grid; the stored weight's lp error is the best recorded value
-    rtn = group_lp(W, AffineWeight.quantize_rtn(W, scheme).dequantize(), scheme).sum().item()
-    assert obj[0] == pytest.approx(rtn, rel=1e-6)
-    assert group_lp(W, fmt.dequantize(), scheme).sum().item() == pytest.approx(best[-1], rel=1e-6)
+    # the start is RTN's min/max grid (the iteration runs in float32); the stored weight's lp error
+    # is the best recorded value up to the final rounding of scale and zero-point to fp16
+    import dataclasses
+
+    rtn32 = AffineWeight.quantize_rtn(W, dataclasses.replace(scheme, scale_dtype="float32")).dequantize()
+    assert obj[0] == pytest.approx(group_lp(W, rtn32, scheme).sum().item(), rel=1e-6)
+    assert group_lp(W, fmt.dequantize(), scheme).sum().item() == pytest.approx(best[-1], rel=1e-2)
     # it actually optimises: relative reduction of Σ|W − Ŵ|^p over RTN (measured: 2b 14.9%,
     # 3b 5.0%, 4b 3.5%, 8b 0.28%)
     assert 1 - best[-1] / obj[0] > {2: 0.12, 3: 0.04, 4: 0.028, 8: 0.002}[bits]
@@ -76,14 +79,14 @@ def test_best_objective_non_increasing_and_is_what_is_stored(bits, early_stop):
 def test_raw_iterate_objective_is_not_monotone_hence_keep_best():
     # The HQQ iteration is not a descent method for φ: the zero-point step (4) is a least-squares
     # fit with the codes frozen, and re-rounding can move the lp error up. Here the objective of
-    # the iterate rises at iteration 16 (8-bit, groups of 128), while the best-so-far per group
+    # the iterate rises at iterations 15 and 16 (8-bit, groups of 128), while the best-so-far per group
     # never does, and keeping the best per group beats the last iterate.
     W = heavy(64, 576, seed=3)
     _, info = hqq_quantize(W, HQQConfig(fz(8, group_size=128), early_stop=False, iters=20, select="lp"))
     obj, best = info["objective"], info["best_objective"]
     rises = [t for t in range(1, len(obj)) if obj[t] > obj[t - 1]]
-    assert rises == [16]
-    assert obj[16] == pytest.approx(1018.8088, abs=1e-3) and obj[15] == pytest.approx(1018.7926, abs=1e-3)
+    assert rises == [15, 16]
+    assert obj[15] == pytest.approx(1016.7088, abs=1e-3) and obj[14] == pytest.approx(1016.6964, abs=1e-3)
     assert all(b1 <= b0 for b0, b1 in zip(best, best[1:]))
     assert best[-1] < min(obj)
 
@@ -159,8 +162,11 @@ def test_squared_error_not_worse_than_rtn_per_group(bits, shape, gran, group_siz
     hqq = group_lp(W, fmt.dequantize(), scheme, p=2)
     rtn = group_lp(W, AffineWeight.quantize_rtn(W, scheme).dequantize(), scheme, p=2)
     assert bool((hqq <= rtn * (1 + 1e-9)).all())
-    assert info["error"][0] == pytest.approx(rtn.sum().item(), rel=1e-6)
-    assert hqq.sum().item() == pytest.approx(info["best_objective"][-1], rel=1e-6)
+    import dataclasses  # the iteration runs in float32; the stored weight differs by the final rounding
+
+    rtn32 = AffineWeight.quantize_rtn(W, dataclasses.replace(scheme, scale_dtype="float32")).dequantize()
+    assert info["error"][0] == pytest.approx(group_lp(W, rtn32, scheme, p=2).sum().item(), rel=1e-6)
+    assert hqq.sum().item() == pytest.approx(info["best_objective"][-1], rel=1e-2)
     assert info["best_objective"][-1] <= min(info["error"]) * (1 + 1e-9)
     # it actually lowers it (measured minimum over these shapes: 2b 12%, 3b 4.1%, 4b 1.5%, 8b 0.3%)
     assert hqq.sum() < rtn.sum() * (1 - {2: 0.08, 3: 0.03, 4: 0.01, 8: 0.002}[bits])

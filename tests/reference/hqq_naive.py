@@ -9,9 +9,10 @@ min/max scale and z starting from the min/max zero-point, repeat
     z   = mean(W_q − (W − W_e)/s)                      closed-form zero-point
     β   = κ β
 
-Conventions shared with lowbit's solver (so the two can be compared): s and every scored z are
-rounded to fp16 when the scheme stores fp16, while the iteration itself carries the unrounded z
-(each update starts from the previous unrounded zero-point); all iterates z_0 … z_T are scored with the selection
+Conventions shared with lowbit's solver (so the two can be compared): the iteration runs in
+float32 (s from min/max and every z unrounded); the chosen iterate's s and z are rounded to fp16
+once at the end when the scheme stores fp16 (a group whose stored RTN grid scores better keeps
+that), and the codes computed for those; all iterates z_0 … z_T are scored with the selection
 criterion — ``select="l2"``: Σ(W − W_r)², ``"lp"``: Σ|W − W_r|^p — and each group keeps its best;
 with early stopping the loop ends once the sum over *all* groups of the current iterate's score
 fails to decrease. The objectives returned are always the lp ones (the paper's φ). Loops in Python over iterations and groups; no
@@ -50,8 +51,8 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
     for r in range(R):
         for j in range(n):
             w = groups[r][j]
-            s[r, j] = _fp16((w.max() - w.min()) / (qmax - qmin), scheme)
-            z[r, j] = _fp16(qmin - w.min() / s[r, j], scheme)
+            s[r, j] = (w.max() - w.min()) / (qmax - qmin)
+            z[r, j] = qmin - w.min() / s[r, j]
 
     def score(w, sj, zj):
         W_q = torch.clamp(torch.round(w / sj + zj), qmin, qmax)
@@ -61,7 +62,6 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
         return W_q, W_r, lp, (l2 if select == "l2" else lp)
 
     best_z = z.clone()
-    z_run = z.clone()  # the iteration's own, unrounded zero-points
     start = [[score(groups[r][j], s[r, j], z[r, j]) for j in range(n)] for r in range(R)]
     best = [[c[3] for c in row] for row in start]
     objectives = [sum(c[2] for row in start for c in row)]
@@ -71,11 +71,10 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
         for r in range(R):
             for j in range(n):
                 w, sj = groups[r][j], s[r, j]
-                W_q, W_r, _, _ = score(w, sj, z_run[r, j])
+                W_q, W_r, _, _ = score(w, sj, z[r, j])
                 x = w - W_r
                 W_e = torch.sign(x) * torch.relu(x.abs() - x.abs().pow(p - 1) / beta)
-                z_run[r, j] = torch.mean(W_q - (w - W_e) / sj)
-                z[r, j] = _fp16(z_run[r, j], scheme)
+                z[r, j] = torch.mean(W_q - (w - W_e) / sj)
                 _, _, lp, e = score(w, sj, z[r, j])
                 total += e
                 lp_total += lp
@@ -87,6 +86,15 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
         if early_stop and totals[-1] >= totals[-2]:
             break
 
+    s, best_z = _fp16(s, scheme), _fp16(best_z, scheme)  # rounded once; the codes follow the stored values
+    if scheme.scale_dtype == "float16":  # per group, RTN's stored grid where it scores better
+        for r in range(R):
+            for j in range(n):
+                w = groups[r][j]
+                s0 = _fp16((w.max() - w.min()) / (qmax - qmin), scheme)
+                z0 = _fp16(qmin - w.min() / s0, scheme)
+                if score(w, s0, z0)[3] < score(w, s[r, j], best_z[r, j])[3]:
+                    s[r, j], best_z[r, j] = s0, z0
     q = torch.zeros(W.shape, dtype=torch.int32)
     qflat = q.reshape(-1) if scheme.granularity == "tensor" else None
     for r in range(R):

@@ -37,23 +37,29 @@ How this file differs from the reference implementation (mobiusml/hqq,
 * Keep the best, per group. The reference stops at the first iteration whose *global* mean-|error|
   does not improve and returns the zero-point computed *after* that evaluation (never itself
   evaluated). Here every iterate z_0 (min/max), z_1, …, z_T is scored per group and each group
-  keeps its best, so the result is never worse than RTN on the same grid, group by group. The
+  keeps its best, so the result is never worse than RTN on the same grid, group by group (checked
+  again after the final rounding of scale and zero-point to their storage dtype, below). The
   score (``select``) is the squared error Σ(W − Q_z⁻¹(Q_z(W)))² by default, not the paper's φ:
   the iteration lowers the squared error much more than φ (SmolLM2, W4 g64: Σ relative squared
   error −15% vs RTN, φ −1%), and picking the φ-best iterate stopped early and gave a clearly
   worse model than the hqq package (bench/llm_peers.py, 1k tokens: KL to fp32 0.290 vs the
   package's 0.246). With the squared-error pick the weights' total relative squared error equals
   the package's (within 0.01%) and KL is 0.251 at g64, 0.413 vs the package's 0.451 at g128.
-  ``select="lp"`` keeps the φ-best, as the paper's objective reads. Early stopping (on by default, as in the reference) ends the loop
-  when the total score of the current iterate fails to decrease.
-* Every iterate is scored as it will be stored (zero-point rounded to the storage dtype, fp16 by
-  default), so the objective that decides "best" is exactly that of the stored weight; but the
-  iteration itself carries the unrounded zero-point, as the reference does. Rounding it before
-  the next update stalls the iteration: an fp16 zero-point near 8 moves in steps of 1/128 of a
-  code, larger than most of the updates, so early stopping ends the loop after a few iterations.
-  On SmolLM2 (W4 g64, 4k tokens) carrying the fp16-rounded zero-point gave KL 0.2238, the
-  unrounded one 0.2221 (the hqq package: 0.2199; the package with its zero-point rounded after
-  every update: 0.2245).
+  ``select="lp"`` keeps the φ-best, as the paper's objective reads; ``select="last"`` is the
+  reference's rule (stop when the global mean |error| does not improve, return the update after
+  it; on SmolLM2 it gives the same model as "l2" to 0.01 % ppl). Early stopping (on by default,
+  as in the reference) ends the loop when the total score of the current iterate fails to
+  decrease.
+* The iteration runs in float32: scale and zero-point are rounded to the storage dtype (fp16 by
+  default) once, after the chosen iterate is picked, and the codes are then computed for the
+  stored values (the reference keeps the iterate's codes; same model quality here, and the
+  stored weight's error is lower). Iterating in float32 is what the reference does, and it matters on SmolLM2 (W4 g64, 8k tokens, ppl ratio lowbit / hqq package on
+  the same tokens ± 2 standard errors): rounding the zero-point after every update stalls the
+  iteration (an fp16 zero-point near 8 moves in steps of 1/128 of a code, larger than most
+  updates; KL 0.2238 vs 0.2221 on 4k tokens); iterating on the unrounded zero-point but the fp16
+  scale gives 1.0047 ± 0.0022; all in float32, 0.9997 ± 0.0016. So the stored weight's objective
+  differs from the recorded one by the final rounding (relative ~1e-3; at 8 bits, where an fp16
+  zero-point near 128 has steps of 1/16 of a code, ~0.5 %).
 * Ragged rows: when group_size does not divide the row, the last group of each row is shorter and
   its means and objectives run over its real entries only (the reference requires divisibility).
 * ``optimize_scale`` (off by default; not in the paper): solve sub-problem (4) jointly over (s, z),
@@ -68,6 +74,7 @@ groups of 64 with float zero-points.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -100,7 +107,8 @@ class HQQConfig:
     iters: int = 20              # zero-point updates (each followed by an evaluation)
     early_stop: bool = True      # stop when the total objective of the iterate stops decreasing
     optimize_scale: bool = False  # extension: fit (s, z) jointly in step (4)
-    select: str = "l2"           # per-group pick among the iterates: squared error "l2" or φ "lp"
+    select: str = "l2"           # per-group pick among the iterates: squared error "l2" or φ "lp";
+                                 # "last": the reference's rule (no per-group pick)
 
     def __post_init__(self) -> None:
         s = self.scheme
@@ -120,8 +128,8 @@ class HQQConfig:
         for name in ("early_stop", "optimize_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"hqq: {name} must be True or False, got {getattr(self, name)!r}")
-        if self.select not in ("l2", "lp"):
-            raise LowbitError(f"hqq: select must be 'l2' or 'lp', got {self.select!r}")
+        if self.select not in ("l2", "lp", "last"):
+            raise LowbitError(f"hqq: select must be 'l2', 'lp' or 'last', got {self.select!r}")
 
 
 # -- helpers: grouped views with a ragged last group -------------------------------------------
@@ -204,7 +212,10 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
     else:
         lo = Wg.masked_fill(valid == 0, math.inf).amin(-1)
         hi = Wg.masked_fill(valid == 0, -math.inf).amax(-1)
-    s, z = qparams_from_range(lo, hi, scheme)                             # [R, n] each
+    # the iteration runs in float32 (scale and zero-point unrounded, see the module docstring);
+    # the storage dtype is applied once, to the chosen iterate's scale and zero-point
+    run_scheme = dataclasses.replace(scheme, scale_dtype="float32")
+    s, z = qparams_from_range(lo, hi, run_scheme)                         # [R, n] each
     W_over_s = Wg / s[..., None]
     use_l2 = cfg.select == "l2"
     W_q, Res, phi, sq = evaluate(W_over_s, s, z)
@@ -214,19 +225,25 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
     totals = [float(score.sum())]
 
     beta, stopped_early, t = float(cfg.beta), False, 0
-    rounds = scheme.scale_dtype == "float16"
-    for t in range(1, cfg.iters + 1):
+    last = cfg.select == "last"
+    l1 = [float(group_sum(Res.abs()).double().sum())]
+
+    def update(W_q: Tensor, Res: Tensor, s: Tensor, beta: float):
+        """Steps (3)-(4) from the codes and residual of the current iterate: (s, z)."""
         W_e = shrink_lp(Res, beta, p)                                     # (3)
         Target = torch.sub(Wg, W_e, out=W_e)                              # W − W_e: what Q_z⁻¹(W_q) should fit
         if cfg.optimize_scale:
-            s = _fit_scale(W_q, Target, s, group_sum, count, scheme)
-            W_over_s = Wg / s[..., None]
+            s = _fit_scale(W_q, Target, s, group_sum, count, run_scheme)
         Target.div_(s[..., None])
-        z_run = group_sum(torch.sub(W_q, Target, out=Target)) / count     # (4)
+        return s, group_sum(torch.sub(W_q, Target, out=Target)) / count   # (4)
+
+    for t in range(1, cfg.iters + 1):
+        s_new, z = update(W_q, Res, s, beta)
+        if s_new is not s:
+            s, W_over_s = s_new, Wg / s_new[..., None]
         beta *= cfg.kappa                                                 # (5)
 
-        z = _stored(z_run, scheme)
-        W_q, Res, phi, sq = evaluate(W_over_s, s, z)                      # the iterate as stored
+        W_q, Res, phi, sq = evaluate(W_over_s, s, z)
         score = sq if use_l2 else phi
         better = score < best_score
         best_score = torch.where(better, score, best_score)
@@ -236,13 +253,28 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         error.append(float(sq.sum()))
         best_objective.append(float(best_score.sum()))
         totals.append(float(score.sum()))
-        if cfg.early_stop and totals[-1] >= totals[-2]:
+        if last:
+            l1.append(float(group_sum(Res.abs()).double().sum()))
+            if cfg.early_stop and l1[-1] >= l1[-2]:
+                # as the reference: return the update computed from the iterate that did not improve
+                s, z = update(W_q, Res, s, beta)
+                stopped_early = True
+                break
+        elif cfg.early_stop and totals[-1] >= totals[-2]:
             stopped_early = True
             break
-        if rounds:  # the next update starts from the unrounded zero-point (see the module docstring)
-            W_q, Res = evaluate(W_over_s, s, z_run, scores=False)
 
-    s, z = best_s, best_z
+    if last:
+        best_s, best_z = s, z
+    s, z = _stored(best_s, scheme), _stored(best_z, scheme)             # rounded once, then the codes
+    if not last and scheme.scale_dtype != "float32":
+        # rounding can cost a group more than it gained over the start (an 8-bit fp16 zero-point
+        # near 128 moves in 1/16 of a code): per group, keep RTN's stored grid where that is better
+        s0, z0 = qparams_from_range(lo, hi, scheme)
+        got = evaluate(Wg / s[..., None], s, z)
+        start = evaluate(Wg / s0[..., None], s0, z0)
+        rtn_better = (start[3] < got[3]) if use_l2 else (start[2] < got[2])
+        s, z = torch.where(rtn_better, s0, s), torch.where(rtn_better, z0, z)
     W_q = torch.clamp(torch.round(Wg / s[..., None] + z[..., None]), qmin, qmax)
     fmt = AffineWeight.from_integers(_ungrouped(W_q, shape).to(torch.int32), s, z, scheme)
     info = {"objective": objective, "error": error, "best_objective": best_objective, "iterations": t,
