@@ -1,5 +1,5 @@
 """Builds lowbit's native CPU kernels: every ``src/lowbit/kernels/csrc/<name>.c`` becomes the
-shared library ``lowbit/kernels/_c_<name>*.so``.
+shared library ``lowbit/kernels/_c_<name>*.so`` (pieces they share are in ``csrc/*.h``).
 
 They are plain C with OpenMP (no Python C API, no torch headers, so the build needs only a C
 compiler and never pulls torch into build isolation), loaded with ctypes by
@@ -22,6 +22,7 @@ if sys.platform.startswith("linux") or sys.platform == "darwin":
         ext_modules.append(Extension(
             f"lowbit.kernels._c_{name}",
             sources=[path],
+            depends=sorted(glob.glob(os.path.join("src", "lowbit", "kernels", "csrc", "*.h"))),
             extra_compile_args=["-O3", "-std=c11", "-fopenmp", "-fno-strict-aliasing"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -44,6 +44,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "lb_common.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #define LB_X86 1
 #include <immintrin.h>
@@ -66,15 +68,7 @@
 #define A8_PREFETCH 8192
 #endif
 
-typedef struct {
-    const uint8_t* qw;
-    const void* scales;
-    const uint8_t* qz;
-    const void* fz;
-    int64_t K, N, row_bytes, s_stride, G, n_groups, qz_stride;
-    int32_t bits, scales_f16, fz_f16;
-    float zconst;
-} lb_affine_weight;
+/* lb_affine_weight, the half conversions and the thread split come from lb_common.h */
 
 /* ------------------------------------------------------------------------------------------ */
 /* dispatch                                                                                    */
@@ -109,52 +103,10 @@ int lb_a8_set_isa(int level) {
     return g_isa;
 }
 
-static int64_t g_min_parallel_bytes = 48 * 1024;
 void lb_a8_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
-
-static inline int pick_threads(int nthreads, int64_t work_bytes, int64_t N) {
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if (work_bytes < g_min_parallel_bytes) nt = 1;
-    if (nt > N) nt = (int)(N < 1 ? 1 : N);
-    return nt;
-}
-
-static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_t* r0, int64_t* r1) {
-    int64_t per = (N + nt - 1) / nt;
-    per = (per + align - 1) / align * align;
-    *r0 = per * tid;
-    *r1 = *r0 + per;
-    if (*r0 > N) *r0 = N;
-    if (*r1 > N) *r1 = N;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers                                                                                     */
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {
-            int e = -1;
-            do { e++; man <<= 1; } while (!(man & 0x400u));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float ld_f(const void* p, int f16, int64_t i) {
-    return f16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-
 static inline float weight_zero(const lb_affine_weight* w, int64_t r, int64_t g) {
     if (w->qz) {
         const uint8_t* p = w->qz + r * w->qz_stride;

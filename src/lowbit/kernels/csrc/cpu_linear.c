@@ -28,6 +28,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "lb_common.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #define LB_X86 1
 #include <immintrin.h>
@@ -73,37 +75,11 @@ int lb_set_isa(int level) {
     return g_isa;
 }
 
-/* A call that does less work than this (bytes of weights) runs on one thread: waking a second
- * thread costs more than it saves. */
-static int64_t g_min_parallel_bytes = 48 * 1024;
+/* Calls that read fewer bytes of weights than this run on one thread (lb_common.h). */
 void lb_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers                                                                                     */
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do { e++; man <<= 1; } while (!(man & 0x400u));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112u) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float ld_f(const void* p, int f16, int64_t i) {
-    return f16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
 
 typedef struct {
     const float* x;      /* [M, K] */
@@ -169,22 +145,6 @@ static void rearrange(const float* x, int64_t M, int64_t K, int V, int s, float*
     }
 }
 
-static inline int pick_threads(int nthreads, int64_t work_bytes, int64_t N) {
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if (work_bytes < g_min_parallel_bytes) nt = 1;
-    if (nt > N) nt = (int)(N < 1 ? 1 : N);
-    return nt;
-}
-
-/* rows [r0, r1) of thread `tid` out of nt, boundaries aligned to `align` rows */
-static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_t* r0, int64_t* r1) {
-    int64_t per = (N + nt - 1) / nt;
-    per = (per + align - 1) / align * align;
-    *r0 = per * tid;
-    *r1 = *r0 + per;
-    if (*r0 > N) *r0 = N;
-    if (*r1 > N) *r1 = N;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* scalar path: any group size, any K                                                          */
@@ -663,17 +623,8 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
     return 0;
 }
 
-/* The same, with the weight's fields in one struct that the caller builds once per weight
- * (keeps the per-call argument conversion short). */
-typedef struct {
-    const uint8_t* qw;
-    const void* scales;
-    const uint8_t* qz;
-    const void* fz;
-    int64_t K, N, row_bytes, s_stride, G, n_groups, qz_stride;
-    int32_t bits, scales_f16, fz_f16;
-    float zconst;
-} lb_affine_weight;
+/* The same, with the weight's fields in one struct (lb_affine_weight, lb_common.h) that the
+ * caller builds once per weight (keeps the per-call argument conversion short). */
 
 int lb_affine_linear_w(const lb_affine_weight* w, const float* x, int64_t M, const float* bias, float* y,
                        int nthreads) {

@@ -39,6 +39,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "lb_common.h"
+
 typedef int (*lb_linear_fn)(const void* w, const float* x, int64_t M, const float* bias, float* y, int nthreads);
 
 typedef struct {
@@ -283,50 +285,6 @@ __attribute__((target("avx2,f16c"))) static void widen_f16c(const uint16_t* src,
 }
 #endif
 
-/* IEEE half <-> float, portable (the store rounds to nearest even, as torch's conversion). */
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    uint32_t bits;
-    if (e == 0) {
-        if (m == 0) {
-            bits = sign;
-        } else {  /* subnormal: m * 2^-24 */
-            float f = (float)m * 5.9604644775390625e-08f;
-            memcpy(&bits, &f, 4);
-            bits |= sign;
-        }
-    } else if (e == 31) {
-        bits = sign | 0x7f800000u | (m << 13);
-    } else {
-        bits = sign | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_half(float f) {
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000, mant = x & 0x7fffff;
-    const int32_t exp = (int32_t)((x >> 23) & 0xff);
-    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
-    const int32_t e = exp - 112;  /* half exponent field */
-    if (e >= 31) return (uint16_t)(sign | 0x7c00);
-    if (e <= 0) {  /* half subnormal (or zero) */
-        if (e < -10) return (uint16_t)sign;
-        const uint32_t full = mant | 0x800000;
-        const int shift = 14 - e;
-        uint32_t hm = full >> shift;
-        const uint32_t rem = full & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-        if (rem > halfway || (rem == halfway && (hm & 1))) hm++;
-        return (uint16_t)(sign | hm);
-    }
-    uint32_t h = sign | ((uint32_t)e << 10) | (mant >> 13);
-    const uint32_t rem = mant & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;  /* a carry into the exponent is right */
-    return (uint16_t)h;
-}
 
 /* for tests: the cache's conversions over arrays */
 void lb_decode_float_to_half(const float* x, uint16_t* y, int64_t n) {

@@ -1,0 +1,100 @@
+/* Pieces shared by lowbit's native kernel libraries (each csrc/<name>.c is its own shared
+ * library; they include this header rather than link against each other).
+ *
+ *   lb_affine_weight   the C view of an affine weight, built once per weight by
+ *                      lowbit.kernels.cpu (_AffineWeightC mirrors it) and handed to every
+ *                      *_linear_w entry point that reads affine weights
+ *   half_to_float, float_to_half, ld_f
+ *                      portable IEEE half conversions (float_to_half rounds to nearest even,
+ *                      as torch's conversion does)
+ *   pick_threads, thread_rows
+ *                      how a call splits its output rows over OpenMP threads: calls that read
+ *                      fewer than g_min_parallel_bytes of weights (per library, settable by the
+ *                      library's lb_*set_min_parallel_bytes) stay on one thread, because waking
+ *                      a second thread costs more than it saves
+ */
+#ifndef LOWBIT_LB_COMMON_H
+#define LOWBIT_LB_COMMON_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const uint8_t* qw;
+    const void* scales;
+    const uint8_t* qz;
+    const void* fz;
+    int64_t K, N, row_bytes, s_stride, G, n_groups, qz_stride;
+    int32_t bits, scales_f16, fz_f16;
+    float zconst;
+} lb_affine_weight;
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, mant = x & 0x7fffff;
+    const int32_t exp = (int32_t)((x >> 23) & 0xff);
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
+    const int32_t e = exp - 112;  /* half exponent field */
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {  /* half subnormal (or zero) */
+        if (e < -10) return (uint16_t)sign;
+        const uint32_t full = mant | 0x800000;
+        const int shift = 14 - e;
+        uint32_t hm = full >> shift;
+        const uint32_t rem = full & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (hm & 1))) hm++;
+        return (uint16_t)(sign | hm);
+    }
+    uint32_t h = sign | ((uint32_t)e << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;  /* a carry into the exponent is right */
+    return (uint16_t)h;
+}
+
+/* element i of an fp16 (f16 != 0) or float32 array, as float */
+static inline float ld_f(const void* p, int f16, int64_t i) {
+    return f16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static int64_t g_min_parallel_bytes = 48 * 1024;
+
+static inline int pick_threads(int nthreads, int64_t work_bytes, int64_t N) {
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (work_bytes < g_min_parallel_bytes) nt = 1;
+    if (nt > N) nt = (int)(N < 1 ? 1 : N);
+    return nt;
+}
+
+/* rows [r0, r1) of thread `tid` out of nt, boundaries aligned to `align` rows */
+static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_t* r0, int64_t* r1) {
+    int64_t per = (N + nt - 1) / nt;
+    per = (per + align - 1) / align * align;
+    *r0 = per * tid;
+    *r1 = *r0 + per;
+    if (*r0 > N) *r0 = N;
+    if (*r1 > N) *r1 = N;
+}
+
+#endif
