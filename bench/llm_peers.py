@@ -41,6 +41,7 @@ from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.quality import PplProtocol, paired_ppl_ratio
 from lowbit.eval.report import format_table
+from lowbit.evaluate import COLUMNS as EVAL_COLUMNS
 from lowbit.evaluate import EvalSettings, compare
 from lowbit.models.families import block_prefix, find_blocks, linear_layers
 
@@ -189,15 +190,9 @@ def block_linears_quantized(model: torch.nn.Module) -> dict:
     return out
 
 
-COLUMNS = [
-    ("variant", "variant", None),
-    ("bpw", "bits/w", ".3f"),
-    ("ppl", "ppl", ".3f"),
-    ("dppl", "Δppl", "+.3f"),
-    ("kl", "KL mean", ".5f"),
-    ("kl_p99", "KL p99", ".4f"),
-    ("top1", "top-1 %", ".2f"),
-    ("qtime", "quant s", ".1f"),
+# lowbit's evaluation columns without size and speed (quantization time is this table's speed),
+# then the pair comparisons
+COLUMNS = [c for c in EVAL_COLUMNS if c[0] not in ("size_mb", "prefill", "decode")] + [
     ("ratio", "time lowbit/peer", ".2f"),
     ("pplratio", "ppl lowbit/peer ± 2se", None),
 ]
