@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -50,47 +49,21 @@ HEAD_VARIANTS = ["int8-channel", "int4-g32"]
 COLD_BYTES = 96 << 20
 
 
-def timeit(fn, min_block=0.02, repeats=5) -> float:
-    """Median over `repeats` blocks of the mean time per call (each block >= min_block s)."""
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        el = time.perf_counter() - t0
-        if el >= min_block:
-            break
-        n *= 2
-    times = [el / n]
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
+def _sibling(name: str):
+    """bench/<name>.py as a module (loaded by path: `import kernels` would be ambiguous with the
+    `kernels` package some peers probe for)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def cycling(fns):
-    it = [0]
-
-    def call():
-        i = it[0]
-        fns[i]()
-        it[0] = i + 1 if i + 1 < len(fns) else 0
-
-    return call
-
-
-def print_table(header, rows, markdown):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = (lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |") if markdown \
-        else (lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
-    print(line(header))
-    if markdown:
-        print("| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |")
-    for r in rows:
-        print(line(r))
+_kb = _sibling("kernels")  # the timing and table helpers of bench/kernels.py
+timeit = functools.partial(_kb.timeit, repeats=5)  # wall clock; median of 5 blocks of >= 20 ms
+cycling, print_table = _kb.cycling, _kb.print_table
 
 
 def copy_weight(w):
