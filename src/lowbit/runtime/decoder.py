@@ -57,6 +57,7 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
     to int8 per block of 32 and multiplied in integers (`lowbit.kernels.a8`, the W4A8 product
     llama.cpp's Q4_0 x Q8_0 dot computes) where that kernel takes the weight; several rows
     (prompts) keep float activations."""
+    from lowbit.kernels import a8
     from lowbit.kernels import linear as kernel_linear
     from lowbit.nn.linear import QuantizedLinear
 
@@ -67,12 +68,11 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
         return lambda x: torch.addmm(b, x, wt) if x.dim() == 2 else F.linear(x, wt.t(), b)
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt, b = mod.weight_format, mod.bias
-        if int8_activations and getattr(type(fmt), "name", None) == "affine":
-            from lowbit.kernels.a8 import affine_a8_linear
+        if int8_activations and a8.supports(fmt):  # decided once, as the C step decides
 
             def run(x):
                 if x.numel() == x.shape[-1]:
-                    y = affine_a8_linear(x, fmt, b)
+                    y = a8.affine_a8_linear(x, fmt, b)
                     if y is not NotImplemented:
                         return y
                 return kernel_linear(x, fmt, b)

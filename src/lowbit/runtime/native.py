@@ -283,23 +283,9 @@ def _linear_entry(mod: nn.Module, what: str, keep: list, int8_activations: bool 
         keep += [fmt, st, b]
         bptr = None if b is None else b.data_ptr()
         if int8_activations and name == "affine":
-            a8 = _a8_function(st, fmt.shape)
-            if a8 is not None:  # the int8-activation kernel takes this weight (else: float activations)
-                return a8, ctypes.addressof(st), bptr, "affine-a8"
+            from lowbit.kernels import a8
+
+            if a8.supports(fmt):  # the int8-activation kernel takes this weight (else: float activations)
+                return a8.function_address(), ctypes.addressof(st), bptr, "affine-a8"
         return _addr(clib.lb_affine_linear_w), ctypes.addressof(st), bptr, name
     raise _Unsupported(f"{what} is a {type(mod).__name__}, which the C step has no kernel for")
-
-
-def _a8_function(st, shape) -> int | None:
-    """Address of the int8-activation kernel if it computes this weight (probed with one call on
-    a zero row, the same test `lowbit.kernels.a8.affine_a8_linear` makes), else None."""
-    from lowbit.kernels import a8
-
-    lib = a8.library()
-    if lib is None:
-        return None
-    N, K = shape
-    x, y = torch.zeros(K), torch.empty(N)
-    if lib.lb_affine_a8_linear_w(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1):
-        return None
-    return a8.function_address()
