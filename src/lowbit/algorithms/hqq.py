@@ -193,15 +193,13 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
     def group_sum(X: Tensor) -> Tensor:                                  # [R, n, g] → [R, n]
         return (X if valid is None else X * valid).sum(-1)
 
-    def evaluate(W_over_s: Tensor, s: Tensor, z: Tensor, scores: bool = True):
+    def evaluate(W_over_s: Tensor, s: Tensor, z: Tensor):
         """(W_q, residual W − Q_z⁻¹(W_q), φ and squared error per group [R, n]) for scale s and
         zero z [R, n]. (In-place ops on fresh temporaries only: same numbers, fewer allocations.)"""
         S, Z = s[..., None], z[..., None]
         W_q = (W_over_s + Z).round_().clamp_(qmin, qmax)                  # Q_z(W)           (0)
         Res = torch.sub(W_q, Z).mul_(S)                                   # Q_z⁻¹(Q_z(W))
         torch.sub(Wg, Res, out=Res)                                       # W − Q_z⁻¹(Q_z(W))
-        if not scores:
-            return W_q, Res
         phi = group_sum(Res.abs().pow(p)).double()                        # φ per group      (1)
         sq = group_sum(Res.square()).double()                             # squared error per group
         return W_q, Res, phi, sq
@@ -226,7 +224,7 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
 
     beta, stopped_early, t = float(cfg.beta), False, 0
     last = cfg.select == "last"
-    l1 = [float(group_sum(Res.abs()).double().sum())]
+    l1 = [float(group_sum(Res.abs()).double().sum())] if last else []  # the reference's stop measure
 
     def update(W_q: Tensor, Res: Tensor, s: Tensor, beta: float):
         """Steps (3)-(4) from the codes and residual of the current iterate: (s, z)."""
@@ -275,7 +273,9 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         start = evaluate(Wg / s0[..., None], s0, z0)
         rtn_better = (start[3] < got[3]) if use_l2 else (start[2] < got[2])
         s, z = torch.where(rtn_better, s0, s), torch.where(rtn_better, z0, z)
-    W_q = torch.clamp(torch.round(Wg / s[..., None] + z[..., None]), qmin, qmax)
+        W_q = torch.where(rtn_better[..., None], start[0], got[0])       # the codes for (s, z)
+    else:
+        W_q = torch.clamp(torch.round(Wg / s[..., None] + z[..., None]), qmin, qmax)
     fmt = AffineWeight.from_integers(_ungrouped(W_q, shape).to(torch.int32), s, z, scheme)
     info = {"objective": objective, "error": error, "best_objective": best_objective, "iterations": t,
             "stopped_early": stopped_early}
