@@ -28,6 +28,14 @@ def rel_err(y, r):
     return ((y.double() - r.double()).norm() / r.double().norm().clamp(min=1e-30)).item()
 
 
+def test_library_is_built_whenever_the_float_kernels_are():
+    # every test below skips without the library; this one keeps a failed build from hiding
+    from lowbit.kernels import cpu
+
+    if cpu.available():
+        assert a8.available()
+
+
 @pytest.fixture(params=PATHS)
 def path(request):
     if not a8.available():
