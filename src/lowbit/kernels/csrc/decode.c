@@ -143,8 +143,7 @@ int lb_dec_f32_linear_w(const lb_f32_weight* w, const float* x, int64_t M, const
                         int nthreads) {
     const int64_t K = w->K, N = w->N;
     if (K <= 0 || N < 0 || M < 0) return 2;
-    int nt = nthreads > 0 ? nthreads : 1;
-    if (N * K < 12288) nt = 1;  /* under 48 KiB of weights: one thread */
+    const int nt = pick_threads(nthreads, N * K * (int64_t)sizeof(float), N);  /* lb_common.h */
     for (int64_t m = 0; m < M; m++) {
         const float* xm = x + m * K;
         float* ym = y + m * N;
