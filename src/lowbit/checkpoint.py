@@ -30,6 +30,7 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.integrations import hf_config
 from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD
 from lowbit.models.loading import is_lowbit_checkpoint as is_checkpoint  # noqa: F401 (re-exported)
 from lowbit.nn.linear import QuantizedLinear
@@ -99,6 +100,7 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) 
         raise LowbitError(f"output directory {out} is not empty and is not a lowbit checkpoint; refusing to overwrite it")
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
+        hf_config.add_to_config_json(tmp / "config.json", record)  # transformers loads it via lowbit
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         tensors = _unique_state_dict(model)
@@ -144,6 +146,7 @@ def load(path: str | os.PathLike):
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises many types for a bad config
         raise LowbitError(f"{path}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+    hf_config.strip(config)  # the model built here is lowbit's, not transformers' quantizer's
     # Parameters start on the meta device (no memory): every one of them is either replaced by a
     # QuantizedLinear built from the file's tensors or assigned the file's own tensor below, so
     # the float model is never materialised (an int4 SmolLM2 checkpoint loads in ~0.4 GB instead
