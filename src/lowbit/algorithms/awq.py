@@ -27,7 +27,7 @@ How lowbit runs it (one decoder block at a time, driven by `calibration.sequenti
    ``max_tokens`` per layer): the Gram matrix H = Σ x xᵀ, Σ|x| and the token count. Because
    ‖X·Δᵀ‖² = tr(Δ·H·Δᵀ) for any weight error Δ = Ŵ − W, these sums are all Eq. 4 needs; they are
    sums over samples, so multi-process calibration all-reduces them (``statistics``).
-2. ``transform_block``: for each scaling group of the family (`models.families.AWQ_LAYOUTS`:
+2. ``transform_block``: for each scaling group of the family (its record's `Family.awq`:
    norm → q/k/v, v_proj → o_proj, norm → gate/up, up_proj → down_proj): grid-search α (Eq. 5),
    fold 1/s into the producing op and s into the linears' columns. Then, per linear (except q/k),
    search each group's clipping factor.

@@ -13,11 +13,11 @@ What goes into the file
 * the tokenizer: copied verbatim (every ``tokenizer.*`` key) from the GGUF the model was loaded
   from when there is one (the builtin models came from GGUFs: their tokenizer metadata is kept in
   lowbit's cache), else converted from the HF tokenizer (byte-level BPE only);
-* tensors under llama.cpp's names (`TENSOR_NAMES`, per family `EXPORT_FAMILIES`: llama, mistral
-  (as llama), qwen2, gemma3); ``attn_q`` / ``attn_k`` rows of llama-family models permuted back
-  into GGUF's rotary layout (`permute_qk`, the inverse of what transformers undoes on load);
-  Gemma 3's RMSNorm gains stored as 1 + w, as llama.cpp reads them; a tied ``lm_head`` is not
-  written (llama.cpp reuses ``token_embd``);
+* tensors under llama.cpp's names, as the family's record (`lowbit.models.families.Family`) maps
+  them (`gguf_name`); ``attn_q`` / ``attn_k`` rows permuted back into GGUF's rotary layout where
+  the record's GGUF architecture asks for it (llama, mistral: `permute_qk`, the inverse of what
+  transformers undoes on load); RMSNorm gains stored as offset + w (Gemma 3: 1 + w), as llama.cpp
+  reads them; a tied ``lm_head`` is not written (llama.cpp reuses ``token_embd``);
 * every 2-D weight in the type chosen by `choose_types`, 1-D tensors (norms, biases) in F32.
 
 Writes are atomic: the file is built under a temporary name in the target directory and renamed
@@ -76,6 +76,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export import gguf_quants
+from lowbit.models.families import FAMILIES, Family, family_of
 
 # --------------------------------------------------------------------------------------------
 # types
@@ -170,57 +171,15 @@ def _rule(name: str, shape, base: str, mix: str | None, n: int, has_output: bool
 # families: names, permutation, metadata
 # --------------------------------------------------------------------------------------------
 
-# HF parameter name (inside a decoder block) -> GGUF name
-_BLOCK_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-# Gemma 3 normalises the attention and MLP outputs too, and q / k per head
-_GEMMA3_BLOCK_NAMES = {
-    **_BLOCK_NAMES,
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-}
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
-TENSOR_NAMES = {**_TOP_NAMES, **{f"model.layers.*.{k}": f"blk.*.{v}" for k, v in _BLOCK_NAMES.items()}}
-
-
-@dataclass(frozen=True)
-class ExportFamily:
-    arch: str  # general.architecture
-    permute_qk: bool  # llama.cpp's llama arch rotates adjacent pairs: q/k rows permuted
-    block_names: dict
-    norm_offset: float = 0.0  # GGUF stores the RMSNorm gain (1 + w) of Gemma as such
-
-
-# HF model_type -> how it is written
-EXPORT_FAMILIES = {
-    "llama": ExportFamily("llama", True, _BLOCK_NAMES),
-    "mistral": ExportFamily("llama", True, _BLOCK_NAMES),
-    "qwen2": ExportFamily("qwen2", False, _BLOCK_NAMES),
-    "gemma3_text": ExportFamily("gemma3", False, _GEMMA3_BLOCK_NAMES, norm_offset=1.0),
-}
-
-
-def gguf_name(hf_name: str, block_names: dict = _BLOCK_NAMES) -> str:
-    """The GGUF tensor name of an HF parameter name (LowbitError for names it has no place for)."""
-    if hf_name in _TOP_NAMES:
-        return _TOP_NAMES[hf_name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+def gguf_name(hf_name: str, family: Family | None = None) -> str:
+    """The GGUF tensor name of an HF parameter name, by the family's record (default: llama);
+    LowbitError for names it has no place for."""
+    fam = family or FAMILIES["llama"]
+    top = fam.gguf_top_names
+    if hf_name in top:
+        return top[hf_name]
+    m = re.fullmatch(rf"{re.escape(fam.blocks)}\.(\d+)\.(.+)", hf_name)
+    block_names = fam.gguf_block_names
     if m and m.group(2) in block_names:
         return f"blk.{m.group(1)}.{block_names[m.group(2)]}"
     raise LowbitError(f"no GGUF tensor name for parameter {hf_name!r}")
@@ -273,8 +232,11 @@ def _rope_scaling(config) -> dict | None:
     return None
 
 
-def architecture_metadata(config, arch: str) -> dict[str, tuple[object, str]]:
-    """``{key: (value, gguf value type name)}`` of the architecture hyper-parameters."""
+def architecture_metadata(config, family: Family) -> dict[str, tuple[object, str]]:
+    """``{key: (value, gguf value type name)}`` of the architecture hyper-parameters, as the
+    family's llama.cpp architecture (`Family.gguf`) reads them."""
+    g = family.gguf
+    arch = g.name
     n_head = int(config.num_attention_heads)
     n_kv = int(_cfg(config, "num_key_value_heads", default=n_head))
     hidden = int(config.hidden_size)
@@ -295,24 +257,26 @@ def architecture_metadata(config, arch: str) -> dict[str, tuple[object, str]]:
     theta = _rope_theta(config)
     if theta is not None:
         md[f"{arch}.rope.freq_base"] = (theta, "FLOAT32")
-    if head_dim != hidden // n_head or arch == "gemma3":
+    if head_dim != hidden // n_head or g.head_dim_keys:
         md[f"{arch}.attention.key_length"] = (head_dim, "UINT32")
         md[f"{arch}.attention.value_length"] = (head_dim, "UINT32")
-    if arch == "gemma3":
-        # llama.cpp fixes Gemma 3's pattern (every 6th layer global) and the local rope base (10^4)
+    if g.global_every:
+        # llama.cpp fixes the local/global pattern (Gemma 3: every 6th layer global, local rope base 10^4)
+        n = g.global_every
         types = list(getattr(config, "layer_types", None) or [])
-        if types and types != [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(len(types))]:
-            raise LowbitError("GGUF (llama.cpp) Gemma 3 needs every 6th layer global; this model's layer_types differ")
+        if types and types != [("full_attention" if (i + 1) % n == 0 else "sliding_attention") for i in range(len(types))]:
+            raise LowbitError(f"GGUF (llama.cpp) {arch} needs every {n}th layer global; this model's layer_types differ")
         md[f"{arch}.attention.sliding_window"] = (int(config.sliding_window), "UINT32")
-        qpas = getattr(config, "query_pre_attn_scalar", head_dim)
+    if family.attn_scale:
+        qpas = getattr(config, family.attn_scale, head_dim)
         if qpas != head_dim:
-            raise LowbitError(f"GGUF (llama.cpp) Gemma 3 scales attention by 1/sqrt(head_dim = {head_dim}); "
-                              f"this model's query_pre_attn_scalar is {qpas}")
-        for k in (f"{arch}.vocab_size", f"{arch}.rope.dimension_count"):
-            md.pop(k)
-        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if getattr(config, key, None) is not None:
-                raise LowbitError(f"GGUF export of Gemma 3 with {key} is not supported")
+            raise LowbitError(f"GGUF (llama.cpp) {arch} scales attention by 1/sqrt(head_dim = {head_dim}); "
+                              f"this model's {family.attn_scale} is {qpas}")
+    for k in g.omit:
+        md.pop(f"{arch}.{k}")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(config, key, None) is not None:
+            raise LowbitError(f"GGUF export of {arch} with {key} is not supported")
     return md
 
 
@@ -513,14 +477,8 @@ def _tied(model) -> bool:
 
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """GGUF name -> float32 tensor (torch layout [rows, row length]), q/k permuted, tied head dropped."""
-    from lowbit.models.families import family_of
-
-    fam = family_of(model)
-    if fam.model_type not in EXPORT_FAMILIES:
-        raise LowbitError(f"GGUF export supports the families {', '.join(sorted(EXPORT_FAMILIES))}; "
-                          f"this model is {fam.model_type!r}")
-    ef = EXPORT_FAMILIES[fam.model_type]
-    permute = ef.permute_qk
+    fam = family_of(model)  # LowbitError for a family lowbit does not know
+    permute = fam.gguf.permute_qk
     cfg = model.config
     n_head = int(cfg.num_attention_heads)
     n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
@@ -531,9 +489,9 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     for hf, t in sd.items():
         if hf.endswith("rotary_emb.inv_freq") or ".rotary_emb." in hf:
             continue
-        name = gguf_name(hf, ef.block_names)
-        if ef.norm_offset and name.endswith("norm.weight"):
-            t = t + ef.norm_offset
+        name = gguf_name(hf, fam)
+        if fam.norm_offset and name.endswith("norm.weight"):  # llama.cpp stores the gain (offset + w)
+            t = t + fam.norm_offset
         if permute and (name.endswith("attn_q.weight") or name.endswith("attn_q.bias")):
             t = permute_qk(t, n_head)
         elif permute and (name.endswith("attn_k.weight") or name.endswith("attn_k.bias")):
@@ -542,7 +500,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
             raise LowbitError(f"tensor {hf} has NaN/Inf values; refusing to export it")
         out[name] = t.contiguous()
     if "token_embd.weight" not in out:
-        raise LowbitError("the model has no token embedding (model.embed_tokens.weight)")
+        raise LowbitError(f"the model has no token embedding ({fam.embed}.weight)")
     # llama.cpp's order: token_embd, then per block, then the head (order only matters for readers)
     def key(n):
         i = _block_index(n)
@@ -626,9 +584,8 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         raise LowbitError(f"output directory {out_path.parent} does not exist")
     model = m.model
     tensors = gguf_tensors(model)
-    from lowbit.models.families import family_of
-
-    arch = EXPORT_FAMILIES[family_of(model).model_type].arch
+    fam = family_of(model)
+    arch = fam.gguf.name
     cfg = model.config
     n_layer = int(cfg.num_hidden_layers)
     types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer)
@@ -646,7 +603,7 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         w.add_name(name or getattr(m, "name", None) or "model")
         w.add_file_type(FILE_TYPES.get(qtype, 1))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for k, (v, vt) in architecture_metadata(cfg, arch).items():
+        for k, (v, vt) in architecture_metadata(cfg, fam).items():
             _add_kv(w, k, v, vt)
         for k, (v, vt) in tok_md.items():
             _add_kv(w, k, v, vt)
@@ -706,10 +663,7 @@ def collect_imatrix(m, n_samples: int = 16, seq_len: int = 512, text: str | None
     from lowbit.nn.linear import QuantizedLinear
 
     model = m.model
-    from lowbit.models.families import family_of
-
-    ef = EXPORT_FAMILIES.get(family_of(model).model_type)
-    block_names = ef.block_names if ef else _BLOCK_NAMES
+    fam = family_of(model)
     samples = calibration_samples(m.tokenizer, n_samples=n_samples, seq_len=seq_len, text=text, seed=seed)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -718,7 +672,7 @@ def collect_imatrix(m, n_samples: int = 16, seq_len: int = 512, text: str | None
         if not isinstance(mod, (torch.nn.Linear, QuantizedLinear)):
             continue
         try:
-            gname = gguf_name(mname + ".weight", block_names)
+            gname = gguf_name(mname + ".weight", fam)
         except LowbitError:
             continue
 

@@ -11,6 +11,7 @@ that group sizes 16/32/64 divide every linear's input width.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -65,10 +66,9 @@ def tiny_config(model_type: str = "llama", **overrides):
     """A transformers config of the given family with the tiny shape (overrides win)."""
     from transformers import AutoConfig
 
-    family_for_type(model_type)  # LowbitError for families lowbit does not support
+    fam = family_for_type(model_type)  # LowbitError for families lowbit does not support
     kw = dict(TINY_SHAPE, vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257, pad_token_id=257)
-    if model_type == "gemma3_text":
-        kw.update(sliding_window=32, layer_types=["sliding_attention", "full_attention"])
+    kw.update(copy.deepcopy(fam.tiny))  # what the family's record asks of a tiny model (Gemma 3: a local and a global layer)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 

@@ -27,9 +27,9 @@ The arithmetic follows transformers' eager implementation of each family (RMSNor
 scaled embedding, query_pre_attn_scalar, sliding windows as ``kv > q - window``), so logits agree
 with ``model(ids).logits`` to float32 rounding (tests/test_runtime.py).
 
-Families: those in `lowbit.models.families` (llama, gemma3_text, qwen2, mistral). The decoder
-holds references to the model's tensors at construction: build it after quantizing or moving the
-model, not before.
+Families: those in `lowbit.models.families`; the family's record says where each part of a block
+is and which of the variants above the family uses. The decoder holds references to the model's
+tensors at construction: build it after quantizing or moving the model, not before.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.families import family_of
+from lowbit.models.families import NORMS, family_of
 
 __all__ = ["LeanDecoder", "linear_fn"]
 
@@ -105,7 +105,7 @@ def _rms(x: Tensor, n: _Norm) -> Tensor:
 
 @dataclass
 class _Layer:
-    q: object
+    q: object  # the projections (models.families.PROJECTIONS): x -> the layer's output
     k: object
     v: object
     o: object
@@ -115,21 +115,13 @@ class _Layer:
     act: object
     attn_norm: _Norm
     mlp_norm: _Norm
-    post_attn_norm: _Norm | None  # Gemma 3 sandwich norms
+    post_attn_norm: _Norm | None  # sandwich norms (Gemma 3)
     post_mlp_norm: _Norm | None
-    q_norm: _Norm | None  # Gemma 3 per-head q/k norms
+    q_norm: _Norm | None  # per-head q/k norms (Gemma 3)
     k_norm: _Norm | None
     window: int | None  # sliding window (keys with pos > q_pos - window), None = full causal
     rope: str  # key into the decoder's rotary tables
-
-
-_FAMILY_STYLE = {
-    # model_type: (norm offset, sandwich + q/k norms)
-    "llama": (0.0, False),
-    "mistral": (0.0, False),
-    "qwen2": (0.0, False),
-    "gemma3_text": (1.0, True),
-}
+    modules: dict  # projection role -> the model's own module (for the C step)
 
 
 class LeanDecoder:
@@ -138,11 +130,10 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, max_len: int | None = None, native: bool | None = None,
                  int8_activations: bool = False, kv_dtype: torch.dtype | None = None):
         fam = family_of(model)  # LowbitError for an unsupported family
-        if fam.model_type not in _FAMILY_STYLE:
-            raise LowbitError(f"lowbit's decoder does not support model family {fam.model_type!r}")
-        offset, gemma = _FAMILY_STYLE[fam.model_type]
+        offset = fam.norm_offset
         cfg = model.config
         self.model = model
+        self.family = fam
         self.model_type = fam.model_type
         self.config = cfg
         limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
@@ -160,17 +151,16 @@ class LeanDecoder:
         if self.n_heads % self.n_kv:
             raise LowbitError(f"{self.n_heads} attention heads are not a multiple of {self.n_kv} key/value heads")
         self.group = self.n_heads // self.n_kv
-        if gemma:
-            self.scaling = float(cfg.query_pre_attn_scalar) ** -0.5
+        if fam.attn_scale:
+            self.scaling = float(getattr(cfg, fam.attn_scale)) ** -0.5
         else:
             self.scaling = self.head_dim ** -0.5
         self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
 
-        inner = model.get_submodule(fam.blocks.rpartition(".")[0])  # e.g. model.model
-        self.embed = model.get_submodule(fam.embed)
-        self.final_norm = _norm(model.get_submodule(fam.final_norm), offset)
-        self.lm_head_module = model.get_submodule(fam.lm_head)
+        self.embed = fam.get(model, fam.embed)
+        self.final_norm = _norm(fam.get(model, fam.final_norm), offset)
+        self.lm_head_module = fam.get(model, fam.lm_head)
         self.int8_activations = bool(int8_activations)
         lin = lambda m: linear_fn(m, self.int8_activations)  # noqa: E731
         self.lm_head = lin(self.lm_head_module)
@@ -179,44 +169,37 @@ class LeanDecoder:
         self.device = embed_w.device if embed_w is not None else torch.device("cpu")
 
         layer_types = list(getattr(cfg, "layer_types", None) or [])
-        blocks = list(model.get_submodule(fam.blocks))
+        blocks = list(fam.get(model, fam.blocks))
         self.blocks = blocks
         if layer_types and len(layer_types) < len(blocks):
             raise LowbitError(f"config.layer_types lists {len(layer_types)} layers for {len(blocks)} blocks")
         self.layers: list[_Layer] = []
         for i, blk in enumerate(blocks):
-            attn, mlp = blk.self_attn, blk.mlp
             ltype = layer_types[i] if layer_types else "full_attention"
             window = None
             if ltype == "sliding_attention":
                 window = getattr(cfg, "sliding_window", None)
-            elif fam.model_type == "mistral" and getattr(cfg, "sliding_window", None):
+            elif fam.window_all_layers and getattr(cfg, "sliding_window", None):
                 window = cfg.sliding_window
+            mods = {role: fam.get(blk, path, "projection") for role, path in fam.projections.items()}
+            norms = {role: _norm(fam.get(blk, path, "norm"), offset) for role, path in fam.norms.items()}
             self.layers.append(_Layer(
-                q=lin(attn.q_proj), k=lin(attn.k_proj), v=lin(attn.v_proj),
-                o=lin(attn.o_proj), gate=lin(mlp.gate_proj), up=lin(mlp.up_proj),
-                down=lin(mlp.down_proj), act=mlp.act_fn,
-                attn_norm=_norm(blk.input_layernorm, offset),
-                mlp_norm=_norm(blk.pre_feedforward_layernorm if gemma else blk.post_attention_layernorm, offset),
-                post_attn_norm=_norm(blk.post_attention_layernorm, offset) if gemma else None,
-                post_mlp_norm=_norm(blk.post_feedforward_layernorm, offset) if gemma else None,
-                q_norm=_norm(attn.q_norm, offset) if gemma else None,
-                k_norm=_norm(attn.k_norm, offset) if gemma else None,
+                **{role: lin(m) for role, m in mods.items()}, act=fam.get(blk, fam.act, "activation"),
+                **{role: norms.get(role) for role in NORMS},
                 window=int(window) if window else None,
-                rope=ltype if gemma else "default",
+                rope=ltype if fam.rope_per_layer_type else "default",
+                modules=mods,
             ))
 
         # Rotary tables from the model's own rotary module (so every rope_type / scaling it
         # implements is honoured): cos/sin [max_len, head_dim] per variant.
-        rot = getattr(inner, "rotary_emb", None)
-        if rot is None:
-            raise LowbitError(f"{type(inner).__name__} has no rotary_emb; lowbit's decoder needs rotary positions")
+        rot = fam.get(model, fam.rotary, "rotary module")
         pos = torch.arange(max_len, device=self.device)[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         self.rope: dict[str, tuple[Tensor, Tensor]] = {}
         with torch.inference_mode():
             for name in sorted({layer.rope for layer in self.layers}):
-                cos, sin = rot(probe, pos, name) if gemma else rot(probe, position_ids=pos)
+                cos, sin = rot(probe, pos, name) if fam.rope_per_layer_type else rot(probe, position_ids=pos)
                 cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
                 if cos.shape != (max_len, self.head_dim):
                     raise LowbitError(f"rotary table has shape {tuple(cos.shape)}, "

@@ -167,23 +167,23 @@ class NativeStep:
             eps.add(n.eps)
             return _f32_cpu(n.gain, what).data_ptr()
 
+        fam = dec.family
         embed = dec.embed
-        if type(embed).__name__ not in ("Embedding", "Gemma3TextScaledWordEmbedding") or not isinstance(embed, nn.Embedding):
-            raise _Unsupported(f"embedding {type(embed).__name__} is not a plain (or Gemma-scaled) nn.Embedding")
+        # the family's record says whether its embedding scales its rows (embed_scale: Gemma)
+        scaled = fam.scaled_embedding and getattr(embed, "embed_scale", None) is not None
+        if not isinstance(embed, nn.Embedding) or (type(embed) is not nn.Embedding and not scaled):
+            raise _Unsupported(f"embedding {type(embed).__name__} is not a plain (or {fam.model_type}-scaled) "
+                               "nn.Embedding")
         ew = _f32_cpu(embed.weight.detach(), "the embedding weight")
-        scale = getattr(embed, "embed_scale", None)
-        embed_scale = 1.0 if scale is None else float(scale)
+        embed_scale = float(embed.embed_scale) if scaled else 1.0
 
         L = len(dec.layers)
         layers = (_Layer * L)()
         act = None
         for i, ly in enumerate(dec.layers):
             c = layers[i]
-            blk = dec.blocks[i]
-            attn, mlp = blk.self_attn, blk.mlp
-            for name, mod in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
-                              ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
-                setattr(c, name, linear(mod, f"block {i} {name}_proj"))
+            for role, path in fam.projections.items():
+                setattr(c, role, linear(ly.modules[role], f"block {i} {path.rpartition('.')[2]}"))
             kind = _activation_kind(ly.act)
             if act is not None and kind != act:
                 raise _Unsupported("blocks use different activations")
@@ -201,7 +201,8 @@ class NativeStep:
         if len(eps) != 1:
             raise _Unsupported(f"norms use different epsilons {sorted(eps)}")
         cfg = dec.config
-        ffn = max(_out_features(blk.mlp.gate_proj, f"block {i} gate_proj") for i, blk in enumerate(dec.blocks))
+        gate = fam.projections["gate"].rpartition(".")[2]
+        ffn = max(_out_features(ly.modules["gate"], f"block {i} {gate}") for i, ly in enumerate(dec.layers))
         if ffn < dec.n_kv * dec.head_dim:
             raise _Unsupported("the MLP is narrower than the key/value projection (the C step reuses its buffer)")
         plan = _Plan(n_layers=L, d=int(ew.shape[1]), n_heads=dec.n_heads, n_kv=dec.n_kv, head_dim=dec.head_dim,

@@ -20,18 +20,13 @@ from lowbit.runtime.decoder import LeanDecoder
 
 __all__ = ["ProfiledDecoder", "profile_decode"]
 
-_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-          "down": "down_proj"}
-
-
 class ProfiledDecoder(LeanDecoder):
     def __init__(self, model, max_len=None):
         super().__init__(model, max_len, native=False)  # times the Python path's seams
         self.times: dict[str, float] = defaultdict(float)
         for L in self.layers:
-            for f in _LINEARS:
-                setattr(L, f, self._timed(getattr(L, f), f"linear {_NAMES[f]}"))
+            for role, path in self.family.projections.items():  # labelled by the family's names
+                setattr(L, role, self._timed(getattr(L, role), f"linear {path.rpartition('.')[2]}"))
             L.act = self._timed(L.act, "activation (silu/gelu)")
         self.lm_head = self._timed(self.lm_head, "linear lm_head")
 
