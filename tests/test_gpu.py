@@ -102,3 +102,39 @@ def test_every_method_runs_on_cuda_like_on_cpu(method, scheme):
     e_cpu = (l_cpu - ref).pow(2).mean().item()
     e_gpu = (l_gpu - ref).pow(2).mean().item()
     assert e_gpu == pytest.approx(e_cpu, rel=0.05, abs=1e-6)
+
+
+def test_data_free_methods_honour_device():
+    """apply_data_free works on the device (each block moved there and back), as the runner does."""
+    a, b = tiny_llama(), tiny_llama()
+    meth = make_method("rtn", SCHEME)
+    seen = []
+    apply = meth.apply
+    meth.apply = lambda name, mod: (seen.append(mod.weight.device.type), apply(name, mod))[1]
+    apply_data_free(a, meth, progress=False, device="cuda")
+    assert set(seen) == {"cuda"}
+    assert all(t.device.type == "cpu" for t in [*a.parameters(), *a.buffers()])  # blocks went back home
+    run_sequential(b, make_method("rtn", SCHEME), _samples(), device="cuda", batch_size=3, progress=False)
+    for (n1, m1), (n2, m2) in zip(a.named_modules(), b.named_modules()):
+        if isinstance(m1, QuantizedLinear):  # same device, same arithmetic: same codes
+            assert torch.equal(m1.qweight, m2.qweight) and torch.equal(m1.scales, m2.scales), n1
+
+
+def test_streamed_quantization_on_cuda_uses_the_files_dtype(tmp_path):
+    import json
+
+    from lowbit import api
+    from lowbit.models.tiny import tiny_model
+
+    t = tiny_model("llama", seed=3)
+    t.model.to(torch.bfloat16)
+    t.model.save_pretrained(str(tmp_path / "src"), max_shard_size="50KB")
+    t.tokenizer.save_pretrained(str(tmp_path / "src"))
+    for method, kw in (("rtn", {}), ("gptq", dict(n_samples=4, seq_len=32))):
+        m = api.load(str(tmp_path / "src"), device="cuda", stream=True)
+        rec = api.quantize(m, method, SCHEME, device="cuda", output=str(tmp_path / method), progress=False, **kw)
+        assert rec["dtype"] == "bfloat16" and rec["streaming"]
+        assert json.loads((tmp_path / method / "lowbit.json").read_text())["device"] == "cuda"
+        q = api.load(str(tmp_path / method))
+        with torch.no_grad():
+            assert torch.isfinite(q.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()

@@ -74,7 +74,7 @@ def test_lean_decoder_runs_a_quantized_head_like_transformers():
 
 def test_head_bad_input():
     m = _model()
-    with pytest.raises(LowbitError, match="int8, int4"):
+    with pytest.raises(LowbitError, match="int8, int6, int4"):
         api.quantize(m, "rtn", head="int3", progress=False)
     assert m.record is None  # refused before anything changed
     m.model.get_output_embeddings().weight.data[0, 0] = float("nan")

@@ -89,7 +89,7 @@ def test_family_table_on_tiny_hf_dir(tmp_path, model_type):
         assert f"{prefix}.mlp.down_proj.weight" in dict(m.named_parameters())
 
     assert lm.name == f"tiny-{model_type}"
-    assert lm.source == {"kind": "hf-dir", "path": str(path.resolve()), "model_type": model_type}
+    assert lm.source == {"kind": "hf-dir", "path": str(path.resolve()), "model_type": model_type, "dtype": "float32"}
     json.dumps(lm.source)
     # the tiny byte tokenizer: one token per UTF-8 byte, no BOS added
     assert lm.tokenizer("hé")["input_ids"] == [104, 195, 169]

@@ -4,7 +4,10 @@ A checkpoint directory holds
 
 * ``model.safetensors`` — every tensor: float parameters of the untouched modules, the packed
   tensors of each quantized module (``<layer>.qweight``, ``<layer>.scales``, ...). Tied tensors
-  (e.g. lm_head = embed_tokens) are stored once.
+  (e.g. lm_head = embed_tokens) are stored once. A checkpoint larger than ``max_shard_size``
+  is split as Hugging Face does: ``model-00001-of-0000n.safetensors`` ... plus
+  ``model.safetensors.index.json`` (``ShardWriter``, which also serves the streaming quantizer
+  that writes block by block).
 * ``config.json`` and the tokenizer files — the Hugging Face model skeleton.
 * ``lowbit.json`` — how the model was made: lowbit version, method and its settings (scheme),
   the base model, the calibration data used, and each quantized module's format and shape.
@@ -33,13 +36,18 @@ from lowbit.errors import LowbitError
 from lowbit.integrations import hf_config
 from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD
 from lowbit.models.loading import is_lowbit_checkpoint as is_checkpoint  # noqa: F401 (re-exported)
+from lowbit.nn import module_from_meta
+from lowbit.nn.embedding import QuantizedEmbedding
 from lowbit.nn.linear import QuantizedLinear
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD = 5 * 10**9
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module whose stored tensors are a packed format (QuantizedLinear, QuantizedEmbedding)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
 
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,30 +98,196 @@ def atomic_dir(out: Path):
         raise
 
 
-def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict) -> Path:
-    """Write a checkpoint atomically. Refuses to overwrite a non-empty directory that is not a
-    lowbit checkpoint (so a typo never destroys unrelated files)."""
-    out = Path(out_dir)
+def check_output(out: Path) -> None:
+    """Refuse an output path that is a file, or a non-empty directory that is not a checkpoint."""
     if out.exists() and not out.is_dir():
         raise LowbitError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
         raise LowbitError(f"output directory {out} is not empty and is not a lowbit checkpoint; refusing to overwrite it")
+
+
+def write_skeleton(tmp: Path, model: nn.Module, tokenizer, record: dict) -> None:
+    """config.json (and the tokenizer files) of a checkpoint being assembled in ``tmp``."""
+    model.config.save_pretrained(tmp)
+    hf_config.add_to_config_json(tmp / "config.json", record)  # transformers loads it via lowbit
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def write_record(tmp: Path, model: nn.Module, record: dict) -> None:
+    """``lowbit.json``: the run's record plus each quantized module's format (written last)."""
+    full = dict(record)
+    full["lowbit_version"] = __version__
+    full["modules"] = {n: m.meta() for n, m in quantized_modules(model).items()}
+    # a quantized output layer or embedding (api.quantize(head=..., embed=...)) is no longer tied
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    full["tied_word_embeddings"] = (bool(getattr(model.config, "tie_word_embeddings", False))
+                                    and not isinstance(head, QuantizedLinear)
+                                    and not isinstance(emb, QuantizedEmbedding))
+    (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict, *,
+         max_shard_size: int = DEFAULT_MAX_SHARD, keep_dtype: dict[str, torch.dtype] | None = None) -> Path:
+    """Write a checkpoint atomically. Refuses to overwrite a non-empty directory that is not a
+    lowbit checkpoint (so a typo never destroys unrelated files). One ``model.safetensors``
+    unless the tensors exceed ``max_shard_size`` bytes (then shards + index). ``keep_dtype``
+    stores the named float tensors in the given dtype (the source's, for an unquantized
+    embedding or head of a bf16/fp16 model)."""
+    out = Path(out_dir)
+    check_output(out)
     with atomic_dir(out) as tmp:
-        model.config.save_pretrained(tmp)
-        hf_config.add_to_config_json(tmp / "config.json", record)  # transformers loads it via lowbit
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_skeleton(tmp, model, tokenizer, record)
         tensors = _unique_state_dict(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_version": __version__})
-        full = dict(record)
-        full["lowbit_version"] = __version__
-        full["modules"] = {n: m.meta() for n, m in quantized_modules(model).items()}
-        # a quantized output layer (api.quantize(head=...)) no longer shares the embedding's weight
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        full["tied_word_embeddings"] = (bool(getattr(model.config, "tie_word_embeddings", False))
-                                        and not isinstance(head, QuantizedLinear))
-        (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+        for k, dt in (keep_dtype or {}).items():
+            if k in tensors and tensors[k].is_floating_point() and tensors[k].dtype != dt:
+                tensors[k] = tensors[k].to(dt)
+        if sum(t.numel() * t.element_size() for t in tensors.values()) <= max_shard_size:
+            save_file(tensors, str(tmp / WEIGHTS), metadata=_METADATA)
+            record = dict(record, shards=1)
+        else:
+            writer = ShardWriter(tmp, max_shard_size)
+            for k, t in tensors.items():
+                writer.add({k: t})
+            record = dict(record, shards=len(writer.close()))
+        write_record(tmp, model, record)
     return out
+
+
+_METADATA = {"format": "pt", "lowbit_version": __version__}
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards as they come, holding none of them in memory.
+
+        w = ShardWriter(folder, max_shard_size)
+        w.add({"model.layers.0.mlp.up_proj.qweight": t, ...})   # any number of times
+        w.close() -> [file names]
+
+    Each shard's tensor bytes are appended to a data file as they arrive; when the next tensor
+    would take the shard past ``max_shard_size`` (a tensor larger than that gets a shard of its
+    own), the shard is finished: its header is written and the bytes copied behind it, largest
+    element size first (so every tensor is aligned), under a provisional name. ``close``
+    renames the shards to ``model-0000k-of-0000n.safetensors`` and writes the index, or, for a
+    single shard, names it ``model.safetensors`` with no index (as a small checkpoint always was).
+    """
+
+    def __init__(self, folder: str | os.PathLike, max_shard_size: int = DEFAULT_MAX_SHARD):
+        if max_shard_size <= 0:
+            raise LowbitError(f"the maximum shard size must be positive, got {max_shard_size}")
+        self.folder = Path(folder)
+        self.max = int(max_shard_size)
+        self.done: list[tuple[Path, list[str]]] = []  # finished shards: provisional file, names
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # current: code, shape, start, n
+        self.size = 0
+        self.total = 0
+        self.names: set[str] = set()
+        self._data = None
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, t in tensors.items():
+            if k in self.names:
+                raise LowbitError(f"tensor {k} written twice")
+            self.names.add(k)
+            t = t.detach().to("cpu").contiguous()
+            code = _CODES.get(t.dtype)
+            if code is None:
+                raise LowbitError(f"tensor {k} has dtype {t.dtype}, which safetensors cannot store")
+            n = t.numel() * t.element_size()
+            if self.entries and self.size + n > self.max:
+                self._finish()
+            if self._data is None:
+                self._data = open(self.folder / f".shard-{len(self.done) + 1:05d}.data", "w+b")
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if n else b"")
+            self.entries[k] = (code, tuple(t.shape), self.size, n)
+            self.size += n
+            self.total += n
+
+    def _finish(self) -> None:
+        """Header + the data file's bytes in aligned order -> a provisional shard file."""
+        order = sorted(self.entries, key=lambda k: (-_ITEMSIZE[self.entries[k][0]], k))
+        header, pos = {"__metadata__": _METADATA}, 0
+        for k in order:
+            code, shape, _, n = self.entries[k]
+            header[k] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        shard = self.folder / f".shard-{len(self.done) + 1:05d}.safetensors"
+        data = self._data if self._data is not None else open(os.devnull, "rb")
+        with open(shard, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for k in order:
+                _, _, start, n = self.entries[k]
+                data.seek(start)
+                while n:
+                    chunk = data.read(min(n, 1 << 24))
+                    f.write(chunk)
+                    n -= len(chunk)
+        data.close()
+        if self._data is not None:
+            os.unlink(data.name)
+        self.done.append((shard, order))
+        self._data, self.entries, self.size = None, {}, 0
+
+    def close(self) -> list[str]:
+        """Finish the last shard, give every shard its final name (and the index); return them."""
+        if self.entries or not self.done:
+            self._finish()
+        n = len(self.done)
+        if n == 1:
+            os.replace(self.done[0][0], self.folder / WEIGHTS)
+            return [WEIGHTS]
+        weight_map, files = {}, []
+        for i, (shard, names) in enumerate(self.done, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(shard, self.folder / name)
+            files.append(name)
+            weight_map.update({k: name for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_ITEMSIZE = {code: torch.empty(0, dtype=dt).element_size() for dt, code in _CODES.items()}
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: ``model.safetensors``, or the shards its index lists."""
+    path = Path(path)
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"{index} is not a valid safetensors index: {e}") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise LowbitError(f"checkpoint {path} lacks shard {missing[0]} listed in {INDEX}")
+        return [path / f for f in files]
+    if not (path / WEIGHTS).is_file():
+        raise LowbitError(f"checkpoint {path} has no {WEIGHTS}")
+    return [path / WEIGHTS]
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (single file or shards), on the CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for wfile in weight_files(path):
+        try:
+            part = load_file(str(wfile))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise LowbitError(f"{wfile} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+        dup = next((k for k in part if k in tensors), None)
+        if dup is not None:
+            raise LowbitError(f"checkpoint {path}: tensor {dup} is stored twice")
+        tensors.update(part)
+    return tensors
 
 
 def read_record(path: str | os.PathLike) -> dict:
@@ -135,13 +309,7 @@ def load(path: str | os.PathLike):
 
     path = Path(path)
     rec = read_record(path)
-    wfile = path / WEIGHTS
-    if not wfile.is_file():
-        raise LowbitError(f"checkpoint {path} has no {WEIGHTS}")
-    try:
-        tensors = load_file(str(wfile))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LowbitError(f"{wfile} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+    tensors = read_tensors(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises many types for a bad config
@@ -161,7 +329,7 @@ def load(path: str | os.PathLike):
         own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
         bias = own.pop("bias", None)
         try:
-            qmod = QuantizedLinear.from_meta(meta, own, bias)
+            qmod = module_from_meta(meta, own, bias)
         except KeyError as e:
             raise LowbitError(f"checkpoint {path}: module {name} lacks tensor {e}") from None
         parent_name, _, child = name.rpartition(".")

@@ -44,6 +44,24 @@ def _add_scheme_args(p: argparse.ArgumentParser) -> None:
                         "(same result; reports the runner's peak memory)")
 
 
+def _add_large_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stream", action="store_true",
+                   help="read, quantize and write one block at a time: peak memory is about one block, the "
+                        "calibration activations and the embedding, never the whole model (default: automatic when "
+                        "the weights in the compute dtype would take more than half of the available memory)")
+    g.add_argument("--no-stream", action="store_true", help="load the whole model even if it looks too large")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype blocks are loaded and computed in (default: float32 on the CPU, the checkpoint's own "
+                        "dtype on a GPU)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard of the output (default: 5GB; one model.safetensors if it fits)")
+    p.add_argument("--activation-budget", default="2GiB",
+                   help="calibration activations kept in memory; the rest go to files in --offload-dir (default: 2GiB)")
+    p.add_argument("--offload-dir", metavar="DIR",
+                   help="where spilled activations go (default: a temporary folder beside the output, removed after)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", metavar="FILE", help="evaluate on this text file (default: bundled held-out text)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text to score (default: 16384)")
@@ -161,26 +179,58 @@ def cmd_quantize(args) -> int:
         from lowbit.data.texts import load_text
 
         load_text(args.calib)  # a bundled split name or a readable text file; one-line error otherwise
-    m = api.load(args.model)
+    max_shard = parse_bytes(args.max_shard_size, "--max-shard-size")
+    budget = parse_bytes(args.activation_budget, "--activation-budget", allow_zero=True)
+    stream = args.stream
+    if not stream and args.no_stream is False:
+        dtype = api.compute_dtype(args.dtype, args.device)
+        stream = api.should_stream(args.model, dtype)
+        if stream:
+            _log(f"the weights would take more than half of the available memory in {str(dtype)[6:]}: streaming "
+                 "them block by block (--no-stream to load them whole)")
+    m = api.load(args.model, dtype=args.dtype, device=args.device, stream=stream)
     fields = method_cls.config_cls.__dataclass_fields__
     # a pruner's scheme only matters when it also quantizes (SparseGPT's quantize=true)
     quantizes = options.get("quantize", getattr(method_cls.config_cls(), "quantize", True))
     shown = scheme if scheme is not None and quantizes else None
     verb = "pruning" if "sparsity" in fields else "quantizing"
-    _log(f"{verb} {m.name} with {args.method}{' ' + shown.short_name() if shown else ''} on {args.device}")
+    how = f"{str(m.extra['dtype'])[6:]}{', streamed' if stream else ''}"
+    _log(f"{verb} {m.name} with {args.method}{' ' + shown.short_name() if shown else ''} on {args.device} ({how})")
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
-                       head=getattr(args, "head", None), **options)
-    out = api.save(m, args.output)
+                       head=getattr(args, "head", None), embed=getattr(args, "embed", None),
+                       output=args.output if stream else None, max_shard_size=max_shard,
+                       activation_budget=budget, offload_dir=args.offload_dir, **options)
+    out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard)
     bpw, nbytes, n = api.linear_bits(m.model)
     sparsity = rec["method"].get("sparsity")
     what = f"{bpw:.3f} bits/weight" + (f", {100 * sparsity:.1f}% zeros" if sparsity is not None else "")
     _log(f"done in {rec['quantize_seconds']:.1f} s: {what} over {n / 1e6:.1f}M linear weights -> {out}")
     if rec.get("runner"):
         r = rec["runner"]
+        spilled = f", {r['spilled_bytes'] / 2**20:.0f} MiB of them spilled to disk" if r.get("spilled_bytes") else ""
         _log(f"runner peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (start {r['rss_at_start_bytes'] / 2**20:.0f} MiB, "
-             f"activations {r['activation_bytes'] / 2**20:.0f} MiB)")
+             f"activations {r['activation_bytes'] / 2**20:.0f} MiB{spilled})")
+    _log(f"process peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB; checkpoint {rec.get('shards', 1)} shard(s)")
     return 0
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str, flag: str, allow_zero: bool = False) -> int:
+    """``5GB``, ``500MB``, ``2GiB``, ``123456`` -> bytes (one-line error otherwise)."""
+    import re
+
+    mt = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = mt.group(2).upper() if mt else None
+    if mt is None or unit not in _UNITS:
+        raise LowbitError(f"{flag} expects a size such as 5GB, 500MB or 2GiB, got {text!r}")
+    n = int(float(mt.group(1)) * _UNITS[unit])
+    if n < 0 or (n == 0 and not allow_zero):
+        raise LowbitError(f"{flag} must be positive, got {text!r}")
+    return n
 
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -198,6 +248,7 @@ def cmd_prune(args) -> int:
         setattr(ns, k, None)
     for k in ("per_channel", "per_tensor", "asym", "float_zero", "sym", "restricted", "sequential"):
         setattr(ns, k, False)
+    ns.head = ns.embed = None
     if args.storage == "nm" and args.pattern is None:
         raise LowbitError("--storage nm needs --pattern N:M")
     rc = cmd_quantize(ns)
@@ -313,9 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", nargs="?", help="model (default: the embedded SmolLM2-135M-Instruct)")
     _add_scheme_args(q)
-    q.add_argument("--head", choices=("int8", "int4"),
-                   help="also quantize the output layer (lm_head) with RTN: int8 per channel or int4 g32 "
-                        "(untied from the embedding; default: keep it in float)")
+    q.add_argument("--head", choices=("int8", "int6", "int4"),
+                   help="also quantize the output layer (lm_head) with RTN: int8 per channel, int6 g16 (Q6_K-like) "
+                        "or int4 g32 (untied from the embedding; default: keep it in float)")
+    q.add_argument("--embed", choices=("int8", "int6", "int4"),
+                   help="also quantize the token embedding, row by row, as --head does (default: keep it in float, "
+                        "in the source's dtype)")
+    _add_large_model_args(q)
     q.add_argument("-o", "--output", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
 
@@ -332,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--storage", default="dense", choices=("dense", "nm", "csr", "auto"),
                     help="how pruned layers are stored: dense zeros, N:M-compressed, CSR, or auto "
                          "(per layer, what bench/sparse_kernels.py found smaller and not slower; default: dense)")
+    _add_large_model_args(pr)
     pr.add_argument("-o", "--output", required=True, help="output directory")
     pr.set_defaults(func=cmd_prune)
 

@@ -15,6 +15,19 @@ The only place that knows about decoder blocks, hooks and devices:
 Only one block and the activations live on the device at a time. Peak memory is measured while
 the runner works (process RSS sampled in a thread; CUDA's allocator peak on GPUs).
 
+Streaming (``stream=Streaming(lazy, writer, dtype)``): the model is a skeleton whose parameters
+are on the meta device (``lowbit.models.lazy``). The embedding is materialized for step 2 only;
+the block kwargs of step 1 are captured with the blocks left on meta (the forward pass runs on
+meta tensors from block 0 on, costing nothing). In step 3 each block is materialized from the
+files in the compute dtype on the device, quantized, its final tensors handed to the shard
+writer, and released, so the model never exists in memory as a whole. Data-free methods take
+the same per-block path (``apply_data_free(..., stream=...)``).
+
+Activations: the hidden states between two blocks are held in an ``Activations`` store; past a
+byte budget (counting inputs and outputs together) further batches go to files in an offload
+folder and are read back one batch at a time. Files hold the exact tensors, so spilling never
+changes a result.
+
 Scale-out: when ``torch.distributed`` is initialized with several processes, each process passes
 its own share of the calibration samples; after a block's observation pass the method's
 `statistics()` (sums over samples) are all-reduced, so every process solves the same problem and
@@ -24,9 +37,12 @@ ends with the same quantized block.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +50,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import Method
 from lowbit.errors import LowbitError
-from lowbit.models.families import find_blocks, linear_layers, block_prefix
+from lowbit.models.families import block_prefix, family_of, find_blocks, linear_layers
 
 
 class _StopForward(Exception):
@@ -52,6 +68,9 @@ class RunnerStats:
     largest_block_bytes: int
     cuda_peak_bytes: int | None  # torch.cuda.max_memory_allocated during the run (GPU only)
     device: str
+    streaming: bool = False      # blocks read from the files one at a time (lowbit.models.lazy)
+    dtype: str | None = None     # compute dtype of the blocks
+    spilled_bytes: int = 0       # activation bytes that went to the offload folder
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -104,9 +123,123 @@ def _block_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class SpillPool:
+    """The byte budget shared by all activation stores of a run, and the folder they spill to.
+
+    ``budget=None``: no limit (nothing is ever written). The folder is created on the first
+    spill, inside ``offload_dir`` (default: the system's temporary folder), and removed by
+    ``close``."""
+
+    def __init__(self, budget: int | None = None, offload_dir: str | os.PathLike | None = None, device="cpu"):
+        if budget is not None and budget < 0:
+            raise LowbitError(f"the activation budget must be >= 0 bytes, got {budget}")
+        self.budget = budget
+        self.offload_dir = offload_dir
+        self.device = torch.device(device)
+        self.used = 0
+        self.spilled = 0
+        self.folder: Path | None = None
+        self._n = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` in memory if the budget allows."""
+        if self.budget is not None and self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        return True
+
+    def new_file(self) -> Path:
+        if self.folder is None:
+            if self.offload_dir is not None:
+                Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="lowbit-activations-", dir=self.offload_dir))
+        self._n += 1
+        return self.folder / f"batch-{self._n:06d}.pt"
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+class Activations:
+    """The hidden states of every calibration batch at one point of the model, in order.
+
+    Iterating yields each batch on the pool's device; batches past the pool's budget live in
+    files (exact copies) and are read back one at a time."""
+
+    def __init__(self, pool: SpillPool):
+        self.pool = pool
+        self.items: list[Tensor | Path] = []
+        self.nbytes = 0
+
+    def append(self, t: Tensor) -> None:
+        n = t.numel() * t.element_size()
+        self.nbytes += n
+        if self.pool.take(n):
+            self.items.append(t)
+            return
+        path = self.pool.new_file()
+        try:
+            torch.save(t.detach().to("cpu"), path)
+        except OSError as e:
+            raise LowbitError(f"cannot write activations to {path.parent}: {e.strerror or e}") from None
+        self.pool.spilled += n
+        self.items.append(path)
+
+    def _get(self, item) -> Tensor:
+        if isinstance(item, Tensor):
+            return item
+        return torch.load(item, weights_only=True).to(self.pool.device)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self._get(self.items[i])
+
+    def __iter__(self):
+        for item in self.items:
+            yield self._get(item)
+
+    def release(self) -> None:
+        """Give the in-memory bytes back to the pool and delete the files."""
+        for item in self.items:
+            if isinstance(item, Tensor):
+                self.pool.used -= item.numel() * item.element_size()
+            else:
+                item.unlink(missing_ok=True)
+        self.items = []
+
+
+@dataclass
+class Streaming:
+    """Where the blocks come from and go to in the streaming mode: materialized from ``lazy``
+    (a ``lowbit.models.lazy.LazyModel``) in ``dtype`` (None: the files' dtype), handed to
+    ``writer`` (a ``checkpoint.ShardWriter``) once final, then released."""
+
+    lazy: object
+    writer: object
+    dtype: torch.dtype | None = None
+    written: list[str] = field(default_factory=list)
+
+    def load(self, prefix: str, device) -> nn.Module:
+        return self.lazy.materialize(prefix, self.dtype, device)
+
+    def store(self, prefix: str, module: nn.Module) -> None:
+        from lowbit.checkpoint import _unique_state_dict
+
+        self.writer.add({f"{prefix}.{k}": t for k, t in _unique_state_dict(module).items()})
+        self.written.append(prefix)
+        self.lazy.release(prefix)
+
+
 @torch.no_grad()
 def capture_block_kwargs(model: nn.Module, sample: Tensor) -> list[dict]:
-    """Keyword arguments each block is called with, for a [1, L] sample (float model, its device)."""
+    """Keyword arguments each block is called with, for a [1, L] sample (float model, its device).
+
+    The forward pass stops once the last block's arguments are known. Blocks whose parameters are
+    on the meta device (streaming) run on meta copies of their inputs: shapes only, no memory."""
     blocks = find_blocks(model)
     captured: list[dict | None] = [None] * len(blocks)
     handles = []
@@ -118,9 +251,16 @@ def capture_block_kwargs(model: nn.Module, sample: Tensor) -> list[dict]:
             if "past_key_values" in kw:
                 kw["past_key_values"] = None
             captured[i] = kw
+            if i == len(blocks) - 1:
+                raise _StopForward
+            if any(p.is_meta for p in mod.parameters()):
+                return _to(args, "meta"), _to(kwargs, "meta")
+            return None
         handles.append(blk.register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         model(input_ids=sample, use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -130,10 +270,11 @@ def capture_block_kwargs(model: nn.Module, sample: Tensor) -> list[dict]:
 
 
 @torch.no_grad()
-def capture_block0_inputs(model: nn.Module, samples: Tensor, batch_size: int, device) -> list[Tensor]:
-    """Hidden states entering block 0, in batches, stored on ``device``."""
+def capture_block0_inputs(model: nn.Module, samples: Tensor, batch_size: int, device,
+                          pool: SpillPool | None = None) -> Activations:
+    """Hidden states entering block 0, in batches, stored on ``device`` (within ``pool``'s budget)."""
     block0 = find_blocks(model)[0]
-    inputs: list[Tensor] = []
+    inputs = Activations(pool or SpillPool(device=device))
 
     def pre_hook(mod, args, kwargs):
         hs = args[0] if args else kwargs["hidden_states"]
@@ -164,11 +305,14 @@ def _module_bytes(m: nn.Module) -> int:
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: str | torch.device = "cpu",
-                   batch_size: int = 8, progress: bool = True) -> RunnerStats:
+                   batch_size: int = 8, progress: bool = True, *, stream: Streaming | None = None,
+                   activation_budget: int | None = None, offload_dir: str | os.PathLike | None = None) -> RunnerStats:
     """Quantize every linear layer of every decoder block of ``model`` in place with ``method``.
 
     ``samples`` is a LongTensor [n, L] of calibration token ids. The model's embedding and
-    everything before block 0 run on the model's current device (normally the CPU).
+    everything before block 0 run on the model's current device (normally the CPU); with
+    ``stream`` on the CPU, with the embedding materialized in the compute dtype meanwhile.
+    Activations beyond ``activation_budget`` bytes (None: no limit) spill to ``offload_dir``.
     """
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise LowbitError(f"calibration samples must be a non-empty [n, seq_len] tensor, got {tuple(samples.shape)}")
@@ -177,45 +321,70 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     blocks = find_blocks(model)
-    home = next(model.parameters()).device
+    home = torch.device("cpu") if stream is not None else next(model.parameters()).device
+    pool = SpillPool(activation_budget, offload_dir, device)
     t0 = time.perf_counter()
-    with _PeakRSS() as mem:
-        block_kwargs = [_to(kw, device) for kw in capture_block_kwargs(model, samples[:1].to(home))]
-        X = capture_block0_inputs(model, samples.to(home), batch_size, device)
-        act_bytes = sum(x.numel() * x.element_size() for x in X)
-        largest = 0
-        bar = tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)
-        for i, blk in enumerate(bar):
-            blk.to(device)
-            largest = max(largest, _module_bytes(blk))
-            kw = block_kwargs[i]
-            prefix = block_prefix(model, i)
-            layers = linear_layers(blk)
-            if method.needs_calibration:
-                handles = []
-                for name, lin in layers.items():
-                    def hook(mod, args, out, full=f"{prefix}.{name}"):
-                        method.observe(full, mod, args[0])
-                    handles.append(lin.register_forward_hook(hook))
-                try:
-                    for x in X:
-                        blk(x, **kw)
-                finally:
-                    for h in handles:
-                        h.remove()
-                _all_reduce_statistics(method)
-                method.transform_block(blk, prefix, X, kw)
+    try:
+        with _PeakRSS() as mem:
+            if stream is not None:
+                embed = family_of(model).embed
+                stream.lazy.materialize(embed, stream.dtype, home)
+            block_kwargs = [_to(kw, device) for kw in capture_block_kwargs(model, samples[:1].to(home))]
+            X = capture_block0_inputs(model, samples.to(home), batch_size, device, pool)
+            if stream is not None:
+                stream.lazy.release(embed)
+            act_bytes = X.nbytes
+            largest = 0
+            dtype = None
+            bar = tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)
+            for i, blk in enumerate(bar):
+                prefix = block_prefix(model, i)
+                if stream is not None:
+                    blk = stream.load(prefix, device)
+                else:
+                    blk.to(device)
+                largest = max(largest, _module_bytes(blk))
+                dtype = dtype or next((p.dtype for p in blk.parameters() if p.is_floating_point()), None)
+                kw = block_kwargs[i]
                 layers = linear_layers(blk)
-            for name, lin in layers.items():
-                _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
-            X = [_block_output(blk(x, **kw)) for x in X]
-            blk.to(home)
-        bar.close()
+                if method.needs_calibration:
+                    handles = []
+                    for name, lin in layers.items():
+                        def hook(mod, args, out, full=f"{prefix}.{name}"):
+                            method.observe(full, mod, args[0])
+                        handles.append(lin.register_forward_hook(hook))
+                    try:
+                        for x in X:
+                            blk(x, **kw)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    _all_reduce_statistics(method)
+                    method.transform_block(blk, prefix, X, kw)
+                    layers = linear_layers(blk)
+                for name, lin in layers.items():
+                    _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
+                if i + 1 < len(blocks):  # the last block's outputs feed nothing
+                    Y = Activations(pool)
+                    for x in X:
+                        Y.append(_block_output(blk(x, **kw)))
+                    X.release()
+                    X = Y
+                if stream is not None:
+                    stream.store(prefix, blk)
+                else:
+                    blk.to(home)
+            X.release()
+            bar.close()
+    finally:
+        pool.close()
     stats = RunnerStats(
         n_samples=int(samples.shape[0]), seq_len=int(samples.shape[1]), seconds=time.perf_counter() - t0,
         peak_rss_bytes=mem.peak, rss_at_start_bytes=mem.start, activation_bytes=act_bytes,
         largest_block_bytes=largest,
-        cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None, device=str(device))
+        cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None, device=str(device),
+        streaming=stream is not None, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        spilled_bytes=pool.spilled)
     return stats
 
 
@@ -230,23 +399,49 @@ def _all_reduce_statistics(method: Method) -> None:
 
 
 @torch.no_grad()
-def apply_data_free(model: nn.Module, method: Method, progress: bool = True) -> None:
-    """Apply a method that needs no data to every linear layer of every block, in place.
+def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, device: str | torch.device = "cpu",
+                    stream: Streaming | None = None) -> None:
+    """Apply a method that needs no data to every linear layer of every block, in place, each
+    block moved to ``device`` for the work and back (or, with ``stream``, materialized there
+    from the files, written and released).
 
     A model outside the decoder families (an encoder such as BERT, a plain classifier) has no
     block table: there every ``nn.Linear`` of the whole model is replaced, in module order."""
     from lowbit.models.families import FAMILIES
 
+    device = torch.device(device)
     prepare = getattr(method, "prepare_model", None)  # optional: see the whole model first (global pruning)
     if prepare is not None:
+        if stream is not None and any(p.is_meta for p in model.parameters()):
+            _check_streamable(method)
         prepare(model)
     if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
         for name, lin in tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress, leave=False):
-            _set_submodule(model, name, method.apply(name, lin))
+            home = lin.weight.device
+            q = method.apply(name, lin.to(device))
+            lin.to(home)
+            _set_submodule(model, name, q.to(home))
         return
     blocks = find_blocks(model)
     for i, blk in enumerate(tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)):
         prefix = block_prefix(model, i)
+        if stream is not None:
+            blk = stream.load(prefix, device)
+        else:
+            home = next(blk.parameters()).device
+            blk.to(device)
         for name, lin in linear_layers(blk).items():
             _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
+        if stream is not None:
+            stream.store(prefix, blk)
+        else:
+            blk.to(home)
+
+
+def _check_streamable(method: Method) -> None:
+    """A method that must see the whole model before changing any layer cannot stream."""
+    cfg = getattr(method, "config", None)
+    if getattr(cfg, "scope", None) == "global":
+        raise LowbitError(f"{method.name} with scope=global ranks the weights of the whole model at once; "
+                          "it cannot run streamed (drop --stream, or use the default per-layer scope)")

@@ -195,7 +195,7 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from lowbit.models.loading import _all_finite
-        from lowbit.nn.linear import QuantizedLinear
+        from lowbit.nn import module_from_meta
 
         for name, ph in [(n, m) for n, m in model.named_modules() if isinstance(m, _Placeholder)]:
             tensors = dict(ph.named_buffers(recurse=False))
@@ -204,7 +204,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 raise LowbitError(f"checkpoint {self.path}: module {name} lacks tensor {left or 'bias'}")
             bias = None if ph.bias is None else ph.bias.detach()
             try:
-                qmod = QuantizedLinear.from_meta(ph.layer_meta, tensors, bias)
+                qmod = module_from_meta(ph.layer_meta, tensors, bias)
             except KeyError as e:
                 raise LowbitError(f"checkpoint {self.path}: module {name} lacks tensor {e}") from None
             parent_name, _, child = name.rpartition(".")

@@ -101,6 +101,12 @@ def load_builtin(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Load a builtin model, converting and caching it on first use. Returns a LoadedModel."""
     from lowbit.models.loading import load_hf_dir
 
+    final, source = builtin_dir(name)
+    return load_hf_dir(final, dtype=dtype, name=_get(name).name, source=source)
+
+
+def builtin_dir(name: str = DEFAULT_MODEL) -> tuple[Path, dict]:
+    """The cached HF directory of a builtin (converted on first use) and its source record."""
     b = _get(name)
     final = cache_path(name)
     if not is_cached(name):
@@ -109,8 +115,7 @@ def load_builtin(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         source = json.loads((final / SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise LowbitError(f"cached builtin {name} at {final} is unreadable ({e}); delete that directory") from None
-    source = {**source, "kind": "builtin", "name": b.name, "path": str(final)}
-    return load_hf_dir(final, dtype=dtype, name=b.name, source=source)
+    return final, {**source, "kind": "builtin", "name": b.name, "path": str(final)}
 
 
 # --------------------------------------------------------------------------------------------

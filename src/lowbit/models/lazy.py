@@ -137,6 +137,20 @@ def weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, None
 
 
+def files_dtype(path: str | os.PathLike) -> tuple[int, torch.dtype]:
+    """(bytes, dtype) of an HF directory's floating tensors: their total size on disk and the
+    dtype holding most of those bytes (the model's own dtype), from the headers alone."""
+    files, weight_map = weight_files(Path(path))
+    by_dtype: Counter = Counter()
+    for f in files:
+        for k, info in read_header(f).items():
+            if info.dtype.is_floating_point and (weight_map is None or weight_map.get(k) == f.name):
+                by_dtype[info.dtype] += info.nbytes
+    if not by_dtype:
+        return 0, torch.float32
+    return sum(by_dtype.values()), by_dtype.most_common(1)[0][0]
+
+
 @dataclass
 class LazyModel:
     """An HF model whose parameters stay on disk until ``materialize`` (see the module docstring)."""
@@ -231,9 +245,15 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def _set_tensor(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    """Install ``value`` as parameter ``name``, unless that module was replaced meanwhile (a
+    quantized module in place of a float one has no such parameter any more)."""
     mod_name, _, attr = name.rpartition(".")
-    mod = root.get_submodule(mod_name) if mod_name else root
-    mod._parameters[attr] = value
+    try:
+        mod = root.get_submodule(mod_name) if mod_name else root
+    except AttributeError:
+        return
+    if attr in mod._parameters:
+        mod._parameters[attr] = value
 
 
 def _first_line(e: BaseException) -> str:
@@ -270,8 +290,8 @@ def open_lazy(path: str | os.PathLike, *, name: str | None = None, source: dict 
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for k, info in read_header(f).items():
-            if weight_map is not None and weight_map.get(k) not in (None, f.name):
-                continue  # the index says another shard holds it; that one is read
+            if weight_map is not None and weight_map.get(k) != f.name:
+                continue  # the index is the table of contents: a tensor it does not list is not used
             tensors.setdefault(k, info)
     if weight_map is not None:
         for k, s in weight_map.items():
@@ -316,4 +336,5 @@ def open_lazy(path: str | os.PathLike, *, name: str | None = None, source: dict 
                      tensors=tensors, aliases=aliases, needed=needed, first=first)
 
 
-__all__ = ["INDEX", "LazyModel", "TensorInfo", "build_skeleton", "open_lazy", "read_header", "weight_files"]
+__all__ = ["INDEX", "LazyModel", "TensorInfo", "build_skeleton", "files_dtype", "open_lazy", "read_header",
+           "weight_files"]

@@ -84,6 +84,48 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
     raise LowbitError(f"{path} is neither a model directory nor a GGUF file")
 
 
+def load_model_lazy(spec: str | os.PathLike | None = None):
+    """Open ``spec`` (builtin name or HF directory) without reading its weights: a
+    ``lowbit.models.lazy.LazyModel`` whose blocks are materialized one at a time."""
+    from lowbit.models import builtin
+    from lowbit.models.lazy import open_lazy
+
+    if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
+        path, source = builtin.builtin_dir(spec or builtin.DEFAULT_MODEL)
+        return open_lazy(path, name=source["name"], source=source)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise LowbitError(f"model not found: {spec} is neither an existing path nor a builtin model "
+                          f"({', '.join(builtin.builtin_models())})")
+    if not path.is_dir():
+        raise LowbitError(f"{path} is not a model directory; only Hugging Face safetensors directories can be "
+                          "streamed (a GGUF file is dequantized whole)")
+    if is_lowbit_checkpoint(path):
+        raise LowbitError(f"{path} is a lowbit quantized checkpoint ({LOWBIT_CHECKPOINT_MARKER}); quantize the original model")
+    return open_lazy(path)
+
+
+def weights_on_disk(spec: str | os.PathLike | None) -> tuple[int, torch.dtype] | None:
+    """(bytes, dtype) of the floating weights of a builtin or HF directory, from the safetensors
+    headers alone; None for anything else (GGUF, missing paths: load_model reports those)."""
+    from lowbit.models import builtin
+    from lowbit.models.lazy import files_dtype
+
+    if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
+        name = spec or builtin.DEFAULT_MODEL
+        if not builtin.is_cached(name):
+            return None
+        path = builtin.cache_path(name)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_dir() or is_lowbit_checkpoint(path):
+            return None
+    try:
+        return files_dtype(path)
+    except LowbitError:
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # HF directories
 # --------------------------------------------------------------------------------------------
@@ -161,8 +203,15 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, 
     missing = list(info.get("missing_keys") or [])
     if missing:
         raise LowbitError(f"{path}: {len(missing)} weight(s) missing from the checkpoint, e.g. {sorted(missing)[0]}")
-    src = {"kind": "hf-dir", "path": str(path), "model_type": fam.model_type}
-    return _finish(model, tokenizer, name or path.name, source or src, where=str(path), dtype=dtype)
+    src = dict(source or {"kind": "hf-dir", "path": str(path), "model_type": fam.model_type})
+    src["dtype"] = str(_files_dtype(path)).removeprefix("torch.")
+    return _finish(model, tokenizer, name or path.name, src, where=str(path), dtype=dtype)
+
+
+def _files_dtype(path: Path) -> torch.dtype:
+    from lowbit.models.lazy import files_dtype
+
+    return files_dtype(path)[1]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
