@@ -277,3 +277,19 @@ def test_stream_needs_an_output_and_refuses_gguf(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     with pytest.raises(LowbitError, match="only Hugging Face safetensors directories can be streamed"):
         api.load(str(tmp_path / "x.gguf"), stream=True)
+
+
+def test_transformers_loads_a_sharded_streamed_checkpoint_with_quantized_embedding(tmp_path):
+    import lowbit  # noqa: F401  (registers the quantizer)
+    from transformers import AutoModelForCausalLM
+
+    src = _source(tmp_path, "gemma3_text")
+    m = api.load(str(src), stream=True)
+    api.quantize(m, "rtn", CASE["rtn-int4-g32"][2], embed="int8", head="int4", max_shard_size=30_000,
+                 output=str(tmp_path / "o"), progress=False)
+    assert len(list((tmp_path / "o").glob("model-*-of-*.safetensors"))) > 1
+    ours = api.load(str(tmp_path / "o")).model
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"))
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
