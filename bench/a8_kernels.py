@@ -83,7 +83,7 @@ def main():
         raise SystemExit("native kernels not built")
     flib, alib = cpu.library(), a8.library()
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"a8 path: {a8.isa()}, float-activation path: {cpu.isa()}; torch {torch.__version__}; batch {args.batch}")
+          f"a8 path: {alib.isa()}, float-activation path: {flib.isa()}; torch {torch.__version__}; batch {args.batch}")
     header = ["layer", "variant", "thr", "fp32 us", "float-act us", "a8 us", "float-act C us", "a8 C us",
               "a8 x fp32", "a8 x float-act (C)", "a8 GB/s hot", "float-act cold us", "a8 cold us",
               "a8 x float-act cold", "a8 GB/s cold", "fp32 GB/s cold"]
@@ -102,7 +102,7 @@ def main():
             nb = w.nbytes
             ncopy = max(1, -(-COLD_BYTES // nb))
             copies = [w] + [copy_weight(w) for _ in range(ncopy - 1)]
-            structs = [(cpu._cached_weight(c, cpu.affine_params, c.scheme)[1], a8.weight_struct(c)[0]) for c in copies]
+            structs = [(cpu.affine_weight_struct(c), cpu.affine_weight_struct(c)) for c in copies]
             for nt in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(nt)
                 fst, ast = ctypes.addressof(structs[0][0]), ctypes.addressof(structs[0][1])

@@ -224,7 +224,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}; "
-          f"lowbit dynamic int8 path: {kdyn.native_path() or 'reference (torch)'}; "
+          f"lowbit dynamic int8 path: {kdyn.native_lib().isa() if kdyn.native_lib() else 'reference (torch)'}; "
           f"w8a16 fast kernel: {'yes' if 'affine' in FORMAT_KERNELS else 'none registered'}\n")
     if not args.skip_kernels:
         print(kernel_table(args.markdown))

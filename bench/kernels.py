@@ -154,8 +154,9 @@ def overhead():
     w = AffineWeight.quantize_rtn(torch.randn(8, 64), QuantScheme(bits=4, group_size=32))
     x = torch.randn(1, 64)
     y = torch.empty(1, 8)
-    p = cpu.affine_params(w)
-    _, st = cpu._cached_weight(w, cpu.affine_params, w.scheme)
+    st = cpu.affine_weight_struct(w)
+    p = [getattr(st, f) for f in ("qw", "row_bytes", "bits", "scales", "scales_f16", "s_stride", "G", "n_groups", "qz",
+                                  "qz_stride", "fz", "fz_f16", "zconst")]  # the struct's fields as 13 arguments
     noop20 = timeit(lambda: lib.lb_noop(x.data_ptr(), 1, 64, 8, *p, None, y.data_ptr(), 1))
     noop6 = timeit(lambda: lib.lb_noop_w(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1))
     real = timeit(lambda: lib.lb_affine_linear_w(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1))
@@ -178,14 +179,13 @@ def crossover(args):
     for N, K in ((576, 576), (1536, 576), (576, 1536)):
         W = torch.randn(N, K) * 0.02
         w = AffineWeight.quantize_rtn(W, QuantScheme(bits=4, symmetric=False, group_size=128))
-        p = cpu.affine_params(w)
-        _, st = cpu._cached_weight(w, cpu.affine_params, w.scheme)
+        st = cpu.affine_weight_struct(w)
         for M in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
             x = torch.randn(M, K)
             y = torch.empty(M, N)
             nt = torch.get_num_threads()
             tf = timeit(lambda: lib.lb_affine_linear_w(ctypes.addressof(st), x.data_ptr(), M, None, y.data_ptr(), nt))
-            tg = timeit(lambda: F.linear(x, cpu._affine_dequant(lib, w, p)))
+            tg = timeit(lambda: F.linear(x, cpu._affine_dequant(lib, w, st)))
             rows.append([f"{N}x{K}", M, f"{tf * 1e6:.1f}", f"{tg * 1e6:.1f}", f"{tf / tg:.2f}"])
     print_table(header, rows, args.markdown)
 
@@ -253,7 +253,8 @@ def main() -> int:
         print("native kernels not built (or LOWBIT_NATIVE=0): nothing to measure", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    print(f"threads {torch.get_num_threads()}, kernel ISA {cpu.isa()} (CPU supports {cpu.isa_max()}), "
+    lib = cpu.library()
+    print(f"threads {torch.get_num_threads()}, kernel ISA {lib.isa()} (CPU supports {lib.isa_max()}), "
           f"torch {torch.__version__}, clock {'thread CPU time' if args.cpu_time else 'wall'}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     overhead()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lowbit.algorithms.pruning import nm_mask, unstructured_mask
 from lowbit.formats.sparse_csr import CSRWeight
 from lowbit.formats.sparse_nm import SparseNMWeight
-from lowbit.kernels.sparse import csr_linear_native, has_avx2, native_available, nm_linear_native
+from lowbit.kernels.sparse import csr_linear_native, native_available, native_lib, nm_linear_native
 
 SHAPES = [  # (name, out, in)
     ("q/o_proj 576x576", 576, 576),
@@ -117,7 +117,7 @@ def main() -> int:
                          for r in [hdr] + body)
 
     print(f"time per call in µs (dense time / kernel time); threads {','.join(map(str, thread_counts))}, "
-          f"AVX2 {'on' if has_avx2() else 'off'}; torch {torch.__version__}\n")
+          f"path {native_lib().isa()}; torch {torch.__version__}\n")
     print(table(header, rows))
     print("\nbits per dense weight (values, indices, row pointers)\n")
     print(table(["shape", "dense fp32", "2:4", *[f"CSR {int(100 * s)}%" for s in SPARSITIES]], sizes))

@@ -19,9 +19,10 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
 from lowbit.kernels import a8, reference
+from lowbit.kernels.cpu import affine_struct, affine_weight_struct
 
-PATHS = ["scalar", "avx2", "avx512vnni"]
 TOL = 1e-5
+PATHS = a8.library().paths if a8.library() is not None else ("scalar",)  # the library's code paths
 
 
 def rel_err(y, r):
@@ -38,14 +39,13 @@ def test_library_is_built_whenever_the_float_kernels_are():
 
 @pytest.fixture(params=PATHS)
 def path(request):
-    if not a8.available():
+    lib = a8.library()
+    if lib is None:
         pytest.skip("native affine_a8 library not built (no C compiler at install)")
-    order = {n: i for i, n in enumerate(PATHS)}
-    if order[request.param] > order[a8.isa_max()]:
-        pytest.skip(f"this CPU has no {request.param}")
-    a8.set_isa(request.param)
-    yield request.param
-    a8.set_isa(None)
+    with lib.isa_capped(request.param) as got:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield got
 
 
 # -- the reference -------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ def test_ragged_last_group_and_poisoned_output(path, K, G):
         w, g = _weight((41, K), S(bits, sym, G), K + bits)
         x = torch.randn(2, K, generator=g)
         bias = torch.randn(41, generator=g)
-        st, addr = a8.weight_struct(w)
+        st = affine_weight_struct(w)
+        addr = ctypes.addressof(st)
         y = torch.full((2, 41), float("nan"))
         rc = a8.library().lb_affine_a8_linear_w(addr, x.data_ptr(), 2, bias.data_ptr(), y.data_ptr(), 1)
         assert rc == 0
@@ -164,7 +165,8 @@ def test_two_threads_and_large_layer(path):
     """Above the one-thread threshold (48 KiB of weights), with 2 threads: same result as 1."""
     w, g = _weight((1001, 576), S(4, True, 32), 5)
     x = torch.randn(1, 576, generator=g)
-    st, addr = a8.weight_struct(w)
+    st = affine_weight_struct(w)
+    addr = ctypes.addressof(st)
     lib = a8.library()
     ys = []
     for nt in (1, 2):
@@ -183,12 +185,10 @@ def test_paths_agree_closely():
     w, g = _weight((77, 1536), S(4, False, 64), 9)
     x = torch.randn(1, 1536, generator=g)
     outs = {}
-    try:
-        for p in PATHS:
-            if a8.set_isa(p) == p:
+    for p in PATHS:
+        with a8.library().isa_capped(p) as got:
+            if got == p:
                 outs[p] = _run(x, w)
-    finally:
-        a8.set_isa(None)
     base = outs["scalar"]
     for p, y in outs.items():
         assert rel_err(y, base) < 1e-6, p
@@ -223,7 +223,8 @@ def test_unsupported_and_garbage_inputs():
     # group 16 with K = 64: blocks of 32 would straddle groups -> the C code says "unsupported"
     w16, _ = _weight((16, 64), S(4, True, 16), 4)
     assert a8.affine_a8_linear(torch.randn(1, 64), w16) is NotImplemented
-    st, addr = a8.weight_struct(w16)
+    st = affine_weight_struct(w16)
+    addr = ctypes.addressof(st)
     y = torch.empty(1, 16)
     assert a8.library().lb_affine_a8_linear_w(addr, torch.randn(1, 64).data_ptr(), 1, None, y.data_ptr(), 1) == 4
     with pytest.raises(LowbitError, match="multiple of 32"):
@@ -231,7 +232,7 @@ def test_unsupported_and_garbage_inputs():
     # empty batch: nothing to do, no crash
     assert a8.affine_a8_linear(torch.randn(0, 64), w).shape == (0, 16)
     # a corrupt struct (K not matching groups) is refused, not read out of bounds
-    bad = a8._struct_from_params(w, a8.affine_params(w))
+    bad = affine_struct(w)
     bad.K = 4096
     assert a8.library().lb_affine_a8_linear_w(ctypes.addressof(bad), None, 1, None, None, 1) == 2
 
@@ -244,8 +245,9 @@ def test_function_pointer_and_struct():
     x = torch.randn(1, 128, generator=g)
     fn_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int)
-    fn = fn_t(a8.function_address())
-    st, addr = a8.weight_struct(w)
+    fn = fn_t(a8.library().address("lb_affine_a8_linear_w"))
+    st = affine_weight_struct(w)
+    addr = ctypes.addressof(st)
     assert st.K == 128 and st.N == 24 and st.bits == 4 and st.G == 64 and st.n_groups == 2
     y = torch.full((1, 24), float("nan"))
     assert fn(addr, x.data_ptr(), 1, None, y.data_ptr(), 1) == 0
@@ -269,6 +271,6 @@ def test_supports_matches_the_c_side():
         if sch.bits == 3:
             assert not ok
             continue
-        st, addr = a8.weight_struct(w)
-        rc = lib.lb_affine_a8_linear_w(addr, x.data_ptr(), 1, None, y.data_ptr(), 1)
+        st = affine_weight_struct(w)
+        rc = lib.lb_affine_a8_linear_w(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1)
         assert ok == (rc == 0), (sch.short_name(), K, rc)

@@ -28,23 +28,22 @@ from lowbit.nn.linear import QuantizedLinear
 
 needs_native = pytest.mark.skipif(not cpu.available(), reason="native kernels not built (no C compiler at install)")
 TOL = 1e-5
-ISAS = ["scalar", "avx2", "avx512"]
+PATHS = cpu.library().paths if cpu.library() is not None else ("scalar",)  # the library's code paths
 
 
 def rel_err(y, r):
     return ((y - r).norm() / r.norm().clamp(min=1e-30)).item()
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=PATHS)
 def isa(request):
-    if not cpu.available():
+    lib = cpu.library()
+    if lib is None:
         pytest.skip("native kernels not built")
-    order = {n: i for i, n in enumerate(ISAS)}
-    if order[request.param] > order[cpu.isa_max()]:
-        pytest.skip(f"this CPU has no {request.param}")
-    cpu.set_isa(request.param)
-    yield request.param
-    cpu.set_isa(None)
+    with lib.isa_capped(request.param) as path:
+        if path != request.param:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield path
 
 
 SCHEMES = [
@@ -105,7 +104,7 @@ def test_dequantize_in_c_matches_format(isa):
     lib = cpu.library()
     for scheme in SCHEMES:
         w, _ = _case((19, 203), scheme, seed=7)
-        W = cpu._affine_dequant(lib, w, cpu.affine_params(w))
+        W = cpu._affine_dequant(lib, w, cpu.affine_struct(w))
         assert torch.equal(W, w.dequantize()), scheme.short_name()  # same fp32 operations
 
 
@@ -122,18 +121,18 @@ def _poisoned_call(fn, M, N, *args):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_poisoned_output_fully_written(isa, threads):
     lib = cpu.library()
-    lib.lb_set_min_parallel_bytes(0)  # split even tiny layers across threads
+    lib.lb_cpu_linear_set_min_parallel_bytes(0)  # split even tiny layers across threads
     try:
         for scheme in SCHEMES[:4] + SCHEMES[9:]:
             for shape in ((3, 7), (37, 203), (65, 256)):
                 w, g = _case(shape, scheme, seed=11)
                 N, K = shape
-                p = cpu.affine_params(w)
+                st = cpu.affine_struct(w)
                 for M in (1, 2, 5, 9):
                     x = torch.randn(M, K, generator=g)
                     b = torch.randn(N, generator=g)
-                    y = _poisoned_call(lambda yp: lib.lb_affine_linear(x.data_ptr(), M, K, N, *p, b.data_ptr(), yp,
-                                                                      threads), M, N)
+                    y = _poisoned_call(lambda yp: lib.lb_affine_linear_w(ctypes.addressof(st), x.data_ptr(), M,
+                                                                        b.data_ptr(), yp, threads), M, N)
                     assert rel_err(y, reference.linear(x, w, b)) < TOL
                     wn = nf4_quantize(torch.randn(N, 128, generator=g), NF4Config())
                     xn = torch.randn(M, 128, generator=g)
@@ -144,7 +143,7 @@ def test_poisoned_output_fully_written(isa, threads):
                         None, yp, threads), M, N)
                     assert rel_err(yn, reference.linear(xn, wn)) < TOL
     finally:
-        lib.lb_set_min_parallel_bytes(48 * 1024)
+        lib.lb_cpu_linear_set_min_parallel_bytes(48 * 1024)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -208,7 +207,7 @@ def test_lowbit_native_0_forces_reference(monkeypatch):
     x = torch.randn(1, 96, generator=g)
     assert cpu.affine_linear(x, w) is not NotImplemented
     monkeypatch.setenv("LOWBIT_NATIVE", "0")
-    assert cpu.library() is None and cpu.isa() == "none"
+    assert cpu.library() is None
     assert cpu.affine_linear(x, w) is NotImplemented
     assert cpu.ternary_linear(x, ternary_quantize(torch.randn(4, 96), TernaryConfig())) is NotImplemented
     assert torch.equal(kernels.linear(x, w), reference.linear(x, w))

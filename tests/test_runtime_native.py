@@ -113,37 +113,29 @@ def test_quantized_output_head(head):
     assert worst < REL, worst
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", cpu.library().paths if cpu.available() else ())
 def test_every_kernel_instruction_set(isa):
-    if cpu.isa_max() == "scalar" and isa != "scalar" or (isa == "avx512" and cpu.isa_max() != "avx512"):
-        pytest.skip(f"CPU has no {isa}")
     lm = tiny_model("llama", seed=6)
     m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
     api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32), progress=False)
-    cpu.set_isa(isa)
-    try:
+    with cpu.library().isa_capped(isa) as got:
+        if got != isa:
+            pytest.skip(f"CPU has no {isa}")
         worst, _, _ = run_both(m.model)
-    finally:
-        cpu.set_isa(None)
     assert worst < REL, worst
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", _library().paths if _library() is not None else ())
 @pytest.mark.parametrize("head_dim", [16, 12])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_attention_instruction_sets_head_dims_and_chunks(isa, head_dim, threads):
-    from lowbit.runtime import native
-
-    if native.set_isa(isa) != isa:
-        native.set_isa(None)
-        pytest.skip(f"CPU has no {isa}")
-    try:
+    with _library().isa_capped(isa) as got:
+        if got != isa:
+            pytest.skip(f"CPU has no {isa}")
         # 2 query heads per key/value head; 700 positions x 4 heads x head_dim: split into chunks
         # of positions when threads > 1
         m = tiny_model("llama", seed=13, head_dim=head_dim, max_position_embeddings=800).model
         worst, _, _ = run_both(m, n_prompt=690, n_steps=6, threads=threads)
-    finally:
-        native.set_isa(None)
     assert worst < 1e-5, worst
 
 
@@ -215,10 +207,7 @@ def test_declines_what_it_does_not_cover_and_python_path_takes_over():
 
 
 def test_lowbit_native_off_keeps_python_path(monkeypatch):
-    import lowbit.runtime.native as nat
-
-    monkeypatch.setenv("LOWBIT_NATIVE", "0")
-    monkeypatch.setattr(nat, "_state", {})
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")  # read on every library lookup
     dec = LeanDecoder(tiny_model("llama").model, max_len=8)
     assert dec.native_step is None and "LOWBIT_NATIVE" in dec.native_reason
 
@@ -293,19 +282,14 @@ def test_half_conversions_match_torch_bit_for_bit():
     assert torch.equal(f, h.float())
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", _library().paths if _library() is not None else ())
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fp16_kv_cache(isa, threads):
-    from lowbit.runtime import native
-
-    if native.set_isa(isa) != isa:
-        native.set_isa(None)
-        pytest.skip(f"CPU has no {isa}")
-    try:
+    with _library().isa_capped(isa) as got:
+        if got != isa:
+            pytest.skip(f"CPU has no {isa}")
         m = tiny_model("gemma3_text", seed=16, sliding_window=300, max_position_embeddings=800).model
         worst, ref, nat = run_both(m, n_prompt=690, n_steps=6, threads=threads, kv_dtype=torch.float16)
-    finally:
-        native.set_isa(None)
     assert worst < 1e-5, worst
     assert nat.k_cache.dtype == torch.float16 and nat.cache_bytes == ref.cache_bytes
     n = ref.pos

@@ -7,8 +7,8 @@ portable C), applying the weight scale and zero-point per group and the activati
 block. The result is *not* the float-activation product of ``lowbit.kernels.cpu`` (the
 activation rounding changes the numerics, ~0.3% relative error on random data), so this module
 registers no kernel: callers opt in with :func:`affine_a8_linear`, or take the C function
-pointer (:func:`function_address`) and a weight's C struct (:func:`weight_struct`) for a decode
-loop written in C.
+pointer (``library().address("lb_affine_a8_linear_w")``) and a weight's C struct
+(`lowbit.kernels.cpu.affine_weight_struct`) for a decode loop written in C.
 
 Exact rule, per activation row m and block b of 32 columns::
 
@@ -28,7 +28,7 @@ non-float32 or non-CPU activations, wrong in_features, autograd through x) retur
 
 C ABI (for callers holding the pointer): ``int lb_affine_a8_linear_w(const lb_affine_weight* w,
 const float* x, int64_t M, const float* bias, float* y, int nthreads)`` with ``lb_affine_weight``
-laid out as in csrc/cpu_linear.c (the struct :func:`weight_struct` returns); 0 = done, positive =
+laid out as in csrc/lb_common.h (`lowbit.kernels.cpu.AffineWeightC`); 0 = done, positive =
 not supported (compute another way). It parallelises over output rows with OpenMP (calls with
 under 48 KiB of weights run on one thread) and keeps its scratch per thread (grow-only).
 """
@@ -42,57 +42,22 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import _native
-from lowbit.kernels.cpu import _AffineWeightC, _bias_ptr, _cached_weight, affine_params
+from lowbit.kernels.cpu import _bias_ptr, affine_struct, affine_weight_struct
 
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512vnni"}
-_ISA_LEVELS = {v: k for k, v in ISA_NAMES.items()}
 _vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_state: dict = {}
+_FUNCTIONS = {"lb_affine_a8_linear_w": ([_vp, _vp, _i64, _vp, _vp, _i32], _i32),
+              "lb_affine_a8_quantize": ([_vp, _i64, _i64, _vp, _vp], _i32),
+              "lb_affine_a8_set_min_parallel_bytes": ([_i64], None)}
 
 
 def library():
-    """The loaded ``_c_affine_a8`` library with signatures set, or None (not built, or
-    ``LOWBIT_NATIVE=0``)."""
-    if not _native.enabled():
-        return None
-    lib = _state.get("lib", False)
-    if lib is False:
-        lib = _native.load("affine_a8")
-        if lib is not None:
-            for name, args, res in (("lb_affine_a8_linear_w", [_vp, _vp, _i64, _vp, _vp, _i32], _i32),
-                                    ("lb_a8_quantize", [_vp, _i64, _i64, _vp, _vp], _i32),
-                                    ("lb_a8_isa", [], _i32), ("lb_a8_isa_max", [], _i32),
-                                    ("lb_a8_set_isa", [_i32], _i32),
-                                    ("lb_a8_set_min_parallel_bytes", [_i64], None)):
-                fn = getattr(lib, name)
-                fn.argtypes = args
-                fn.restype = res
-        _state["lib"] = lib
-    return lib
+    """The loaded ``_c_affine_a8`` `lowbit.kernels._native.NativeLibrary`, or None (not built, or
+    ``LOWBIT_NATIVE=0``). Its paths: "scalar", "avx2", "avx512vnni" (`NativeLibrary.set_isa`)."""
+    return _native.library("affine_a8", _FUNCTIONS)
 
 
 def available() -> bool:
     return library() is not None
-
-
-def isa() -> str:
-    """The path in use: "avx512vnni", "avx2", "scalar" (or "none" without the library)."""
-    lib = library()
-    return "none" if lib is None else ISA_NAMES[lib.lb_a8_isa()]
-
-
-def isa_max() -> str:
-    lib = library()
-    return "none" if lib is None else ISA_NAMES[lib.lb_a8_isa_max()]
-
-
-def set_isa(name: str | None) -> str:
-    """Use at most path ``name`` ("scalar", "avx2", "avx512vnni"; None: the best the CPU has);
-    returns the one now in use."""
-    lib = library()
-    if lib is None:
-        return "none"
-    return ISA_NAMES[lib.lb_a8_set_isa(-1 if name is None else _ISA_LEVELS[name])]
 
 
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,27 +73,9 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     M, K = X.shape
     q = torch.empty(M, K, dtype=torch.int8)
     sx = torch.empty(M, max(K // 32, 1), dtype=torch.float32)
-    if lib.lb_a8_quantize(X.data_ptr(), M, K, q.data_ptr(), sx.data_ptr()):
+    if lib.lb_affine_a8_quantize(X.data_ptr(), M, K, q.data_ptr(), sx.data_ptr()):
         raise LowbitError(f"in_features must be a positive multiple of 32, got {K}")
     return q, sx
-
-
-def weight_struct(w):
-    """(ctypes struct, address) of the cached C view of AffineWeight ``w`` (the same struct the
-    float-activation kernels use), or (None, None) when its tensors cannot be read in place.
-    The struct stays valid while ``w``'s tensors live; keep the returned object referenced."""
-    p, st = _cached_weight(w, affine_params, w.scheme)
-    if p is None:
-        return None, None
-    if st is None:  # qweight cannot be weakly referenced: a private struct
-        st = _struct_from_params(w, p)
-    return st, ctypes.addressof(st)
-
-
-def _struct_from_params(w, p):
-    return _AffineWeightC(qw=p[0], row_bytes=p[1], bits=p[2], scales=p[3], scales_f16=p[4], s_stride=p[5], G=p[6],
-                          n_groups=p[7], qz=p[8], qz_stride=p[9], fz=p[10], fz_f16=p[11], zconst=p[12],
-                          K=w.shape[1], N=w.shape[0])
 
 
 def supports(w) -> bool:
@@ -141,17 +88,8 @@ def supports(w) -> bool:
     N, K = w.shape
     if K <= 0 or K % 32 or w.scheme.bits not in (2, 4, 8):
         return False
-    p = affine_params(w)
-    if p is None:
-        return False
-    G, n_groups = p[6], p[7]
-    return n_groups == 1 or G % 32 == 0
-
-
-def function_address() -> int | None:
-    """Address of ``lb_affine_a8_linear_w`` (for a C caller), or None without the library."""
-    lib = library()
-    return None if lib is None else ctypes.cast(lib.lb_affine_a8_linear_w, ctypes.c_void_p).value
+    st = affine_struct(w)
+    return st is not None and (st.n_groups == 1 or st.G % 32 == 0)
 
 
 def affine_a8_linear(x: Tensor, w, bias: Tensor | None = None):
@@ -168,7 +106,7 @@ def affine_a8_linear(x: Tensor, w, bias: Tensor | None = None):
         return NotImplemented
     if K % 32:
         return NotImplemented
-    st, addr = weight_struct(w)
+    st = affine_weight_struct(w)
     if st is None:
         return NotImplemented
     bptr, b = _bias_ptr(bias, N)
@@ -177,5 +115,5 @@ def affine_a8_linear(x: Tensor, w, bias: Tensor | None = None):
     X = x if x.is_contiguous() else x.contiguous()
     M = X.numel() // K
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    rc = lib.lb_affine_a8_linear_w(addr, X.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
+    rc = lib.lb_affine_a8_linear_w(ctypes.addressof(st), X.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
     return NotImplemented if rc else y

@@ -40,8 +40,6 @@ float32, autograd through x, affine bit widths other than 2/4/8, NF4 rows that s
 from __future__ import annotations
 
 import ctypes
-import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,76 +49,39 @@ from lowbit.kernels import _native, register_kernel
 
 FUSED_MAX_ROWS = 256  # batch rows up to which the fused kernel runs (above: dequantize + GEMM)
 
-_ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
-_ISA_LEVELS = {v: k for k, v in _ISA_NAMES.items()}
-
 _vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
-class _AffineWeightC(ctypes.Structure):
-    """Mirror of ``lb_affine_weight`` in csrc/cpu_linear.c."""
+class AffineWeightC(ctypes.Structure):
+    """Mirror of ``lb_affine_weight`` in csrc/lb_common.h: the C view of an affine (or ternary)
+    weight that the ``*_linear_w`` entry points read."""
     _fields_ = [("qw", _vp), ("scales", _vp), ("qz", _vp), ("fz", _vp),
                 ("K", _i64), ("N", _i64), ("row_bytes", _i64), ("s_stride", _i64), ("G", _i64),
                 ("n_groups", _i64), ("qz_stride", _i64),
                 ("bits", ctypes.c_int32), ("scales_f16", ctypes.c_int32), ("fz_f16", ctypes.c_int32),
                 ("zconst", _f32)]
 
-_AFFINE_ARGS = [_vp, _i64, _i64, _i64, _vp, _i64, _i32, _vp, _i32, _i64, _i64, _i64, _vp, _i64, _vp, _i32,
-                _f32, _vp, _vp, _i32]
-_state: dict = {}
+
+_W_ENTRY = [_vp, _vp, _i64, _vp, _vp, _i32]  # (weight struct, x, rows, bias, y, threads): every *_linear_w
+_FUNCTIONS = {
+    "lb_affine_linear_w": (_W_ENTRY, _i32),
+    "lb_noop_w": (_W_ENTRY, _i32),
+    "lb_affine_dequant_w": ([_vp, _vp, _i32], _i32),
+    "lb_noop": ([_vp, _i64, _i64, _i64, _vp, _i64, _i32, _vp, _i32, _i64, _i64, _i64, _vp, _i64, _vp, _i32, _f32,
+                 _vp, _vp, _i32], _i32),
+    "lb_nf4_linear": ([_vp, _i64, _i64, _i64, _vp, _vp, _i32, _vp, _i64, _f32, _i64, _vp, _vp, _vp, _vp, _i32], _i32),
+    "lb_cpu_linear_set_min_parallel_bytes": ([_i64], None),
+}
 
 
 def library():
-    """The loaded native library with its function signatures set, or None (not built, or
-    ``LOWBIT_NATIVE=0``)."""
-    if not _native.enabled():
-        return None
-    lib = _state.get("lib", False)
-    if lib is False:
-        lib = _native.load("cpu_linear")
-        if lib is not None:
-            for name, args in (("lb_affine_linear", _AFFINE_ARGS), ("lb_noop", _AFFINE_ARGS),
-                               ("lb_affine_dequant", [_i64, _i64, _vp, _i64, _i32, _vp, _i32, _i64, _i64, _i64,
-                                                      _vp, _i64, _vp, _i32, _f32, _vp, _i32]),
-                               ("lb_nf4_linear", [_vp, _i64, _i64, _i64, _vp, _vp, _i32, _vp, _i64, _f32, _i64,
-                                                  _vp, _vp, _vp, _vp, _i32]),
-                               ("lb_affine_linear_w", [_vp, _vp, _i64, _vp, _vp, _i32]),
-                               ("lb_noop_w", [_vp, _vp, _i64, _vp, _vp, _i32]),
-                               ("lb_set_isa", [_i32]), ("lb_isa", []), ("lb_isa_max", []),
-                               ("lb_set_min_parallel_bytes", [_i64])):
-                fn = getattr(lib, name)
-                fn.argtypes = args
-                fn.restype = ctypes.c_int if name != "lb_set_min_parallel_bytes" else None
-        _state["lib"] = lib
-    return lib
+    """The loaded ``_c_cpu_linear`` `lowbit.kernels._native.NativeLibrary`, or None (not built,
+    or ``LOWBIT_NATIVE=0``)."""
+    return _native.library("cpu_linear", _FUNCTIONS)
 
 
 def available() -> bool:
     return library() is not None
-
-
-def isa() -> str:
-    """The instruction set the kernels use now: "avx512", "avx2" or "scalar"."""
-    lib = library()
-    return "none" if lib is None else _ISA_NAMES[lib.lb_isa()]
-
-
-def isa_max() -> str:
-    lib = library()
-    return "none" if lib is None else _ISA_NAMES[lib.lb_isa_max()]
-
-
-def set_isa(name: str | None) -> str:
-    """Use at most instruction set ``name`` ("scalar", "avx2", "avx512"; None: the best the CPU
-    has) — for tests and benchmarks. Returns the one now in use."""
-    lib = library()
-    if lib is None:
-        return "none"
-    return _ISA_NAMES[lib.lb_set_isa(-1 if name is None else _ISA_LEVELS[name])]
-
-
-if os.environ.get("LOWBIT_ISA"):  # e.g. LOWBIT_ISA=avx2 to benchmark a lower path
-    set_isa(os.environ["LOWBIT_ISA"])
 
 
 def _prepare_x(x: Tensor, in_f: int):
@@ -149,11 +110,11 @@ def _cpu_tensors(*ts) -> bool:
 
 
 # -- affine ------------------------------------------------------------------------------------
-def affine_params(w):
-    """The stored tensors of an AffineWeight as the C functions take them, or None."""
+def affine_struct(w) -> AffineWeightC | None:
+    """The C view of an AffineWeight, or None when the C code cannot read it in place (bit
+    widths other than 2/4/8, tensors off the CPU or not contiguous, other scale dtypes)."""
     sch = w.scheme
-    bits = sch.bits
-    if bits not in (2, 4, 8):
+    if sch.bits not in (2, 4, 8):
         return None
     N, K = w.shape
     scales, qz, fz = w.scales, w.qzeros, w.zeros
@@ -169,79 +130,47 @@ def affine_params(w):
     else:
         G, n_groups = K, 1
         s_stride = 0 if gran == "tensor" else 1
-    qz_stride = 0 if qz is None or gran == "tensor" else qz.shape[-1]
-    return (w.qweight.data_ptr(), w.qweight.shape[-1], bits, scales.data_ptr(), int(scales.dtype == torch.float16),
-            s_stride, G, n_groups, None if qz is None else qz.data_ptr(), qz_stride,
-            None if fz is None else fz.data_ptr(), int(fz is not None and fz.dtype == torch.float16),
-            float(sch.code_offset))
+    return AffineWeightC(qw=w.qweight.data_ptr(), row_bytes=w.qweight.shape[-1], bits=sch.bits,
+                         scales=scales.data_ptr(), scales_f16=int(scales.dtype == torch.float16), s_stride=s_stride,
+                         G=G, n_groups=n_groups, qz=None if qz is None else qz.data_ptr(),
+                         qz_stride=0 if qz is None or gran == "tensor" else qz.shape[-1],
+                         fz=None if fz is None else fz.data_ptr(),
+                         fz_f16=int(fz is not None and fz.dtype == torch.float16), zconst=float(sch.code_offset),
+                         K=K, N=N)
 
 
-def _affine_dequant(lib, w, p) -> Tensor:
+def affine_weight_struct(w) -> AffineWeightC | None:
+    """`affine_struct`, built once per stored tensors (`lowbit.kernels._native.cached_struct`)."""
+    return _native.cached_struct(w, affine_struct, w.scheme)
+
+
+def _affine_dequant(lib, w, st) -> Tensor:
     N, K = w.shape
     W = torch.empty(N, K, dtype=torch.float32)
-    rc = lib.lb_affine_dequant(K, N, *p, W.data_ptr(), torch.get_num_threads())
+    rc = lib.lb_affine_dequant_w(ctypes.addressof(st), W.data_ptr(), torch.get_num_threads())
     if rc:
-        raise RuntimeError(f"lb_affine_dequant failed ({rc})")
+        raise RuntimeError(f"lb_affine_dequant_w failed ({rc})")
     return W
 
 
-# The C view of a weight is built once per stored tensor set and cached: a QuantizedLinear
-# hands the kernel a new format object on every call, but over the same buffers. The entry is
-# keyed by id(qweight), dropped when qweight is freed, and only used while every tensor it
-# points into is still the one it was built from.
-_WEIGHTS: dict = {}
-
-
-def _drop(key, table=_WEIGHTS):
-    return lambda _ref: table.pop(key, None)
-
-
-def _cached_weight(w, params_fn, extra):
-    q = w.qweight
-    key = id(q)
-    e = _WEIGHTS.get(key)
-    if e is not None and e[0]() is q and (e[1] is extra or e[1] == extra) and all(a is b for a, b in zip(e[2], _tensors_of(w))):
-        return e[3], e[4]
-    p = params_fn(w)
-    if p is None:
-        return None, None
-    st = _AffineWeightC(qw=p[0], row_bytes=p[1], bits=p[2], scales=p[3], scales_f16=p[4], s_stride=p[5], G=p[6],
-                        n_groups=p[7], qz=p[8], qz_stride=p[9], fz=p[10], fz_f16=p[11], zconst=p[12],
-                        K=w.shape[1], N=w.shape[0])
-    try:
-        ref = weakref.ref(q, _drop(key))
-    except TypeError:
-        return p, None
-    _WEIGHTS[key] = (ref, extra, tuple(_tensors_of(w)), p, st)
-    return p, st
-
-
-def _tensors_of(w):
-    return [getattr(w, n, None) for n in type(w).tensor_names]
-
-
-def _run_affine(lib, x: Tensor, w, bias, params_fn, extra):
+def _run_affine(lib, x: Tensor, w, bias, st):
     N, K = w.shape
     if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != K:
         return NotImplemented
     if x.requires_grad and torch.is_grad_enabled():
         return NotImplemented
+    if st is None:
+        return NotImplemented
     if not x.is_contiguous():
         x = x.contiguous()
-    p, st = _cached_weight(w, params_fn, extra)
-    if p is None:
-        return NotImplemented
     bptr, b = _bias_ptr(bias, N)
     if bptr is False:
         return NotImplemented
     M = x.numel() // K if K else 0
     if M > FUSED_MAX_ROWS:
-        return F.linear(x, _affine_dequant(lib, w, p), b)
+        return F.linear(x, _affine_dequant(lib, w, st), b)
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    if st is not None:
-        rc = lib.lb_affine_linear_w(ctypes.addressof(st), x.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
-    else:
-        rc = lib.lb_affine_linear(x.data_ptr(), M, K, N, *p, bptr, y.data_ptr(), torch.get_num_threads())
+    rc = lib.lb_affine_linear_w(ctypes.addressof(st), x.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
     return NotImplemented if rc else y
 
 
@@ -250,18 +179,23 @@ def affine_linear(x: Tensor, w, bias: Tensor | None = None):
     lib = library()
     if lib is None:
         return NotImplemented
-    return _run_affine(lib, x, w, bias, affine_params, w.scheme)
+    return _run_affine(lib, x, w, bias, affine_weight_struct(w))
 
 
 # -- ternary -----------------------------------------------------------------------------------
-def ternary_params(w):
+def ternary_struct(w) -> AffineWeightC | None:
     """A TernaryWeight as an affine weight for the C functions: 2-bit codes u = t + 1, zero-point
     1, one fp32 scale per row (or one for the tensor), no groups."""
     if not _cpu_tensors(w.qweight, w.scales) or w.scales.dtype != torch.float32:
         return None
     N, K = w.shape
-    return (w.qweight.data_ptr(), w.qweight.shape[-1], 2, w.scales.data_ptr(), 0,
-            1 if w.granularity == "channel" else 0, K, 1, None, 0, None, 0, 1.0)
+    return AffineWeightC(qw=w.qweight.data_ptr(), row_bytes=w.qweight.shape[-1], bits=2, scales=w.scales.data_ptr(),
+                         scales_f16=0, s_stride=1 if w.granularity == "channel" else 0, G=K, n_groups=1, qz=None,
+                         qz_stride=0, fz=None, fz_f16=0, zconst=1.0, K=K, N=N)
+
+
+def ternary_weight_struct(w) -> AffineWeightC | None:
+    return _native.cached_struct(w, ternary_struct, w.granularity)
 
 
 @register_kernel("ternary")
@@ -269,7 +203,7 @@ def ternary_linear(x: Tensor, w, bias: Tensor | None = None):
     lib = library()
     if lib is None:
         return NotImplemented
-    return _run_affine(lib, x, w, bias, ternary_params, w.granularity)
+    return _run_affine(lib, x, w, bias, ternary_weight_struct(w))
 
 
 # -- NF4 ---------------------------------------------------------------------------------------

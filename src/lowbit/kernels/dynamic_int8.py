@@ -17,8 +17,9 @@ Two implementations of the same arithmetic:
   multiplied with the fp32 GEMM in chunks small enough that every partial sum is an exact integer,
   so acc is the exact integer sum rounded once to float32, i.e. float(int32 acc);
 * the native kernel (``csrc/int8_gemm.c``, OpenMP; AVX-512 VNNI where the CPU has it, else AVX2,
-  else scalar C, chosen at run time): quantizes the activations, multiplies in int8 → int32
-  (vpdpbusd, or the AVX2 maddubs/madd sign trick) and rescales, in one fused call.
+  else scalar C, chosen at run time; ``native_lib().isa_capped(...)`` lowers it): quantizes the
+  activations, multiplies in int8 → int32 (vpdpbusd, or the AVX2 maddubs/madd sign trick) and
+  rescales, in one fused call.
 
 They agree bit for bit (tests check the int32 accumulators and the float outputs). The native
 kernel runs for float32 CPU inputs when the library is built and ``LOWBIT_NATIVE`` is not 0.
@@ -39,39 +40,20 @@ from lowbit.kernels import _native, register_kernel
 from lowbit.kernels.int8 import exact_int_matmul
 
 MAX_K = 133000  # 127² · K < 2³¹: the int32 accumulator cannot overflow
-ISA = {"auto": 0, "scalar": 1, "avx2": 2, "vnni": 3}
-PATHS = ("scalar", "avx2", "avx512-vnni")
 _ERRORS = {1: "input activations contain NaN/Inf; cannot choose an int8 scale",
            2: f"more than {MAX_K} input features overflow the int32 accumulator",
            3: "out of memory in the int8 kernel",
            4: "int8 operand holds -128, outside the symmetric range [-127, 127]"}
-
-_configured: set = set()
+_i64, _vp, _ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_FUNCTIONS = {"lb_int8_quantize": ([_vp, _i64, _i64, _ci, _vp, _vp, _ci], _ci),
+              "lb_int8_gemm": ([_vp, _vp, _i64, _i64, _i64, _vp, _ci], _ci),
+              "lb_int8_dynamic_linear": ([_vp, _i64, _i64, _vp, _vp, _vp, _i64, _ci, _vp, _ci], _ci)}
 
 
 def native_lib():
-    """The ctypes library (argument types set), or None (not built, or LOWBIT_NATIVE=0)."""
-    lib = _native.load("int8_gemm")
-    if lib is None:
-        return None
-    if id(lib) not in _configured:
-        i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.lowbit_quantize_s8.argtypes = [vp, i64, i64, ci, vp, vp, ci, ci]
-        lib.lowbit_s8_gemm.argtypes = [vp, vp, i64, i64, i64, vp, ci, ci]
-        lib.lowbit_dynamic_linear.argtypes = [vp, i64, i64, vp, vp, vp, i64, ci, vp, ci, ci]
-        lib.lowbit_int8_gemm_path.argtypes = [ci]
-        for f in (lib.lowbit_quantize_s8, lib.lowbit_s8_gemm, lib.lowbit_dynamic_linear,
-                  lib.lowbit_int8_gemm_path):
-            f.restype = ci
-        _configured.add(id(lib))
-    return lib
-
-
-def native_path(isa: str = "auto") -> str | None:
-    """The code path ``isa`` runs on this CPU ("scalar", "avx2" or "avx512-vnni"; None if not built).
-    A requested instruction set the CPU lacks falls back to the best one it has."""
-    lib = native_lib()
-    return None if lib is None else PATHS[lib.lowbit_int8_gemm_path(ISA[isa])]
+    """The loaded ``_c_int8_gemm`` `lowbit.kernels._native.NativeLibrary`, or None (not built, or
+    LOWBIT_NATIVE=0). Its paths: "scalar", "avx2", "avx512vnni" (`NativeLibrary.set_isa`)."""
+    return _native.library("int8_gemm", _FUNCTIONS)
 
 
 def _check(rc: int) -> None:
@@ -108,7 +90,7 @@ def _ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def native_quantize(X: Tensor, activations: str = "token", isa: str = "auto") -> tuple[Tensor, Tensor]:
+def native_quantize(X: Tensor, activations: str = "token") -> tuple[Tensor, Tensor]:
     """The C activation quantizer: (q_x int8 [M, K], s_x float32 [M])."""
     lib = native_lib()
     if lib is None:
@@ -117,12 +99,12 @@ def native_quantize(X: Tensor, activations: str = "token", isa: str = "auto") ->
     M, K = X.shape
     q = torch.empty(M, K, dtype=torch.int8)
     s = torch.empty(M, dtype=torch.float32)
-    _check(lib.lowbit_quantize_s8(_ptr(X), M, K, int(check_activations(activations) == "tensor"), _ptr(q), _ptr(s),
-                                  torch.get_num_threads(), ISA[isa]))
+    _check(lib.lb_int8_quantize(_ptr(X), M, K, int(check_activations(activations) == "tensor"), _ptr(q), _ptr(s),
+                                torch.get_num_threads()))
     return q, s
 
 
-def native_gemm(A: Tensor, B: Tensor, isa: str = "auto") -> Tensor:
+def native_gemm(A: Tensor, B: Tensor) -> Tensor:
     """C = A · Bᵀ in int32 for int8 A [M, K], B [N, K] (codes in [-127, 127])."""
     lib = native_lib()
     if lib is None:
@@ -132,13 +114,11 @@ def native_gemm(A: Tensor, B: Tensor, isa: str = "auto") -> Tensor:
                           f"and {B.dtype}{tuple(B.shape)}")
     A, B = A.contiguous(), B.contiguous()
     C = torch.empty(A.shape[0], B.shape[0], dtype=torch.int32)
-    _check(lib.lowbit_s8_gemm(_ptr(A), _ptr(B), A.shape[0], B.shape[0], A.shape[1], _ptr(C),
-                              torch.get_num_threads(), ISA[isa]))
+    _check(lib.lb_int8_gemm(_ptr(A), _ptr(B), A.shape[0], B.shape[0], A.shape[1], _ptr(C), torch.get_num_threads()))
     return C
 
 
-def native_linear(X: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None, isa: str = "auto",
-                  out: Tensor | None = None) -> Tensor:
+def native_linear(X: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """Y [M, N] float32 for float32 CPU X [M, K], one fused C call. ``out``, if given, is written."""
     lib = native_lib()
     if lib is None:
@@ -149,8 +129,8 @@ def native_linear(X: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None, i
     qw, ws = w.qweight.contiguous(), w.wscale.contiguous()
     b = None if bias is None else bias.detach().float().contiguous()
     Y = torch.empty(M, N, dtype=torch.float32) if out is None else out
-    _check(lib.lowbit_dynamic_linear(_ptr(X), M, K, _ptr(qw), _ptr(ws), _ptr(b), N,
-                                     int(w.activations == "tensor"), _ptr(Y), torch.get_num_threads(), ISA[isa]))
+    _check(lib.lb_int8_dynamic_linear(_ptr(X), M, K, _ptr(qw), _ptr(ws), _ptr(b), N, int(w.activations == "tensor"),
+                                      _ptr(Y), torch.get_num_threads()))
     return Y
 
 
@@ -175,9 +155,9 @@ def linear(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None) -> Tenso
         b = None if bias is None else bias.detach().float().contiguous()
         qw, ws = w.qweight.contiguous(), w.wscale.contiguous()  # kept alive across the call
         y = torch.empty(M, out_f, dtype=torch.float32)
-        _check(lib.lowbit_dynamic_linear(X.data_ptr(), M, in_f, qw.data_ptr(), ws.data_ptr(),
-                                         None if b is None else b.data_ptr(), out_f,
-                                         int(w.activations == "tensor"), y.data_ptr(), torch.get_num_threads(), 0))
+        _check(lib.lb_int8_dynamic_linear(X.data_ptr(), M, in_f, qw.data_ptr(), ws.data_ptr(),
+                                          None if b is None else b.data_ptr(), out_f,
+                                          int(w.activations == "tensor"), y.data_ptr(), torch.get_num_threads()))
     else:
         y = reference_linear(X, w, bias)
     return y.reshape(*lead, out_f).to(x.dtype)

@@ -25,20 +25,15 @@ from lowbit.formats.floatw import FloatWeight
 from lowbit.kernels import _native, register_kernel
 
 FUSED_MAX_ROWS = 8
-_configured: set = set()
+_i64, _vp, _ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_FUNCTIONS = {"lb_half_linear": ([_vp, _i64, _i64, _vp, _i64, _vp, _vp, _ci, _ci], _ci)}
 
 
 def native_lib():
-    lib = _native.load("half_linear")
-    if lib is None:
-        return None
-    if id(lib) not in _configured:
-        i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.lowbit_half_linear.argtypes = [vp, i64, i64, vp, i64, vp, vp, ci, ci]
-        lib.lowbit_half_linear.restype = ci
-        lib.lowbit_half_linear_supported.restype = ci
-        _configured.add(id(lib))
-    return lib if lib.lowbit_half_linear_supported() else None
+    """The loaded ``_c_half_linear`` library, or None (not built, LOWBIT_NATIVE=0, or no AVX2 path:
+    the CPU lacks AVX2+FMA+F16C, or the library was capped to "scalar")."""
+    lib = _native.library("half_linear", _FUNCTIONS)
+    return lib if lib is not None and lib.isa() != "scalar" else None
 
 
 def fused_linear(X: Tensor, w: FloatWeight, bias: Tensor | None = None) -> Tensor:
@@ -52,7 +47,7 @@ def fused_linear(X: Tensor, w: FloatWeight, bias: Tensor | None = None) -> Tenso
     M, K = X.shape
     N = W.shape[0]
     Y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.lowbit_half_linear(X.data_ptr(), M, K, W.data_ptr(), N, None if b is None else b.data_ptr(),
+    rc = lib.lb_half_linear(X.data_ptr(), M, K, W.data_ptr(), N, None if b is None else b.data_ptr(),
                                 Y.data_ptr(), int(W.dtype == torch.bfloat16), torch.get_num_threads())
     if rc:
         raise LowbitError(f"half-precision kernel failed (code {rc})")

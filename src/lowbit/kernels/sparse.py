@@ -24,30 +24,18 @@ from lowbit.formats.sparse_csr import CSRWeight
 from lowbit.formats.sparse_nm import SparseNMWeight, index_bits
 from lowbit.kernels import _native, register_kernel
 
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_INT = ctypes.c_int
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_FUNCTIONS = {"lb_nm_linear": ([_P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _INT], None),
+              "lb_csr_linear": ([_P, _I64, _I64, _P, _P, _INT, _P, _I64, _P, _P, _INT], None)}
 
 
-def _lib():
-    lib = _native.load("sparse")
-    if lib is not None and not getattr(lib, "_lowbit_typed", False):
-        lib.lb_nm_linear.argtypes = [_P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _INT, _INT]
-        lib.lb_nm_linear.restype = None
-        lib.lb_csr_linear.argtypes = [_P, _I64, _I64, _P, _P, _INT, _P, _I64, _P, _P, _INT, _INT]
-        lib.lb_csr_linear.restype = None
-        lib.lb_sparse_has_avx2.restype = _INT
-        lib._lowbit_typed = True
-    return lib
+def native_lib():
+    """The loaded ``_c_sparse`` library, or None. Its paths: "scalar", "avx2" (`NativeLibrary.set_isa`)."""
+    return _native.library("sparse", _FUNCTIONS)
 
 
 def native_available() -> bool:
-    return _lib() is not None
-
-
-def has_avx2() -> bool:
-    lib = _lib()
-    return bool(lib is not None and lib.lb_sparse_has_avx2())
+    return native_lib() is not None
 
 
 def reference_linear(x: Tensor, w, bias: Tensor | None = None) -> Tensor:
@@ -86,9 +74,9 @@ def _ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
-                     threads: int | None = None, out: Tensor | None = None):
-    lib = _lib()
+def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *, threads: int | None = None,
+                     out: Tensor | None = None):
+    lib = native_lib()
     prep = None if lib is None else _prepare(x, w, bias, out)
     if prep is None:
         return NotImplemented
@@ -99,13 +87,13 @@ def nm_linear_native(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None, *
         K = in_f // w.m * w.n
         lib.lb_nm_linear(X.data_ptr(), X.shape[0], in_f, vals.data_ptr(), codes.data_ptr(),
                          packing.packed_row_bytes(K, index_bits(w.m)), index_bits(w.m), w.n, w.m, out_f,
-                         _ptr(b), y.data_ptr(), threads or torch.get_num_threads(), int(force_scalar))
+                         _ptr(b), y.data_ptr(), threads or torch.get_num_threads())
     return _shaped(y, x, out_f)
 
 
-def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, force_scalar: bool = False,
-                      threads: int | None = None, out: Tensor | None = None):
-    lib = _lib()
+def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, threads: int | None = None,
+                      out: Tensor | None = None):
+    lib = native_lib()
     prep = None if lib is None else _prepare(x, w, bias, out)
     if prep is None:
         return NotImplemented
@@ -115,7 +103,7 @@ def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, fo
         vals, cols, rp = w.values.contiguous(), w.col_idx.contiguous(), w.row_ptr.contiguous()
         lib.lb_csr_linear(X.data_ptr(), X.shape[0], in_f, vals.data_ptr(), cols.data_ptr(),
                           int(cols.dtype == torch.int32), rp.data_ptr(), out_f, _ptr(b), y.data_ptr(),
-                          threads or torch.get_num_threads(), int(force_scalar))
+                          threads or torch.get_num_threads())
     return _shaped(y, x, out_f)
 
 

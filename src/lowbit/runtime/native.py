@@ -55,45 +55,16 @@ class _F32Weight(ctypes.Structure):
 
 
 _ABI = 2
-_state: dict = {}
+_FUNCTIONS = {"lb_decode_abi": ([], ctypes.c_int), "lb_decode_step": ([_vp, _i64, _i64, _vp, ctypes.c_int], ctypes.c_int),
+              "lb_decode_work_floats": ([_vp], _i64)}
 
 
 def _library():
-    if not _native.enabled():
-        return None
-    if "lib" not in _state:
-        lib = _native.load("decode")
-        if lib is not None:
-            lib.lb_decode_abi.restype = ctypes.c_int
-            if lib.lb_decode_abi() != _ABI:
-                lib = None
-        if lib is not None:
-            lib.lb_decode_step.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_int]
-            lib.lb_decode_step.restype = ctypes.c_int
-            lib.lb_decode_work_floats.argtypes = [_vp]
-            lib.lb_decode_work_floats.restype = _i64
-            lib.lb_decode_set_isa.argtypes = [ctypes.c_int]
-            lib.lb_decode_set_isa.restype = ctypes.c_int
-        _state["lib"] = lib
-    return _state["lib"]
-
-
-_ISA = {"portable": 0, "avx2": 1, "avx512": 2}
-
-
-def set_isa(name: str | None) -> str:
-    """Use at most this instruction set for the step's attention ("portable", "avx2", "avx512";
-    None: the best the CPU has), for tests. Returns the one now in use. (The linear layers follow
-    their own kernels' setting, e.g. `lowbit.kernels.cpu.set_isa`.)"""
-    lib = _library()
-    if lib is None:
-        return "none"
-    got = lib.lb_decode_set_isa(-1 if name is None else _ISA[name])
-    return {v: k for k, v in _ISA.items()}[got]
-
-
-def _addr(fn) -> int:
-    return ctypes.cast(fn, ctypes.c_void_p).value
+    """The decode step's `lowbit.kernels._native.NativeLibrary` (None: not built, built for another
+    plan layout, or LOWBIT_NATIVE=0). Its paths ("scalar", "avx2", "avx512", `set_isa`) cover the
+    step's own arithmetic; the linear layers follow their own kernels' setting."""
+    lib = _native.library("decode", _FUNCTIONS)
+    return lib if lib is not None and lib.lb_decode_abi() == _ABI else None
 
 
 class _Unsupported(Exception):
@@ -263,21 +234,21 @@ def _linear_entry(mod: nn.Module, what: str, keep: list, int8_activations: bool 
         b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
         st = _F32Weight(W=W.data_ptr(), K=int(W.shape[1]), N=int(W.shape[0]))
         keep += [st, W, b]
-        return _addr(lib.lb_dec_f32_linear_w), ctypes.addressof(st), None if b is None else b.data_ptr(), "float32"
+        return lib.address("lb_dec_f32_linear_w"), ctypes.addressof(st), None if b is None else b.data_ptr(), "float32"
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt = mod.weight_format
         name = getattr(type(fmt), "name", None)
-        params = {"affine": (cpu.affine_linear, cpu.affine_params, lambda w: w.scheme),
-                  "ternary": (cpu.ternary_linear, cpu.ternary_params, lambda w: w.granularity)}.get(name)
+        params = {"affine": (cpu.affine_linear, cpu.affine_weight_struct),
+                  "ternary": (cpu.ternary_linear, cpu.ternary_weight_struct)}.get(name)
         if params is None:
             raise _Unsupported(f"{what}: format {name!r} has no native decode kernel")
-        kernel, params_fn, extra = params
+        kernel, struct = params
         if FORMAT_KERNELS.get(name) is not kernel:
             raise _Unsupported(f"{what}: the kernel registered for {name!r} is not lowbit's native one")
         clib = cpu.library()
         if clib is None:
             raise _Unsupported("the native kernel library is not built")
-        p, st = cpu._cached_weight(fmt, params_fn, extra(fmt))
+        st = struct(fmt)
         if st is None:
             raise _Unsupported(f"{what}: the native kernel does not take this weight's storage")
         b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
@@ -287,6 +258,6 @@ def _linear_entry(mod: nn.Module, what: str, keep: list, int8_activations: bool 
             from lowbit.kernels import a8
 
             if a8.supports(fmt):  # the int8-activation kernel takes this weight (else: float activations)
-                return a8.function_address(), ctypes.addressof(st), bptr, "affine-a8"
-        return _addr(clib.lb_affine_linear_w), ctypes.addressof(st), bptr, name
+                return a8.library().address("lb_affine_a8_linear_w"), ctypes.addressof(st), bptr, "affine-a8"
+        return clib.address("lb_affine_linear_w"), ctypes.addressof(st), bptr, name
     raise _Unsupported(f"{what} is a {type(mod).__name__}, which the C step has no kernel for")

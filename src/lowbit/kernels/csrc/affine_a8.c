@@ -29,10 +29,10 @@
  * s_w * z * sum_b sx_b Q_b.  Four weight rows share every activation load and one joint
  * horizontal sum; the weight stream is prefetched A8_PREFETCH bytes ahead.
  *
- * Paths (chosen at run time; lb_a8_set_isa lowers it for tests): 2 = AVX-512 F/BW/VL/VNNI
- * (64-byte chunks, vpdpbusd), 1 = AVX2 (32-byte chunks, vpmaddubsw/vpmaddwd; 8-bit codes are
+ * Paths (chosen at run time; lb_affine_a8_set_isa lowers it for tests): AVX-512 F/BW/VL/VNNI
+ * (64-byte chunks, vpdpbusd), AVX2 (32-byte chunks, vpmaddubsw/vpmaddwd; 8-bit codes are
  * centred to u - 128 with the sign trick so that the int16 pair sums cannot saturate),
- * 0 = portable scalar C.
+ * portable scalar C.
  *
  * lb_affine_a8_linear_w returns 0 on success, a positive code when the case is not supported
  * (the caller then runs another path): 1 bit width, 2 bad arguments / out of memory,
@@ -57,9 +57,9 @@
  * than the row's arithmetic on the small layers). */
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 
-#define A8_SCALAR 0
-#define A8_AVX2 1
-#define A8_VNNI 2
+#define A8_SCALAR LB_ISA_SCALAR
+#define A8_AVX2 LB_ISA_AVX2
+#define A8_VNNI LB_ISA_AVX512VNNI
 #define QB 32 /* activation block */
 #ifndef A8_PREFETCH
 /* Software prefetch distance (bytes) in the weight stream: the rows are contiguous, so this is
@@ -71,39 +71,10 @@
 /* lb_affine_weight, the half conversions and the thread split come from lb_common.h */
 
 /* ------------------------------------------------------------------------------------------ */
-/* dispatch                                                                                    */
-static int g_isa_max = -1, g_isa = -1;
+/* dispatch: lb_affine_a8_isa() (lb_common.h), lowered by lb_affine_a8_set_isa                   */
+LB_ISA_EXPORTS(affine_a8, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512VNNI))
 
-static int detect_isa(void) {
-#if LB_X86
-    __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    int vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    return vnni ? A8_VNNI : (avx2 ? A8_AVX2 : A8_SCALAR);
-#else
-    return A8_SCALAR;
-#endif
-}
-
-int lb_a8_isa_max(void) {
-    if (g_isa_max < 0) g_isa_max = detect_isa();
-    return g_isa_max;
-}
-
-int lb_a8_isa(void) {
-    if (g_isa < 0) g_isa = lb_a8_isa_max();
-    return g_isa;
-}
-
-/* Use at most `level` (negative: the best the CPU has); returns the level now in use. */
-int lb_a8_set_isa(int level) {
-    int mx = lb_a8_isa_max();
-    g_isa = level < 0 ? mx : (level > mx ? mx : level);
-    return g_isa;
-}
-
-void lb_a8_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
+void lb_affine_a8_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers                                                                                     */
@@ -281,9 +252,9 @@ static void quant_blocks(int isa, const float* x, int64_t nb, int8_t* q, float* 
 
 /* Quantize x [M, K] (K % 32 == 0) with the rule above: q [M, K] int8, sx [M, K/32]; for tests
  * and for callers that want the codes.  Returns 0, or 3 when K % 32 != 0. */
-int lb_a8_quantize(const float* x, int64_t M, int64_t K, int8_t* q, float* sx) {
+int lb_affine_a8_quantize(const float* x, int64_t M, int64_t K, int8_t* q, float* sx) {
     if (K <= 0 || K % QB || M < 0) return 3;
-    for (int64_t m = 0; m < M; m++) quant_blocks(lb_a8_isa(), x + m * K, K / QB, q + m * K, sx + m * (K / QB));
+    for (int64_t m = 0; m < M; m++) quant_blocks(lb_affine_a8_isa(), x + m * K, K / QB, q + m * K, sx + m * (K / QB));
     return 0;
 }
 
@@ -673,7 +644,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
 #endif
     a8_act A;
     memset(&A, 0, sizeof A);
-    A.isa = lb_a8_isa();
+    A.isa = lb_affine_a8_isa();
     A.S = 8 / bits;
     A.K = K;
     A.M = M;

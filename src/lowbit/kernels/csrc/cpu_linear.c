@@ -19,7 +19,7 @@
  * mask per stream, no shuffles.  Groups must be multiples of V*s codes for the SIMD paths
  * (the scalar path takes any group size); the last group of a row may be shorter.
  *
- * Instruction sets are chosen at run time (lb_isa): AVX-512 (F+BW+VL) 16 lanes, AVX2+FMA+F16C
+ * Instruction sets are chosen at run time (lb_cpu_linear_isa): AVX-512 (F+BW+VL) 16 lanes, AVX2+FMA+F16C
  * 8 lanes, portable scalar C otherwise.  Functions return 0 when they computed y, a positive
  * code when the case is not supported (the caller then runs the reference path).
  */
@@ -37,46 +37,16 @@
 #define LB_X86 0
 #endif
 
-#define LB_SCALAR 0
-#define LB_AVX2 1
-#define LB_AVX512 2
+#define LB_SCALAR LB_ISA_SCALAR
+#define LB_AVX2 LB_ISA_AVX2
+#define LB_AVX512 LB_ISA_AVX512
 
 /* ------------------------------------------------------------------------------------------ */
-/* run-time dispatch                                                                           */
-static int g_isa_max = -1;  /* what the CPU supports */
-static int g_isa = -1;      /* what is used (may be lowered for tests) */
-
-static int detect_isa(void) {
-#if LB_X86
-    __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-                 && __builtin_cpu_supports("avx512vl");
-    return avx512 ? LB_AVX512 : (avx2 ? LB_AVX2 : LB_SCALAR);
-#else
-    return LB_SCALAR;
-#endif
-}
-
-int lb_isa_max(void) {
-    if (g_isa_max < 0) g_isa_max = detect_isa();
-    return g_isa_max;
-}
-
-int lb_isa(void) {
-    if (g_isa < 0) g_isa = lb_isa_max();
-    return g_isa;
-}
-
-/* Use at most `level` (tests run every path the CPU has); returns the level now in use. */
-int lb_set_isa(int level) {
-    int mx = lb_isa_max();
-    g_isa = level < 0 ? mx : (level > mx ? mx : level);
-    return g_isa;
-}
+/* run-time dispatch: lb_cpu_linear_isa() (lb_common.h), lowered by lb_cpu_linear_set_isa     */
+LB_ISA_EXPORTS(cpu_linear, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512))
 
 /* Calls that read fewer bytes of weights than this run on one thread (lb_common.h). */
-void lb_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
+void lb_cpu_linear_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers                                                                                     */
@@ -554,7 +524,7 @@ BATCH_ROWS(2, 8, affine_batch_avx512, 2)
 /* ------------------------------------------------------------------------------------------ */
 /* entry point: affine                                                                         */
 /* Returns 0 on success; 1 unsupported bit width; 2 bad arguments. */
-int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes,
+static int affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes,
                      int bits, const void* scales, int scales_f16, int64_t s_stride, int64_t G, int64_t n_groups,
                      const uint8_t* qz, int64_t qz_stride, const void* fz, int fz_f16, float zconst,
                      const float* bias, float* y, int nthreads) {
@@ -563,7 +533,7 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
     if (M == 0 || N == 0) return 0;
     affine_args a = {x, M, K, N, qw, row_bytes, bits, scales, scales_f16, s_stride, G, n_groups,
                      qz, qz_stride, fz, fz_f16, zconst, bias, y};
-    int isa = lb_isa();
+    int isa = lb_cpu_linear_isa();
     int S = 8 / bits;
     /* the SIMD paths need group boundaries on load boundaries */
     if (isa == LB_AVX512 && n_groups > 1 && G % (16 * S)) isa = LB_AVX2;
@@ -623,12 +593,12 @@ int lb_affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint
     return 0;
 }
 
-/* The same, with the weight's fields in one struct (lb_affine_weight, lb_common.h) that the
+/* The entry point: the weight's fields in one struct (lb_affine_weight, lb_common.h) that the
  * caller builds once per weight (keeps the per-call argument conversion short). */
 
 int lb_affine_linear_w(const lb_affine_weight* w, const float* x, int64_t M, const float* bias, float* y,
                        int nthreads) {
-    return lb_affine_linear(x, M, w->K, w->N, w->qw, w->row_bytes, w->bits, w->scales, w->scales_f16, w->s_stride,
+    return affine_linear(x, M, w->K, w->N, w->qw, w->row_bytes, w->bits, w->scales, w->scales_f16, w->s_stride,
                             w->G, w->n_groups, w->qz, w->qz_stride, w->fz, w->fz_f16, w->zconst, bias, y, nthreads);
 }
 
@@ -639,7 +609,7 @@ int lb_noop_w(const lb_affine_weight* w, const float* x, int64_t M, const float*
 
 /* Dequantize the affine weight into W [N, K] fp32 exactly as AffineWeight.dequantize does:
  * W = (u - z) * s in fp32, two roundings). */
-int lb_affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes, int bits, const void* scales,
+static int affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes, int bits, const void* scales,
                       int scales_f16, int64_t s_stride, int64_t G, int64_t n_groups, const uint8_t* qz,
                       int64_t qz_stride, const void* fz, int fz_f16, float zconst, float* W, int nthreads) {
     if (bits != 2 && bits != 4 && bits != 8) return 1;
@@ -670,6 +640,11 @@ int lb_affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes
         }
     }
     return 0;
+}
+
+int lb_affine_dequant_w(const lb_affine_weight* w, float* W, int nthreads) {
+    return affine_dequant(w->K, w->N, w->qw, w->row_bytes, w->bits, w->scales, w->scales_f16, w->s_stride, w->G,
+                          w->n_groups, w->qz, w->qz_stride, w->fz, w->fz_f16, w->zconst, W, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -836,7 +811,7 @@ int lb_nf4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t
     if (M == 0 || N == 0) return 0;
     nf4_args a = {x, M, K, N, qw, absmax, absmax_u8, nested, dqbs, offset, bs, dyn, lut, bias, y,
                   __builtin_ctzll((unsigned long long)bs), absmax_u8 ? __builtin_ctzll((unsigned long long)dqbs) : 0};
-    int isa = lb_isa();
+    int isa = lb_cpu_linear_isa();
     if (isa == LB_AVX512 && bs % 32) isa = LB_AVX2;
     if (isa == LB_AVX2 && bs % 16) isa = LB_SCALAR;
     int nt = pick_threads(nthreads, N * K / 2 * (M < 8 ? 1 : M / 8), N);

@@ -94,19 +94,35 @@ static inline double now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* -- small vector helpers (one body, compiled for AVX-512 / AVX2 / baseline; picked at load) -- */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+/* Paths: AVX-512, AVX2+FMA+F16C, portable C (vector helpers and attention); lowered by
+ * lb_decode_set_isa (tests run every path). The linear layers follow their own kernels' level. */
+LB_ISA_EXPORTS(decode, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512))
+
+/* -- small vector helpers: one body, compiled for AVX-512 / AVX2 / baseline, picked by the
+ * library's instruction-set level (lb_decode_isa, lb_common.h) ------------------------------- */
+#define LB_BODY static inline __attribute__((always_inline))
+#if LB_X86
+#define LB_VARIANTS(ret, name, params, args)                                                        \
+    __attribute__((target("avx512f"))) static ret name##_avx512 params { return name##_body args; } \
+    __attribute__((target("avx2"))) static ret name##_avx2 params { return name##_body args; }      \
+    static ret name##_c params { return name##_body args; }                                         \
+    static ret name params {                                                                        \
+        const int isa = lb_decode_isa();                                                            \
+        if (isa >= LB_ISA_AVX512) return name##_avx512 args;                                        \
+        if (isa >= LB_ISA_AVX2) return name##_avx2 args;                                            \
+        return name##_c args;                                                                       \
+    }
 #else
-#define CLONES
+#define LB_VARIANTS(ret, name, params, args) static ret name params { return name##_body args; }
 #endif
 
-CLONES static float dot(const float* a, const float* b, int64_t n) {
+LB_BODY float dot_body(const float* a, const float* b, int64_t n) {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
+LB_VARIANTS(float, dot, (const float* a, const float* b, int64_t n), (a, b, n))
 
 /* exp(x) for x <= 0 (softmax after subtracting the max), written so that loops of it vectorise:
  * x = k ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation < 2e-8
@@ -129,7 +145,7 @@ static inline float exp_neg(float x) {
 }
 
 /* y = x * rsqrt(mean(x^2) + eps) * gain (float32, as torch's rms_norm) */
-CLONES static void rms_norm(float* y, const float* x, const float* gain, int64_t n, float eps) {
+LB_BODY void rms_norm_body(float* y, const float* x, const float* gain, int64_t n, float eps) {
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
@@ -137,6 +153,7 @@ CLONES static void rms_norm(float* y, const float* x, const float* gain, int64_t
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * r * gain[i];
 }
+LB_VARIANTS(void, rms_norm, (float* y, const float* x, const float* gain, int64_t n, float eps), (y, x, gain, n, eps))
 
 /* -- float32 GEMV / small GEMM for layers kept in float ------------------------------------- */
 int lb_dec_f32_linear_w(const lb_f32_weight* w, const float* x, int64_t M, const float* bias, float* y,
@@ -298,32 +315,16 @@ static void widen_c(const uint16_t* src, int64_t stride, int64_t n, int64_t hd, 
         for (int64_t i = 0; i < hd; i++) dst[j * hd + i] = half_to_float(src[j * stride + i]);
 }
 
-/* 2 AVX-512, 1 AVX2+FMA+F16C, 0 portable; lowered by lb_decode_set_isa (tests run every path). */
-static int g_isa = -1;
-static int isa_max(void) {
-#if LB_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
-#endif
-    return 0;
-}
-int lb_decode_set_isa(int level) {
-    int m = isa_max();
-    g_isa = (level < 0 || level > m) ? m : level;
-    return g_isa;
-}
-
 #define LB_TILE 32  /* fp16 cache: rows widened per tile */
 
 static void attend_group(const float* q, int64_t g, const void* K, const void* V, int f16, int64_t stride,
                          int64_t j0, int64_t j1, int64_t hd, float softcap, float* scores, float* out, float* m,
                          float* l) {
-    if (g_isa < 0) lb_decode_set_isa(-1);
+    const int isa = lb_decode_isa();
     int path = 0;
 #if LB_X86
-    if (g_isa >= 2 && hd % 16 == 0) path = 2;
-    else if (g_isa >= 1 && hd % 8 == 0) path = 1;
+    if (isa >= LB_ISA_AVX512 && hd % 16 == 0) path = 2;
+    else if (isa >= LB_ISA_AVX2 && hd % 8 == 0) path = 1;
 #endif
     void (*score)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t) = scores_c;
     void (*pv)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*) = pv_c;

@@ -9,7 +9,7 @@
 
    For small batches (decode); large batches are better served by the float32 GEMM on the widened
    weight. Needs AVX2 + FMA + F16C: returns 5 when the CPU lacks them (the caller then widens the
-   weight in torch). Return codes: 0 ok, 5 CPU unsupported. */
+   weight in torch). Return codes: 0 ok, 5 CPU unsupported (or lowered to scalar by lb_half_linear_set_isa). */
 
 #include <stdint.h>
 #include <immintrin.h>
@@ -17,20 +17,14 @@
 #include <omp.h>
 #endif
 
+#include "lb_common.h"
+
 #define HALF __attribute__((target("avx2,fma,f16c")))
 #define NC 8 /* weight rows per parallel work item */
 #define PAR_MIN_BYTES (48 * 1024)
 
-static int cpu_ok(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
-}
-
-int lowbit_half_linear_supported(void) { return cpu_ok(); }
+/* code paths: AVX2 + FMA + F16C only (lb_half_linear_isa(), lb_common.h; "scalar" = unsupported) */
+LB_ISA_EXPORTS(half_linear, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2))
 
 HALF static inline __m256 widen(const uint16_t *p, int bf16) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
@@ -87,9 +81,9 @@ HALF static void block(const float *X, int64_t M, int64_t K, const uint16_t *W, 
     }
 }
 
-int lowbit_half_linear(const float *X, int64_t M, int64_t K, const uint16_t *W, int64_t N, const float *bias,
-                       float *Y, int bf16, int nthreads) {
-    if (!cpu_ok()) return 5;
+int lb_half_linear(const float *X, int64_t M, int64_t K, const uint16_t *W, int64_t N, const float *bias,
+                   float *Y, int bf16, int nthreads) {
+    if (lb_half_linear_isa() < LB_ISA_AVX2) return 5;
     if (nthreads < 1) nthreads = 1;
     const int64_t nblocks = (N + NC - 1) / NC;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nblocks > 1 && N * K * 2 >= PAR_MIN_BYTES)

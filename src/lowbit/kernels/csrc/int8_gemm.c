@@ -3,18 +3,18 @@
    Layout (nn.Linear): activations X [M, K] float32 row-major, weight codes W [N, K] int8 row-major
    (one row per output channel), output Y [M, N] = X W^T.
 
-   lowbit_quantize_s8      X -> codes Q [M, K] in [-127, 127] and scales s [M]:
+   lb_int8_quantize        X -> codes Q [M, K] in [-127, 127] and scales s [M]:
                            amax = max |X[m, :]| (per token) or max |X| (per tensor, every s[m] equal),
                            Q = round_half_even(X * (127 / amax)), s = amax / 127 (amax 0 -> inv 127, s 0).
-   lowbit_s8_gemm          C[m, n] = sum_k A[m, k] * B[n, k] in int32 (exact: |sum| <= 127^2 K).
-   lowbit_dynamic_linear   the two fused: Y[m, n] = ((float)C[m, n] * s[m]) * ws[n] (+ bias[n]).
+   lb_int8_gemm            C[m, n] = sum_k A[m, k] * B[n, k] in int32 (exact: |sum| <= 127^2 K).
+   lb_int8_dynamic_linear  the two fused: Y[m, n] = ((float)C[m, n] * s[m]) * ws[n] (+ bias[n]).
 
    The float arithmetic is written in exactly the order of the plain-torch reference
    (lowbit.kernels.dynamic_int8), one float32 operation at a time (ISO C: no FMA contraction), so
    the reference and this code agree bit for bit.
 
-   Code paths, chosen at run time (isa argument: 0 auto, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; a
-   path the CPU lacks falls back to the best one it has): scalar C, AVX2, AVX-512 VNNI (below).
+   Code paths, chosen at run time (the best the CPU has, lowered by lb_int8_gemm_set_isa for tests):
+   scalar C, AVX2, AVX-512 VNNI (below).
 
    AVX2 product of two int8 vectors a, b (both in [-127, 127]):
        maddubs(|a|, sign(b, a)) = pairwise sums of a_i b_i in int16 (|pair| <= 2 * 127^2 < 2^15,
@@ -33,38 +33,19 @@
 #include <omp.h>
 #endif
 
+#include "lb_common.h"
+
 #define AVX2 __attribute__((target("avx2")))
 #define NC 16        /* weight rows per parallel work item (16 x K codes stay in L2) */
 #define MAX_K 133000 /* 127^2 * K < 2^31 */
 #define PAR_MIN_MACS (1 << 22) /* smaller products run on one thread: waking a team costs more */
 #define MAX_K_VNNI 66000 /* (127 + 128) * 127 * K < 2^31 (offset operand, below) */
 
-enum { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_VNNI = 3 };
-enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_VNNI = 2 };
-
-static int cpu_has(int path) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (path == PATH_AVX2) return __builtin_cpu_supports("avx2");
-    if (path == PATH_VNNI)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vnni");
-    return 1;
-#else
-    return path == PATH_SCALAR;
-#endif
-}
-
-/* the code path for a request: auto = the best the CPU has; a named ISA the CPU lacks falls back */
-static int pick_path(int isa) {
-    if (isa == ISA_SCALAR) return PATH_SCALAR;
-    if ((isa == ISA_AUTO || isa == ISA_VNNI) && cpu_has(PATH_VNNI)) return PATH_VNNI;
-    if (cpu_has(PATH_AVX2)) return PATH_AVX2;
-    return PATH_SCALAR;
-}
-
-/* 0 scalar, 1 AVX2, 2 AVX-512 VNNI: what `isa` runs on this CPU */
-int lowbit_int8_gemm_path(int isa) { return pick_path(isa); }
+/* code paths: lb_int8_gemm_isa() (lb_common.h), lowered by lb_int8_gemm_set_isa */
+LB_ISA_EXPORTS(int8_gemm, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512VNNI))
+#define PATH_SCALAR LB_ISA_SCALAR
+#define PATH_AVX2 LB_ISA_AVX2
+#define PATH_VNNI LB_ISA_AVX512VNNI
 
 /* ---- round half to even without libm: exact for |v| < 2^22 in the default rounding mode ---- */
 static inline float round_even(float v) {
@@ -170,10 +151,9 @@ static int quantize(const float *X, int64_t M, int64_t K, int per_tensor, int8_t
     return 0;
 }
 
-int lowbit_quantize_s8(const float *X, int64_t M, int64_t K, int per_tensor, int8_t *Q, float *s,
-                       int nthreads, int isa) {
+int lb_int8_quantize(const float *X, int64_t M, int64_t K, int per_tensor, int8_t *Q, float *s, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    return quantize(X, M, K, per_tensor, Q, s, nthreads, pick_path(isa) != PATH_SCALAR);
+    return quantize(X, M, K, per_tensor, Q, s, nthreads, lb_int8_gemm_isa() != PATH_SCALAR);
 }
 
 /* ---- GEMM ---------------------------------------------------------------------------------- */
@@ -423,20 +403,19 @@ static int codes_ok(const int8_t *p, int64_t n) {
     return 1;
 }
 
-int lowbit_s8_gemm(const int8_t *A, const int8_t *B, int64_t M, int64_t N, int64_t K, int32_t *C,
-                   int nthreads, int isa) {
+int lb_int8_gemm(const int8_t *A, const int8_t *B, int64_t M, int64_t N, int64_t K, int32_t *C, int nthreads) {
     if (K > MAX_K) return 2;
     if (!codes_ok(A, M * K) || !codes_ok(B, N * K)) return 4;
     Gemm g = {A, B, M, N, K, C, NULL, NULL, NULL, NULL, NULL};
-    return run_gemm(&g, nthreads < 1 ? 1 : nthreads, pick_path(isa));
+    return run_gemm(&g, nthreads < 1 ? 1 : nthreads, lb_int8_gemm_isa());
 }
 
 /* The weight codes are checked once when the weight is loaded (Python side), not per call. */
-int lowbit_dynamic_linear(const float *X, int64_t M, int64_t K, const int8_t *W, const float *ws,
-                          const float *bias, int64_t N, int per_tensor, float *Y, int nthreads, int isa) {
+int lb_int8_dynamic_linear(const float *X, int64_t M, int64_t K, const int8_t *W, const float *ws,
+                           const float *bias, int64_t N, int per_tensor, float *Y, int nthreads) {
     if (K > MAX_K) return 2;
     if (nthreads < 1) nthreads = 1;
-    int path = pick_path(isa);
+    int path = lb_int8_gemm_isa();
     int8_t *Q = (int8_t *)malloc((size_t)(M * K > 0 ? M * K : 1));
     float *s = (float *)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
     if (!Q || !s) { free(Q); free(s); return 3; }

@@ -10,8 +10,11 @@
  *   pick_threads, thread_rows
  *                      how a call splits its output rows over OpenMP threads: calls that read
  *                      fewer than g_min_parallel_bytes of weights (per library, settable by the
- *                      library's lb_*set_min_parallel_bytes) stay on one thread, because waking
- *                      a second thread costs more than it saves
+ *                      library's lb_<lib>_set_min_parallel_bytes) stay on one thread, because
+ *                      waking a second thread costs more than it saves
+ *   LB_ISA_*, lb_cpu_isa, LB_ISA_EXPORTS
+ *                      the one CPU-feature check and the instruction-set levels every library
+ *                      dispatches on (lowbit.kernels._native.ISAS names them in this order)
  */
 #ifndef LOWBIT_LB_COMMON_H
 #define LOWBIT_LB_COMMON_H
@@ -96,5 +99,59 @@ static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_
     if (*r0 > N) *r0 = N;
     if (*r1 > N) *r1 = N;
 }
+
+/* ---- instruction sets ------------------------------------------------------------------------
+ * Levels, each including the ones below it (lowbit.kernels._native.ISAS holds their names):
+ *   LB_ISA_SCALAR      portable C
+ *   LB_ISA_AVX2        AVX2 + FMA + F16C
+ *   LB_ISA_AVX512      that + AVX-512 F, BW, VL
+ *   LB_ISA_AVX512VNNI  that + AVX-512 VNNI
+ * lb_cpu_isa() is the highest level this CPU runs: the only CPU-feature check in the C code. */
+enum { LB_ISA_SCALAR = 0, LB_ISA_AVX2 = 1, LB_ISA_AVX512 = 2, LB_ISA_AVX512VNNI = 3 };
+#define LB_PATH(level) (1u << (level))
+
+static inline int lb_cpu_isa(void) {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    static int level = -1;
+    if (level < 0) {
+        __builtin_cpu_init();
+        int l = LB_ISA_SCALAR;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+            l = LB_ISA_AVX2;
+            if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl")) {
+                l = LB_ISA_AVX512;
+                if (__builtin_cpu_supports("avx512vnni")) l = LB_ISA_AVX512VNNI;
+            }
+        }
+        level = l;
+    }
+    return level;
+#else
+    return LB_ISA_SCALAR;
+#endif
+}
+
+/* the highest level in `paths` (a mask of LB_PATH bits; LB_ISA_SCALAR always one of them) that
+ * is at most `cap` and that this CPU runs */
+static inline int lb_isa_pick(int cap, unsigned paths) {
+    int top = lb_cpu_isa();
+    if (cap < 0 || cap > top) cap = top;
+    while (cap > LB_ISA_SCALAR && !(paths & LB_PATH(cap))) cap--;
+    return cap;
+}
+
+/* Every library exports the same four functions for its code paths `paths`:
+ *   int lb_<lib>_paths(void)        the mask of paths it has (on a CPU that runs them all)
+ *   int lb_<lib>_isa_max(void)      the best path this CPU runs
+ *   int lb_<lib>_isa(void)          the path in use
+ *   int lb_<lib>_set_isa(int cap)   use the best path at most `cap` (negative: no cap) -- tests
+ *                                   and benchmarks run every path this way; returns the path */
+#define LB_ISA_EXPORTS(lib, paths)                                                                  \
+    static int g_isa = -1;                                                                          \
+    int lb_##lib##_paths(void) { return (int)(paths); }                                             \
+    int lb_##lib##_isa_max(void) { return lb_isa_pick(-1, (paths)); }                               \
+    int lb_##lib##_set_isa(int cap) { return g_isa = lb_isa_pick(cap, (paths)); }                   \
+    int lb_##lib##_isa(void) { return g_isa < 0 ? (g_isa = lb_isa_pick(-1, (paths))) : g_isa; }
 
 #endif

@@ -2,8 +2,9 @@
  * stored N:M-compressed (lowbit.formats.sparse_nm) or as CSR (lowbit.formats.sparse_csr).
  *
  * Plain C + OpenMP, loaded with ctypes by lowbit.kernels.sparse. AVX2/FMA code is compiled with
- * per-function target attributes and chosen at run time (__builtin_cpu_supports); every path has
- * a scalar twin (force_scalar = 1), and lowbit.kernels.sparse holds the plain-torch reference.
+ * per-function target attributes and chosen at run time (lb_sparse_isa, lb_common.h); every path
+ * has a scalar twin (lb_sparse_set_isa(0) selects it), and lowbit.kernels.sparse holds the
+ * plain-torch reference.
  *
  * Layouts (row r of W):
  *   N:M  values[r, j], j < K = in/M·N, column (j / N)·M + pos_j; pos_j is a b-bit code packed
@@ -22,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+
+#include "lb_common.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define LB_X86 1
@@ -32,14 +35,8 @@
 #define BT 32 /* batch rows per tile of the batched path */
 #define SMALL_WORK (1 << 17) /* multiply-adds below which one thread does the whole product */
 
-int lb_sparse_has_avx2(void) {
-#if LB_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
+/* code paths: lb_sparse_isa() (lb_common.h), lowered by lb_sparse_set_isa */
+LB_ISA_EXPORTS(sparse, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2))
 
 /* ---- N:M position codes -> columns ------------------------------------------------------- */
 static inline unsigned code_at(const uint8_t *row, int bits, int64_t j) {
@@ -251,8 +248,8 @@ static const float *row_entries(const sparse_w *w, int64_t r, int32_t *buf, cons
 }
 
 static void sparse_linear(const sparse_w *w, const float *x, int64_t B, int64_t in, int64_t out,
-                          const float *bias, float *y, int nthreads, int force_scalar) {
-    int avx2 = !force_scalar && lb_sparse_has_avx2();
+                          const float *bias, float *y, int nthreads) {
+    int avx2 = lb_sparse_isa() >= LB_ISA_AVX2;
     if (nthreads < 1) nthreads = 1;
     /* small products run on one thread: waking a team costs more than it saves */
     int64_t work = (w->kind == 0 ? out * w->K : (int64_t)w->row_ptr[out]) * B;
@@ -320,14 +317,13 @@ static void sparse_linear(const sparse_w *w, const float *x, int64_t B, int64_t 
 /* ---- exported ------------------------------------------------------------------------------ */
 void lb_nm_linear(const float *x, int64_t B, int64_t in, const float *values, const uint8_t *codes,
                   int64_t code_row_bytes, int bits, int n, int m, int64_t out, const float *bias, float *y,
-                  int nthreads, int force_scalar) {
+                  int nthreads) {
     sparse_w w = {0, values, codes, code_row_bytes, in / m * n, bits, n, m, NULL, NULL};
-    sparse_linear(&w, x, B, in, out, bias, y, nthreads, force_scalar);
+    sparse_linear(&w, x, B, in, out, bias, y, nthreads);
 }
 
 void lb_csr_linear(const float *x, int64_t B, int64_t in, const float *values, const void *col, int col_int32,
-                   const int32_t *row_ptr, int64_t out, const float *bias, float *y, int nthreads,
-                   int force_scalar) {
+                   const int32_t *row_ptr, int64_t out, const float *bias, float *y, int nthreads) {
     sparse_w w = {col_int32 ? 2 : 1, values, NULL, 0, 0, 0, 0, 0, col, row_ptr};
-    sparse_linear(&w, x, B, in, out, bias, y, nthreads, force_scalar);
+    sparse_linear(&w, x, B, in, out, bias, y, nthreads);
 }
