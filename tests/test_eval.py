@@ -102,14 +102,16 @@ def naive_ppl(model, tokens, ctx, max_tokens=None, bos_id=None):
     return math.exp(total / count), count
 
 
-def naive_agreement(base, other, tokens, ctx, max_tokens=None, bos_id=None):
-    """KL(P_base || P_other) per scored position in float64, and top-1 matches."""
+def naive_agreement(base, other, tokens, ctx, max_tokens=None, bos_id=None, reverse=False):
+    """KL(P_base || P_other) (or KL(P_other || P_base)) per scored position in float64, and top-1 matches."""
     kls, same = [], 0
     with torch.no_grad():
         for window in naive_windows(tokens, ctx, max_tokens, bos_id):
             x = torch.tensor([window])
             lp = torch.log_softmax(base(x).logits[0, :-1].double(), dim=-1)
             lq = torch.log_softmax(other(x).logits[0, :-1].double(), dim=-1)
+            if reverse:
+                lp, lq = lq, lp
             for i in range(lp.shape[0]):
                 kls.append(float((lp[i].exp() * (lp[i] - lq[i])).sum()))
                 same += int(lp[i].argmax() == lq[i].argmax())
@@ -145,10 +147,12 @@ def test_baseline_against_itself_is_exactly_zero_kl(base):
     assert list(res) == ["base", "alias", "copy"]
     b = res["base"]
     assert b.kl_mean is None and b.kl_p99 is None and b.top1 is None and b.delta_ppl is None
+    assert b.kl_rev_mean is None and b.kl_rev_p99 is None
     assert b.n_tokens == 5 * 31
     for name in ("alias", "copy"):
         r = res[name]
         assert r.kl_mean == 0.0 and r.kl_p99 == 0.0
+        assert r.kl_rev_mean == 0.0 and r.kl_rev_p99 == 0.0
         assert r.top1 == 1.0
         assert r.ppl == b.ppl and r.delta_ppl == 0.0 and r.n_tokens == b.n_tokens
 
@@ -181,6 +185,10 @@ def test_kl_and_top1_equal_float64_reference(base, noisy, bos_id):
     assert q.delta_ppl == pytest.approx(q.ppl - res["fp"].ppl, abs=1e-12)
     ref_ppl, _ = naive_ppl(noisy, tokens, 32, bos_id=bos_id)
     assert q.ppl == pytest.approx(ref_ppl, rel=1e-6)
+    rev_mean, rev_p99, _ = naive_agreement(base, noisy, tokens, 32, bos_id=bos_id, reverse=True)
+    assert q.kl_rev_mean == pytest.approx(rev_mean, rel=1e-4, abs=1e-7)
+    assert q.kl_rev_p99 == pytest.approx(rev_p99, rel=1e-4, abs=1e-7)
+    assert abs(q.kl_rev_mean - q.kl_mean) > 1e-4 * q.kl_mean  # a different number, not a copy
 
 
 def test_token_nll_and_paired_ppl_ratio(base, noisy):

@@ -25,6 +25,7 @@ COLUMNS = [
     ("dppl", "Δppl", "+.3f"),
     ("kl", "KL mean", ".5f"),
     ("kl_p99", "KL p99", ".4f"),
+    ("kl_rev", "KL rev", ".5f"),
     ("top1", "top-1 %", ".2f"),
     ("qtime", "quant s", ".1f"),
     ("prefill", "prefill tok/s", ".0f"),
@@ -62,7 +63,7 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
         size = dir_size_bytes(m.path) if m.path else api.model_bytes(m.model)
         row = {"variant": name, "bpw": bpw, "size_mb": size / 1e6, "ppl": q.ppl,
                "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
-               "kl": q.kl_mean, "kl_p99": q.kl_p99,
+               "kl": q.kl_mean, "kl_p99": q.kl_p99, "kl_rev": q.kl_rev_mean,
                "top1": None if q.top1 is None else 100 * q.top1,
                "qtime": (m.record or {}).get("quantize_seconds"),
                "method": ((m.record or {}).get("method") or {}).get("method"),

@@ -39,7 +39,10 @@ float64 sum over the vocabulary)::
     KL_i = sum_v P_i(v) * (log P_i(v) - log Q_i(v))          (nats; terms with P_i(v) = 0 are 0)
 
 ``kl_mean`` is the mean over all scored positions, ``kl_p99`` the 99th percentile (linear
-interpolation, numpy's default).  ``top1`` is the fraction of positions where the argmax of the
+interpolation, numpy's default).  The reverse direction ``KL(Q || P)`` (same formula with the roles
+swapped) is reported as ``kl_rev_mean`` / ``kl_rev_p99``: it weighs the tokens the model makes
+likely rather than those the baseline does, so it exposes a model that invents mass where the
+baseline has almost none.  ``top1`` is the fraction of positions where the argmax of the
 model's logits equals the argmax of the baseline's.  ``delta_ppl = ppl - ppl_baseline``.
 For the baseline itself these agreement fields are ``None``.  A model that produces NaN/inf
 logits gets NaN/inf numbers rather than an exception, so a broken variant shows up in tables.
@@ -100,8 +103,9 @@ class QualityResult:
     """One model's numbers under a :class:`PplProtocol` (see the module docstring).
 
     ``nll`` is the mean negative log-likelihood per scored token in nats, ``ppl = exp(nll)``.
-    ``kl_mean``/``kl_p99`` (nats), ``top1`` (fraction in [0, 1]) and ``delta_ppl`` compare with
-    the baseline and are ``None`` for the baseline itself.
+    ``kl_mean``/``kl_p99`` (KL(baseline || model), nats), ``kl_rev_mean``/``kl_rev_p99``
+    (KL(model || baseline)), ``top1`` (fraction in [0, 1]) and ``delta_ppl`` compare with the
+    baseline and are ``None`` for the baseline itself.
     """
 
     ppl: float
@@ -111,6 +115,8 @@ class QualityResult:
     top1: float | None
     n_tokens: int
     delta_ppl: float | None = None
+    kl_rev_mean: float | None = None
+    kl_rev_p99: float | None = None
     token_nll: np.ndarray | None = field(default=None, repr=False)  # [n_tokens] float32, in scoring order
 
 
@@ -157,6 +163,7 @@ class _Accumulator:
         self.n = 0
         self.top1 = 0
         self.kl: list[torch.Tensor] = []
+        self.kl_rev: list[torch.Tensor] = []
         self.nll: list[torch.Tensor] = []
 
 
@@ -251,9 +258,10 @@ def evaluate_quality(
 
                 nll = -logprobs[key].gather(-1, targets[:, None]).squeeze(-1)  # [ctx-1] float32
                 nll_sum = float(nll.sum(dtype=torch.float64))
-                kl = None
+                kl = kl_rev = None
                 if key != base_key:
                     kl = _kl_rows(logprobs[base_key], logprobs[key]).cpu()
+                    kl_rev = _kl_rows(logprobs[key], logprobs[base_key]).cpu()
                     same = int((argmax[key] == argmax[base_key]).sum())
                 for name, model in models.items():
                     if id(model) != key:
@@ -264,6 +272,7 @@ def evaluate_quality(
                     a.n += targets.numel()
                     if kl is not None:
                         a.kl.append(kl)
+                        a.kl_rev.append(kl_rev)
                         a.top1 += same
                 if key != base_key:
                     del logprobs[key]  # keep only the baseline's for the next model
@@ -289,10 +298,13 @@ def evaluate_quality(
                 top1=None if is_base else 1.0,
                 n_tokens=a.n,
                 delta_ppl=None if is_base else 0.0,
+                kl_rev_mean=None if is_base else 0.0,
+                kl_rev_p99=None if is_base else 0.0,
                 token_nll=torch.cat(a.nll).numpy(),
             )
             continue
         kl_all = torch.cat(a.kl).numpy()
+        kl_rev_all = torch.cat(a.kl_rev).numpy()
         results[name] = QualityResult(
             ppl=ppl,
             nll=nll,
@@ -301,6 +313,8 @@ def evaluate_quality(
             top1=a.top1 / a.n,
             n_tokens=a.n,
             delta_ppl=ppl - base_ppl,
+            kl_rev_mean=float(kl_rev_all.mean()),
+            kl_rev_p99=float(np.percentile(kl_rev_all, 99)),
             token_nll=torch.cat(a.nll).numpy(),
         )
     return results
