@@ -59,7 +59,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 
-__all__ = ["PplProtocol", "QualityResult", "evaluate_quality", "perplexity"]
+__all__ = ["PplProtocol", "QualityResult", "evaluate_quality", "perplexity", "protocol_windows"]
 
 # Bound the float64 temporaries of the KL sum to ~this many elements at a time (32 MiB).
 _KL_CHUNK_ELEMENTS = 1 << 22
@@ -117,6 +117,9 @@ class QualityResult:
     delta_ppl: float | None = None
     kl_rev_mean: float | None = None
     kl_rev_p99: float | None = None
+    # measured relative error of an approximate KL (lowbit.eval.reference, topk): None when exact
+    kl_rel_err: float | None = None
+    kl_rev_rel_err: float | None = None
     token_nll: np.ndarray | None = field(default=None, repr=False)  # [n_tokens] float32, in scoring order
 
 
@@ -167,6 +170,32 @@ class _Accumulator:
         self.nll: list[torch.Tensor] = []
 
 
+def protocol_windows(tokens, protocol: PplProtocol, bos_id: int | None = None) -> torch.Tensor:
+    """The model inputs of the protocol (module docstring, steps 1-3): LongTensor ``[W, ctx]``.
+
+    ``tokens`` is the 1-D id stream; with ``bos_id`` every window starts with it."""
+    if not isinstance(protocol, PplProtocol):
+        raise LowbitError(f"protocol must be a PplProtocol, got {type(protocol).__name__}")
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise LowbitError(f"tokens must be a 1-D tensor of integer ids, got {tuple(tokens.shape)} {tokens.dtype}")
+    tokens = tokens.to(torch.long)
+    use_bos = bos_id is not None
+    stride = protocol.stride(use_bos)
+    n_windows = protocol.n_windows(tokens.numel(), use_bos)
+    if n_windows == 0:
+        raise LowbitError(
+            f"too few tokens: {tokens.numel()} (max_tokens={protocol.max_tokens}) do not fill one window "
+            f"of ctx={protocol.ctx} ({stride} stream tokens{' after BOS' if use_bos else ''})"
+        )
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise LowbitError(f"tokens contain a negative id ({int(tokens.min())})")
+    windows = tokens[: n_windows * stride].reshape(n_windows, stride)
+    if use_bos:
+        windows = torch.cat([torch.full((n_windows, 1), int(bos_id), dtype=torch.long), windows], dim=1)
+    return windows
+
+
 def evaluate_quality(
     models: dict[str, nn.Module],
     baseline: str,
@@ -193,22 +222,9 @@ def evaluate_quality(
     for name, model in models.items():
         if getattr(model, "training", False):
             raise LowbitError(f"model {name!r} is in training mode; call model.eval() first")
-    tokens = torch.as_tensor(tokens)
-    if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise LowbitError(f"tokens must be a 1-D tensor of integer ids, got {tuple(tokens.shape)} {tokens.dtype}")
-    tokens = tokens.to(torch.long)
-    use_bos = bos_id is not None
-    stride = protocol.stride(use_bos)
-    n_windows = protocol.n_windows(tokens.numel(), use_bos)
-    if n_windows == 0:
-        raise LowbitError(
-            f"too few tokens: {tokens.numel()} (max_tokens={protocol.max_tokens}) do not fill one window "
-            f"of ctx={protocol.ctx} ({stride} stream tokens{' after BOS' if use_bos else ''})"
-        )
-    if tokens.numel() and int(tokens.min()) < 0:
-        raise LowbitError(f"tokens contain a negative id ({int(tokens.min())})")
-    used = tokens[: n_windows * stride]
-    top_id = max(int(used.max()), -1 if bos_id is None else int(bos_id))
+    windows = protocol_windows(tokens, protocol, bos_id)
+    n_windows = windows.shape[0]
+    top_id = int(windows.max())
     for name, model in models.items():  # before any forward pass: an embedding lookup would fail obscurely
         get_emb = getattr(model, "get_input_embeddings", None)
         n_emb = getattr(get_emb(), "num_embeddings", None) if callable(get_emb) else None
@@ -228,10 +244,7 @@ def evaluate_quality(
     vocab = None
     with torch.inference_mode():
         for w in bar:
-            chunk = used[w * stride : (w + 1) * stride]
-            if use_bos:
-                chunk = torch.cat([torch.tensor([bos_id], dtype=torch.long), chunk])
-            x = chunk.to(device)[None, :]  # [1, ctx]
+            x = windows[w : w + 1].to(device)  # [1, ctx]
             targets = x[0, 1:]  # [ctx-1]
 
             logprobs: dict[int, torch.Tensor] = {}
