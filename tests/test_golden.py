@@ -62,6 +62,16 @@ CASES = [
 ]
 FAMILIES = ["llama", "gemma3_text", "qwen2"]
 
+# The real default model (SmolLM2-135M), a few methods with short calibration.
+SMOL_CALIB = dict(n_samples=4, seq_len=64)
+SMOL_CASES = [
+    ("rtn-int4-g128", "rtn", QuantScheme(bits=4, group_size=128), {}, None),
+    ("gptq-int4-g128", "gptq", QuantScheme(bits=4, group_size=128), SMOL_CALIB, None),
+    ("awq-int4-g128-asym", "awq", QuantScheme(bits=4, symmetric=False, group_size=128), SMOL_CALIB, None),
+    ("hqq-int4-g64", "hqq", QuantScheme(bits=4, symmetric=False, group_size=64, zero_point="float"), {}, None),
+    ("nf4", "nf4", None, {}, None),
+]
+
 
 def checkpoint_digest(path: Path) -> str:
     """sha256 over every stored tensor (sorted by name: name, dtype, shape, bytes) and the
@@ -80,8 +90,11 @@ def checkpoint_digest(path: Path) -> str:
 
 def build(family: str, case, out: Path) -> str:
     _, method, scheme, kw, storage = case
-    t = tiny_model(family, seed=3)
-    m = api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
+    if family == "smollm2":
+        m = api.load()
+    else:
+        t = tiny_model(family, seed=3)
+        m = api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
     torch.manual_seed(0)
     api.quantize(m, method, scheme, progress=False, **kw)
     if storage is not None:
@@ -99,6 +112,16 @@ def _golden() -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_checkpoint_bytes_unchanged(family, case, tmp_path):
+    _check(family, case, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SMOL_CASES, ids=[c[0] for c in SMOL_CASES])
+def test_smollm2_checkpoint_bytes_unchanged(case, tmp_path):
+    _check("smollm2", case, tmp_path)
+
+
+def _check(family, case, tmp_path):
     key = f"{family}/{case[0]}"
     digest = build(family, case, tmp_path / "ckpt")
     if UPDATE:
