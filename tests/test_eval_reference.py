@@ -313,3 +313,94 @@ def test_bad_settings():
         reference_key("m", wins, "logits")
     with pytest.raises(LowbitError, match="topk"):
         reference_key("m", wins, "topk", k=0)
+
+
+# ---------------------------------------------------------------- command line
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. However little known the feelings or views of such a man may be. ") * 30
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from lowbit.cli import main
+    from lowbit.models.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("cli")
+    d = save_tiny(root / "tiny", "llama")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    outs = []
+    for bits in (4, 3):
+        out = root / f"q{bits}"
+        assert main(["quantize", str(d), "--bits", str(bits), "--group-size", "32", "-o", str(out)]) == 0
+        outs.append(out)
+    return d, text, outs
+
+
+def cli(capsys, *argv):
+    from lowbit.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table(out):
+    lines = out.strip().splitlines()
+    head = lines[0].split("  ")
+    return [h.strip() for h in head if h.strip()], {l.split()[0]: l.split() for l in lines[2:]}
+
+
+def test_cli_hidden_reference_prints_the_memory_table(quantized, capsys, tmp_path):
+    d, text, (q4, q3) = quantized
+    common = ["--text", text, "--max-tokens", 512, "--ctx", 64, "--no-latency"]
+    code, mem, err = cli(capsys, "compare", q4, q3, *common, "--reference", "memory", "--plot", tmp_path / "a.png")
+    assert code == 0, err
+    cache = tmp_path / "cache"
+    code, hid, err = cli(capsys, "compare", q4, q3, *common, "--reference", "hidden", "--cache-dir", cache,
+                         "--plot", tmp_path / "b.png")
+    assert code == 0, err
+    assert hid == mem  # every number, to the last printed digit
+    assert "KL rev" in hid and "KL err" not in hid
+    assert "written to" in err and len(os.listdir(cache)) == 1
+    code, again, err = cli(capsys, "eval", q4, *common, "--reference", "hidden", "--cache-dir", cache)
+    assert code == 0, err
+    assert "read from" in err and len(os.listdir(cache)) == 1  # the same reference, no recomputation
+    assert again.splitlines()[2:4] == mem.splitlines()[2:4]
+    code, alone, err = cli(capsys, "eval", d, *common, "--reference", "hidden", "--cache-dir", cache)
+    assert code == 0, err
+    code, alone_mem, err = cli(capsys, "eval", d, *common, "--reference", "memory")
+    assert code == 0, err
+    assert alone == alone_mem and "read from" not in err
+
+
+def test_cli_topk_reference_reports_its_error(quantized, capsys, tmp_path):
+    d, text, (q4, _) = quantized
+    common = ["--text", text, "--max-tokens", 512, "--ctx", 64, "--no-latency", "--cache-dir", tmp_path]
+    code, out, err = cli(capsys, "eval", q4, *common, "--topk", 8)
+    assert code == 0, err
+    headers, rows = table(out)
+    assert "KL err %" in headers and "KL rev err %" in headers
+    err_pct = float(rows["q4"][headers.index("KL err %")])
+    assert 0 < err_pct < 100
+    assert rows["original"][headers.index("KL err %")] == "-"
+    code, full, err = cli(capsys, "eval", q4, *common, "--topk", 10_000)  # k >= vocabulary: exact
+    assert code == 0, err
+    _, mem = table(cli(capsys, "eval", q4, *common[:-2], "--reference", "memory")[1])
+    h, r = table(full)
+    assert r["q4"][h.index("KL mean")] == mem["q4"][h.index("KL mean")]
+    assert float(r["q4"][h.index("KL err %")]) == 0.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--reference", "hidden", "--topk", "8"], "--topk applies to --reference topk"),
+    (["--topk", "0"], "--topk must be a positive integer"),
+    (["--activation-budget", "-1"], "--activation-budget"),
+])
+def test_cli_reference_errors(quantized, capsys, argv, needle):
+    _, text, (q4, _) = quantized
+    code, _, err = cli(capsys, "eval", q4, "--text", text, "--no-latency", *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lowbit: error: ") and needle in lines[0]

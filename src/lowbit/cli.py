@@ -69,6 +69,18 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip prefill/decode timing")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--reference", choices=("auto", "memory", "hidden", "topk"), default=None,
+                   help="how the original is compared: memory = loaded beside each variant; hidden = its output-layer "
+                        "inputs computed once (streamed block by block), cached, exact; topk = its top-k log-probs "
+                        "+ remaining mass, cached, compact but approximate (measured error shown); auto (default) = "
+                        "memory when both fit, else hidden")
+    p.add_argument("--topk", type=int, help="k of --reference topk (default 32; implies --reference topk)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where cached references live (default: $LOWBIT_CACHE/reference or ~/.cache/lowbit/reference)")
+    p.add_argument("--activation-budget", type=int, metavar="MIB",
+                   help="activations kept in memory while streaming the original (default: a quarter of the "
+                        "available memory); the rest goes to temporary files")
+    p.add_argument("--spill-dir", metavar="DIR", help="where those temporary files go (default: the temp directory)")
 
 
 def _scheme(args, method_cls):
@@ -155,8 +167,18 @@ def _settings(args, latency_default=True):
         from lowbit.data.texts import load_text
 
         load_text(args.text)  # a bundled split name or a readable text file; one-line error otherwise
+    reference = args.reference or ("topk" if args.topk is not None else "auto")
+    if args.topk is not None and reference != "topk":
+        raise LowbitError(f"--topk applies to --reference topk, not --reference {reference}")
+    if args.topk is not None and args.topk < 1:
+        raise LowbitError(f"--topk must be a positive integer, got {args.topk}")
+    if args.activation_budget is not None and args.activation_budget < 0:
+        raise LowbitError(f"--activation-budget must be >= 0 MiB, got {args.activation_budget}")
     return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
-                        latency=latency_default and not args.no_latency, device=args.device)
+                        latency=latency_default and not args.no_latency, device=args.device,
+                        reference=reference, topk=args.topk or 32, cache_dir=args.cache_dir,
+                        activation_budget=None if args.activation_budget is None else args.activation_budget * 2**20,
+                        spill_dir=args.spill_dir)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -262,43 +284,30 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lowbit import api
-    from lowbit.evaluate import compare, render
+    from lowbit import checkpoint
+    from lowbit.evaluate import base_spec_of, evaluate_specs, render
 
     settings = _settings(args)
-    m = api.load(args.model)
-    variants = {}
-    if m.record is not None:
-        base = api.load(api.base_spec(m))
-        variants["original"] = base
-        variants[m.name] = m
+    if args.model is not None and checkpoint.is_checkpoint(args.model):  # vs the original it was made from
+        rows, _ = evaluate_specs(base_spec_of(args.model), [args.model], settings, log=_log)
     else:
-        variants[m.name] = m
-    rows = compare(variants, next(iter(variants)), settings)
+        rows, _ = evaluate_specs(args.model, [], settings, log=_log)
     print(render(rows, markdown=args.markdown))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from lowbit import api
-    from lowbit.evaluate import compare, render, write_plot
+    from lowbit.evaluate import base_spec_of, evaluate_specs, render, write_plot
 
     settings = _settings(args)
-    loaded = [api.load(s) for s in args.models]
-    bases = {api.base_spec(m) for m in loaded if m.record is not None}
+    bases = {base_spec_of(s) for s in args.models} - {None}
     base_spec = args.baseline or (bases.pop() if len(bases) == 1 else None)
     if base_spec is None and not args.baseline:
         raise LowbitError("the variants come from different base models; name the original with --baseline")
-    variants = {"original": api.load(base_spec)}
-    for m in loaded:
-        name = m.name
-        while name in variants:
-            name += "'"
-        variants[name] = m
-    rows = compare(variants, "original", settings)
+    rows, info = evaluate_specs(base_spec, list(args.models), settings, log=_log)
     print(render(rows, markdown=args.markdown))
     if args.plot:
-        write_plot(rows, args.plot, f"{variants['original'].name}: perplexity vs bits/weight")
+        write_plot(rows, args.plot, f"{info['base_name']}: perplexity vs bits/weight")
         _log(f"plot written to {args.plot}")
     return 0
 

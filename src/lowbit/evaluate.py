@@ -1,13 +1,27 @@
 """Measure variants of one model side by side: quality vs the original, size, speed.
 
-Used by ``lowbit eval``, ``lowbit compare`` and ``lowbit demo``. All variants are evaluated in
-lockstep on the same windows of held-out text, the original model being the baseline row.
+Used by ``lowbit eval``, ``lowbit compare`` and ``lowbit demo``.  Two ways to get the quality
+numbers, the original model being the baseline row either way:
+
+* ``memory``: the original and all variants are loaded together and run in lockstep on the same
+  windows (:func:`lowbit.eval.quality.evaluate_quality`);
+* ``hidden`` / ``topk``: the original's reference is computed once (streamed block by block from
+  its files when it is a Hugging Face directory, so it never has to fit in memory), cached on
+  disk, and each variant is then loaded alone, scored against it and dropped
+  (:mod:`lowbit.eval.reference`).  ``hidden`` gives the same numbers as ``memory`` bit for bit;
+  ``topk`` is compact but approximate (its measured error is reported in the table).
+
+``auto`` picks ``memory`` when the original and the largest variant fit in the memory available
+(float32 weights), else ``hidden``.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,6 +40,8 @@ COLUMNS = [
     ("kl", "KL mean", ".5f"),
     ("kl_p99", "KL p99", ".4f"),
     ("kl_rev", "KL rev", ".5f"),
+    ("kl_err", "KL err %", ".2f"),
+    ("kl_rev_err", "KL rev err %", ".2f"),
     ("top1", "top-1 %", ".2f"),
     ("qtime", "quant s", ".1f"),
     ("prefill", "prefill tok/s", ".0f"),
@@ -43,6 +59,37 @@ class EvalSettings:
     latency_repeats: int = 3
     device: str = "cpu"
     progress: bool = True
+    reference: str = "auto"  # auto | memory | hidden | topk (module docstring)
+    topk: int = 32
+    audit: int = 64  # positions whose full distribution checks the top-k approximation
+    cache_dir: str | None = None  # default: lowbit.eval.reference.default_cache_dir()
+    activation_budget: int | None = None  # bytes of activations kept in memory when streaming
+    spill_dir: str | None = None  # where activations beyond the budget go (default: the temp dir)
+
+
+REFERENCES = ("auto", "memory", "hidden", "topk")
+
+
+def _row(name: str, m: api.Model, q, settings: EvalSettings) -> dict:
+    bpw, _, _ = api.linear_bits(m.model)
+    size = dir_size_bytes(m.path) if m.path else api.model_bytes(m.model)
+    row = {"variant": name, "bpw": bpw, "size_mb": size / 1e6, "ppl": q.ppl,
+           "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
+           "kl": q.kl_mean, "kl_p99": q.kl_p99, "kl_rev": q.kl_rev_mean,
+           "top1": None if q.top1 is None else 100 * q.top1,
+           "qtime": (m.record or {}).get("quantize_seconds"),
+           "method": ((m.record or {}).get("method") or {}).get("method"),
+           "token_nll": q.token_nll}
+    if q.kl_rel_err is not None:
+        row["kl_err"] = 100 * q.kl_rel_err
+        row["kl_rev_err"] = 100 * q.kl_rev_rel_err
+    if settings.latency:
+        lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
+                              vocab_size=m.model.config.vocab_size, device=settings.device,
+                              repeats=settings.latency_repeats)
+        row["prefill"] = lat.prefill_tok_s
+        row["decode"] = lat.decode_tok_s
+    return row
 
 
 def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSettings) -> list[dict]:
@@ -56,26 +103,160 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
     quality = evaluate_quality({k: v.model for k, v in variants.items()}, baseline, tokens,
                                settings.protocol, default_bos_id(base.tokenizer), device=settings.device,
                                progress=settings.progress)
-    rows = []
-    for name, m in variants.items():
-        q = quality[name]
-        bpw, _, _ = api.linear_bits(m.model)
-        size = dir_size_bytes(m.path) if m.path else api.model_bytes(m.model)
-        row = {"variant": name, "bpw": bpw, "size_mb": size / 1e6, "ppl": q.ppl,
-               "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
-               "kl": q.kl_mean, "kl_p99": q.kl_p99, "kl_rev": q.kl_rev_mean,
-               "top1": None if q.top1 is None else 100 * q.top1,
-               "qtime": (m.record or {}).get("quantize_seconds"),
-               "method": ((m.record or {}).get("method") or {}).get("method"),
-               "token_nll": q.token_nll}
-        if settings.latency:
-            lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
-                                  vocab_size=m.model.config.vocab_size, device=settings.device,
-                                  repeats=settings.latency_repeats)
-            row["prefill"] = lat.prefill_tok_s
-            row["decode"] = lat.decode_tok_s
-        rows.append(row)
-    return rows
+    return [_row(name, m, quality[name], settings) for name, m in variants.items()]
+
+
+# -- from model specs: choose memory or a cached reference --------------------------------------------
+def _hf_dir(spec: str | None) -> Path | None:
+    """The Hugging Face directory behind a builtin name or a directory spec (None otherwise)."""
+    from lowbit import checkpoint
+    from lowbit.models import builtin
+
+    if spec is None or spec in builtin.BUILTINS:
+        name = spec or builtin.DEFAULT_MODEL
+        return builtin.cache_path(name) if builtin.is_cached(name) else None
+    if checkpoint.is_checkpoint(spec):
+        return None
+    p = Path(spec).expanduser()
+    return p if p.is_dir() else None
+
+
+def compute_bytes(spec: str | None) -> int | None:
+    """Rough bytes ``spec`` takes in memory once loaded (float32 weights for an original, the
+    checkpoint's size for a quantized one); None when unknown."""
+    from lowbit import checkpoint
+    from lowbit.errors import LowbitError
+    from lowbit.models.lazy import read_header, weight_files
+
+    if spec is not None and checkpoint.is_checkpoint(spec):
+        return dir_size_bytes(spec)
+    d = _hf_dir(spec)
+    if d is not None:
+        try:
+            files, _ = weight_files(d)
+            return sum(4 * math.prod(t.shape) for f in files for t in read_header(f).values()
+                       if t.dtype.is_floating_point)
+        except LowbitError:  # unreadable files: the loader reports them properly
+            return None
+    if spec is not None and Path(spec).expanduser().is_file():
+        return 8 * os.path.getsize(Path(spec).expanduser())  # a GGUF of ~4-bit weights, dequantized
+    return None
+
+
+def base_spec_of(spec: str) -> str | None:
+    """The original model a lowbit checkpoint was made from (as :func:`lowbit.api.base_spec`),
+    read from its record without loading it; None for anything else."""
+    from lowbit import checkpoint
+
+    if spec is None or not checkpoint.is_checkpoint(spec):
+        return None
+    rec = checkpoint.read_record(spec)
+    return api.base_spec(api.Model(model=None, tokenizer=None, name="", source={}, record=rec))
+
+
+def choose_reference(base_spec: str | None, specs: list[str], settings: EvalSettings) -> str:
+    """``settings.reference``, with ``auto`` resolved (module docstring)."""
+    from lowbit.errors import LowbitError
+    from lowbit.eval.streaming import mem_available_bytes
+
+    if settings.reference not in REFERENCES:
+        raise LowbitError(f"--reference must be one of {', '.join(REFERENCES)}, got {settings.reference!r}")
+    if settings.reference != "auto":
+        return settings.reference
+    avail = mem_available_bytes()
+    sizes = [compute_bytes(base_spec)] + [compute_bytes(s) for s in specs]
+    if avail is None or sizes[0] is None:
+        return "memory"
+    need = sizes[0] + max([b or 0 for b in sizes[1:]], default=0)
+    return "memory" if need < 0.6 * avail else "hidden"
+
+
+def _open_original(spec: str | None):
+    """``(source, tokenizer, fingerprint, name, model)``: a lazily opened Hugging Face directory
+    (streamed when the reference is computed, never loaded whole) or, for other kinds of model
+    (GGUF, checkpoint), the model loaded in memory."""
+    from lowbit.eval.reference import fingerprint
+    from lowbit.models import builtin
+    from lowbit.models.lazy import open_lazy
+
+    if (spec is None or spec in builtin.BUILTINS) and _hf_dir(spec) is None:
+        api.load(spec)  # first use of a builtin: fetch and convert it into the cache
+    d = _hf_dir(spec)
+    if d is not None:
+        name = (spec or builtin.DEFAULT_MODEL) if (spec is None or spec in builtin.BUILTINS) else d.resolve().name
+        lazy = open_lazy(d, name=name)
+        return lazy, lazy.tokenizer, fingerprint(d), name, lazy.model
+    m = api.load(spec)
+    m.model.eval()
+    return m.model, m.tokenizer, fingerprint(spec), m.name, m.model
+
+
+def _skeleton_bytes(model) -> int:
+    """Bytes of a model's tensors (tied ones once), also for parameters on the meta device."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettings, *,
+                   base_label: str = "original", log=None) -> tuple[list[dict], dict]:
+    """Rows for the original (``base_spec``) and every model in ``specs`` (checkpoints or models),
+    baseline first, plus what was done (``{"reference": kind, "base_name": ..., "cache": path,
+    "hit": bool}``).
+
+    With no ``specs`` the original is evaluated alone (perplexity) under its own name."""
+    from lowbit.data.texts import default_bos_id, eval_tokens, load_text
+    from lowbit.eval.quality import protocol_windows
+    from lowbit.eval.reference import build_reference, cached_reference, reference_key, score_against_reference
+
+    kind = choose_reference(base_spec, specs, settings)
+    if kind == "memory":
+        variants = {}
+        base = api.load(base_spec)
+        variants[base_label if specs else base.name] = base
+        for spec in specs:
+            m = api.load(spec)
+            name = m.name
+            while name in variants:
+                name += "'"
+            variants[name] = m
+        return compare(variants, next(iter(variants)), settings), {"reference": "memory", "base_name": base.name}
+
+    source, tokenizer, model_id, name, skeleton = _open_original(base_spec)
+    text = load_text(settings.text)
+    windows = protocol_windows(eval_tokens(tokenizer, text), settings.protocol, default_bos_id(tokenizer))
+    key = reference_key(model_id, windows, kind, k=settings.topk, audit=settings.audit, dtype=torch.float32)
+    stream = {"budget_bytes": settings.activation_budget, "spill_dir": settings.spill_dir}
+    if log is not None:
+        log(f"reference: {kind} of {name} on {windows.shape[0]} windows of {windows.shape[1]} tokens")
+    ref, hit = cached_reference(key, settings.cache_dir,
+                                lambda: build_reference(source, windows, key, device=settings.device,
+                                                        progress=settings.progress, stream=stream), log=log)
+    if log is not None:
+        log(f"reference {'read from' if hit else 'written to'} {ref.path}")
+    q = ref.baseline_result()
+    bpw, _, _ = api.linear_bits(skeleton)
+    rows = [{"variant": base_label if specs else name, "bpw": bpw, "size_mb": _skeleton_bytes(skeleton) / 1e6,
+             "ppl": q.ppl, "dppl": None, "n_tokens": q.n_tokens, "kl": None, "kl_p99": None, "kl_rev": None,
+             "top1": None, "qtime": None, "method": None, "token_nll": q.token_nll}]
+    del source, skeleton
+    gc.collect()
+    names = {rows[0]["variant"]}
+    for spec in specs:  # one variant in memory at a time
+        m = api.load(spec)
+        m.model.to(settings.device).eval()
+        vname = m.name
+        while vname in names:
+            vname += "'"
+        names.add(vname)
+        q = score_against_reference(ref, m.model, windows, device=settings.device, progress=settings.progress)
+        rows.append(_row(vname, m, q, settings))
+        del m
+        gc.collect()
+    return rows, {"reference": kind, "cache": str(ref.path), "hit": hit, "base_name": name}
 
 
 def render(rows: list[dict], markdown: bool = False) -> str:

@@ -1,7 +1,11 @@
 """Evaluation: the project's ruler.
 
-* :mod:`lowbit.eval.quality`: perplexity under a fixed protocol, KL divergence and top-1
-  agreement against a baseline (all models in lockstep).
+* :mod:`lowbit.eval.quality`: perplexity under a fixed protocol, KL divergence (both directions)
+  and top-1 agreement against a baseline (all models in lockstep).
+* :mod:`lowbit.eval.reference`: the baseline's side computed once and cached on disk (exact
+  hidden states, or compact top-k), variants scored against it one at a time.
+* :mod:`lowbit.eval.streaming`: the forward pass over all windows one decoder block at a time,
+  for models that do not fit in memory.
 * :mod:`lowbit.eval.latency`: prefill / decode speed with the model's KV cache.
 * :mod:`lowbit.eval.size`: bytes on disk.
 * :mod:`lowbit.eval.report`: text/Markdown tables and the perplexity-vs-bits plot

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 
-__all__ = ["InMemory", "StreamingForward", "default_budget_bytes"]
+__all__ = ["InMemory", "StreamingForward", "default_budget_bytes", "mem_available_bytes"]
 
 
 class InMemory:
@@ -57,18 +57,21 @@ class InMemory:
         pass
 
 
-def default_budget_bytes() -> int:
-    """A quarter of the memory available now (``MemAvailable``), at least 256 MiB."""
-    avail = None
+def mem_available_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is no such file)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return max(256 * 2**20, (avail or 4 * 2**30) // 4)
+    return None
+
+
+def default_budget_bytes() -> int:
+    """A quarter of the memory available now, at least 256 MiB."""
+    return max(256 * 2**20, (mem_available_bytes() or 4 * 2**30) // 4)
 
 
 class _PassThrough(nn.Module):
