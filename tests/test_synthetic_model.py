@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from lowbit.models import builtin
-from lowbit.models.loading import load_model
+from lowbit.models.spec import load_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "synthetic_model.py"
 

@@ -63,7 +63,7 @@ def should_stream(spec: str | None, dtype: torch.dtype = torch.float32, fraction
     """True when the weights of ``spec`` (an HF directory or builtin), converted to ``dtype``,
     would take more than ``fraction`` of the memory available now: loading them whole would
     leave too little for the work (the rule ``lowbit quantize`` applies without --stream)."""
-    from lowbit.models.loading import weights_on_disk
+    from lowbit.models.spec import weights_on_disk
 
     found = weights_on_disk(spec)
     if found is None:
@@ -92,7 +92,7 @@ def load(spec: str | None = None, *, dtype: str | torch.dtype | None = None, dev
     ``dtype`` (float32, bfloat16, float16) is the dtype the weights are held in; default: see
     ``compute_dtype`` (``device`` is where the work will run). ``stream=True`` reads no weights:
     the model is a skeleton, quantized block by block by ``quantize(..., output=...)``."""
-    from lowbit.models.loading import load_model, load_model_lazy, weights_on_disk
+    from lowbit.models.spec import load_model, load_model_lazy, weights_on_disk
 
     if spec is not None and checkpoint.is_checkpoint(spec):
         if stream:

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.errors import LowbitError
 from lowbit.integrations import hf_config
 from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.errors import LowbitError
 
 

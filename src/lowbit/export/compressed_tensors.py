@@ -81,7 +81,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.core import packing
 from lowbit.errors import LowbitError
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD
 
 QUANT_METHOD = "lowbit"

@@ -194,7 +194,7 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lowbit.models.loading import _all_finite
+        from lowbit.models.files import all_finite
         from lowbit.nn import module_from_meta
 
         for name, ph in [(n, m) for n, m in model.named_modules() if isinstance(m, _Placeholder)]:
@@ -210,7 +210,7 @@ class LowbitHfQuantizer(HfQuantizer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, qmod)
         for k, p in model.named_parameters():
-            if p.is_floating_point() and not _all_finite(p.detach()):
+            if p.is_floating_point() and not all_finite(p.detach()):
                 raise LowbitError(f"checkpoint {self.path}: tensor {k} has NaN/Inf values")
         model.eval()
         return model

@@ -10,7 +10,8 @@ from lowbit.models.families import (
     linear_layers,
     supported_families,
 )
-from lowbit.models.loading import LoadedModel, inspect_gguf, is_lowbit_checkpoint, load_model
+from lowbit.models.loading import LoadedModel, inspect_gguf, is_lowbit_checkpoint
+from lowbit.models.spec import load_model
 
 __all__ = [
     "DEFAULT_MODEL",

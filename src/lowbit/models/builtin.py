@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.models.loading import load_gguf, load_hf_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 SOURCE_FILE = "lowbit-source.json"  # provenance of a cached builtin (not lowbit.json: that marks checkpoints)
@@ -99,8 +100,6 @@ def is_cached(name: str) -> bool:
 
 def load_builtin(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Load a builtin model, converting and caching it on first use. Returns a LoadedModel."""
-    from lowbit.models.loading import load_hf_dir
-
     final, source = builtin_dir(name)
     return load_hf_dir(final, dtype=dtype, name=_get(name).name, source=source)
 
@@ -135,8 +134,6 @@ def _say(msg: str) -> None:
 
 
 def _build_cache(b: Builtin, final: Path) -> None:
-    from lowbit.models.loading import load_gguf
-
     parent = final.parent
     if final.exists():
         raise LowbitError(f"{final} exists but is not a complete lowbit cache (no {SOURCE_FILE}); delete it")

@@ -35,10 +35,7 @@ NaN/Inf weights are reported when a tensor is materialized.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,107 +45,18 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-
-INDEX = "model.safetensors.index.json"
-
-# safetensors dtype codes -> torch dtypes (those lowbit can meet in a causal LM's weights)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors file's header against the file's length."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise LowbitError(f"corrupt or truncated safetensors file {file}: shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise LowbitError(f"corrupt or truncated safetensors file {file}: header of {n} bytes "
-                                  f"does not fit the file's {size} bytes")
-            raw = f.read(n)
-    except OSError as e:
-        raise LowbitError(f"cannot read {file}: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LowbitError(f"corrupt safetensors file {file}: its header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise LowbitError(f"corrupt safetensors file {file}: its header is not a JSON object")
-    data = size - 8 - n
-    out: dict[str, TensorInfo] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise LowbitError(f"corrupt safetensors file {file}: bad header entry for tensor {name}") from None
-        dtype = DTYPES.get(code)
-        if dtype is None:
-            raise LowbitError(f"safetensors file {file}: tensor {name} has unsupported dtype {code}")
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
-            raise LowbitError(f"corrupt safetensors file {file}: tensor {name} has byte range [{begin}, {end}) "
-                              f"for shape {list(shape)} {code}")
-        if end > data:
-            raise LowbitError(f"truncated safetensors file {file}: tensor {name} needs {end} data bytes "
-                              f"but the file holds {data}")
-        out[name] = TensorInfo(file, dtype, shape, nbytes)
-    return out
-
-
-def weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The shards of an HF directory and the index's weight map (None without an index)."""
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not an object of file names")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LowbitError(f"{index} is not a valid safetensors index: {e}") from None
-        files = sorted(set(weight_map.values()))
-        for s in files:
-            if Path(s).name != s:
-                raise LowbitError(f"{index} names a shard outside the directory: {s}")
-            if not (path / s).is_file():
-                raise LowbitError(f"{path}: weight shard {s} listed in {INDEX} is missing")
-        return [path / s for s in files], weight_map
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"{path} has no *.safetensors weight files")
-    return files, None
-
-
-def files_dtype(path: str | os.PathLike) -> tuple[int, torch.dtype]:
-    """(bytes, dtype) of an HF directory's floating tensors: their total size on disk and the
-    dtype holding most of those bytes (the model's own dtype), from the headers alone."""
-    files, weight_map = weight_files(Path(path))
-    by_dtype: Counter = Counter()
-    for f in files:
-        for k, info in read_header(f).items():
-            if info.dtype.is_floating_point and (weight_map is None or weight_map.get(k) == f.name):
-                by_dtype[info.dtype] += info.nbytes
-    if not by_dtype:
-        return 0, torch.float32
-    return sum(by_dtype.values()), by_dtype.most_common(1)[0][0]
+from lowbit.models.families import family_for_type, family_of
+from lowbit.models.files import (  # noqa: F401 (INDEX, TensorInfo, read_header, files_dtype, weight_files re-exported)
+    INDEX,
+    TOKENIZER_FILES,
+    TensorInfo,
+    all_finite,
+    files_dtype,
+    load_tokenizer,
+    read_config,
+    read_header,
+    weight_files,
+)
 
 
 @dataclass
@@ -205,13 +113,11 @@ class LazyModel:
     # -- materialize / release ----------------------------------------------------------------
     def materialize(self, prefix: str = "", dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> nn.Module:
-        from lowbit.models.loading import _all_finite
-
         module = self.model.get_submodule(prefix) if prefix else self.model
         names = sorted({self.first[n] for n in self.tensor_names(prefix)})
         loaded = self._read_many(names, dtype)
         for n, t in loaded.items():
-            if t.is_floating_point() and not _all_finite(t):
+            if t.is_floating_point() and not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise LowbitError(f"weight {n} in {self.path} has {bad} NaN/Inf values")
             p = nn.Parameter(t.to(device), requires_grad=False)
@@ -278,13 +184,11 @@ def open_lazy(path: str | os.PathLike, *, name: str | None = None, source: dict 
     """Open an HF causal-LM directory lazily (see the module docstring)."""
     from transformers import AutoConfig
 
-    from lowbit.models.families import family_for_type, family_of
-    from lowbit.models.loading import _TOKENIZER_FILES, _load_tokenizer, _read_config
 
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise LowbitError(f"model directory not found: {path}")
-    cfg = _read_config(path)
+    cfg = read_config(path)
     fam = family_for_type(cfg.get("model_type"))  # fail fast, before reading anything else
     files, weight_map = weight_files(path)
     tensors: dict[str, TensorInfo] = {}
@@ -326,9 +230,9 @@ def open_lazy(path: str | os.PathLike, *, name: str | None = None, source: dict 
     dtype = floats.most_common(1)[0][0] if floats else torch.float32
     tok = None
     if tokenizer:
-        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-            raise LowbitError(f"{path} has no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})")
-        tok = _load_tokenizer(path)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise LowbitError(f"{path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+        tok = load_tokenizer(path)
     src = source or {"kind": "hf-dir", "path": str(path), "model_type": fam.model_type}
     src = {**src, "dtype": str(dtype).removeprefix("torch.")}
     first = {n: f for f, names in aliases.items() for n in names}

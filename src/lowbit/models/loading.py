@@ -1,13 +1,11 @@
-"""Load a causal LM for quantization: an HF directory, a GGUF file, or a builtin model.
+"""Load a causal LM whole: a Hugging Face directory or a GGUF file.
 
-    load_model(spec=None, dtype=torch.float32) -> LoadedModel(model, tokenizer, name, source)
+    load_hf_dir(path, dtype=torch.float32) -> LoadedModel(model, tokenizer, name, source)
+    load_gguf(path, dtype=torch.float32)   -> LoadedModel   (llama.cpp format; dequantized to float
+                                                             by transformers)
+    inspect_gguf(path) -> dict                              (validated summary, nothing loaded)
 
-``spec`` is one of
-  * ``None`` or ``"smollm2-135m"``  the embedded default (see ``lowbit.models.builtin``),
-  * ``"gemma3-270m"``               the second builtin,
-  * a Hugging Face model directory  (config.json + *.safetensors + tokenizer files),
-  * a ``.gguf`` file                (llama.cpp format; dequantized to float by transformers).
-
+``lowbit.models.spec.load_model(spec)`` picks the reader for a spec (builtin name, directory, file).
 A directory holding ``lowbit.json`` is a lowbit quantized checkpoint: this module does not load
 those; callers dispatch on ``is_lowbit_checkpoint(path)`` first.
 
@@ -16,10 +14,8 @@ architecture outside ``FAMILIES``) is raised as a one-line ``LowbitError`` befor
 a deep traceback. Files are validated cheaply *before* transformers touches them, so a truncated
 file can neither crash the loader nor make it allocate memory for data that is not there.
 """
-
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,11 +31,17 @@ from lowbit.models.families import (
     family_of,
     supported_families,
 )
+from lowbit.models.files import (
+    TOKENIZER_FILES,
+    _first_line,
+    all_finite,
+    check_safetensors,
+    files_dtype,
+    load_tokenizer,
+    read_config,
+    safetensors_files,
+)
 from lowbit.models.gguf_check import check_hyperparameters, scan_gguf
-
-# Nothing may come from the Hugging Face hub; `local_files_only=True` below is the hard guarantee,
-# the environment variable keeps huggingface_hub from trying anyway in code we do not control.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LOWBIT_CHECKPOINT_MARKER = "lowbit.json"
 
@@ -60,122 +62,9 @@ def is_lowbit_checkpoint(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / LOWBIT_CHECKPOINT_MARKER).is_file()
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``spec`` (builtin name, HF directory or .gguf file); see the module docstring."""
-    from lowbit.models import builtin
-
-    if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
-        return builtin.load_builtin(spec or builtin.DEFAULT_MODEL, dtype=dtype)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise LowbitError(
-            f"model not found: {spec} is neither an existing path nor a builtin model "
-            f"({', '.join(builtin.builtin_models())})"
-        )
-    if path.is_dir():
-        if is_lowbit_checkpoint(path):
-            raise LowbitError(
-                f"{path} is a lowbit quantized checkpoint ({LOWBIT_CHECKPOINT_MARKER}); "
-                "load it with lowbit's checkpoint loader, not load_model"
-            )
-        return load_hf_dir(path, dtype=dtype)
-    if _is_gguf_file(path):
-        return load_gguf(path, dtype=dtype)
-    raise LowbitError(f"{path} is neither a model directory nor a GGUF file")
-
-
-def load_model_lazy(spec: str | os.PathLike | None = None):
-    """Open ``spec`` (builtin name or HF directory) without reading its weights: a
-    ``lowbit.models.lazy.LazyModel`` whose blocks are materialized one at a time."""
-    from lowbit.models import builtin
-    from lowbit.models.lazy import open_lazy
-
-    if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
-        path, source = builtin.builtin_dir(spec or builtin.DEFAULT_MODEL)
-        return open_lazy(path, name=source["name"], source=source)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise LowbitError(f"model not found: {spec} is neither an existing path nor a builtin model "
-                          f"({', '.join(builtin.builtin_models())})")
-    if not path.is_dir():
-        raise LowbitError(f"{path} is not a model directory; only Hugging Face safetensors directories can be "
-                          "streamed (a GGUF file is dequantized whole)")
-    if is_lowbit_checkpoint(path):
-        raise LowbitError(f"{path} is a lowbit quantized checkpoint ({LOWBIT_CHECKPOINT_MARKER}); quantize the original model")
-    return open_lazy(path)
-
-
-def weights_on_disk(spec: str | os.PathLike | None) -> tuple[int, torch.dtype] | None:
-    """(bytes, dtype) of the floating weights of a builtin or HF directory, from the safetensors
-    headers alone; None for anything else (GGUF, missing paths: load_model reports those)."""
-    from lowbit.models import builtin
-    from lowbit.models.lazy import files_dtype
-
-    if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
-        name = spec or builtin.DEFAULT_MODEL
-        if not builtin.is_cached(name):
-            return None
-        path = builtin.cache_path(name)
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_dir() or is_lowbit_checkpoint(path):
-            return None
-    try:
-        return files_dtype(path)
-    except LowbitError:
-        return None
-
-
 # --------------------------------------------------------------------------------------------
 # HF directories
 # --------------------------------------------------------------------------------------------
-
-
-def _read_config(path: Path) -> dict:
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise LowbitError(f"{path} has no config.json; not a Hugging Face model directory")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LowbitError(f"{cfg_file} is not valid JSON: {_first_line(e)}") from None
-    if not isinstance(cfg, dict):
-        raise LowbitError(f"{cfg_file} does not hold a JSON object")
-    return cfg
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    """The weight files of an HF directory, checked to exist (sharded or not)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise LowbitError(f"{index} is not a valid safetensors index: {_first_line(e)}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise LowbitError(
-                f"{path}: {len(missing)} weight shard(s) listed in {index.name} are missing, e.g. {missing[0]}"
-            )
-        return [path / s for s in shards]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
-        hint = f" (found {', '.join(other)}; only safetensors weights are supported)" if other else ""
-        raise LowbitError(f"{path} has no *.safetensors weight files{hint}")
-    return files
-
-
-def _check_safetensors(file: Path) -> int:
-    """Validate a safetensors header against the file (size, JSON, offsets); return #tensors."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return len(list(f.keys()))
-    except Exception as e:  # SafetensorError, OSError, ...: all mean "this file is unusable"
-        raise LowbitError(f"corrupt or truncated safetensors file {file}: {_first_line(e)}") from None
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, name: str | None = None,
@@ -186,14 +75,14 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, 
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise LowbitError(f"model directory not found: {path}")
-    cfg = _read_config(path)
+    cfg = read_config(path)
     model_type = cfg.get("model_type")
     fam = family_for_type(model_type)  # fail fast, before reading weights
-    for f in _safetensors_files(path):
-        _check_safetensors(f)
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise LowbitError(f"{path} has no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)})")
-    tokenizer = _load_tokenizer(path)
+    for f in safetensors_files(path):
+        check_safetensors(f)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise LowbitError(f"{path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    tokenizer = load_tokenizer(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, output_loading_info=True
@@ -204,28 +93,8 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, 
     if missing:
         raise LowbitError(f"{path}: {len(missing)} weight(s) missing from the checkpoint, e.g. {sorted(missing)[0]}")
     src = dict(source or {"kind": "hf-dir", "path": str(path), "model_type": fam.model_type})
-    src["dtype"] = str(_files_dtype(path)).removeprefix("torch.")
+    src["dtype"] = str(files_dtype(path)[1]).removeprefix("torch.")
     return _finish(model, tokenizer, name or path.name, src, where=str(path), dtype=dtype)
-
-
-def _files_dtype(path: Path) -> torch.dtype:
-    from lowbit.models.lazy import files_dtype
-
-    return files_dtype(path)[1]
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def _load_tokenizer(path: Path, gguf_file: str | None = None):
-    from transformers import AutoTokenizer
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
-    except Exception as e:  # tokenizers raises many kinds; all mean "no usable tokenizer"
-        where = path / gguf_file if gguf_file else path
-        raise LowbitError(f"could not load a tokenizer from {where}: {_first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +176,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, na
             f"supported: {', '.join(supported_families())}"
         )
     check_hyperparameters(layout, path)
-    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True
@@ -352,22 +221,7 @@ def _finish(model, tokenizer, name: str, source: dict, *, where: str, dtype: tor
     for pname, p in model.named_parameters():
         if p.dtype != dtype and p.is_floating_point():
             p.data = p.data.to(dtype)
-        if p.is_floating_point() and not _all_finite(p):
+        if p.is_floating_point() and not all_finite(p):
             bad = int((~torch.isfinite(p)).sum())
             raise LowbitError(f"weight {pname} in {where} has {bad} NaN/Inf values")
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
-
-
-@torch.no_grad()
-def _all_finite(t: torch.Tensor) -> bool:
-    """Exact, and ~30x faster than isfinite().all() on this CPU: a sum of finite numbers is finite
-    unless it overflows, so only a non-finite sum (NaN/Inf present, or overflow) needs the full check."""
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    line = text.splitlines()[0]
-    return line if len(line) <= 300 else line[:297] + "..."

@@ -1,0 +1,199 @@
+"""An HF model directory's files, read and checked without loading the model: config.json,
+the safetensors index and headers (checked against the files' lengths), the tokenizer; and the
+checks the eager loader (``loading``) and the lazy one (``lazy``) share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+
+# Nothing may come from the Hugging Face hub; `local_files_only=True` in the loaders is the hard
+# guarantee, the environment variable keeps huggingface_hub from trying anyway in code we do not control.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+INDEX = "model.safetensors.index.json"
+
+# safetensors dtype codes -> torch dtypes (those lowbit can meet in a causal LM's weights)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors file's header against the file's length."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LowbitError(f"corrupt or truncated safetensors file {file}: shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise LowbitError(f"corrupt or truncated safetensors file {file}: header of {n} bytes "
+                                  f"does not fit the file's {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise LowbitError(f"cannot read {file}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowbitError(f"corrupt safetensors file {file}: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise LowbitError(f"corrupt safetensors file {file}: its header is not a JSON object")
+    data = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(s) for s in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise LowbitError(f"corrupt safetensors file {file}: bad header entry for tensor {name}") from None
+        dtype = DTYPES.get(code)
+        if dtype is None:
+            raise LowbitError(f"safetensors file {file}: tensor {name} has unsupported dtype {code}")
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
+            raise LowbitError(f"corrupt safetensors file {file}: tensor {name} has byte range [{begin}, {end}) "
+                              f"for shape {list(shape)} {code}")
+        if end > data:
+            raise LowbitError(f"truncated safetensors file {file}: tensor {name} needs {end} data bytes "
+                              f"but the file holds {data}")
+        out[name] = TensorInfo(file, dtype, shape, nbytes)
+    return out
+
+
+def weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shards of an HF directory and the index's weight map (None without an index)."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of file names")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LowbitError(f"{index} is not a valid safetensors index: {e}") from None
+        files = sorted(set(weight_map.values()))
+        for s in files:
+            if Path(s).name != s:
+                raise LowbitError(f"{index} names a shard outside the directory: {s}")
+            if not (path / s).is_file():
+                raise LowbitError(f"{path}: weight shard {s} listed in {INDEX} is missing")
+        return [path / s for s in files], weight_map
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"{path} has no *.safetensors weight files")
+    return files, None
+
+
+def files_dtype(path: str | os.PathLike) -> tuple[int, torch.dtype]:
+    """(bytes, dtype) of an HF directory's floating tensors: their total size on disk and the
+    dtype holding most of those bytes (the model's own dtype), from the headers alone."""
+    files, weight_map = weight_files(Path(path))
+    by_dtype: Counter = Counter()
+    for f in files:
+        for k, info in read_header(f).items():
+            if info.dtype.is_floating_point and (weight_map is None or weight_map.get(k) == f.name):
+                by_dtype[info.dtype] += info.nbytes
+    if not by_dtype:
+        return 0, torch.float32
+    return sum(by_dtype.values()), by_dtype.most_common(1)[0][0]
+
+
+def read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LowbitError(f"{path} has no config.json; not a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowbitError(f"{cfg_file} is not valid JSON: {_first_line(e)}") from None
+    if not isinstance(cfg, dict):
+        raise LowbitError(f"{cfg_file} does not hold a JSON object")
+    return cfg
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of an HF directory, checked to exist (sharded or not)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise LowbitError(f"{index} is not a valid safetensors index: {_first_line(e)}") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise LowbitError(
+                f"{path}: {len(missing)} weight shard(s) listed in {index.name} are missing, e.g. {missing[0]}"
+            )
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        hint = f" (found {', '.join(other)}; only safetensors weights are supported)" if other else ""
+        raise LowbitError(f"{path} has no *.safetensors weight files{hint}")
+    return files
+
+
+def check_safetensors(file: Path) -> int:
+    """Validate a safetensors header against the file (size, JSON, offsets); return #tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return len(list(f.keys()))
+    except Exception as e:  # SafetensorError, OSError, ...: all mean "this file is unusable"
+        raise LowbitError(f"corrupt or truncated safetensors file {file}: {_first_line(e)}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: Path, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except Exception as e:  # tokenizers raises many kinds; all mean "no usable tokenizer"
+        where = path / gguf_file if gguf_file else path
+        raise LowbitError(f"could not load a tokenizer from {where}: {_first_line(e)}") from None
+
+
+@torch.no_grad()
+def all_finite(t: torch.Tensor) -> bool:
+    """Exact, and ~30x faster than isfinite().all() on this CPU: a sum of finite numbers is finite
+    unless it overflows, so only a non-finite sum (NaN/Inf present, or overflow) needs the full check."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= 300 else line[:297] + "..."
