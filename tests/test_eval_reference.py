@@ -404,3 +404,23 @@ def test_cli_reference_errors(quantized, capsys, argv, needle):
     code, _, err = cli(capsys, "eval", q4, "--text", text, "--no-latency", *argv)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("lowbit: error: ") and needle in lines[0]
+
+
+def test_auto_picks_memory_when_both_fit_and_streams_what_does_not(quantized, monkeypatch):
+    from lowbit import api
+    from lowbit.evaluate import EvalSettings, choose_reference, compute_bytes, stream_variant
+
+    d, _, (q4, _) = quantized
+    base_bytes = compute_bytes(str(d))
+    assert base_bytes == 4 * sum(p.numel() for p in tiny_model("llama").model.parameters())  # float32
+    assert compute_bytes(str(q4)) == sum(f.stat().st_size for f in q4.iterdir())
+    s = EvalSettings()
+    monkeypatch.setattr(api, "available_memory", lambda: 100 * base_bytes)
+    assert choose_reference(str(d), [str(q4)], s) == "memory"
+    assert not stream_variant(str(q4), s)  # fits, and latency wants it whole
+    assert stream_variant(str(q4), EvalSettings(latency=False))  # no latency: streamed anyway
+    assert not stream_variant(str(d), EvalSettings(latency=False))  # only checkpoints are streamed here
+    monkeypatch.setattr(api, "available_memory", lambda: base_bytes)
+    assert choose_reference(str(d), [str(q4)], s) == "hidden"
+    assert stream_variant(str(q4), EvalSettings(latency=True)) is (compute_bytes(str(q4)) > 0.5 * base_bytes)
+    assert choose_reference(str(d), [], EvalSettings(reference="topk")) == "topk"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -363,3 +364,156 @@ def load(path: str | os.PathLike):
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, rec
+
+
+# -- lazy loading: one module at a time ------------------------------------------------------------
+class LazyCheckpoint:
+    """A checkpoint whose tensors stay on disk until ``materialize(prefix)``: the same interface as
+    :class:`lowbit.models.lazy.LazyModel` (``.model``, ``materialize``, ``release``), so a quantized
+    model too large for memory can be run block by block (:mod:`lowbit.eval.streaming`).
+
+    ``model`` is the skeleton (parameters on the meta device, buffers real); materializing a prefix
+    installs the quantized modules under it, built from their stored tensors exactly as
+    :func:`load` builds them, and the float tensors under it (in the skeleton's dtype, float32,
+    unless ``dtype`` says otherwise); ``release`` puts the meta placeholders back."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        from lowbit.models.lazy import build_skeleton
+
+        self.path = Path(path)
+        self.record = read_record(self.path)
+        self.files: dict[str, Path] = {}
+        self.sizes: dict[str, int] = {}  # stored bytes of each tensor
+        for wfile in weight_files(self.path):
+            try:
+                with safe_open(str(wfile), framework="pt") as f:
+                    for k in f.keys():
+                        if k in self.files:
+                            raise LowbitError(f"checkpoint {self.path}: tensor {k} is stored twice")
+                        self.files[k] = wfile
+                        sl = f.get_slice(k)
+                        self.sizes[k] = math.prod(sl.get_shape()) * _ITEMSIZE.get(sl.get_dtype(), 4)
+            except LowbitError:
+                raise
+            except Exception as e:  # SafetensorError, OSError
+                raise LowbitError(f"{wfile} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except Exception as e:  # transformers raises many types for a bad config
+            raise LowbitError(f"{self.path}/config.json cannot be read: {str(e).splitlines()[0]}") from None
+        hf_config.strip(config)
+        config.tie_word_embeddings = bool(self.record.get("tied_word_embeddings"))
+        self.model = build_skeleton(config)
+        from lowbit.models.families import family_of
+
+        self._blocks = family_of(self.model).blocks
+        self.modules: dict[str, dict] = self.record["modules"]
+        self._placeholders: dict[str, nn.Module] = {}  # quantized module name -> the skeleton's module
+        by_id: dict[int, list[str]] = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(n)
+        self._tied = {n: names for names in by_id.values() for n in names}  # name -> every name sharing it
+
+    def linear_bits(self) -> tuple[float, int, int]:
+        """:func:`lowbit.api.linear_bits` of the loaded checkpoint, from the headers: a quantized
+        layer counts its stored tensors (its format's), a float one its float32 weight."""
+        from lowbit.models.families import find_blocks
+
+        nbytes = n = 0
+        for i, blk in enumerate(find_blocks(self.model)):
+            prefix = f"{self._blocks}.{i}."
+            for name, mod in blk.named_modules():
+                if not isinstance(mod, nn.Linear):
+                    continue
+                full = prefix + name
+                if full in self.modules:
+                    n += mod.in_features * mod.out_features
+                    nbytes += sum(b for k, b in self.sizes.items() if k.startswith(full + ".") and k != full + ".bias")
+                else:
+                    n += mod.weight.numel()
+                    nbytes += mod.weight.numel() * mod.weight.element_size()
+        return (8 * nbytes / n if n else float("nan")), nbytes, n
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for wfile, group in by_file.items():
+            try:
+                with safe_open(str(wfile), framework="pt") as f:
+                    for n in group:
+                        out[n] = f.get_tensor(n)
+            except Exception as e:
+                raise LowbitError(f"{wfile} is corrupt or truncated: {str(e).splitlines()[0]}") from None
+        return out
+
+    def _under(self, name: str, prefix: str) -> bool:
+        return not prefix or name == prefix or name.startswith(prefix + ".")
+
+    def materialize(self, prefix: str = "", dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> nn.Module:
+        for name, meta in self.modules.items():
+            if not self._under(name, prefix) or name in self._placeholders:
+                continue
+            own = self._read([k for k in self.files if k.startswith(name + ".")])
+            own = {k[len(name) + 1:]: t for k, t in own.items()}
+            bias = own.pop("bias", None)
+            try:
+                qmod = module_from_meta(meta, own, bias)
+            except KeyError as e:
+                raise LowbitError(f"checkpoint {self.path}: module {name} lacks tensor {e}") from None
+            if torch.device(device).type != "cpu":
+                qmod = qmod.to(device)
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            self._placeholders[name] = getattr(parent, child)
+            setattr(parent, child, qmod)
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        dotted = f"{prefix}." if prefix else ""
+        for n, p in list(module.named_parameters()):
+            if not p.is_meta:
+                continue
+            names = self._tied.get(dotted + n, [dotted + n])
+            stored = next((a for a in names if a in self.files), None)
+            if stored is None:
+                raise LowbitError(f"checkpoint {self.path} lacks tensor {dotted + n}")
+            t = self._read([stored])[stored]
+            if t.is_floating_point():
+                t = t.to(dtype or p.dtype)
+                if not torch.isfinite(t).all():
+                    raise LowbitError(f"checkpoint {self.path}: tensor {stored} has NaN/Inf values")
+            new = nn.Parameter(t.to(device), requires_grad=False)
+            for a in names:
+                _set_param(self.model, a, new)
+        return module
+
+    def release(self, prefix: str = "") -> None:
+        for name in [n for n in self._placeholders if self._under(n, prefix)]:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, self._placeholders.pop(name))
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        dotted = f"{prefix}." if prefix else ""
+        for n, p in list(module.named_parameters()):
+            if p.is_meta:
+                continue
+            names = self._tied.get(dotted + n, [dotted + n])
+            meta = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+            for a in names:
+                _set_param(self.model, a, meta)
+
+
+def _set_param(root: nn.Module, name: str, value: nn.Parameter) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    (root.get_submodule(mod_name) if mod_name else root)._parameters[attr] = value
+
+
+def open_lazy(path: str | os.PathLike) -> LazyCheckpoint:
+    """A checkpoint opened lazily (:class:`LazyCheckpoint`): reads its record, config and headers."""
+    return LazyCheckpoint(path)

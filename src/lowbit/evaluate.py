@@ -18,7 +18,6 @@ numbers, the original model being the baseline row either way:
 from __future__ import annotations
 
 import gc
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +69,14 @@ class EvalSettings:
 REFERENCES = ("auto", "memory", "hidden", "topk")
 
 
-def _row(name: str, m: api.Model, q, settings: EvalSettings) -> dict:
-    bpw, _, _ = api.linear_bits(m.model)
+def _row(name: str, m: api.Model | None, q, settings: EvalSettings, *, lazy=None) -> dict:
+    """A table row; ``lazy`` (a :class:`lowbit.checkpoint.LazyCheckpoint`) stands for ``m`` when
+    the checkpoint was streamed (no latency then: that needs the model whole)."""
+    if lazy is not None:
+        m = api.Model(model=lazy.model, tokenizer=None, name=name, source={}, record=lazy.record, path=str(lazy.path))
+        bpw, _, _ = lazy.linear_bits()
+    else:
+        bpw, _, _ = api.linear_bits(m.model)
     size = dir_size_bytes(m.path) if m.path else api.model_bytes(m.model)
     row = {"variant": name, "bpw": bpw, "size_mb": size / 1e6, "ppl": q.ppl,
            "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
@@ -83,7 +88,7 @@ def _row(name: str, m: api.Model, q, settings: EvalSettings) -> dict:
     if q.kl_rel_err is not None:
         row["kl_err"] = 100 * q.kl_rel_err
         row["kl_rev_err"] = 100 * q.kl_rev_rel_err
-    if settings.latency:
+    if settings.latency and lazy is None:
         lat = measure_latency(m.model, prompt_len=settings.prompt_len, decode_tokens=settings.decode_tokens,
                               vocab_size=m.model.config.vocab_size, device=settings.device,
                               repeats=settings.latency_repeats)
@@ -107,37 +112,29 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
 
 
 # -- from model specs: choose memory or a cached reference --------------------------------------------
-def _hf_dir(spec: str | None) -> Path | None:
-    """The Hugging Face directory behind a builtin name or a directory spec (None otherwise)."""
+def _streamable(spec: str | None) -> bool:
+    """A builtin or a Hugging Face directory: the original can be read one block at a time."""
     from lowbit import checkpoint
     from lowbit.models import builtin
 
     if spec is None or spec in builtin.BUILTINS:
-        name = spec or builtin.DEFAULT_MODEL
-        return builtin.cache_path(name) if builtin.is_cached(name) else None
-    if checkpoint.is_checkpoint(spec):
-        return None
+        return True
     p = Path(spec).expanduser()
-    return p if p.is_dir() else None
+    return p.is_dir() and not checkpoint.is_checkpoint(p)
 
 
 def compute_bytes(spec: str | None) -> int | None:
     """Rough bytes ``spec`` takes in memory once loaded (float32 weights for an original, the
     checkpoint's size for a quantized one); None when unknown."""
     from lowbit import checkpoint
-    from lowbit.errors import LowbitError
-    from lowbit.models.lazy import read_header, weight_files
+    from lowbit.models.loading import weights_on_disk
 
     if spec is not None and checkpoint.is_checkpoint(spec):
         return dir_size_bytes(spec)
-    d = _hf_dir(spec)
-    if d is not None:
-        try:
-            files, _ = weight_files(d)
-            return sum(4 * math.prod(t.shape) for f in files for t in read_header(f).values()
-                       if t.dtype.is_floating_point)
-        except LowbitError:  # unreadable files: the loader reports them properly
-            return None
+    found = weights_on_disk(spec)
+    if found is not None:
+        nbytes, dtype = found
+        return nbytes * 4 // torch.empty(0, dtype=dtype).element_size()
     if spec is not None and Path(spec).expanduser().is_file():
         return 8 * os.path.getsize(Path(spec).expanduser())  # a GGUF of ~4-bit weights, dequantized
     return None
@@ -157,35 +154,39 @@ def base_spec_of(spec: str) -> str | None:
 def choose_reference(base_spec: str | None, specs: list[str], settings: EvalSettings) -> str:
     """``settings.reference``, with ``auto`` resolved (module docstring)."""
     from lowbit.errors import LowbitError
-    from lowbit.eval.streaming import mem_available_bytes
 
     if settings.reference not in REFERENCES:
         raise LowbitError(f"--reference must be one of {', '.join(REFERENCES)}, got {settings.reference!r}")
     if settings.reference != "auto":
         return settings.reference
-    avail = mem_available_bytes()
     sizes = [compute_bytes(base_spec)] + [compute_bytes(s) for s in specs]
-    if avail is None or sizes[0] is None:
+    if sizes[0] is None:
         return "memory"
     need = sizes[0] + max([b or 0 for b in sizes[1:]], default=0)
-    return "memory" if need < 0.6 * avail else "hidden"
+    return "memory" if need < 0.6 * api.available_memory() else "hidden"
+
+
+def stream_variant(spec: str, settings: EvalSettings) -> bool:
+    """Score a checkpoint block by block (:class:`lowbit.checkpoint.LazyCheckpoint`) rather than
+    loading it: when no latency is measured (which needs it whole), or when it would take more
+    than half the memory available."""
+    from lowbit import checkpoint
+
+    if not checkpoint.is_checkpoint(spec):
+        return False
+    return not settings.latency or (compute_bytes(spec) or 0) > 0.5 * api.available_memory()
 
 
 def _open_original(spec: str | None):
-    """``(source, tokenizer, fingerprint, name, model)``: a lazily opened Hugging Face directory
-    (streamed when the reference is computed, never loaded whole) or, for other kinds of model
-    (GGUF, checkpoint), the model loaded in memory."""
+    """``(source, tokenizer, fingerprint, name, model)``: a builtin or Hugging Face directory
+    opened lazily (streamed when the reference is computed, never loaded whole) or, for other
+    kinds of model (GGUF, checkpoint), the model loaded in memory."""
     from lowbit.eval.reference import fingerprint
-    from lowbit.models import builtin
-    from lowbit.models.lazy import open_lazy
+    from lowbit.models.loading import load_model_lazy
 
-    if (spec is None or spec in builtin.BUILTINS) and _hf_dir(spec) is None:
-        api.load(spec)  # first use of a builtin: fetch and convert it into the cache
-    d = _hf_dir(spec)
-    if d is not None:
-        name = (spec or builtin.DEFAULT_MODEL) if (spec is None or spec in builtin.BUILTINS) else d.resolve().name
-        lazy = open_lazy(d, name=name)
-        return lazy, lazy.tokenizer, fingerprint(d), name, lazy.model
+    if _streamable(spec):
+        lazy = load_model_lazy(spec)
+        return lazy, lazy.tokenizer, fingerprint(lazy.path), lazy.name, lazy.model
     m = api.load(spec)
     m.model.eval()
     return m.model, m.tokenizer, fingerprint(spec), m.name, m.model
@@ -245,16 +246,26 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
     del source, skeleton
     gc.collect()
     names = {rows[0]["variant"]}
-    for spec in specs:  # one variant in memory at a time
-        m = api.load(spec)
-        m.model.to(settings.device).eval()
-        vname = m.name
+    for spec in specs:  # one variant at a time: loaded whole, or streamed block by block
+        from lowbit import checkpoint
+
+        streamed = stream_variant(spec, settings)
+        if streamed:
+            lz = checkpoint.open_lazy(spec)
+            vname = os.path.basename(os.path.normpath(spec))
+            if settings.latency and log is not None:
+                log(f"{vname} does not fit in memory: streamed block by block, no latency measured")
+        else:
+            m = api.load(spec)
+            m.model.to(settings.device).eval()
+            vname = m.name
         while vname in names:
             vname += "'"
         names.add(vname)
-        q = score_against_reference(ref, m.model, windows, device=settings.device, progress=settings.progress)
-        rows.append(_row(vname, m, q, settings))
-        del m
+        q = score_against_reference(ref, lz if streamed else m.model, windows, device=settings.device,
+                                    progress=settings.progress, stream=stream)
+        rows.append(_row(vname, None, q, settings, lazy=lz) if streamed else _row(vname, m, q, settings))
+        lz = m = None
         gc.collect()
     return rows, {"reference": kind, "cache": str(ref.path), "hit": hit, "base_name": name}
 

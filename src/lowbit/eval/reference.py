@@ -163,6 +163,7 @@ class Reference:
     tensors: dict[str, Tensor]
     info: dict = field(default_factory=dict)  # softcap, head dtype, how it was computed
     path: Path | None = None
+    _head: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -193,10 +194,10 @@ class Reference:
     def window_logprobs(self, w: int) -> Tensor:
         """The baseline's float32 log-probs ``[ctx-1, V]`` of window ``w`` (``hidden`` kind only)."""
         t = self.tensors
-        weight = t["head.weight"]
-        if weight.dtype != t["hidden"].dtype:
-            weight = weight.to(t["hidden"].dtype)  # stored losslessly in a narrower dtype
-        logits = _head_logits(t["hidden"][w:w + 1], weight, t.get("head.bias"), self.info.get("softcap"))
+        if self._head is None:  # stored losslessly in a narrower dtype: widen once
+            weight = t["head.weight"]
+            self._head = weight if weight.dtype == t["hidden"].dtype else weight.to(t["hidden"].dtype)
+        logits = _head_logits(t["hidden"][w:w + 1], self._head, t.get("head.bias"), self.info.get("softcap"))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
 

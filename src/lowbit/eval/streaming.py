@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
 
-__all__ = ["InMemory", "StreamingForward", "default_budget_bytes", "mem_available_bytes"]
+__all__ = ["InMemory", "StreamingForward", "default_budget_bytes"]
 
 
 class InMemory:
@@ -57,21 +57,11 @@ class InMemory:
         pass
 
 
-def mem_available_bytes() -> int | None:
-    """``MemAvailable`` of /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def default_budget_bytes() -> int:
     """A quarter of the memory available now, at least 256 MiB."""
-    return max(256 * 2**20, (mem_available_bytes() or 4 * 2**30) // 4)
+    from lowbit.api import available_memory
+
+    return max(256 * 2**20, available_memory() // 4)
 
 
 class _PassThrough(nn.Module):
