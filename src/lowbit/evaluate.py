@@ -127,7 +127,7 @@ def compute_bytes(spec: str | None) -> int | None:
     """Rough bytes ``spec`` takes in memory once loaded (float32 weights for an original, the
     checkpoint's size for a quantized one); None when unknown."""
     from lowbit import checkpoint
-    from lowbit.models.loading import weights_on_disk
+    from lowbit.models.spec import weights_on_disk
 
     if spec is not None and checkpoint.is_checkpoint(spec):
         return dir_size_bytes(spec)
@@ -182,7 +182,7 @@ def _open_original(spec: str | None):
     opened lazily (streamed when the reference is computed, never loaded whole) or, for other
     kinds of model (GGUF, checkpoint), the model loaded in memory."""
     from lowbit.eval.reference import fingerprint
-    from lowbit.models.loading import load_model_lazy
+    from lowbit.models.spec import load_model_lazy
 
     if _streamable(spec):
         lazy = load_model_lazy(spec)
