@@ -9,8 +9,8 @@ parsed arguments and returns a one-line summary.
 
 from __future__ import annotations
 
-import sys
 
+from lowbit.commands._args import log as _log
 from lowbit.errors import LowbitError
 
 GGUF_HELP = """\
@@ -20,10 +20,6 @@ mixes Q3_K_M Q4_K_M Q5_K_M (llama.cpp's rules for which tensors get more bits). 
 of 256 fall back as in llama.cpp (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> IQ4_NL).
 A lowbit quantized checkpoint is exported from its dequantized weights (re-quantized to the GGUF
 type; GGUF cannot hold lowbit's own formats)."""
-
-
-def _log(msg: str) -> None:
-    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
 
 
 def _export_gguf(m, args) -> str:

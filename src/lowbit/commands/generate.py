@@ -10,11 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from lowbit.commands._args import log as _log
 from lowbit.errors import LowbitError
-
-
-def _log(msg: str) -> None:
-    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
 
 
 def set_threads(n: int | None) -> None:

@@ -7,13 +7,9 @@ and every fine-tune (``--eval-tokens``) next to one-shot pruning straight to the
 
 from __future__ import annotations
 
-import sys
 
+from lowbit.commands._args import log as _log
 from lowbit.errors import LowbitError
-
-
-def _log(msg: str) -> None:
-    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
 
 
 def _schedule(text: str) -> tuple[float, ...]:

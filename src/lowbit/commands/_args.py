@@ -1,0 +1,197 @@
+"""What several subcommands share: their argument groups (scheme, large-model, evaluation flags),
+the translation of those flags into a scheme, method options and evaluation settings, byte sizes
+on the command line, and the stderr log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lowbit.errors import LowbitError
+
+
+def log(msg: str) -> None:
+    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+
+
+#--------------------------------------------------------------------------
+
+
+def add_scheme_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="rtn", help="quantization method (default: rtn; see `lowbit methods`)")
+    p.add_argument("--bits", type=int, help="bits per weight, 2-8 (default: the method's, 4 for rtn)")
+    p.add_argument("--group-size", type=int,
+                   help="columns sharing one scale; -1 = per output channel (default: the method's, 128 for rtn)")
+    p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
+    p.add_argument("--asym", action="store_true", help="asymmetric with an integer zero-point")
+    p.add_argument("--float-zero", action="store_true", help="asymmetric with a real-valued zero-point (Q4_1/HQQ style)")
+    p.add_argument("--sym", action="store_true", help="symmetric (absmax), for methods whose default is asymmetric")
+    p.add_argument("--restricted", action="store_true", help="restricted integer range (e.g. -127..127)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method setting, e.g. --option damp=0.1 --option act_order=false (repeatable)")
+    p.add_argument("--observer", choices=["minmax", "moving-minmax", "entropy", "mse", "percentile"],
+                   help="activation range observer of static-int8 (same as --option observer=NAME)")
+    p.add_argument("--calib", metavar="FILE", help="calibration text file (default: bundled text)")
+    p.add_argument("--samples", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
+    p.add_argument("--device", default="cpu", help="device for calibration/evaluation: cpu, cuda, cuda:1 ...")
+    p.add_argument("--sequential", action="store_true",
+                   help="run a data-free method (rtn) through the block-by-block calibration runner too "
+                        "(same result; reports the runner's peak memory)")
+
+
+def add_large_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stream", action="store_true",
+                   help="read, quantize and write one block at a time: peak memory is about one block, the "
+                        "calibration activations and the embedding, never the whole model (default: automatic when "
+                        "the weights in the compute dtype would take more than half of the available memory)")
+    g.add_argument("--no-stream", action="store_true", help="load the whole model even if it looks too large")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype blocks are loaded and computed in (default: float32 on the CPU, the checkpoint's own "
+                        "dtype on a GPU)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard of the output (default: 5GB; one model.safetensors if it fits)")
+    p.add_argument("--activation-budget", default="2GiB",
+                   help="calibration activations kept in memory; the rest go to files in --offload-dir (default: 2GiB)")
+    p.add_argument("--offload-dir", metavar="DIR",
+                   help="where spilled activations go (default: a temporary folder beside the output, removed after)")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", metavar="FILE", help="evaluate on this text file (default: bundled held-out text)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text to score (default: 16384)")
+    p.add_argument("--ctx", type=int, default=512, help="context window of the perplexity protocol (default: 512)")
+    p.add_argument("--no-latency", action="store_true", help="skip prefill/decode timing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--reference", choices=("auto", "memory", "hidden", "topk"), default=None,
+                   help="how the original is compared: memory = loaded beside each variant; hidden = its output-layer "
+                        "inputs computed once (streamed block by block), cached, exact; topk = its top-k log-probs "
+                        "+ remaining mass, cached, compact but approximate (measured error shown); auto (default) = "
+                        "memory when both fit, else hidden")
+    p.add_argument("--topk", type=int, help="k of --reference topk (default 32; implies --reference topk)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where cached references live (default: $LOWBIT_CACHE/reference or ~/.cache/lowbit/reference)")
+    p.add_argument("--activation-budget", type=int, metavar="MIB",
+                   help="activations kept in memory while streaming the original (default: a quarter of the "
+                        "available memory); the rest goes to temporary files")
+    p.add_argument("--spill-dir", metavar="DIR", help="where those temporary files go (default: the temp directory)")
+
+
+def scheme_from_flags(args, method_cls):
+    """The method's default scheme with the command line's flags applied (None if the method
+    takes no scheme)."""
+    import dataclasses
+
+    from lowbit.core.scheme import QuantScheme
+
+    fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls)}
+    if args.group_size is not None and args.group_size <= 0 and args.group_size != -1:
+        raise LowbitError(f"--group-size must be a positive integer or -1 (per-channel), got {args.group_size}")
+    given = [args.bits is not None, args.group_size is not None, args.per_channel, args.per_tensor, args.asym,
+             args.float_zero, args.sym, args.restricted]
+    if "scheme" not in fields:
+        if any(given):
+            raise LowbitError(f"method {method_cls.name} has its own number format; it takes no --bits/--group-size/"
+                              "--asym/... flags")
+        return None
+    if sum([args.asym, args.float_zero, args.sym]) > 1:
+        raise LowbitError("--asym, --float-zero and --sym are mutually exclusive")
+    if sum([args.per_channel, args.per_tensor, args.group_size is not None and args.group_size != -1]) > 1:
+        raise LowbitError("--per-channel, --per-tensor and --group-size N are mutually exclusive")
+    base = method_cls.config_cls().scheme
+    d = base.to_dict()
+    if args.bits is not None:
+        d["bits"] = args.bits
+    if args.per_tensor:
+        d.update(granularity="tensor", group_size=None)
+    elif args.per_channel or args.group_size == -1:
+        d.update(granularity="channel", group_size=None)
+    elif args.group_size is not None:
+        d.update(granularity="group", group_size=args.group_size)
+    if args.sym:
+        d.update(symmetric=True, zero_point="int")
+    elif args.asym:
+        d.update(symmetric=False, zero_point="int")
+    elif args.float_zero:
+        d.update(symmetric=False, zero_point="float")
+    if args.restricted:
+        d["restricted_range"] = True
+    return QuantScheme(**d)
+
+
+def options_from_flags(args, method_cls) -> dict:
+    """--option KEY=VALUE pairs, converted to the type of the method's config field."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls) if f.name != "scheme"}
+    out = {}
+    observer = getattr(args, "observer", None)
+    for item in list(args.option) + ([f"observer={observer}"] if observer else []):
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise LowbitError(f"--option expects KEY=VALUE, got {item!r}")
+        if key not in fields:
+            raise LowbitError(f"method {method_cls.name} has no option {key!r}; options: {', '.join(sorted(fields)) or 'none'}")
+        default = getattr(method_cls.config_cls(), key)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                val = raw.lower() in ("true", "1", "yes")
+            elif isinstance(default, int):
+                val = int(raw)
+            elif isinstance(default, float):
+                val = float(raw)
+            else:
+                val = raw
+        except ValueError:
+            raise LowbitError(f"option {key} expects a {type(default).__name__}, got {raw!r}") from None
+        out[key] = val
+    return out
+
+
+def eval_settings(args, latency_default=True):
+    from lowbit.eval.quality import PplProtocol
+    from lowbit.evaluate import EvalSettings
+
+    if args.max_tokens <= 0 or args.ctx <= 1:
+        raise LowbitError("--max-tokens must be positive and --ctx at least 2")
+    if args.text:
+        from lowbit.data.texts import load_text
+
+        load_text(args.text)  # a bundled split name or a readable text file; one-line error otherwise
+    reference = args.reference or ("topk" if args.topk is not None else "auto")
+    if args.topk is not None and reference != "topk":
+        raise LowbitError(f"--topk applies to --reference topk, not --reference {reference}")
+    if args.topk is not None and args.topk < 1:
+        raise LowbitError(f"--topk must be a positive integer, got {args.topk}")
+    if args.activation_budget is not None and args.activation_budget < 0:
+        raise LowbitError(f"--activation-budget must be >= 0 MiB, got {args.activation_budget}")
+    return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
+                        latency=latency_default and not args.no_latency, device=args.device,
+                        reference=reference, topk=args.topk or 32, cache_dir=args.cache_dir,
+                        activation_budget=None if args.activation_budget is None else args.activation_budget * 2**20,
+                        spill_dir=args.spill_dir)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str, flag: str, allow_zero: bool = False) -> int:
+    """``5GB``, ``500MB``, ``2GiB``, ``123456`` -> bytes (one-line error otherwise)."""
+    import re
+
+    mt = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = mt.group(2).upper() if mt else None
+    if mt is None or unit not in _UNITS:
+        raise LowbitError(f"{flag} expects a size such as 5GB, 500MB or 2GiB, got {text!r}")
+    n = int(float(mt.group(1)) * _UNITS[unit])
+    if n < 0 or (n == 0 and not allow_zero):
+        raise LowbitError(f"{flag} must be positive, got {text!r}")
+    return n
