@@ -196,6 +196,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     _GEMMA3,
     Family("qwen2", GGUFArch("qwen2")),  # q/k/v biases
     Family("mistral", GGUFArch("llama", permute_qk=True), window_all_layers=True),  # llama.cpp writes it as "llama"
+    # Qwen3: per-head q/k norms; head_dim written always, as llama.cpp's converter does (Qwen3 configs carry it)
+    Family("qwen3", GGUFArch("qwen3", head_dim_keys=True), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
 )}
 
 SUPPORTED_GGUF_ARCHS: frozenset[str] = frozenset(f.gguf.name for f in FAMILIES.values())
