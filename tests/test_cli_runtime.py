@@ -1,11 +1,22 @@
 """`lowbit generate` and `lowbit bench` end to end on a tiny model (and a quantized checkpoint)."""
 
 import pytest
+import torch
 
 from lowbit import api
 from lowbit.cli import main
 from lowbit.models.tiny import save_tiny, tiny_model
 from lowbit.runtime import LeanDecoder, generate
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """`lowbit generate --threads N` runs in this process and sets torch's thread count for the
+    whole process; restore it, so later tests (e.g. the golden checkpoint bytes of sparsegpt,
+    whose matrix products round differently on 1 thread) run with the default."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
