@@ -16,7 +16,9 @@ makes it a keyword-only dataclass. From the declaration the base derives
                    safetensors file holds for the layer
 * ``meta()``       ``{"format": name, <param>: <encoded value>, ...}``, JSON-serialisable: what
                    ``lowbit.json`` records for the layer
-* ``from_tensors(tensors, meta)``  decodes the params, builds the weight, validates it;
+* ``from_tensors(tensors, meta)``  decodes the params, builds the weight, validates it (a tensor
+  that is always stored but absent from ``tensors`` is a KeyError, as for any mapping: the loaders
+  turn it into "module ... lacks tensor ..."; everything else is a LowbitError);
   ``to_state_dict()`` / ``WeightFormat.from_state_dict(tensors, meta)`` are the same pair, the
   latter picking the class by ``meta["format"]``
 * ``validate()``   each param's check, then each tensor's presence, dtype, shape and finiteness
@@ -164,6 +166,9 @@ class WeightFormat:
                 raise
             except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
                 raise LowbitError(f"{cls.name} metadata is malformed: {key}={meta[key]!r} ({e})") from None
+        missing = next((n for n in cls.tensor_names if n not in tensors and fields[n].default is MISSING), None)
+        if missing is not None:  # a mapping lookup that fails: loaders report it with the module's name
+            raise KeyError(missing)
         unknown = sorted(set(tensors) - set(cls.tensor_names))
         if unknown:
             raise LowbitError(f"{cls.name} weight has unexpected tensor(s) {', '.join(unknown)}")
