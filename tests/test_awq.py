@@ -11,7 +11,7 @@ from lowbit.algorithms.awq import (AWQ, ActStats, AWQConfig, awq_quantize, fold_
                                    output_error, quantize_clipped, search_clip, search_scales, shrink_factors)
 from lowbit.algorithms.base import make_method
 from lowbit.calibration.sequential import apply_data_free, run_sequential
-from lowbit.core.primitives import dequantize, fake_quantize
+from lowbit.core.grid import dequantize, fake_quantize
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
@@ -100,17 +100,21 @@ def test_gram_loss_is_the_output_error():
 @pytest.mark.parametrize("scheme", [INT3, QuantScheme(4, True, "group", 100), QuantScheme(3, False, "group", 96, zero_point="float"),
                                     QuantScheme(8, True, "channel", restricted_range=True), QuantScheme(4, False, "tensor"),
                                     QuantScheme(2, False, "group", 64, scale_dtype="float32")], ids=lambda s: s.short_name())
-def test_search_grid_is_primitives_grid_bit_for_bit(scheme):
-    from lowbit.algorithms.awq import _fake_quant, _grouped, _slice_range
+@pytest.mark.parametrize("positive", [False, True], ids=["signed", "positive"])
+def test_search_grid_is_the_grid_bit_for_bit(scheme, positive):
+    from lowbit.algorithms.awq import _grouped, _slice_range
+    from lowbit.core.grid import fake_quantize_grouped, qparams_from_range
 
     W = torch.randn(24, 256, generator=_gen(6)) * 3
+    if positive:  # a ragged last group whose real entries are all > 0: its padding must not widen it
+        W = W.abs() + 1
     Wg = _grouped(W, scheme)
-    W_hat = _fake_quant(Wg.clone(), scheme, *_slice_range(Wg, scheme)).reshape(24, -1)[:, :256]
+    lo, hi = _slice_range(Wg, scheme, 256)
+    W_hat = fake_quantize_grouped(Wg, *qparams_from_range(lo, hi, scheme), scheme).reshape(24, -1)[:, :256]
     assert torch.equal(W_hat, fake_quantize(W, scheme))
-    lo, hi = _slice_range(Wg, scheme)
     f = 0.5 + torch.rand(lo.shape, generator=_gen(7)) / 2
     q, s, z = quantize_clipped(W, f, scheme)
-    W_clip = _fake_quant(Wg.clone(), scheme, lo * f, hi * f).reshape(24, -1)[:, :256]
+    W_clip = fake_quantize_grouped(Wg, *qparams_from_range(lo * f, hi * f, scheme), scheme).reshape(24, -1)[:, :256]
     assert torch.equal(W_clip, dequantize(q, s, z, scheme))
 
 

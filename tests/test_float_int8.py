@@ -72,7 +72,7 @@ def test_half_cast_refuses_bad_weights():
     with pytest.raises(LowbitError, match="compute"):
         make_method("fp16", compute="fp8")
     w = FloatWeight.cast(torch.ones(2, 3), "bfloat16")
-    with pytest.raises(LowbitError, match="record says"):
+    with pytest.raises(LowbitError, match="weight16 .*bfloat16, expected .*float16"):  # the record says float16
         FloatWeight.from_tensors(w.tensors(), dict(w.meta(), dtype="float16"))
 
 

@@ -88,6 +88,12 @@ def checkpoint_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# The digests were recorded with torch on 2 threads. Float sums (calibration statistics) depend on
+# the thread count, and discrete choices (SparseGPT's 2:4 masks) follow them, so every case runs
+# on 2 threads whatever an earlier test (an in-process `lowbit generate --threads 1`) left set.
+THREADS = 2
+
+
 def build(family: str, case, out: Path) -> str:
     _, method, scheme, kw, storage = case
     if family == "smollm2":
@@ -96,7 +102,12 @@ def build(family: str, case, out: Path) -> str:
         t = tiny_model(family, seed=3)
         m = api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
     torch.manual_seed(0)
-    api.quantize(m, method, scheme, progress=False, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        api.quantize(m, method, scheme, progress=False, **kw)
+    finally:
+        torch.set_num_threads(threads)
     if storage is not None:
         from lowbit.algorithms.sparse_storage import store
 

@@ -219,6 +219,16 @@ def test_bad_weights_one_line_error():
         make_method("hqq", QuantScheme(4, False, "group", 64))
 
 
+def test_all_zero_groups_keep_the_grids_smallest_scale_and_come_back_zero():
+    W = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    W[1] = 0.0                    # a dead row: its fp16 scale must not underflow to 0
+    W[2, 64:] = 0.0               # a dead (short) last group
+    fmt, _ = hqq_quantize(W, HQQConfig(scheme=fz(4, group_size=64)))
+    W_hat = fmt.dequantize()
+    assert torch.equal(W_hat[1], torch.zeros(96)) and torch.equal(W_hat[2, 64:], torch.zeros(32))
+    assert float(fmt.scales.float().min()) == 2.0**-24
+
+
 @pytest.mark.parametrize("scheme", [fz(4, group_size=64), fz(3, group_size=32, scale_dtype="float32")],
                          ids=lambda s: s.short_name())
 def test_checkpoint_round_trip_identical_logits(tmp_path, scheme):

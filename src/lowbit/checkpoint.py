@@ -333,6 +333,8 @@ def load(path: str | os.PathLike):
             qmod = module_from_meta(meta, own, bias)
         except KeyError as e:
             raise LowbitError(f"checkpoint {path}: module {name} lacks tensor {e}") from None
+        except LowbitError as e:  # the format's own validation: say which module
+            raise LowbitError(f"checkpoint {path}: module {name}: {e}") from None
         parent_name, _, child = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name) if parent_name else model

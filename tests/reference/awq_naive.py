@@ -3,7 +3,7 @@ batching (Lin et al., 2023, Eq. 4-5; clipping as in the reference code). Slow; f
 
 import torch
 
-from lowbit.core.primitives import dequantize, fake_quantize, qparams_from_range, quantize
+from lowbit.core.grid import dequantize, fake_quantize, qparams_from_range, quantize
 from lowbit.core.scheme import QuantScheme
 
 

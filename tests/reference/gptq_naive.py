@@ -11,14 +11,15 @@ Conventions shared with lowbit's solver (so that the two can be compared exactly
 (diag H = 0) have their weights zeroed and diag set to 1; λ = damp · mean(diag H); act_order
 visits columns by descending diag H (stable sort); static qparams come from the (dead-zeroed)
 original weights; dynamic group qparams from the current weights of the group's columns when its
-first column is reached; scale/zero-point choice is lowbit's `qparams_from_range`.
+first column is reached; scale/zero-point choice and rounding are lowbit's grid (`qparams_from_range`,
+`round_to_grid`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.core.primitives import qparams_from_range
+from lowbit.core.grid import qparams_from_range, round_to_grid
 from lowbit.core.scheme import QuantScheme
 
 
@@ -38,18 +39,6 @@ def _qparams(Wcols: torch.Tensor, scheme: QuantScheme, per_tensor: bool):
         lo, hi = Wcols.min(dim=1).values, Wcols.max(dim=1).values
     s, z = qparams_from_range(lo, hi, scheme)
     return s.double(), (None if z is None else z.double())
-
-
-def _quant(w, s, z, scheme: QuantScheme):
-    """Nearest grid point of each entry of w (lowbit's affine grid): integers and their values."""
-    if z is None:
-        q = torch.clamp(torch.round(w / s), scheme.qmin, scheme.qmax)
-        return q, q * s
-    if scheme.zero_point == "float":
-        q = torch.clamp(torch.round(w / s + z), scheme.qmin, scheme.qmax)
-    else:
-        q = torch.clamp(torch.round(w / s) + z, scheme.qmin, scheme.qmax)
-    return q, (q - z) * s
 
 
 def gptq_naive(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: float = 0.01,
@@ -93,7 +82,7 @@ def gptq_naive(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, damp: floa
             scale[:, gi] = s
             if zero is not None:
                 zero[:, gi] = z
-        q, wq = _quant(W[:, c], scale[:, gi], None if zero is None else zero[:, gi], scheme)
+        q, wq = round_to_grid(W[:, c], scale[:, gi], None if zero is None else zero[:, gi], scheme)
         q_all[:, c] = q.long()
         Q[:, c] = wq
         remaining.remove(c)

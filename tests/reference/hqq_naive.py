@@ -10,9 +10,10 @@ min/max scale and z starting from the min/max zero-point, repeat
     β   = κ β
 
 Conventions shared with lowbit's solver (so the two can be compared): the iteration runs in
-float32 (s from min/max and every z unrounded); the chosen iterate's s and z are rounded to fp16
-once at the end when the scheme stores fp16 (a group whose stored RTN grid scores better keeps
-that), and the codes computed for those; all iterates z_0 … z_T are scored with the selection
+float32 (s from min/max and every z unrounded); the chosen iterate's s and z are rounded to their
+storage dtype once at the end (lowbit's `grid.round_scale` / `grid.stored`; a group whose stored
+RTN grid, `grid.qparams_from_range`, scores better keeps that), and the codes computed for those
+with the grid's rounding; all iterates z_0 … z_T are scored with the selection
 criterion — ``select="l2"``: Σ(W − W_r)², ``"lp"``: Σ|W − W_r|^p — and each group keeps its best;
 with early stopping the loop ends once the sum over *all* groups of the current iterate's score
 fails to decrease. The objectives returned are always the lp ones (the paper's φ). Loops in Python over iterations and groups; no
@@ -23,11 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.core.grid import qparams_from_range, round_scale, round_to_grid, stored
 from lowbit.core.scheme import QuantScheme
-
-
-def _fp16(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    return x.half().float() if scheme.scale_dtype == "float16" else x
 
 
 def _groups(W: torch.Tensor, scheme: QuantScheme) -> list[list[torch.Tensor]]:
@@ -55,8 +53,7 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
             z[r, j] = qmin - w.min() / s[r, j]
 
     def score(w, sj, zj):
-        W_q = torch.clamp(torch.round(w / sj + zj), qmin, qmax)
-        W_r = sj * (W_q - zj)
+        W_q, W_r = round_to_grid(w, sj, zj, scheme)
         d = (w - W_r).double()
         lp, l2 = float(d.abs().pow(p).sum()), float((d * d).sum())
         return W_q, W_r, lp, (l2 if select == "l2" else lp)
@@ -86,13 +83,12 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
         if early_stop and totals[-1] >= totals[-2]:
             break
 
-    s, best_z = _fp16(s, scheme), _fp16(best_z, scheme)  # rounded once; the codes follow the stored values
+    s, best_z = round_scale(s, scheme), stored(best_z, scheme)  # rounded once; the codes follow the stored values
     if scheme.scale_dtype == "float16":  # per group, RTN's stored grid where it scores better
         for r in range(R):
             for j in range(n):
                 w = groups[r][j]
-                s0 = _fp16((w.max() - w.min()) / (qmax - qmin), scheme)
-                z0 = _fp16(qmin - w.min() / s0, scheme)
+                s0, z0 = qparams_from_range(w.min(), w.max(), scheme)
                 if score(w, s0, z0)[3] < score(w, s[r, j], best_z[r, j])[3]:
                     s[r, j], best_z[r, j] = s0, z0
     q = torch.zeros(W.shape, dtype=torch.int32)
@@ -100,7 +96,7 @@ def hqq_naive(W: torch.Tensor, scheme: QuantScheme, p: float = 0.7, beta: float 
     for r in range(R):
         for j in range(n):
             w = groups[r][j]
-            codes = torch.clamp(torch.round(w / s[r, j] + best_z[r, j]), qmin, qmax).to(torch.int32)
+            codes = round_to_grid(w, s[r, j], best_z[r, j], scheme)[0].to(torch.int32)
             if qflat is not None:
                 qflat[:] = codes
             else:

@@ -17,8 +17,8 @@ computed here by inverting the trailing block of the dampened Hessian for every 
 * N:M: when the first column of a group of M is reached, with the current weights, the M − N
   lowest errors of each row's group are pruned (N kept).
 
-Joint quantization: kept weights are rounded to lowbit's grid with qparams from the (dead-zeroed)
-original weights. Shared conventions: dead inputs (diag H = 0) zeroed with diag set to 1;
+Joint quantization: kept weights are rounded to lowbit's grid (`round_to_grid`) with qparams from
+the (dead-zeroed) original weights. Shared conventions: dead inputs (diag H = 0) zeroed with diag set to 1;
 λ = damp · mean(diag H).
 """
 
@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from lowbit.core.primitives import choose_qparams
+from lowbit.core.grid import choose_qparams, round_to_grid
 from lowbit.core.scheme import QuantScheme
 
 
@@ -78,11 +78,8 @@ def sparsegpt_naive(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, nm:
         q = torch.where(mask[:, c], torch.zeros_like(w), w)
         if scheme is not None:
             s = scale[:, c // g] if scale.shape[0] == rows else scale[:, 0].expand(rows)
-            if zero is None:
-                q = torch.clamp(torch.round(q / s), scheme.qmin, scheme.qmax) * s
-            else:
-                z = zero[:, c // g] if zero.shape[0] == rows else zero[:, 0].expand(rows)
-                q = (torch.clamp(torch.round(q / s) + z, scheme.qmin, scheme.qmax) - z) * s
+            z = None if zero is None else zero[:, c // g] if zero.shape[0] == rows else zero[:, 0].expand(rows)
+            q = round_to_grid(q, s, z, scheme)[1]
         W_hat[:, c] = q
         remaining.remove(c)
         e = (w - q) / Hinv[c, c]                                        # OBS compensation

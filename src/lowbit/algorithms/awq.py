@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core import primitives
-from lowbit.core.primitives import check_finite, group_layout, qparams_from_range, quantize
+from lowbit.core import grid
+from lowbit.core.grid import check_finite, qparams_from_range
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -137,33 +137,17 @@ def output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> Tensor:
 
 # -- the quantization grid on a grouped view ------------------------------------------------------
 # Both searches fake-quantize the same weight many times. They view it once as [rows, n, g] (each
-# row's columns in n groups of g, the last zero-padded, exactly as primitives.choose_qparams does;
-# per-channel and per-tensor: n = 1, g = in) and apply primitives' grid there, in place.
-# test_awq holds this to primitives.fake_quantize bit for bit.
+# row's columns in n groups of g, the last padded; per-channel and per-tensor: n = 1, g = in) and
+# round there with `grid.fake_quantize_grouped`; slice ranges leave the padding out, as
+# `grid.choose_qparams` does, so f = 1 / α = 0 is exactly round-to-nearest.
 def _grouped(W: Tensor, scheme: QuantScheme, pad_value: float = 0.0) -> Tensor:
-    rows, cols = W.shape
-    n, g = group_layout((rows, cols), scheme)
-    return F.pad(W.float(), (0, n * g - cols), value=pad_value).reshape(rows, n, g)
+    return grid.grouped(W.float(), scheme, pad_value, by_row=True)
 
 
-def _slice_range(Wg: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
-    """(min, max) of every slice that shares one scale, shaped like the scales."""
-    if scheme.granularity == "tensor":
-        return Wg.amin().reshape(1, 1), Wg.amax().reshape(1, 1)
-    return Wg.amin(dim=-1), Wg.amax(dim=-1)
-
-
-def _fake_quant(Wg: Tensor, scheme: QuantScheme, lo: Tensor, hi: Tensor) -> Tensor:
-    """Ŵ [rows, n, g] on the grid of each slice's range [lo, hi]: s, z = qparams_from_range,
-    q = clamp(round(W/s) + z) (float zero-point: round(W/s + z)), Ŵ = s·(q − z)."""
-    s, z = qparams_from_range(lo, hi, scheme)
-    s = s.unsqueeze(-1)
-    Q = Wg / s
-    if z is None:
-        return Q.round_().clamp_(scheme.qmin, scheme.qmax).mul_(s)
-    z = z.unsqueeze(-1)
-    Q = Q.add_(z).round_() if scheme.zero_point == "float" else Q.round_().add_(z)
-    return Q.clamp_(scheme.qmin, scheme.qmax).sub_(z).mul_(s)
+def _slice_range(Wg: Tensor, scheme: QuantScheme, cols: int) -> tuple[Tensor, Tensor]:
+    """(min, max) over the real entries of every slice of the [rows, n, g] view of a weight with
+    ``cols`` columns, shaped like the scales."""
+    return grid.slice_range(Wg, scheme, grid.valid_mask((Wg.shape[0], cols), scheme, Wg))
 
 
 # -- Eq. 4-5: the per-channel scale search ----------------------------------------------------
@@ -194,7 +178,8 @@ def search_scales(stats: ActStats, Ws: Sequence[Tensor], scheme: QuantScheme, n_
         raise LowbitError(f"AWQ n_grid must be a positive integer, got {n_grid!r}")
     Wgs = [_grouped(W.detach(), scheme) for W in Ws]                   # [out_i, n, g]
     n, g = Wgs[0].shape[1:]
-    pad = n * g - stats.H.shape[0]
+    cols = stats.H.shape[0]
+    pad = n * g - cols
     Hp = F.pad(stats.H.float(), (0, pad, 0, pad))                     # [n·g, n·g]
     alphas = [i / n_grid for i in range(n_grid)]
     losses = []
@@ -204,7 +189,8 @@ def search_scales(stats: ActStats, Ws: Sequence[Tensor], scheme: QuantScheme, n_
         loss = 0.0
         for Wg in Wgs:
             WS = Wg * sg                                              # W·diag(s)
-            D = _fake_quant(WS, scheme, *_slice_range(WS, scheme)).div_(sg).sub_(Wg)  # Δ = Q(W·diag(s))·diag(s)⁻¹ − W
+            Wq = grid.fake_quantize_grouped(WS, *qparams_from_range(*_slice_range(WS, scheme, cols), scheme), scheme)
+            D = Wq.div_(sg).sub_(Wg)                                  # Δ = Q(W·diag(s))·diag(s)⁻¹ − W
             D = D.reshape(D.shape[0], n * g)
             loss += float(((D @ Hp) * D).sum())
         losses.append(loss)
@@ -272,11 +258,12 @@ def search_clip(H: Tensor, W: Tensor, scheme: QuantScheme, clip_grid: int = 20,
     slice's output error (shaped like the scales). f = 1 is tried first and kept on ties, so no
     slice ends up worse than round-to-nearest."""
     Wg = _grouped(W.detach(), scheme)
-    lo, hi = _slice_range(Wg, scheme)
+    lo, hi = _slice_range(Wg, scheme, W.shape[1])
     best_f = torch.ones_like(lo)
     best_err = torch.full_like(lo, float("inf"))
     for f in shrink_factors(clip_grid, max_shrink):
-        err = _group_errors(_fake_quant(Wg, scheme, lo * f, hi * f).sub_(Wg), H, scheme)
+        Wq = grid.fake_quantize_grouped(Wg, *qparams_from_range(lo * f, hi * f, scheme), scheme)
+        err = _group_errors(Wq.sub_(Wg), H, scheme)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_f = torch.where(better, torch.full_like(lo, f), best_f)
@@ -287,12 +274,8 @@ def quantize_clipped(W: Tensor, shrink: Tensor | None, scheme: QuantScheme) -> t
     """Integers, scale, zero of W on the grid of each slice's range [f·min, f·max] (values
     outside clamp to the ends). ``shrink`` None is round-to-nearest."""
     W = W.detach().float()
-    if shrink is None:
-        s, z = primitives.choose_qparams(W, scheme)
-    else:
-        lo, hi = _slice_range(_grouped(W, scheme), scheme)
-        s, z = qparams_from_range(lo * shrink, hi * shrink, scheme)
-    return quantize(W, s, z, scheme), s, z
+    s, z = grid.choose_qparams(W, scheme, shrink)
+    return grid.quantize(W, s, z, scheme), s, z
 
 
 def awq_quantize(W: Tensor, shrink: Tensor | None, scheme: QuantScheme) -> AffineWeight:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight, check_activations
 from lowbit.nn.dynamic_conv import DynamicInt8Conv2d

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.floatw import FloatWeight, check_compute
 from lowbit.nn.linear import QuantizedLinear

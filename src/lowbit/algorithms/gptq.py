@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite, choose_qparams, group_layout, qparams_from_range
+from lowbit.core.grid import check_finite, choose_qparams, group_layout, qparams_from_range, round_to_grid
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -78,19 +78,6 @@ class GPTQConfig:
         if self.act_order and self.scheme.granularity == "group" and not self.static_groups:
             raise LowbitError("GPTQ act_order with group quantization needs static_groups=True "
                               "(lowbit groups are consecutive input columns)")
-
-
-def _round_to_grid(w: Tensor, s: Tensor, z: Tensor | None, scheme: QuantScheme) -> tuple[Tensor, Tensor]:
-    """quant(w) for one column w [out] with per-row scale s and zero-point z ([out] or [1]):
-    the integers q and the dequantized values, with the arithmetic of `primitives.quantize`."""
-    if z is None:
-        q = torch.round(w / s)
-    elif scheme.zero_point == "float":
-        q = torch.round(w / s + z)
-    else:
-        q = torch.round(w / s) + z
-    q = torch.clamp(q, scheme.qmin, scheme.qmax)
-    return q, (q if z is None else q - z) * s
 
 
 @contextmanager
@@ -197,7 +184,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
                     if zero is not None:
                         zero[:, gi] = z.to(W)
                 w = W1[:, i]             # [out]
-                q, w_hat = _round_to_grid(w, scale[:, gi], None if zero is None else zero[:, gi], scheme)
+                q, w_hat = round_to_grid(w, scale[:, gi], None if zero is None else zero[:, gi], scheme)
                 Qint[:, j], Q[:, j] = q.to(torch.int32), w_hat
                 err = (w - w_hat) / Hinv1[i, i]                              # eq. 2, scaled error
                 W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]    # eq. 2 in the block

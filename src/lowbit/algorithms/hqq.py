@@ -82,7 +82,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite, group_layout, qparams_from_range
+from lowbit.core import grid
+from lowbit.core.grid import check_finite, qparams_from_range
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -132,34 +133,6 @@ class HQQConfig:
             raise LowbitError(f"hqq: select must be 'l2', 'lp' or 'last', got {self.select!r}")
 
 
-# -- helpers: grouped views with a ragged last group -------------------------------------------
-def _grouped(W: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
-    """W [out, in] viewed as [R, n, g] groups, and a {0,1} mask [n, g] of real entries (None when
-    every group is full). Per-tensor: [1, 1, out·in]; per-channel: [out, 1, in]."""
-    rows, cols = W.shape
-    if scheme.granularity == "tensor":
-        return W.reshape(1, 1, rows * cols), None
-    n, g = group_layout((rows, cols), scheme)
-    pad = n * g - cols
-    if not pad:
-        return W.reshape(rows, n, g), None
-    valid = torch.ones(n * g, dtype=W.dtype, device=W.device)
-    valid[cols:] = 0
-    return torch.nn.functional.pad(W, (0, pad)).reshape(rows, n, g), valid.reshape(n, g)
-
-
-def _ungrouped(Xg: Tensor, shape: tuple[int, int]) -> Tensor:
-    rows, cols = shape
-    return Xg.reshape(rows, -1)[:, :cols]
-
-
-def _stored(x: Tensor, scheme: QuantScheme) -> Tensor:
-    """x as it will read back from the checkpoint (scales/zeros are kept in scheme.scale_dtype)."""
-    if scheme.scale_dtype == "float16":
-        return x.clamp(-65504.0, 65504.0).to(torch.float16).to(torch.float32)
-    return x
-
-
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
     """Generalised soft-thresholding, the proximal operator of φ in (3):
     sign(x) · relu(|x| − |x|^(p−1) / β)   (p = 1: ordinary soft-thresholding at 1/β)."""
@@ -186,8 +159,8 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         raise LowbitError(f"hqq expects a non-empty 2-D weight, got {getattr(W, 'shape', type(W).__name__)}")
     check_finite(W, "passed to hqq")
     scheme, p, shape = cfg.scheme, float(cfg.lp_norm), (int(W.shape[0]), int(W.shape[1]))
-    qmin, qmax = scheme.qmin, scheme.qmax
-    Wg, valid = _grouped(W.detach().float(), scheme)                     # [R, n, g], [n, g]|None
+    Wg = grid.grouped(W.detach().float(), scheme)                        # [R, n, g]
+    valid = grid.valid_mask(shape, scheme, Wg)                           # [n, g] | None
     count = valid.sum(-1) if valid is not None else torch.tensor(float(Wg.shape[-1]), device=Wg.device)  # [n] | []
 
     def group_sum(X: Tensor) -> Tensor:                                  # [R, n, g] → [R, n]
@@ -197,19 +170,15 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         """(W_q, residual W − Q_z⁻¹(W_q), φ and squared error per group [R, n]) for scale s and
         zero z [R, n]. (In-place ops on fresh temporaries only: same numbers, fewer allocations.)"""
         S, Z = s[..., None], z[..., None]
-        W_q = (W_over_s + Z).round_().clamp_(qmin, qmax)                  # Q_z(W)           (0)
-        Res = torch.sub(W_q, Z).mul_(S)                                   # Q_z⁻¹(Q_z(W))
+        W_q = grid.round_scaled(W_over_s, Z, scheme)                      # Q_z(W)           (0)
+        Res = grid.decode(W_q, S, Z)                                      # Q_z⁻¹(Q_z(W))
         torch.sub(Wg, Res, out=Res)                                       # W − Q_z⁻¹(Q_z(W))
         phi = group_sum(Res.abs().pow(p)).double()                        # φ per group      (1)
         sq = group_sum(Res.square()).double()                             # squared error per group
         return W_q, Res, phi, sq
 
-    # start: the min/max grid of RTN with a float zero-point (masked so padding is never a min/max)
-    if valid is None:
-        lo, hi = Wg.amin(-1), Wg.amax(-1)
-    else:
-        lo = Wg.masked_fill(valid == 0, math.inf).amin(-1)
-        hi = Wg.masked_fill(valid == 0, -math.inf).amax(-1)
+    # start: the min/max grid of RTN with a float zero-point (padding is never a min/max)
+    lo, hi = grid.slice_range(Wg, scheme, valid)
     # the iteration runs in float32 (scale and zero-point unrounded, see the module docstring);
     # the storage dtype is applied once, to the chosen iterate's scale and zero-point
     run_scheme = dataclasses.replace(scheme, scale_dtype="float32")
@@ -264,7 +233,7 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
 
     if last:
         best_s, best_z = s, z
-    s, z = _stored(best_s, scheme), _stored(best_z, scheme)             # rounded once, then the codes
+    s, z = grid.round_scale(best_s, scheme), grid.stored(best_z, scheme)  # stored once, then the codes
     if not last and scheme.scale_dtype != "float32":
         # rounding can cost a group more than it gained over the start (an 8-bit fp16 zero-point
         # near 128 moves in 1/16 of a code): per group, keep RTN's stored grid where that is better
@@ -275,8 +244,8 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         s, z = torch.where(rtn_better, s0, s), torch.where(rtn_better, z0, z)
         W_q = torch.where(rtn_better[..., None], start[0], got[0])       # the codes for (s, z)
     else:
-        W_q = torch.clamp(torch.round(Wg / s[..., None] + z[..., None]), qmin, qmax)
-    fmt = AffineWeight.from_integers(_ungrouped(W_q, shape).to(torch.int32), s, z, scheme)
+        W_q = grid.round_codes(Wg, s[..., None], z[..., None], scheme)
+    fmt = AffineWeight.from_integers(grid.ungrouped(W_q, shape).to(torch.int32), s, z, scheme)
     info = {"objective": objective, "error": error, "best_objective": best_objective, "iterations": t,
             "stopped_early": stopped_early}
     return fmt, info
@@ -292,7 +261,7 @@ def _fit_scale(W_q: Tensor, Target: Tensor, s: Tensor, group_sum, count: Tensor,
     dq = W_q - mq[..., None]                                              # padding is masked by group_sum
     var = group_sum(dq * dq)
     cov = group_sum(dq * (Target - mt[..., None]))
-    a = _stored(cov / torch.where(var > 0, var, torch.ones_like(var)), scheme)
+    a = grid.stored(cov / torch.where(var > 0, var, torch.ones_like(var)), scheme)
     ok = (var > 0) & torch.isfinite(a) & (a > 0)
     return torch.where(ok, a, s)
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.int8 import Int8Weight, validate_threshold
 from lowbit.nn.linear import QuantizedLinear

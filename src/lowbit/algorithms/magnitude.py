@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lowbit.algorithms.base import Method
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, layer_info, parse_pattern,
                                        prune_count, prune_mask, pruned_linear, with_sparsity)
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
 from lowbit.formats.nf4 import DYNAMIC_MAP_8BIT, NF4_CODEBOOK, NF4Weight, pack_nibbles

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats.affine import AffineWeight

@@ -27,9 +27,9 @@ rows are the rows of the upper Cholesky factor U of H⁻¹ ([H_F⁻¹]_cc = U_cc
   grid's qparams are chosen once from the original weights (as GPTQ's ``static_groups``); pruned
   weights take the code of 0, which the grid must represent exactly (``zero_point="int"``).
 
-Shared with lowbit's GPTQ (imported from `gptq`): the Hessian accumulation of the method class,
-the rounding to the grid and the one-thread column loop; dead inputs (diag H = 0) have their
-weights zeroed and diag H set to 1; dampening λ = damp · mean(diag H).
+Shared with lowbit's GPTQ (imported from `gptq`): the Hessian accumulation of the method class
+and the one-thread column loop; the rounding is `lowbit.core.grid.round_to_grid`, as GPTQ's. Dead
+inputs (diag H = 0) have their weights zeroed and diag H set to 1; dampening λ = damp · mean(diag H).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, _round_to_grid, check_solver_inputs
+from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, hessian_error, layer_info, lowest_k_mask,
                                        nm_mask, parse_pattern, prune_count, pruned_linear, sparsity_of,
                                        with_sparsity)
-from lowbit.core.primitives import check_finite, choose_qparams, group_layout
+from lowbit.core.grid import check_finite, choose_qparams, group_layout, round_to_grid
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -156,7 +156,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: SparseGPTConfig, *,
                 w = W1[:, i]                                               # [out]
                 q = w.masked_fill(M1[:, i], 0.0)                           # prune
                 if cfg.quantize:                                           # and round the rest
-                    qi, q = _round_to_grid(q, scale[:, group_of[j]],
+                    qi, q = round_to_grid(q, scale[:, group_of[j]],
                                            None if zero is None else zero[:, group_of[j]], scheme)
                     Qint[:, j] = qi.to(torch.int32)
                 Q[:, j] = q

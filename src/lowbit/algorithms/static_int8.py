@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
 from lowbit.core.observers import OBSERVERS, get_observer
-from lowbit.core.primitives import check_finite
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.formats.static_int8 import check_matmul
 from lowbit.nn.fake_quant import FakeQuantAct, FakeQuantConv2d, FakeQuantLinear, FakeQuantSequential, _FakeQuantAffine
 from lowbit.nn.static_int8 import (
     DequantizeOutput,
@@ -79,8 +80,7 @@ class StaticInt8Config:
             raise LowbitError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.clip_search and not self.smooth_search:
             raise LowbitError("clip_search works together with smooth_search=true")
-        if self.matmul not in ("auto", "int", "float", "native"):
-            raise LowbitError(f"matmul must be auto, int, float or native, got {self.matmul!r}")
+        check_matmul(self.matmul)
 
     @property
     def per_channel(self) -> bool:

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
-from lowbit.core.primitives import check_finite
+from lowbit.core import grid
+from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
-from lowbit.formats.ternary import GRANULARITIES, TernaryWeight
+from lowbit.formats.ternary import GRANULARITIES, TernaryWeight, ternary_grid
 from lowbit.nn.linear import QuantizedLinear
 
 
@@ -50,10 +51,10 @@ def ternary_quantize(W: Tensor, cfg: TernaryConfig) -> TernaryWeight:
     W = W.detach().float()
     if cfg.granularity == "tensor":
         gamma = W.abs().mean().reshape(1)                    # [1]
-        Wt = torch.clamp(torch.round(W / (gamma + cfg.eps)), -1, 1)
     else:
         gamma = W.abs().mean(dim=1)                          # [out]
-        Wt = torch.clamp(torch.round(W / (gamma[:, None] + cfg.eps)), -1, 1)
+    # RoundClip(W / (gamma + eps), -1, 1): the symmetric restricted 2-bit grid with scale gamma + eps
+    Wt = grid.quantize(W, (gamma + cfg.eps).reshape(-1, 1), None, ternary_grid(cfg.granularity))
     return TernaryWeight.from_ternary(Wt.to(torch.int8), gamma, cfg.granularity)
 
 

@@ -8,7 +8,7 @@ Every observer has the same three calls:
   min-max observers built with ``axis``). Histogram observers search a range that depends on the
   scheme (number of levels, symmetric or not); ``None`` means :data:`DEFAULT_SCHEME` (int8,
   symmetric, per-tensor).
-* ``qparams(scheme) -> (scale, zero_point)`` — ``primitives.qparams_from_range(lo, hi, scheme)``,
+* ``qparams(scheme) -> (scale, zero_point)`` — ``grid.qparams_from_range(lo, hi, scheme)``,
   so symmetric / asymmetric, full / restricted range and float zero-points all behave exactly as
   for weights. (The scheme's granularity is a weight notion and is ignored here: an observer is
   per-tensor unless built per-channel.)
@@ -52,7 +52,7 @@ import math
 import torch
 from torch import Tensor
 
-from lowbit.core.primitives import qparams_from_range
+from lowbit.core.grid import qparams_from_range
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 

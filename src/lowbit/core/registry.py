@@ -1,11 +1,17 @@
-"""One small registry for everything that is chosen by name: methods, weight formats, kernels.
+"""One small registry for everything that is chosen by name: methods and weight formats.
 
 Names are what users type (``--method rtn``) and what saved checkpoints record, so they are
-stable strings; the values are classes. Registering twice under one name is a bug and raises.
+stable strings; the values are classes. Registering a second class under one name is a bug and
+raises. Methods register with ``@register_method(name)``; formats by subclassing
+``lowbit.formats.base.WeightFormat`` with ``name=...``.
+
+core imports nothing above it: the built-in members are found by importing the packages named in
+`_BUILTINS` (by name, on the first lookup), whose modules register themselves.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, TypeVar
 
 from lowbit.errors import LowbitError
@@ -13,30 +19,29 @@ from lowbit.errors import LowbitError
 T = TypeVar("T")
 
 _REGISTRIES: dict[str, dict[str, type]] = {"method": {}, "format": {}}
+_BUILTINS = {"method": "lowbit.algorithms", "format": "lowbit.formats"}
 
 
-def _register(kind: str, name: str) -> Callable[[T], T]:
+def register(kind: str, name: str, cls: type) -> None:
+    """Make ``cls`` the ``kind`` called ``name`` (and set ``cls.name``)."""
+    table = _REGISTRIES[kind]
+    if name in table and table[name] is not cls:
+        raise RuntimeError(f"{kind} {name!r} registered twice")
+    table[name] = cls
+    cls.name = name  # type: ignore[attr-defined]
+
+
+def register_method(name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
-        table = _REGISTRIES[kind]
-        if name in table and table[name] is not cls:
-            raise RuntimeError(f"{kind} {name!r} registered twice")
-        table[name] = cls  # type: ignore[assignment]
-        cls.name = name  # type: ignore[attr-defined]
+        register("method", name, cls)  # type: ignore[arg-type]
         return cls
 
     return deco
 
 
-def register_method(name: str):
-    return _register("method", name)
-
-
-def register_format(name: str):
-    return _register("format", name)
-
-
-def _lookup(kind: str, name: str) -> type:
-    _load_builtins()
+def lookup(kind: str, name: str) -> type:
+    """The class registered as ``kind`` ``name``; a one-line error listing the known names."""
+    _load_builtins(kind)
     table = _REGISTRIES[kind]
     if name not in table:
         raise LowbitError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
@@ -44,19 +49,17 @@ def _lookup(kind: str, name: str) -> type:
 
 
 def get_method(name: str) -> type:
-    return _lookup("method", name)
+    return lookup("method", name)
 
 
 def get_format(name: str) -> type:
-    return _lookup("format", name)
+    return lookup("format", name)
 
 
 def available(kind: str) -> list[str]:
-    _load_builtins()
+    _load_builtins(kind)
     return sorted(_REGISTRIES[kind])
 
 
-def _load_builtins() -> None:
-    # Importing the packages registers their members.
-    import lowbit.algorithms  # noqa: F401
-    import lowbit.formats  # noqa: F401
+def _load_builtins(kind: str) -> None:
+    importlib.import_module(_BUILTINS[kind])

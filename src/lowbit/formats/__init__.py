@@ -1,10 +1,11 @@
-"""Packed weight formats. Importing this package imports every module in it, and each registers
-its format by name (``@register_format``)."""
+"""Packed weight formats. Importing this package imports every module in it, and each format
+registers itself by name by subclassing `lowbit.formats.base.WeightFormat`."""
 
 import importlib as _importlib
 import pkgutil as _pkgutil
 
 from lowbit.formats.affine import AffineWeight  # noqa: F401
+from lowbit.formats.base import WeightFormat  # noqa: F401
 from lowbit.formats.int8 import Int8Weight  # noqa: F401
 from lowbit.formats.nf4 import NF4Weight  # noqa: F401
 

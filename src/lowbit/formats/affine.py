@@ -15,29 +15,51 @@ with g(c) = c // group_size. The last group of a row may be shorter than group_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import StoredSize
-from lowbit.core import packing, primitives
-from lowbit.core.registry import register_format
+from lowbit.core import grid, packing
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
+
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-@register_format("affine")
-@dataclass
-class AffineWeight(StoredSize):
-    qweight: Tensor
-    scales: Tensor
-    qzeros: Tensor | None
-    shape: tuple[int, int]
-    scheme: QuantScheme
-    zeros: Tensor | None = None
+def _scale_dtype(w: "AffineWeight") -> torch.dtype:
+    return _SCALE_DTYPES[w.scheme.scale_dtype]
 
-    tensor_names = ("qweight", "scales", "qzeros", "zeros")
+
+def _scale_shape(w: "AffineWeight") -> tuple[int, int]:
+    return grid.scale_shape(w.shape, w.scheme)
+
+
+def _qzeros_shape(w: "AffineWeight") -> tuple[int, int]:
+    rows, n = _scale_shape(w)
+    return (rows, packing.packed_row_bytes(n, w.scheme.bits))
+
+
+def _int_zeros(w: "AffineWeight") -> bool:
+    return not w.scheme.symmetric and w.scheme.zero_point == "int"
+
+
+def _float_zeros(w: "AffineWeight") -> bool:
+    return not w.scheme.symmetric and w.scheme.zero_point == "float"
+
+
+def _decode_scheme(d) -> QuantScheme:
+    if not isinstance(d, dict):
+        raise TypeError(f"scheme must be a mapping, got {type(d).__name__}")
+    return QuantScheme.from_dict(d)
+
+
+class AffineWeight(WeightFormat, name="affine"):
+    qweight: Tensor = tensor(torch.uint8, lambda w: (w.shape[0], packing.packed_row_bytes(w.shape[1], w.scheme.bits)))
+    scales: Tensor = tensor(_scale_dtype, _scale_shape, finite=True)
+    qzeros: Tensor | None = tensor(torch.uint8, _qzeros_shape, when=_int_zeros)
+    shape: tuple[int, int] = shape_param()
+    scheme: QuantScheme = param(encode=QuantScheme.to_dict, decode=_decode_scheme)
+    zeros: Tensor | None = tensor(_scale_dtype, _scale_shape, when=_float_zeros, finite=True)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -47,7 +69,7 @@ class AffineWeight(StoredSize):
             raise LowbitError(f"expected 2-D integer weight, got shape {tuple(q.shape)}")
         if q.numel() and (int(q.min()) < scheme.qmin or int(q.max()) > scheme.qmax):
             raise LowbitError(f"integers outside [{scheme.qmin}, {scheme.qmax}] for {scheme.short_name()}")
-        dtype = torch.float16 if scheme.scale_dtype == "float16" else torch.float32
+        dtype = _SCALE_DTYPES[scheme.scale_dtype]
         qweight = packing.pack(q.to(torch.int64) + scheme.code_offset, scheme.bits)
         qzeros = zeros = None
         if not scheme.symmetric:
@@ -62,8 +84,8 @@ class AffineWeight(StoredSize):
 
     @classmethod
     def quantize_rtn(cls, W: Tensor, scheme: QuantScheme) -> "AffineWeight":
-        s, z = primitives.choose_qparams(W, scheme)
-        return cls.from_integers(primitives.quantize(W, s, z, scheme), s, z, scheme)
+        s, z = grid.choose_qparams(W, scheme)
+        return cls.from_integers(grid.quantize(W, s, z, scheme), s, z, scheme)
 
     # -- reading ----------------------------------------------------------------------------
     def integers(self) -> Tensor:
@@ -79,63 +101,10 @@ class AffineWeight(StoredSize):
         return packing.unpack(self.qzeros, self.scheme.bits, self.scales.shape[-1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Float weight. Same arithmetic as `primitives.dequantize` ((code - zero) * scale, in
-        float32), done in place on views of one buffer so that it costs three passes."""
-        rows, cols = self.shape
-        W = packing.unpack_u8(self.qweight, self.scheme.bits, cols).to(torch.float32)
-        s = self.scales.float()
-        z = self.zero_points()
-        z = float(self.scheme.code_offset) if z is None else z.float()
-        if self.scheme.granularity == "tensor":
-            W.sub_(z if isinstance(z, float) else z.reshape(())).mul_(s.reshape(()))
-        elif self.scheme.granularity == "channel":
-            W.sub_(z if isinstance(z, float) else z[:, :1]).mul_(s[:, :1])
-        else:
-            g = int(self.scheme.group_size)
-            nf = cols // g  # full groups; a shorter last group (if any) is handled separately
-            if nf:
-                main = W[:, : nf * g].view(rows, nf, g)
-                main.sub_(z if isinstance(z, float) else z[:, :nf, None]).mul_(s[:, :nf, None])
-            if nf * g < cols:
-                tail = W[:, nf * g:]
-                tail.sub_(z if isinstance(z, float) else z[:, nf:nf + 1]).mul_(s[:, nf:nf + 1])
+        """Float weight: `grid.dequantize_` on the unpacked codes ((code - zero) * scale, in
+        float32; symmetric codes first lose their offset), in place on one buffer."""
+        W = packing.unpack_u8(self.qweight, self.scheme.bits, self.shape[1]).to(torch.float32)
+        if self.scheme.symmetric:
+            W.sub_(float(self.scheme.code_offset))
+        grid.dequantize_(W, self.scales, self.zero_points(), self.scheme)
         return W if dtype == torch.float32 else W.to(dtype)
-
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        out = {"qweight": self.qweight, "scales": self.scales}
-        if self.qzeros is not None:
-            out["qzeros"] = self.qzeros
-        if self.zeros is not None:
-            out["zeros"] = self.zeros
-        return out
-
-    def meta(self) -> dict:
-        return {"format": "affine", "shape": list(self.shape), "scheme": self.scheme.to_dict()}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "AffineWeight":
-        scheme = QuantScheme.from_dict(meta["scheme"])
-        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-        w = cls(qweight=tensors["qweight"], scales=tensors["scales"], qzeros=tensors.get("qzeros"),
-                shape=shape, scheme=scheme, zeros=tensors.get("zeros"))
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        rows, cols = self.shape
-        n_groups, _ = primitives.group_layout(self.shape, self.scheme)
-        exp_scales = (1, 1) if self.scheme.granularity == "tensor" else (rows, n_groups)
-        exp_q = (rows, packing.packed_row_bytes(cols, self.scheme.bits))
-        if tuple(self.qweight.shape) != exp_q or self.qweight.dtype != torch.uint8:
-            raise LowbitError(f"qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, expected {exp_q}/uint8")
-        if tuple(self.scales.shape) != exp_scales:
-            raise LowbitError(f"scales have shape {tuple(self.scales.shape)}, expected {exp_scales}")
-        if not torch.isfinite(self.scales.float()).all():
-            raise LowbitError("scales contain NaN/Inf")
-        want_int = not self.scheme.symmetric and self.scheme.zero_point == "int"
-        want_float = not self.scheme.symmetric and self.scheme.zero_point == "float"
-        if want_int != (self.qzeros is not None) or want_float != (self.zeros is not None):
-            raise LowbitError("zero-points present/absent inconsistently with the scheme")
-        if self.zeros is not None and tuple(self.zeros.shape) != exp_scales:
-            raise LowbitError(f"zeros have shape {tuple(self.zeros.shape)}, expected {exp_scales}")

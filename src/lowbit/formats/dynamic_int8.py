@@ -23,14 +23,11 @@ It travels in ``meta()``. Storage: 8 bits per weight + 32 bits per output row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
-from lowbit.formats.base import StoredSize
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 from lowbit.formats.int8 import Q_MAX, absmax_quantize_rows
 
 ACTIVATION_GRANULARITIES = ("token", "tensor")
@@ -42,15 +39,11 @@ def check_activations(activations: str) -> str:
     return activations
 
 
-@register_format("dynamic-int8")
-@dataclass
-class DynamicInt8Weight(StoredSize):
-    qweight: Tensor
-    wscale: Tensor
-    shape: tuple[int, int]
-    activations: str = "token"
-
-    tensor_names = ("qweight", "wscale")
+class DynamicInt8Weight(WeightFormat, name="dynamic-int8"):
+    qweight: Tensor = tensor(torch.int8, lambda w: tuple(w.shape))
+    wscale: Tensor = tensor(torch.float32, lambda w: (w.shape[0],), finite=True)
+    shape: tuple[int, int] = shape_param()
+    activations: str = param("token", check=check_activations)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -70,30 +63,8 @@ class DynamicInt8Weight(StoredSize):
         W = self.qweight.float().mul_(self.wscale.float().unsqueeze(1))
         return W if dtype == torch.float32 else W.to(dtype)
 
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {"qweight": self.qweight, "wscale": self.wscale}
-
-    def meta(self) -> dict:
-        return {"format": "dynamic-int8", "shape": list(self.shape), "activations": self.activations}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "DynamicInt8Weight":
-        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-        w = cls(qweight=tensors["qweight"], wscale=tensors["wscale"], shape=shape,
-                activations=check_activations(meta.get("activations", "token")))
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        rows, cols = self.shape
-        if tuple(self.qweight.shape) != (rows, cols) or self.qweight.dtype != torch.int8:
-            raise LowbitError(f"qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, "
-                              f"expected {(rows, cols)}/int8")
+    def check(self) -> None:
         if self.qweight.numel() and int(self.qweight.min()) < -Q_MAX:
-            raise LowbitError("qweight holds -128, outside the symmetric int8 range [-127, 127]")
-        if tuple(self.wscale.shape) != (rows,) or self.wscale.dtype != torch.float32:
-            raise LowbitError(f"wscale has shape {tuple(self.wscale.shape)}/{self.wscale.dtype}, "
-                              f"expected {(rows,)}/float32")
-        if not torch.isfinite(self.wscale).all() or (self.wscale < 0).any():
-            raise LowbitError("wscale contains NaN/Inf or negative values")
+            raise LowbitError("dynamic-int8 qweight holds -128, outside the symmetric int8 range [-127, 127]")
+        if (self.wscale < 0).any():
+            raise LowbitError("dynamic-int8 wscale has negative values")

@@ -19,14 +19,11 @@ Stored tensor:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
-from lowbit.formats.base import StoredSize
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTE = ("fp32", "native")
@@ -38,20 +35,22 @@ def check_compute(compute: str) -> str:
     return compute
 
 
-@register_format("half")
-@dataclass
-class FloatWeight(StoredSize):
-    weight16: Tensor
-    shape: tuple[int, int]
-    compute: str = "fp32"
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise LowbitError(f"16-bit float type must be float16 or bfloat16, got {dtype!r}")
+    return dtype
 
-    tensor_names = ("weight16",)
+
+class FloatWeight(WeightFormat, name="half"):
+    weight16: Tensor = tensor(lambda w: DTYPES[w.dtype_name], lambda w: tuple(w.shape), finite=True)
+    shape: tuple[int, int] = shape_param()
+    dtype_name: str = param("float16", key="dtype", check=check_dtype)  # weight16's type
+    compute: str = param("fp32", check=check_compute)
 
     @classmethod
     def cast(cls, W: Tensor, dtype: str = "float16", compute: str = "fp32") -> "FloatWeight":
         """Round a 2-D float weight W [out, in] to ``dtype`` ("float16" or "bfloat16")."""
-        if dtype not in DTYPES:
-            raise LowbitError(f"16-bit float type must be float16 or bfloat16, got {dtype!r}")
+        check_dtype(dtype)
         if W.dim() != 2:
             raise LowbitError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
         if not torch.isfinite(W).all():
@@ -59,36 +58,9 @@ class FloatWeight(StoredSize):
         h = W.detach().to(DTYPES[dtype]).contiguous()
         if not torch.isfinite(h).all():
             raise LowbitError(f"weight has values beyond the {dtype} range (|w| > {torch.finfo(h.dtype).max:g})")
-        return cls(weight16=h, shape=(int(W.shape[0]), int(W.shape[1])), compute=check_compute(compute))
-
-    @property
-    def dtype_name(self) -> str:
-        return "bfloat16" if self.weight16.dtype == torch.bfloat16 else "float16"
+        return cls(weight16=h, shape=(int(W.shape[0]), int(W.shape[1])), dtype_name=dtype,
+                   compute=check_compute(compute))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight widened to ``dtype`` (exact for float32)."""
         return self.weight16.to(dtype)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {"weight16": self.weight16}
-
-    def meta(self) -> dict:
-        return {"format": "half", "shape": list(self.shape), "dtype": self.dtype_name,
-                "compute": self.compute}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "FloatWeight":
-        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-        w = cls(weight16=tensors["weight16"], shape=shape, compute=check_compute(meta.get("compute", "fp32")))
-        want = DTYPES.get(meta.get("dtype", "float16"))
-        if want is None or w.weight16.dtype != want:
-            raise LowbitError(f"weight16 is {w.weight16.dtype}, the record says {meta.get('dtype')!r}")
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        if tuple(self.weight16.shape) != tuple(self.shape) or self.weight16.dtype not in DTYPES.values():
-            raise LowbitError(f"weight16 has shape {tuple(self.weight16.shape)}/{self.weight16.dtype}, "
-                              f"expected {tuple(self.shape)}/float16 or bfloat16")
-        if not torch.isfinite(self.weight16).all():
-            raise LowbitError("weight16 contains NaN/Inf")

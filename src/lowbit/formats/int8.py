@@ -31,14 +31,12 @@ memory); the paper's inference setting keeps fp16 weights and quantizes them on 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import StoredSize
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
 Q_MAX = 127  # symmetric restricted int8 range [-127, 127]
 
@@ -66,15 +64,11 @@ def validate_threshold(threshold) -> float:
     return t
 
 
-@register_format("llm-int8")
-@dataclass
-class Int8Weight(StoredSize):
-    qweight: Tensor
-    absmax: Tensor
-    shape: tuple[int, int]
-    threshold: float = 6.0
-
-    tensor_names = ("qweight", "absmax")
+class Int8Weight(WeightFormat, name="llm-int8"):
+    qweight: Tensor = tensor(torch.int8, lambda w: tuple(w.shape))
+    absmax: Tensor = tensor(torch.float32, lambda w: (w.shape[0],), finite=True)
+    shape: tuple[int, int] = shape_param()
+    threshold: float = param(6.0, decode=validate_threshold, check=validate_threshold)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -98,29 +92,8 @@ class Int8Weight(StoredSize):
         W = self.qweight.float().mul_(self.scales().unsqueeze(1))
         return W if dtype == torch.float32 else W.to(dtype)
 
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {"qweight": self.qweight, "absmax": self.absmax}
-
-    def meta(self) -> dict:
-        return {"format": "llm-int8", "shape": list(self.shape), "threshold": self.threshold}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "Int8Weight":
-        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-        w = cls(qweight=tensors["qweight"], absmax=tensors["absmax"], shape=shape,
-                threshold=validate_threshold(meta.get("threshold", 6.0)))
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        rows, cols = self.shape
-        if tuple(self.qweight.shape) != (rows, cols) or self.qweight.dtype != torch.int8:
-            raise LowbitError(f"qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, "
-                              f"expected {(rows, cols)}/int8")
+    def check(self) -> None:
         if self.qweight.numel() and int(self.qweight.min()) < -Q_MAX:
-            raise LowbitError("qweight holds -128, outside the int8 range [-127, 127] of LLM.int8()")
-        if tuple(self.absmax.shape) != (rows,) or self.absmax.dtype != torch.float32:
-            raise LowbitError(f"absmax has shape {tuple(self.absmax.shape)}/{self.absmax.dtype}, expected {(rows,)}/float32")
-        if not torch.isfinite(self.absmax).all() or (self.absmax < 0).any():
-            raise LowbitError("absmax contains NaN/Inf or negative values")
+            raise LowbitError("llm-int8 qweight holds -128, outside the int8 range [-127, 127] of LLM.int8()")
+        if (self.absmax < 0).any():
+            raise LowbitError("llm-int8 absmax has negative values")

@@ -31,14 +31,12 @@ The two codebooks are constants of the format and are not stored per tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lowbit.formats.base import StoredSize
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
 # The 16 NormalFloat4 values, exactly the float32 constants bitsandbytes uses (QLoRA's NF4:
 # quantiles of N(0, 1) with an exact zero, 8 positive and 7 negative levels, normalised to
@@ -121,18 +119,42 @@ def _blockwise_scale(values: Tensor, scale: Tensor, blocksize: int) -> Tensor:
     return out
 
 
-@register_format("nf4")
-@dataclass
-class NF4Weight(StoredSize):
-    qweight: Tensor                 # uint8 [ceil(n / 2)], two NF4 codes per byte
-    absmax: Tensor                  # float32 [n_blocks], or uint8 [n_blocks] when double-quantized
-    nested_absmax: Tensor | None    # float32 [ceil(n_blocks / dq_blocksize)] (double quant only)
-    offset: Tensor | None           # float32 [1], mean of the fp32 absmaxes (double quant only)
-    shape: tuple[int, ...]
-    blocksize: int = 64
-    dq_blocksize: int | None = 256  # None: no double quantization
+def _check_blocksize(bs) -> None:
+    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1 or bs & (bs - 1)):
+        raise LowbitError(f"must be a positive power of two, got {bs!r}")
 
-    tensor_names = ("qweight", "absmax", "nested_absmax", "offset")
+
+def _decode_blocksize(v) -> int | None:
+    return None if v is None else int(v)
+
+
+def _n_bytes(w: "NF4Weight") -> tuple[int]:
+    return ((w.n_weights + 1) // 2,)
+
+
+def _n_blocks(w: "NF4Weight") -> tuple[int]:
+    return (w.n_blocks,)
+
+
+def _n_nested(w: "NF4Weight") -> tuple[int]:
+    return (math.ceil(w.n_blocks / w.dq_blocksize),)
+
+
+def _double_quant(w: "NF4Weight") -> bool:
+    return w.double_quant
+
+
+class NF4Weight(WeightFormat, name="nf4"):
+    qweight: Tensor = tensor(torch.uint8, _n_bytes)          # two NF4 codes per byte
+    # float32 [n_blocks], or uint8 [n_blocks] (indices into DYNAMIC_MAP_8BIT) when double-quantized
+    absmax: Tensor = tensor(lambda w: torch.uint8 if w.double_quant else torch.float32, _n_blocks,
+                            finite=True)
+    nested_absmax: Tensor | None = tensor(torch.float32, _n_nested, when=_double_quant, finite=True)
+    offset: Tensor | None = tensor(torch.float32, lambda w: (1,), when=_double_quant, finite=True)
+    shape: tuple[int, ...] = shape_param(ndim=None)
+    blocksize: int = param(64, decode=int, check=_check_blocksize)
+    # blocks of absmaxes that share one nested absmax; None: no double quantization
+    dq_blocksize: int | None = param(256, decode=_decode_blocksize, check=_check_blocksize)
 
     @property
     def double_quant(self) -> bool:
@@ -161,58 +183,3 @@ class NF4Weight(StoredSize):
         values = pairs.view(-1)[:n]  # [n_bytes, 2] -> weights in order (high nibble first)
         W = _blockwise_scale(values, self.block_absmax(), self.blocksize).view(self.shape)
         return W if dtype == torch.float32 else W.to(dtype)
-
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        out = {"qweight": self.qweight, "absmax": self.absmax}
-        if self.nested_absmax is not None:
-            out["nested_absmax"] = self.nested_absmax
-        if self.offset is not None:
-            out["offset"] = self.offset
-        return out
-
-    def meta(self) -> dict:
-        return {"format": "nf4", "shape": list(self.shape), "blocksize": self.blocksize,
-                "dq_blocksize": self.dq_blocksize}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "NF4Weight":
-        try:
-            shape = tuple(int(s) for s in meta["shape"])
-            blocksize = int(meta["blocksize"])
-            dq = meta.get("dq_blocksize")
-            dq = None if dq is None else int(dq)
-        except (KeyError, TypeError, ValueError) as e:
-            raise LowbitError(f"nf4 metadata is malformed ({e!r}): {meta}") from None
-        w = cls(qweight=tensors["qweight"], absmax=tensors["absmax"], nested_absmax=tensors.get("nested_absmax"),
-                offset=tensors.get("offset"), shape=shape, blocksize=blocksize, dq_blocksize=dq)
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        if not self.shape or any(s <= 0 for s in self.shape):
-            raise LowbitError(f"nf4 weight shape must be non-empty with positive sizes, got {self.shape}")
-        for name, bs in (("blocksize", self.blocksize), ("dq_blocksize", self.dq_blocksize)):
-            if bs is not None and (bs < 1 or bs & (bs - 1)):
-                raise LowbitError(f"nf4 {name} must be a positive power of two, got {bs}")
-        n, nb = self.n_weights, self.n_blocks
-        if self.qweight.dtype != torch.uint8 or tuple(self.qweight.shape) != ((n + 1) // 2,):
-            raise LowbitError(f"nf4 qweight is {tuple(self.qweight.shape)}/{self.qweight.dtype}, "
-                              f"expected ({(n + 1) // 2},)/uint8")
-        want_dtype = torch.uint8 if self.double_quant else torch.float32
-        if self.absmax.dtype != want_dtype or tuple(self.absmax.shape) != (nb,):
-            raise LowbitError(f"nf4 absmax is {tuple(self.absmax.shape)}/{self.absmax.dtype}, expected ({nb},)/{want_dtype}")
-        if self.double_quant:
-            nn_ = math.ceil(nb / self.dq_blocksize)
-            if self.nested_absmax is None or self.offset is None:
-                raise LowbitError("double-quantized nf4 weight lacks nested_absmax or offset")
-            if tuple(self.nested_absmax.shape) != (nn_,) or tuple(self.offset.shape) != (1,):
-                raise LowbitError(f"nf4 nested_absmax/offset have shapes {tuple(self.nested_absmax.shape)}/"
-                                  f"{tuple(self.offset.shape)}, expected ({nn_},)/(1,)")
-            stats = torch.cat([self.nested_absmax.float(), self.offset.float()])
-        else:
-            if self.nested_absmax is not None or self.offset is not None:
-                raise LowbitError("nf4 weight without double quantization has nested_absmax/offset")
-            stats = self.absmax
-        if not torch.isfinite(stats).all():
-            raise LowbitError("nf4 absmax statistics contain NaN/Inf")

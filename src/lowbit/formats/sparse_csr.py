@@ -14,14 +14,11 @@ pointers): 24 bits at 50 % sparsity, 14.4 at 70 %, 9.6 at 80 %, 4.8 at 90 % (fp3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
-from lowbit.formats.base import StoredSize
+from lowbit.formats.base import WeightFormat, shape_param, tensor
 from lowbit.formats.sparse_nm import nonzero_bits
 
 INT16_MAX_COLS = 32767
@@ -31,15 +28,11 @@ def col_dtype(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= INT16_MAX_COLS else torch.int32
 
 
-@register_format("sparse-csr")
-@dataclass
-class CSRWeight(StoredSize):
-    values: Tensor
-    col_idx: Tensor
-    row_ptr: Tensor
-    shape: tuple[int, int]
-
-    tensor_names = ("values", "col_idx", "row_ptr")
+class CSRWeight(WeightFormat, name="sparse-csr"):
+    values: Tensor = tensor(torch.float32, lambda w: (w.nnz,), finite=True)   # 1-D: [nnz]
+    col_idx: Tensor = tensor(lambda w: col_dtype(w.shape[1]), lambda w: (w.nnz,))
+    row_ptr: Tensor = tensor(torch.int32, lambda w: (w.shape[0] + 1,))
+    shape: tuple[int, int] = shape_param()
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -82,32 +75,12 @@ class CSRWeight(StoredSize):
         W[self.row_of_entry(), self.col_idx.to(torch.int64)] = self.values.float()
         return W if dtype == torch.float32 else W.to(dtype)
 
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {"values": self.values, "col_idx": self.col_idx, "row_ptr": self.row_ptr}
-
     def meta(self) -> dict:
-        return {"format": "sparse-csr", "shape": list(self.shape), "nnz": self.nnz}
+        return {**super().meta(), "nnz": self.nnz}  # for readers of the record; not read back
 
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "CSRWeight":
-        w = cls(values=tensors["values"], col_idx=tensors["col_idx"], row_ptr=tensors["row_ptr"],
-                shape=(int(meta["shape"][0]), int(meta["shape"][1])))
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        rows, cols = self.shape
+    def check(self) -> None:
         nnz = self.values.numel()
-        if self.values.dim() != 1 or self.values.dtype != torch.float32:
-            raise LowbitError(f"sparse-csr values have shape {tuple(self.values.shape)}/{self.values.dtype}, "
-                              "expected [nnz]/float32")
-        if tuple(self.col_idx.shape) != (nnz,) or self.col_idx.dtype != col_dtype(cols):
-            raise LowbitError(f"sparse-csr col_idx has shape {tuple(self.col_idx.shape)}/{self.col_idx.dtype}, "
-                              f"expected {(nnz,)}/{col_dtype(cols)}")
-        if tuple(self.row_ptr.shape) != (rows + 1,) or self.row_ptr.dtype != torch.int32:
-            raise LowbitError(f"sparse-csr row_ptr has shape {tuple(self.row_ptr.shape)}/{self.row_ptr.dtype}, "
-                              f"expected {(rows + 1,)}/int32")
+        rows, cols = self.shape
         rp = self.row_ptr.to(torch.int64)
         if int(rp[0]) != 0 or int(rp[-1]) != nnz or bool((rp[1:] < rp[:-1]).any()):
             raise LowbitError("sparse-csr row_ptr is corrupt: it must rise from 0 to nnz")
@@ -119,5 +92,3 @@ class CSRWeight(StoredSize):
             bad = (same_row[1:] == same_row[:-1]) & (c[1:] <= c[:-1])
             if bool(bad.any()):
                 raise LowbitError("sparse-csr col_idx is corrupt: columns must increase within a row")
-        if not torch.isfinite(self.values).all():
-            raise LowbitError("sparse-csr values contain NaN/Inf")

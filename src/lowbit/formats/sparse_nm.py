@@ -20,15 +20,13 @@ Storage: N/M · (32 + b) bits per dense weight — 17 bits for 2:4 (vs 32 for fp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lowbit.core import packing
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
-from lowbit.formats.base import StoredSize
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
 
 def index_bits(m: int) -> int:
@@ -48,16 +46,34 @@ def _check_nm(n, m) -> tuple[int, int]:
     return n, m
 
 
-@register_format("sparse-nm")
-@dataclass
-class SparseNMWeight(StoredSize):
-    values: Tensor
-    indices: Tensor
-    shape: tuple[int, int]
-    n: int
-    m: int
+def _decode_pattern(v) -> tuple[int, int]:
+    try:
+        n, m = (int(x) for x in str(v).split(":"))
+    except ValueError:
+        raise LowbitError(f"sparse-nm record has no valid 'pattern' (got {v!r})") from None
+    return n, m
 
-    tensor_names = ("values", "indices")
+
+def _kept(w: "SparseNMWeight") -> int:
+    """Stored entries per row: in·N/M."""
+    return w.shape[1] // w.m * w.n
+
+
+class SparseNMWeight(WeightFormat, name="sparse-nm"):
+    values: Tensor = tensor(torch.float32, lambda w: (w.shape[0], _kept(w)), finite=True)
+    indices: Tensor = tensor(torch.uint8,
+                             lambda w: (w.shape[0], packing.packed_row_bytes(_kept(w), index_bits(w.m))))
+    shape: tuple[int, int] = shape_param()
+    pattern: tuple[int, int] = param(encode=lambda p: f"{p[0]}:{p[1]}", decode=_decode_pattern,
+                                     check=lambda p: _check_nm(*p))   # (N, M)
+
+    @property
+    def n(self) -> int:
+        return self.pattern[0]
+
+    @property
+    def m(self) -> int:
+        return self.pattern[1]
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -88,7 +104,7 @@ class SparseNMWeight(StoredSize):
         idx = torch.sort(torch.topk(key, n, dim=-1, largest=False).indices, dim=-1).values  # [out, G, n]
         values = torch.gather(W.reshape(rows, G, m), 2, idx).reshape(rows, G * n)
         indices = packing.pack(idx.reshape(rows, G * n), index_bits(m))
-        return cls(values=values.contiguous(), indices=indices, shape=(int(rows), int(cols)), n=n, m=m)
+        return cls(values=values.contiguous(), indices=indices, shape=(int(rows), int(cols)), pattern=(n, m))
 
     # -- reading ----------------------------------------------------------------------------
     def positions(self) -> Tensor:
@@ -114,39 +130,11 @@ class SparseNMWeight(StoredSize):
     def nnz(self) -> int:
         return int(nonzero_bits(self.values).sum())
 
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {"values": self.values, "indices": self.indices}
-
-    def meta(self) -> dict:
-        return {"format": "sparse-nm", "shape": list(self.shape), "pattern": f"{self.n}:{self.m}"}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "SparseNMWeight":
-        try:
-            n, m = (int(v) for v in str(meta["pattern"]).split(":"))
-        except (KeyError, ValueError):
-            raise LowbitError(f"sparse-nm record has no valid 'pattern' (got {meta.get('pattern')!r})") from None
-        w = cls(values=tensors["values"], indices=tensors["indices"],
-                shape=(int(meta["shape"][0]), int(meta["shape"][1])), n=n, m=m)
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        n, m = _check_nm(self.n, self.m)
+    def check(self) -> None:
+        n, m = self.pattern
         rows, cols = self.shape
         if cols % m:
             raise LowbitError(f"sparse-nm: {cols} columns are not a multiple of M={m}")
-        K = cols // m * n
-        if tuple(self.values.shape) != (rows, K) or self.values.dtype != torch.float32:
-            raise LowbitError(f"sparse-nm values have shape {tuple(self.values.shape)}/{self.values.dtype}, "
-                              f"expected {(rows, K)}/float32")
-        nb = packing.packed_row_bytes(K, index_bits(m))
-        if tuple(self.indices.shape) != (rows, nb) or self.indices.dtype != torch.uint8:
-            raise LowbitError(f"sparse-nm indices have shape {tuple(self.indices.shape)}/{self.indices.dtype}, "
-                              f"expected {(rows, nb)}/uint8")
-        if not torch.isfinite(self.values).all():
-            raise LowbitError("sparse-nm values contain NaN/Inf")
         p = self.positions().reshape(rows, cols // m, n)
         if p.numel() and (int(p.max()) >= m or (n > 1 and bool((p[..., 1:] <= p[..., :-1]).any()))):
             raise LowbitError(f"sparse-nm indices are corrupt: positions must be strictly increasing within "

@@ -16,35 +16,46 @@ With symmetric restricted activations and weights (all codes in [-127, 127], z_x
 products come from the native AVX2 int8 GEMM (``lowbit.kernels.dynamic_int8.native_gemm``) when
 it is built; otherwise from the exact torch paths of :mod:`lowbit.kernels.static_int8`.
 Storage: 8 bits per weight + 32 bits per output row (+ 32 bits per input column if smoothed).
+
+Recorded settings: the activation code range ``act_qmin``/``act_qmax``, the smallest weight code
+``w_min``, the ``observer`` that chose s_x (informational) and ``matmul``, how the int32 products
+are computed ("auto", "int", "float" or "native"; records written before it was saved load as
+"auto").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from lowbit.core.registry import register_format
 from lowbit.errors import LowbitError
-from lowbit.formats.base import StoredSize
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
+
+MATMULS = ("auto", "int", "float", "native")
 
 
-@register_format("static-int8")
-@dataclass
-class StaticInt8Weight(StoredSize):
-    qweight: Tensor
-    w_scale: Tensor
-    act_qparams: Tensor
-    shape: tuple[int, int]
-    act_qmin: int = -128
-    act_qmax: int = 127
-    smooth: Tensor | None = None
-    observer: str = "minmax"
-    matmul: str = "auto"
-    w_min: int = -128  # smallest weight code the scheme allows (-127: restricted range)
+def check_matmul(matmul: str) -> str:
+    if matmul not in MATMULS:
+        raise LowbitError(f"matmul must be {', '.join(MATMULS[:-1])} or {MATMULS[-1]}, got {matmul!r}")
+    return matmul
 
-    tensor_names = ("qweight", "w_scale", "act_qparams", "smooth")
+
+def _check_code(v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not -128 <= v <= 127:
+        raise LowbitError(f"must be an int8 code, got {v!r}")
+
+
+class StaticInt8Weight(WeightFormat, name="static-int8"):
+    qweight: Tensor = tensor(torch.int8, lambda w: tuple(w.shape))
+    w_scale: Tensor = tensor(torch.float32, lambda w: (w.shape[0],), finite=True)
+    act_qparams: Tensor = tensor(torch.float32, lambda w: (2,), finite=True)   # (s_x, z_x)
+    shape: tuple[int, int] = shape_param()
+    act_qmin: int = param(-128, decode=int, check=_check_code)
+    act_qmax: int = param(127, decode=int, check=_check_code)
+    smooth: Tensor | None = tensor(torch.float32, lambda w: (w.shape[1],), optional=True, finite=True)
+    observer: str = param("minmax")
+    matmul: str = param("auto", check=check_matmul)
+    w_min: int = param(-128, decode=int, check=_check_code)  # smallest weight code the scheme allows (-127: restricted)
 
     @property
     def s_x(self) -> float:
@@ -102,24 +113,11 @@ class StaticInt8Weight(StoredSize):
         y = acc.float() * (torch.tensor(self.s_x, dtype=torch.float32) * self.w_scale.float())
         return y.to(x.dtype)
 
-    def tensors(self) -> dict[str, Tensor]:
-        out = {"qweight": self.qweight, "w_scale": self.w_scale, "act_qparams": self.act_qparams}
-        if self.smooth is not None:
-            out["smooth"] = self.smooth
-        return out
-
-    def meta(self) -> dict:
-        return {"format": "static-int8", "shape": list(self.shape), "act_qmin": self.act_qmin,
-                "act_qmax": self.act_qmax, "observer": self.observer, "w_min": self.w_min}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "StaticInt8Weight":
-        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-        w = cls(qweight=tensors["qweight"], w_scale=tensors["w_scale"], act_qparams=tensors["act_qparams"],
-                shape=shape, act_qmin=int(meta["act_qmin"]), act_qmax=int(meta["act_qmax"]),
-                smooth=tensors.get("smooth"), observer=meta.get("observer", "?"), w_min=int(meta.get("w_min", -128)))
-        if tuple(w.qweight.shape) != shape or w.qweight.dtype != torch.int8:
-            raise LowbitError(f"qweight has shape {tuple(w.qweight.shape)}/{w.qweight.dtype}, expected {shape}/int8")
-        if tuple(w.w_scale.shape) != (shape[0],) or tuple(w.act_qparams.shape) != (2,):
-            raise LowbitError("static-int8 scales have the wrong shape")
-        return w
+    def check(self) -> None:
+        if self.act_qmin >= self.act_qmax:
+            raise LowbitError(f"static-int8 activation range [{self.act_qmin}, {self.act_qmax}] is empty")
+        if not self.act_qmin <= self.z_x <= self.act_qmax or not self.s_x > 0:
+            raise LowbitError(f"static-int8 act_qparams (s_x={self.s_x}, z_x={self.z_x}) do not fit "
+                              f"[{self.act_qmin}, {self.act_qmax}]")
+        if self.qweight.numel() and int(self.qweight.min()) < self.w_min:
+            raise LowbitError(f"static-int8 qweight holds codes below w_min={self.w_min}")

@@ -23,28 +23,39 @@ shifts and a mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 from torch import Tensor
 
-from lowbit.core import packing
-from lowbit.core.registry import register_format
+from lowbit.core import grid, packing
+from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
-from lowbit.formats.base import StoredSize
+from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
 GRANULARITIES = ("tensor", "channel")
 
 
-@register_format("ternary")
-@dataclass
-class TernaryWeight(StoredSize):
-    qweight: Tensor
-    scales: Tensor
-    shape: tuple[int, int]
-    granularity: str = "tensor"
+def check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise LowbitError(f"ternary granularity must be tensor or channel, got {granularity!r}")
+    return granularity
 
-    tensor_names = ("qweight", "scales")
+
+@functools.lru_cache(maxsize=None)
+def ternary_grid(granularity: str) -> QuantScheme:
+    """{-1, 0, 1} as an affine grid: symmetric 2-bit with the restricted range, one float32 scale
+    per tensor or per output row."""
+    return QuantScheme(bits=2, symmetric=True, granularity=check_granularity(granularity), group_size=None,
+                       restricted_range=True, scale_dtype="float32")
+
+
+class TernaryWeight(WeightFormat, name="ternary"):
+    qweight: Tensor = tensor(torch.uint8, lambda w: (w.shape[0], packing.packed_row_bytes(w.shape[1], 2)))
+    scales: Tensor = tensor(torch.float32, lambda w: (1,) if w.granularity == "tensor" else (w.shape[0],),
+                            finite=True)
+    shape: tuple[int, int] = shape_param()
+    granularity: str = param("tensor", check=check_granularity)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -67,45 +78,11 @@ class TernaryWeight(StoredSize):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """gamma * W~ in float32 (exact: W~ is -1, 0 or 1), then cast to dtype."""
-        W = self.ternary().to(torch.float32)
-        g = self.scales.float()
-        W.mul_(g.reshape(()) if self.granularity == "tensor" else g[:, None])
+        W = grid.dequantize_(self.ternary().to(torch.float32), self.scales.reshape(-1, 1), None,
+                             ternary_grid(self.granularity))
         return W if dtype == torch.float32 else W.to(dtype)
 
-    # -- storage ----------------------------------------------------------------------------
-    def tensors(self) -> dict[str, Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
-
-    def meta(self) -> dict:
-        return {"format": "ternary", "shape": list(self.shape), "granularity": self.granularity}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "TernaryWeight":
-        try:
-            shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-            gran = str(meta.get("granularity", "tensor"))
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise LowbitError(f"ternary metadata is malformed ({e!r}): {meta}") from None
-        w = cls(qweight=tensors["qweight"], scales=tensors["scales"], shape=shape, granularity=gran)
-        w.validate()
-        return w
-
-    def validate(self) -> None:
-        rows, cols = self.shape
-        if rows <= 0 or cols <= 0:
-            raise LowbitError(f"ternary weight shape must be positive, got {self.shape}")
-        if self.granularity not in GRANULARITIES:
-            raise LowbitError(f"ternary granularity must be tensor or channel, got {self.granularity!r}")
-        exp_q = (rows, packing.packed_row_bytes(cols, 2))
-        if tuple(self.qweight.shape) != exp_q or self.qweight.dtype != torch.uint8:
-            raise LowbitError(f"ternary qweight has shape {tuple(self.qweight.shape)}/{self.qweight.dtype}, "
-                              f"expected {exp_q}/uint8")
-        exp_s = (1,) if self.granularity == "tensor" else (rows,)
-        if tuple(self.scales.shape) != exp_s or self.scales.dtype != torch.float32:
-            raise LowbitError(f"ternary scales have shape {tuple(self.scales.shape)}/{self.scales.dtype}, "
-                              f"expected {exp_s}/float32")
-        if not torch.isfinite(self.scales).all():
-            raise LowbitError("ternary scales contain NaN/Inf")
+    def check(self) -> None:
         # code 3 would decode to +2: only a corrupt file holds it
         q = self.qweight
         if bool((((q >> 0) & 3) == 3).any() | (((q >> 2) & 3) == 3).any()

@@ -56,7 +56,7 @@ def fake_quantize_weight(W: Tensor, bits: int, restricted: bool, per_channel: bo
     The gradient is the plain STE: the scale follows the weights (absmax), so no weight is ever
     outside the range except the half step a full-range grid cuts off its positive end, and that
     channel maximum must keep its gradient."""
-    from lowbit.core.primitives import choose_qparams
+    from lowbit.core.grid import choose_qparams
 
     scheme = weight_scheme(bits, restricted, per_channel)
     s, _ = choose_qparams(W.detach().float().reshape(W.shape[0], -1), scheme)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.core.primitives import choose_qparams, quantize
+from lowbit.core.grid import choose_qparams, quantize
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.kernels import static_int8 as K
@@ -50,7 +50,7 @@ def act_scheme(bits: int, symmetric: bool, restricted: bool) -> QuantScheme:
 def act_qparams(lo: float | Tensor, hi: float | Tensor, bits: int, symmetric: bool, restricted: bool) -> ActQParams:
     """ActQParams for a real range [lo, hi]: the library's ``qparams_from_range`` (0 always on the
     grid); an asymmetric (unsigned) grid is shifted down by 2^(bits-1) so the codes fit int8."""
-    from lowbit.core.primitives import qparams_from_range
+    from lowbit.core.grid import qparams_from_range
 
     scheme = act_scheme(bits, symmetric, restricted)
     s, z = qparams_from_range(torch.as_tensor(lo).float().reshape(()), torch.as_tensor(hi).float().reshape(()), scheme)
