@@ -391,7 +391,7 @@ def main() -> int:
 
     hf = max(r["decode"] for r in rows if r["kind"] == "hf")
     q40 = next((r["decode"] for r in rows if r["variant"].startswith("llama.cpp Q4_0")), None)
-    from lowbit.kernels import FORMAT_KERNELS
+    from lowbit.kernels import KERNELS
 
     table = []
     for r in rows:
@@ -416,7 +416,7 @@ def main() -> int:
     print()
     print(f"SmolLM2-135M-Instruct, batch 1, prompt {args.prompt_len} random ids, {args.new_tokens} greedy decode "
           f"steps, {args.threads} threads for every row, median of {args.repeats} interleaved rounds; torch "
-          f"{torch.__version__}; lowbit kernels registered for: {', '.join(sorted(FORMAT_KERNELS)) or 'none'}.")
+          f"{torch.__version__}; lowbit kernels registered for: {', '.join(sorted({k.name for k in KERNELS.values()})) or 'none'}.")
     print(f"'vs transformers' divides by the faster transformers row ({hf:.1f} tok/s). 'ceiling' = "
           f"{bandwidth / 1e9:.1f} GB/s (this machine's read bandwidth, measured in this run with "
           f"{args.threads} threads; ASSETS.md gives {ASSETS_BANDWIDTH / 1e9:.0f} GB/s) / MB read per token (weights of every linear incl. the output head); the "

@@ -39,7 +39,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight
 from lowbit.formats.floatw import FloatWeight
-from lowbit.kernels import FORMAT_KERNELS
+from lowbit.kernels import find
 from lowbit.kernels import dynamic_int8 as kdyn
 from lowbit.kernels import linear as kernel_linear
 from lowbit.kernels import reference
@@ -110,7 +110,7 @@ def make_paths(W: torch.Tensor) -> dict:
         "bf16 store, fused C (default)": lambda X: kernel_linear(X, h16["bfloat16", "fp32"]),
         "bf16 compute (torch)": lambda X: kernel_linear(X, h16["bfloat16", "native"]),
         "w8a16 reference": lambda X: reference.linear(X, w8),
-        "w8a16 fast": (lambda X: kernel_linear(X, w8)) if "affine" in FORMAT_KERNELS else None,
+        "w8a16 fast": (lambda X: kernel_linear(X, w8)) if find("affine") else None,
         "dynamic int8 per-token": lambda X: kernel_linear(X, dyn_t),
         "dynamic int8 per-tensor": lambda X: kernel_linear(X, dyn_T),
         "static W8A8 asym (torch exact)": _static_linear(W, None),
@@ -225,7 +225,7 @@ def main() -> int:
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}; "
           f"lowbit dynamic int8 path: {kdyn.native_lib().isa() if kdyn.native_lib() else 'reference (torch)'}; "
-          f"w8a16 fast kernel: {'yes' if 'affine' in FORMAT_KERNELS else 'none registered'}\n")
+          f"w8a16 fast kernel: {'yes' if find('affine') else 'none registered'}\n")
     if not args.skip_kernels:
         print(kernel_table(args.markdown))
         print(f"\n(kernels: {time.perf_counter() - t0:.0f} s)\n", file=sys.stderr)

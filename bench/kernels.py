@@ -35,6 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lowbit import kernels
 from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
 from lowbit.algorithms.ternary import TernaryConfig, ternary_quantize
 from lowbit.core.scheme import QuantScheme
@@ -128,7 +129,7 @@ def layer_table(args):
             for name, make in VARIANTS.items():
                 w = make(W)
                 nb = stored_bytes(w)
-                fast = {"affine": cpu.affine_linear, "nf4": cpu.nf4_linear, "ternary": cpu.ternary_linear}[type(w).name]
+                fast = kernels.select(w).linear  # the format's row of the kernel table
                 if fast(x, w) is NotImplemented:
                     rows.append([f"{N}x{K}", M, name, f"{w.bits_per_weight:.2f}", "-", "n/a", "-", "-", "-", "-", "-"])
                     continue

@@ -1,39 +1,123 @@
-"""Kernels: y = x Wᵀ + b for each packed weight format.
+"""Kernels: y = x Wᵀ + b for each packed weight format, looked up in one table.
 
 `reference.py` holds the plain-PyTorch path that always works (CPU or GPU): dequantize, then an
-ordinary float matmul. Fast paths register per format with ``@register_kernel("format-name")``
-(one module per kernel family, imported automatically) and are tested against the reference.
+ordinary float matmul. Fast paths are rows of the kernel table `KERNELS`, registered with
+``@register_kernel(format, activations, device, ...)`` (one module per kernel family, imported
+automatically) and tested against the reference. A format whose matmul is *defined* differently
+(LLM.int8()'s outlier decomposition, dynamic int8's quantized activations) registers its own row
+the same way.
 
-A format whose matmul is *defined* differently (LLM.int8()'s outlier decomposition also
-quantizes the activations) registers its own kernel the same way. `linear` dispatches on the
-weight format's registered name and falls back to the reference. A kernel may return
-``NotImplemented`` for inputs it does not handle (a device, dtype or shape); the reference runs then.
+A row (`Kernel`) is keyed by
+
+* ``format``: the weight format's registered name;
+* ``activations``: ``"float"`` (x is multiplied as given) or ``"int8"`` (the kernel quantizes x to
+  int8 itself: the product changes);
+* ``device``: ``"cpu"``, or ``"any"`` (the row for every device without its own),
+
+and holds the Python entry ``linear(x, w, bias)`` (returns ``NotImplemented`` for inputs it does
+not handle — a dtype, a shape, a missing native library — and the reference runs then) and, for a
+kernel a C caller can run, its C entry (a library and the symbol of an ``int f(const W* w,
+const float* x, int64_t M, const float* bias, float* y, int nthreads)`` function) with the struct
+builder (w -> the ctypes struct that function reads, or None when it cannot read w in place).
+
+One row per format is the format's own product (``default=True``): the one `linear` runs. Other
+rows are opt-in (`select`), e.g. affine weights with int8-quantized activations, which the
+decoder offers as ``int8_activations``; their ``supports(w)`` says which weights they take.
 """
 
 from __future__ import annotations
 
 import importlib as _importlib
 import pkgutil as _pkgutil
+from dataclasses import dataclass
+from typing import Callable
 
 from lowbit.kernels import reference as _reference
 
-FORMAT_KERNELS: dict = {}
+ACTIVATIONS = ("float", "int8")
+DEVICES = ("cpu", "any")
 
 
-def register_kernel(format_name: str):
+@dataclass(frozen=True)
+class Kernel:
+    """One row of the kernel table (see the module docstring)."""
+
+    format: str
+    activations: str
+    device: str
+    linear: Callable  # (x, w, bias) -> y, or NotImplemented
+    default: bool = True  # the format's own product (else an opt-in)
+    name: str = ""  # what reports call it (the format's name unless given)
+    library: Callable | None = None  # () -> the C entry's NativeLibrary, or None when not built
+    symbol: str | None = None  # the C entry in that library
+    struct: Callable | None = None  # w -> the ctypes struct the C entry reads (cached), or None
+    supports: Callable | None = None  # w -> whether this row takes w (None: every weight of the format)
+
+    def c_entry(self) -> int | None:
+        """Address of the C entry, or None (no C entry, or its library is not built)."""
+        lib = None if self.symbol is None else self.library()
+        return None if lib is None else lib.address(self.symbol)
+
+    def takes(self, w) -> bool:
+        return self.supports is None or self.supports(w)
+
+
+KERNELS: dict[tuple[str, str, str], Kernel] = {}
+_DEFAULT: dict[str, str] = {}  # format -> the activation type of its own product
+_ROUTES: dict = {}  # (format class, device type) -> the default row's Python entry, or None
+
+
+def register_kernel(format: str, activations: str = "float", device: str = "cpu", *, default: bool = True,
+                    name: str | None = None, library: Callable | None = None, symbol: str | None = None,
+                    struct: Callable | None = None, supports: Callable | None = None):
+    """Decorator: the decorated function is the Python entry of row (format, activations, device)."""
+    if activations not in ACTIVATIONS or device not in DEVICES:
+        raise RuntimeError(f"kernel for {format!r}: activations must be one of {ACTIVATIONS}, device one of {DEVICES}")
+    if (symbol is None) != (struct is None) or (symbol is not None and library is None):
+        raise RuntimeError(f"kernel for {format!r}: a C entry needs its library, symbol and struct builder")
+
     def deco(fn):
-        if format_name in FORMAT_KERNELS and FORMAT_KERNELS[format_name] is not fn:
-            raise RuntimeError(f"kernel for format {format_name!r} registered twice")
-        FORMAT_KERNELS[format_name] = fn
+        key = (format, activations, device)
+        if key in KERNELS and KERNELS[key].linear is not fn:
+            raise RuntimeError(f"kernel {key} registered twice")
+        if default and _DEFAULT.setdefault(format, activations) != activations:
+            raise RuntimeError(f"format {format!r} already has its own product with {_DEFAULT[format]} activations")
+        KERNELS[key] = Kernel(format, activations, device, fn, default, name or format, library, symbol, struct,
+                              supports)
+        _ROUTES.clear()
         return fn
 
     return deco
 
 
+def find(format_name: str | None, activations: str | None = None, device: str = "cpu") -> Kernel | None:
+    """The row (format, activations, device), else (format, activations, "any"); ``activations``
+    None: the format's own product."""
+    acts = _DEFAULT.get(format_name) if activations is None else activations
+    return KERNELS.get((format_name, acts, device)) or KERNELS.get((format_name, acts, "any"))
+
+
+def select(w, activations: str | None = None, device: str = "cpu") -> Kernel | None:
+    """The row to run for weight ``w``: the ``activations`` row where there is one that takes
+    ``w``, else the format's own product (None: only the reference)."""
+    fmt = getattr(type(w), "name", None)
+    if activations is not None:
+        k = find(fmt, activations, device)
+        if k is not None and k.takes(w):
+            return k
+    return find(fmt, None, device)
+
+
 def linear(x, weight_format, bias=None):
-    kernel = FORMAT_KERNELS.get(getattr(type(weight_format), "name", None))
-    if kernel is not None:
-        y = kernel(x, weight_format, bias)
+    """y = x Wᵀ + b by the format's own kernel for x's device, or the reference."""
+    key = (type(weight_format), x.device.type)
+    try:
+        fn = _ROUTES[key]
+    except KeyError:
+        k = find(getattr(key[0], "name", None), None, key[1])
+        fn = _ROUTES[key] = None if k is None else k.linear
+    if fn is not None:
+        y = fn(x, weight_format, bias)
         if y is not NotImplemented:
             return y
     return _reference.linear(x, weight_format, bias)

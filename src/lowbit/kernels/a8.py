@@ -5,10 +5,10 @@
 integer activation codes (AVX-512 VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``/``vpmaddwd``, or
 portable C), applying the weight scale and zero-point per group and the activation scale per
 block. The result is *not* the float-activation product of ``lowbit.kernels.cpu`` (the
-activation rounding changes the numerics, ~0.3% relative error on random data), so this module
-registers no kernel: callers opt in with :func:`affine_a8_linear`, or take the C function
-pointer (``library().address("lb_affine_a8_linear_w")``) and a weight's C struct
-(`lowbit.kernels.cpu.affine_weight_struct`) for a decode loop written in C.
+activation rounding changes the numerics, ~0.3% relative error on random data), so its row in
+the kernel table, ("affine", "int8", "cpu"), is an opt-in: `lowbit.kernels.linear` never runs it;
+callers choose it with ``lowbit.kernels.select(w, "int8")`` (the decoder's ``int8_activations``),
+which also gives the C entry and the weight's C struct for a decode loop written in C.
 
 Exact rule, per activation row m and block b of 32 columns::
 
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.kernels import _native
+from lowbit.kernels import _native, register_kernel
 from lowbit.kernels.cpu import _bias_ptr, affine_struct, affine_weight_struct
 
 _vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -83,7 +83,7 @@ def supports(w) -> bool:
     once, when it builds its plan, instead of checking the return code on every call): bits
     2/4/8, in_features a multiple of 32, group size a multiple of 32 or one group per row, CPU
     tensors the C code can read in place."""
-    if not available() or getattr(type(w), "name", None) != "affine":
+    if not available():
         return False
     N, K = w.shape
     if K <= 0 or K % 32 or w.scheme.bits not in (2, 4, 8):
@@ -92,11 +92,13 @@ def supports(w) -> bool:
     return st is not None and (st.n_groups == 1 or st.G % 32 == 0)
 
 
+@register_kernel("affine", "int8", default=False, name="affine-a8", library=library, symbol="lb_affine_a8_linear_w",
+                 struct=affine_weight_struct, supports=supports)
 def affine_a8_linear(x: Tensor, w, bias: Tensor | None = None):
     """y = x W^T + bias with x quantized to int8 per block of 32 (see the module docstring), or
     ``NotImplemented`` when this kernel does not handle the inputs."""
     lib = library()
-    if lib is None or getattr(type(w), "name", None) != "affine":
+    if lib is None:
         return NotImplemented
     N, K = w.shape
     if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 \

@@ -174,7 +174,7 @@ def _run_affine(lib, x: Tensor, w, bias, st):
     return NotImplemented if rc else y
 
 
-@register_kernel("affine")
+@register_kernel("affine", library=library, symbol="lb_affine_linear_w", struct=affine_weight_struct)
 def affine_linear(x: Tensor, w, bias: Tensor | None = None):
     lib = library()
     if lib is None:
@@ -198,7 +198,7 @@ def ternary_weight_struct(w) -> AffineWeightC | None:
     return _native.cached_struct(w, ternary_struct, w.granularity)
 
 
-@register_kernel("ternary")
+@register_kernel("ternary", library=library, symbol="lb_affine_linear_w", struct=ternary_weight_struct)
 def ternary_linear(x: Tensor, w, bias: Tensor | None = None):
     lib = library()
     if lib is None:

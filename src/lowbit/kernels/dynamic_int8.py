@@ -134,7 +134,7 @@ def native_linear(X: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None, o
     return Y
 
 
-@register_kernel("dynamic-int8")
+@register_kernel("dynamic-int8", "int8", "any")
 def linear(x: Tensor, w: DynamicInt8Weight, bias: Tensor | None = None) -> Tensor:
     """y = x Wᵀ + b for x [..., in]; activation scales per token row of x (or per tensor)."""
     out_f, in_f = w.shape

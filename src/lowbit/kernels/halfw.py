@@ -54,7 +54,7 @@ def fused_linear(X: Tensor, w: FloatWeight, bias: Tensor | None = None) -> Tenso
     return Y
 
 
-@register_kernel("half")
+@register_kernel("half", "float", "any")
 def linear(x: Tensor, w: FloatWeight, bias: Tensor | None = None):
     if x.shape[-1] != w.shape[1]:
         raise LowbitError(f"input has {x.shape[-1]} features, the layer expects {w.shape[1]}")

@@ -97,7 +97,7 @@ def decompose(X: Tensor, w: Int8Weight) -> Int8Parts:
     return Int8Parts(O, y_int, y_out)
 
 
-@register_kernel("llm-int8")
+@register_kernel("llm-int8", "int8", "any")
 def linear(x: Tensor, w: Int8Weight, bias: Tensor | None = None) -> Tensor:
     """y = LLM.int8(x, W) + b for x [..., in]; the outlier dims are found over all of x's rows."""
     out_f, in_f = w.shape

@@ -107,11 +107,11 @@ def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, th
     return _shaped(y, x, out_f)
 
 
-@register_kernel("sparse-nm")
+@register_kernel("sparse-nm", "float", "any")
 def nm_linear(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None):
     return nm_linear_native(x, w, bias)
 
 
-@register_kernel("sparse-csr")
+@register_kernel("sparse-csr", "float", "any")
 def csr_linear(x: Tensor, w: CSRWeight, bias: Tensor | None = None):
     return csr_linear_native(x, w, bias)

@@ -215,7 +215,7 @@ def int_conv2d_acc(qx: Tensor, z_x: int, qw: Tensor, bias_q: Tensor, stride=1, p
 # -- W8A8 linear for LLMs (format "static-int8") ----------------------------------------------------
 
 
-@register_kernel("static-int8")
+@register_kernel("static-int8", "int8", "any")
 def static_int8_linear(x: Tensor, w, bias: Tensor | None = None) -> Tensor:
     """y = x Wᵀ + b through the integer pipeline of :class:`lowbit.formats.static_int8.StaticInt8Weight`:
     x (divided by the smoothing factors, if any) quantized with the calibrated static scale and

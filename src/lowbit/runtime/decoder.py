@@ -53,11 +53,11 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
     ``kernels.linear(x, self.weight_format, self.bias)``) -> that dispatch with the format built
     once; anything else (or a subclass with its own forward) -> the module.
 
-    ``int8_activations``: for an affine ``QuantizedLinear``, a single activation row is quantized
-    to int8 per block of 32 and multiplied in integers (`lowbit.kernels.a8`, the W4A8 product
-    llama.cpp's Q4_0 x Q8_0 dot computes) where that kernel takes the weight; several rows
-    (prompts) keep float activations."""
-    from lowbit.kernels import a8
+    ``int8_activations``: where the kernel table has an opt-in int8-activation row that takes the
+    layer's weight (`lowbit.kernels.select`; for affine weights `lowbit.kernels.a8`, the W4A8
+    product llama.cpp's Q4_0 x Q8_0 dot computes), a single activation row runs it; several rows
+    (prompts) keep the format's own product."""
+    from lowbit import kernels
     from lowbit.kernels import linear as kernel_linear
     from lowbit.nn.linear import QuantizedLinear
 
@@ -68,11 +68,14 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
         return lambda x: torch.addmm(b, x, wt) if x.dim() == 2 else F.linear(x, wt.t(), b)
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt, b = mod.weight_format, mod.bias
-        if int8_activations and a8.supports(fmt):  # decided once, as the C step decides
+        dev = next((t.device.type for t in mod.buffers()), "cpu")
+        k = kernels.select(fmt, "int8", dev) if int8_activations else None  # decided once, as the C step decides
+        if k is not None and not k.default:
+            opt_in = k.linear
 
             def run(x):
                 if x.numel() == x.shape[-1]:
-                    y = a8.affine_a8_linear(x, fmt, b)
+                    y = opt_in(x, fmt, b)
                     if y is not NotImplemented:
                         return y
                 return kernel_linear(x, fmt, b)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.kernels import FORMAT_KERNELS, _native
+from lowbit import kernels
+from lowbit.kernels import _native
 
 __all__ = ["NativeStep", "PROFILE_CATEGORIES"]
 
@@ -223,9 +224,9 @@ def _out_features(mod: nn.Module, what: str) -> int:
 
 def _linear_entry(mod: nn.Module, what: str, keep: list, int8_activations: bool = False):
     """(kernel function address, weight struct address, bias address or None, kernel kind) for one
-    layer. The kind names the kernel: "float32", "affine" (float activations), "affine-a8" (int8
-    activations, `lowbit.kernels.a8`), "ternary"."""
-    from lowbit.kernels import cpu
+    layer. A quantized layer runs the C entry of the kernel-table row the Python path runs
+    (`lowbit.kernels.select`); the kind is that row's name ("affine", "affine-a8", "ternary"),
+    "float32" for an nn.Linear (this library's own GEMV)."""
     from lowbit.nn.linear import QuantizedLinear
 
     lib = _library()
@@ -237,27 +238,16 @@ def _linear_entry(mod: nn.Module, what: str, keep: list, int8_activations: bool 
         return lib.address("lb_dec_f32_linear_w"), ctypes.addressof(st), None if b is None else b.data_ptr(), "float32"
     if type(mod) is QuantizedLinear and type(mod).forward is QuantizedLinear.forward:
         fmt = mod.weight_format
-        name = getattr(type(fmt), "name", None)
-        params = {"affine": (cpu.affine_linear, cpu.affine_weight_struct),
-                  "ternary": (cpu.ternary_linear, cpu.ternary_weight_struct)}.get(name)
-        if params is None:
-            raise _Unsupported(f"{what}: format {name!r} has no native decode kernel")
-        kernel, struct = params
-        if FORMAT_KERNELS.get(name) is not kernel:
-            raise _Unsupported(f"{what}: the kernel registered for {name!r} is not lowbit's native one")
-        clib = cpu.library()
-        if clib is None:
+        k = kernels.select(fmt, "int8" if int8_activations else None, "cpu")  # the row the Python path runs
+        if k is None or k.symbol is None:
+            raise _Unsupported(f"{what}: format {getattr(type(fmt), 'name', None)!r} has no native decode kernel")
+        fn = k.c_entry()
+        if fn is None:
             raise _Unsupported("the native kernel library is not built")
-        st = struct(fmt)
+        st = k.struct(fmt)
         if st is None:
             raise _Unsupported(f"{what}: the native kernel does not take this weight's storage")
         b = _f32_cpu(None if mod.bias is None else mod.bias.detach(), f"{what} bias")
         keep += [fmt, st, b]
-        bptr = None if b is None else b.data_ptr()
-        if int8_activations and name == "affine":
-            from lowbit.kernels import a8
-
-            if a8.supports(fmt):  # the int8-activation kernel takes this weight (else: float activations)
-                return a8.library().address("lb_affine_a8_linear_w"), ctypes.addressof(st), bptr, "affine-a8"
-        return clib.address("lb_affine_linear_w"), ctypes.addressof(st), bptr, name
+        return fn, ctypes.addressof(st), None if b is None else b.data_ptr(), k.name
     raise _Unsupported(f"{what} is a {type(mod).__name__}, which the C step has no kernel for")
