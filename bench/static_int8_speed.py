@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lowbit.algorithms.static_int8 import quantize_linears_static
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
+from lowbit.kernels import static_int8
 
 SHAPES = [(4096, 4096), (576, 1536), (1536, 576)]
 
@@ -61,7 +62,7 @@ def main() -> int:
                 row = {"shape": f"{k}->{n}", "batch": batch, "fp32_ms": 1e3 * t32}
                 for name, mod in layers.items():
                     row[name] = t32 / _time(lambda: mod(x), args.repeats)
-                native = layers["static sym-restricted (native)"].weight_format.native_ok()
+                native = static_int8.native_ok(layers["static sym-restricted (native)"].weight_format)
             rows.append(row)
     cols = [("shape", "linear"), ("batch", "batch"), ("fp32_ms", "fp32 ms", ".3f"),
             ("static asym (torch exact)", "static asym (torch) × fp32", ".2f"),

@@ -254,10 +254,10 @@ def test_llm_method_exact_int32_and_fake_quant(alpha, search, clip):
     x = torch.randn(3, 5, w.shape[1], generator=g)
     b = torch.randn(w.shape[0], generator=g)
     # exact int32: the chunked float GEMM path equals int64 matmul and the naive loops
-    acc_f = w.accumulators(x, b, "float")
-    acc_i = w.accumulators(x, b, "int")
+    acc_f = K.accumulators(w, x, b, "float")
+    acc_i = K.accumulators(w, x, b, "int")
     assert torch.equal(acc_f, acc_i)
-    qx = w.quantize_input(x).reshape(-1, w.shape[1])
+    qx = K.quantize_input(w, x).reshape(-1, w.shape[1])
     naive_acc = [[naive.bias_q(float(b[o]), w.s_x, float(w.w_scale[o]))
                   + sum((int(qx[r, k]) - w.z_x) * int(w.qweight[o, k]) for k in range(w.shape[1]))
                   for o in range(w.shape[0])] for r in range(2)]
@@ -366,11 +366,11 @@ def test_native_int8_gemm_path_equals_exact_torch_path():
     scheme = QuantScheme(bits=8, symmetric=True, granularity="channel", restricted_range=True, scale_dtype="float32")
     quantize_linears_static(model, lambda mm: mm(X), scheme=scheme, observer="minmax")
     w = model[0].weight_format
-    assert w.native_ok()
+    assert K.native_ok(w)
     b = torch.randn(24)
-    assert torch.equal(w.accumulators(X, b, "native"), w.accumulators(X, b, "int"))
+    assert torch.equal(K.accumulators(w, X, b, "native"), K.accumulators(w, X, b, "int"))
     asym = nn.Sequential(nn.Linear(40, 24))
     quantize_linears_static(asym, lambda mm: mm(X), observer="minmax")
-    assert not asym[0].weight_format.native_ok()
+    assert not K.native_ok(asym[0].weight_format)
     with pytest.raises(LowbitError, match="native"):
-        asym[0].weight_format.accumulators(X, None, "native")
+        K.accumulators(asym[0].weight_format, X, None, "native")

@@ -9,12 +9,10 @@ Stored tensors:
                                    quantization and W was multiplied by them before quantization
                                    (x / s) (W s)ᵀ = x Wᵀ
 
-The forward pass is the integer pipeline of :mod:`lowbit.kernels.static_int8`: q_x = clamp(round(
-x / s / s_x) + z_x), exact int32 accumulation of (q_x - z_x) q_w plus the int32 bias
-round(b / (s_x s_w)), and the accumulators scaled back to float32, acc * (s_x * s_w[o]).
-With symmetric restricted activations and weights (all codes in [-127, 127], z_x = 0) the int32
-products come from the native AVX2 int8 GEMM (``lowbit.kernels.dynamic_int8.native_gemm``) when
-it is built; otherwise from the exact torch paths of :mod:`lowbit.kernels.static_int8`.
+The matmul is the integer pipeline of :mod:`lowbit.kernels.static_int8` (the format's row of the
+kernel table): q_x = clamp(round(x / s / s_x) + z_x), exact int32 accumulation of (q_x - z_x) q_w
+plus the int32 bias round(b / (s_x s_w)), and the accumulators scaled back to float32,
+acc * (s_x * s_w[o]).
 Storage: 8 bits per weight + 32 bits per output row (+ 32 bits per input column if smoothed).
 
 Recorded settings: the activation code range ``act_qmin``/``act_qmax``, the smallest weight code
@@ -71,47 +69,6 @@ class StaticInt8Weight(WeightFormat, name="static-int8"):
         if self.smooth is not None:
             W = W / self.smooth.float()[None, :]
         return W.to(dtype)
-
-    def quantize_input(self, x: Tensor) -> Tensor:
-        from lowbit.kernels.static_int8 import quantize_activation
-
-        X = x.float()
-        if self.smooth is not None:
-            X = X / self.smooth.float()
-        return quantize_activation(X, self.s_x, self.z_x, self.act_qmin, self.act_qmax)
-
-    def accumulators(self, x: Tensor, bias: Tensor | None = None, method: str | None = None) -> Tensor:
-        """The int32 accumulators (int64 tensor) for float input x [..., in]."""
-        from lowbit.kernels.static_int8 import int_linear_acc, quantize_bias
-
-        qx = self.quantize_input(x)
-        bq = quantize_bias(bias, self.s_x, self.w_scale)
-        method = method or self.matmul
-        if method in ("auto", "native") and self.native_ok():
-            from lowbit.kernels.dynamic_int8 import native_gemm
-
-            acc = native_gemm(qx.reshape(-1, self.shape[1]), self.qweight).long() + bq
-            return acc.reshape(*x.shape[:-1], self.shape[0])
-        if method == "native":
-            raise LowbitError("the native int8 GEMM needs symmetric restricted activations and weights, and the built kernel")
-        return int_linear_acc(qx, self.z_x, self.qweight, bq, method)
-
-    def native_ok(self) -> bool:
-        """The native int8 x int8 -> int32 GEMM applies: codes in [-127, 127] on both sides and z_x = 0."""
-        if self.w_min < -127 or self.act_qmin < -127 or self.z_x != 0:
-            return False
-        try:
-            from lowbit.kernels.dynamic_int8 import native_lib
-        except ImportError:  # pragma: no cover
-            return False
-        return native_lib() is not None
-
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        if x.shape[-1] != self.shape[1]:
-            raise LowbitError(f"input has {x.shape[-1]} features, the static-int8 layer expects {self.shape[1]}")
-        acc = self.accumulators(x, bias)
-        y = acc.float() * (torch.tensor(self.s_x, dtype=torch.float32) * self.w_scale.float())
-        return y.to(x.dtype)
 
     def check(self) -> None:
         if self.act_qmin >= self.act_qmax:

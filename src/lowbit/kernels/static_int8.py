@@ -213,6 +213,43 @@ def int_conv2d_acc(qx: Tensor, z_x: int, qw: Tensor, bias_q: Tensor, stride=1, p
 
 
 # -- W8A8 linear for LLMs (format "static-int8") ----------------------------------------------------
+# With symmetric restricted activations and weights (all codes in [-127, 127], z_x = 0) the int32
+# products come from the native int8 GEMM (``lowbit.kernels.dynamic_int8.native_gemm``) when it is
+# built; otherwise from the exact torch paths above. ``w.matmul`` ("auto", "int", "float",
+# "native") chooses.
+
+
+def quantize_input(w, x: Tensor) -> Tensor:
+    """Float input x [..., in] -> int8 codes: x divided by the smoothing factors (if any), then
+    quantized with the calibrated static scale and zero-point of StaticInt8Weight ``w``."""
+    X = x.float()
+    if w.smooth is not None:
+        X = X / w.smooth.float()
+    return quantize_activation(X, w.s_x, w.z_x, w.act_qmin, w.act_qmax)
+
+
+def native_ok(w) -> bool:
+    """The native int8 x int8 -> int32 GEMM applies: codes in [-127, 127] on both sides and z_x = 0."""
+    if w.w_min < -127 or w.act_qmin < -127 or w.z_x != 0:
+        return False
+    from lowbit.kernels.dynamic_int8 import native_lib
+
+    return native_lib() is not None
+
+
+def accumulators(w, x: Tensor, bias: Tensor | None = None, method: str | None = None) -> Tensor:
+    """The int32 accumulators (int64 tensor) of StaticInt8Weight ``w`` for float input x [..., in]."""
+    qx = quantize_input(w, x)
+    bq = quantize_bias(bias, w.s_x, w.w_scale)
+    method = method or w.matmul
+    if method in ("auto", "native") and native_ok(w):
+        from lowbit.kernels.dynamic_int8 import native_gemm
+
+        acc = native_gemm(qx.reshape(-1, w.shape[1]), w.qweight).long() + bq
+        return acc.reshape(*x.shape[:-1], w.shape[0])
+    if method == "native":
+        raise LowbitError("the native int8 GEMM needs symmetric restricted activations and weights, and the built kernel")
+    return int_linear_acc(qx, w.z_x, w.qweight, bq, method)
 
 
 @register_kernel("static-int8", "int8", "any")
@@ -221,4 +258,8 @@ def static_int8_linear(x: Tensor, w, bias: Tensor | None = None) -> Tensor:
     x (divided by the smoothing factors, if any) quantized with the calibrated static scale and
     zero-point, exact int32 accumulation with the int32 bias, and the accumulators scaled back to
     float (``acc * s_x * s_w[o]``, float32) since the ops that follow in an LLM are float ones."""
-    return w.forward(x, bias)
+    if x.shape[-1] != w.shape[1]:
+        raise LowbitError(f"input has {x.shape[-1]} features, the static-int8 layer expects {w.shape[1]}")
+    acc = accumulators(w, x, bias)
+    y = acc.float() * (torch.tensor(w.s_x, dtype=torch.float32) * w.w_scale.float())
+    return y.to(x.dtype)
