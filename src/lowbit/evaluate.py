@@ -9,7 +9,10 @@ numbers, the original model being the baseline row either way:
   its files when it is a Hugging Face directory, so it never has to fit in memory), cached on
   disk, and each variant is then loaded alone, scored against it and dropped
   (:mod:`lowbit.eval.reference`).  ``hidden`` gives the same numbers as ``memory`` bit for bit;
-  ``topk`` is compact but approximate (its measured error is reported in the table).
+  ``topk`` is compact but approximate (its measured error is reported in the table).  A
+  checkpoint is itself streamed block by block (:class:`lowbit.checkpoint.LazyCheckpoint`) when
+  no latency is asked for or it would take more than half the free memory; the original's
+  latency is not measured in these modes (it is never loaded whole).
 
 ``auto`` picks ``memory`` when the original and the largest variant fit in the memory available
 (float32 weights), else ``hidden``.
