@@ -232,6 +232,29 @@ class Streaming:
         self.writer.add({f"{prefix}.{k}": t for k, t in _unique_state_dict(module).items()})
         self.written.append(prefix)
         self.lazy.release(prefix)
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the C allocator back to the system (glibc's malloc_trim).
+
+    A block's tensors are freed once it is written, but glibc keeps freed heap memory for
+    reuse, so block after block the process would grow by most of the model's size in unused
+    heap; trimming after each block keeps the resident size at what is really held. A no-op
+    where the C library has no malloc_trim."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @torch.no_grad()
