@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,7 +152,7 @@ class SpillPool:
         if self.folder is None:
             if self.offload_dir is not None:
                 Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="lowbit-activations-", dir=self.offload_dir))
+            self.folder = Path(tempfile.mkdtemp(prefix=".lowbit-activations-", dir=self.offload_dir))
         self._n += 1
         return self.folder / f"batch-{self._n:06d}.pt"
 
@@ -221,7 +221,6 @@ class Streaming:
     lazy: object
     writer: object
     dtype: torch.dtype | None = None
-    written: list[str] = field(default_factory=list)
 
     def load(self, prefix: str, device) -> nn.Module:
         return self.lazy.materialize(prefix, self.dtype, device)
@@ -230,7 +229,6 @@ class Streaming:
         from lowbit.checkpoint import _unique_state_dict
 
         self.writer.add({f"{prefix}.{k}": t for k, t in _unique_state_dict(module).items()})
-        self.written.append(prefix)
         self.lazy.release(prefix)
         release_free_memory()
 
