@@ -3,8 +3,8 @@
     python bench/stream_memory.py [--model smollm2-135m] [--method rtn] [--runner] [--dtype ...]
 
 Each mode runs ``lowbit quantize`` in a fresh process (peak RSS is a per-process number),
-measured by ``/usr/bin/time -v`` where it exists, else by the record's ``peak_rss_bytes``
-(getrusage). The two checkpoints must hold the same tensors: the table says whether they do.
+measured by ``/usr/bin/time -v`` where it exists (also the CPU seconds, which a busy machine
+distorts less than wall time), else by the record's ``peak_rss_bytes`` (getrusage). The two checkpoints must hold the same tensors: the table says whether they do.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lowbit.eval.report import format_table
 MiB = 2**20
 
 
-def run(argv: list[str]) -> tuple[float, int | None, str]:
+def run(argv: list[str]) -> tuple[float, int | None, float | None, str]:
     timer = ["/usr/bin/time", "-v"] if os.path.exists("/usr/bin/time") else []
     t0 = time.perf_counter()
     p = subprocess.run(timer + [sys.executable, "-m", "lowbit.cli", *argv], capture_output=True, text=True)
@@ -33,7 +33,8 @@ def run(argv: list[str]) -> tuple[float, int | None, str]:
     if p.returncode:
         raise SystemExit(f"lowbit {' '.join(argv)} failed:\n{p.stderr[-3000:]}")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    return wall, int(m.group(1)) * 1024 if m else None, p.stderr
+    cpu = re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", p.stderr)
+    return wall, int(m.group(1)) * 1024 if m else None, sum(map(float, cpu)) if cpu else None, p.stderr
 
 
 def main() -> int:
@@ -57,9 +58,9 @@ def main() -> int:
                 argv += ["--stream"] if mode == "streamed" else ["--no-stream"]
                 argv += ["--sequential"] if args.runner else []
                 argv += ["--dtype", args.dtype] if args.dtype else []
-                wall, peak, _ = run(argv)
+                wall, peak, cpu, _ = run(argv)
                 rec = json.loads((out / "lowbit.json").read_text())
-                rows.append({"mode": mode, "wall s": wall, "quantize s": rec["quantize_seconds"],
+                rows.append({"mode": mode, "wall s": wall, "cpu s": cpu, "quantize s": rec["quantize_seconds"],
                              "peak RSS MiB": (peak or rec["peak_rss_bytes"]) / MiB,
                              "runner peak MiB": rec["runner"]["peak_rss_bytes"] / MiB if rec.get("runner") else None,
                              "dtype": rec["dtype"], "shards": rec["shards"]})
@@ -69,7 +70,8 @@ def main() -> int:
             digests[mode] = _digest_all(out)
         for r in rows:
             r["same tensors"] = len(set(digests.values())) == 1
-        cols = [("mode", "mode"), ("dtype", "dtype"), ("wall s", "wall s", ".1f"), ("quantize s", "quantize s", ".1f"),
+        cols = [("mode", "mode"), ("dtype", "dtype"), ("wall s", "wall s", ".1f"), ("cpu s", "CPU s (user+sys)", ".1f"),
+                ("quantize s", "quantize s", ".1f"),
                 ("peak RSS MiB", "peak RSS MiB", ".0f"), ("runner peak MiB", "runner peak MiB", ".0f"),
                 ("shards", "shards"), ("same tensors", "same tensors")]
         print(format_table(rows, cols))

@@ -72,7 +72,7 @@ def test_streamed_checkpoint_equals_in_memory(tmp_path_factory, family, case):
     assert _stream(src, out, CASE[case]) == _golden()[f"{family}/{case}"]
     rec = json.loads((out / "lowbit.json").read_text())
     assert rec["streaming"] is True and rec["dtype"] == "float32" and rec["shards"] == 1
-    assert not list(out.parent.glob("lowbit-activations-*"))  # offload folder removed
+    assert not list(out.parent.glob(".lowbit-activations-*"))  # offload folder removed
 
 
 def test_sharded_output_and_spilled_activations_change_nothing(tmp_path):

@@ -200,7 +200,8 @@ class ShardWriter:
                 self._finish()
             if self._data is None:
                 self._data = open(self.folder / f".shard-{len(self.done) + 1:05d}.data", "w+b")
-            self._data.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if n else b"")
+            if n:
+                self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy
             self.entries[k] = (code, tuple(t.shape), self.size, n)
             self.size += n
             self.total += n

@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,7 +152,7 @@ class SpillPool:
         if self.folder is None:
             if self.offload_dir is not None:
                 Path(self.offload_dir).mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="lowbit-activations-", dir=self.offload_dir))
+            self.folder = Path(tempfile.mkdtemp(prefix=".lowbit-activations-", dir=self.offload_dir))
         self._n += 1
         return self.folder / f"batch-{self._n:06d}.pt"
 
@@ -221,7 +221,6 @@ class Streaming:
     lazy: object
     writer: object
     dtype: torch.dtype | None = None
-    written: list[str] = field(default_factory=list)
 
     def load(self, prefix: str, device) -> nn.Module:
         return self.lazy.materialize(prefix, self.dtype, device)
@@ -230,8 +229,30 @@ class Streaming:
         from lowbit.checkpoint import _unique_state_dict
 
         self.writer.add({f"{prefix}.{k}": t for k, t in _unique_state_dict(module).items()})
-        self.written.append(prefix)
         self.lazy.release(prefix)
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the C allocator back to the system (glibc's malloc_trim).
+
+    A block's tensors are freed once it is written, but glibc keeps freed heap memory for
+    reuse, so block after block the process would grow by most of the model's size in unused
+    heap; trimming after each block keeps the resident size at what is really held. A no-op
+    where the C library has no malloc_trim."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+
 from lowbit.commands._args import (
     add_large_model_args,
     add_scheme_args,
@@ -72,7 +74,8 @@ def run(args) -> int:
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
                        head=getattr(args, "head", None), embed=getattr(args, "embed", None),
                        output=args.output if stream else None, max_shard_size=max_shard,
-                       activation_budget=budget, offload_dir=args.offload_dir, **options)
+                       activation_budget=budget,
+                       offload_dir=args.offload_dir or os.path.dirname(os.path.abspath(args.output)), **options)
     out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard)
     bpw, nbytes, n = api.linear_bits(m.model)
     sparsity = rec["method"].get("sparsity")
