@@ -16,7 +16,10 @@ from lowbit.errors import LowbitError
 
 
 def _log(msg: str) -> None:
-    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+    from lowbit.core.processes import is_main
+
+    if is_main():  # split over processes (torchrun): process 0 speaks for all
+        print(f"lowbit: {msg}", file=sys.stderr, flush=True)
 
 
 # -- argument groups -----------------------------------------------------------------------------
@@ -254,8 +257,11 @@ def cmd_prune(args) -> int:
     rc = cmd_quantize(ns)
     if args.storage != "dense":  # rewrite the pruned layers in a sparse format (lowbit.algorithms.sparse_storage)
         from lowbit.algorithms.sparse_storage import restore_checkpoint
+        from lowbit.core import processes
 
-        info = restore_checkpoint(args.output, args.storage)
+        # split over processes: process 0 rewrites the checkpoint it wrote, the others wait
+        info = processes.gather(lambda: restore_checkpoint(args.output, args.storage) if processes.is_main()
+                                else None)[0]
         _log(f"stored {args.storage}: " + ", ".join(f"{sum(1 for f in info['layers'].values() if f == k)} {k}"
                                                     for k in sorted(set(info["layers"].values()))))
     return rc
@@ -431,17 +437,34 @@ def quiet_transformers() -> None:
         pass
 
 
+# Commands that split their work over the processes torchrun starts (`lowbit.core.processes`).
+SCALE_OUT = ("quantize", "prune")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lowbit.core import processes
+
     args = build_parser().parse_args(argv)
     quiet_transformers()
     try:
+        if processes.launched_by_torchrun():
+            if args.command not in SCALE_OUT:
+                raise LowbitError(f"lowbit {args.command} runs in one process; only {' and '.join(SCALE_OUT)} "
+                                  "split over the processes torchrun starts")
+            args.device = processes.init_from_env(args.device)
         return args.func(args)
+    except processes.PeerError as e:  # the failing process prints its own error
+        if processes.is_main():
+            print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        processes.finish()
 
 
 if __name__ == "__main__":
