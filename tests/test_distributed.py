@@ -140,6 +140,12 @@ CASES = [
     ("magnitude-global", "llama", "magnitude", None, dict(sparsity=0.6, scope="global")),
     ("nf4", "qwen2", "nf4", None, {}),
 ]
+# Streamed (blocks read from the files and written one at a time): process 0 alone writes.
+STREAMED = [
+    ("stream-gptq", "llama", "gptq", G32, dict(n_samples=5)),
+    ("stream-awq", "qwen2", "awq", G16A, dict(n_samples=3, n_grid=5, clip_grid=5)),
+    ("stream-rtn", "gemma3_text", "rtn", G32, {}),
+]
 
 
 def _state_digest(model: torch.nn.Module, record: dict) -> str:
@@ -161,6 +167,35 @@ def _run_case(case, calib: str, out: Path) -> tuple[str, str | None]:
     return _state_digest(m.model, m.record), (checkpoint_digest(Path(path)) if processes.is_main() else None)
 
 
+def _any_linear_model() -> tuple[str, str | None]:
+    """A model outside the decoder families: its linears are dealt one by one."""
+    from lowbit.calibration.sequential import apply_data_free
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                              torch.nn.Linear(32, 8), torch.nn.Linear(8, 4))
+    meth = make_method("magnitude", sparsity=0.6)
+    apply_data_free(net, meth, progress=False)
+    return _state_digest(net, {"method": meth.describe()}), None
+
+
+def _source(root: Path, family: str) -> Path:
+    d = root / f"src-{family}"
+    if not d.is_dir():
+        t = tiny_model(family, seed=3)
+        t.model.save_pretrained(str(d), max_shard_size="50KB")
+        t.tokenizer.save_pretrained(str(d))
+    return d
+
+
+def _run_streamed(case, calib: str, root: Path, out: Path) -> str | None:
+    _, family, method, scheme, kw = case
+    m = api.load(str(_source(root, family)), stream=True)
+    api.quantize(m, method, scheme, calibration_text=calib, seq_len=24, batch_size=2, progress=False,
+                 output=str(out), **kw)
+    return checkpoint_digest(out) if processes.is_main() else None
+
+
 def _worker(rank: int, world: int, port: int, calib: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -168,6 +203,9 @@ def _worker(rank: int, world: int, port: int, calib: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         got = {case[0]: _run_case(case, calib, Path(out_dir) / case[0]) for case in CASES}
+        got["any-linear"] = _any_linear_model()
+        for case in STREAMED:
+            got[case[0]] = _run_streamed(case, calib, Path(out_dir).parent, Path(out_dir) / case[0])
         # a failure in one process (the owner of the layer with a NaN) stops every process
         t = tiny_model("llama", seed=3)
         with torch.no_grad():
@@ -191,6 +229,8 @@ def test_three_processes_make_what_one_makes(tmp_path):
 
     calib = _text(tmp_path / "calib.txt")
     (tmp_path / "split").mkdir()
+    for case in STREAMED:
+        _source(tmp_path, case[1])
     mp.spawn(_worker, args=(3, _free_port(), calib, str(tmp_path / "split")), nprocs=3, join=True)
     ranks = [torch.load(tmp_path / "split" / f"rank{r}.pt", weights_only=False) for r in range(3)]
     for case in CASES:
@@ -198,6 +238,10 @@ def test_three_processes_make_what_one_makes(tmp_path):
         assert ranks[0][case[0]] == (state, ckpt), case[0]
         for r in (1, 2):
             assert ranks[r][case[0]] == (state, None), (case[0], r)
+    assert all(ranks[r]["any-linear"] == _any_linear_model() for r in range(3))
+    for case in STREAMED:
+        assert ranks[0][case[0]] == _run_streamed(case, calib, tmp_path, tmp_path / "single" / case[0]), case[0]
+        assert [ranks[r][case[0]] for r in (1, 2)] == [None, None]
     owner = [r for r in range(3) if ranks[r]["nan"].startswith("own:")]
     assert len(owner) == 1 and "model.layers.1.mlp.down_proj" in ranks[owner[0]]["nan"]
     for r in set(range(3)) - set(owner):

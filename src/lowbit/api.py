@@ -13,6 +13,7 @@ time (the checkpoint is written during the run; see ``lowbit.calibration.sequent
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
@@ -231,9 +232,11 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
     if prepare is not None and getattr(meth.config, "scope", None) == "global":
         raise LowbitError(f"{meth.name} with scope=global ranks the weights of the whole model at once; it cannot "
                           "run streamed (drop --stream, or use the default per-layer scope)")
-    with checkpoint.atomic_dir(out) as tmp:
-        checkpoint.write_skeleton(tmp, model, m.tokenizer, {"method": meth.describe()})
-        writer = checkpoint.ShardWriter(tmp, max_shard_size)
+    main = processes.is_main()  # split over processes (torchrun): process 0 alone writes
+    with checkpoint.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
+        if main:
+            checkpoint.write_skeleton(tmp, model, m.tokenizer, {"method": meth.describe()})
+        writer = checkpoint.ShardWriter(tmp, max_shard_size) if main else _Discard()
         stream = Streaming(lazy, writer, m.extra.get("dtype"))
         runner = None
         if samples is not None:
@@ -254,7 +257,7 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
             done.add(name)
         blocks = fam.blocks + "."
         written_groups = set()
-        for k, t in model.state_dict(keep_vars=True).items():
+        for k, t in model.state_dict(keep_vars=True).items() if main else ():
             if k.startswith(blocks) or any(k.startswith(d + ".") for d in done):
                 continue
             group = lazy.first.get(k, k)
@@ -265,10 +268,21 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
         shards = writer.close()
         rec = record(runner, time.perf_counter() - t0)
         rec["shards"] = len(shards)
-        checkpoint.write_record(tmp, model, rec)
+        if main:
+            checkpoint.write_record(tmp, model, rec)
     m.record = rec
     m.path = str(out)
     return rec
+
+
+class _Discard:
+    """The shard writer of the processes that do not write (split over processes)."""
+
+    def add(self, tensors: dict) -> None:
+        pass
+
+    def close(self) -> list:
+        return []
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

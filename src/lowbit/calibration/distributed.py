@@ -28,7 +28,8 @@ hands three things to `Split`:
   every process folds the shared scales).
 
 Data-free methods have no batches: the blocks are dealt round-robin, every round of N blocks
-gathered to every process.
+gathered to every process. Streamed runs (``lowbit quantize --stream``) split the same way; each
+process reads from the files the blocks it works on, and process 0 alone writes the checkpoint.
 
 The forward passes give the same bits in a process with one thread as in one with several (the
 GEMMs, norms and attention here do not split a reduction across threads), which is what makes
@@ -122,9 +123,7 @@ class Split:
         return cls(rank=processes.rank(), world=n) if n > 1 else None
 
     # -- batches ---------------------------------------------------------------------------------
-    def check(self, method: Method, stream=None) -> None:
-        if stream is not None:
-            raise LowbitError("streaming quantization (--stream) runs in one process; drop --stream or torchrun")
+    def check(self, method: Method) -> None:
         if type(method).transform_block is not Method.transform_block and not method.distributed_transform:
             raise LowbitError(f"method {method.name} transforms whole blocks and does not support splitting its "
                               "work over several processes; run it in one process")
@@ -256,23 +255,13 @@ class Split:
                 method.observe(full, layers[full], xs[u])
 
     # -- solves ------------------------------------------------------------------------------------
-    def apply(self, method: Method, layers: dict[str, nn.Module], install: Callable[[str, nn.Module], None],
-              owners: dict[str, int] | None = None, device: torch.device | None = None) -> None:
-        """``method.apply`` for the layers this process owns (moved to ``device`` for it, if
-        given, and the result moved back); every process installs every layer's result (in layer
-        order) and the method's records of it."""
-        owners = self.owners(layers) if owners is None else owners
-
-        def one(full: str, lin: nn.Module) -> nn.Module:
-            if device is None:
-                return method.apply(full, lin)
-            home = next(lin.parameters()).device
-            new = method.apply(full, lin.to(device))
-            lin.to(home)
-            return new.to(home)
+    def apply(self, method: Method, layers: dict[str, nn.Module], install: Callable[[str, nn.Module], None]) -> None:
+        """``method.apply`` for the layers this process owns; every process installs every
+        layer's result (in layer order) and the method's records of it."""
+        owners = self.owners(layers)
 
         def solve():
-            return {full: (one(full, lin), _records(method, full))
+            return {full: (method.apply(full, lin), _records(method, full))
                     for full, lin in layers.items() if owners[full] == self.rank}
 
         results = processes.gather(solve)
@@ -282,17 +271,27 @@ class Split:
             _install_records(method, full, rec)
 
 
-def apply_data_free(method: Method, units: list[dict[str, nn.Module]], install: Callable[[str, nn.Module], None],
-                    device: torch.device | None = None, bar=None) -> None:
-    """Data-free methods over several processes: unit i (a block's layers, or one layer) is
-    solved by process i mod N (on ``device``); each round of N units is gathered to every
-    process."""
+def apply_data_free(method: Method, n_units: int, solve: Callable[[int], dict[str, nn.Module]],
+                    finish: Callable[[int, dict[str, nn.Module], bool], None], bar=None) -> None:
+    """Data-free methods over several processes. Unit i (a block, or a layer) is solved by process
+    i mod N: ``solve(i)`` readies it and returns its layers, the process applies the method to
+    them. Each round of N units is gathered to every process, which calls
+    ``finish(i, {layer: result}, solved_here)`` for every unit in order (install, move back,
+    write) and takes the method's records of the unit's layers."""
     n, r = processes.world(), processes.rank()
-    split = Split(rank=r, world=n)
-    for start in range(0, len(units), n):
-        round_units = units[start:start + n]
-        layers = {full: m for unit in round_units for full, m in unit.items()}
-        owners = {full: k for k, unit in enumerate(round_units) for full in unit}
-        split.apply(method, layers, install, owners=owners, device=device)
+    for start in range(0, n_units, n):
+        units = range(start, min(start + n, n_units))
+
+        def work():
+            return {i: {full: (method.apply(full, lin), _records(method, full)) for full, lin in solve(i).items()}
+                    for i in units if i % n == r}
+
+        results = {}
+        for part in processes.gather(work):
+            results.update(part)
+        for i in units:
+            finish(i, {full: new for full, (new, _) in results[i].items()}, i % n == r)
+            for full, (_, rec) in results[i].items():
+                _install_records(method, full, rec)
         if bar is not None:
-            bar.update(len(round_units))
+            bar.update(len(units))

@@ -323,7 +323,7 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
         torch.cuda.reset_peak_memory_stats(device)
     split = distributed.Split.current()  # scale-out: None in one process
     if split is not None:
-        split.check(method, stream)
+        split.check(method)
         progress = progress and split.rank == 0
     blocks = find_blocks(model)
     home = torch.device("cpu") if stream is not None else next(model.parameters()).device
@@ -419,16 +419,25 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
             _check_streamable(method)
         prepare(model)
     split = distributed.Split.current()  # scale-out: None in one process
-    if split is not None:
-        split.check(method, stream)
-        progress = progress and split.rank == 0
+    progress = progress and (split is None or split.rank == 0)
+    homes: dict[int, torch.device] = {}
     if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-        if split is not None:  # scale-out: layers dealt round-robin over the processes
+        if split is not None:  # scale-out: layer i solved by process i mod N, results gathered
+            def solve_layer(i):
+                name, lin = layers[i]
+                homes[i] = lin.weight.device
+                return {name: lin.to(device)}
+
+            def finish_layer(i, solved, mine):
+                name, lin = layers[i]
+                home = homes.pop(i, lin.weight.device)
+                lin.to(home)
+                _set_submodule(model, name, solved[name].to(home))
+
             with tqdm(total=len(layers), desc=f"{method.name} layers", unit="layer", disable=not progress,
                       leave=False) as bar:
-                distributed.apply_data_free(method, [{n: m} for n, m in layers],
-                                            lambda full, new: _set_submodule(model, full, new), device, bar)
+                distributed.apply_data_free(method, len(layers), solve_layer, finish_layer, bar)
             return
         for name, lin in tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress, leave=False):
             home = lin.weight.device
@@ -437,26 +446,42 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
             _set_submodule(model, name, q.to(home))
         return
     blocks = find_blocks(model)
-    if split is not None:  # scale-out: blocks dealt round-robin over the processes
-        units = [{f"{block_prefix(model, i)}.{n}": lin for n, lin in linear_layers(blk).items()}
-                 for i, blk in enumerate(blocks)]
+
+    def load(i: int) -> nn.Module:  # block i on the device, ready for the method
+        if stream is not None:
+            return stream.load(block_prefix(model, i), device)
+        homes[i] = next(blocks[i].parameters()).device
+        return blocks[i].to(device)
+
+    def done(i: int, blk: nn.Module) -> None:  # block i quantized: written and released, or moved back
+        if stream is not None:
+            stream.store(block_prefix(model, i), blk)
+        else:
+            blk.to(homes.pop(i))
+
+    if split is not None:  # scale-out: block i solved by process i mod N, results gathered
+        def solve_block(i):
+            prefix = block_prefix(model, i)
+            return {f"{prefix}.{n}": lin for n, lin in linear_layers(load(i)).items()}
+
+        def finish_block(i, solved, mine):
+            if stream is not None and not mine and split.rank != 0:
+                return  # streamed: process 0 alone writes the blocks it did not solve
+            blk = blocks[i] if mine else load(i)
+            for full, new in solved.items():
+                _set_submodule(model, full, new)
+            done(i, blk)
+
         with tqdm(total=len(blocks), desc=f"{method.name} blocks", unit="block", disable=not progress,
                   leave=False) as bar:
-            distributed.apply_data_free(method, units, lambda full, new: _set_submodule(model, full, new), device, bar)
+            distributed.apply_data_free(method, len(blocks), solve_block, finish_block, bar)
         return
-    for i, blk in enumerate(tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)):
+    for i in tqdm(range(len(blocks)), desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False):
         prefix = block_prefix(model, i)
-        if stream is not None:
-            blk = stream.load(prefix, device)
-        else:
-            home = next(blk.parameters()).device
-            blk.to(device)
+        blk = load(i)
         for name, lin in linear_layers(blk).items():
             _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
-        if stream is not None:
-            stream.store(prefix, blk)
-        else:
-            blk.to(home)
+        done(i, blk)
 
 
 def _check_streamable(method: Method) -> None:
