@@ -13,6 +13,7 @@ time (the checkpoint is written during the run; see ``lowbit.calibration.sequent
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 from lowbit import checkpoint
 from lowbit.algorithms.base import make_method
 from lowbit.calibration.sequential import apply_data_free, run_sequential
+from lowbit.core import processes
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 
@@ -138,7 +140,9 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
     Methods that need data are run block by block by the sequential runner on calibration
     samples (bundled calibration text unless ``calibration_text`` names a file); data-free
     methods are applied layer by layer directly (``force_runner`` routes them through the
-    runner too, which must give the same result). Both work on ``device``.
+    runner too, which must give the same result). Both work on ``device``. In a torch.distributed
+    group of several processes (torchrun) the work is divided among them and every process ends
+    with the model one process would have made (`lowbit.calibration.distributed`).
 
     ``head`` ("int8", "int6" or "int4") also quantizes the output layer (lm_head) with RTN — int8 per
     output channel, int6 in symmetric groups of 16 (like llama.cpp's Q6_K), or int4 in
@@ -174,15 +178,8 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
         samples = calibration_samples(m.tokenizer, n_samples=n_samples, seq_len=seq_len,
                                       text=load_text(text_name), seed=seed)
         calib = {"text": text_name, "n_samples": n_samples, "seq_len": seq_len, "seed": seed}
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # scale-out: this process calibrates on its share; the runner all-reduces statistics
-            rank, world = dist.get_rank(), dist.get_world_size()
-            if samples.shape[0] < world:  # same answer on every rank, so no rank is left waiting
-                raise LowbitError(f"{samples.shape[0]} calibration samples cannot be split over {world} processes")
-            samples = samples[rank::world]
-            calib["world_size"] = world
+        if processes.world() > 1:  # scale-out: the runner divides batches and solves (same result)
+            calib["world_size"] = processes.world()
     run = dict(device=device, batch_size=batch_size, progress=progress, activation_budget=activation_budget)
 
     def record(runner, seconds):
@@ -235,9 +232,11 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
     if prepare is not None and getattr(meth.config, "scope", None) == "global":
         raise LowbitError(f"{meth.name} with scope=global ranks the weights of the whole model at once; it cannot "
                           "run streamed (drop --stream, or use the default per-layer scope)")
-    with checkpoint.atomic_dir(out) as tmp:
-        checkpoint.write_skeleton(tmp, model, m.tokenizer, {"method": meth.describe()})
-        writer = checkpoint.ShardWriter(tmp, max_shard_size)
+    main = processes.is_main()  # split over processes (torchrun): process 0 alone writes
+    with checkpoint.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
+        if main:
+            checkpoint.write_skeleton(tmp, model, m.tokenizer, {"method": meth.describe()})
+        writer = checkpoint.ShardWriter(tmp, max_shard_size) if main else _Discard()
         stream = Streaming(lazy, writer, m.extra.get("dtype"))
         runner = None
         if samples is not None:
@@ -258,7 +257,7 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
             done.add(name)
         blocks = fam.blocks + "."
         written_groups = set()
-        for k, t in model.state_dict(keep_vars=True).items():
+        for k, t in model.state_dict(keep_vars=True).items() if main else ():
             if k.startswith(blocks) or any(k.startswith(d + ".") for d in done):
                 continue
             group = lazy.first.get(k, k)
@@ -269,10 +268,21 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
         shards = writer.close()
         rec = record(runner, time.perf_counter() - t0)
         rec["shards"] = len(shards)
-        checkpoint.write_record(tmp, model, rec)
+        if main:
+            checkpoint.write_record(tmp, model, rec)
     m.record = rec
     m.path = str(out)
     return rec
+
+
+class _Discard:
+    """The shard writer of the processes that do not write (split over processes)."""
+
+    def add(self, tensors: dict) -> None:
+        pass
+
+    def close(self) -> list:
+        return []
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -325,7 +335,8 @@ def quantize_embedding(model: nn.Module, scheme: QuantScheme) -> None:
 
 def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD) -> str:
     """Write the quantized model as a checkpoint. Unquantized tensors outside the blocks (the
-    embedding, final norm, head) are stored in the source model's dtype (bf16 stays bf16)."""
+    embedding, final norm, head) are stored in the source model's dtype (bf16 stays bf16).
+    Split over processes (torchrun), process 0 writes and the others wait for it."""
     if m.record is None:
         raise LowbitError("model is not quantized; nothing to save (quantize it first)")
     if m.lazy is not None:
@@ -345,7 +356,9 @@ def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SH
             packed = tuple(n + "." for n in checkpoint.quantized_modules(m.model))
             keep = {k: src for k, t in m.model.state_dict().items()
                     if not k.startswith(blocks) and not k.startswith(packed) and t.is_floating_point()}
-    return str(checkpoint.save(m.model, m.tokenizer, out_dir, m.record, max_shard_size=max_shard_size, keep_dtype=keep))
+    return processes.gather(lambda: str(checkpoint.save(m.model, m.tokenizer, out_dir, m.record,
+                                                        max_shard_size=max_shard_size, keep_dtype=keep))
+                            if processes.is_main() else None)[0]
 
 
 def linear_bits(model: nn.Module) -> tuple[float, int, int]:

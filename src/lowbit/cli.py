@@ -37,17 +37,34 @@ def quiet_transformers() -> None:
         pass
 
 
+# Commands that split their work over the processes torchrun starts (`lowbit.core.processes`).
+SCALE_OUT = ("quantize", "prune")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lowbit.core import processes
+
     args = build_parser().parse_args(argv)
     quiet_transformers()
     try:
+        if processes.launched_by_torchrun():
+            if args.command not in SCALE_OUT:
+                raise LowbitError(f"lowbit {args.command} runs in one process; only {' and '.join(SCALE_OUT)} "
+                                  "split over the processes torchrun starts")
+            args.device = processes.init_from_env(args.device)
         return args.func(args)
+    except processes.PeerError as e:  # the failing process prints its own error
+        if processes.is_main():
+            print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        processes.finish()
 
 
 if __name__ == "__main__":

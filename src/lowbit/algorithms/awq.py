@@ -25,8 +25,7 @@ How lowbit runs it (one decoder block at a time, driven by `calibration.sequenti
 ------------------------------------------------------------------------------------
 1. ``observe``: for every linear, accumulate statistics of its input tokens x [in] (at most
    ``max_tokens`` per layer): the Gram matrix H = Σ x xᵀ, Σ|x| and the token count. Because
-   ‖X·Δᵀ‖² = tr(Δ·H·Δᵀ) for any weight error Δ = Ŵ − W, these sums are all Eq. 4 needs; they are
-   sums over samples, so multi-process calibration all-reduces them (``statistics``).
+   ‖X·Δᵀ‖² = tr(Δ·H·Δᵀ) for any weight error Δ = Ŵ − W, these sums are all Eq. 4 needs (``statistics``).
 2. ``transform_block``: for each scaling group of the family (its record's `Family.awq`:
    norm → q/k/v, v_proj → o_proj, norm → gate/up, up_proj → down_proj): grid-search α (Eq. 5),
    fold 1/s into the producing op and s into the linears' columns. Then, per linear (except q/k),
@@ -64,6 +63,7 @@ from torch import Tensor, nn
 from lowbit.algorithms.base import Method
 from lowbit.core import grid
 from lowbit.core.grid import check_finite, qparams_from_range
+from lowbit.core.processes import share
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -102,7 +102,7 @@ class ActStats:
 
     H: Tensor        # [in, in]  Σ x·xᵀ, so that ‖X·Δᵀ‖²_F = tr(Δ·H·Δᵀ)
     abs_sum: Tensor  # [in]      Σ |x|
-    n: Tensor        # []        number of tokens (float64, so it all-reduces like the others)
+    n: Tensor        # []        number of tokens (float64)
 
     @classmethod
     def of(cls, X: Tensor) -> "ActStats":
@@ -298,6 +298,7 @@ def _model_type(block: nn.Module) -> str | None:
 class AWQ(Method):
     config_cls = AWQConfig
     needs_calibration = True
+    distributed_transform = True  # each group searched where its statistics are, scales shared
 
     def __init__(self, config: AWQConfig):
         super().__init__(config)
@@ -332,6 +333,36 @@ class AWQ(Method):
         cfg = self.config
         self._last = None
         layout = awq_layout(_model_type(block))
+        # Eq. 4-5 per scaling group, where the statistics of its first linear are (split over
+        # processes: in that linear's owner; `share` gives every process every group's scales).
+        # A group's search reads only its own linears' weights and input statistics, which no
+        # earlier group's fold touches (in every family's layout a linear is never the linear or
+        # the producer of an earlier group; tests/test_distributed checks it), so searching all
+        # groups before folding any gives what alternating search and fold gives.
+        found = share(lambda: self._search_groups(block, prefix, layout))
+        for group in layout.groups:
+            if group.prev not in found:
+                continue
+            s = found[group.prev]
+            fold_scales(block, group.prev, group.linears, s.s.to(block.get_submodule(group.prev).weight.device),
+                        layout.norm_offset)
+            for n in group.linears:
+                st = self._stats.get(f"{prefix}.{n}")
+                if st is not None:
+                    st.divide_inputs_(s.s.to(st.H.device))
+            self.alphas[f"{prefix}.{group.prev}"] = s.alpha
+        if not cfg.clip:
+            return
+        for name, lin in linear_layers(block).items():
+            full = f"{prefix}.{name}"
+            if name in layout.no_clip or full not in self._stats:
+                continue
+            check_finite(lin.weight, full)
+            self._shrink[full] = search_clip(self._stats[full].H, lin.weight, cfg.scheme, cfg.clip_grid, cfg.max_shrink)
+
+    def _search_groups(self, block: nn.Module, prefix: str, layout) -> dict[str, ScaleSearch]:
+        """The scale search of every group whose first linear's statistics this process holds."""
+        out = {}
         for group in layout.groups:
             try:
                 prev = block.get_submodule(group.prev)
@@ -341,23 +372,13 @@ class AWQ(Method):
             width = prev.out_features if isinstance(prev, nn.Linear) else getattr(prev, "weight", torch.empty(0)).numel()
             names = [f"{prefix}.{n}" for n in group.linears]
             if (not all(isinstance(lin, nn.Linear) and lin.in_features == width for lin in lins)
-                    or not all(n in self._stats for n in names)):
-                continue  # e.g. v_proj -> o_proj under grouped-query attention
+                    or names[0] not in self._stats):
+                continue  # e.g. v_proj -> o_proj under grouped-query attention; or another process's
             for n, lin in zip(names, lins):
                 check_finite(lin.weight, n)
-            found = search_scales(self._stats[names[0]], [lin.weight for lin in lins], cfg.scheme, cfg.n_grid)
-            fold_scales(block, group.prev, group.linears, found.s, layout.norm_offset)
-            for n in names:
-                self._stats[n].divide_inputs_(found.s)
-            self.alphas[f"{prefix}.{group.prev}"] = found.alpha
-        if not cfg.clip:
-            return
-        for name, lin in linear_layers(block).items():
-            full = f"{prefix}.{name}"
-            if name in layout.no_clip or full not in self._stats:
-                continue
-            check_finite(lin.weight, full)
-            self._shrink[full] = search_clip(self._stats[full].H, lin.weight, cfg.scheme, cfg.clip_grid, cfg.max_shrink)
+            out[group.prev] = search_scales(self._stats[names[0]], [lin.weight for lin in lins], self.config.scheme,
+                                            self.config.n_grid)
+        return out
 
     def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
         check_finite(module.weight, layer_name)

@@ -15,6 +15,14 @@ class Method:
     name: str = "?"
     config_cls: type = object
     needs_calibration: bool = False
+    # Names of dict attributes, keyed by full layer name, in which the method keeps per-layer
+    # results (read by describe()). When the runner splits a run over processes, each layer is
+    # solved in one process; its entries are copied from there to every process.
+    layer_records: tuple[str, ...] = ()
+    # True when transform_block works with the statistics of the layers this process observed and
+    # makes every change to the block identically in every process (lowbit.core.processes.share);
+    # the runner refuses to split the run of a method that overrides transform_block without it.
+    distributed_transform: bool = False
 
     def __init__(self, config):
         self.config = config
@@ -27,12 +35,15 @@ class Method:
         replaced (e.g. AWQ's per-channel scales folded into the preceding norm). ``inputs`` are the
         block's input hidden states (a list of batches on the block's device) and ``block_kwargs``
         the keyword arguments the block is called with, so a method can run the block or its
-        submodules on real data. The default does nothing."""
+        submodules on real data. The default does nothing.
+
+        Split over processes (`lowbit.calibration.distributed`), ``inputs`` are this process's
+        batches only and the method holds statistics only for the layers this process owns: see
+        ``distributed_transform``."""
 
     def statistics(self) -> dict[str, Tensor]:
         """Optional: the accumulated statistics that are *sums over calibration samples* (e.g. the
-        GPTQ Hessian and its sample count). With calibration split across processes, the runner
-        all-reduces (sums) these tensors in place before ``apply``. The default has none."""
+        GPTQ Hessian and its sample count), for inspection and tests. The default has none."""
         return {}
 
     def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:

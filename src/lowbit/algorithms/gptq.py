@@ -207,10 +207,11 @@ class GPTQ(Method):
 
     Each batch's x xᵀ is one float32 product, accumulated across batches in float64; layers fed
     the very same input tensor (q/k/v, gate/up) share that product. The sums and counts are what
-    `statistics()` exposes, so the runner can all-reduce them across processes."""
+    `statistics()` exposes."""
 
     config_cls = GPTQConfig
     needs_calibration = True
+    layer_records = ("errors",)
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)

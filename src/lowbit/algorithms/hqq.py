@@ -271,6 +271,7 @@ def _fit_scale(W_q: Tensor, Target: Tensor, s: Tensor, group_sum, count: Tensor,
 class HQQ(Method):
     config_cls = HQQConfig
     needs_calibration = False
+    layer_records = ("info",)
 
     def __init__(self, config):
         super().__init__(config)

@@ -15,9 +15,6 @@ calibration tokens with |x| ≥ threshold. Recorded per layer (and saved in lowb
   token, i.e. the dims the kernel would treat as outliers if the whole calibration set were
   one batch (``dims`` is their number);
 * ``value_fraction``: the share of all activation values with |x| ≥ threshold.
-
-The counts are sums over tokens, so with calibration split over processes `statistics()` lets
-the runner all-reduce them.
 """
 
 from __future__ import annotations
@@ -66,6 +63,7 @@ def outlier_report(counts: Tensor, n_tokens: int) -> dict:
 class LLMInt8(Method):
     config_cls = LLMInt8Config
     needs_calibration = True  # only to report outlier fractions; the weights need no data
+    layer_records = ("outliers",)
 
     def __init__(self, config: LLMInt8Config):
         super().__init__(config)

@@ -101,6 +101,7 @@ def model_linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 class Magnitude(Method):
     config_cls = MagnitudeConfig
     needs_calibration = False
+    layer_records = ("layers",)
 
     def __init__(self, config: MagnitudeConfig):
         super().__init__(config)

@@ -176,10 +176,11 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: SparseGPTConfig, *,
 @register_method("sparsegpt")
 class SparseGPT(GPTQ):
     """Accumulates Σ x xᵀ and the token count per layer exactly as GPTQ does (inherited `observe`
-    and `statistics`, so the runner all-reduces the same sums); prunes with `sparsegpt_prune`."""
+    and `statistics`); prunes with `sparsegpt_prune`."""
 
     config_cls = SparseGPTConfig
     needs_calibration = True
+    layer_records = ("errors", "layers")
 
     def __init__(self, config: SparseGPTConfig):
         super().__init__(config)

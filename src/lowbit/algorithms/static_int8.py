@@ -262,6 +262,8 @@ class StaticInt8(Method):
 
     config_cls = StaticInt8Config
     needs_calibration = True
+    layer_records = ("_alpha", "_clip_record")
+    distributed_transform = True  # transform_block only finishes the layers observed in this process
 
     def __init__(self, config: StaticInt8Config):
         super().__init__(config)
@@ -292,7 +294,8 @@ class StaticInt8(Method):
         from lowbit.models.families import linear_layers
 
         for name, lin in linear_layers(block).items():
-            self.finish_layer(f"{prefix}.{name}", lin)
+            if f"{prefix}.{name}" in self._inputs:  # split over processes: the layers observed here
+                self.finish_layer(f"{prefix}.{name}", lin)
 
     def finish_layer(self, full: str, lin: nn.Linear) -> None:
         """With smoothing: choose the factors from the stored inputs, then feed the observer x / s."""

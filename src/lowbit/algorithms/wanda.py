@@ -10,7 +10,7 @@ or within each N:M group of a row. No weight update, no Hessian: one pass of act
 
 ``observe`` accumulates Σ x_j² per input column (each batch's sum in float32, the running total in
 float64, so no float64 copy of the activations is made) and the token count; `statistics()`
-exposes these sums so the runner can all-reduce them across processes. Scaling all norms by the
+exposes these sums. Scaling all norms by the
 same factor (e.g. dividing by the token count) changes no decision, so the sums are used as is.
 """
 
@@ -64,6 +64,7 @@ def wanda_prune(W: Tensor, sq_norms: Tensor, cfg: WandaConfig) -> tuple[Tensor, 
 class Wanda(Method):
     config_cls = WandaConfig
     needs_calibration = True
+    layer_records = ("layers",)
 
     def __init__(self, config: WandaConfig):
         super().__init__(config)

@@ -28,10 +28,10 @@ byte budget (counting inputs and outputs together) further batches go to files i
 folder and are read back one batch at a time. Files hold the exact tensors, so spilling never
 changes a result.
 
-Scale-out: when ``torch.distributed`` is initialized with several processes, each process passes
-its own share of the calibration samples; after a block's observation pass the method's
-`statistics()` (sums over samples) are all-reduced, so every process solves the same problem and
-ends with the same quantized block.
+Scale-out: when ``torch.distributed`` is initialized with several processes (torchrun), the
+batches, the observation and the layer solves are divided among them by
+`lowbit.calibration.distributed` (the lines marked "scale-out" below), with a result
+bit-identical to one process.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import Method
+from lowbit.calibration import distributed
 from lowbit.errors import LowbitError
 from lowbit.models.families import block_prefix, family_of, find_blocks, linear_layers
 
@@ -341,6 +342,10 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    split = distributed.Split.current()  # scale-out: None in one process
+    if split is not None:
+        split.check(method)
+        progress = progress and split.rank == 0
     blocks = find_blocks(model)
     home = torch.device("cpu") if stream is not None else next(model.parameters()).device
     pool = SpillPool(activation_budget, offload_dir, device)
@@ -351,7 +356,8 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 embed = family_of(model).embed
                 stream.lazy.materialize(embed, stream.dtype, home)
             block_kwargs = [_to(kw, device) for kw in capture_block_kwargs(model, samples[:1].to(home))]
-            X = capture_block0_inputs(model, samples.to(home), batch_size, device, pool)
+            own = samples if split is None else split.own_samples(samples, batch_size)  # scale-out: own batches
+            X = capture_block0_inputs(model, own.to(home), batch_size, device, pool)
             if stream is not None:
                 stream.lazy.release(embed)
             act_bytes = X.nbytes
@@ -368,7 +374,10 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 dtype = dtype or next((p.dtype for p in blk.parameters() if p.is_floating_point()), None)
                 kw = block_kwargs[i]
                 layers = linear_layers(blk)
-                if method.needs_calibration:
+                if method.needs_calibration and split is not None:  # scale-out: layers observed by their owners
+                    split.observe(method, {f"{prefix}.{n}": lin for n, lin in layers.items()}, X,
+                                  lambda x: blk(x, **kw))
+                elif method.needs_calibration:
                     handles = []
                     for name, lin in layers.items():
                         def hook(mod, args, out, full=f"{prefix}.{name}"):
@@ -380,11 +389,15 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                     finally:
                         for h in handles:
                             h.remove()
-                    _all_reduce_statistics(method)
+                if method.needs_calibration:
                     method.transform_block(blk, prefix, X, kw)
                     layers = linear_layers(blk)
-                for name, lin in layers.items():
-                    _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
+                if split is not None:  # scale-out: each layer solved by its owner, installed everywhere
+                    split.apply(method, {f"{prefix}.{n}": lin for n, lin in layers.items()},
+                                install=lambda full, new: _set_submodule(blk, full[len(prefix) + 1:], new))
+                else:
+                    for name, lin in layers.items():
+                        _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing
                     Y = Activations(pool)
                     for x in X:
@@ -409,16 +422,6 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     return stats
 
 
-def _all_reduce_statistics(method: Method) -> None:
-    """Sum the method's per-sample statistics over all processes (no-op in a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for _, t in sorted(method.statistics().items()):
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
 @torch.no_grad()
 def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, device: str | torch.device = "cpu",
                     stream: Streaming | None = None) -> None:
@@ -436,8 +439,27 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
         if stream is not None and any(p.is_meta for p in model.parameters()):
             _check_streamable(method)
         prepare(model)
+    split = distributed.Split.current()  # scale-out: None in one process
+    progress = progress and (split is None or split.rank == 0)
+    homes: dict[int, torch.device] = {}
     if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
+        if split is not None:  # scale-out: layer i solved by process i mod N, results gathered
+            def solve_layer(i):
+                name, lin = layers[i]
+                homes[i] = lin.weight.device
+                return {name: lin.to(device)}
+
+            def finish_layer(i, solved, mine):
+                name, lin = layers[i]
+                home = homes.pop(i, lin.weight.device)
+                lin.to(home)
+                _set_submodule(model, name, solved[name].to(home))
+
+            with tqdm(total=len(layers), desc=f"{method.name} layers", unit="layer", disable=not progress,
+                      leave=False) as bar:
+                distributed.apply_data_free(method, len(layers), solve_layer, finish_layer, bar)
+            return
         for name, lin in tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress, leave=False):
             home = lin.weight.device
             q = method.apply(name, lin.to(device))
@@ -445,19 +467,42 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
             _set_submodule(model, name, q.to(home))
         return
     blocks = find_blocks(model)
-    for i, blk in enumerate(tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)):
-        prefix = block_prefix(model, i)
+
+    def load(i: int) -> nn.Module:  # block i on the device, ready for the method
         if stream is not None:
-            blk = stream.load(prefix, device)
+            return stream.load(block_prefix(model, i), device)
+        homes[i] = next(blocks[i].parameters()).device
+        return blocks[i].to(device)
+
+    def done(i: int, blk: nn.Module) -> None:  # block i quantized: written and released, or moved back
+        if stream is not None:
+            stream.store(block_prefix(model, i), blk)
         else:
-            home = next(blk.parameters()).device
-            blk.to(device)
+            blk.to(homes.pop(i))
+
+    if split is not None:  # scale-out: block i solved by process i mod N, results gathered
+        def solve_block(i):
+            prefix = block_prefix(model, i)
+            return {f"{prefix}.{n}": lin for n, lin in linear_layers(load(i)).items()}
+
+        def finish_block(i, solved, mine):
+            if stream is not None and not mine and split.rank != 0:
+                return  # streamed: process 0 alone writes the blocks it did not solve
+            blk = blocks[i] if mine else load(i)
+            for full, new in solved.items():
+                _set_submodule(model, full, new)
+            done(i, blk)
+
+        with tqdm(total=len(blocks), desc=f"{method.name} blocks", unit="block", disable=not progress,
+                  leave=False) as bar:
+            distributed.apply_data_free(method, len(blocks), solve_block, finish_block, bar)
+        return
+    for i in tqdm(range(len(blocks)), desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False):
+        prefix = block_prefix(model, i)
+        blk = load(i)
         for name, lin in linear_layers(blk).items():
             _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
-        if stream is not None:
-            stream.store(prefix, blk)
-        else:
-            blk.to(home)
+        done(i, blk)
 
 
 def _check_streamable(method: Method) -> None:

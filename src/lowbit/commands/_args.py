@@ -12,7 +12,10 @@ from lowbit.errors import LowbitError
 
 
 def log(msg: str) -> None:
-    print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+    from lowbit.core.processes import is_main
+
+    if is_main():  # split over processes (torchrun): process 0 speaks for all
+        print(f"lowbit: {msg}", file=sys.stderr, flush=True)
 
 
 #--------------------------------------------------------------------------

@@ -51,8 +51,11 @@ def run(args) -> int:
     rc = quantize.run(ns)
     if args.storage != "dense":  # rewrite the pruned layers in a sparse format (lowbit.algorithms.sparse_storage)
         from lowbit.algorithms.sparse_storage import restore_checkpoint
+        from lowbit.core import processes
 
-        info = restore_checkpoint(args.output, args.storage)
+        # split over processes: process 0 rewrites the checkpoint it wrote, the others wait
+        info = processes.gather(lambda: restore_checkpoint(args.output, args.storage) if processes.is_main()
+                                else None)[0]
         log(f"stored {args.storage}: " + ", ".join(f"{sum(1 for f in info['layers'].values() if f == k)} {k}"
                                                    for k in sorted(set(info["layers"].values()))))
     return rc
