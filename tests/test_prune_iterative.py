@@ -12,8 +12,7 @@ from lowbit.algorithms.iterative_prune import IterativeConfig, iterative_prune, 
 from lowbit.algorithms.magnitude import model_linear_layers
 from lowbit.algorithms.sparse_storage import convert_model
 from lowbit.errors import LowbitError
-from tests.test_distributed import CharTokenizer
-from tests.tiny import tiny_llama
+from tests.tiny import CharTokenizer, tiny_llama
 
 
 @pytest.fixture(autouse=True)

@@ -22,3 +22,10 @@ def tiny_gemma3(seed: int = 0):
                            max_position_embeddings=128, sliding_window=4,
                            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])
     return Gemma3ForCausalLM(cfg).eval()
+
+
+class CharTokenizer:
+    """A tokenizer for the tiny models (vocab 96): one id per character, no special tokens."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": [ord(c) % 96 for c in text]}
