@@ -28,6 +28,7 @@ from lowbit.core.registry import available
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
 from lowbit.models.digits import accuracy, digits_cnn, digits_split, float_bytes, train
+from lowbit.nn.replace import replacement
 
 OBSERVERS = ["minmax", "moving-minmax", "percentile", "entropy", "mse"]
 
@@ -47,7 +48,7 @@ def dynamic_int8_row(model: nn.Sequential, Xte, yte) -> dict | None:
     meth = make_method("dynamic-int8")
     for i, layer in enumerate(m):
         if isinstance(layer, nn.Linear):
-            m[i] = meth.apply(str(i), layer)
+            m[i] = replacement(layer, meth.apply(str(i), layer))
     size = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     return {"variant": "dynamic int8 (linears; convs fp32)", "acc": accuracy(m, Xte, yte), "size_kb": size / 1e3}
 

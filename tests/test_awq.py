@@ -246,7 +246,7 @@ class FoldOnly(AWQ):
 
     def apply(self, layer_name, module):
         super().apply(layer_name, module)
-        return module
+        return module.weight.detach()
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3, tiny_llama_mha], ids=["llama-gqa", "gemma3", "llama-mha"])

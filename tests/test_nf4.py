@@ -22,6 +22,7 @@ from lowbit.core.registry import get_format, get_method
 from lowbit.errors import LowbitError
 from lowbit.formats.nf4 import DYNAMIC_MAP_8BIT, NF4_CODEBOOK, NF4Weight, pack_nibbles, unpack_nibbles
 from lowbit.nn.linear import QuantizedLinear
+from lowbit.nn.replace import replacement
 from tests.tiny import tiny_llama
 
 FIXTURE = Path(__file__).parent / "data" / "nf4_bnb_fixture.json"
@@ -307,7 +308,7 @@ def test_matches_bitsandbytes(shape, double_quant):
 # -- the method in a model ---------------------------------------------------------------------------
 def test_quantized_linear_uses_nf4():
     lin = torch.nn.Linear(100, 12)
-    qm = get_method("nf4")(NF4Config()).apply("x", lin)
+    qm = replacement(lin, get_method("nf4")(NF4Config()).apply("x", lin))
     assert isinstance(qm, QuantizedLinear) and isinstance(qm.weight_format, NF4Weight)
     x = torch.randn(5, 100)
     want = torch.nn.functional.linear(x, nf4_quantize(lin.weight, NF4Config()).dequantize(), lin.bias)

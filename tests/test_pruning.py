@@ -19,6 +19,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
 from lowbit.models.families import find_blocks, linear_layers
 from lowbit.nn.linear import QuantizedLinear
+from lowbit.nn.replace import replacement
 from tests.reference.sparsegpt_naive import sparsegpt_naive
 from tests.tiny import tiny_gemma3, tiny_llama
 
@@ -160,7 +161,7 @@ def test_wanda_method_accumulates_squared_norms():
     torch.testing.assert_close(stats["a.sq_norms"], (X ** 2).sum(0), rtol=1e-6, atol=0)
     assert stats["a.sq_norms"].dtype == torch.float64
     assert stats["a.count"].tolist() == [14]
-    new = m.apply("a", lin)
+    new = replacement(lin, m.apply("a", lin))
     assert type(new) is torch.nn.Linear and torch.equal(new.bias, lin.bias)
     ref, _ = wanda_prune(lin.weight, stats["a.sq_norms"].clone(), m.config)
     assert torch.equal(new.weight, ref) and (new.weight == 0).sum(1).tolist() == [4, 4, 4]
@@ -248,7 +249,7 @@ def test_sparsegpt_method_and_joint_quantization():
     m.observe("a", lin, x)
     assert sorted(m.statistics()) == ["a.count", "a.xxT"]
     H = 2.0 / 64 * (x.T @ x).double()
-    new = m.apply("a", lin)
+    new = replacement(lin, m.apply("a", lin))
     assert type(new) is torch.nn.Linear and torch.equal(new.bias, lin.bias)
     ref = sparsegpt_prune(lin.weight, H, m.config)
     assert torch.equal(new.weight, ref.W) and int((new.weight == 0).sum()) == 128
@@ -259,7 +260,7 @@ def test_sparsegpt_method_and_joint_quantization():
     scheme = QuantScheme(4, True, "group", 16)
     mq = make_method("sparsegpt", scheme, pattern="2:4", quantize=True)
     mq.observe("a", lin, x)
-    q = mq.apply("a", lin)
+    q = replacement(lin, mq.apply("a", lin))
     assert isinstance(q, QuantizedLinear)
     Wq = q.weight_format.dequantize()
     kept = (Wq != 0).reshape(8, -1, 4).sum(-1)

@@ -69,7 +69,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
 from lowbit.models.families import awq_layout, linear_layers
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 _ACT_FLOOR = 1e-4  # s_X is floored at this fraction of its largest entry (dead channels)
 
@@ -380,10 +380,10 @@ class AWQ(Method):
                                             self.config.n_grid)
         return out
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         self._stats.pop(layer_name, None)
         shrink = self._shrink.pop(layer_name, None)
         with torch.no_grad():
             fmt = awq_quantize(module.weight, shrink, self.config.scheme)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt

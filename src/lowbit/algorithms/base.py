@@ -3,12 +3,18 @@
 A method sees one linear layer at a time. Methods that need calibration data set
 ``needs_calibration = True`` and receive that layer's inputs through ``observe`` (called by the
 sequential calibration runner, which alone knows about blocks, hooks and devices) before
-``apply`` is asked for the replacement module.
+``apply`` is asked for the layer's new weight (a format, or a dense tensor); the runner wraps it
+in the module that takes the layer's place.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lowbit.formats.base import WeightFormat
 
 
 class Method:
@@ -46,8 +52,10 @@ class Method:
         GPTQ Hessian and its sample count), for inspection and tests. The default has none."""
         return {}
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
-        """Return the module that replaces ``module`` (e.g. a QuantizedLinear)."""
+    def apply(self, layer_name: str, module: nn.Linear) -> "WeightFormat | Tensor":
+        """Solve one layer: return its weight in a format (`lowbit.formats`), or a dense float
+        weight (a pruned layer). The runner builds the replacement module from it
+        (`lowbit.nn.replace.replacement`); no method builds modules."""
         raise NotImplementedError
 
     def describe(self) -> dict:

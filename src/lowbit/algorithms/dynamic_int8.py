@@ -21,7 +21,8 @@ from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight, check_activations
 from lowbit.nn.dynamic_conv import DynamicInt8Conv2d
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
+from lowbit.nn.replace import replacement
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,10 @@ class DynamicInt8(Method):
     config_cls = DynamicInt8Config
     needs_calibration = False
 
-    def apply(self, layer_name: str, module: nn.Module) -> nn.Module:
-        """nn.Linear -> QuantizedLinear; nn.Conv2d (groups=1) -> DynamicInt8Conv2d."""
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         with torch.no_grad():
-            if isinstance(module, nn.Conv2d):
-                return DynamicInt8Conv2d.from_float(module, self.config.activations)
-            fmt = DynamicInt8Weight.quantize(module.weight.float(), self.config.activations)
-        return QuantizedLinear(fmt, module.bias)
+            return DynamicInt8Weight.quantize(module.weight.float(), self.config.activations)
 
 
 def quantize_dynamic(model: nn.Module, activations: str = "token") -> nn.Module:
@@ -56,5 +53,11 @@ def quantize_dynamic(model: nn.Module, activations: str = "token") -> nn.Module:
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, meth.apply(name, mod))
+        if isinstance(mod, nn.Conv2d):  # (groups=1) the CNN's own int8 convolution
+            check_finite(mod.weight, name)
+            with torch.no_grad():
+                new = DynamicInt8Conv2d.from_float(mod, activations)
+        else:
+            new = replacement(mod, meth.apply(name, mod))
+        setattr(parent, child, new)
     return model

@@ -17,7 +17,7 @@ from lowbit.algorithms.base import Method
 from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.floatw import FloatWeight, check_compute
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,11 @@ class FP16(Method):
     needs_calibration = False
     dtype = "float16"
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         with torch.no_grad():
             fmt = FloatWeight.cast(module.weight.float(), self.dtype, self.config.compute)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt
 
 
 @register_method("bf16")

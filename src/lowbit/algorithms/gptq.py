@@ -53,7 +53,7 @@ from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ class GPTQ(Method):
             out[f"{name}.count"] = self._count[name]
         return out
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         self._last = None
         check_finite(module.weight, layer_name)
         if layer_name not in self._xxT or int(self._count[layer_name].item()) == 0:
@@ -253,4 +253,4 @@ class GPTQ(Method):
         H = xxT.mul_(2.0 / n)                                                  # H = 2/n Σ x xᵀ
         fmt, info = gptq_quantize(module.weight, H, self.config)
         self.errors[layer_name] = info["error"]
-        return QuantizedLinear(fmt, module.bias)
+        return fmt

@@ -88,7 +88,7 @@ from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 def _default_scheme() -> QuantScheme:
@@ -277,9 +277,9 @@ class HQQ(Method):
         super().__init__(config)
         self.info: dict[str, dict] = {}  # per layer: score (config.select) at the start / at the end, iterations
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         fmt, info = hqq_quantize(module.weight, self.config)
         self.info[layer_name] = {"objective_rtn": info["objective"][0], "objective": info["best_objective"][-1],
                                  "iterations": info["iterations"]}
-        return QuantizedLinear(fmt, module.bias)
+        return fmt

@@ -28,7 +28,7 @@ from lowbit.algorithms.base import Method
 from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.formats.int8 import Int8Weight, validate_threshold
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,14 @@ class LLMInt8(Method):
         # only layers of the current block: earlier ones were already reduced and applied
         return {f"{name}.{k}": t for name, (c, n) in self._pending.items() for k, t in (("counts", c), ("tokens", n))}
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         if layer_name in self._pending:
             counts, n = self._pending.pop(layer_name)
             self.outliers[layer_name] = outlier_report(counts.cpu(), int(n))
         with torch.no_grad():
             fmt = llm_int8_quantize(module.weight, self.config)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt
 
     def describe(self) -> dict:
         d = super().describe()

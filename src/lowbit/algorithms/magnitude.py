@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, layer_info, parse_pattern,
-                                       prune_count, prune_mask, pruned_linear, with_sparsity)
+                                       prune_count, prune_mask, with_sparsity)
 from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
@@ -117,7 +117,7 @@ class Magnitude(Method):
         masks = global_magnitude_masks([lin.weight for _, lin in layers], self.config.sparsity)
         self._global = {name: m for (name, _), m in zip(layers, masks)}
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> Tensor:
         check_finite(module.weight, layer_name)
         if self.config.scope == "global":
             mask = getattr(self, "_global", {}).pop(layer_name, None)
@@ -126,12 +126,12 @@ class Magnitude(Method):
                                   "model first (apply it with apply_data_free / lowbit prune)")
             W = module.weight.detach().masked_fill(mask, 0.0)
             self.layers[layer_name] = layer_info(W)
-            return pruned_linear(module, W)
+            return W
         if self.config.pattern is not None:
             check_nm_columns(module.in_features, parse_pattern(self.config.pattern, "magnitude"), layer_name)
         W, _ = magnitude_prune(module.weight, self.config)
         self.layers[layer_name] = layer_info(W)
-        return pruned_linear(module, W)
+        return W
 
     def describe(self) -> dict:
         return with_sparsity(super().describe(), self.layers)

@@ -42,7 +42,7 @@ from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
 from lowbit.formats.nf4 import DYNAMIC_MAP_8BIT, NF4_CODEBOOK, NF4Weight, pack_nibbles
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 def _is_pow2(x) -> bool:
@@ -135,8 +135,8 @@ class NF4(Method):
     config_cls = NF4Config
     needs_calibration = False
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         with torch.no_grad():
             fmt = nf4_quantize(module.weight, self.config)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt

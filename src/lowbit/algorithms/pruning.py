@@ -17,7 +17,7 @@ Two kinds of sparsity:
   This is the convention of NVIDIA's sparse tensor cores. The layer's in_features must be a
   multiple of M. A pattern overrides ``sparsity``.
 
-Pruned layers stay ordinary dense ``nn.Linear`` modules holding zeros; `pruned_linear` builds one
+Pruned layers stay ordinary dense ``nn.Linear`` modules holding zeros; `lowbit.nn.replace.dense_linear` builds one
 and `layer_info` records what was achieved. `lowbit.algorithms.sparse_storage` turns them into
 compressed N:M or CSR weights run by the native sparse kernels (``lowbit prune --storage``).
 """
@@ -123,18 +123,6 @@ def hessian_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     minimises (H = 2/n Σ x xᵀ)."""
     D = W.detach().double() - W_hat.detach().double()                     # [out, in]
     return float(((D @ H.detach().double().to(D.device)) * D).sum())
-
-
-def pruned_linear(module: nn.Linear, W: Tensor) -> nn.Linear:
-    """A new dense nn.Linear with weight W (zeros where pruned) and the module's bias."""
-    lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                    device=module.weight.device, dtype=module.weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(W.to(lin.weight.dtype))
-        if module.bias is not None:
-            lin.bias.copy_(module.bias)
-    lin.requires_grad_(module.weight.requires_grad)
-    return lin
 
 
 def layer_info(W: Tensor) -> dict:

@@ -17,7 +17,7 @@ from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats.affine import AffineWeight
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class RTN(Method):
     config_cls = RTNConfig
     needs_calibration = False
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         with torch.no_grad():
             fmt = rtn_quantize(module.weight, self.config)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt

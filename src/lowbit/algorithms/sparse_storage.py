@@ -31,7 +31,7 @@ from lowbit.algorithms.pruning import parse_pattern
 from lowbit.errors import LowbitError
 from lowbit.formats.sparse_csr import CSRWeight
 from lowbit.formats.sparse_nm import SparseNMWeight, nonzero_bits
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.nn.replace import replacement
 
 STORAGES = ("dense", "nm", "csr", "auto")
 AUTO_LARGE = 1 << 20                 # weights; "large" layers amortise the per-call overhead
@@ -97,7 +97,7 @@ def convert_model(model: nn.Module, storage: str, pattern: str | tuple[int, int]
         if fmt is None:
             chosen[name] = "dense"
             continue
-        q = QuantizedLinear(fmt, lin.bias)
+        q = replacement(lin, fmt)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
         chosen[name] = fmt.name

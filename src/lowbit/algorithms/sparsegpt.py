@@ -42,14 +42,14 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, hessian_error, layer_info, lowest_k_mask,
-                                       nm_mask, parse_pattern, prune_count, pruned_linear, sparsity_of,
+                                       nm_mask, parse_pattern, prune_count, sparsity_of,
                                        with_sparsity)
 from lowbit.core.grid import check_finite, choose_qparams, group_layout, round_to_grid
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class SparseGPT(GPTQ):
         super().__init__(config)
         self.layers: dict[str, dict] = {}   # layer -> {"sparsity", "weights", "error"}
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat | Tensor:
         self._last = None
         check_finite(module.weight, layer_name)
         if layer_name not in self._xxT or int(self._count[layer_name].item()) == 0:
@@ -200,8 +200,8 @@ class SparseGPT(GPTQ):
         self.errors[layer_name] = res.info["error"]
         self.layers[layer_name] = {**layer_info(res.W), "error": res.info["error"]}
         if res.weight is not None:
-            return QuantizedLinear(res.weight, module.bias)
-        return pruned_linear(module, res.W)
+            return res.weight
+        return res.W
 
     def describe(self) -> dict:
         d = super().describe()

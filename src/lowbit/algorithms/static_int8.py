@@ -37,6 +37,7 @@ from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.formats.base import WeightFormat
 from lowbit.formats.static_int8 import check_matmul
 from lowbit.nn.fake_quant import FakeQuantAct, FakeQuantConv2d, FakeQuantLinear, FakeQuantSequential, _FakeQuantAffine
 from lowbit.nn.static_int8 import (
@@ -326,9 +327,8 @@ class StaticInt8(Method):
             d["clip_per_layer"] = dict(self._clip_record)
         return d
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         from lowbit.formats.static_int8 import StaticInt8Weight
-        from lowbit.nn.linear import QuantizedLinear
 
         check_finite(module.weight, layer_name)
         s = self.config.scheme
@@ -354,7 +354,7 @@ class StaticInt8(Method):
                                smooth=None if smooth is None else smooth.float().contiguous(),
                                observer=self.config.observer, matmul=self.config.matmul,
                                w_min=-127 if s.restricted_range else -128)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt
 
 
 @torch.no_grad()
@@ -366,6 +366,7 @@ def quantize_linears_static(model: nn.Module, run, **options) -> StaticInt8:
     ``describe()`` records the settings)."""
     from lowbit.algorithms.base import make_method
     from lowbit.calibration.sequential import _set_submodule
+    from lowbit.nn.replace import replacement
 
     meth = make_method("static-int8", options.pop("scheme", None), **options)
     lins = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
@@ -381,5 +382,5 @@ def quantize_linears_static(model: nn.Module, run, **options) -> StaticInt8:
         if n not in meth._obs and n not in meth._inputs:
             raise LowbitError(f"static-int8: layer {n} saw no calibration data")
         meth.finish_layer(n, m)
-        _set_submodule(model, n, meth.apply(n, m))
+        _set_submodule(model, n, replacement(m, meth.apply(n, m)))
     return meth

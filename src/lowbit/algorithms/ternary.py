@@ -28,7 +28,7 @@ from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
 from lowbit.formats.ternary import GRANULARITIES, TernaryWeight, ternary_grid
-from lowbit.nn.linear import QuantizedLinear
+from lowbit.formats.base import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class Ternary(Method):
     config_cls = TernaryConfig
     needs_calibration = False
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         with torch.no_grad():
             fmt = ternary_quantize(module.weight, self.config)
-        return QuantizedLinear(fmt, module.bias)
+        return fmt

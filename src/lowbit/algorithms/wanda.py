@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, layer_info, parse_pattern,
-                                       prune_mask, pruned_linear, with_sparsity)
+                                       prune_mask, with_sparsity)
 from lowbit.core.grid import check_finite
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
@@ -89,7 +89,7 @@ class Wanda(Method):
             out[f"{name}.count"] = self._count[name]
         return out
 
-    def apply(self, layer_name: str, module: nn.Linear) -> nn.Module:
+    def apply(self, layer_name: str, module: nn.Linear) -> Tensor:
         check_finite(module.weight, layer_name)
         if layer_name not in self._sq or int(self._count[layer_name].item()) == 0:
             raise LowbitError(f"Wanda saw no calibration inputs for {layer_name}")
@@ -99,7 +99,7 @@ class Wanda(Method):
         self._count.pop(layer_name)
         W, _ = wanda_prune(module.weight, sq, self.config)
         self.layers[layer_name] = layer_info(W)
-        return pruned_linear(module, W)
+        return W
 
     def describe(self) -> dict:
         return with_sparsity(super().describe(), self.layers)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from lowbit.algorithms.base import Method
 from lowbit.core import processes
 from lowbit.errors import LowbitError
+from lowbit.nn.replace import replacement
 
 
 def layer_cost(module: nn.Module) -> int:
@@ -261,7 +262,7 @@ class Split:
         owners = self.owners(layers)
 
         def solve():
-            return {full: (method.apply(full, lin), _records(method, full))
+            return {full: (replacement(lin, method.apply(full, lin)), _records(method, full))
                     for full, lin in layers.items() if owners[full] == self.rank}
 
         results = processes.gather(solve)
@@ -283,7 +284,8 @@ def apply_data_free(method: Method, n_units: int, solve: Callable[[int], dict[st
         units = range(start, min(start + n, n_units))
 
         def work():
-            return {i: {full: (method.apply(full, lin), _records(method, full)) for full, lin in solve(i).items()}
+            return {i: {full: (replacement(lin, method.apply(full, lin)), _records(method, full))
+                        for full, lin in solve(i).items()}
                     for i in units if i % n == r}
 
         results = {}

@@ -315,6 +315,14 @@ def capture_block0_inputs(model: nn.Module, samples: Tensor, batch_size: int, de
     return inputs
 
 
+def solve_layer(method: Method, name: str, lin: nn.Linear) -> nn.Module:
+    """The module that replaces linear ``lin``: the method's result (a weight format, or a dense
+    weight) in its module (`lowbit.nn.replace.replacement`)."""
+    from lowbit.nn.replace import replacement
+
+    return replacement(lin, method.apply(name, lin))
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -397,7 +405,7 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                                 install=lambda full, new: _set_submodule(blk, full[len(prefix) + 1:], new))
                 else:
                     for name, lin in layers.items():
-                        _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
+                        _set_submodule(blk, name, solve_layer(method, f"{prefix}.{name}", lin))
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing
                     Y = Activations(pool)
                     for x in X:
@@ -445,7 +453,7 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
     if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         layers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
         if split is not None:  # scale-out: layer i solved by process i mod N, results gathered
-            def solve_layer(i):
+            def ready_layer(i):
                 name, lin = layers[i]
                 homes[i] = lin.weight.device
                 return {name: lin.to(device)}
@@ -458,11 +466,11 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
 
             with tqdm(total=len(layers), desc=f"{method.name} layers", unit="layer", disable=not progress,
                       leave=False) as bar:
-                distributed.apply_data_free(method, len(layers), solve_layer, finish_layer, bar)
+                distributed.apply_data_free(method, len(layers), ready_layer, finish_layer, bar)
             return
         for name, lin in tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress, leave=False):
             home = lin.weight.device
-            q = method.apply(name, lin.to(device))
+            q = solve_layer(method, name, lin.to(device))
             lin.to(home)
             _set_submodule(model, name, q.to(home))
         return
@@ -501,7 +509,7 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
         prefix = block_prefix(model, i)
         blk = load(i)
         for name, lin in linear_layers(blk).items():
-            _set_submodule(blk, name, method.apply(f"{prefix}.{name}", lin))
+            _set_submodule(blk, name, solve_layer(method, f"{prefix}.{name}", lin))
         done(i, blk)
 
 
