@@ -246,9 +246,9 @@ def lowbit_bytes_per_token(model) -> int:
 def quantize_head_int8(model) -> None:
     """Replace lm_head with an int8 per-channel RTN copy of its (tied) weight, as
     ``lowbit quantize --head int8`` does."""
-    from lowbit import api
+    from lowbit.algorithms.head_embed import HEAD_SCHEMES, quantize_head
 
-    api.quantize_head(model, api.HEAD_SCHEMES["int8"])
+    quantize_head(model, HEAD_SCHEMES["int8"])
 
 
 def weight_class(label: str) -> str | None:

@@ -182,6 +182,7 @@ def decode_speed(variants: dict, rounds: int) -> dict:
 
 def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None, quality: bool, rounds: int) -> str:
     from lowbit import api
+    from lowbit.eval.size import linear_bits, model_bytes
     from lowbit.cli import quiet_transformers
     from lowbit.eval.quality import PplProtocol
     from lowbit.evaluate import COLUMNS, EvalSettings, compare
@@ -198,7 +199,7 @@ def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None, quality: 
         settings = EvalSettings(protocol=PplProtocol(ctx=512, max_tokens=max_tokens), latency=False, progress=False)
         rows = compare(variants, "fp32", settings)
     else:
-        rows = [{"variant": k, "bpw": api.linear_bits(m.model)[0], "size_mb": api.model_bytes(m.model) / 1e6}
+        rows = [{"variant": k, "bpw": linear_bits(m.model)[0], "size_mb": model_bytes(m.model) / 1e6}
                 for k, m in variants.items()]
     speed = decode_speed(variants, rounds)
     for r in rows:

@@ -16,6 +16,7 @@ from lowbit import api
 from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
+from lowbit.eval import size
 
 MiB = 2**20
 
@@ -30,7 +31,7 @@ def main() -> int:
     args = ap.parse_args()
     quiet_transformers()
     m = api.load(args.model)
-    model_mib = api.model_bytes(m.model) / MiB
+    model_mib = size.model_bytes(m.model) / MiB
     rec = api.quantize(m, "rtn", QuantScheme(4, True, "group", 128), n_samples=args.samples, seq_len=args.seq_len,
                        device=args.device, batch_size=args.batch_size, force_runner=True, progress=False)
     r = rec["runner"]

@@ -10,6 +10,7 @@ from lowbit import api, checkpoint
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.streaming import StreamingForward
 from lowbit.models.tiny import tiny_model
+from lowbit.eval import size
 
 
 def quantized(tmp_path, family, head=None, **overrides):
@@ -64,4 +65,4 @@ def test_bits_per_weight_from_the_headers(tmp_path, method, scheme):
     m = api.Model(model=t.model, tokenizer=t.tokenizer, name="t", source={"kind": "test"})
     api.quantize(m, method, scheme, progress=False)
     out = api.save(m, str(tmp_path / method))
-    assert checkpoint.open_lazy(out).linear_bits() == api.linear_bits(checkpoint.load(out)[0])
+    assert checkpoint.open_lazy(out).linear_bits() == size.linear_bits(checkpoint.load(out)[0])

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.eval import size
 from lowbit.eval import (
     LatencyResult,
     PplProtocol,
@@ -446,10 +447,10 @@ def test_linear_bits_counts_float_layers_left_beside_quantized_ones():
     model = tiny_llama()
     blk = find_blocks(model)[0]
     n_all = sum(m.weight.numel() for b in find_blocks(model) for m in b.modules() if isinstance(m, torch.nn.Linear))
-    assert api.linear_bits(model) == (32.0, 4 * n_all, n_all)
+    assert size.linear_bits(model) == (32.0, 4 * n_all, n_all)
     fmt = AffineWeight.quantize_rtn(blk.self_attn.q_proj.weight.detach(), QuantScheme(bits=4, group_size=72))
     blk.self_attn.q_proj = QuantizedLinear(fmt)
     n_q = fmt.n_weights
-    bpw, nbytes, n = api.linear_bits(model)
+    bpw, nbytes, n = size.linear_bits(model)
     assert n == n_all and nbytes == 4 * (n_all - n_q) + fmt.nbytes
     assert bpw == 8 * nbytes / n_all < 32.0

@@ -14,6 +14,7 @@ from lowbit.formats.affine import AffineWeight
 from lowbit.models.tiny import save_tiny, tiny_model
 from lowbit.nn.linear import QuantizedLinear
 from lowbit.runtime import LeanDecoder
+from lowbit.algorithms import head_embed
 
 
 def _model(model_type="llama", **overrides):
@@ -35,7 +36,7 @@ def test_head_is_the_rtn_quantized_embedding_and_the_embedding_stays_float(head)
     out = m.model.get_output_embeddings()
     assert isinstance(out, QuantizedLinear) and rec["head"]["name"] == head
     # the head holds exactly RTN of the (tied) embedding matrix on the head's grid
-    ref = AffineWeight.quantize_rtn(E, api.HEAD_SCHEMES[head])
+    ref = AffineWeight.quantize_rtn(E, head_embed.HEAD_SCHEMES[head])
     assert torch.equal(out.weight_format.dequantize(), ref.dequantize())
     assert torch.equal(m.model.get_input_embeddings().weight, E)  # lookup table untouched
     x = _ids(m)

@@ -8,6 +8,7 @@ from lowbit import api
 from lowbit.core.scheme import QuantScheme
 from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 from lowbit.eval.quality import PplProtocol, evaluate_quality
+from lowbit.eval import size
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def test_real_model_rtn_runner_save_load_and_quality(fp32, tmp_path):
     again = api.load(out)
     with torch.no_grad():
         assert torch.equal(again.model(x).logits, ld)
-    bpw, _, n = api.linear_bits(again.model)
+    bpw, _, n = size.linear_bits(again.model)
     # per block: q, o 576x576; k, v 192x576 (GQA); gate, up 1536x576; down 576x1536
     shapes = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
     assert n == 30 * sum(o * i for o, i in shapes)

@@ -16,6 +16,7 @@ from lowbit import api, checkpoint
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.models.tiny import tiny_model
+from lowbit.algorithms import head_embed
 from tests.test_golden import CASES, _golden, checkpoint_digest
 
 CASE = {c[0]: c for c in CASES}
@@ -164,7 +165,7 @@ def test_quantized_embedding_rows_and_round_trip(tmp_path):
     t = tiny_model("gemma3_text", seed=5)
     m = api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
     emb = t.model.get_input_embeddings()
-    q = QuantizedEmbedding.quantize(emb, api.HEAD_SCHEMES["int6"])
+    q = QuantizedEmbedding.quantize(emb, head_embed.HEAD_SCHEMES["int6"])
     ids = torch.tensor([[0, 258, 7, 7], [100, 3, 64, 1]])
     W = q.weight_format.dequantize()
     assert torch.equal(q(ids), W[ids] * float(emb.embed_scale))

@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit import checkpoint
 from lowbit.algorithms.base import make_method
+from lowbit.algorithms.head_embed import HEAD_SCHEMES, quantize_embedding, quantize_head
 from lowbit.calibration.sequential import apply_data_free, run_sequential
 from lowbit.core import processes
 from lowbit.core.scheme import QuantScheme
@@ -296,43 +297,6 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-HEAD_SCHEMES = {
-    "int8": QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None),
-    "int6": QuantScheme(bits=6, symmetric=True, granularity="group", group_size=16),  # Q6_K-like
-    "int4": QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32),
-}
-
-
-def quantize_head(model: nn.Module, scheme: QuantScheme) -> None:
-    """Replace the output layer by an RTN-quantized copy (the token embedding keeps its float
-    weight, so a tied pair is untied)."""
-    from lowbit.formats.affine import AffineWeight
-    from lowbit.nn.linear import QuantizedLinear
-
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(out, nn.Linear):
-        raise LowbitError(f"{type(model).__name__} has no float nn.Linear output layer to quantize")
-    W = out.weight.detach().float()
-    if not torch.isfinite(W).all():
-        raise LowbitError("the output layer has NaN/Inf weights")
-    fmt = AffineWeight.quantize_rtn(W, scheme)
-    model.set_output_embeddings(QuantizedLinear(fmt, None if out.bias is None else out.bias.detach()))
-
-
-def quantize_embedding(model: nn.Module, scheme: QuantScheme) -> None:
-    """Replace the token embedding by an RTN-quantized copy, row by row (a tied output layer
-    keeps the float weight)."""
-    from lowbit.models.families import family_of
-    from lowbit.nn.embedding import QuantizedEmbedding
-
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(emb, nn.Embedding):
-        raise LowbitError(f"{type(model).__name__} has no float nn.Embedding to quantize")
-    name = family_of(model).embed
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, QuantizedEmbedding.quantize(emb, scheme))
-
-
 def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD) -> str:
     """Write the quantized model as a checkpoint. Unquantized tensors outside the blocks (the
     embedding, final norm, head) are stored in the source model's dtype (bf16 stays bf16).
@@ -359,34 +323,3 @@ def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SH
     return processes.gather(lambda: str(checkpoint.save(m.model, m.tokenizer, out_dir, m.record,
                                                         max_shard_size=max_shard_size, keep_dtype=keep))
                             if processes.is_main() else None)[0]
-
-
-def linear_bits(model: nn.Module) -> tuple[float, int, int]:
-    """(bits per weight over the model's linear layers, stored bytes, number of weights).
-
-    A quantized (or sparse-stored) layer counts what its format stores; a layer still in float
-    (an unquantized model, or the layers a partly sparse model keeps dense) counts its weight.
-    For a supported LLM family: the linear layers inside its blocks; for other models: the
-    quantized layers."""
-    from lowbit.models.families import family_of, find_blocks
-    from lowbit.nn.linear import QuantizedLinear
-
-    try:
-        family_of(model)
-        modules = [m for blk in find_blocks(model) for m in blk.modules()]
-    except LowbitError:
-        modules = list(checkpoint.quantized_modules(model).values())
-    nbytes = n = 0
-    for mod in modules:
-        if isinstance(mod, QuantizedLinear):
-            n += mod.in_features * mod.out_features
-            nbytes += mod.weight_format.nbytes
-        elif isinstance(mod, nn.Linear):
-            n += mod.weight.numel()
-            nbytes += mod.weight.numel() * mod.weight.element_size()
-    return (8 * nbytes / n if n else float("nan")), nbytes, n
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every stored tensor (tied tensors once): what a checkpoint holds."""
-    return sum(t.numel() * t.element_size() for t in checkpoint._unique_state_dict(model).values())

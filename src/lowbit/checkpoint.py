@@ -421,7 +421,7 @@ class LazyCheckpoint:
         self._tied = {n: names for names in by_id.values() for n in names}  # name -> every name sharing it
 
     def linear_bits(self) -> tuple[float, int, int]:
-        """:func:`lowbit.api.linear_bits` of the loaded checkpoint, from the headers: a quantized
+        """:func:`lowbit.eval.size.linear_bits` of the loaded checkpoint, from the headers: a quantized
         layer counts its stored tensors (its format's), a float one its float32 weight."""
         from lowbit.models.families import find_blocks
 

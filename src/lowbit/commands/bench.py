@@ -11,6 +11,7 @@ import resource
 import sys
 
 from lowbit.errors import LowbitError
+from lowbit.eval import size
 
 
 def _peak_rss_bytes() -> int:
@@ -32,7 +33,7 @@ def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int,
     dec = LeanDecoder(m.model, max_len=prompt_len + new_tokens, int8_activations=int8_activations,
                       kv_dtype=getattr(torch, kv_cache))
     r = measure_lean(dec, prompt_len, new_tokens, warmup=warmup, repeats=repeats)
-    bits, _, _ = api.linear_bits(m.model)
+    bits, _, _ = size.linear_bits(m.model)
     fmt = "lowbit " + (m.record or {}).get("method", {}).get("method", "float")
     return [{
         "model": m.name,
@@ -47,7 +48,7 @@ def bench_rows(m, prompt_len: int, new_tokens: int, warmup: int, repeats: int,
         "step": "C" if dec.native_step is not None else "Python",
         "act": "int8" if int8_activations else "float",
         "KV": kv_cache.replace("float", "fp"),
-        "model MB": api.model_bytes(m.model) / 1e6,
+        "model MB": size.model_bytes(m.model) / 1e6,
         "KV cache MB": dec.cache_bytes / 1e6,
         "peak RSS MB": _peak_rss_bytes() / 1e6,
     }]

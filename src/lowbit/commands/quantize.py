@@ -17,6 +17,7 @@ from lowbit.commands._args import (
     scheme_from_flags,
 )
 from lowbit.errors import LowbitError
+from lowbit.eval import size
 
 
 def register(sub) -> None:
@@ -77,7 +78,7 @@ def run(args) -> int:
                        activation_budget=budget,
                        offload_dir=args.offload_dir or os.path.dirname(os.path.abspath(args.output)), **options)
     out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard)
-    bpw, nbytes, n = api.linear_bits(m.model)
+    bpw, nbytes, n = size.linear_bits(m.model)
     sparsity = rec["method"].get("sparsity")
     what = f"{bpw:.3f} bits/weight" + (f", {100 * sparsity:.1f}% zeros" if sparsity is not None else "")
     log(f"done in {rec['quantize_seconds']:.1f} s: {what} over {n / 1e6:.1f}M linear weights -> {out}")

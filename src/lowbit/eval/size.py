@@ -1,4 +1,5 @@
-"""On-disk size of a saved model (bits per weight come from the quantized modules themselves).
+"""Size of a model: on disk, in memory, and in bits per weight of its linear layers (counted from
+what the quantized modules' formats store).
 
 ``dir_size_bytes`` counts the bytes of the regular files under a directory (or one file):
 symlinks to files are followed (a Hugging Face cache snapshot is made of them), symlinks to
@@ -12,9 +13,11 @@ import os
 import stat
 from pathlib import Path
 
+from torch import nn
+
 from lowbit.errors import LowbitError
 
-__all__ = ["dir_size_bytes", "human_bytes"]
+__all__ = ["dir_size_bytes", "human_bytes", "linear_bits", "model_bytes"]
 
 
 def dir_size_bytes(path: str | os.PathLike) -> int:
@@ -59,3 +62,37 @@ def human_bytes(n: int | float) -> str:
                 return f"{value:.1f} {unit}"
             return f"{value:.0f} {unit}"
     raise AssertionError("unreachable")
+
+
+def linear_bits(model: nn.Module) -> tuple[float, int, int]:
+    """(bits per weight over the model's linear layers, stored bytes, number of weights).
+
+    A quantized (or sparse-stored) layer counts what its format stores; a layer still in float
+    (an unquantized model, or the layers a partly sparse model keeps dense) counts its weight.
+    For a supported LLM family: the linear layers inside its blocks; for other models: the
+    quantized layers."""
+    from lowbit import checkpoint
+    from lowbit.models.families import family_of, find_blocks
+    from lowbit.nn.linear import QuantizedLinear
+
+    try:
+        family_of(model)
+        modules = [m for blk in find_blocks(model) for m in blk.modules()]
+    except LowbitError:
+        modules = list(checkpoint.quantized_modules(model).values())
+    nbytes = n = 0
+    for mod in modules:
+        if isinstance(mod, QuantizedLinear):
+            n += mod.in_features * mod.out_features
+            nbytes += mod.weight_format.nbytes
+        elif isinstance(mod, nn.Linear):
+            n += mod.weight.numel()
+            nbytes += mod.weight.numel() * mod.weight.element_size()
+    return (8 * nbytes / n if n else float("nan")), nbytes, n
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every stored tensor (tied tensors once): what a checkpoint holds."""
+    from lowbit import checkpoint
+
+    return sum(t.numel() * t.element_size() for t in checkpoint._unique_state_dict(model).values())
