@@ -46,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_transformers()
+    clean = False
     try:
         if processes.launched_by_torchrun():
             if args.command not in SCALE_OUT:
                 raise LowbitError(f"lowbit {args.command} runs in one process; only {' and '.join(SCALE_OUT)} "
                                   "split over the processes torchrun starts")
             args.device = processes.init_from_env(args.device)
-        return args.func(args)
+        rc = args.func(args)
+        clean = True
+        return rc
     except processes.PeerError as e:  # the failing process prints its own error
         if processes.is_main():
             print(f"lowbit: error: {e}", file=sys.stderr)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
     finally:
-        processes.finish()
+        processes.finish(clean)
 
 
 if __name__ == "__main__":

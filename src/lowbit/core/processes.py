@@ -81,10 +81,19 @@ def init_from_env(device: str = "cpu") -> str:
     return device
 
 
-def finish() -> None:
-    """Leave the process group (a no-op in one process): the last collective step of a run."""
+def finish(clean: bool = False) -> None:
+    """Leave the process group (a no-op in one process): the last collective step of a run.
+
+    ``clean`` (every process got here without an error): wait for all of them first, so that no
+    process tears its connections down while a peer's last message is still in flight (gloo
+    aborts the peer with "terminate called without an active exception" otherwise)."""
     d = _dist()
     if d is not None:
+        if clean:
+            try:
+                d.barrier()
+            except Exception:  # a peer already gone: nothing left to wait for
+                pass
         d.destroy_process_group()
 
 
