@@ -42,6 +42,21 @@ def test_pack_layout_is_little_endian_runs():
     assert packing.pack(torch.tensor([[1, 0, 1, 1, 0, 0, 0, 1]]), 1).tolist() == [[0b10001101]]
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_pack_in_row_chunks_equals_one_pass(bits, monkeypatch):
+    # a large weight is packed a few rows at a time (bounded int64 work tensors): same bytes, and
+    # the offset form (signed integers + code offset) equals adding the offset first
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (37, 45), generator=g, dtype=torch.int32)
+    whole = packing.pack(codes, bits)
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 100)  # 2 rows per step
+    assert torch.equal(packing.pack(codes, bits), whole)
+    signed = codes - 2 ** (bits - 1)
+    assert torch.equal(packing.pack(signed, bits, offset=2 ** (bits - 1)), whole)
+    with pytest.raises(LowbitError, match="out of range"):
+        packing.pack(signed, bits)
+
+
 def test_pack_rejects_out_of_range():
     with pytest.raises(LowbitError, match="out of range"):
         packing.pack(torch.tensor([[16]]), 4)

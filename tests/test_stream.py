@@ -294,3 +294,53 @@ def test_transformers_loads_a_sharded_streamed_checkpoint_with_quantized_embeddi
     ids = torch.tensor([[256, 72, 101, 108, 108, 111]])
     with torch.no_grad():
         assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("name", ["rtn-int4-g32", "hqq-int4-g32", "nf4", "ternary", "magnitude-50", "fp16"])
+def test_bf16_source_data_free_streamed_equals_in_memory(tmp_path, name):
+    """Data-free methods stream a bf16 block with its linears still in bf16, each converted to
+    float32 just before it is solved: the same checkpoint as converting the whole model first."""
+    case = CASE[name]
+    src = _source(tmp_path, "llama", dtype=torch.bfloat16)
+    ref = api.load(str(src))
+    api.quantize(ref, case[1], case[2], progress=False, **case[3])
+    api.save(ref, str(tmp_path / "mem"))
+    m = api.load(str(src), stream=True)
+    api.quantize(m, case[1], case[2], progress=False, output=str(tmp_path / "st"), **case[3])
+    assert checkpoint_digest(tmp_path / "st") == checkpoint_digest(tmp_path / "mem")
+    stored = checkpoint.read_tensors(tmp_path / "st")
+    assert stored["model.layers.0.input_layernorm.weight"].dtype == torch.float32  # computed in float32
+
+
+def test_large_tensors_are_copied_a_slice_of_rows_at_a_time(tmp_path):
+    """Pass-through tensors (the embedding as on disk) go from the files to the checkpoint in row
+    slices: the same bytes as writing the whole tensor, and a short or corrupt part is an error."""
+    from safetensors.torch import save_file
+
+    from lowbit.models.lazy import open_lazy
+
+    src = _source(tmp_path, "llama", dtype=torch.bfloat16)
+    lazy = open_lazy(str(src))
+    name = "model.embed_tokens.weight"
+    whole = lazy.read(name)
+    dtype, shape, parts = lazy.read_parts(name, max_bytes=1000)
+    parts = list(parts)
+    assert dtype == torch.bfloat16 and shape == tuple(whole.shape) and len(parts) > 10
+    assert torch.equal(torch.cat(parts), whole)
+    a, b = checkpoint.ShardWriter(tmp_path / "a"), checkpoint.ShardWriter(tmp_path / "b")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a.add({name: whole})
+    b.add_parts(name, *lazy.read_parts(name, max_bytes=1000))
+    a.close(), b.close()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    c = checkpoint.ShardWriter(tmp_path / "c")
+    (tmp_path / "c").mkdir()
+    with pytest.raises(LowbitError, match="parts hold"):
+        c.add_parts(name, dtype, shape, parts[:-1])
+    bad = whole.clone()
+    bad[-1, 0] = float("nan")
+    save_file({"x": bad}, str(tmp_path / "bad.safetensors"))
+    lazy.tensors["x"] = lazy.tensors[name].__class__(tmp_path / "bad.safetensors", bad.dtype, tuple(bad.shape),
+                                                     bad.numel() * 2)
+    with pytest.raises(LowbitError, match="NaN"):
+        list(lazy.read_parts("x", max_bytes=1000)[2])

@@ -265,7 +265,10 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
             if group in written_groups:
                 continue  # a tied alias of a tensor already written
             written_groups.add(group)
-            writer.add({k: lazy.read(k) if k in lazy.needed else t})
+            if k in lazy.needed:  # as on disk, a slice of rows at a time (a large embedding never whole)
+                writer.add_parts(k, *lazy.read_parts(k))
+            else:
+                writer.add({k: t})
         shards = writer.close()
         rec = record(runner, time.perf_counter() - t0)
         rec["shards"] = len(shards)
@@ -280,6 +283,9 @@ class _Discard:
     """The shard writer of the processes that do not write (split over processes)."""
 
     def add(self, tensors: dict) -> None:
+        pass
+
+    def add_parts(self, k, dtype, shape, parts) -> None:
         pass
 
     def close(self) -> list:

@@ -188,23 +188,36 @@ class ShardWriter:
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for k, t in tensors.items():
-            if k in self.names:
-                raise LowbitError(f"tensor {k} written twice")
-            self.names.add(k)
             t = t.detach().to("cpu").contiguous()
-            code = _CODES.get(t.dtype)
-            if code is None:
-                raise LowbitError(f"tensor {k} has dtype {t.dtype}, which safetensors cannot store")
-            n = t.numel() * t.element_size()
-            if self.entries and self.size + n > self.max:
-                self._finish()
-            if self._data is None:
-                self._data = open(self.folder / f".shard-{len(self.done) + 1:05d}.data", "w+b")
-            if n:
+            self.add_parts(k, t.dtype, tuple(t.shape), [t])
+
+    def add_parts(self, k: str, dtype: torch.dtype, shape: tuple[int, ...], parts) -> None:
+        """One tensor given as consecutive pieces of its bytes in row-major order (e.g. row
+        slices of a large embedding read one at a time): never whole in memory."""
+        if k in self.names:
+            raise LowbitError(f"tensor {k} written twice")
+        self.names.add(k)
+        code = _CODES.get(dtype)
+        if code is None:
+            raise LowbitError(f"tensor {k} has dtype {dtype}, which safetensors cannot store")
+        n = math.prod(shape) * _ITEMSIZE[code]
+        if self.entries and self.size + n > self.max:
+            self._finish()
+        if self._data is None:
+            self._data = open(self.folder / f".shard-{len(self.done) + 1:05d}.data", "w+b")
+        start = self._data.tell()
+        for t in parts:
+            t = t.detach().to("cpu").contiguous()
+            if t.dtype != dtype:
+                raise LowbitError(f"tensor {k}: a part has dtype {t.dtype}, expected {dtype}")
+            if t.numel():
                 self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy
-            self.entries[k] = (code, tuple(t.shape), self.size, n)
-            self.size += n
-            self.total += n
+        if self._data.tell() - start != n:
+            raise LowbitError(f"tensor {k}: its parts hold {self._data.tell() - start} bytes, its shape "
+                              f"{list(shape)} needs {n}")
+        self.entries[k] = (code, tuple(shape), self.size, n)
+        self.size += n
+        self.total += n
 
     def _finish(self) -> None:
         """Header + the data file's bytes in aligned order -> a provisional shard file."""

@@ -226,6 +226,24 @@ class Streaming:
     def load(self, prefix: str, device) -> nn.Module:
         return self.lazy.materialize(prefix, self.dtype, device)
 
+    def load_for_layers(self, prefix: str, device) -> nn.Module:
+        """The block for a data-free method: its linear layers stay in the files' dtype until
+        `layer` converts each just before it is solved (a bf16 block takes half the memory of
+        its float32 copy, and only one layer is ever held in both); everything else is in
+        ``dtype`` at once. The conversion is the one `load` makes, so results are the same."""
+        blk = self.lazy.materialize(prefix, None, device)
+        if self.dtype is not None:
+            lin = {id(p) for m in linear_layers(blk).values() for p in m.parameters()}
+            for mod in blk.modules():
+                for k, p in list(mod._parameters.items()):
+                    if p is not None and id(p) not in lin and p.is_floating_point() and p.dtype != self.dtype:
+                        mod._parameters[k] = nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+        return blk
+
+    def layer(self, lin: nn.Module) -> nn.Module:
+        """A linear layer of a `load_for_layers` block in ``dtype`` (in place)."""
+        return lin if self.dtype is None else lin.to(self.dtype)
+
     def store(self, prefix: str, module: nn.Module) -> None:
         from lowbit.checkpoint import _unique_state_dict
 
@@ -478,7 +496,7 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
 
     def load(i: int) -> nn.Module:  # block i on the device, ready for the method
         if stream is not None:
-            return stream.load(block_prefix(model, i), device)
+            return stream.load_for_layers(block_prefix(model, i), device)
         homes[i] = next(blocks[i].parameters()).device
         return blocks[i].to(device)
 
@@ -491,7 +509,8 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
     if split is not None:  # scale-out: block i solved by process i mod N, results gathered
         def solve_block(i):
             prefix = block_prefix(model, i)
-            return {f"{prefix}.{n}": lin for n, lin in linear_layers(load(i)).items()}
+            return {f"{prefix}.{n}": lin if stream is None else stream.layer(lin)
+                    for n, lin in linear_layers(load(i)).items()}
 
         def finish_block(i, solved, mine):
             if stream is not None and not mine and split.rank != 0:
@@ -509,6 +528,8 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
         prefix = block_prefix(model, i)
         blk = load(i)
         for name, lin in linear_layers(blk).items():
+            if stream is not None:
+                lin = stream.layer(lin)
             _set_submodule(blk, name, solve_layer(method, f"{prefix}.{name}", lin))
         done(i, blk)
 

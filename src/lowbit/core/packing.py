@@ -24,26 +24,44 @@ def packed_row_bytes(n: int, bits: int) -> int:
     return n if bits == 8 else math.ceil(n / 8) * bits
 
 
-def pack(codes: Tensor, bits: int) -> Tensor:
-    """Pack unsigned integer codes [..., N] (each < 2**bits) into uint8 [..., ceil(N/8)*bits]."""
+# Rows packed per step: the int64 work tensors of one step stay near 2**22 codes (32 MiB), so
+# packing a large weight needs a few times its packed size, not 16x its code count.
+_CHUNK_CODES = 1 << 22
+
+
+def pack(codes: Tensor, bits: int, offset: int = 0) -> Tensor:
+    """Pack unsigned integer codes [..., N] (each < 2**bits) into uint8 [..., ceil(N/8)*bits].
+    ``offset`` is added to every code first (signed integers and their code offset in one pass)."""
     if not 1 <= bits <= 8:
         raise LowbitError(f"can only pack 1 to 8 bits per value, got {bits}")
-    codes = codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
-        raise LowbitError(f"codes out of range for {bits}-bit packing: [{int(codes.min())}, {int(codes.max())}]")
+    if codes.numel():
+        lo, hi = int(codes.min()) + offset, int(codes.max()) + offset
+        if lo < 0 or hi >= 2**bits:
+            raise LowbitError(f"codes out of range for {bits}-bit packing: [{lo}, {hi}]")
     *lead, n = codes.shape
+    rows = codes.reshape(-1, n) if codes.dim() != 1 else codes.reshape(1, n)
+    out = torch.empty(rows.shape[0], packed_row_bytes(n, bits), dtype=torch.uint8, device=codes.device)
+    step = max(1, _CHUNK_CODES // max(n, 1))
+    for r in range(0, rows.shape[0], step):
+        out[r : r + step] = _pack_rows(rows[r : r + step].to(torch.int64) + offset, bits)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """`pack` of int64 codes [rows, N], in range."""
+    rows, n = codes.shape
     if bits == 8:
-        return codes.to(torch.uint8).clone()
+        return codes.to(torch.uint8)
     runs = math.ceil(n / 8)
     pad = runs * 8 - n
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.reshape(*lead, runs, 8)
+    codes = codes.reshape(rows, runs, 8)
     shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
-    word = (codes << shifts).sum(dim=-1)  # [..., runs], < 2**(8*bits) <= 2**56
+    word = (codes << shifts).sum(dim=-1)  # [rows, runs], < 2**(8*bits) <= 2**56
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
-    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [..., runs, bits]
-    return out.reshape(*lead, runs * bits).to(torch.uint8)
+    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [rows, runs, bits]
+    return out.reshape(rows, runs * bits).to(torch.uint8)
 
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:

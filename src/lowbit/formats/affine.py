@@ -70,7 +70,7 @@ class AffineWeight(WeightFormat, name="affine"):
         if q.numel() and (int(q.min()) < scheme.qmin or int(q.max()) > scheme.qmax):
             raise LowbitError(f"integers outside [{scheme.qmin}, {scheme.qmax}] for {scheme.short_name()}")
         dtype = _SCALE_DTYPES[scheme.scale_dtype]
-        qweight = packing.pack(q.to(torch.int64) + scheme.code_offset, scheme.bits)
+        qweight = packing.pack(q, scheme.bits, offset=scheme.code_offset)
         qzeros = zeros = None
         if not scheme.symmetric:
             if zero is None:

@@ -65,7 +65,7 @@ class TernaryWeight(WeightFormat, name="ternary"):
             raise LowbitError(f"expected a 2-D ternary weight, got shape {tuple(T.shape)}")
         if T.numel() and (int(T.min()) < -1 or int(T.max()) > 1):
             raise LowbitError(f"ternary values must be -1, 0 or 1, got [{int(T.min())}, {int(T.max())}]")
-        w = cls(qweight=packing.pack(T.to(torch.int64) + 1, 2),
+        w = cls(qweight=packing.pack(T, 2, offset=1),
                 scales=gamma.detach().to(torch.float32).reshape(-1).contiguous(),
                 shape=(int(T.shape[0]), int(T.shape[1])), granularity=granularity)
         w.validate()

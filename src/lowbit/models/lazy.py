@@ -86,6 +86,38 @@ class LazyModel:
         """One tensor by state-dict name (a tied alias reads its source), as a CPU tensor."""
         return self._read_many([name], dtype)[name]
 
+    def read_parts(self, name: str, max_bytes: int = 64 << 20):
+        """(dtype, shape, parts): one tensor as stored, its rows read a slice at a time (each
+        part at most ``max_bytes``, or one row), for copying a large tensor (a 1 GB embedding)
+        into a checkpoint without holding it whole."""
+        from safetensors import safe_open
+
+        key = self.needed.get(name, name)
+        if key not in self.tensors:
+            raise LowbitError(f"{self.path}: no tensor {name} in the weight files")
+        info = self.tensors[key]
+        rows = info.shape[0] if info.shape else 1
+        step = max(1, max_bytes // max(1, info.nbytes // max(rows, 1)))
+
+        def parts():
+            try:
+                with safe_open(str(info.file), framework="pt") as f:
+                    if not info.shape or rows <= step:
+                        yield f.get_tensor(key)
+                        return
+                    sl = f.get_slice(key)
+                    for r in range(0, rows, step):
+                        t = sl[r : r + step]
+                        if t.is_floating_point() and not all_finite(t):
+                            raise LowbitError(f"weight {name} in {self.path} has NaN/Inf values")
+                        yield t
+            except LowbitError:
+                raise
+            except Exception as e:  # SafetensorError, OSError: the file changed or is unusable
+                raise LowbitError(f"corrupt or truncated safetensors file {info.file}: {_first_line(e)}") from None
+
+        return info.dtype, tuple(info.shape), parts()
+
     def _read_many(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
