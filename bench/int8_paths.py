@@ -185,7 +185,7 @@ def e2e_table(markdown: bool, max_tokens: int, model_spec: str | None, quality: 
     from lowbit.eval.size import linear_bits, model_bytes
     from lowbit.cli import quiet_transformers
     from lowbit.eval.quality import PplProtocol
-    from lowbit.evaluate import COLUMNS, EvalSettings, compare
+    from lowbit.eval.compare import COLUMNS, EvalSettings, compare
 
     quiet_transformers()
     variants = {"fp32": api.load(model_spec)}

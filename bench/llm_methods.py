@@ -26,7 +26,7 @@ from lowbit.cli import quiet_transformers
 from lowbit.core.registry import available
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.quality import PplProtocol
-from lowbit.evaluate import EvalSettings, compare, render
+from lowbit.eval.compare import EvalSettings, compare, render
 from lowbit.models.families import find_blocks
 
 SCHEMES = {

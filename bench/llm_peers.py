@@ -41,8 +41,8 @@ from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.quality import PplProtocol, paired_ppl_ratio
 from lowbit.eval.report import format_table
-from lowbit.evaluate import COLUMNS as EVAL_COLUMNS
-from lowbit.evaluate import EvalSettings, compare
+from lowbit.eval.compare import COLUMNS as EVAL_COLUMNS
+from lowbit.eval.compare import EvalSettings, compare
 from lowbit.models.families import block_prefix, find_blocks, linear_layers
 
 

@@ -28,7 +28,7 @@ from lowbit.calibration.sequential import apply_data_free, run_sequential
 from lowbit.cli import quiet_transformers
 from lowbit.eval.quality import PplProtocol
 from lowbit.eval.report import format_table
-from lowbit.evaluate import EvalSettings, compare
+from lowbit.eval.compare import EvalSettings, compare
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from llm_methods import share_untouched  # noqa: E402

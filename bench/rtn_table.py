@@ -18,7 +18,7 @@ from lowbit import api
 from lowbit.cli import quiet_transformers
 from lowbit.core.scheme import scheme_from_args
 from lowbit.eval.quality import PplProtocol
-from lowbit.evaluate import EvalSettings, compare, render
+from lowbit.eval.compare import EvalSettings, compare, render
 
 VARIANTS = [
     ("int8-channel", dict(bits=8, group_size=None)),

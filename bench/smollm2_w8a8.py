@@ -24,7 +24,7 @@ from lowbit import api
 from lowbit.cli import quiet_transformers
 from lowbit.core.registry import available
 from lowbit.eval.quality import PplProtocol
-from lowbit.evaluate import EvalSettings, compare, render
+from lowbit.eval.compare import EvalSettings, compare, render
 
 OBSERVERS = ["minmax", "moving-minmax", "percentile", "entropy", "mse"]
 DEFAULT = OBSERVERS + ["minmax+sq0.5", "minmax+sqauto", "percentile+sqauto", "mse+sqauto", "minmax+sqauto+clip"]

@@ -408,7 +408,7 @@ def test_cli_reference_errors(quantized, capsys, argv, needle):
 
 def test_auto_picks_memory_when_both_fit_and_streams_what_does_not(quantized, monkeypatch):
     from lowbit import api
-    from lowbit.evaluate import EvalSettings, choose_reference, compute_bytes, stream_variant
+    from lowbit.eval.compare import EvalSettings, choose_reference, compute_bytes, stream_variant
 
     d, _, (q4, _) = quantized
     base_bytes = compute_bytes(str(d))

@@ -160,7 +160,7 @@ def options_from_flags(args, method_cls) -> dict:
 
 def eval_settings(args, latency_default=True):
     from lowbit.eval.quality import PplProtocol
-    from lowbit.evaluate import EvalSettings
+    from lowbit.eval.compare import EvalSettings
 
     if args.max_tokens <= 0 or args.ctx <= 1:
         raise LowbitError("--max-tokens must be positive and --ctx at least 2")

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lowbit.evaluate import base_spec_of, evaluate_specs, render, write_plot
+    from lowbit.eval.compare import base_spec_of, evaluate_specs, render, write_plot
 
     settings = eval_settings(args)
     bases = {base_spec_of(s) for s in args.models} - {None}

@@ -29,7 +29,7 @@ def run(args) -> int:
     from lowbit import api
     from lowbit.core.scheme import scheme_from_args
     from lowbit.eval.quality import PplProtocol
-    from lowbit.evaluate import EvalSettings, compare, render, write_plot
+    from lowbit.eval.compare import EvalSettings, compare, render, write_plot
 
     t0 = time.perf_counter()
     base = api.load(args.model)

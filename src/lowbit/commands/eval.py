@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from lowbit import checkpoint
-    from lowbit.evaluate import base_spec_of, evaluate_specs, render
+    from lowbit.eval.compare import base_spec_of, evaluate_specs, render
 
     settings = eval_settings(args)
     if args.model is not None and checkpoint.is_checkpoint(args.model):  # vs the original it was made from

@@ -31,8 +31,7 @@ from lowbit import api
 from lowbit.eval.latency import measure_latency
 from lowbit.eval.quality import PplProtocol, evaluate_quality
 from lowbit.eval.report import format_table, plot_ppl_vs_bits
-from lowbit.eval.size import dir_size_bytes
-from lowbit.eval import size
+from lowbit.eval.size import dir_size_bytes, linear_bits, model_bytes
 
 COLUMNS = [
     ("variant", "variant", None),
@@ -80,8 +79,8 @@ def _row(name: str, m: api.Model | None, q, settings: EvalSettings, *, lazy=None
         m = api.Model(model=lazy.model, tokenizer=None, name=name, source={}, record=lazy.record, path=str(lazy.path))
         bpw, _, _ = lazy.linear_bits()
     else:
-        bpw, _, _ = size.linear_bits(m.model)
-    size = dir_size_bytes(m.path) if m.path else size.model_bytes(m.model)
+        bpw, _, _ = linear_bits(m.model)
+    size = dir_size_bytes(m.path) if m.path else model_bytes(m.model)
     row = {"variant": name, "bpw": bpw, "size_mb": size / 1e6, "ppl": q.ppl,
            "dppl": q.delta_ppl, "n_tokens": q.n_tokens,
            "kl": q.kl_mean, "kl_p99": q.kl_p99, "kl_rev": q.kl_rev_mean,
@@ -243,7 +242,7 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
     if log is not None:
         log(f"reference {'read from' if hit else 'written to'} {ref.path}")
     q = ref.baseline_result()
-    bpw, _, _ = size.linear_bits(skeleton)
+    bpw, _, _ = linear_bits(skeleton)
     rows = [{"variant": base_label if specs else name, "bpw": bpw, "size_mb": _skeleton_bytes(skeleton) / 1e6,
              "ppl": q.ppl, "dppl": None, "n_tokens": q.n_tokens, "kl": None, "kl_p99": None, "kl_rev": None,
              "top1": None, "qtime": None, "method": None, "token_nll": q.token_nll}]
