@@ -344,3 +344,18 @@ def test_large_tensors_are_copied_a_slice_of_rows_at_a_time(tmp_path):
                                                      bad.numel() * 2)
     with pytest.raises(LowbitError, match="NaN"):
         list(lazy.read_parts("x", max_bytes=1000)[2])
+
+
+def test_a_streamed_run_keeps_no_block_in_memory(tmp_path):
+    """Once a streamed block is written nothing holds its tensors: parameters, buffers and any
+    format a quantized module has cached are all on the meta device."""
+    src = _source(tmp_path, "llama")
+    m = api.load(str(src), stream=True)
+    api.quantize(m, "rtn", CASE["rtn-int4-g32"][2], progress=False, output=str(tmp_path / "st"))
+    blocks = m.model.get_submodule("model.layers")
+    held = [n for n, t in list(blocks.named_parameters()) + list(blocks.named_buffers()) if not t.is_meta]
+    for mod in blocks.modules():
+        cached = mod.__dict__.get("_fmt_cache")
+        if cached is not None:
+            held += [k for k, t in cached[1].tensors().items() if not t.is_meta]
+    assert held == []

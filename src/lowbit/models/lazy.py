@@ -173,6 +173,9 @@ class LazyModel:
                 t = mod._buffers[b]
                 if t is not None and not t.is_meta:
                     mod._buffers[b] = t.to("meta")
+            clear = getattr(mod, "clear_cache", None)  # e.g. a QuantizedLinear's cached format
+            if clear is not None:
+                clear()
 
     def close(self) -> None:
         """Nothing stays open between calls; kept so callers can treat this like a file."""

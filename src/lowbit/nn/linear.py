@@ -50,6 +50,12 @@ class QuantizedLinear(nn.Module):
         self.__dict__["_fmt_cache"] = (bufs, fmt)
         return fmt
 
+    def clear_cache(self) -> None:
+        """Forget the cached weight format (it holds the buffers it was built from: after the
+        buffers are swapped out, e.g. released to the meta device once a streamed block is
+        written, the cache alone would keep the packed weight in memory)."""
+        self.__dict__.pop("_fmt_cache", None)
+
     def set_field(self, name: str, value) -> None:
         """Change one non-tensor field of the weight format (e.g. LLM.int8()'s threshold)."""
         if name not in self._fields:
