@@ -24,7 +24,7 @@ from torch import nn
 
 from lowbit.algorithms.qat import QATConfig, qat
 from lowbit.algorithms.static_int8 import StaticInt8Config, quantize_static
-from lowbit.core.registry import available
+from lowbit.algorithms import available_methods
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
 from lowbit.models.digits import accuracy, digits_cnn, digits_split, float_bytes, train
@@ -40,7 +40,7 @@ def _scheme(bits: int, symmetric: bool = False, restricted: bool = False) -> Qua
 
 def dynamic_int8_row(model: nn.Sequential, Xte, yte) -> dict | None:
     """The dynamic-int8 method on the network's Linear layers (convolutions stay fp32), if registered."""
-    if "dynamic-int8" not in available("method"):
+    if "dynamic-int8" not in available_methods():
         return None
     from lowbit.algorithms.base import make_method
 

@@ -282,7 +282,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from lowbit import api
     from lowbit.cli import quiet_transformers
-    from lowbit.core.registry import available
+    from lowbit.algorithms import available_methods
     from lowbit.core.scheme import QuantScheme
     from lowbit.eval.latency import measure_latency
     from lowbit.runtime import LeanDecoder, bench_prompt, measure_lean
@@ -342,7 +342,7 @@ def main() -> int:
     ]
     quantized: dict[tuple, object] = {}
     for label, method, scheme, head, int8_act, native, *kv in variants:
-        if method not in available("method"):
+        if method not in available_methods():
             notes.append(f"{label}: skipped, method {method!r} is not registered in this build")
             continue
         key = (method, scheme, head)

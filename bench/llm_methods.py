@@ -23,7 +23,7 @@ import torch
 
 from lowbit import api
 from lowbit.cli import quiet_transformers
-from lowbit.core.registry import available
+from lowbit.algorithms import available_methods
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.quality import PplProtocol
 from lowbit.eval.compare import EvalSettings, compare, render
@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     quiet_transformers()
-    have = set(available("method"))
+    have = set(available_methods())
     methods = [m for m in args.methods.split(",") if m]
     missing = [m for m in methods if m not in have]
     if missing:

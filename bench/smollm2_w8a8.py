@@ -22,7 +22,7 @@ import time
 
 from lowbit import api
 from lowbit.cli import quiet_transformers
-from lowbit.core.registry import available
+from lowbit.algorithms import available_methods
 from lowbit.eval.quality import PplProtocol
 from lowbit.eval.compare import EvalSettings, compare, render
 
@@ -44,7 +44,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     variants = {"fp32": api.load(args.model)}
-    if not args.no_dynamic and "dynamic-int8" in available("method"):
+    if not args.no_dynamic and "dynamic-int8" in available_methods():
         m = api.load(args.model)
         api.quantize(m, "dynamic-int8", progress=False)
         variants["dynamic-int8 (per-token)"] = m

@@ -11,7 +11,7 @@ import torch
 
 from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
 from lowbit.algorithms.ternary import TernaryConfig, ternary_quantize
-from lowbit.core.registry import available, get_format
+from lowbit.formats import available_formats, get_format
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
@@ -70,8 +70,8 @@ WEIGHTS = {c[0]: c[1] for c in CASES}
 
 
 def test_every_registered_format_is_covered():
-    assert {type(w).name for _, w, _ in CASES} == set(available("format"))
-    for name in available("format"):
+    assert {type(w).name for _, w, _ in CASES} == set(available_formats())
+    for name in available_formats():
         cls = get_format(name)
         assert issubclass(cls, WeightFormat) and cls.name == name
 

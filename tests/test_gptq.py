@@ -11,7 +11,7 @@ from lowbit.algorithms.base import make_method
 from lowbit.algorithms.gptq import GPTQ, GPTQConfig, gptq_quantize
 from lowbit.algorithms.rtn import RTNConfig, rtn_quantize
 from lowbit.calibration.sequential import run_sequential
-from lowbit.core.registry import get_method
+from lowbit.algorithms import get_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.nn.linear import QuantizedLinear

@@ -9,7 +9,7 @@ from lowbit import checkpoint
 from lowbit.algorithms.base import make_method
 from lowbit.algorithms.hqq import HQQ, HQQConfig, hqq_quantize, shrink_lp
 from lowbit.calibration.sequential import apply_data_free
-from lowbit.core.registry import get_method
+from lowbit.algorithms import get_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight

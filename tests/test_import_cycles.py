@@ -111,5 +111,5 @@ def test_no_module_level_import_cycle():
     assert cycles(import_graph(module_level_only=True)) == []
 
 
-def _test_no_import_cycle_hidden_in_functions():  # enabled once core.registry stops importing formats
+def test_no_import_cycle_hidden_in_functions():
     assert cycles(import_graph(module_level_only=False)) == []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit import api, kernels
-from lowbit.core.registry import available
+from lowbit.formats import available_formats
 from lowbit.core.scheme import QuantScheme
 from lowbit.kernels import a8, cpu, reference
 from lowbit.models.tiny import tiny_model
@@ -21,7 +21,7 @@ SCHEME = QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32
 
 
 def test_a_row_for_every_registered_format():
-    formats = set(available("format"))
+    formats = set(available_formats())
     own = {k.format for k in kernels.KERNELS.values() if k.default}
     assert NATIVE_FORMATS <= formats
     assert own == formats  # every format has its own product in the table (none is reference-only today)

@@ -18,7 +18,8 @@ from lowbit import checkpoint
 from lowbit.algorithms.base import make_method
 from lowbit.algorithms.nf4 import NF4Config, dynamic8_encode, nf4_quantize
 from lowbit.calibration.sequential import apply_data_free
-from lowbit.core.registry import get_format, get_method
+from lowbit.algorithms import get_method
+from lowbit.formats import get_format
 from lowbit.errors import LowbitError
 from lowbit.formats.nf4 import DYNAMIC_MAP_8BIT, NF4_CODEBOOK, NF4Weight, pack_nibbles, unpack_nibbles
 from lowbit.nn.linear import QuantizedLinear

@@ -13,7 +13,7 @@ from lowbit.algorithms.pruning import (hessian_error, lowest_k_mask, nm_mask, pa
 from lowbit.algorithms.sparsegpt import SparseGPT, SparseGPTConfig, sparsegpt_prune
 from lowbit.algorithms.wanda import Wanda, WandaConfig, wanda_prune, wanda_score
 from lowbit.calibration.sequential import apply_data_free, run_sequential
-from lowbit.core.registry import get_method
+from lowbit.algorithms import get_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight

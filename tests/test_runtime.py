@@ -91,9 +91,9 @@ QUANT = [
 
 @pytest.mark.parametrize("method,scheme", QUANT, ids=lambda v: getattr(v, "short_name", lambda: str(v))())
 def test_quantized_parity(method, scheme):
-    from lowbit.core.registry import available
+    from lowbit.algorithms import available_methods
 
-    if method not in available("method"):
+    if method not in available_methods():
         pytest.skip(f"method {method} not registered")
     lm = tiny_model("llama", seed=2)
     m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)

@@ -71,7 +71,7 @@ def make_method(name: str, scheme=None, **options) -> Method:
     """Instantiate the registered method ``name`` with its config built from scheme + options."""
     import dataclasses
 
-    from lowbit.core.registry import get_method
+    from lowbit.algorithms import get_method
     from lowbit.errors import LowbitError
 
     cls = get_method(name)

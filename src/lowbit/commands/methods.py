@@ -11,10 +11,10 @@ def register(sub) -> None:
 def run(args) -> int:
     import dataclasses
 
-    from lowbit.core.registry import available, get_method
+    from lowbit.algorithms import available_methods, get_method
 
-    width = max(len(n) for n in available("method"))
-    for name in available("method"):
+    width = max(len(n) for n in available_methods())
+    for name in available_methods():
         cls = get_method(name)
         cfg = cls.config_cls()
         settings = ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name != "scheme")

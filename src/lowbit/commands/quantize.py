@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from lowbit import api
-    from lowbit.core.registry import get_method
+    from lowbit.algorithms import get_method
 
     method_cls = get_method(args.method)  # unknown method -> clear error before any loading
     scheme = scheme_from_flags(args, method_cls)

@@ -5,13 +5,13 @@ stable strings; the values are classes. Registering a second class under one nam
 raises. Methods register with ``@register_method(name)``; formats by subclassing
 ``lowbit.formats.base.WeightFormat`` with ``name=...``.
 
-core imports nothing above it: the built-in members are found by importing the packages named in
-`_BUILTINS` (by name, on the first lookup), whose modules register themselves.
+core imports nothing above it: the tables are filled by the packages that own the members, and
+looked up through them (`lowbit.algorithms.get_method`, `lowbit.formats.get_format`), which
+import all their modules first.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, TypeVar
 
 from lowbit.errors import LowbitError
@@ -19,7 +19,6 @@ from lowbit.errors import LowbitError
 T = TypeVar("T")
 
 _REGISTRIES: dict[str, dict[str, type]] = {"method": {}, "format": {}}
-_BUILTINS = {"method": "lowbit.algorithms", "format": "lowbit.formats"}
 
 
 def register(kind: str, name: str, cls: type) -> None:
@@ -41,25 +40,11 @@ def register_method(name: str) -> Callable[[T], T]:
 
 def lookup(kind: str, name: str) -> type:
     """The class registered as ``kind`` ``name``; a one-line error listing the known names."""
-    _load_builtins(kind)
     table = _REGISTRIES[kind]
     if name not in table:
         raise LowbitError(f"unknown {kind} {name!r}; available: {', '.join(sorted(table))}")
     return table[name]
 
 
-def get_method(name: str) -> type:
-    return lookup("method", name)
-
-
-def get_format(name: str) -> type:
-    return lookup("format", name)
-
-
 def available(kind: str) -> list[str]:
-    _load_builtins(kind)
     return sorted(_REGISTRIES[kind])
-
-
-def _load_builtins(kind: str) -> None:
-    importlib.import_module(_BUILTINS[kind])

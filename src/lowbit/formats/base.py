@@ -184,7 +184,8 @@ class WeightFormat:
         if cls is WeightFormat:
             if not isinstance(fmt, str):
                 raise LowbitError(f"weight metadata names no format: {meta}")
-            return registry.get_format(fmt).from_tensors(tensors, meta)
+            # every format is registered: importing this module ran the package's __init__ first
+            return registry.lookup("format", fmt).from_tensors(tensors, meta)
         if fmt is not None and fmt != cls.name:
             raise LowbitError(f"metadata is for format {fmt!r}, not {cls.name!r}")
         return cls.from_tensors(tensors, meta)

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from lowbit.core.registry import get_format
+from lowbit.formats import get_format
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
 

@@ -10,7 +10,7 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from lowbit.core.registry import get_format
+from lowbit.formats import get_format
 from lowbit.kernels import linear as kernel_linear
 
 
