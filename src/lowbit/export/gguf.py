@@ -659,35 +659,20 @@ def collect_imatrix(m, n_samples: int = 16, seq_len: int = 512, text: str | None
     keyed by GGUF tensor name (llama.cpp's imatrix: sum of x² over tokens / number of tokens).
 
     Calibration text: lowbit's bundled calibration split (``lowbit.data.texts``) unless ``text``."""
+    from lowbit.calibration.inputs import input_square_sums
     from lowbit.data.texts import calibration_samples
     from lowbit.nn.linear import QuantizedLinear
 
     model = m.model
     fam = family_of(model)
     samples = calibration_samples(m.tokenizer, n_samples=n_samples, seq_len=seq_len, text=text, seed=seed)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
+    layers = {}
     for mname, mod in model.named_modules():
         if not isinstance(mod, (torch.nn.Linear, QuantizedLinear)):
             continue
         try:
-            gname = gguf_name(mname + ".weight", fam)
+            layers[gguf_name(mname + ".weight", fam)] = mod
         except LowbitError:
             continue
-
-        def hook(mod, args, out, key=gname):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            s = (x * x).sum(0)
-            sums[key] = sums[key] + s if key in sums else s
-            counts[key] = counts.get(key, 0) + x.shape[0]
-
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        model.eval()
-        for i in range(0, samples.shape[0], batch_size):
-            model(samples[i : i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
+    sums, counts = input_square_sums(model, layers, samples, batch_size)
     return {k: (sums[k] / counts[k]).float().numpy() for k in sums}
