@@ -22,9 +22,10 @@ import time
 import torch
 from torch import nn
 
-from lowbit.algorithms.qat import QATConfig, qat
-from lowbit.algorithms.static_int8 import StaticInt8Config, quantize_static
 from lowbit.algorithms import available_methods
+from lowbit.algorithms.static_int8 import StaticInt8Config
+from lowbit.cnn.ptq import quantize_static
+from lowbit.cnn.qat import QATConfig, qat
 from lowbit.core.scheme import QuantScheme
 from lowbit.eval.report import format_table
 from lowbit.models.digits import accuracy, digits_cnn, digits_split, float_bytes, train

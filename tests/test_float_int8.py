@@ -342,7 +342,7 @@ def test_data_free_methods_work_on_any_linear_model():
 @pytest.mark.parametrize("activations", ["token", "tensor"])
 @pytest.mark.parametrize("geom", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=2, dilation=(1, 2))])
 def test_dynamic_int8_conv2d_is_im2col_plus_the_int8_matmul(activations, geom):
-    from lowbit.nn.dynamic_conv import DynamicInt8Conv2d
+    from lowbit.cnn.dynamic import DynamicInt8Conv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 7, **geom)
@@ -361,8 +361,7 @@ def test_dynamic_int8_conv2d_is_im2col_plus_the_int8_matmul(activations, geom):
 
 
 def test_quantize_dynamic_converts_a_cnn_and_refuses_grouped_convs():
-    from lowbit.algorithms.dynamic_int8 import quantize_dynamic
-    from lowbit.nn.dynamic_conv import DynamicInt8Conv2d
+    from lowbit.cnn.dynamic import DynamicInt8Conv2d, quantize_dynamic
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),

@@ -113,3 +113,14 @@ def test_no_module_level_import_cycle():
 
 def test_no_import_cycle_hidden_in_functions():
     assert cycles(import_graph(module_level_only=False)) == []
+
+
+def test_llm_side_does_not_import_the_cnn_package():
+    """lowbit.cnn builds on the LLM methods' configs and the shared integer helpers, never the
+    reverse: nothing under algorithms, calibration or formats imports it, not even inside a function."""
+    g = import_graph(module_level_only=False)
+    assert any(m.startswith("lowbit.cnn.") for m in g), "the CNN package is missing from the graph"
+    bad = sorted(f"{m} -> {t}" for m, ts in g.items()
+                 if m.split(".")[:2] in (["lowbit", "algorithms"], ["lowbit", "calibration"], ["lowbit", "formats"])
+                 for t in ts if t == "lowbit.cnn" or t.startswith("lowbit.cnn."))
+    assert bad == []

@@ -8,11 +8,12 @@ from torch import nn
 
 pytest.importorskip("sklearn")
 
-from lowbit.algorithms.qat import QATConfig, convert_qat, prepare_qat, qat, train_qat  # noqa: E402
-from lowbit.algorithms.static_int8 import StaticInt8Config, quantize_static  # noqa: E402
+from lowbit.algorithms.static_int8 import StaticInt8Config  # noqa: E402
+from lowbit.cnn.ptq import quantize_static  # noqa: E402
+from lowbit.cnn.qat import QATConfig, convert_qat, prepare_qat, qat, train_qat  # noqa: E402
 from lowbit.core.scheme import QuantScheme  # noqa: E402
+from lowbit.core.ste import fake_quantize, fake_quantize_weight  # noqa: E402
 from lowbit.models.digits import accuracy, digits_cnn, digits_split, train  # noqa: E402
-from lowbit.nn.fake_quant import fake_quantize, fake_quantize_weight  # noqa: E402
 
 
 def test_fake_quantize_values_and_ste_gradient():

@@ -10,19 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.algorithms.static_int8 import (
-    ALPHA_GRID,
-    CLIP_GRID,
-    StaticInt8Config,
-    prepare,
-    quantize_static,
-    search_smooth_alpha,
-    smooth_factors,
-)
+from lowbit.algorithms.static_int8 import ALPHA_GRID, CLIP_GRID, StaticInt8Config, search_smooth_alpha, smooth_factors
+from lowbit.cnn.integer import IntegerConv2d, IntegerLinear
+from lowbit.cnn.ptq import prepare, quantize_static
 from lowbit.core.scheme import QuantScheme
+from lowbit.core.static_qparams import act_qparams, quantize_weight
 from lowbit.errors import LowbitError
 from lowbit.kernels import static_int8 as K
-from lowbit.nn.static_int8 import IntegerConv2d, IntegerLinear, act_qparams, quantize_weight
 from tests.reference import static_int8_naive as naive
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1

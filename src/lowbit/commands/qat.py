@@ -38,8 +38,9 @@ def cmd_qat(args) -> int:
 
     import torch
 
-    from lowbit.algorithms.qat import QATConfig, qat
-    from lowbit.algorithms.static_int8 import StaticInt8Config, quantize_static
+    from lowbit.algorithms.static_int8 import StaticInt8Config
+    from lowbit.cnn.ptq import quantize_static
+    from lowbit.cnn.qat import QATConfig, qat
     from lowbit.core.scheme import QuantScheme
     from lowbit.errors import LowbitError
     from lowbit.eval.report import format_table

@@ -1,15 +1,15 @@
 """Quantization-aware training (QAT) for ordinary networks, ending in the integer model.
 
 1. :func:`prepare_qat` — a copy of the float ``nn.Sequential``, instrumented exactly as for static
-   PTQ (:func:`lowbit.algorithms.static_int8.prepare`): weights fake-quantized per output channel
+   PTQ (:func:`lowbit.cnn.ptq.prepare`): weights fake-quantized per output channel
    (symmetric min-max of the current weight at every step), every activation fake-quantized by a
-   :class:`~lowbit.nn.fake_quant.FakeQuantAct` whose observer keeps updating during training
+   :class:`~lowbit.cnn.fake_quant.FakeQuantAct` whose observer keeps updating during training
    (moving-average min-max by default), gradients through the clipped straight-through estimator.
    A first pass over ``warmup`` batches only observes (fake-quant off), so the ranges start from
    the data rather than from the first noisy batch.
 2. :func:`train_qat` — an ordinary training loop (Adam, cross-entropy) over the fake-quant model.
 3. :func:`convert_qat` — freeze the observers and convert with the same
-   :func:`lowbit.algorithms.static_int8.convert` as PTQ: the integer-only network whose weights are
+   :func:`lowbit.cnn.ptq.convert` as PTQ: the integer-only network whose weights are
    the trained ones and whose activation qparams are the observers' final ranges.
 """
 
@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.algorithms.static_int8 import StaticInt8Config, convert, prepare
+from lowbit.algorithms.static_int8 import StaticInt8Config
+from lowbit.cnn.fake_quant import FakeQuantSequential
+from lowbit.cnn.integer import IntegerSequential
+from lowbit.cnn.ptq import convert, prepare
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
-from lowbit.nn.fake_quant import FakeQuantSequential
-from lowbit.nn.static_int8 import IntegerSequential
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Integer-only modules of a full-integer static int8 network (ordinary CNNs / MLPs).
 
 Between modules flow int8 tensors of codes; each tensor's real meaning is given by its
-:class:`ActQParams` (scale, zero-point, integer range), fixed at calibration (or QAT) time.
+:class:`~lowbit.core.static_qparams.ActQParams` (scale, zero-point, integer range), fixed at
+calibration (or QAT) time.
 
 * :class:`QuantizeInput`   float -> int8 (the only float-to-integer step, at the input)
 * :class:`IntegerLinear`   int8 -> int8: int32 accumulation, int32 bias, fixed-point requantization,
@@ -15,69 +16,13 @@ Between modules flow int8 tensors of codes; each tensor's real meaning is given 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.core.grid import choose_qparams, quantize
-from lowbit.core.scheme import QuantScheme
+from lowbit.core.static_qparams import ActQParams
 from lowbit.errors import LowbitError
 from lowbit.kernels import static_int8 as K
-
-
-@dataclass(frozen=True)
-class ActQParams:
-    """How int codes q in [qmin, qmax] mean real values: r = scale * (q - zero)."""
-
-    scale: float
-    zero: int
-    qmin: int
-    qmax: int
-
-    def __post_init__(self):
-        if not (self.scale > 0 and self.qmin <= self.zero <= self.qmax):
-            raise LowbitError(f"bad activation qparams: scale {self.scale}, zero {self.zero}, range [{self.qmin}, {self.qmax}]")
-
-
-def act_scheme(bits: int, symmetric: bool, restricted: bool) -> QuantScheme:
-    """The per-tensor scheme an observer uses to pick an activation range (float32 scale)."""
-    return QuantScheme(bits=bits, symmetric=symmetric, granularity="tensor", group_size=None,
-                       restricted_range=restricted, scale_dtype="float32")
-
-
-def act_qparams(lo: float | Tensor, hi: float | Tensor, bits: int, symmetric: bool, restricted: bool) -> ActQParams:
-    """ActQParams for a real range [lo, hi]: the library's ``qparams_from_range`` (0 always on the
-    grid); an asymmetric (unsigned) grid is shifted down by 2^(bits-1) so the codes fit int8."""
-    from lowbit.core.grid import qparams_from_range
-
-    scheme = act_scheme(bits, symmetric, restricted)
-    s, z = qparams_from_range(torch.as_tensor(lo).float().reshape(()), torch.as_tensor(hi).float().reshape(()), scheme)
-    shift = 0 if symmetric else 2 ** (bits - 1)
-    zero = 0 if z is None else int(z) - shift
-    return ActQParams(float(s), zero, scheme.qmin - shift, scheme.qmax - shift)
-
-
-def act_qparams_from_observer(obs, bits: int, symmetric: bool, restricted: bool) -> ActQParams:
-    lo, hi = obs.range(act_scheme(bits, symmetric, restricted))
-    return act_qparams(lo, hi, bits, symmetric, restricted)
-
-
-def weight_scheme(bits: int, restricted: bool, per_channel: bool = True) -> QuantScheme:
-    return QuantScheme(bits=bits, symmetric=True, granularity="channel" if per_channel else "tensor",
-                       group_size=None, restricted_range=restricted, scale_dtype="float32")
-
-
-def quantize_weight(W: Tensor, bits: int, restricted: bool, per_channel: bool = True) -> tuple[Tensor, Tensor]:
-    """Symmetric weight codes (int8, W's shape) and one float32 scale per output channel [out]
-    (per-tensor: the one scale repeated)."""
-    W2 = W.detach().float().reshape(W.shape[0], -1)
-    scheme = weight_scheme(bits, restricted, per_channel)
-    s, _ = choose_qparams(W2, scheme)
-    q = quantize(W2, s, None, scheme)
-    s = s.reshape(-1).expand(W.shape[0]).contiguous() if not per_channel else s.reshape(-1)
-    return q.reshape(W.shape).to(torch.int8), s.float()
 
 
 class QuantizeInput(nn.Module):

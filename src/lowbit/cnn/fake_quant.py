@@ -1,68 +1,26 @@
-"""Fake quantization (quantize-dequantize in float) with a straight-through estimator, for
-simulating a static integer network and for quantization-aware training (QAT).
+"""The float simulation of an integer network: an ``nn.Sequential`` with observed, fake-quantized
+activations and weights, for post-training calibration (:mod:`lowbit.cnn.ptq`) and
+quantization-aware training (:mod:`lowbit.cnn.qat`). The quantize-dequantize itself, with its
+straight-through gradient, is :func:`lowbit.core.ste.fake_quantize`.
 
-* :func:`fake_quantize` — ``s * (clamp(round(x / s) + z, qmin, qmax) - z)``; its gradient is the
-  clipped straight-through estimator: ``dL/dx = dL/dy`` where ``round(x / s) + z`` lies inside
-  [qmin, qmax] and 0 where x is clipped (the rounding itself is treated as the identity).
 * :class:`FakeQuantAct` — an activation quantizer that owns an observer; while ``observing`` it
   feeds every batch to the observer (during calibration and all through QAT, so the range keeps
   following the activations); while ``quantizing`` it fake-quantizes with the observer's current
-  qparams (the same :func:`~lowbit.nn.static_int8.act_qparams` the integer model will use).
+  qparams (the same :func:`~lowbit.core.static_qparams.act_qparams` the integer model will use).
 * :class:`FakeQuantConv2d` / :class:`FakeQuantLinear` — the float layer with its weight
   fake-quantized per output channel (symmetric, min-max of the current weight, plain STE), the bias
   fake-quantized to the int32 grid s_x * s_w, an optional fused ReLU and the output quantizer.
 * :class:`FakeQuantSequential` — input quantizer + those layers (+ pooling / flatten), built from
-  an ``nn.Sequential`` by :func:`lowbit.algorithms.static_int8.prepare`.
+  an ``nn.Sequential`` by :func:`lowbit.cnn.ptq.prepare`.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.nn.static_int8 import ActQParams, act_qparams_from_observer, weight_scheme
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero, qmin, qmax, clipped):
-        q = torch.round(x / scale) + zero
-        if clipped:
-            ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        ctx.clipped = clipped
-        return (q.clamp(qmin, qmax) - zero) * scale
-
-    @staticmethod
-    def backward(ctx, g):
-        if not ctx.clipped:
-            return g, None, None, None, None, None
-        (inside,) = ctx.saved_tensors
-        return g * inside.to(g.dtype), None, None, None, None, None
-
-
-def fake_quantize(x: Tensor, scale: Tensor | float, zero: Tensor | float, qmin: int, qmax: int,
-                  clipped_ste: bool = True) -> Tensor:
-    """Quantize-dequantize x (scale / zero broadcast against x). Gradient: the clipped STE (zero
-    where x is clipped), or with ``clipped_ste=False`` the plain STE (identity everywhere)."""
-    scale = torch.as_tensor(scale, dtype=x.dtype)
-    zero = torch.as_tensor(zero, dtype=x.dtype)
-    return _FakeQuantSTE.apply(x, scale, zero, qmin, qmax, clipped_ste)
-
-
-def fake_quantize_weight(W: Tensor, bits: int, restricted: bool, per_channel: bool = True) -> tuple[Tensor, Tensor]:
-    """Per-output-channel symmetric fake quantization of a weight (any rank, channel first), with
-    the same scales :func:`lowbit.nn.static_int8.quantize_weight` uses; returns (W_fq, scales [out]).
-    The gradient is the plain STE: the scale follows the weights (absmax), so no weight is ever
-    outside the range except the half step a full-range grid cuts off its positive end, and that
-    channel maximum must keep its gradient."""
-    from lowbit.core.grid import choose_qparams
-
-    scheme = weight_scheme(bits, restricted, per_channel)
-    s, _ = choose_qparams(W.detach().float().reshape(W.shape[0], -1), scheme)
-    s = s.reshape(-1).expand(W.shape[0]) if not per_channel else s.reshape(-1)
-    shape = (-1,) + (1,) * (W.dim() - 1)
-    return fake_quantize(W, s.reshape(shape).to(W.dtype), 0.0, scheme.qmin, scheme.qmax, clipped_ste=False), s
+from lowbit.core.static_qparams import ActQParams, act_qparams_from_observer
+from lowbit.core.ste import fake_quantize, fake_quantize_weight
 
 
 class FakeQuantAct(nn.Module):

@@ -1,5 +1,8 @@
-"""DynamicInt8Conv2d: a drop-in for nn.Conv2d (groups = 1, zero padding) with dynamic int8 compute.
+"""Dynamic-range int8 for ordinary networks: :func:`quantize_dynamic` replaces every nn.Linear
+(with the ``dynamic-int8`` method's QuantizedLinear) and nn.Conv2d (with :class:`DynamicInt8Conv2d`)
+of any model.
 
+DynamicInt8Conv2d is a drop-in for nn.Conv2d (groups = 1, zero padding) with dynamic int8 compute.
 The weight [C_out, C_in, kh, kw] is flattened to [C_out, C_in·kh·kw] and stored as a
 `DynamicInt8Weight` (int8 codes, one scale per output channel); the forward pass is im2col
 (``F.unfold``) followed by the dynamic int8 matmul, so each output pixel's receptive field is one
@@ -9,11 +12,15 @@ activation row with its own scale ("token" granularity) — or one scale for the
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms.dynamic_int8 import DynamicInt8, DynamicInt8Config
+from lowbit.core.grid import check_finite
 from lowbit.errors import LowbitError
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight
 from lowbit.kernels import dynamic_int8 as kdyn
+from lowbit.nn.replace import replacement
 
 
 class DynamicInt8Conv2d(nn.Module):
@@ -53,3 +60,22 @@ class DynamicInt8Conv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, activations={self.activations}")
+
+
+def quantize_dynamic(model: nn.Module, activations: str = "token") -> nn.Module:
+    """Replace every nn.Linear and nn.Conv2d of any model with its dynamic int8 twin, in place
+    (for ordinary networks such as CNNs; `lowbit.api.quantize` covers the Linear layers of LLMs
+    and encoders). Returns the model."""
+    meth = DynamicInt8(DynamicInt8Config(activations))
+    targets = [(n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(mod, nn.Conv2d):  # (groups=1) the CNN's own int8 convolution
+            check_finite(mod.weight, name)
+            with torch.no_grad():
+                new = DynamicInt8Conv2d.from_float(mod, activations)
+        else:
+            new = replacement(mod, meth.apply(name, mod))
+        setattr(parent, child, new)
+    return model
