@@ -194,9 +194,10 @@ class Reference:
     def window_logprobs(self, w: int) -> Tensor:
         """The baseline's float32 log-probs ``[ctx-1, V]`` of window ``w`` (``hidden`` kind only)."""
         t = self.tensors
-        if self._head is None:  # stored losslessly in a narrower dtype: widen once
+        if self._head is None:  # stored losslessly in a narrower dtype: widen once, keep only the wide copy
             weight = t["head.weight"]
             self._head = weight if weight.dtype == t["hidden"].dtype else weight.to(t["hidden"].dtype)
+            t["head.weight"] = self._head
         logits = _head_logits(t["hidden"][w:w + 1], self._head, t.get("head.bias"), self.info.get("softcap"))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
@@ -298,9 +299,14 @@ def build_reference(source, windows: Tensor, key: dict, *, device: str | torch.d
                 hidden = torch.empty((W,) + tuple(h.shape[1:]), dtype=h.dtype)
                 wt = weight.detach().to("cpu")
                 narrow = wt.to(torch.bfloat16)
-                lossless = wt.dtype == torch.float32 and torch.equal(narrow.to(wt.dtype), wt)
+                # bf16 holds it exactly (a bf16 checkpoint computed in float32)? Checked a slice
+                # of rows at a time: a float32 copy of a 128k-vocabulary head is 2 GB.
+                step = max(1, (64 << 20) // max(1, wt[0].numel() * 4))
+                lossless = wt.dtype == torch.float32 and all(
+                    torch.equal(narrow[r:r + step].to(wt.dtype), wt[r:r + step]) for r in range(0, wt.shape[0], step))
                 info["head_dtype"] = str(wt.dtype).removeprefix("torch.")
                 out["head.weight"] = narrow if lossless else wt
+                del narrow
                 if bias is not None:
                     out["head.bias"] = bias.detach().to("cpu")
             else:

@@ -203,15 +203,12 @@ class StreamingForward:
         windows = self.windows.to(self.device)
         store = None
         try:
-            # 1. the blocks' keyword arguments (one window through embedding, stand-ins, norm, head)
-            for p in outside:
-                lazy.materialize(p, self.dtype, self.device)
+            # 1. the blocks' keyword arguments (one window through the embedding and stand-ins; the
+            #    forward stops at the last block, so the final norm and the head are not needed)
+            lazy.materialize(fam.embed, self.dtype, self.device)
             with _blocks_replaced(model):
                 block_kwargs = [_to(kw, self.device) for kw in capture_block_kwargs(model, windows[:1])]
-            for p in outside:
-                lazy.release(p)
             # 2. the hidden states entering block 0, for every window
-            lazy.materialize(fam.embed, self.dtype, self.device)
             x0 = capture_block0_inputs(model, windows[:1], 1, self.device)[0]
             store = _Activations(W, tuple(x0.shape), x0.dtype, self.budget_bytes, self.spill_dir, self.device)
             self.activation_bytes, self.spilled = store.total_bytes, store.spilled
