@@ -135,10 +135,25 @@ class HQQConfig:
 
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
     """Generalised soft-thresholding, the proximal operator of φ in (3):
-    sign(x) · relu(|x| − |x|^(p−1) / β)   (p = 1: ordinary soft-thresholding at 1/β)."""
-    a = x.abs()
-    thresh = a.pow(p - 1).div_(beta) if p != 1 else 1.0 / beta
-    return a.sub_(thresh).relu_().mul_(torch.sign(x))
+    sign(x) · relu(|x| − |x|^(p−1) / β)   (p = 1: ordinary soft-thresholding at 1/β).
+    Elementwise, computed a slice of rows at a time (work tensors of one slice, not of x)."""
+    out = torch.empty_like(x)
+    for r in _row_slices(x):
+        xr = x[r]
+        a = xr.abs()
+        thresh = a.pow(p - 1).div_(beta) if p != 1 else 1.0 / beta
+        out[r] = a.sub_(thresh).relu_().mul_(torch.sign(xr))
+    return out
+
+
+_SLICE_VALUES = 1 << 22  # values per slice of the row-wise loops (16 MiB of float32)
+
+
+def _row_slices(x: Tensor) -> list[slice]:
+    """Slices of x's first dimension holding about _SLICE_VALUES values each."""
+    per_row = max(1, x[0].numel()) if x.shape[0] else 1
+    step = max(1, _SLICE_VALUES // per_row)
+    return [slice(r, r + step) for r in range(0, x.shape[0], step)]
 
 
 # -- the solver ----------------------------------------------------------------------------------
@@ -166,6 +181,9 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
     def group_sum(X: Tensor) -> Tensor:                                  # [R, n, g] → [R, n]
         return (X if valid is None else X * valid).sum(-1)
 
+    def row_sums(f, X: Tensor) -> Tensor:                                # group_sum(f(X)), a slice of rows at a time
+        return torch.cat([group_sum(f(X[r])) for r in _row_slices(X)])
+
     def evaluate(W_over_s: Tensor, s: Tensor, z: Tensor):
         """(W_q, residual W − Q_z⁻¹(W_q), φ and squared error per group [R, n]) for scale s and
         zero z [R, n]. (In-place ops on fresh temporaries only: same numbers, fewer allocations.)"""
@@ -173,8 +191,8 @@ def hqq_quantize(W: Tensor, cfg: HQQConfig) -> tuple[AffineWeight, dict]:
         W_q = grid.round_scaled(W_over_s, Z, scheme)                      # Q_z(W)           (0)
         Res = grid.decode(W_q, S, Z)                                      # Q_z⁻¹(Q_z(W))
         torch.sub(Wg, Res, out=Res)                                       # W − Q_z⁻¹(Q_z(W))
-        phi = group_sum(Res.abs().pow(p)).double()                        # φ per group      (1)
-        sq = group_sum(Res.square()).double()                             # squared error per group
+        phi = row_sums(lambda R: R.abs().pow(p), Res).double()            # φ per group      (1)
+        sq = row_sums(torch.square, Res).double()                         # squared error per group
         return W_q, Res, phi, sq
 
     # start: the min/max grid of RTN with a float zero-point (padding is never a min/max)
