@@ -359,3 +359,24 @@ def test_a_streamed_run_keeps_no_block_in_memory(tmp_path):
         if cached is not None:
             held += [k for k, t in cached[1].tensors().items() if not t.is_meta]
     assert held == []
+
+
+@pytest.mark.parametrize("src, dst", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                      (torch.float32, torch.float16), (torch.float16, torch.float16)])
+def test_tensors_are_converted_a_slice_of_rows_at_a_time(tmp_path, src, dst):
+    """Reading a float tensor in another dtype goes through row slices (no whole copy in the file's
+    dtype beside the result) and gives exactly get_tensor().to(dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lowbit.models.files import read_converted
+
+    t = (torch.randn(300, 7, generator=torch.Generator().manual_seed(1)) * 1e3).to(src)
+    t[5, 3] = 7e4 if src != torch.float16 else 6e4  # beyond float16's range when converted from float32
+    save_file({"w": t, "v": t[0].clone()}, str(tmp_path / "x.safetensors"))
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        for name in ("w", "v"):
+            want = f.get_tensor(name).to(dst)
+            got = read_converted(f, name, dst, max_bytes=100)
+            assert got.dtype == dst and torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))

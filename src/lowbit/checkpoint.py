@@ -35,6 +35,7 @@ from torch import nn
 from lowbit.version import __version__
 from lowbit.errors import LowbitError
 from lowbit.integrations import hf_config
+from lowbit.models.files import all_finite
 from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD
 from lowbit.models.loading import is_lowbit_checkpoint as is_checkpoint  # noqa: F401 (re-exported)
 from lowbit.nn import module_from_meta
@@ -453,8 +454,11 @@ class LazyCheckpoint:
                     nbytes += mod.weight.numel() * mod.weight.element_size()
         return (8 * nbytes / n if n else float("nan")), nbytes, n
 
-    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def _read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors, float ones converted to ``dtype`` (a slice of rows at a time) if given."""
         from safetensors import safe_open
+
+        from lowbit.models.files import read_converted
 
         by_file: dict[Path, list[str]] = {}
         for n in names:
@@ -464,7 +468,7 @@ class LazyCheckpoint:
             try:
                 with safe_open(str(wfile), framework="pt") as f:
                     for n in group:
-                        out[n] = f.get_tensor(n)
+                        out[n] = read_converted(f, n, dtype)
             except Exception as e:
                 raise LowbitError(f"{wfile} is corrupt or truncated: {str(e).splitlines()[0]}") from None
         return out
@@ -499,11 +503,9 @@ class LazyCheckpoint:
             stored = next((a for a in names if a in self.files), None)
             if stored is None:
                 raise LowbitError(f"checkpoint {self.path} lacks tensor {dotted + n}")
-            t = self._read([stored])[stored]
-            if t.is_floating_point():
-                t = t.to(dtype or p.dtype)
-                if not torch.isfinite(t).all():
-                    raise LowbitError(f"checkpoint {self.path}: tensor {stored} has NaN/Inf values")
+            t = self._read([stored], dtype or p.dtype)[stored]
+            if t.is_floating_point() and not all_finite(t):
+                raise LowbitError(f"checkpoint {self.path}: tensor {stored} has NaN/Inf values")
             new = nn.Parameter(t.to(device), requires_grad=False)
             for a in names:
                 _set_param(self.model, a, new)

@@ -54,6 +54,7 @@ from lowbit.models.files import (  # noqa: F401 (INDEX, TensorInfo, read_header,
     files_dtype,
     load_tokenizer,
     read_config,
+    read_converted,
     read_header,
     weight_files,
 )
@@ -132,10 +133,7 @@ class LazyModel:
             try:
                 with safe_open(str(file), framework="pt") as f:  # mapping closed before returning
                     for n in group:
-                        t = f.get_tensor(self.needed.get(n, n))
-                        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                            t = t.to(dtype)
-                        out[n] = t
+                        out[n] = read_converted(f, self.needed.get(n, n), dtype)
             except LowbitError:
                 raise
             except Exception as e:  # SafetensorError, OSError: the file changed or is unusable
