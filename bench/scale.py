@@ -11,7 +11,7 @@ getrusage of the child where that tool is missing):
 * ``8b``: the Llama-3.1-8B-shaped model (bf16, 16 GB on disk): RTN W4 g128 and HQQ W4 g64 streamed
   block by block (targets: peak RSS <= 3 GB, wall <= 20 min each), then ``lowbit eval
   --max-tokens 2048`` of the RTN result (target: peak RSS <= 8 GB).
-* ``1b``: the Llama-3.2-1B-shaped model: GPTQ W4 g128 on 32 x 512 calibration tokens (targets: peak
+* ``1b``: the Llama-3.2-1B-shaped model: GPTQ W4 g128 on 32 x 512 calibration tokens, streamed (targets: peak
   RSS <= 2 GB, wall <= 15 min), then the same under ``torchrun --nproc-per-node 2`` (its wall time
   as a ratio; the two checkpoints must hold the same tensors).
 * ``small``: SmolLM2-135M and Gemma-3-270M, every method, the whole model in memory (the path
@@ -131,7 +131,7 @@ def section_1b(work: Path, rows: list) -> None:
     model = need(SYNTH / "llama-3.2-1b", "llama-3.2-1b")
     name = "llama-3.2-1b shape (2.5 GB bf16)"
     args = ["quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size", "128",
-            "--samples", "32", "--seq-len", "512"]
+            "--samples", "32", "--seq-len", "512", "--stream"]  # unstreamed it is the whole model in float32
     wall1, peak1, _ = run(args + ["-o", str(work / "1b-1")])
     rows.append(row("gptq w4 g128, 32x512 calib, 1 process", name, wall1, peak1, 2, 15)); print(rows[-1], flush=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
