@@ -1,6 +1,6 @@
 """lowbit.eval.reference: a cached reference of the original model gives the lockstep numbers
-(exactly for the hidden-state kind, as a measured lower bound for top-k), and its cache file is
-keyed, atomic and checked."""
+(exactly for the hidden-state kind, as an unbiased estimate with a measured error for top-k +
+tail samples), and its cache file is keyed, atomic and checked."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ from lowbit.eval.reference import (
     bucket_kl_rows,
     cached_reference,
     fingerprint,
+    key_hash,
     load_reference,
     reference_key,
+    sampled_kl_rows,
     save_reference,
     score_against_reference,
+    tail_sample_rows,
     topk_rows,
 )
 from lowbit.eval.streaming import InMemory
@@ -142,6 +145,123 @@ def test_bucket_kl_matches_the_formula_and_bounds_the_exact_kl_from_below(k):
         assert float((exact_f - fwd).sum()) > 0 and float((exact_r - rev).sum()) > 0
 
 
+def test_tail_samples_are_systematic_draws_from_the_tail():
+    """Over a fine grid of offsets u every tail token is drawn with frequency min(1, m p~_i)
+    (systematic sampling: with probability exactly that, never twice below it), in strata of
+    decreasing probability; the top-k part is topk_rows'."""
+    gen = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(2 * torch.randn(3, 50, generator=gen), -1)
+    k, m, grid = 5, 4, 4000
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    for r in range(3):
+        t = tail_sample_rows(lp[r:r + 1].expand(grid, -1), k, m, u)
+        ids, logp, rest = topk_rows(lp[r:r + 1], k)
+        assert torch.equal(t["ids"], ids.expand(grid, -1)) and torch.equal(t["logp"], logp.expand(grid, -1))
+        assert torch.allclose(t["rest"], rest.expand(grid), rtol=0, atol=1e-6)
+        assert torch.equal(t["tail_logp"], lp[r].gather(0, t["tail_ids"].reshape(-1)).reshape(grid, m))
+        assert bool((t["tail_logp"][:, 1:] <= t["tail_logp"][:, :-1]).all())  # one per stratum, most likely first
+        tail = torch.ones(50, dtype=torch.bool)
+        tail[ids[0]] = False
+        p_tail = (lp[r].double() - float(rest)).exp() * tail
+        hits = torch.zeros(50, dtype=torch.float64)
+        hits.index_add_(0, t["tail_ids"].reshape(-1), torch.ones(grid * m, dtype=torch.float64))
+        expected = m * p_tail * grid  # expected draws; inclusion probability min(1, m p~)
+        assert torch.allclose(hits, expected, rtol=0, atol=1.01)  # the grid's rounding only
+        assert float(hits[~tail].sum()) == 0
+
+
+def test_tail_samples_edge_cases():
+    lp = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, -math.inf, -math.inf, 0.0],
+                                         [5.0, 1.0, 1.0, 1.0, -math.inf, -math.inf, -math.inf, -math.inf]]), -1)
+    u = torch.tensor([0.999999999, 0.0], dtype=torch.float64)
+    t = tail_sample_rows(lp, 2, 6, u)
+    assert t["ids"].tolist() == [[0, 1], [0, 1]]  # ties go to the lower id
+    assert set(t["tail_ids"][0].tolist()) <= {2, 3, 4, 7} and set(t["tail_ids"][1].tolist()) <= {2, 3}
+    assert bool(torch.isfinite(t["tail_logp"]).all())  # a token without mass is never drawn
+    assert t["tail_ids"][1].tolist() == [2, 2, 2, 3, 3, 3]  # two tokens, six strata
+    full = tail_sample_rows(lp, 8, 3, u)  # no tail
+    assert torch.equal(full["rest"], torch.full((2,), -math.inf)) and torch.equal(full["tail_ids"], torch.zeros(2, 3, dtype=torch.long))
+    assert torch.equal(full["tail_logp"], torch.full((2, 3), -math.inf))
+    none = tail_sample_rows(lp, 2, 0, u)
+    assert none["tail_ids"].shape == (2, 0) and torch.equal(none["rest"], t["rest"])
+    lq = torch.log_softmax(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)), -1)
+    fwd, rev, fv, rv = sampled_kl_rows(full["ids"], full["logp"], full["rest"], full["tail_ids"], full["tail_logp"], lq)
+    exact = (lp.double().exp() * (lp.double() - lq.double())).nan_to_num(0).sum(-1)
+    assert torch.allclose(fwd, exact, atol=1e-6) and torch.equal(fv, torch.zeros(2))
+    # the model puts no mass on a token the original can emit: an infinite forward KL, as exactly
+    lq0 = lq.clone()
+    lq0[0, t["tail_ids"][0, 0]] = -math.inf
+    fwd0, rev0, _, _ = sampled_kl_rows(t["ids"], t["logp"], t["rest"], t["tail_ids"], t["tail_logp"], lq0)
+    assert fwd0[0] == math.inf and math.isfinite(rev0[0]) and math.isfinite(fwd0[1])
+
+
+def naive_sampled(lp, lq, ids, tail_ids):
+    """float64, row by row, straight from the module docstring's formulas."""
+    fwd, rev = [], []
+    for a, b, top, smp in zip(lp.double(), lq.double(), ids.tolist(), tail_ids.tolist()):
+        rest = [i for i in range(a.numel()) if i not in top]
+        pa, pb = a.exp(), b.exp()
+        pr, qr = float(pa[rest].sum()), float(pb[rest].sum())
+        f = sum(float(pa[i] * (a[i] - b[i])) for i in top) + pr * math.log(pr / qr)
+        r = sum(float(pb[i] * (b[i] - a[i])) for i in top) + qr * math.log(qr / pr)
+        w = [(float(pb[i]) / qr) / (float(pa[i]) / pr) for i in smp]
+        f += pr * sum(x - 1 - math.log(x) for x in w) / len(w)
+        r += qr * sum(x * math.log(x) - x + 1 for x in w) / len(w)
+        fwd.append(f)
+        rev.append(r)
+    return torch.tensor(fwd, dtype=torch.float64), torch.tensor(rev, dtype=torch.float64)
+
+
+def test_sampled_kl_matches_the_formula():
+    gen = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(10, 60, generator=gen)
+    lp = torch.log_softmax(logits, -1)
+    lq = torch.log_softmax(logits + 0.8 * torch.randn(10, 60, generator=gen), -1)
+    t = tail_sample_rows(lp, 6, 5, torch.rand(10, generator=gen, dtype=torch.float64))
+    fwd, rev, fv, rv = sampled_kl_rows(t["ids"], t["logp"], t["rest"], t["tail_ids"], t["tail_logp"], lq)
+    nf, nr = naive_sampled(lp, lq, t["ids"], t["tail_ids"])
+    assert torch.allclose(fwd, nf, rtol=1e-5, atol=1e-7) and torch.allclose(rev, nr, rtol=1e-5, atol=1e-7)
+    bf, br = bucket_kl_rows(t["ids"], t["logp"], t["rest"], lq)
+    assert bool((fwd >= bf).all()) and bool((rev >= br).all())  # non-negative tail terms
+    assert bool((fv > 0).all()) and bool((rv > 0).all())
+
+
+def test_sampled_kl_is_unbiased_where_the_bucket_is_a_lower_bound():
+    """Vocabulary 2000, k = 8, m = 8, 300 positions, 64 seeds: the bucket under-reports KL by
+    far; the sampled estimate's mean over seeds is the exact KL (within its standard error), every
+    seed's run is within a few percent, and the standard error it reports is the spread."""
+    gen = torch.Generator().manual_seed(0)
+    n, V, k, m, seeds = 300, 2000, 8, 8, 64
+    logits = 2.5 * torch.randn(n, V, generator=gen)
+    lp = torch.log_softmax(logits, -1)
+    lq = torch.log_softmax(0.9 * logits + 0.6 * torch.randn(n, V, generator=gen), -1)
+    exact = np.array([float(_kl(lp, lq).sum()), float(_kl(lq, lp).sum())])
+    ids, logp, rest = topk_rows(lp, k)
+    bf, br = bucket_kl_rows(ids, logp, rest, lq)
+    assert bool((bf <= _kl(lp, lq) + 1e-9).all()) and bool((br <= _kl(lq, lp) + 1e-9).all())
+    bucket_err = 1 - np.array([float(bf.sum()), float(br.sum())]) / exact
+    assert bucket_err[0] > 0.2 and bucket_err[1] > 0.2  # a lower bound, and far below
+    runs, ses = [], []
+    for seed in range(seeds):
+        u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        t = tail_sample_rows(lp, k, m, u)
+        f, r, fv, rv = sampled_kl_rows(t["ids"], t["logp"], t["rest"], t["tail_ids"], t["tail_logp"], lq)
+        runs.append([float(f.sum()), float(r.sum())])
+        ses.append([float(fv.sum()) ** 0.5, float(rv.sum()) ** 0.5])
+    rel = np.array(runs) / exact - 1
+    spread = rel.std(axis=0)  # measured: 1.8 % forward, 2.7 % reverse (300 positions)
+    assert np.all(np.abs(rel) < 0.08)  # every run, where the bucket is 57 % / 65 % low
+    assert np.all(np.abs(rel.mean(axis=0)) < 4 * spread / seeds**0.5)  # unbiased (measured -0.14 %, -0.24 %)
+    assert np.all(np.abs(rel.mean(axis=0)) < 0.005)
+    predicted = np.array(ses).mean(axis=0) / exact
+    assert np.all((predicted > 0.7 * spread) & (predicted < 1.4 * spread))  # the reported standard error
+
+
+def _kl(a, b):
+    a, b = a.double(), b.double()
+    return (a.exp() * (a - b)).sum(-1)
+
+
 def test_topk_error_is_measured_on_the_audit_positions(pair):
     base, q = pair
     V = base.config.vocab_size
@@ -150,14 +270,22 @@ def test_topk_error_is_measured_on_the_audit_positions(pair):
     exact = lockstep(base, q, toks, proto)["q"]
     wins = protocol_windows(toks, proto)
     n = 4 * 19
-    ref = build_reference(base, wins, reference_key("m", wins, "topk", k=4, audit=10_000), progress=False)
-    assert torch.equal(ref.tensors["audit_pos"], torch.arange(n))  # every position audited
+    bucket = build_reference(base, wins, reference_key("m", wins, "topk", k=4, m=0, audit=10_000), progress=False)
+    assert torch.equal(bucket.tensors["audit_pos"], torch.arange(n))  # every position audited
+    low = score_against_reference(bucket, q, wins, progress=False)
+    assert low.kl_mean < exact.kl_mean and low.kl_rev_mean < exact.kl_rev_mean  # m = 0: lower bounds
+    assert 0 < low.kl_rel_err < 1 and 0 < low.kl_rev_rel_err < 1
+    assert low.kl_rel_se == 0 and low.kl_rev_rel_se == 0  # nothing sampled, no sampling error
+    ref = build_reference(base, wins, reference_key("m", wins, "topk", k=4, m=8, audit=10_000), progress=False)
     got = score_against_reference(ref, q, wins, progress=False)
-    assert got.kl_mean < exact.kl_mean and got.kl_rev_mean < exact.kl_rev_mean  # lower bounds
-    assert got.kl_rel_err == pytest.approx((exact.kl_mean - got.kl_mean) / exact.kl_mean, rel=1e-5)
-    assert got.kl_rev_rel_err == pytest.approx((exact.kl_rev_mean - got.kl_rev_mean) / exact.kl_rev_mean, rel=1e-5)
-    assert 0 < got.kl_rel_err < 1 and 0 < got.kl_rev_rel_err < 1
-    same_numbers(got, exact, ("ppl", "nll", "top1", "n_tokens", "delta_ppl"))  # exact either way
+    for e, g, rel in ((exact.kl_mean, got.kl_mean, got.kl_rel_err), (exact.kl_rev_mean, got.kl_rev_mean, got.kl_rev_rel_err)):
+        assert rel == pytest.approx((e - g) / e, rel=1e-5, abs=1e-12)  # every position audited: the run's error
+        assert abs(rel) < 0.05
+    assert 0 < got.kl_rel_se < 0.05 and 0 < got.kl_rev_rel_se < 0.05
+    assert abs(got.kl_rel_err) < 4 * got.kl_rel_se  # the standard error tells the size of the error
+    assert got.kl_mean > low.kl_mean and got.kl_rev_mean > low.kl_rev_mean
+    for r in (low, got):
+        same_numbers(r, exact, ("ppl", "nll", "top1", "n_tokens", "delta_ppl"))  # exact either way
     few = build_reference(base, wins, reference_key("m", wins, "topk", k=4, audit=7), progress=False)
     assert few.tensors["audit_pos"].tolist() == [0, 12, 25, 38, 50, 62, 75]  # 75 * i / 6, halves to even
     assert torch.equal(few.tensors["audit_logp"][2], torch.log_softmax(base(wins[1:2]).logits[0, 25 - 19].float(), -1))
@@ -182,9 +310,9 @@ def test_cache_hits_and_misses_on_every_part_of_the_key(pair, tmp_path):
     base, q = pair
     built = []
 
-    def get(model, toks, proto, kind="topk", k=8, bos=None):
+    def get(model, toks, proto, kind="topk", k=8, m=4, bos=None):
         wins = protocol_windows(toks, proto, bos)
-        key = reference_key(fingerprint(model), wins, kind, k=k)
+        key = reference_key(fingerprint(model), wins, kind, k=k, m=m)
 
         def build():
             built.append(key)
@@ -204,11 +332,12 @@ def test_cache_hits_and_misses_on_every_part_of_the_key(pair, tmp_path):
     assert get(base, t, PplProtocol(ctx=32, max_tokens=None))[1] is False  # other protocol
     assert get(base, t, proto, bos=7)[1] is False  # other BOS rule
     assert get(base, t, proto, k=9)[1] is False  # other k
+    assert get(base, t, proto, m=5)[1] is False  # other number of tail samples
     assert get(base, t, proto, kind="hidden")[1] is False  # other kind
     assert get(q, t, proto)[1] is False  # other model
-    assert len(built) == 7 and len({str(k) for k in built}) == 7
-    assert len(os.listdir(tmp_path)) == 7
-    assert get(base, t, proto)[1] is True and len(built) == 7
+    assert len(built) == 8 and len({str(k) for k in built}) == 8
+    assert len(os.listdir(tmp_path)) == 8
+    assert get(base, t, proto)[1] is True and len(built) == 8
 
 
 def test_fingerprint_follows_the_weights(tmp_path, pair):
@@ -313,6 +442,42 @@ def test_bad_settings():
         reference_key("m", wins, "logits")
     with pytest.raises(LowbitError, match="topk"):
         reference_key("m", wins, "topk", k=0)
+    with pytest.raises(LowbitError, match="tail-samples"):
+        reference_key("m", wins, "topk", m=-1)
+    assert "m" not in reference_key("m", wins, "hidden")  # the settings of topk only
+
+
+def test_a_stale_file_is_reported_and_recomputed(pair, tmp_path):
+    """A file of an older format under the name of the current key (or read directly) is
+    never mis-read: it is reported as stale and, by cached_reference, rebuilt."""
+    base, _ = pair
+    wins = protocol_windows(tokens(32, 96), PplProtocol(ctx=16, max_tokens=None))
+    key = reference_key("m", wins, "topk", k=3, m=2)
+    assert key["format"] == 2 and reference_key("m", wins, "hidden")["format"] == 1
+    ref = build_reference(base, wins, key, progress=False)
+    old = Reference(key={**key, "format": 1}, tensors={n: t for n, t in ref.tensors.items()
+                                                       if not n.startswith("tail_")}, info=ref.info)
+    path = save_reference(old, tmp_path / f"topk-{key_hash(key)}.safetensors")
+    with pytest.raises(LowbitError, match="stale .*format 1.*format 2"):
+        load_reference(path)
+    with pytest.raises(LowbitError, match="stale"):
+        cached_reference(key, tmp_path, lambda: ref, on_corrupt="error")
+    logged = []
+    got, hit = cached_reference(key, tmp_path, lambda: ref, log=logged.append)
+    assert not hit and len(logged) == 1 and "stale" in logged[0]
+    assert load_reference(path, key).key == key
+
+
+def test_tail_tensors_of_the_wrong_shape_are_rejected(pair, tmp_path):
+    base, _ = pair
+    wins = protocol_windows(tokens(32, 96), PplProtocol(ctx=16, max_tokens=None))
+    key = reference_key("m", wins, "topk", k=3, m=4)
+    ref = build_reference(base, wins, key, progress=False)
+    assert ref.tensors["tail_ids"].shape == (2 * 15, 4) and ref.tensors["tail_ids"].dtype == torch.int32
+    ref.tensors["tail_logp"] = ref.tensors["tail_logp"][:, :3].contiguous()
+    path = save_reference(ref, tmp_path / "x.safetensors")  # a sound checksum over the wrong shapes
+    with pytest.raises(LowbitError, match="corrupt .*tail_logp do not have the shapes"):
+        load_reference(path, key)
 
 
 # ---------------------------------------------------------------- command line
@@ -379,24 +544,31 @@ def test_cli_hidden_reference_prints_the_memory_table(quantized, capsys, tmp_pat
 def test_cli_topk_reference_reports_its_error(quantized, capsys, tmp_path):
     d, text, (q4, _) = quantized
     common = ["--text", text, "--max-tokens", 512, "--ctx", 64, "--no-latency", "--cache-dir", tmp_path]
-    code, out, err = cli(capsys, "eval", q4, *common, "--topk", 8)
+    code, out, err = cli(capsys, "eval", q4, *common, "--topk", 8, "--tail-samples", 4)
     assert code == 0, err
     headers, rows = table(out)
-    assert "KL err %" in headers and "KL rev err %" in headers
-    err_pct = float(rows["q4"][headers.index("KL err %")])
-    assert 0 < err_pct < 100
-    assert rows["original"][headers.index("KL err %")] == "-"
+    for col in ("KL ±%", "KL rev ±%", "KL err %", "KL rev err %"):
+        assert rows["original"][headers.index(col)] == "-"
+        assert 0 < abs(float(rows["q4"][headers.index(col)])) < 100, col
+    _, mem = table(cli(capsys, "eval", q4, *common[:-2], "--reference", "memory")[1])
+    kl, kl_mem = float(rows["q4"][headers.index("KL mean")]), float(mem["q4"][headers.index("KL mean")])
+    assert abs(kl / kl_mem - 1) < 0.1  # an estimate, close
+    code, bucket, err = cli(capsys, "eval", q4, *common, "--topk", 8, "--tail-samples", 0)
+    assert code == 0, err
+    _, r = table(bucket)
+    assert float(r["q4"][headers.index("KL mean")]) < kl_mem and float(r["q4"][headers.index("KL ±%")]) == 0
     code, full, err = cli(capsys, "eval", q4, *common, "--topk", 10_000)  # k >= vocabulary: exact
     assert code == 0, err
-    _, mem = table(cli(capsys, "eval", q4, *common[:-2], "--reference", "memory")[1])
     h, r = table(full)
     assert r["q4"][h.index("KL mean")] == mem["q4"][h.index("KL mean")]
-    assert float(r["q4"][h.index("KL err %")]) == 0.0
+    assert float(r["q4"][h.index("KL err %")]) == 0.0 and float(r["q4"][h.index("KL ±%")]) == 0.0
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["--reference", "hidden", "--topk", "8"], "--topk applies to --reference topk"),
+    (["--reference", "memory", "--tail-samples", "8"], "--tail-samples applies to --reference topk"),
     (["--topk", "0"], "--topk must be a positive integer"),
+    (["--tail-samples", "-1"], "--tail-samples must be an integer >= 0"),
     (["--activation-budget", "-1"], "--activation-budget"),
 ])
 def test_cli_reference_errors(quantized, capsys, argv, needle):
@@ -424,3 +596,28 @@ def test_auto_picks_memory_when_both_fit_and_streams_what_does_not(quantized, mo
     assert choose_reference(str(d), [str(q4)], s) == "hidden"
     assert stream_variant(str(q4), EvalSettings(latency=True)) is (compute_bytes(str(q4)) > 0.5 * base_bytes)
     assert choose_reference(str(d), [], EvalSettings(reference="topk")) == "topk"
+
+
+def test_auto_falls_back_to_topk_only_when_the_hidden_reference_would_crowd_the_disk(quantized, capsys, tmp_path,
+                                                                                      monkeypatch):
+    from lowbit import api
+    from lowbit.eval import reference
+    from lowbit.eval.reference import hidden_reference_bytes
+    from lowbit.eval.compare import compute_bytes
+
+    d, text, (q4, _) = quantized
+    m = tiny_model("llama").model
+    V, H = m.get_output_embeddings().weight.shape
+    assert hidden_reference_bytes(m, 8, 64) == 4 * H * (8 * 64 + V)
+    assert reference.free_bytes(tmp_path / "not" / "yet") == reference.free_bytes(tmp_path) > 0
+    monkeypatch.setattr(api, "available_memory", lambda: compute_bytes(str(d)))  # no room for both: not memory
+    common = ["eval", q4, "--text", text, "--max-tokens", 512, "--ctx", 64, "--no-latency", "--cache-dir", tmp_path]
+    need = 4 * H * (8 * 64 + V)
+    monkeypatch.setattr(reference, "free_bytes", lambda folder: 2 * need + 1)
+    code, out, err = cli(capsys, *common)
+    assert code == 0, err
+    assert "reference: hidden" in err and "KL ±%" not in out
+    monkeypatch.setattr(reference, "free_bytes", lambda folder: 2 * need - 1)
+    code, out, err = cli(capsys, *common)
+    assert code == 0, err
+    assert "using the compact topk reference" in err and "reference: topk" in err and "KL ±%" in out

@@ -73,9 +73,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", choices=("auto", "memory", "hidden", "topk"), default=None,
                    help="how the original is compared: memory = loaded beside each variant; hidden = its output-layer "
                         "inputs computed once (streamed block by block), cached, exact; topk = its top-k log-probs "
-                        "+ remaining mass, cached, compact but approximate (measured error shown); auto (default) = "
-                        "memory when both fit, else hidden")
-    p.add_argument("--topk", type=int, help="k of --reference topk (default 32; implies --reference topk)")
+                        "+ tokens sampled from the rest, cached, compact, KL estimated (standard error and audited "
+                        "error shown); auto (default) = memory when both fit, else hidden")
+    p.add_argument("--topk", type=int, help="k of --reference topk: most likely tokens stored per position "
+                   "(default 32; implies --reference topk)")
+    p.add_argument("--tail-samples", type=int, metavar="M",
+                   help="M of --reference topk: tokens sampled per position from the others to estimate their part "
+                        "of the KL (default 64; 0 = one bucket, a lower bound; implies --reference topk)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where cached references live (default: $LOWBIT_CACHE/reference or ~/.cache/lowbit/reference)")
     p.add_argument("--activation-budget", type=int, metavar="MIB",
@@ -168,16 +172,20 @@ def eval_settings(args, latency_default=True):
         from lowbit.data.texts import load_text
 
         load_text(args.text)  # a bundled split name or a readable text file; one-line error otherwise
-    reference = args.reference or ("topk" if args.topk is not None else "auto")
-    if args.topk is not None and reference != "topk":
-        raise LowbitError(f"--topk applies to --reference topk, not --reference {reference}")
+    topk_flags = [f for f, v in (("--topk", args.topk), ("--tail-samples", args.tail_samples)) if v is not None]
+    reference = args.reference or ("topk" if topk_flags else "auto")
+    if topk_flags and reference != "topk":
+        raise LowbitError(f"{topk_flags[0]} applies to --reference topk, not --reference {reference}")
     if args.topk is not None and args.topk < 1:
         raise LowbitError(f"--topk must be a positive integer, got {args.topk}")
+    if args.tail_samples is not None and args.tail_samples < 0:
+        raise LowbitError(f"--tail-samples must be an integer >= 0, got {args.tail_samples}")
     if args.activation_budget is not None and args.activation_budget < 0:
         raise LowbitError(f"--activation-budget must be >= 0 MiB, got {args.activation_budget}")
     return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
                         latency=latency_default and not args.no_latency, device=args.device,
-                        reference=reference, topk=args.topk or 32, cache_dir=args.cache_dir,
+                        reference=reference, topk=args.topk or 32,
+                        tail_samples=64 if args.tail_samples is None else args.tail_samples, cache_dir=args.cache_dir,
                         activation_budget=None if args.activation_budget is None else args.activation_budget * 2**20,
                         spill_dir=args.spill_dir)
 

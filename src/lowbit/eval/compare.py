@@ -9,13 +9,19 @@ numbers, the original model being the baseline row either way:
   its files when it is a Hugging Face directory, so it never has to fit in memory), cached on
   disk, and each variant is then loaded alone, scored against it and dropped
   (:mod:`lowbit.eval.reference`).  ``hidden`` gives the same numbers as ``memory`` bit for bit;
-  ``topk`` is compact but approximate (its measured error is reported in the table).  A
+  ``topk`` is compact, its KL an estimate (its standard error and its error on audit positions
+  are in the table).  A
   checkpoint is itself streamed block by block (:class:`lowbit.checkpoint.LazyCheckpoint`) when
   no latency is asked for or it would take more than half the free memory; the original's
   latency is not measured in these modes (it is never loaded whole).
 
 ``auto`` picks ``memory`` when the original and the largest variant fit in the memory available
-(float32 weights), else ``hidden``.
+(float32 weights), else ``hidden`` (exact; its file holds ``W*ctx*H`` float32 hidden states and the
+``V*H`` output layer: for any model a small fraction of the model itself), and ``topk`` only when
+that file would take more than half the free space of the cache directory.  ``topk`` is not
+picked for size alone: its KL is an estimate (about 0.1 % off forward and 1-2 % reverse on a few
+thousand positions of SmolLM2, see :mod:`lowbit.eval.reference`) and it cannot see the rare tokens
+a variant makes likely that the original finds nearly impossible, which ``hidden`` keeps.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ COLUMNS = [
     ("kl", "KL mean", ".5f"),
     ("kl_p99", "KL p99", ".4f"),
     ("kl_rev", "KL rev", ".5f"),
+    ("kl_se", "KL ±%", ".2f"),
+    ("kl_rev_se", "KL rev ±%", ".2f"),
     ("kl_err", "KL err %", ".2f"),
     ("kl_rev_err", "KL rev err %", ".2f"),
     ("top1", "top-1 %", ".2f"),
@@ -62,8 +70,9 @@ class EvalSettings:
     device: str = "cpu"
     progress: bool = True
     reference: str = "auto"  # auto | memory | hidden | topk (module docstring)
-    topk: int = 32
-    audit: int = 64  # positions whose full distribution checks the top-k approximation
+    topk: int = 32  # most likely tokens stored per position (topk reference)
+    tail_samples: int = 64  # tokens sampled per position from the others (topk reference)
+    audit: int = 64  # positions whose full distribution checks the topk estimate
     cache_dir: str | None = None  # default: lowbit.eval.reference.default_cache_dir()
     activation_budget: int | None = None  # bytes of activations kept in memory when streaming
     spill_dir: str | None = None  # where activations beyond the budget go (default: the temp dir)
@@ -88,6 +97,9 @@ def _row(name: str, m: api.Model | None, q, settings: EvalSettings, *, lazy=None
            "qtime": (m.record or {}).get("quantize_seconds"),
            "method": ((m.record or {}).get("method") or {}).get("method"),
            "token_nll": q.token_nll}
+    if q.kl_rel_se is not None:
+        row["kl_se"] = 100 * q.kl_rel_se
+        row["kl_rev_se"] = 100 * q.kl_rev_rel_se
     if q.kl_rel_err is not None:
         row["kl_err"] = 100 * q.kl_rel_err
         row["kl_rev_err"] = 100 * q.kl_rev_rel_err
@@ -232,7 +244,18 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
     source, tokenizer, model_id, name, skeleton = _open_original(base_spec)
     text = load_text(settings.text)
     windows = protocol_windows(eval_tokens(tokenizer, text), settings.protocol, default_bos_id(tokenizer))
-    key = reference_key(model_id, windows, kind, k=settings.topk, audit=settings.audit, dtype=torch.float32)
+    if kind == "hidden" and settings.reference == "auto":
+        from lowbit.eval.reference import default_cache_dir, free_bytes, hidden_reference_bytes
+
+        folder = settings.cache_dir if settings.cache_dir is not None else default_cache_dir()
+        need, free = hidden_reference_bytes(skeleton, *windows.shape), free_bytes(folder)
+        if need is not None and free is not None and need > 0.5 * free:
+            kind = "topk"
+            if log is not None:
+                log(f"reference: the hidden-state reference would take {need / 1e9:.2f} GB, more than half the "
+                    f"{free / 1e9:.2f} GB free in {folder}; using the compact topk reference")
+    key = reference_key(model_id, windows, kind, k=settings.topk, m=settings.tail_samples, audit=settings.audit,
+                        dtype=torch.float32)
     stream = {"budget_bytes": settings.activation_budget, "spill_dir": settings.spill_dir}
     if log is not None:
         log(f"reference: {kind} of {name} on {windows.shape[0]} windows of {windows.shape[1]} tokens")

@@ -117,9 +117,12 @@ class QualityResult:
     delta_ppl: float | None = None
     kl_rev_mean: float | None = None
     kl_rev_p99: float | None = None
-    # measured relative error of an approximate KL (lowbit.eval.reference, topk): None when exact
+    # an estimated KL (lowbit.eval.reference, topk; None when exact): its relative error measured
+    # on the audit positions, and its estimated relative standard error over the whole run
     kl_rel_err: float | None = None
     kl_rev_rel_err: float | None = None
+    kl_rel_se: float | None = None
+    kl_rev_rel_se: float | None = None
     token_nll: np.ndarray | None = field(default=None, repr=False)  # [n_tokens] float32, in scoring order
 
 
