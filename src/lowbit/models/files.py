@@ -193,23 +193,37 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def read_converted(f, name: str, dtype: torch.dtype | None, max_bytes: int = 64 << 20) -> torch.Tensor:
-    """Tensor ``name`` of an open safetensors file ``f`` (``safe_open(..., framework="pt")``),
-    converted to ``dtype`` when it is a float tensor of another dtype. The conversion runs a slice
-    of rows at a time into the result, so only the result is ever whole in memory (a bf16
-    embedding of 128k rows read as float32 would otherwise also be held as a bf16 copy);
-    the values are those of ``get_tensor(name).to(dtype)``."""
+def row_slices(f, name: str, max_bytes: int = 64 << 20):
+    """``(first row, tensor)`` pieces of tensor ``name`` of an open safetensors file ``f``
+    (``safe_open(..., framework="pt")``), in order: slices of rows of at most ``max_bytes`` each
+    (at least one row), or the whole tensor in one piece when it has fewer than 2 dimensions or
+    fits in ``max_bytes``."""
     sl = f.get_slice(name)
     shape = list(sl.get_shape())
     src = DTYPES.get(sl.get_dtype())
-    if dtype is None or src is None or not src.is_floating_point or src == dtype or len(shape) < 2:
-        t = f.get_tensor(name)
-        return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
-    out = torch.empty(shape, dtype=dtype)
-    row = max(1, math.prod(shape[1:]) * torch.empty((), dtype=src).element_size())
+    row = max(1, math.prod(shape[1:]) * (torch.empty((), dtype=src).element_size() if src else 1))
+    if len(shape) < 2 or shape[0] * row <= max_bytes:
+        yield 0, f.get_tensor(name)
+        return
     step = max(1, max_bytes // row)
     for r in range(0, shape[0], step):
-        out[r : r + step] = sl[r : r + step]
+        yield r, sl[r : r + step]
+
+
+def read_converted(f, name: str, dtype: torch.dtype | None, max_bytes: int = 64 << 20) -> torch.Tensor:
+    """Tensor ``name`` of an open safetensors file ``f`` (``safe_open(..., framework="pt")``),
+    converted to ``dtype`` when it is a float tensor of another dtype. The conversion runs a slice
+    of rows at a time into the result (`row_slices`), so only the result is ever whole in memory
+    (a bf16 embedding of 128k rows read as float32 would otherwise also be held as a bf16 copy);
+    the values are those of ``get_tensor(name).to(dtype)``."""
+    sl = f.get_slice(name)
+    src = DTYPES.get(sl.get_dtype())
+    if dtype is None or src is None or not src.is_floating_point or src == dtype:
+        t = f.get_tensor(name)  # (a dtype this table lacks: converted whole, as torch reads it)
+        return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
+    out = torch.empty(list(sl.get_shape()), dtype=dtype)
+    for r, part in row_slices(f, name, max_bytes):
+        out[r : r + part.shape[0]] = part
     return out
 
 

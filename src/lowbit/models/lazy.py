@@ -35,6 +35,7 @@ NaN/Inf weights are reported when a tensor is materialized.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from lowbit.models.files import (  # noqa: F401 (INDEX, TensorInfo, read_header,
     load_tokenizer,
     read_config,
     read_converted,
+    row_slices,
     read_header,
     weight_files,
 )
@@ -89,39 +91,23 @@ class LazyModel:
 
     def read_parts(self, name: str, max_bytes: int = 64 << 20):
         """(dtype, shape, parts): one tensor as stored, its rows read a slice at a time (each
-        part at most ``max_bytes``, or one row), for copying a large tensor (a 1 GB embedding)
-        into a checkpoint without holding it whole."""
-        from safetensors import safe_open
-
+        part at most ``max_bytes``, or one row; `row_slices`), for copying a large tensor (a 1 GB
+        embedding) into a checkpoint without holding it whole."""
         key = self.needed.get(name, name)
         if key not in self.tensors:
             raise LowbitError(f"{self.path}: no tensor {name} in the weight files")
         info = self.tensors[key]
-        rows = info.shape[0] if info.shape else 1
-        step = max(1, max_bytes // max(1, info.nbytes // max(rows, 1)))
 
         def parts():
-            try:
-                with safe_open(str(info.file), framework="pt") as f:
-                    if not info.shape or rows <= step:
-                        yield f.get_tensor(key)
-                        return
-                    sl = f.get_slice(key)
-                    for r in range(0, rows, step):
-                        t = sl[r : r + step]
-                        if t.is_floating_point() and not all_finite(t):
-                            raise LowbitError(f"weight {name} in {self.path} has NaN/Inf values")
-                        yield t
-            except LowbitError:
-                raise
-            except Exception as e:  # SafetensorError, OSError: the file changed or is unusable
-                raise LowbitError(f"corrupt or truncated safetensors file {info.file}: {_first_line(e)}") from None
+            with _open(info.file) as f:
+                for _, t in row_slices(f, key, max_bytes):
+                    if t.is_floating_point() and not all_finite(t):
+                        raise LowbitError(f"weight {name} in {self.path} has NaN/Inf values")
+                    yield t
 
         return info.dtype, tuple(info.shape), parts()
 
     def _read_many(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for n in names:
             key = self.needed.get(n, n)
@@ -130,14 +116,9 @@ class LazyModel:
             by_file.setdefault(self.tensors[key].file, []).append(n)
         out = {}
         for file, group in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt") as f:  # mapping closed before returning
-                    for n in group:
-                        out[n] = read_converted(f, self.needed.get(n, n), dtype)
-            except LowbitError:
-                raise
-            except Exception as e:  # SafetensorError, OSError: the file changed or is unusable
-                raise LowbitError(f"corrupt or truncated safetensors file {file}: {_first_line(e)}") from None
+            with _open(file) as f:  # mapping closed before returning
+                for n in group:
+                    out[n] = read_converted(f, self.needed.get(n, n), dtype)
         return out
 
     # -- materialize / release ----------------------------------------------------------------
@@ -177,6 +158,21 @@ class LazyModel:
 
     def close(self) -> None:
         """Nothing stays open between calls; kept so callers can treat this like a file."""
+
+
+@contextlib.contextmanager
+def _open(file: Path):
+    """``safe_open`` of a weight file; any failure inside (SafetensorError, OSError: the file
+    changed or is unusable) becomes a one-line LowbitError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except LowbitError:
+        raise
+    except Exception as e:
+        raise LowbitError(f"corrupt or truncated safetensors file {file}: {_first_line(e)}") from None
 
 
 def _under(name: str, prefix: str) -> bool:
