@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from lowbit.algorithms.base import Method
 from lowbit.core import grid
 from lowbit.core.grid import check_finite, qparams_from_range
+from lowbit.core.chunks import row_slices
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -151,9 +152,7 @@ _SLICE_VALUES = 1 << 22  # values per slice of the row-wise loops (16 MiB of flo
 
 def _row_slices(x: Tensor) -> list[slice]:
     """Slices of x's first dimension holding about _SLICE_VALUES values each."""
-    per_row = max(1, x[0].numel()) if x.shape[0] else 1
-    step = max(1, _SLICE_VALUES // per_row)
-    return [slice(r, r + step) for r in range(0, x.shape[0], step)]
+    return row_slices(x.shape[0], x[0].numel() if x.shape[0] else 1, _SLICE_VALUES)
 
 
 # -- the solver ----------------------------------------------------------------------------------

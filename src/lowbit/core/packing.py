@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from lowbit.core.chunks import row_slices
 from lowbit.errors import LowbitError
 
 
@@ -41,9 +42,8 @@ def pack(codes: Tensor, bits: int, offset: int = 0) -> Tensor:
     *lead, n = codes.shape
     rows = codes.reshape(-1, n) if codes.dim() != 1 else codes.reshape(1, n)
     out = torch.empty(rows.shape[0], packed_row_bytes(n, bits), dtype=torch.uint8, device=codes.device)
-    step = max(1, _CHUNK_CODES // max(n, 1))
-    for r in range(0, rows.shape[0], step):
-        out[r : r + step] = _pack_rows(rows[r : r + step].to(torch.int64) + offset, bits)
+    for r in row_slices(rows.shape[0], n, _CHUNK_CODES):
+        out[r] = _pack_rows(rows[r].to(torch.int64) + offset, bits)
     return out.reshape(*lead, out.shape[-1])
 
 

@@ -120,6 +120,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lowbit.core.chunks import row_slices
 from lowbit.errors import LowbitError
 from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits
 
@@ -228,9 +229,7 @@ def tail_sample_rows(lp: Tensor, k: int, m: int, u: Tensor) -> dict[str, Tensor]
            "tail_ids": torch.zeros((n, m), dtype=torch.long, device=lp.device),
            "tail_logp": torch.empty((n, m), dtype=lp.dtype, device=lp.device)}
     strata = torch.arange(m, dtype=torch.float64, device=lp.device)
-    step = max(1, _ROW_ELEMENTS // max(V, 1))
-    for a in range(0, n, step):
-        rows = slice(a, a + step)
+    for rows in row_slices(n, V, _ROW_ELEMENTS):
         vals, order = lp[rows].sort(dim=-1, descending=True, stable=True)
         ids, asc = order[:, :k].sort(dim=-1)
         out["ids"][rows] = ids
@@ -477,9 +476,8 @@ def build_reference(source, windows: Tensor, key: dict, *, device: str | torch.d
                 narrow = wt.to(torch.bfloat16)
                 # bf16 holds it exactly (a bf16 checkpoint computed in float32)? Checked a slice
                 # of rows at a time: a float32 copy of a 128k-vocabulary head is 2 GB.
-                step = max(1, (64 << 20) // max(1, wt[0].numel() * 4))
                 lossless = wt.dtype == torch.float32 and all(
-                    torch.equal(narrow[r:r + step].to(wt.dtype), wt[r:r + step]) for r in range(0, wt.shape[0], step))
+                    torch.equal(narrow[r].to(wt.dtype), wt[r]) for r in row_slices(wt.shape[0], wt[0].numel()))
                 info["head_dtype"] = str(wt.dtype).removeprefix("torch.")
                 out["head.weight"] = narrow if lossless else wt
                 del narrow
