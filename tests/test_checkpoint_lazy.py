@@ -66,3 +66,34 @@ def test_bits_per_weight_from_the_headers(tmp_path, method, scheme):
     api.quantize(m, method, scheme, progress=False)
     out = api.save(m, str(tmp_path / method))
     assert checkpoint.open_lazy(out).linear_bits() == size.linear_bits(checkpoint.load(out)[0])
+
+
+def test_bf16_output_layer_is_not_held_in_float32_when_streamed(tmp_path):
+    # a bf16 model's checkpoint keeps its head in bf16; streamed, the head is materialized as
+    # stored and widened per window only (an 8B model's float32 head is 2 GB), same logits
+    t = tiny_model("llama", seed=5)
+    t.model.to(torch.bfloat16)
+    m = api.Model(model=t.model, tokenizer=t.tokenizer, name="bf16", source={"kind": "test"})
+    api.quantize(m, "rtn", QuantScheme(bits=4, group_size=32), progress=False)
+    out = api.save(m, str(tmp_path / "bf16"))
+    loaded, _, _ = checkpoint.load(out)
+    wins = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = [loaded(w[None]).logits for w in wins]
+    lz = checkpoint.open_lazy(out)
+    head_dtypes, materialize = [], lz.materialize
+
+    def spy(prefix="", dtype=None, device="cpu"):
+        mod = materialize(prefix, dtype, device)
+        if prefix == "lm_head":
+            head_dtypes.append(mod.weight.dtype)
+        return mod
+
+    lz.materialize = spy
+    got = list(StreamingForward(lz, wins, progress=False))
+    assert head_dtypes == [torch.bfloat16]
+    for (_, logits), r in zip(got, ref):
+        assert logits.dtype == torch.float32 and torch.equal(logits, r)
+    assert lz.materialize("model.norm", None).weight.dtype == torch.bfloat16  # None: as stored
+    lz.release("model.norm")
+    assert lz.materialize("model.norm", torch.float32).weight.dtype == torch.float32

@@ -391,8 +391,8 @@ class LazyCheckpoint:
 
     ``model`` is the skeleton (parameters on the meta device, buffers real); materializing a prefix
     installs the quantized modules under it, built from their stored tensors exactly as
-    :func:`load` builds them, and the float tensors under it (in the skeleton's dtype, float32,
-    unless ``dtype`` says otherwise); ``release`` puts the meta placeholders back."""
+    :func:`load` builds them, and the float tensors under it (in ``dtype``; None: as stored, as
+    :class:`lowbit.models.lazy.LazyModel` does); ``release`` puts the meta placeholders back."""
 
     def __init__(self, path: str | os.PathLike):
         from safetensors import safe_open
@@ -503,7 +503,7 @@ class LazyCheckpoint:
             stored = next((a for a in names if a in self.files), None)
             if stored is None:
                 raise LowbitError(f"checkpoint {self.path} lacks tensor {dotted + n}")
-            t = self._read([stored], dtype or p.dtype)[stored]
+            t = self._read([stored], dtype)[stored]
             if t.is_floating_point() and not all_finite(t):
                 raise LowbitError(f"checkpoint {self.path}: tensor {stored} has NaN/Inf values")
             new = nn.Parameter(t.to(device), requires_grad=False)

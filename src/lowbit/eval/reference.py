@@ -186,7 +186,11 @@ def _outputs(source, windows: Tensor, device, want_hidden: bool, progress: bool,
 
 
 def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias)
+    """The output layer's logits. A narrower (bf16/fp16) weight is widened for this call only: the
+    float32 copy (2 GB for a 128k x 4096 head) lives while the GEMM runs, not for the whole
+    evaluation. Widening is exact and the GEMM is the one the model's own head runs, so the logits
+    are the same bits."""
+    logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -309,7 +313,6 @@ class Reference:
     tensors: dict[str, Tensor]
     info: dict = field(default_factory=dict)  # softcap, head dtype, how it was computed
     path: Path | None = None
-    _head: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -339,12 +342,8 @@ class Reference:
 
     def window_logprobs(self, w: int) -> Tensor:
         """The baseline's float32 log-probs ``[ctx-1, V]`` of window ``w`` (``hidden`` kind only)."""
-        t = self.tensors
-        if self._head is None:  # stored losslessly in a narrower dtype: widen once, keep only the wide copy
-            weight = t["head.weight"]
-            self._head = weight if weight.dtype == t["hidden"].dtype else weight.to(t["hidden"].dtype)
-            t["head.weight"] = self._head
-        logits = _head_logits(t["hidden"][w:w + 1], self._head, t.get("head.bias"), self.info.get("softcap"))
+        t = self.tensors  # a head stored in bf16 stays so; each call widens it for its GEMM only
+        logits = _head_logits(t["hidden"][w:w + 1], t["head.weight"], t.get("head.bias"), self.info.get("softcap"))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
 

@@ -84,6 +84,16 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
+def _apply_head(head: nn.Module, hidden: Tensor) -> Tensor:
+    """The output layer on ``hidden``. A float nn.Linear kept in a narrower dtype than ``hidden``
+    (bf16 weights, float32 compute) is widened for this call only (exact: the same GEMM on the
+    same values as a float32 head, without holding a float32 copy between windows)."""
+    if type(head) is nn.Linear and head.weight.dtype != hidden.dtype and head.weight.dtype.is_floating_point:
+        b = None if head.bias is None else head.bias.to(hidden.dtype)
+        return torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype), b)
+    return head(hidden)
+
+
 @contextmanager
 def _blocks_replaced(model: nn.Module):
     from lowbit.models.families import family_of
@@ -232,12 +242,14 @@ class StreamingForward:
                 store.flip()
             bar.close()
             # 4. final norm and output layer, one window at a time
+            # (a float output layer for float32 compute stays in its files' dtype, bf16 say, and is
+            # widened per window: the same logits, without a float32 copy held throughout)
             norm = lazy.materialize(fam.final_norm, self.dtype, self.device)
-            head = lazy.materialize(fam.lm_head, self.dtype, self.device)
+            head = lazy.materialize(fam.lm_head, None if self.dtype == torch.float32 else self.dtype, self.device)
             cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
             for j in range(W):
                 hidden = norm(store.read(j))
-                logits = head(hidden)
+                logits = _apply_head(head, hidden)
                 if cap is not None:  # as the model's own forward does (Gemma)
                     logits = torch.tanh(logits / cap) * cap
                 yield hidden, logits
