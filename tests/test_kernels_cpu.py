@@ -313,3 +313,26 @@ def test_ternary_method_on_tiny_model_save_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)
     assert rec2["method"] == {"method": "ternary", "config": {"granularity": "channel", "eps": 1e-5}}
+
+
+def test_struct_cache_never_keeps_a_weight_alive():
+    # the C view of a weight is cached per stored tensors, by weak reference: a streamed model's
+    # blocks must be freed when released (a strong reference kept every block of an 8B model)
+    import gc
+    import weakref
+
+    from lowbit.kernels import _native
+
+    if _native.library("cpu_linear") is None:
+        pytest.skip("native kernels not built")
+    w = AffineWeight.quantize_rtn(torch.randn(64, 256), QuantScheme(bits=4, group_size=64))
+    st = cpu.affine_weight_struct(w)
+    assert st is not None and cpu.affine_weight_struct(w) is st  # cached while the tensors live
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(kernels.linear(x, w), reference.linear(x, w), rtol=1e-5, atol=1e-5)
+    refs = [weakref.ref(t) for t in w.tensors().values()]
+    before = len(_native._STRUCTS)
+    del w, st
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(_native._STRUCTS) == before - 1

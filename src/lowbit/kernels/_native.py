@@ -141,8 +141,13 @@ def library(name: str, functions: dict | None = None) -> NativeLibrary | None:
 # object whenever its buffers change, but over the same tensors. The entry is keyed by
 # id(qweight), dropped when qweight is freed, and only used while every tensor it points into
 # is still the one it was built from and the non-tensor fields the builder reads (``key``) are
-# unchanged.
+# unchanged. It holds the tensors by weak reference only: the cache must never keep a weight
+# alive (a model streamed block by block would otherwise keep every block it ran).
 _STRUCTS: dict = {}
+
+
+def _weak(t):
+    return None if t is None else weakref.ref(t)
 
 
 def cached_struct(w, build, key):
@@ -153,14 +158,16 @@ def cached_struct(w, build, key):
     e = _STRUCTS.get(k)
     tensors = [getattr(w, n, None) for n in type(w).tensor_names]
     if (e is not None and e[0]() is q and e[1] is build and (e[2] is key or e[2] == key)
-            and all(a is b for a, b in zip(e[3], tensors))):
+            and len(e[3]) == len(tensors)
+            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(e[3], tensors))):
         return e[4]
     st = build(w)
     if st is None:
         return None
     try:
         ref = weakref.ref(q, lambda _r, k=k, table=_STRUCTS: table.pop(k, None))
+        weak = tuple(_weak(t) for t in tensors)
     except TypeError:  # cannot be weakly referenced: a private, uncached struct
         return st
-    _STRUCTS[k] = (ref, build, key, tuple(tensors), st)
+    _STRUCTS[k] = (ref, build, key, weak, st)
     return st
