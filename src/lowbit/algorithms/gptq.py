@@ -154,11 +154,12 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     lam = cfg.damp * torch.diagonal(H).mean()
     H.diagonal().add_(lam)
     L, bad = torch.linalg.cholesky_ex(H)
+    del H  # (each [in, in] copy is 268 MB for an 8192-input layer: hold as few as possible at once)
     if bad.item() == 0:
         Hinv, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)   # [in, in]
     if bad.item() != 0:
         raise LowbitError(f"GPTQ Hessian is not positive definite after dampening (damp={cfg.damp}); increase damp")
-    del L, H
+    del L
 
     Qint = torch.empty(rows, cols, dtype=torch.int32, device=W.device)  # integers, visiting order
     Q = torch.empty_like(W)                                               # dequantized, visiting order
@@ -250,7 +251,10 @@ class GPTQ(Method):
         if layer_name not in self._xxT or int(self._count[layer_name].item()) == 0:
             raise LowbitError(f"GPTQ saw no calibration inputs for {layer_name}")
         xxT, n = self._xxT.pop(layer_name), int(self._count.pop(layer_name).item())
-        H = xxT.mul_(2.0 / n)                                                  # H = 2/n Σ x xᵀ
+        # H = 2/n Σ x xᵀ, rounded to the solve's float32 here so that the float64 sum is freed
+        # before the solve's copies exist (the solver would round it to the same values)
+        H = xxT.mul_(2.0 / n).float()
+        del xxT
         fmt, info = gptq_quantize(module.weight, H, self.config)
         self.errors[layer_name] = info["error"]
         return fmt
