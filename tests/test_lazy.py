@@ -56,6 +56,35 @@ def test_tied_head_reads_the_embedding_and_stays_tied(tmp_path):
     assert lz.model.lm_head.weight.is_meta and lz.model.lm_head.weight is lz.model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])  # gemma: tied, scaled, a padding row
+def test_embedding_rows_give_the_full_tables_vectors(tmp_path, family, monkeypatch):
+    from lowbit.models import lazy as lazy_mod
+
+    d, ref = _save(tmp_path, family, dtype=torch.bfloat16)
+    lz = open_lazy(d)
+    monkeypatch.setattr(lazy_mod.LazyModel, "read_parts",  # many small parts: rows cross part boundaries
+                        lambda self, name, max_bytes=64 << 20, _f=lazy_mod.LazyModel.read_parts: _f(self, name, 300))
+    tokens = torch.tensor([[5, 3, 90, 3], [0, 257, 41, 5]])  # 257: the padding row
+    ids = torch.unique(tokens)
+    emb = lz.materialize_rows("model.embed_tokens", ids, torch.float32)
+    assert tuple(emb.weight.shape) == (len(ids), ref.config.hidden_size) and emb.weight.dtype == torch.float32
+    assert lz.model.lm_head.weight.is_meta  # a tied head is not given the compact table
+    full = ref.model.embed_tokens.float()
+    with torch.no_grad():
+        assert torch.equal(emb(torch.searchsorted(ids, tokens)), full(tokens))  # Gemma's scale included
+    pad = getattr(full, "padding_idx", None)
+    lz.release("model.embed_tokens")
+    vocab = ref.config.vocab_size
+    assert lz.model.model.embed_tokens.weight.is_meta and lz.model.model.embed_tokens.weight.shape[0] == vocab
+    assert lz.model.model.embed_tokens.padding_idx == pad
+    if family == "gemma3_text":
+        assert lz.model.lm_head.weight is lz.model.model.embed_tokens.weight
+    with pytest.raises(LowbitError, match="out of range"):
+        lz.materialize_rows("model.embed_tokens", torch.tensor([3, vocab]))
+    with pytest.raises(LowbitError, match="sorted"):
+        lz.materialize_rows("model.embed_tokens", torch.tensor([5, 3]))
+
+
 def test_whole_model_materialized_gives_the_same_logits(tmp_path):
     d, ref = _save(tmp_path, "qwen2", dtype=torch.bfloat16)
     lz = open_lazy(d)

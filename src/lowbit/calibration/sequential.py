@@ -310,6 +310,21 @@ def capture_block_kwargs(model: nn.Module, sample: Tensor) -> list[dict]:
 
 
 @torch.no_grad()
+def embedding_rows(lazy, embed: str, tokens: Tensor, dtype, device) -> Tensor:
+    """Materialize the embedding ``embed`` of a streamed model for ``tokens`` only: with a lazy
+    model that can (`lowbit.models.lazy.LazyModel.materialize_rows`), a compact table of the
+    distinct tokens, and ``tokens`` renumbered into it (the model sees the same vectors; the
+    forward pass uses the ids for nothing else); otherwise the whole table and ``tokens`` as
+    they are. `release(embed)` undoes either."""
+    rows = getattr(lazy, "materialize_rows", None)
+    if rows is None:
+        lazy.materialize(embed, dtype, device)
+        return tokens
+    ids = torch.unique(tokens)
+    rows(embed, ids, dtype, device)
+    return torch.searchsorted(ids, tokens)
+
+
 def capture_block0_inputs(model: nn.Module, samples: Tensor, batch_size: int, device,
                           pool: SpillPool | None = None) -> Activations:
     """Hidden states entering block 0, in batches, stored on ``device`` (within ``pool``'s budget)."""
@@ -378,11 +393,12 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     t0 = time.perf_counter()
     try:
         with _PeakRSS() as mem:
+            tokens = samples
             if stream is not None:
                 embed = family_of(model).embed
-                stream.lazy.materialize(embed, stream.dtype, home)
-            block_kwargs = [_to(kw, device) for kw in capture_block_kwargs(model, samples[:1].to(home))]
-            own = samples if split is None else split.own_samples(samples, batch_size)  # scale-out: own batches
+                tokens = embedding_rows(stream.lazy, embed, samples, stream.dtype, home)
+            block_kwargs = [_to(kw, device) for kw in capture_block_kwargs(model, tokens[:1].to(home))]
+            own = tokens if split is None else split.own_samples(tokens, batch_size)  # scale-out: own batches
             X = capture_block0_inputs(model, own.to(home), batch_size, device, pool)
             if stream is not None:
                 stream.lazy.release(embed)

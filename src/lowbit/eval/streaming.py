@@ -202,7 +202,8 @@ class StreamingForward:
     def _run(self) -> Iterator[tuple[Tensor, Tensor]]:
         from tqdm import tqdm
 
-        from lowbit.calibration.sequential import _block_output, _to, capture_block0_inputs, capture_block_kwargs
+        from lowbit.calibration.sequential import (_block_output, _to, capture_block0_inputs, capture_block_kwargs,
+                                                   embedding_rows)
         from lowbit.models.families import block_prefix, family_of, find_blocks
 
         lazy, model = self.lazy, self.lazy.model
@@ -215,7 +216,7 @@ class StreamingForward:
         try:
             # 1. the blocks' keyword arguments (one window through the embedding and stand-ins; the
             #    forward stops at the last block, so the final norm and the head are not needed)
-            lazy.materialize(fam.embed, self.dtype, self.device)
+            windows = embedding_rows(lazy, fam.embed, windows, self.dtype, self.device)  # the rows needed only
             with _blocks_replaced(model):
                 block_kwargs = [_to(kw, self.device) for kw in capture_block_kwargs(model, windows[:1])]
             # 2. the hidden states entering block 0, for every window

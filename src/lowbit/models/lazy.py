@@ -76,6 +76,7 @@ class LazyModel:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # param name -> all names sharing it
     needed: dict[str, str] = field(default_factory=dict)         # param name -> file tensor name
     first: dict[str, str] = field(default_factory=dict)          # param name -> its group's first name
+    _compact: dict[str, Any] = field(default_factory=dict, repr=False)  # materialize_rows: prefix -> placeholder
 
     # -- reading ----------------------------------------------------------------------------
     def tensor_names(self, prefix: str = "") -> list[str]:
@@ -136,7 +137,45 @@ class LazyModel:
                 _set_tensor(self.model, alias, p)
         return module
 
+    def materialize_rows(self, prefix: str, ids: torch.Tensor, dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> nn.Module:
+        """The embedding at ``prefix`` with only rows ``ids`` (sorted, unique token ids) in memory,
+        as a compact table: row ``i`` of its weight is token ``ids[i]``, so the caller feeds it
+        ``torch.searchsorted(ids, tokens)``. The rows are read a slice of the stored table at a
+        time and converted to ``dtype`` exactly as `materialize` converts them, so the module's
+        outputs are the full table's bits; a float32 copy of a 128k-vocabulary table (1-2 GB) is
+        never made. Only this module holds the compact weight (a tied output layer stays on
+        the meta device); `release` puts the placeholder back."""
+        module = self.model.get_submodule(prefix)
+        name = f"{prefix}.weight"
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+        if ids.dim() != 1 or ids.numel() == 0 or bool((ids[1:] <= ids[:-1]).any()):
+            raise LowbitError("materialize_rows needs a non-empty sorted 1-D tensor of distinct token ids")
+        _, shape, parts = self.read_parts(name)
+        if int(ids[0]) < 0 or int(ids[-1]) >= shape[0]:
+            raise LowbitError(f"token id {int(ids[-1]) if int(ids[-1]) >= shape[0] else int(ids[0])} is out of "
+                              f"range for the embedding of {shape[0]} rows")
+        rows, start = [], 0
+        for part in parts:
+            stop = start + part.shape[0]
+            sel = ids[(ids >= start) & (ids < stop)] - start
+            if sel.numel():
+                rows.append(part[sel].to(dtype) if dtype is not None else part[sel].clone())
+            start = stop
+        table = torch.cat(rows)
+        # padding_idx marks a row for gradients only, and the compact table may be shorter than it
+        self._compact[prefix] = (module._parameters["weight"], getattr(module, "padding_idx", None))
+        module._parameters["weight"] = nn.Parameter(table.to(device), requires_grad=False)
+        if getattr(module, "padding_idx", None) is not None:
+            module.padding_idx = None
+        return module
+
     def release(self, prefix: str = "") -> None:
+        for p in [p for p in self._compact if _under(p, prefix)]:  # compact tables: the placeholder back
+            mod = self.model.get_submodule(p)
+            mod._parameters["weight"], pad = self._compact.pop(p)
+            if pad is not None:
+                mod.padding_idx = pad
         module = self.model.get_submodule(prefix) if prefix else self.model
         dotted = f"{prefix}." if prefix else ""
         for n, t in list(module.named_parameters(remove_duplicate=False)):
