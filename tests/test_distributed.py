@@ -275,3 +275,30 @@ def test_torchrun_two_processes_write_the_one_process_checkpoint(tiny_dir, metho
     if method != "rtn":
         assert record["calibration"]["world_size"] == 2
     assert checkpoint_digest(tiny_dir / f"{method}-2") == checkpoint_digest(tiny_dir / f"{method}-1")
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the strict reproducible mode is MKL's")
+def test_reproducible_products_do_not_depend_on_the_thread_count():
+    # `--reproducible`: at real sizes a product's sums split differently on 1 and 2 threads (a
+    # torchrun process has one); MKL's strict mode makes the bits independent of the count
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "os.environ.pop('MKL_CBWR', None)\n"
+        "from lowbit.core.processes import thread_invariant_products\n"
+        "assert thread_invariant_products()\n"
+        "X = torch.randn(16384, 2048, generator=torch.Generator().manual_seed(0))\n"
+        "A = torch.randn(512, 8192, generator=torch.Generator().manual_seed(1))\n"
+        "W = torch.randn(2048, 8192, generator=torch.Generator().manual_seed(2))\n"
+        "out = []\n"
+        "for n in (1, 2, 3):\n"
+        "    torch.set_num_threads(n)\n"
+        "    out.append((X.T @ X, torch.nn.functional.linear(A, W)))\n"
+        "assert all(torch.equal(a, b) for o in out[1:] for a, b in zip(out[0], o)), 'thread-dependent bits'\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from lowbit.core import processes
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "reproducible", False):  # before any matrix product of this process
+        processes.thread_invariant_products()
     quiet_transformers()
     clean = False
     try:

@@ -61,6 +61,10 @@ def add_large_model_args(p: argparse.ArgumentParser) -> None:
                    help="calibration activations kept in memory; the rest go to files in --offload-dir (default: 2GiB)")
     p.add_argument("--offload-dir", metavar="DIR",
                    help="where spilled activations go (default: a temporary folder beside the output, removed after)")
+    p.add_argument("--reproducible", action="store_true",
+                   help="matrix products that give the same bits on any number of threads (MKL's strict reproducible "
+                        "mode, about 1.6x slower products), so that a torchrun run and a one-process run write the "
+                        "same checkpoint at real model sizes; pass it to both")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

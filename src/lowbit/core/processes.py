@@ -53,6 +53,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def thread_invariant_products() -> bool:
+    """Ask MKL for matrix products whose bits do not depend on the number of threads (its
+    conditional numerical reproducibility, strict mode: ``MKL_CBWR=AUTO,STRICT``). By default a
+    large product (a Hessian's X^T X over 16k tokens, a down projection over 8192 inputs) splits
+    its sums differently on 1 and 2 threads, so a torchrun process (one thread) and a one-process
+    run (all cores) differ in the last bits at real model sizes; small shapes do not split.
+    Takes effect if called before the process's first product (MKL reads it then); returns
+    whether it is now set. An existing ``MKL_CBWR`` is left as it is. Without MKL (another BLAS)
+    it changes nothing."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    return os.environ["MKL_CBWR"].upper().endswith(",STRICT")
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
