@@ -31,10 +31,13 @@ Data-free methods have no batches: the blocks are dealt round-robin, every round
 gathered to every process. Streamed runs (``lowbit quantize --stream``) split the same way; each
 process reads from the files the blocks it works on, and process 0 alone writes the checkpoint.
 
-The forward passes give the same bits in a process with one thread as in one with several (the
-GEMMs, norms and attention here do not split a reduction across threads), which is what makes
-one-thread-per-process torchrun agree with a multi-threaded single process; tests/test_distributed
-holds every method to it.
+One-thread-per-process torchrun agrees with a multi-threaded single process when the forward
+passes give the same bits on one thread as on several. For the tests' shapes they do (their GEMMs,
+norms and attention do not split a reduction across threads; tests/test_distributed holds every
+method to it). At real sizes MKL splits a large product's sum by thread count (measured at the
+Llama-3.2-1B shape: a Hessian's X^T X over 16k tokens, a linear with 8192 inputs), so the last bits
+differ; ``--reproducible`` (`lowbit.core.processes.thread_invariant_products`, MKL's strict
+reproducible mode) makes products thread-count independent, in both runs.
 """
 
 from __future__ import annotations
