@@ -243,3 +243,20 @@ def test_prune_errors(tmp_path, capsys, tiny_dir):
     assert_one_line_error(code, err, "--sparsity", "--pattern")
     code, _, err = run(capsys, "prune", tiny_dir, "--sparsity", "1.5", "-o", tmp_path / "o")
     assert_one_line_error(code, err, "1.5")
+
+
+def test_reproducible_flag_turns_on_thread_invariant_products(tmp_path, capsys, tiny_dir, monkeypatch):
+    # --reproducible (quantize, prune) asks for thread-count-independent products before the first
+    # product (the switch itself: tests/test_distributed.py, in a subprocess, since MKL reads it once
+    # per process and this test process must keep its default numerics)
+    from lowbit.core import processes
+
+    calls = []
+    monkeypatch.setattr(processes, "thread_invariant_products", lambda: calls.append(1) or True)
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+                       "--reproducible", "-o", tmp_path / "r")
+    assert code == 0, err
+    assert calls == [1]
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+                       "-o", tmp_path / "d")
+    assert code == 0 and calls == [1]
