@@ -37,7 +37,9 @@ norms and attention do not split a reduction across threads; tests/test_distribu
 method to it). At real sizes MKL splits a large product's sum by thread count (measured at the
 Llama-3.2-1B shape: a Hessian's X^T X over 16k tokens, a linear with 8192 inputs), so the last bits
 differ; ``--reproducible`` (`lowbit.core.processes.thread_invariant_products`, MKL's strict
-reproducible mode) makes products thread-count independent, in both runs.
+reproducible mode) makes products thread-count independent, in both runs. The solvers' Cholesky
+factorizations (LAPACK) still depend on the thread count even then (measured on SmolLM2's GPTQ):
+they would have to run on a fixed number of threads too.
 """
 
 from __future__ import annotations
