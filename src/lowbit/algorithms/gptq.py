@@ -153,10 +153,13 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     # Dampening, then Hinv = upper Cholesky factor of H⁻¹ (its rows are the eq. 3 rows of H_F⁻¹).
     lam = cfg.damp * torch.diagonal(H).mean()
     H.diagonal().add_(lam)
-    L, bad = torch.linalg.cholesky_ex(H)
-    del H  # (each [in, in] copy is 268 MB for an 8192-input layer: hold as few as possible at once)
-    if bad.item() == 0:
-        Hinv, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)   # [in, in]
+    # (on one thread: LAPACK's factorizations give other bits on other thread counts, and a torchrun
+    # process, one thread, must solve exactly as a multi-threaded single process does)
+    with _one_cpu_thread(W.device):
+        L, bad = torch.linalg.cholesky_ex(H)
+        del H  # (each [in, in] copy is 268 MB for an 8192-input layer: hold as few as possible at once)
+        if bad.item() == 0:
+            Hinv, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)   # [in, in]
     if bad.item() != 0:
         raise LowbitError(f"GPTQ Hessian is not positive definite after dampening (damp={cfg.damp}); increase damp")
     del L

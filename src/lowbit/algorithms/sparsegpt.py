@@ -96,9 +96,10 @@ def _inverse_hessian_factor(H: Tensor, damp: float, who: str) -> tuple[Tensor, f
     """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); H is modified in place."""
     lam = damp * torch.diagonal(H).mean()
     H.diagonal().add_(lam)
-    L, bad = torch.linalg.cholesky_ex(H)
-    if bad.item() == 0:
-        U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    with _one_cpu_thread(H.device):  # thread-count independent bits (see gptq_quantize)
+        L, bad = torch.linalg.cholesky_ex(H)
+        if bad.item() == 0:
+            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if bad.item() != 0:
         raise LowbitError(f"{who} Hessian is not positive definite after dampening (damp={damp}); increase damp")
     return U, float(lam)
