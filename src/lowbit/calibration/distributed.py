@@ -38,8 +38,8 @@ method to it). At real sizes MKL splits a large product's sum by thread count (m
 Llama-3.2-1B shape: a Hessian's X^T X over 16k tokens, a linear with 8192 inputs), so the last bits
 differ; ``--reproducible`` (`lowbit.core.processes.thread_invariant_products`, MKL's strict
 reproducible mode) makes products thread-count independent, in both runs. The solvers' Cholesky
-factorizations (LAPACK) still depend on the thread count even then (measured on SmolLM2's GPTQ):
-they would have to run on a fixed number of threads too.
+factorizations (LAPACK) depend on the thread count even then, so GPTQ and SparseGPT always factor
+on one thread (measured: SmolLM2's GPTQ under torchrun then equals the one-process checkpoint).
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ def add_large_model_args(p: argparse.ArgumentParser) -> None:
                    help="where spilled activations go (default: a temporary folder beside the output, removed after)")
     p.add_argument("--reproducible", action="store_true",
                    help="matrix products that give the same bits on any number of threads (MKL's strict reproducible "
-                        "mode, about 1.6x slower products), a step towards a torchrun run writing the one-process "
-                        "checkpoint at real model sizes (the Cholesky factorizations still depend on the thread count)")
+                        "mode, about 1.6x slower products), so that a torchrun run and a one-process run write the "
+                        "same checkpoint at real model sizes; pass it to both")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

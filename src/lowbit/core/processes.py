@@ -61,7 +61,8 @@ def thread_invariant_products() -> bool:
     run (all cores) differ in the last bits at real model sizes; small shapes do not split.
     Takes effect if called before the process's first product (MKL reads it then); returns
     whether it is now set. An existing ``MKL_CBWR`` is left as it is. Without MKL (another BLAS)
-    it changes nothing. LAPACK's factorizations (the solvers' Cholesky) stay thread-dependent."""
+    it changes nothing. LAPACK's factorizations stay thread-dependent: the solvers run them on one
+    thread."""
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     return os.environ["MKL_CBWR"].upper().endswith(",STRICT")
 
