@@ -96,6 +96,22 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(n)
 
 
+def inverse_hessian_factor(H: Tensor, damp: float, who: str) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); H is modified in place.
+    Factored on one thread: LAPACK's factorizations give other bits on other thread counts, and a
+    torchrun process (one thread) must solve exactly as a multi-threaded single process does.
+    Shared by GPTQ and SparseGPT."""
+    lam = damp * torch.diagonal(H).mean()
+    H.diagonal().add_(lam)
+    with _one_cpu_thread(H.device):
+        L, bad = torch.linalg.cholesky_ex(H)
+        if bad.item() == 0:
+            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if bad.item() != 0:
+        raise LowbitError(f"{who} Hessian is not positive definite after dampening (damp={damp}); increase damp")
+    return U, float(lam)
+
+
 @torch.no_grad()
 def check_solver_inputs(W: Tensor, H: Tensor, who: str) -> None:
     """One-line errors for a weight/Hessian pair a Hessian-based solver cannot take."""
@@ -151,18 +167,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     group_of = (perm // g).tolist() if per_group else [0] * cols  # position -> group of its column
 
     # Dampening, then Hinv = upper Cholesky factor of H⁻¹ (its rows are the eq. 3 rows of H_F⁻¹).
-    lam = cfg.damp * torch.diagonal(H).mean()
-    H.diagonal().add_(lam)
-    # (on one thread: LAPACK's factorizations give other bits on other thread counts, and a torchrun
-    # process, one thread, must solve exactly as a multi-threaded single process does)
-    with _one_cpu_thread(W.device):
-        L, bad = torch.linalg.cholesky_ex(H)
-        del H  # (each [in, in] copy is 268 MB for an 8192-input layer: hold as few as possible at once)
-        if bad.item() == 0:
-            Hinv, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)   # [in, in]
-    if bad.item() != 0:
-        raise LowbitError(f"GPTQ Hessian is not positive definite after dampening (damp={cfg.damp}); increase damp")
-    del L
+    Hinv, lam = inverse_hessian_factor(H, cfg.damp, "GPTQ")     # [in, in]
+    del H
 
     Qint = torch.empty(rows, cols, dtype=torch.int32, device=W.device)  # integers, visiting order
     Q = torch.empty_like(W)                                               # dequantized, visiting order

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs
+from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs, inverse_hessian_factor
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, hessian_error, layer_info, lowest_k_mask,
                                        nm_mask, parse_pattern, prune_count, sparsity_of,
                                        with_sparsity)
@@ -92,19 +92,6 @@ class SparseGPTResult:
     info: dict                    # error, sparsity, dead_columns, lambda
 
 
-def _inverse_hessian_factor(H: Tensor, damp: float, who: str) -> tuple[Tensor, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); H is modified in place."""
-    lam = damp * torch.diagonal(H).mean()
-    H.diagonal().add_(lam)
-    with _one_cpu_thread(H.device):  # thread-count independent bits (see gptq_quantize)
-        L, bad = torch.linalg.cholesky_ex(H)
-        if bad.item() == 0:
-            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if bad.item() != 0:
-        raise LowbitError(f"{who} Hessian is not positive definite after dampening (damp={damp}); increase damp")
-    return U, float(lam)
-
-
 @torch.no_grad()
 def sparsegpt_prune(W: Tensor, H: Tensor, cfg: SparseGPTConfig, *,
                     dtype: torch.dtype = torch.float32) -> SparseGPTResult:
@@ -134,7 +121,7 @@ def sparsegpt_prune(W: Tensor, H: Tensor, cfg: SparseGPTConfig, *,
         group_of = [j // g if scheme.granularity == "group" else 0 for j in range(cols)]
         Qint = torch.empty(rows, cols, dtype=torch.int32, device=W.device)
 
-    Hinv, lam = _inverse_hessian_factor(H, cfg.damp, "SparseGPT")  # U [in, in], [H_F⁻¹]_cc = U_cc²
+    Hinv, lam = inverse_hessian_factor(H, cfg.damp, "SparseGPT")  # U [in, in], [H_F⁻¹]_cc = U_cc²
     del H
     Q = torch.zeros_like(W)                                       # [out, in] result
     M = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
