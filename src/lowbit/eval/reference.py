@@ -123,6 +123,7 @@ from torch import Tensor, nn
 from lowbit.core.chunks import row_slices
 from lowbit.errors import LowbitError
 from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits
+from lowbit.eval.streaming import head_logits
 
 __all__ = ["KINDS", "Reference", "build_reference", "cached_reference", "default_cache_dir", "fingerprint",
            "free_bytes", "hidden_reference_bytes", "load_reference", "reference_key", "sampled_kl_rows",
@@ -183,17 +184,6 @@ def _outputs(source, windows: Tensor, device, want_hidden: bool, progress: bool,
     finally:
         if handle is not None:
             handle.remove()
-
-
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    """The output layer's logits. A narrower (bf16/fp16) weight is widened for this call only: the
-    float32 copy (2 GB for a 128k x 4096 head) lives while the GEMM runs, not for the whole
-    evaluation. Widening is exact and the GEMM is the one the model's own head runs, so the logits
-    are the same bits."""
-    logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
 
 
 def _check_logits(logits: Tensor, ctx: int, vocab: int | None) -> None:
@@ -343,7 +333,7 @@ class Reference:
     def window_logprobs(self, w: int) -> Tensor:
         """The baseline's float32 log-probs ``[ctx-1, V]`` of window ``w`` (``hidden`` kind only)."""
         t = self.tensors  # a head stored in bf16 stays so; each call widens it for its GEMM only
-        logits = _head_logits(t["hidden"][w:w + 1], t["head.weight"], t.get("head.bias"), self.info.get("softcap"))
+        logits = head_logits(t["hidden"][w:w + 1], t["head.weight"], t.get("head.bias"), self.info.get("softcap"))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
 
@@ -467,7 +457,7 @@ def build_reference(source, windows: Tensor, key: dict, *, device: str | torch.d
                                       "not a float nn.Linear; use the topk reference")
                 softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
                 info["softcap"] = softcap
-                if not torch.equal(_head_logits(h, weight, bias, softcap), logits):
+                if not torch.equal(head_logits(h, weight, bias, softcap), logits):
                     raise LowbitError(f"the logits of {type(model).__name__} are not its output layer applied to "
                                       "that layer's input; use the topk reference")
                 hidden = torch.empty((W,) + tuple(h.shape[1:]), dtype=h.dtype)

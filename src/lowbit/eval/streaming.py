@@ -84,14 +84,17 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-def _apply_head(head: nn.Module, hidden: Tensor) -> Tensor:
-    """The output layer on ``hidden``. A float nn.Linear kept in a narrower dtype than ``hidden``
-    (bf16 weights, float32 compute) is widened for this call only (exact: the same GEMM on the
-    same values as a float32 head, without holding a float32 copy between windows)."""
-    if type(head) is nn.Linear and head.weight.dtype != hidden.dtype and head.weight.dtype.is_floating_point:
-        b = None if head.bias is None else head.bias.to(hidden.dtype)
-        return torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype), b)
-    return head(hidden)
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
+    """An output layer's logits, with Gemma's soft-cap when ``softcap`` is set. A narrower
+    (bf16/fp16) weight is widened for this call only: the float32 copy (2 GB for a 128k x 4096
+    head) lives while the GEMM runs, not for the whole evaluation. Widening is exact and the GEMM
+    is the one the model's own head runs, so the logits are the same bits."""
+    logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    return _softcapped(logits, softcap)
+
+
+def _softcapped(logits: Tensor, softcap: float | None) -> Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap  # as Gemma's forward
 
 
 @contextmanager
@@ -250,9 +253,10 @@ class StreamingForward:
             cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
             for j in range(W):
                 hidden = norm(store.read(j))
-                logits = _apply_head(head, hidden)
-                if cap is not None:  # as the model's own forward does (Gemma)
-                    logits = torch.tanh(logits / cap) * cap
+                if type(head) is nn.Linear:
+                    logits = head_logits(hidden, head.weight, head.bias, cap)
+                else:  # a quantized output layer
+                    logits = _softcapped(head(hidden), cap)
                 yield hidden, logits
         finally:
             if store is not None:
