@@ -105,24 +105,50 @@ static inline float hsum(vf v) { /* a fixed order, the same on every path */
     return t;
 }
 
-/* Group j of length len (nv vectors; lanes past len are padding, masked out of every sum by `last`
-   on the last vector). buf: 5 nv vectors of scratch. */
+/* One call's arguments, read by every group (lb_hqq_iterate fills the first block and zh/sqh/phih,
+   lb_hqq_evaluate the first block and codes/sq/phi). */
+typedef struct {
+    const float *W, *s, *z;          /* W [G, g]; per group: scale, zero-point (start or stored) */
+    int64_t G, g, n, last_len;
+    float qmin, qmax, p, beta, kappa;
+    int iters;
+    float *zh, *sqh, *phih;          /* iterate: [(iters + 1) * G] each */
+    uint8_t* codes;                  /* evaluate: [G * g] */
+    float *sq, *phi;                 /* evaluate: [G] each */
+} hqq_job;
+
+/* Group j's values in wb (nv = ceil(len / VL) vectors; the lanes past len are 0) and `last`, the
+   mask of the real lanes of the last vector, which every sum multiplies that vector by */
+#define LOAD_GROUP(J, j, len, wb, nv, last)                                                         \
+    const int64_t nv = ((len) + VL - 1) / VL;                                                       \
+    memset((wb) + nv - 1, 0, sizeof(vf));                                                           \
+    memcpy((wb), (J)->W + (j) * (J)->g, sizeof(float) * (size_t)(len));                             \
+    vf last;                                                                                        \
+    for (int l = 0; l < VL; l++) last[l] = (nv - 1) * VL + l < (len) ? 1.0f : 0.0f;
+
+/* vector k's codes c of zero Z (x = W/s) and its residual W - s (c - Z), masked on the last vector */
+#define RESIDUAL(x, k, c, res)                                                                      \
+    vf c = CODES((x), Z, QMIN, QMAX);                                                               \
+    vf res = wb[k] - (c - Z) * S;                                                                   \
+    if ((k) == nv - 1) res *= last;
+
+/* a^e where a > TINY_RES, else 0 */
+#define POW_LIVE(EXP2, LOG2, a, E) SEL((a) > TINY, EXP2((E) * LOG2(SEL((a) > TINY, (a), ONE))), ZERO)
+
+/* Group j of length len: all iterations. buf: 5 nv vectors of scratch. */
 #define GROUP_FN(NAME, ATTR, LOG2, EXP2)                                                            \
     DEF_LOG2(ATTR, LOG2)                                                                            \
     DEF_EXP2(ATTR, EXP2)                                                                            \
-    ATTR static void NAME(const float* w, int64_t len, float s, float z, float qmin, float qmax,     \
-                          float p, float beta, float kappa, int iters, int64_t G, int64_t j,         \
-                          float* zh, float* sqh, float* phih, vf* buf) {                             \
-        const int64_t nv = (len + VL - 1) / VL;                                                     \
-        vf *wb = buf, *ws = buf + nv, *q = buf + 2 * nv, *r = buf + 3 * nv, *pm = buf + 4 * nv;     \
-        memset(wb + nv - 1, 0, sizeof(vf));                                                         \
-        memcpy(wb, w, sizeof(float) * (size_t)len);                                                 \
-        vf last;                                                                                    \
-        for (int l = 0; l < VL; l++) last[l] = (nv - 1) * VL + l < len ? 1.0f : 0.0f;               \
-        const vf S = SPLAT(s), QMIN = SPLAT(qmin), QMAX = SPLAT(qmax), P1 = SPLAT(p - 1.0f);       \
-        const vf ONE = SPLAT(1.0f), ZERO = SPLAT(0.0f), TINY = SPLAT(TINY_RES);                     \
+    ATTR static void NAME(const hqq_job* J, int64_t j, int64_t len, vf* buf) {                       \
+        vf* wb = buf;                                                                               \
+        LOAD_GROUP(J, j, len, wb, nv, last)                                                         \
+        vf *ws = buf + nv, *q = buf + 2 * nv, *r = buf + 3 * nv, *pm = buf + 4 * nv;                \
+        const int64_t G = J->G;                                                                     \
+        float z = J->z[j], beta = J->beta;                                                          \
+        const vf S = SPLAT(J->s[j]), QMIN = SPLAT(J->qmin), QMAX = SPLAT(J->qmax);                 \
+        const vf P1 = SPLAT(J->p - 1.0f), ONE = SPLAT(1.0f), ZERO = SPLAT(0.0f), TINY = SPLAT(TINY_RES); \
         for (int64_t k = 0; k < nv; k++) ws[k] = wb[k] / S;                                         \
-        for (int t = 0; t <= iters; t++) {                                                          \
+        for (int t = 0; t <= J->iters; t++) {                                                       \
             if (t > 0) { /* shrink (3) and zero-point update (4) from iterate t - 1 */              \
                 const vf B = SPLAT(beta);                                                           \
                 vf acc = ZERO;                                                                      \
@@ -135,59 +161,50 @@ static inline float hsum(vf v) { /* a fixed order, the same on every path */
                     acc += k == nv - 1 ? term * last : term;                                        \
                 }                                                                                   \
                 z = hsum(acc) / (float)len;                                                         \
-                beta *= kappa;                                                                      \
+                beta *= J->kappa;                                                                   \
             }                                                                                       \
             const vf Z = SPLAT(z);                                                                  \
             vf s2 = ZERO, ph = ZERO;                                                                \
             for (int64_t k = 0; k < nv; k++) { /* evaluate iterate t */                             \
-                vf c = CODES(ws[k], Z, QMIN, QMAX);                                                 \
+                RESIDUAL(ws[k], k, c, res)                                                          \
                 q[k] = c;                                                                           \
-                vf res = wb[k] - (c - Z) * S;                                                       \
-                if (k == nv - 1) res *= last;                                                       \
                 r[k] = res;                                                                         \
                 vf a = SEL(res < ZERO, -res, res);                                                  \
-                vi live = a > TINY;                                                                 \
-                vf pw = EXP2(P1 * LOG2(SEL(live, a, ONE)));                                         \
-                pw = SEL(live, pw, ZERO);                                                           \
+                vf pw = POW_LIVE(EXP2, LOG2, a, P1); /* |R|^(p-1), kept for the next shrink */      \
                 pm[k] = pw;                                                                         \
                 s2 += res * res;                                                                    \
                 ph += a * pw;                                                                       \
             }                                                                                       \
-            zh[t * G + j] = z;                                                                      \
-            sqh[t * G + j] = hsum(s2);                                                              \
-            phih[t * G + j] = hsum(ph);                                                             \
+            J->zh[t * G + j] = z;                                                                   \
+            J->sqh[t * G + j] = hsum(s2);                                                           \
+            J->phih[t * G + j] = hsum(ph);                                                          \
         }                                                                                           \
     }
 
-/* Codes of (s, z) for group j (uint8; the padding of a ragged group is left 0), with its squared
-   and l_p errors: one evaluation, for the stored (rounded) scale and zero-point. */
+/* Codes of (s, z) for group j (uint8; the padding of a ragged group gets 0), with its squared
+   and l_p errors: one evaluation, for the stored (rounded) scale and zero-point. buf: nv vectors. */
 #define EVALUATE_FN(NAME, ATTR, LOG2, EXP2)                                                         \
-    ATTR static void NAME(const float* w, int64_t len, float s, float z, float qmin, float qmax,     \
-                          float p, uint8_t* codes, float* sq, float* phi, vf* buf) {                 \
-        const int64_t nv = (len + VL - 1) / VL;                                                     \
+    ATTR static void NAME(const hqq_job* J, int64_t j, int64_t len, vf* buf) {                       \
         vf* wb = buf;                                                                               \
-        memset(wb + nv - 1, 0, sizeof(vf));                                                         \
-        memcpy(wb, w, sizeof(float) * (size_t)len);                                                 \
-        vf last;                                                                                    \
-        for (int l = 0; l < VL; l++) last[l] = (nv - 1) * VL + l < len ? 1.0f : 0.0f;               \
-        const vf S = SPLAT(s), Z = SPLAT(z), QMIN = SPLAT(qmin), QMAX = SPLAT(qmax), P = SPLAT(p); \
-        const vf ONE = SPLAT(1.0f), ZERO = SPLAT(0.0f), TINY = SPLAT(TINY_RES);                     \
+        LOAD_GROUP(J, j, len, wb, nv, last)                                                         \
+        uint8_t* codes = J->codes + j * J->g;                                                       \
+        if (len < J->g) memset(codes + len, 0, (size_t)(J->g - len));                               \
+        const vf S = SPLAT(J->s[j]), Z = SPLAT(J->z[j]), QMIN = SPLAT(J->qmin), QMAX = SPLAT(J->qmax); \
+        const vf P = SPLAT(J->p), ONE = SPLAT(1.0f), ZERO = SPLAT(0.0f), TINY = SPLAT(TINY_RES);   \
         vf s2 = ZERO, ph = ZERO;                                                                    \
         for (int64_t k = 0; k < nv; k++) {                                                          \
-            vf c = CODES(wb[k] / S, Z, QMIN, QMAX);                                                 \
+            RESIDUAL(wb[k] / S, k, c, res)                                                          \
             int64_t n_here = k == nv - 1 ? len - k * VL : VL;                                       \
             for (int64_t l = 0; l < n_here; l++) codes[k * VL + l] = (uint8_t)c[l];                 \
-            vf res = wb[k] - (c - Z) * S;                                                           \
-            if (k == nv - 1) res *= last;                                                           \
             vf a = SEL(res < ZERO, -res, res);                                                      \
-            vi live = a > TINY;                                                                     \
-            vf pa = SEL(live, EXP2(P * LOG2(SEL(live, a, ONE))), ZERO);                             \
             s2 += res * res;                                                                        \
-            ph += pa;                                                                               \
+            ph += POW_LIVE(EXP2, LOG2, a, P);                                                       \
         }                                                                                           \
-        *sq = hsum(s2);                                                                             \
-        *phi = hsum(ph);                                                                            \
+        J->sq[j] = hsum(s2);                                                                        \
+        J->phi[j] = hsum(ph);                                                                       \
     }
+
+typedef void (*group_fn)(const hqq_job*, int64_t, int64_t, vf*);
 
 GROUP_FN(group_base, , log2_base, exp2_base)
 EVALUATE_FN(eval_base, , log2_base, exp2_base)
@@ -201,6 +218,40 @@ EVALUATE_FN(eval_avx512, AVX512, log2_avx512, exp2_avx512)
 #define HAVE_X86 1
 #endif
 
+/* fns[level]: the function of each instruction-set path (scalar, avx2, avx512); `scratch` vectors of
+   scratch per VL values of a group. Every group runs on one thread, all of its work in one call.
+   Returns 0, or 2 when a thread's scratch cannot be allocated. */
+static int run_groups(const hqq_job* J, const group_fn fns[3], int64_t scratch, int nthreads) {
+    const int isa = lb_hqq_isa();
+    const group_fn fn = isa >= LB_ISA_AVX512 ? fns[2] : isa >= LB_ISA_AVX2 ? fns[1] : fns[0];
+    const int64_t nv = (J->g + VL - 1) / VL;
+    int failed = 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > J->G) nthreads = (int)J->G;
+#pragma omp parallel num_threads(nthreads)
+    {
+        vf* buf = (vf*)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(scratch * nv));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < J->G; j++)
+                fn(J, j, (j % J->n == J->n - 1) ? J->last_len : J->g, buf);
+        }
+        free(buf);
+    }
+    return failed ? 2 : 0;
+}
+
+#ifdef HAVE_X86
+#define PATHS(base, avx2, avx512) {base, avx2, avx512}
+#else
+#define PATHS(base, avx2, avx512) {base, base, base}
+#endif
+
 #define BAD_SHAPE(G, g, n, last_len) ((G) < 1 || (g) < 1 || (n) < 1 || (last_len) < 1 || (last_len) > (g) || (G) % (n))
 
 int lb_hqq_iterate(const float* W, int64_t G, int64_t g, int64_t n, int64_t last_len, const float* s,
@@ -209,36 +260,11 @@ int lb_hqq_iterate(const float* W, int64_t G, int64_t g, int64_t n, int64_t last
     if (!W || !s || !z0 || !zh || !sqh || !phih || BAD_SHAPE(G, g, n, last_len) || iters < 0 ||
         !(p > 0.0f && p <= 1.0f) || !(qmin >= -1e6f && qmax <= 1e6f && qmin < qmax))
         return 1;
-    const int isa = lb_hqq_isa();
-    const int64_t nv = (g + VL - 1) / VL;
-    int failed = 0;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > G) nthreads = (int)G;
-#pragma omp parallel num_threads(nthreads)
-    {
-        vf* buf = (vf*)aligned_alloc(sizeof(vf), sizeof(vf) * 5 * (size_t)nv);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < G; j++) {
-                const int64_t len = (j % n == n - 1) ? last_len : g;
-#ifdef HAVE_X86
-                if (isa >= LB_ISA_AVX512)
-                    group_avx512(W + j * g, len, s[j], z0[j], qmin, qmax, p, beta, kappa, iters, G, j, zh, sqh, phih, buf);
-                else if (isa >= LB_ISA_AVX2)
-                    group_avx2(W + j * g, len, s[j], z0[j], qmin, qmax, p, beta, kappa, iters, G, j, zh, sqh, phih, buf);
-                else
-#endif
-                    group_base(W + j * g, len, s[j], z0[j], qmin, qmax, p, beta, kappa, iters, G, j, zh, sqh, phih, buf);
-            }
-        }
-        free(buf);
-    }
-    return failed ? 2 : 0;
+    const hqq_job J = {.W = W, .s = s, .z = z0, .G = G, .g = g, .n = n, .last_len = last_len, .qmin = qmin,
+                       .qmax = qmax, .p = p, .beta = beta, .kappa = kappa, .iters = iters, .zh = zh, .sqh = sqh,
+                       .phih = phih};
+    static const group_fn fns[3] = PATHS(group_base, group_avx2, group_avx512);
+    return run_groups(&J, fns, 5, nthreads);
 }
 
 int lb_hqq_evaluate(const float* W, int64_t G, int64_t g, int64_t n, int64_t last_len, const float* s,
@@ -247,35 +273,8 @@ int lb_hqq_evaluate(const float* W, int64_t G, int64_t g, int64_t n, int64_t las
     if (!W || !s || !z || !codes || !sq || !phi || BAD_SHAPE(G, g, n, last_len) || qmin < 0.0f ||
         qmax > 255.0f || !(qmin < qmax) || !(p > 0.0f && p <= 1.0f))
         return 1;
-    const int isa = lb_hqq_isa();
-    const int64_t nv = (g + VL - 1) / VL;
-    int failed = 0;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > G) nthreads = (int)G;
-#pragma omp parallel num_threads(nthreads)
-    {
-        vf* buf = (vf*)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)nv);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
-#pragma omp for schedule(static)
-            for (int64_t j = 0; j < G; j++) {
-                const int64_t len = (j % n == n - 1) ? last_len : g;
-                if (len < g) memset(codes + j * g + len, 0, (size_t)(g - len));
-#ifdef HAVE_X86
-                if (isa >= LB_ISA_AVX512)
-                    eval_avx512(W + j * g, len, s[j], z[j], qmin, qmax, p, codes + j * g, sq + j, phi + j, buf);
-                else if (isa >= LB_ISA_AVX2)
-                    eval_avx2(W + j * g, len, s[j], z[j], qmin, qmax, p, codes + j * g, sq + j, phi + j, buf);
-                else
-#endif
-                    eval_base(W + j * g, len, s[j], z[j], qmin, qmax, p, codes + j * g, sq + j, phi + j, buf);
-            }
-        }
-        free(buf);
-    }
-    return failed ? 2 : 0;
+    const hqq_job J = {.W = W, .s = s, .z = z, .G = G, .g = g, .n = n, .last_len = last_len, .qmin = qmin,
+                       .qmax = qmax, .p = p, .codes = codes, .sq = sq, .phi = phi};
+    static const group_fn fns[3] = PATHS(eval_base, eval_avx2, eval_avx512);
+    return run_groups(&J, fns, 1, nthreads);
 }
