@@ -146,8 +146,13 @@ def library(name: str, functions: dict | None = None) -> NativeLibrary | None:
 _STRUCTS: dict = {}
 
 
+def _no_tensor():
+    return None
+
+
 def _weak(t):
-    return None if t is None else weakref.ref(t)
+    """A weak reference to ``t``; for an absent tensor (None), a callable that returns None."""
+    return _no_tensor if t is None else weakref.ref(t)
 
 
 def cached_struct(w, build, key):
@@ -158,8 +163,7 @@ def cached_struct(w, build, key):
     e = _STRUCTS.get(k)
     tensors = [getattr(w, n, None) for n in type(w).tensor_names]
     if (e is not None and e[0]() is q and e[1] is build and (e[2] is key or e[2] == key)
-            and len(e[3]) == len(tensors)
-            and all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(e[3], tensors))):
+            and len(e[3]) == len(tensors) and all(r() is t for r, t in zip(e[3], tensors))):
         return e[4]
     st = build(w)
     if st is None:

@@ -29,6 +29,13 @@ def native_lib():
     return _native.library("hqq", _FUNCTIONS)
 
 
+def _lib():
+    lib = native_lib()
+    if lib is None:
+        raise LowbitError("the native hqq kernel is not available (not built, or LOWBIT_NATIVE=0)")
+    return lib
+
+
 def _check(Wg: Tensor, *per_group: Tensor) -> tuple[int, int, int]:
     if Wg.dtype != torch.float32 or Wg.dim() != 3 or Wg.device.type != "cpu" or not Wg.is_contiguous():
         raise LowbitError("hqq kernel: the grouped weight must be a contiguous float32 CPU tensor [rows, n, g]")
@@ -49,9 +56,7 @@ def iterate(Wg: Tensor, s: Tensor, z0: Tensor, last_len: int, qmin: float, qmax:
             beta: float, kappa: float, iters: int) -> tuple[Tensor, Tensor, Tensor]:
     """All ``iters`` zero-point updates of every group from z0 (scale s fixed): (z, squared error,
     l_p error), each [iters + 1, rows, n] float32, index t = iterate t (0: the start)."""
-    lib = native_lib()
-    if lib is None:
-        raise LowbitError("the native hqq kernel is not available (not built, or LOWBIT_NATIVE=0)")
+    lib = _lib()
     R, n, g = _check(Wg, s, z0)
     out = torch.empty(3, iters + 1, R, n, dtype=torch.float32)
     _call(lib.lb_hqq_iterate, Wg.data_ptr(), R * n, g, n, int(last_len), s.data_ptr(), z0.data_ptr(),
@@ -64,9 +69,7 @@ def evaluate(Wg: Tensor, s: Tensor, z: Tensor, last_len: int, qmin: float, qmax:
              p: float) -> tuple[Tensor, Tensor, Tensor]:
     """(codes [rows, n, g] uint8, squared error [rows, n], l_p error [rows, n]) of scale s and
     zero-point z; the padding of ragged groups gets code 0. Codes must fit 0..255."""
-    lib = native_lib()
-    if lib is None:
-        raise LowbitError("the native hqq kernel is not available (not built, or LOWBIT_NATIVE=0)")
+    lib = _lib()
     R, n, g = _check(Wg, s, z)
     codes = torch.empty(R, n, g, dtype=torch.uint8)
     err = torch.empty(2, R, n, dtype=torch.float32)
