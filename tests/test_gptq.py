@@ -233,3 +233,76 @@ def test_runner_end_to_end(tmp_path, make, scheme):
     with torch.no_grad():
         assert torch.equal(gptq(held_out).logits, loaded(held_out).logits)
     assert rec2["method"]["method"] == "gptq" and rec2["method"]["config"]["scheme"] == scheme.to_dict()
+
+
+def _naive_sums(batches):
+    """{layer: (Σ x xᵀ in float64 of float32 per-batch products, tokens)} from [(layer, x), ...]."""
+    out = {}
+    for name, x in batches:
+        X = x.reshape(-1, x.shape[-1]).float()
+        s, n = out.get(name, (0, 0))
+        out[name] = (s + (X.T @ X).double(), n + X.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_shared_sums_split_exactly_when_inputs_diverge(monkeypatch, wide):
+    """Layers fed one tensor share one sum; when one of them later sees another input it leaves
+    with a copy, and every layer's sum is still exactly its own batches' products (also on the
+    column-block path that wide inputs take)."""
+    import lowbit.algorithms.gptq as gptq_mod
+    if wide:
+        monkeypatch.setattr(gptq_mod, "_WHOLE_PRODUCT_BYTES", 0)
+        monkeypatch.setattr(gptq_mod, "_COLUMNS", 7)
+    m = make_method("gptq", QuantScheme(4, True, "group", 16))
+    lins = {k: torch.nn.Linear(24, 8) for k in "abcd"}
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 5, 24, generator=g) for _ in range(5)]
+    calls = [("a", xs[0]), ("b", xs[0]), ("c", xs[0]),      # one group of three
+             ("a", xs[1]), ("b", xs[1]), ("c", xs[2]),      # c leaves
+             ("d", xs[2]),                                  # d joins nobody's group: c's input, new layer
+             ("a", xs[3]), ("b", xs[4]),                    # a and b part
+             ("a", xs[3]), ("a", xs[3])]                    # the same layer twice on one tensor counts twice
+    for name, x in calls:
+        m.observe(name, lins[name], x)
+    stats = m.statistics()
+    want = _naive_sums(calls)
+    for name, (s, n) in want.items():
+        assert torch.equal(stats[f"{name}.xxT"], s), name
+        assert stats[f"{name}.count"].tolist() == [n]
+    # taking one layer's Hessian leaves the others' sums untouched
+    H = m.take_hessian("b")
+    assert torch.equal(H, want["b"][0] * (2.0 / want["b"][1]))
+    assert torch.equal(m.statistics()["a.xxT"], want["a"][0])
+    with pytest.raises(LowbitError, match="no calibration inputs"):
+        m.take_hessian("b")
+
+
+def test_input_changed_in_place_after_observe_is_an_error():
+    m = make_method("gptq", QuantScheme(4, True, "group", 16))
+    x = torch.randn(3, 24)
+    m.observe("a", torch.nn.Linear(24, 4), x)
+    x.mul_(2)
+    with pytest.raises(LowbitError, match="modified in place"):
+        m.statistics()
+
+
+def test_inverse_hessian_factor_in_place_equals_the_three_step_reference():
+    from lowbit.algorithms.gptq import inverse_hessian_factor
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 96, generator=g)
+    H = X.T @ X / 300
+    lam = 0.01 * torch.diagonal(H).mean()
+    Hd = H.clone()
+    Hd.diagonal().add_(lam)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the factorization runs on one thread (LAPACK's bits follow the count)
+    try:
+        ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    finally:
+        torch.set_num_threads(threads)
+    U, got_lam = inverse_hessian_factor(H.clone(), 0.01, "GPTQ")
+    assert torch.equal(U, ref) and got_lam == pytest.approx(float(lam))
+    bad = -torch.eye(4)
+    with pytest.raises(LowbitError, match="not positive definite"):
+        inverse_hessian_factor(bad, 0.01, "GPTQ")

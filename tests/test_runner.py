@@ -157,3 +157,26 @@ def test_corrupt_checkpoint_errors(tmp_path):
     (out / "lowbit.json").write_text("{not json")
     with pytest.raises(LowbitError, match="corrupt"):
         checkpoint.load(out)
+
+
+def test_runner_batch_bounds_the_widest_activation():
+    from lowbit.calibration.sequential import runner_batch
+
+    def block(width):
+        with torch.device("meta"):  # shapes only, as a streamed skeleton has
+            return nn.Sequential(nn.Linear(2048, width), nn.Linear(width, 2048))
+
+    assert runner_batch(block(1536), 512) == 8     # SmolLM2's MLP: all eight samples
+    assert runner_batch(block(8192), 512) == 4     # Llama-3.2-1B: 16 MiB a sample at 512 tokens
+    assert runner_batch(block(14336), 512) == 2    # Llama-3.1-8B
+    assert runner_batch(block(8192), 4096) == 1    # never fewer than one
+    assert runner_batch(block(1536), 512, largest=3) == 3
+
+
+def test_runner_records_its_batch():
+    model = tiny_llama()
+    samples = torch.randint(0, model.config.vocab_size, (5, 16), generator=torch.Generator().manual_seed(0))
+    stats = run_sequential(model, make_method("rtn", SCHEMES[0]), samples, progress=False)
+    assert stats.batch_size == 8 and stats.n_samples == 5
+    stats = run_sequential(tiny_llama(), make_method("rtn", SCHEMES[0]), samples, batch_size=2, progress=False)
+    assert stats.batch_size == 2

@@ -131,7 +131,7 @@ DEFAULT_ACTIVATION_BUDGET = 2 * 2**30
 
 def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *,
              calibration_text: str | None = None, n_samples: int = 32, seq_len: int = 512,
-             device: str = "cpu", batch_size: int = 8, force_runner: bool = False,
+             device: str = "cpu", batch_size: int | None = None, force_runner: bool = False,
              progress: bool = True, seed: int = 0, head: str | None = None, embed: str | None = None,
              output: str | None = None, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD,
              activation_budget: int | None = DEFAULT_ACTIVATION_BUDGET, offload_dir: str | None = None,

@@ -97,16 +97,22 @@ def _one_cpu_thread(device: torch.device):
 
 
 def inverse_hessian_factor(H: Tensor, damp: float, who: str) -> tuple[Tensor, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H); H is modified in place.
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), computed in H's own
+    storage and returned (the caller's H is U afterwards): each LAPACK step makes one temporary
+    copy, so an [in, in] matrix exists at most twice (an 8B down projection's H is 0.8 GB).
     Factored on one thread: LAPACK's factorizations give other bits on other thread counts, and a
     torchrun process (one thread) must solve exactly as a multi-threaded single process does.
     Shared by GPTQ and SparseGPT."""
     lam = damp * torch.diagonal(H).mean()
     H.diagonal().add_(lam)
+    bad = torch.zeros((), dtype=torch.int32, device=H.device)
     with _one_cpu_thread(H.device):
-        L, bad = torch.linalg.cholesky_ex(H)
+        torch.linalg.cholesky_ex(H, out=(H, bad))            # L in the lower triangle
         if bad.item() == 0:
-            U, bad = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            H.tril_()                                        # exactly L (the upper half held H)
+            torch.cholesky_inverse(H, out=H)                 # (H + λI)⁻¹
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, bad))
+    U = H
     if bad.item() != 0:
         raise LowbitError(f"{who} Hessian is not positive definite after dampening (damp={damp}); increase damp")
     return U, float(lam)
@@ -139,11 +145,11 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     rows, cols = W.shape
     W_in, H_in = W, H
     W = W.detach().to(dtype).clone()                              # [out, in]
-    H = H.detach().to(device=W.device, dtype=dtype).clone()       # [in, in]
 
-    # Dead inputs: zero their weights, make H invertible there.
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    # Dead inputs: zero their weights, make H invertible there (diag 1; also their sort key).
+    diag = torch.diagonal(H).to(device=W.device, dtype=dtype).clone()
+    dead = diag == 0
+    diag[dead] = 1.0
     W[:, dead] = 0.0
 
     # Quantization grid. Static: all qparams now, from the original weights. Dynamic (group, no
@@ -160,10 +166,12 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
         zero = None if scheme.symmetric else W.new_zeros(rows, n_groups)
 
     # Column order: descending diag H with act_order (stable, so ties keep their index order).
-    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if cfg.act_order
+    perm = (torch.argsort(diag, descending=True, stable=True) if cfg.act_order
             else torch.arange(cols, device=W.device))
     W = W[:, perm]
-    H = H[perm][:, perm]
+    # the solver's own H, permuted in one gather (H[perm][:, perm] would make two copies)
+    H = H.detach().to(device=W.device, dtype=dtype)[perm[:, None], perm[None, :]]  # [in, in]
+    H.diagonal()[dead[perm]] = 1.0
     group_of = (perm // g).tolist() if per_group else [0] * cols  # position -> group of its column
 
     # Dampening, then Hinv = upper Cholesky factor of H⁻¹ (its rows are the eq. 3 rows of H_F⁻¹).
@@ -202,22 +210,39 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                             # lazy batch update
             del W1, Err1
 
+    del Hinv, W                  # freed before the result's copies are made
     inv = torch.argsort(perm)
-    Qint, Q = Qint[:, inv], Q[:, inv]
-    fmt = AffineWeight.from_integers(Qint, scale, zero, scheme)
-    D = W_in.detach().to(dtype) - Q                                            # [out, in]
+    fmt = AffineWeight.from_integers(Qint[:, inv], scale, zero, scheme)
+    del Qint
+    D = W_in.detach().to(dtype) - Q[:, inv]                                    # [out, in]
+    del Q
     Hd = H_in.detach().to(device=D.device, dtype=dtype)
     info = {"error": float(((D @ Hd) * D).sum()), "dead_columns": int(dead.sum()), "lambda": float(lam)}
     return fmt, info
+
+
+_WHOLE_PRODUCT_BYTES = 64 << 20  # a float32 x xᵀ above this is made in column blocks
+_COLUMNS = 1024                  # columns per block then
+_ROWS_BYTES = 16 << 20           # float64 bytes widened at once by _widening_add
+
+
+def _widening_add(acc: Tensor, part: Tensor) -> None:
+    """acc += part.double(), exactly, a few rows at a time: an add of mixed dtypes makes a
+    float64 copy of its whole operand, which for an 8192² product is 512 MB."""
+    rows = max(1, _ROWS_BYTES // (8 * max(1, part.shape[1])))
+    for i in range(0, part.shape[0], rows):
+        acc[i:i + rows].add_(part[i:i + rows])
 
 
 @register_method("gptq")
 class GPTQ(Method):
     """Accumulates Σ x xᵀ and the token count per layer; solves with `gptq_quantize` on apply.
 
-    Each batch's x xᵀ is one float32 product, accumulated across batches in float64; layers fed
-    the very same input tensor (q/k/v, gate/up) share that product. The sums and counts are what
-    `statistics()` exposes."""
+    Each batch's x xᵀ is one float32 product, accumulated across batches in float64. Layers fed
+    the very same input tensor in every batch (q/k/v, gate/up) hold one sum between them: the
+    product is made once and added once. A layer that stops seeing its group's input leaves the
+    group with a copy of the sum so far, so every layer's sum is exactly the sum of its own
+    batches' products either way. The sums and counts are what `statistics()` exposes."""
 
     config_cls = GPTQConfig
     needs_calibration = True
@@ -225,45 +250,99 @@ class GPTQ(Method):
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)
-        self._xxT: dict[str, Tensor] = {}     # layer -> Σ x xᵀ  [in, in] float64
-        self._count: dict[str, Tensor] = {}   # layer -> number of input rows (tokens), int64 [1]
-        self._last: tuple | None = None       # (x, x._version, x xᵀ) of the latest batch seen
-        self.errors: dict[str, float] = {}    # layer -> info["error"] of its solve
+        self._group: dict[str, int] = {}    # layer -> id of the sum it is counted in
+        self._sums: dict[int, list] = {}    # id -> [Σ x xᵀ [in, in] float64, tokens int64 [1], {layers}]
+        self._pending: list | None = None   # [x, x._version, x xᵀ float32 or None, [layers]]: the latest input
+        self._ids = 0
+        self.errors: dict[str, float] = {}  # layer -> info["error"] of its solve
 
     def observe(self, layer_name: str, module: nn.Linear, x: Tensor) -> None:
         if x.shape[-1] != module.in_features:
             raise LowbitError(f"{layer_name}: input has {x.shape[-1]} features, layer expects {module.in_features}")
-        last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
-            xxT = last[2]
-        else:
-            X = x.detach().reshape(-1, x.shape[-1]).float()                    # [tokens, in]
-            xxT = (X.T @ X).double()                                           # [in, in]
-            self._last = (x, x._version, xxT)
-        if layer_name not in self._xxT:
-            self._xxT[layer_name] = torch.zeros_like(xxT)
-            self._count[layer_name] = torch.zeros(1, dtype=torch.int64, device=x.device)
-        self._xxT[layer_name] += xxT
-        self._count[layer_name] += x.numel() // x.shape[-1]
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == x._version and layer_name not in p[3]:
+            p[3].append(layer_name)         # the same input as the layer before: nothing to compute
+            return
+        self._flush()
+        n = x.shape[-1]
+        X = x.detach().reshape(-1, n).float()                                  # [tokens, in]
+        # a wide input's product (a large model's down projection, 8192² floats) is made when it
+        # is added, in column blocks, never whole
+        self._pending = [x, x._version, None if n * n * 4 > _WHOLE_PRODUCT_BYTES else X.T @ X, [layer_name]]
+
+    def _flush(self) -> None:
+        """Add the pending product to the sum of every group of layers that saw it."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        x, version, xxT, layers = p
+        if x._version != version:
+            raise LowbitError(f"the input of {layers[0]} was modified in place after the layer ran")
+        seen = set(layers)
+        targets = []
+        for gid in sorted({self._group[l] for l in layers if l in self._group}):
+            entry = self._sums[gid]
+            if entry[2] <= seen:
+                targets.append(entry)
+            else:                             # only some of the group saw it: those leave with a copy
+                inside = entry[2] & seen
+                entry[2] -= inside
+                targets.append(self._new_sum(entry[0].clone(), entry[1].clone(), inside))
+        fresh = [l for l in layers if l not in self._group]
+        if fresh:
+            n = x.shape[-1]
+            targets.append(self._new_sum(torch.zeros(n, n, dtype=torch.float64, device=x.device),
+                                         torch.zeros(1, dtype=torch.int64, device=x.device), set(fresh)))
+        n = x.shape[-1]
+        for entry in targets:
+            entry[1] += x.numel() // n
+        if xxT is not None:
+            for entry in targets:
+                _widening_add(entry[0], xxT)
+            return
+        X = x.detach().reshape(-1, n).float()
+        for j in range(0, n, _COLUMNS):
+            part = X.T @ X[:, j:j + _COLUMNS]                                  # [in, columns]
+            for entry in targets:
+                _widening_add(entry[0][:, j:j + _COLUMNS], part)
+
+    def _new_sum(self, total: Tensor, tokens: Tensor, layers: set) -> list:
+        self._ids += 1
+        entry = [total, tokens, layers]
+        self._sums[self._ids] = entry
+        for l in layers:
+            self._group[l] = self._ids
+        return entry
 
     def statistics(self) -> dict[str, Tensor]:
-        self._last = None
+        self._flush()
         out = {}
-        for name in self._xxT:
-            out[f"{name}.xxT"] = self._xxT[name]
-            out[f"{name}.count"] = self._count[name]
+        for name, gid in self._group.items():
+            out[f"{name}.xxT"] = self._sums[gid][0]
+            out[f"{name}.count"] = self._sums[gid][1]
         return out
 
+    def take_hessian(self, layer_name: str, who: str = "GPTQ") -> Tensor:
+        """H = 2/n Σ x xᵀ of one layer (float64, the caller's to keep or overwrite); the layer's
+        statistics are dropped (its group's sum is freed with its last layer)."""
+        self._flush()
+        gid = self._group.get(layer_name)
+        if gid is None or int(self._sums[gid][1].item()) == 0:
+            raise LowbitError(f"{who} saw no calibration inputs for {layer_name}")
+        total, tokens, layers = self._sums[gid]
+        del self._group[layer_name]
+        layers.discard(layer_name)
+        n = int(tokens.item())
+        if layers:
+            return total * (2.0 / n)
+        del self._sums[gid]
+        return total.mul_(2.0 / n)
+
     def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
-        self._last = None
         check_finite(module.weight, layer_name)
-        if layer_name not in self._xxT or int(self._count[layer_name].item()) == 0:
-            raise LowbitError(f"GPTQ saw no calibration inputs for {layer_name}")
-        xxT, n = self._xxT.pop(layer_name), int(self._count.pop(layer_name).item())
-        # H = 2/n Σ x xᵀ, rounded to the solve's float32 here so that the float64 sum is freed
-        # before the solve's copies exist (the solver would round it to the same values)
-        H = xxT.mul_(2.0 / n).float()
-        del xxT
+        # rounded to the solve's float32 here so that the float64 sum is freed before the solve's
+        # copies exist (the solver would round it to the same values)
+        H = self.take_hessian(layer_name).float()
         fmt, info = gptq_quantize(module.weight, H, self.config)
         self.errors[layer_name] = info["error"]
         return fmt

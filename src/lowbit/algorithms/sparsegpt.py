@@ -175,15 +175,11 @@ class SparseGPT(GPTQ):
         self.layers: dict[str, dict] = {}   # layer -> {"sparsity", "weights", "error"}
 
     def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat | Tensor:
-        self._last = None
         check_finite(module.weight, layer_name)
-        if layer_name not in self._xxT or int(self._count[layer_name].item()) == 0:
-            raise LowbitError(f"SparseGPT saw no calibration inputs for {layer_name}")
+        H = self.take_hessian(layer_name, "SparseGPT")                         # H = 2/n Σ x xᵀ
         nm = parse_pattern(self.config.pattern, "SparseGPT")
         if nm is not None:
             check_nm_columns(module.in_features, nm, layer_name)
-        xxT, n = self._xxT.pop(layer_name), int(self._count.pop(layer_name).item())
-        H = xxT.mul_(2.0 / n)                                                  # H = 2/n Σ x xᵀ
         res = sparsegpt_prune(module.weight, H, self.config)
         self.errors[layer_name] = res.info["error"]
         self.layers[layer_name] = {**layer_info(res.W), "error": res.info["error"]}

@@ -72,6 +72,7 @@ class RunnerStats:
     streaming: bool = False      # blocks read from the files one at a time (lowbit.models.lazy)
     dtype: str | None = None     # compute dtype of the blocks
     spilled_bytes: int = 0       # activation bytes that went to the offload folder
+    batch_size: int = 0          # samples per forward (`runner_batch` unless given)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -362,17 +363,35 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+RUNNER_BATCH = 8                 # calibration samples per forward, at most
+BATCH_ACTIVATION_BYTES = 64 << 20  # ... and at most this many bytes in one float32 linear output
+
+
+def runner_batch(block: nn.Module, seq_len: int, largest: int = RUNNER_BATCH) -> int:
+    """Samples per forward: ``largest``, fewer when one [batch, seq_len, width] float32 tensor of
+    the block's widest linear layer would exceed BATCH_ACTIVATION_BYTES. A forward holds a few
+    such tensors (an MLP's gate, up and their product) and a layer's input is what a method
+    observes, so this bounds what a wide model adds on top of its statistics: 8 samples of 512
+    tokens through Llama-3.2-1B's 8192-wide MLP are 128 MB per tensor; SmolLM2 and Gemma-3-270M
+    keep all 8."""
+    widths = [max(lin.in_features, lin.out_features) for lin in linear_layers(block).values()]
+    per_sample = seq_len * max(widths, default=1) * 4
+    return max(1, min(largest, BATCH_ACTIVATION_BYTES // per_sample))
+
+
 def _module_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: str | torch.device = "cpu",
-                   batch_size: int = 8, progress: bool = True, *, stream: Streaming | None = None,
+                   batch_size: int | None = None, progress: bool = True, *, stream: Streaming | None = None,
                    activation_budget: int | None = None, offload_dir: str | os.PathLike | None = None) -> RunnerStats:
     """Quantize every linear layer of every decoder block of ``model`` in place with ``method``.
 
-    ``samples`` is a LongTensor [n, L] of calibration token ids. The model's embedding and
+    ``samples`` is a LongTensor [n, L] of calibration token ids, run ``batch_size`` at a time
+    (None: `runner_batch`, which depends only on the model's shape and L, so that one process,
+    torchrun and a streamed run cut the same batches). The model's embedding and
     everything before block 0 run on the model's current device (normally the CPU); with
     ``stream`` on the CPU, with the embedding materialized in the compute dtype meanwhile.
     Activations beyond ``activation_budget`` bytes (None: no limit) spill to ``offload_dir``.
@@ -388,6 +407,8 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
         split.check(method)
         progress = progress and split.rank == 0
     blocks = find_blocks(model)
+    if batch_size is None:
+        batch_size = runner_batch(blocks[0], samples.shape[1])
     home = torch.device("cpu") if stream is not None else next(model.parameters()).device
     pool = SpillPool(activation_budget, offload_dir, device)
     t0 = time.perf_counter()
@@ -460,7 +481,7 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
         largest_block_bytes=largest,
         cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None, device=str(device),
         streaming=stream is not None, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-        spilled_bytes=pool.spilled)
+        spilled_bytes=pool.spilled, batch_size=batch_size)
     return stats
 
 
