@@ -151,9 +151,15 @@ def section_1b(work: Path, rows: list) -> None:
     print(rows[-1], flush=True)
 
 
-def section_small(work: Path, rows: list, models: list[str]) -> None:
+def section_small(work: Path, rows: list, models: list[str], methods: list[str] | None = None) -> None:
+    known = [label for label, _ in SMALL_METHODS]
+    for m in methods or []:
+        if m not in known:
+            raise SystemExit(f"unknown method row {m!r}; one of: {', '.join(known)}")
     for model in models:
         for label, margs in SMALL_METHODS:
+            if methods and label not in methods:
+                continue
             res = {}
             for mode in ("--no-stream", "--stream"):
                 out = work / f"{model}-{label.replace(' ', '-')}{mode}"
@@ -182,6 +188,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--section", action="append", choices=("8b", "1b", "small"), default=[])
     ap.add_argument("--small-models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--small-methods", default=None,
+                    help="comma-separated rows of the small section to run (default all), e.g. 'llm-int8,w8a16'")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     sections = args.section or ["8b", "1b", "small"]
@@ -195,7 +203,8 @@ def main() -> int:
         if "1b" in sections:
             section_1b(work, rows)
         if "small" in sections:
-            section_small(work, rows, args.small_models.split(","))
+            section_small(work, rows, args.small_models.split(","),
+                          args.small_methods.split(",") if args.small_methods else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if rows:
