@@ -206,7 +206,7 @@ def save_tokenizer(out: Path, tokenizer_dir: str | None) -> str:
 
 def write_model(name: str, out: str | Path, *, seed: int = 0, max_shard_size: str = DEFAULT_SHARD,
                 tiny: bool = False, tokenizer: str | None = None, progress: bool = True) -> Path:
-    from lowbit.checkpoint import atomic_dir
+    from lowbit.outputs import atomic_dir
 
     cfg = model_config(name, tiny)
     specs = tensor_specs(cfg)

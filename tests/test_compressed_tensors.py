@@ -289,7 +289,7 @@ def test_refusals(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(LowbitError, match="refusing to overwrite"):
+    with pytest.raises(LowbitError, match="refusing to replace"):
         ct.export_compressed_tensors(four, foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 

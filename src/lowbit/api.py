@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit import checkpoint
+from lowbit import checkpoint, outputs
 from lowbit.algorithms.base import make_method
 from lowbit.algorithms.head_embed import HEAD_SCHEMES, quantize_embedding, quantize_head
 from lowbit.calibration.sequential import apply_data_free, run_sequential
@@ -135,7 +135,7 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
              progress: bool = True, seed: int = 0, head: str | None = None, embed: str | None = None,
              output: str | None = None, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD,
              activation_budget: int | None = DEFAULT_ACTIVATION_BUDGET, offload_dir: str | None = None,
-             **options) -> dict:
+             force: bool = False, **options) -> dict:
     """Quantize ``m.model`` in place; return the record describing what was done.
 
     Methods that need data are run block by block by the sequential runner on calibration
@@ -165,6 +165,8 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
         raise LowbitError(f"{m.name} is already quantized ({m.record['method']['method']}); quantize the original model")
     if m.lazy is not None and output is None:
         raise LowbitError("a streamed model is written while it is quantized: give the output directory")
+    if m.lazy is not None:
+        outputs.check_dir(output, checkpoint.RECORD, force=force, inputs=[m.lazy.path])
     meth = make_method(method, scheme, **options)
     if device != "cpu" and device.startswith("cuda") and not torch.cuda.is_available():
         raise LowbitError(f"device {device} requested but CUDA is not available")
@@ -204,7 +206,7 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
 
     if m.lazy is not None:
         return _quantize_streamed(m, meth, samples, run, head, embed, output, max_shard_size, offload_dir,
-                                  record, t0)
+                                  record, t0, force)
     if samples is not None:
         runner = run_sequential(m.model, meth, samples, offload_dir=offload_dir, **run).to_dict()
     else:
@@ -218,7 +220,7 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
 
 
 def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, max_shard_size, offload_dir,
-                       record, t0) -> dict:
+                       record, t0, force) -> dict:
     """The streaming path of ``quantize``: blocks from the files, tensors into the checkpoint."""
     from pathlib import Path
 
@@ -227,14 +229,13 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
 
     lazy, model = m.lazy, m.model
     fam = family_of(model)
-    out = Path(output)
-    checkpoint.check_output(out)
+    out = outputs.check_dir(output, checkpoint.RECORD, force=force)
     prepare = getattr(meth, "prepare_model", None)
     if prepare is not None and getattr(meth.config, "scope", None) == "global":
         raise LowbitError(f"{meth.name} with scope=global ranks the weights of the whole model at once; it cannot "
                           "run streamed (drop --stream, or use the default per-layer scope)")
     main = processes.is_main()  # split over processes (torchrun): process 0 alone writes
-    with checkpoint.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
+    with outputs.atomic_dir(out) if main else contextlib.nullcontext() as tmp:
         if main:
             checkpoint.write_skeleton(tmp, model, m.tokenizer, {"method": meth.describe()})
         writer = checkpoint.ShardWriter(tmp, max_shard_size) if main else _Discard()
@@ -303,7 +304,7 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD) -> str:
+def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD, *, force: bool = False) -> str:
     """Write the quantized model as a checkpoint. Unquantized tensors outside the blocks (the
     embedding, final norm, head) are stored in the source model's dtype (bf16 stays bf16).
     Split over processes (torchrun), process 0 writes and the others wait for it."""
@@ -327,5 +328,6 @@ def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SH
             keep = {k: src for k, t in m.model.state_dict().items()
                     if not k.startswith(blocks) and not k.startswith(packed) and t.is_floating_point()}
     return processes.gather(lambda: str(checkpoint.save(m.model, m.tokenizer, out_dir, m.record,
-                                                        max_shard_size=max_shard_size, keep_dtype=keep))
+                                                        max_shard_size=max_shard_size, keep_dtype=keep,
+                                                        force=force))
                             if processes.is_main() else None)[0]

@@ -12,19 +12,16 @@ A checkpoint directory holds
 * ``lowbit.json`` — how the model was made: lowbit version, method and its settings (scheme),
   the base model, the calibration data used, and each quantized module's format and shape.
 
-The directory is assembled under a temporary name beside the target and renamed into place only
+The directory is assembled under a temporary name beside the target and swapped into place only
 when complete (``lowbit.json`` last, everything fsync'ed), so a crash never leaves a directory
-that looks like a finished checkpoint.
+that looks like a finished checkpoint; what may be replaced, and how, is `lowbit.outputs`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit import outputs
 from lowbit.version import __version__
 from lowbit.errors import LowbitError
 from lowbit.integrations import hf_config
@@ -65,49 +63,6 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    for p in path.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Build a directory under a temporary name beside ``out`` and swap it into place when the
-    block completes (fsynced; a previous ``out`` is replaced). If the block raises, the partial
-    directory is removed and ``out`` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output(out: Path) -> None:
-    """Refuse an output path that is a file, or a non-empty directory that is not a checkpoint."""
-    if out.exists() and not out.is_dir():
-        raise LowbitError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
-        raise LowbitError(f"output directory {out} is not empty and is not a lowbit checkpoint; refusing to overwrite it")
-
-
 def write_skeleton(tmp: Path, model: nn.Module, tokenizer, record: dict) -> None:
     """config.json (and the tokenizer files) of a checkpoint being assembled in ``tmp``."""
     model.config.save_pretrained(tmp)
@@ -131,15 +86,16 @@ def write_record(tmp: Path, model: nn.Module, record: dict) -> None:
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict, *,
-         max_shard_size: int = DEFAULT_MAX_SHARD, keep_dtype: dict[str, torch.dtype] | None = None) -> Path:
-    """Write a checkpoint atomically. Refuses to overwrite a non-empty directory that is not a
-    lowbit checkpoint (so a typo never destroys unrelated files). One ``model.safetensors``
+         max_shard_size: int = DEFAULT_MAX_SHARD, keep_dtype: dict[str, torch.dtype] | None = None,
+         force: bool = False) -> Path:
+    """Write a checkpoint atomically. Refuses to replace a directory that is not a lowbit
+    checkpoint or holds other files (`lowbit.outputs.check_dir`; ``force`` overrides), so a typo
+    never destroys unrelated files. One ``model.safetensors``
     unless the tensors exceed ``max_shard_size`` bytes (then shards + index). ``keep_dtype``
     stores the named float tensors in the given dtype (the source's, for an unquantized
     embedding or head of a bf16/fp16 model)."""
-    out = Path(out_dir)
-    check_output(out)
-    with atomic_dir(out) as tmp:
+    out = outputs.check_dir(out_dir, RECORD, force=force)
+    with outputs.atomic_dir(out) as tmp:
         write_skeleton(tmp, model, tokenizer, record)
         tensors = _unique_state_dict(model)
         for k, dt in (keep_dtype or {}).items():

@@ -6,6 +6,8 @@ on the command line, and the stderr log line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from lowbit.errors import LowbitError
@@ -16,6 +18,38 @@ def log(msg: str) -> None:
 
     if is_main():  # split over processes (torchrun): process 0 speaks for all
         print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+
+
+#--------------------------------------------------------------------------
+
+
+def add_output_args(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("-o", "--output", required=True, help=help)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output even if it holds files lowbit did not write (or, for a "
+                        "file, is not of the kind being written)")
+
+
+def _inputs(args) -> list[str]:
+    model = getattr(args, "model", None)
+    return [model] if model and os.path.exists(os.path.expanduser(model)) else []
+
+
+@contextlib.contextmanager
+def claimed_output(args, kind: str = "checkpoint"):
+    """Check ``args.output`` before any work and hold its write lock for the whole command
+    (process 0 of a torchrun group, which alone writes). ``kind``: "checkpoint",
+    "compressed-tensors" (directories) or "gguf" (a file)."""
+    from lowbit import outputs
+    from lowbit.core.processes import is_main
+
+    if kind == "gguf":
+        outputs.check_file(args.output, b"GGUF", force=args.force, inputs=_inputs(args))
+    else:
+        record = "lowbit_export.json" if kind == "compressed-tensors" else "lowbit.json"
+        outputs.check_dir(args.output, record, force=args.force, inputs=_inputs(args))
+    with outputs.lock(args.output) if is_main() else contextlib.nullcontext():
+        yield
 
 
 #--------------------------------------------------------------------------

@@ -19,6 +19,11 @@ def run(args) -> int:
     from lowbit.eval.compare import base_spec_of, evaluate_specs, render, write_plot
 
     settings = eval_settings(args)
+    if args.plot:  # a bad plot path fails now, not after every model has been scored
+        from lowbit import outputs
+        from lowbit.eval.report import PNG
+
+        outputs.check_file(args.plot, PNG)
     bases = {base_spec_of(s) for s in args.models} - {None}
     base_spec = args.baseline or (bases.pop() if len(bases) == 1 else None)
     if base_spec is None and not args.baseline:

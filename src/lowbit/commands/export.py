@@ -10,6 +10,7 @@ parsed arguments and returns a one-line summary.
 from __future__ import annotations
 
 
+from lowbit.commands._args import add_output_args, claimed_output
 from lowbit.commands._args import log as _log
 from lowbit.errors import LowbitError
 
@@ -35,7 +36,7 @@ def _export_gguf(m, args) -> str:
             text = load_text(args.calib)
         _log(f"collecting the importance matrix ({args.samples} x {args.seq_len} calibration tokens)…")
         imatrix = collect_imatrix(m, n_samples=args.samples, seq_len=args.seq_len, text=text)
-    rep = export_gguf(m, args.output, qtype, imatrix=imatrix)
+    rep = export_gguf(m, args.output, qtype, imatrix=imatrix, force=args.force)
     types = ", ".join(f"{k} x{v}" for k, v in rep.types.items())
     return (f"wrote {rep.path}: GGUF {rep.qtype} ({rep.arch}, {rep.n_tensors} tensors: {types}; "
             f"{rep.bytes / 1e6:.1f} MB; tokenizer {rep.tokenizer}{'; imatrix' if rep.imatrix else ''}; "
@@ -51,7 +52,8 @@ def _export_compressed_tensors(m, args) -> str:
         raise LowbitError("--type applies to --format gguf only")
     if args.imatrix or args.calib:
         raise LowbitError("--imatrix and --calib apply to --format gguf only")
-    out = export_compressed_tensors(m, args.output, dtype=args.dtype, activations=args.activations)
+    out = export_compressed_tensors(m, args.output, dtype=args.dtype, activations=args.activations,
+                                    force=args.force)
     return f"wrote {out if out is not None else args.output}: compressed-tensors"
 
 
@@ -73,8 +75,9 @@ def run(args) -> int:
             raise LowbitError(f"unknown GGUF type {args.type!r}; choose one of {', '.join(EXPORT_TYPES)}")
     if args.samples < 1 or args.seq_len < 2:
         raise LowbitError("--samples must be positive and --seq-len at least 2")
-    m = api.load(args.model)
-    _log(EXPORTERS[args.format](m, args))
+    with claimed_output(args, args.format):
+        m = api.load(args.model)
+        _log(EXPORTERS[args.format](m, args))
     return 0
 
 
@@ -101,5 +104,5 @@ def register(sub) -> None:
     p.add_argument("--activations", choices=("int8-dynamic",),
                    help="compressed-tensors: int8-dynamic writes W8A8 (int8 weights per channel, int8 "
                         "activations per token at run time); default weight-only")
-    p.add_argument("-o", "--output", required=True, help="output file (.gguf) or directory")
+    add_output_args(p, "output file (.gguf) or directory")
     p.set_defaults(func=run)

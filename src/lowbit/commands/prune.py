@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from lowbit.commands import quantize
-from lowbit.commands._args import add_large_model_args, log
+from lowbit.commands._args import add_large_model_args, add_output_args, claimed_output, log
 from lowbit.errors import LowbitError
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -29,11 +29,16 @@ def register(sub) -> None:
                     help="how pruned layers are stored: dense zeros, N:M-compressed, CSR, or auto "
                          "(per layer, what bench/sparse_kernels.py found smaller and not slower; default: dense)")
     add_large_model_args(pr)
-    pr.add_argument("-o", "--output", required=True, help="output directory")
+    add_output_args(pr, "output directory")
     pr.set_defaults(func=run)
 
 
 def run(args) -> int:
+    with claimed_output(args):  # held through the storage rewrite below too
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.method not in PRUNERS:
         raise LowbitError(f"unknown pruning method {args.method!r}; available: {', '.join(PRUNERS)}")
     if (args.sparsity is None) == (args.pattern is None):

@@ -8,6 +8,7 @@ and every fine-tune (``--eval-tokens``) next to one-shot pruning straight to the
 from __future__ import annotations
 
 
+from lowbit.commands._args import add_output_args, claimed_output
 from lowbit.commands._args import log as _log
 from lowbit.errors import LowbitError
 
@@ -20,6 +21,11 @@ def _schedule(text: str) -> tuple[float, ...]:
 
 
 def cmd_prune_iterative(args) -> int:
+    with claimed_output(args):
+        return _run(args)
+
+
+def _run(args) -> int:
     from lowbit.algorithms.iterative_prune import IterativeConfig
 
     cfg = IterativeConfig(schedule=_schedule(args.schedule), method=args.method, steps=args.steps, lr=args.lr,
@@ -62,7 +68,7 @@ def cmd_prune_iterative(args) -> int:
         from lowbit.algorithms.sparse_storage import store
 
         store(m, args.storage)
-    out = api.save(m, args.output)
+    out = api.save(m, args.output, force=args.force)
     _log(f"done in {rec['quantize_seconds']:.0f} s: {100 * rec['method']['sparsity']:.2f}% zeros -> {out}")
     if eval_fn is not None:
         for i, st in enumerate(rec["method"]["stages"]):
@@ -95,5 +101,5 @@ def register(sub) -> None:
                    help="also prune a fresh copy straight to the final sparsity (no fine-tune) and score it")
     p.add_argument("--storage", default="dense", choices=("dense", "csr", "auto"),
                    help="how the pruned layers are stored (see lowbit prune --storage)")
-    p.add_argument("-o", "--output", required=True, help="output directory")
+    add_output_args(p, "output directory")
     p.set_defaults(func=cmd_prune_iterative)

@@ -10,7 +10,9 @@ import os
 
 from lowbit.commands._args import (
     add_large_model_args,
+    add_output_args,
     add_scheme_args,
+    claimed_output,
     log,
     options_from_flags,
     parse_bytes,
@@ -31,11 +33,16 @@ def register(sub) -> None:
                    help="also quantize the token embedding, row by row, as --head does (default: keep it in float, "
                         "in the source's dtype)")
     add_large_model_args(q)
-    q.add_argument("-o", "--output", required=True, help="output directory")
+    add_output_args(q, "output directory")
     q.set_defaults(func=run)
 
 
 def run(args) -> int:
+    with claimed_output(args):
+        return _run(args)
+
+
+def _run(args) -> int:
     from lowbit import api
     from lowbit.algorithms import get_method
 
@@ -75,9 +82,9 @@ def run(args) -> int:
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
                        head=getattr(args, "head", None), embed=getattr(args, "embed", None),
                        output=args.output if stream else None, max_shard_size=max_shard,
-                       activation_budget=budget,
+                       activation_budget=budget, force=args.force,
                        offload_dir=args.offload_dir or os.path.dirname(os.path.abspath(args.output)), **options)
-    out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard)
+    out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard, force=args.force)
     bpw, nbytes, n = size.linear_bits(m.model)
     sparsity = rec["method"].get("sparsity")
     what = f"{bpw:.3f} bits/weight" + (f", {100 * sparsity:.1f}% zeros" if sparsity is not None else "")

@@ -111,7 +111,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +120,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.core.chunks import row_slices
+from lowbit import outputs
 from lowbit.errors import LowbitError
 from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits
 from lowbit.eval.streaming import head_logits
@@ -604,20 +604,8 @@ def save_reference(ref: Reference, path: str | os.PathLike) -> Path:
     tensors = {k: v.contiguous() for k, v in ref.tensors.items()}
     meta = {"lowbit.reference": json.dumps(ref.key, sort_keys=True), "lowbit.info": json.dumps(ref.info, sort_keys=True),
             "lowbit.sha256": _content_sha256(tensors)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with outputs.atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     ref.path = path
     return path
 

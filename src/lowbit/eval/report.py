@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lowbit import outputs
 from lowbit.errors import LowbitError
 
 __all__ = ["format_table", "plot_ppl_vs_bits"]
@@ -147,6 +147,9 @@ def _place_labels(fig, ax, labels) -> None:
         placed.append(best[2])
 
 
+PNG = b"\x89PNG"
+
+
 def plot_ppl_vs_bits(
     rows: Sequence[dict],
     path: str | os.PathLike,
@@ -155,7 +158,8 @@ def plot_ppl_vs_bits(
     """Write a PNG of perplexity (y) against bits per weight (x); returns the path written.
 
     Each row: ``name``, ``ppl`` and, unless ``baseline`` is true, ``bits``; optional ``group``.
-    The file is written atomically (temporary file in the same directory, then ``os.replace``).
+    The file is written atomically (`lowbit.outputs.atomic_file`); an existing file there that is
+    not a PNG image is refused.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -228,18 +232,7 @@ def plot_ppl_vs_bits(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
 
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    target = outputs.check_file(path, PNG)
+    with outputs.atomic_file(target) as tmp:
+        fig.savefig(tmp, format="png")
     return target

@@ -339,7 +339,7 @@ def _unwrap(model, tokenizer, record):
 
 
 def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=None, record: dict | None = None,
-                              dtype: str | None = None, activations: str | None = None) -> Path:
+                              dtype: str | None = None, activations: str | None = None, force: bool = False) -> Path:
     """Write ``model`` (a lowbit ``api.Model`` or a module holding ``QuantizedLinear`` layers) as a
     compressed-tensors checkpoint directory ``out_dir``; return its path.
 
@@ -350,11 +350,12 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
     activations:  None (weight-only, pack-quantized) or "int8-dynamic" (W8A8: int8 weights per
                   channel, int8 activations quantized per token at run time by the loader).
 
-    Refuses to overwrite a non-empty directory that is not an earlier export.
+    Refuses to replace a directory that is not an earlier export or holds other files
+    (`lowbit.outputs.check_dir`; ``force`` overrides).
     """
     from safetensors.torch import save_file
 
-    from lowbit import checkpoint
+    from lowbit import checkpoint, outputs
 
     module, tokenizer, record = _unwrap(model, tokenizer, record)
     if activations not in ACTIVATIONS:
@@ -418,13 +419,8 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
     if out_emb is not None and any(m is out_emb for m in qmods.values()):
         cfg.tie_word_embeddings = False  # a quantized lm_head no longer shares the embedding
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LowbitError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_RECORD).is_file():
-        raise LowbitError(f"output directory {out} is not empty and is not a lowbit compressed-tensors export; "
-                          "refusing to overwrite it")
-    with checkpoint.atomic_dir(out) as tmp:
+    out = outputs.check_dir(out_dir, EXPORT_RECORD, force=force)
+    with outputs.atomic_dir(out) as tmp:
         cfg.save_pretrained(tmp)
         cfg_file = tmp / "config.json"
         data = json.loads(cfg_file.read_text())

@@ -74,6 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit import outputs
 from lowbit.errors import LowbitError
 from lowbit.export import gguf_quants
 from lowbit.models.families import FAMILIES, Family, family_of
@@ -569,19 +570,26 @@ def _add_kv(writer, key: str, value, vtype: str) -> None:
         writer.add_key_value(key, value, GGUFValueType[vtype])
 
 
+def _input_paths(m) -> list[str]:
+    """The files and folders the model was read from (never to be overwritten by its export)."""
+    src = getattr(m, "source", None) or {}
+    paths = [src.get("path"), getattr(m, "path", None)]
+    base = (getattr(m, "record", None) or {}).get("base_model") or {}
+    paths.append(base.get("path"))
+    return [p for p in paths if isinstance(p, str) and p]
+
+
 def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix: dict | None = None,
-                name: str | None = None, progress=None) -> ExportReport:
-    """Write ``m`` (a lowbit Model: float or lowbit-quantized) to ``out_path`` as GGUF ``qtype``."""
+                name: str | None = None, progress=None, force: bool = False) -> ExportReport:
+    """Write ``m`` (a lowbit Model: float or lowbit-quantized) to ``out_path`` as GGUF ``qtype``.
+    An existing file is replaced only if it is a GGUF file, not the model's own input and not
+    inside a checkpoint (`lowbit.outputs.check_file`; ``force`` overrides)."""
     import gguf
 
     t0 = time.perf_counter()
     if qtype not in EXPORT_TYPES:
         raise LowbitError(f"unknown GGUF export type {qtype!r}; choose one of {', '.join(EXPORT_TYPES)}")
-    out_path = Path(out_path).expanduser()
-    if out_path.is_dir():
-        raise LowbitError(f"{out_path} is a directory; give the GGUF file name to write")
-    if not out_path.parent.is_dir():
-        raise LowbitError(f"output directory {out_path.parent} does not exist")
+    out_path = outputs.check_file(out_path, b"GGUF", force=force, inputs=_input_paths(m))
     model = m.model
     tensors = gguf_tensors(model)
     fam = family_of(model)
@@ -596,10 +604,8 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
             if k in tensors and tensors[k].dim() == 2 and np.asarray(v).shape != (tensors[k].shape[1],):
                 raise LowbitError(f"importance matrix for {k} has {np.asarray(v).size} values, expected {tensors[k].shape[1]}")
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        w = _writer_class()(tmp, arch)
+    with outputs.atomic_file(out_path) as tmp:
+        w = _writer_class()(str(tmp), arch)
         w.add_name(name or getattr(m, "name", None) or "model")
         w.add_file_type(FILE_TYPES.get(qtype, 1))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -630,15 +636,6 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1
