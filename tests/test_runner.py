@@ -180,3 +180,29 @@ def test_runner_records_its_batch():
     assert stats.batch_size == 8 and stats.n_samples == 5
     stats = run_sequential(tiny_llama(), make_method("rtn", SCHEMES[0]), samples, batch_size=2, progress=False)
     assert stats.batch_size == 2
+
+
+def test_large_frees_go_back_to_the_system():
+    """After the runner set glibc's mmap threshold, a large tensor freed leaves no resident heap
+    behind (by default the threshold rises to the size of each large block freed, and the next
+    ones of that size come from a heap that keeps them)."""
+    import ctypes
+
+    from lowbit.core import memory
+
+    try:
+        ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert memory.fixed_mmap_threshold()
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    base = rss()
+    for _ in range(3):  # 24 MB tensors: under glibc's 32 MB ceiling, so a rising threshold would keep them
+        ts = [torch.ones(6 << 20) for _ in range(8)]
+        assert rss() - base > 150 << 20
+        del ts
+    assert rss() - base < 32 << 20

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.base import Method
 from lowbit.calibration import distributed
+from lowbit.core.memory import fixed_mmap_threshold, release_free_memory
 from lowbit.errors import LowbitError
 from lowbit.models.families import block_prefix, family_of, find_blocks, linear_layers
 
@@ -253,28 +254,6 @@ class Streaming:
         release_free_memory()
 
 
-def release_free_memory() -> None:
-    """Hand memory freed by the C allocator back to the system (glibc's malloc_trim).
-
-    A block's tensors are freed once it is written, but glibc keeps freed heap memory for
-    reuse, so block after block the process would grow by most of the model's size in unused
-    heap; trimming after each block keeps the resident size at what is really held. A no-op
-    where the C library has no malloc_trim."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 @torch.no_grad()
 def capture_block_kwargs(model: nn.Module, sample: Tensor) -> list[dict]:
     """Keyword arguments each block is called with, for a [1, L] sample (float model, its device).
@@ -399,6 +378,7 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise LowbitError(f"calibration samples must be a non-empty [n, seq_len] tensor, got {tuple(samples.shape)}")
     device = torch.device(device)
+    fixed_mmap_threshold()  # large frees go back to the system (lowbit.core.memory)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -497,6 +477,7 @@ def apply_data_free(model: nn.Module, method: Method, progress: bool = True, *, 
     from lowbit.models.families import FAMILIES
 
     device = torch.device(device)
+    fixed_mmap_threshold()
     prepare = getattr(method, "prepare_model", None)  # optional: see the whole model first (global pruning)
     if prepare is not None:
         if stream is not None and any(p.is_meta for p in model.parameters()):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lowbit.core.memory import fixed_mmap_threshold
 from lowbit.errors import LowbitError
 
 __all__ = ["InMemory", "StreamingForward", "default_budget_bytes"]
@@ -188,6 +189,7 @@ class StreamingForward:
         windows = torch.as_tensor(windows)
         if windows.dim() != 2 or windows.shape[0] == 0 or windows.dtype.is_floating_point:
             raise LowbitError(f"windows must be a non-empty [n, ctx] tensor of token ids, got {tuple(windows.shape)}")
+        fixed_mmap_threshold()  # large frees go back to the system (lowbit.core.memory)
         self.lazy = lazy
         self.windows = windows.to(torch.long)
         self.dtype = dtype
