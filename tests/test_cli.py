@@ -260,3 +260,43 @@ def test_reproducible_flag_turns_on_thread_invariant_products(tmp_path, capsys, 
     code, _, err = run(capsys, "quantize", tiny_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
                        "-o", tmp_path / "d")
     assert code == 0 and calls == [1]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["quantize", "--device", "bogus"], "unknown device 'bogus'"),
+    (["quantize", "--device", "mps"], "unknown device 'mps'"),
+    (["quantize", "--device", "meta"], "unknown device 'meta'"),
+    (["quantize", "--device", "cpu:1"], "unknown device 'cpu:1'"),
+    (["quantize", "--group-size", str(2**40)], "--group-size must be -1"),
+    (["quantize", "--group-size", "0"], "--group-size must be -1"),
+    (["quantize", "--samples", "1000000"], "calibration tokens"),
+    (["quantize", "--samples", "0"], "--samples must be positive"),
+    (["export", "--imatrix", "--samples", "100000", "--seq-len", "4096"], "calibration tokens"),
+])
+def test_bounded_arguments_fail_before_any_work(tmp_path, capsys, argv, needle):
+    code, _, err = run(capsys, *argv, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", "--device", "cuda", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_threads_and_seed_bounds():
+    import argparse
+    import os
+
+    from lowbit.commands._args import check_common_args
+    from lowbit.errors import LowbitError
+
+    a = argparse.Namespace(threads=1000)
+    check_common_args(a)
+    assert a.threads == (os.cpu_count() or 1)  # clamped, and said so
+    with pytest.raises(LowbitError, match="--threads must be at least 1"):
+        check_common_args(argparse.Namespace(threads=0))
+    with pytest.raises(LowbitError, match="--seed must be between"):
+        check_common_args(argparse.Namespace(seed=2**70))
+    check_common_args(argparse.Namespace(seed=2**63 - 1, device="cpu", group_size=-1, samples=128, seq_len=2048))

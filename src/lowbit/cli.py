@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     clean = False
     try:
+        from lowbit.commands._args import check_common_args
+
+        check_common_args(args)
         if processes.launched_by_torchrun():
             if args.command not in SCALE_OUT:
                 raise LowbitError(f"lowbit {args.command} runs in one process; only {' and '.join(SCALE_OUT)} "

@@ -23,6 +23,50 @@ def log(msg: str) -> None:
 #--------------------------------------------------------------------------
 
 
+MAX_CALIBRATION_TOKENS = 1 << 22  # samples x seq-len: 16x GPTQ's usual 128 x 2048
+MAX_GROUP_SIZE = 1 << 20
+
+
+def check_common_args(args) -> None:
+    """Bounds on the arguments several commands share, checked before any work: a one-line
+    error, or a clamp that is reported (threads), never minutes of work that fail later."""
+    import re
+
+    dev = getattr(args, "device", None)
+    if isinstance(dev, str):
+        m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", dev)
+        if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+            raise LowbitError(f"unknown device {dev!r}; use cpu, cuda or cuda:N")
+        if m.group(1) == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise LowbitError(f"device {dev} requested but CUDA is not available")
+            if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+                raise LowbitError(f"device {dev} requested but there are {torch.cuda.device_count()} CUDA devices")
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        cpus = os.cpu_count() or 1
+        if threads < 1:
+            raise LowbitError(f"--threads must be at least 1, got {threads}")
+        if threads > cpus:
+            log(f"--threads {threads} is more than the {cpus} CPUs here; using {cpus}")
+            args.threads = cpus
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise LowbitError(f"--seed must be between 0 and 2^63-1, got {seed}")
+    g = getattr(args, "group_size", None)
+    if g is not None and g != -1 and not 1 <= g <= MAX_GROUP_SIZE:
+        raise LowbitError(f"--group-size must be -1 (per channel) or 1..{MAX_GROUP_SIZE}, got {g}")
+    samples, seq_len = getattr(args, "samples", None), getattr(args, "seq_len", None)
+    if samples is not None and seq_len is not None:
+        if samples < 1 or seq_len < 2:
+            raise LowbitError("--samples must be positive and --seq-len at least 2")
+        if samples * seq_len > MAX_CALIBRATION_TOKENS:
+            raise LowbitError(f"--samples x --seq-len is {samples * seq_len:,} calibration tokens; at most "
+                              f"{MAX_CALIBRATION_TOKENS:,} are taken")
+
+
 def add_output_args(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("-o", "--output", required=True, help=help)
     p.add_argument("--force", action="store_true",
