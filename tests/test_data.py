@@ -119,6 +119,54 @@ def test_load_text_bad_files_raise_one_line(tmp_path, content, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("name, data, message", [
+    ("c.txt.gz", gzip.compress(b"good text " * 1000)[:-20] + b"x" * 20, "not a valid gzip file"),  # corrupt body
+    ("d.txt.gz", b"\x1f\x8b\x08\x00garbage", "not a valid gzip file"),
+    ("e.txt.gz", b"not gzip at all", "not a valid gzip file"),
+    ("f.bin", b"\x7fELF\x02\x01\x01\x00\x00\x00", "binary data, not text (a NUL byte at offset 7)"),
+    ("g.txt", "utf-16 text".encode("utf-16"), "binary data"),
+])
+def test_odd_text_files_are_one_line_errors(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(LowbitError, match=re.escape(message)) as info:
+        load_text(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_large_texts_and_bombs_stop_at_the_cap(tmp_path, monkeypatch, capsys):
+    import lowbit.data.texts as texts
+
+    monkeypatch.setattr(texts, "MAX_TEXT_BYTES", 1 << 16)
+    line = "a line of text, é and ü included\n"
+    big = tmp_path / "big.txt"
+    big.write_text(line * 10000)  # ~360 KB, over the 64 KB cap
+    got = load_text(str(big))
+    assert 0 < len(got.encode()) <= 1 << 16 and got.endswith("\n") and set(got.splitlines()) == {line[:-1]}
+    assert "using its first" in capsys.readouterr().err
+    bomb = tmp_path / "bomb.txt.gz"  # 200 MB of text in ~200 KB: only the cap is ever decompressed
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        chunk = b"x" * (1 << 20)
+        for _ in range(200):
+            f.write(chunk)
+    got = load_text(str(bomb))
+    assert len(got) == 1 << 16 and set(got) == {"x"}
+    one = tmp_path / "one-line.txt"  # no line end within the cap: cut between characters, never inside one
+    one.write_bytes(("é" * 40000).encode())
+    assert set(load_text(str(one))) == {"é"}
+
+
+def test_long_texts_are_tokenised_in_paragraph_pieces(monkeypatch):
+    import lowbit.data.texts as texts
+
+    monkeypatch.setattr(texts, "_TOKENIZE_PIECE", 100)
+    text = "".join(f"paragraph {i} " * (i % 7 + 1) + "\n\n\n" for i in range(200))
+    pieces = list(texts._pieces(text))
+    assert "".join(pieces) == text and len(pieces) > 20
+    assert all(p.endswith("\n") for p in pieces[:-1])  # cut after blank lines only
+    assert list(texts._pieces("short")) == ["short"]
+
+
 def test_load_text_rejects_directories_and_typos(tmp_path):
     with pytest.raises(LowbitError, match="not a regular file"):
         load_text(str(tmp_path))

@@ -77,22 +77,42 @@ def _read_bundled(stem: str) -> str:
     return raw.decode("utf-8")
 
 
+MAX_TEXT_BYTES = 32 << 20   # of a user's text file (decompressed): ~8M tokens, twice what any run takes
+_TOKENIZE_PIECE = 4 << 20   # texts longer than this are tokenised a paragraph-aligned piece at a time
+
+
 def _read_user_file(path_str: str) -> str:
+    import sys
+    import zlib
+
     path = Path(path_str).expanduser()
     hint = f"(names: {', '.join(SPLITS)}; otherwise a path to a UTF-8 text file)"
     if not path.exists():
         raise LowbitError(f"text file not found: {path} {hint}")
     if not path.is_file():
         raise LowbitError(f"not a regular file: {path} {hint}")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise LowbitError(f"cannot read text file {path}: {e.strerror or e}") from None
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+    gz = path.suffix == ".gz"
+    try:  # read incrementally up to the cap: a 200 MB file or a decompression bomb stops there
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        if gz and not isinstance(e, FileNotFoundError):
             raise LowbitError(f"{path}: not a valid gzip file ({e})") from None
+        raise LowbitError(f"cannot read text file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        cut = raw.rfind(b"\n", 0, MAX_TEXT_BYTES)
+        raw = raw[: cut + 1 if cut > 0 else MAX_TEXT_BYTES]
+        if not raw.endswith(b"\n"):  # no line end in reach: drop a character the cut may have split
+            i = len(raw) - 1
+            while i > 0 and (raw[i] & 0xC0) == 0x80 and len(raw) - i < 4:
+                i -= 1
+            if raw[i] >= 0xC0:
+                raw = raw[:i]
+        print(f"lowbit: {path} is longer than {MAX_TEXT_BYTES >> 20} MiB of text; using its first "
+              f"{len(raw) / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+    nul = raw.find(b"\x00", 0, 65536)
+    if nul >= 0:
+        raise LowbitError(f"{path}: binary data, not text (a NUL byte at offset {nul})")
     try:
         text = raw.decode("utf-8-sig")  # utf-8, tolerating a leading byte-order mark
     except UnicodeDecodeError as e:
@@ -148,13 +168,36 @@ def default_bos_id(tokenizer) -> int | None:
     return None
 
 
+def _pieces(text: str):
+    """``text`` whole, or (above _TOKENIZE_PIECE characters) cut after paragraph breaks (line
+    ends where there are none) into pieces of at most about that size: a tokenizer handed a
+    whole 30 MB string can exhaust memory. A run of line ends is never split, so the ids differ
+    from whole-text tokenisation at most in how the newlines before a cut are grouped (the
+    bundled texts are far below the size and are tokenised whole, as always)."""
+    start = 0
+    while len(text) - start > _TOKENIZE_PIECE:
+        end = text.rfind("\n\n", start + 1, start + _TOKENIZE_PIECE) + 2     # after the last blank line,
+        if end < 2:
+            end = text.rfind("\n", start + 1, start + _TOKENIZE_PIECE) + 1    # else the last line end,
+        if end < 1:
+            end = start + _TOKENIZE_PIECE                                     # else anywhere
+        while end < len(text) and text[end] == "\n":
+            end += 1
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """All of ``text`` as a 1-D LongTensor of ids, without any special tokens."""
     if not isinstance(text, str):
         raise LowbitError(f"expected text as a str, got {type(text).__name__} (use load_text for names/paths)")
     if not text.strip():
         raise LowbitError("cannot tokenise an empty text")
-    ids = torch.tensor(_encode(tokenizer, text, add_special_tokens=False), dtype=torch.long)
+    ids = []
+    for piece in _pieces(text):
+        ids.extend(_encode(tokenizer, piece, add_special_tokens=False))
+    ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() == 0:
         raise LowbitError("the tokenizer produced no tokens for this text")
     return ids
