@@ -160,7 +160,9 @@ def test_corrupt_checkpoint(tmp_path, capsys, tiny_dir):
     w = out / "model.safetensors"
     w.write_bytes(w.read_bytes()[:3000])
     code, _, err = run(capsys, "eval", out, "--no-latency")
-    assert_one_line_error(code, err, "corrupt or truncated")
+    assert_one_line_error(code, err, "model.safetensors is corrupt: 3000 bytes")  # the recorded size
+    code, _, err = run(capsys, "eval", out, "--no-latency", "--no-verify")
+    assert_one_line_error(code, err, "corrupt or truncated")  # the reader's own check
 
 
 def test_console_script_exit_code(tmp_path):

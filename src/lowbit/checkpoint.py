@@ -82,7 +82,52 @@ def write_record(tmp: Path, model: nn.Module, record: dict) -> None:
     full["tied_word_embeddings"] = (bool(getattr(model.config, "tie_word_embeddings", False))
                                     and not isinstance(head, QuantizedLinear)
                                     and not isinstance(emb, QuantizedEmbedding))
+    full["files"] = file_digests(tmp)
     (tmp / RECORD).write_text(json.dumps(full, indent=2, default=str) + "\n")
+
+
+# -- integrity: every file's sha256 in the record, checked on load ----------------------------------
+VERIFY_FILES = True  # `lowbit ... --no-verify` turns the check off for the process
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of every file of a checkpoint being written (the record excepted)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
+
+
+def verify_files(path: str | os.PathLike, rec: dict) -> None:
+    """Each file the record lists is there with its recorded size and sha256 (a flipped byte is
+    an error naming the file). Records written before lowbit kept digests list none: nothing to
+    check. Off when VERIFY_FILES is False."""
+    files = rec.get("files")
+    if not VERIFY_FILES or files is None:
+        return
+    path = Path(path)
+    if not isinstance(files, dict):
+        raise LowbitError(f"{path / RECORD}: 'files' must map file names to their sizes and digests")
+    for name, want in files.items():
+        if not isinstance(want, dict) or not isinstance(want.get("sha256"), str) or "/" in name or name in ("", ".", ".."):
+            raise LowbitError(f"{path / RECORD}: a bad entry for file {name!r} in 'files'")
+        f = path / name
+        if not f.is_file():
+            raise LowbitError(f"checkpoint {path} lacks {name}, which its record lists")
+        if f.stat().st_size != want.get("bytes"):
+            raise LowbitError(f"{f} is corrupt: {f.stat().st_size} bytes, {want.get('bytes')} when it was saved "
+                              "(re-create it, or --no-verify to load it anyway)")
+        if _sha256(f) != want["sha256"]:
+            raise LowbitError(f"{f} is corrupt: its sha256 differs from the one recorded when it was saved "
+                              "(re-create it, or --no-verify to load it anyway)")
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, record: dict, *,
@@ -281,6 +326,7 @@ def load(path: str | os.PathLike):
 
     path = Path(path)
     rec = read_record(path)
+    verify_files(path, rec)
     tensors = read_tensors(path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -358,6 +404,7 @@ class LazyCheckpoint:
 
         self.path = Path(path)
         self.record = read_record(self.path)
+        verify_files(self.path, self.record)
         self.files: dict[str, Path] = {}
         self.sizes: dict[str, int] = {}  # stored bytes of each tensor
         for wfile in weight_files(self.path):

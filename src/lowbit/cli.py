@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lowbit.commands import register_all
 
     register_all(sub)
+    for name in READS_CHECKPOINTS:
+        sub.choices[name].add_argument(
+            "--no-verify", action="store_true",
+            help="skip checking each checkpoint file against the sha256 its lowbit.json records (faster for "
+                 "large models; a corrupt file then goes unnoticed)")
     return p
 
 
@@ -37,6 +42,8 @@ def quiet_transformers() -> None:
         pass
 
 
+# Commands that read lowbit checkpoints (and take --no-verify).
+READS_CHECKPOINTS = ("eval", "compare", "generate", "bench", "export")
 # Commands that split their work over the processes torchrun starts (`lowbit.core.processes`).
 SCALE_OUT = ("quantize", "prune")
 
@@ -48,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "reproducible", False):  # before any matrix product of this process
         processes.thread_invariant_products()
     quiet_transformers()
+    from lowbit import checkpoint
+
+    verify = checkpoint.VERIFY_FILES
+    checkpoint.VERIFY_FILES = verify and not getattr(args, "no_verify", False)
     clean = False
     try:
         from lowbit.commands._args import check_common_args
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
     finally:
+        checkpoint.VERIFY_FILES = verify
         processes.finish(clean)
 
 
