@@ -317,7 +317,43 @@ def read_record(path: str | os.PathLike) -> dict:
         raise LowbitError(f"{p} is corrupt: {e}") from None
     if not isinstance(rec, dict) or "modules" not in rec or "method" not in rec:
         raise LowbitError(f"{p} is not a valid lowbit record (missing 'method' or 'modules')")
+    method = rec["method"]
+    if not isinstance(method, dict) or not isinstance(method.get("method"), str):
+        raise LowbitError(f"{p}: 'method' must be a mapping naming the method, got {str(method)[:60]!r}")
+    if not isinstance(rec["modules"], dict):
+        raise LowbitError(f"{p}: 'modules' must map module names to their formats")
+    for name, meta in rec["modules"].items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("format"), str):
+            raise LowbitError(f"{p}: module {name}: its entry must be a mapping with a 'format' name, "
+                              f"got {str(meta)[:60]!r}")
+    tied = rec.get("tied_word_embeddings")
+    if tied is not None and not isinstance(tied, bool):
+        raise LowbitError(f"{p}: 'tied_word_embeddings' must be true or false, got {str(tied)[:60]!r}")
     return rec
+
+
+def _install(model: nn.Module, name: str, qmod: nn.Module, where: str) -> nn.Module:
+    """Put a quantized module built from a record in the model skeleton in place of the float one,
+    whose shape (from config.json) it must have; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+    except AttributeError:
+        raise LowbitError(f"{where}: module {name} does not exist in {type(model).__name__}") from None
+    if isinstance(old, nn.Linear):
+        want, kind = (old.out_features, old.in_features), "linear"
+    elif isinstance(old, nn.Embedding):
+        want, kind = (old.num_embeddings, old.embedding_dim), "embedding"
+    else:
+        raise LowbitError(f"{where}: module {name} is a {type(old).__name__}, not a linear layer or embedding")
+    got = (qmod.num_embeddings, qmod.embedding_dim) if isinstance(qmod, QuantizedEmbedding) else \
+        (qmod.out_features, qmod.in_features)
+    if isinstance(qmod, QuantizedEmbedding) != (kind == "embedding") or tuple(got) != want:
+        raise LowbitError(f"{where}: module {name} is stored with shape {list(got)}, but the model's {kind} "
+                          f"is {list(want)}")
+    setattr(parent, child, qmod)
+    return old
 
 
 def load(path: str | os.PathLike):
@@ -352,12 +388,7 @@ def load(path: str | os.PathLike):
             raise LowbitError(f"checkpoint {path}: module {name} lacks tensor {e}") from None
         except LowbitError as e:  # the format's own validation: say which module
             raise LowbitError(f"checkpoint {path}: module {name}: {e}") from None
-        parent_name, _, child = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError:
-            raise LowbitError(f"checkpoint {path}: module {name} does not exist in {config.model_type}") from None
-        setattr(parent, child, qmod)
+        _install(model, name, qmod, f"checkpoint {path}")
     want = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
     for k, t in tensors.items():  # assign keeps the file's dtype: give each tensor the model's
         if k in want and t.is_floating_point() and t.dtype != want[k]:
@@ -493,10 +524,7 @@ class LazyCheckpoint:
                 raise LowbitError(f"checkpoint {self.path}: module {name} lacks tensor {e}") from None
             if torch.device(device).type != "cpu":
                 qmod = qmod.to(device)
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            self._placeholders[name] = getattr(parent, child)
-            setattr(parent, child, qmod)
+            self._placeholders[name] = _install(self.model, name, qmod, f"checkpoint {self.path}")
         module = self.model.get_submodule(prefix) if prefix else self.model
         dotted = f"{prefix}." if prefix else ""
         for n, p in list(module.named_parameters()):

@@ -213,6 +213,8 @@ def _unsupported(what: str) -> LowbitError:
 
 def family_for_type(model_type: str | None) -> Family:
     """The record for an HF ``model_type`` string (LowbitError if absent)."""
+    if model_type is not None and not isinstance(model_type, str):
+        raise _unsupported(f"{str(model_type)[:60]!r} (model_type is not a string)")
     fam = FAMILIES.get(model_type or "")
     if fam is None:
         raise _unsupported(repr(model_type))

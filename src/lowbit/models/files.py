@@ -133,7 +133,56 @@ def read_config(path: Path) -> dict:
         raise LowbitError(f"{cfg_file} is not valid JSON: {_first_line(e)}") from None
     if not isinstance(cfg, dict):
         raise LowbitError(f"{cfg_file} does not hold a JSON object")
+    check_config_values(cfg, cfg_file)
     return cfg
+
+
+# Sizes a real decoder config stays within (the largest open models are far inside them); a
+# value outside is a damaged file, refused before any module is built or tensor allocated.
+_CONFIG_INTS = {
+    "num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "vocab_size": 1 << 22, "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
+}
+
+
+def check_config_values(cfg: dict, where) -> None:
+    """Types and ranges of the config.json fields lowbit builds models from: one line naming the
+    field, never a hang (a billion layers), an allocator failure or a silently wrong model (a
+    negative rope base, an eps that zeroes every norm)."""
+    import math
+
+    def bad(field, value, want):
+        return LowbitError(f"{where}: {field} = {str(value)[:60]!r} is not {want}")
+
+    mt = cfg.get("model_type")
+    if mt is not None and not isinstance(mt, str):
+        raise bad("model_type", mt, "a string")
+    for field, top in _CONFIG_INTS.items():
+        v = cfg.get(field)
+        if v is None:  # absent: transformers' default (or the tensors' shapes) decide
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise bad(field, v, f"an integer from 1 to {top}")
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and (kv > heads or heads % kv):
+        raise LowbitError(f"{where}: num_key_value_heads = {kv} must divide num_attention_heads = {heads}")
+    for field in ("rms_norm_eps", "layer_norm_eps"):
+        v = cfg.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
+            raise bad(field, v, "a number between 0 and 1")
+    thetas = [("rope_theta", cfg.get("rope_theta"))]
+    rp = cfg.get("rope_parameters")
+    if rp is not None and not isinstance(rp, dict):
+        raise bad("rope_parameters", rp, "a mapping")
+    if isinstance(rp, dict):
+        thetas.append(("rope_parameters.rope_theta", rp.get("rope_theta")))
+    for field, v in thetas:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise bad(field, v, "a positive number")
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise bad("tie_word_embeddings", tie, "true or false")
 
 
 def safetensors_files(path: Path) -> list[Path]:
