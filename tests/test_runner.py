@@ -189,26 +189,36 @@ def test_runner_records_its_batch():
 
 
 def test_large_frees_go_back_to_the_system():
-    """After the runner set glibc's mmap threshold, a large tensor freed leaves no resident heap
-    behind (by default the threshold rises to the size of each large block freed, and the next
-    ones of that size come from a heap that keeps them)."""
-    import ctypes
+    """With the threshold the runners set, freed large tensors leave no resident heap behind; with
+    glibc's default (a threshold that rises to the size of each large block freed) they do. Each in
+    a fresh process, whose heap holds nothing else."""
+    import subprocess
+    import sys
+    import textwrap
 
-    from lowbit.core import memory
-
-    try:
-        ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        pytest.skip("not glibc")
-    assert memory.fixed_mmap_threshold()
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    base = rss()
-    for _ in range(3):  # 24 MB tensors: under glibc's 32 MB ceiling, so a rising threshold would keep them
-        ts = [torch.ones(6 << 20) for _ in range(8)]
-        assert rss() - base > 150 << 20
+    probe = textwrap.dedent("""
+        import sys, torch
+        from lowbit.core import memory
+        if sys.argv[1] == "fixed" and not memory.fixed_mmap_threshold():
+            print("unsupported"); sys.exit()
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        big = torch.ones(30 << 18)  # a 30 MB block freed: glibc's default threshold rises to it
+        del big
+        base = rss()
+        ts, keep = [], []
+        for _ in range(8):  # 24 MB tensors, each followed by a small one that outlives it
+            ts.append(torch.ones(6 << 20))
+            keep.append(torch.ones(64))
         del ts
-    assert rss() - base < 32 << 20
+        print((rss() - base) >> 20)
+    """)
+    kept = {}
+    for mode in ("fixed", "default"):
+        r = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        if r.stdout.strip() == "unsupported":
+            pytest.skip("not glibc")
+        kept[mode] = int(r.stdout.strip())
+    assert kept["fixed"] < 8 and kept["default"] > 24, kept
