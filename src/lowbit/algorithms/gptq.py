@@ -112,10 +112,9 @@ def inverse_hessian_factor(H: Tensor, damp: float, who: str) -> tuple[Tensor, fl
             H.tril_()                                        # exactly L (the upper half held H)
             torch.cholesky_inverse(H, out=H)                 # (H + λI)⁻¹
             torch.linalg.cholesky_ex(H, upper=True, out=(H, bad))
-    U = H
     if bad.item() != 0:
         raise LowbitError(f"{who} Hessian is not positive definite after dampening (damp={damp}); increase damp")
-    return U, float(lam)
+    return H, float(lam)
 
 
 @torch.no_grad()
@@ -288,12 +287,11 @@ class GPTQ(Method):
                 inside = entry[2] & seen
                 entry[2] -= inside
                 targets.append(self._new_sum(entry[0].clone(), entry[1].clone(), inside))
+        n = x.shape[-1]
         fresh = [l for l in layers if l not in self._group]
         if fresh:
-            n = x.shape[-1]
             targets.append(self._new_sum(torch.zeros(n, n, dtype=torch.float64, device=x.device),
                                          torch.zeros(1, dtype=torch.int64, device=x.device), set(fresh)))
-        n = x.shape[-1]
         for entry in targets:
             entry[1] += x.numel() // n
         if xxT is not None:

@@ -90,7 +90,10 @@ def claimed_output(args, kind: str = "checkpoint"):
     if kind == "gguf":
         outputs.check_file(args.output, b"GGUF", force=args.force, inputs=_inputs(args))
     else:
-        record = "lowbit_export.json" if kind == "compressed-tensors" else "lowbit.json"
+        from lowbit.checkpoint import RECORD
+        from lowbit.export.compressed_tensors import EXPORT_RECORD
+
+        record = EXPORT_RECORD if kind == "compressed-tensors" else RECORD
         outputs.check_dir(args.output, record, force=args.force, inputs=_inputs(args))
     with outputs.lock(args.output) if is_main() else contextlib.nullcontext():
         yield

@@ -73,8 +73,6 @@ def run(args) -> int:
 
         if args.type is not None and args.type not in EXPORT_TYPES:
             raise LowbitError(f"unknown GGUF type {args.type!r}; choose one of {', '.join(EXPORT_TYPES)}")
-    if args.samples < 1 or args.seq_len < 2:
-        raise LowbitError("--samples must be positive and --seq-len at least 2")
     with claimed_output(args, args.format):
         m = api.load(args.model)
         _log(EXPORTERS[args.format](m, args))

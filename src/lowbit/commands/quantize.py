@@ -55,8 +55,6 @@ def _run(args) -> int:
         make_method(args.method, scheme, **options)  # invalid settings -> clear error before loading
     except TypeError as e:
         raise LowbitError(f"invalid settings for {args.method}: {e}") from None
-    if args.samples <= 0 or args.seq_len <= 1:
-        raise LowbitError("--samples must be positive and --seq-len at least 2")
     if args.calib:
         from lowbit.data.texts import load_text
 
