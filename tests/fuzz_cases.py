@@ -260,6 +260,39 @@ def _quantize_into(src: Path, out: Path) -> None:
         raise LowbitError(f"exit {code}")
 
 
+def gguf_cases(ws: Workspace, rng: random.Random, n: int, tally: Tally) -> None:
+    """A GGUF file lowbit wrote, with bytes flipped, zeroed or cut; half of them in the header
+    (counts, string lengths, value types, tensor dimensions, types and offsets), half anywhere."""
+    from lowbit.models.gguf_check import scan_gguf
+
+    gguf = ws.root / "q.gguf"
+    if not gguf.exists():
+        if main(["export", str(ws.ck), "--type", "Q8_0", "-o", str(gguf)]) != 0:
+            raise RuntimeError("could not export the tiny checkpoint to GGUF")
+    data = gguf.read_bytes()
+    header = scan_gguf(gguf).data_start
+    want = ws.logits(api.load(str(gguf)).model)
+    for _ in range(n):
+        b = bytearray(data)
+        kind = rng.choice(["flip", "flip", "zero", "cut", "u64"])
+        at = rng.randrange(header if rng.random() < 0.5 else len(b))
+        if kind == "flip":
+            b[at] ^= 1 << rng.randrange(8)
+        elif kind == "zero":
+            b[at:at + 16] = bytes(len(b[at:at + 16]))
+        elif kind == "u64":  # a length, count or offset made huge, negative-looking or zero
+            b[at:at + 8] = rng.choice([b"\xff" * 8, b"\x00" * 8, (2**31).to_bytes(8, "little"),
+                                       (2**62 + 1).to_bytes(8, "little")])[:len(b[at:at + 8])]
+        else:
+            b = b[:at]
+        f = ws.root / "mutated.gguf"
+        f.write_bytes(bytes(b))
+        v, detail, out = verdict(lambda: ws.logits(api.load(str(f)).model))
+        if v == "accepted" and bytes(b) != data and not torch.equal(out, want):
+            v, detail = "wrong", "a damaged GGUF file loads with other logits"
+        tally.add(f"{kind} at {at}", v, detail)
+
+
 CATEGORIES = {
     "lowbit.json": record_cases,
     "config.json": config_cases,
@@ -267,6 +300,7 @@ CATEGORIES = {
     "text files": text_cases,
     "arguments": argument_cases,
     "outputs": output_cases,
+    "gguf files": gguf_cases,
 }
 
 

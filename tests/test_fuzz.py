@@ -6,7 +6,8 @@ import pytest
 
 from tests.fuzz_cases import CATEGORIES, Workspace, run_category
 
-N = {"lowbit.json": 120, "config.json": 80, "weight bytes": 40, "text files": 60, "arguments": 25, "outputs": 18}
+N = {"lowbit.json": 120, "config.json": 80, "weight bytes": 40, "text files": 60, "arguments": 25, "outputs": 18,
+     "gguf files": 40}
 
 
 @pytest.fixture(scope="module")

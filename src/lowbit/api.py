@@ -28,6 +28,7 @@ from lowbit.calibration.sequential import apply_data_free, run_sequential
 from lowbit.core import processes
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.version import __version__
 
 
 @dataclass
@@ -119,11 +120,19 @@ def load(spec: str | None = None, *, dtype: str | torch.dtype | None = None, dev
 
 
 def base_spec(m: Model) -> str | None:
-    """The spec that loads the original (unquantized) model behind ``m``."""
-    src = m.record["base_model"] if m.record else m.source
-    if src.get("kind") == "builtin":
-        return src.get("name")
-    return src.get("path")
+    """The spec that loads the original (unquantized) model behind ``m``. A checkpoint whose
+    record names no original (no path, no builtin name) is an error, never the default model
+    (None, which would load the builtin)."""
+    src = m.record.get("base_model") if m.record else m.source
+    spec = None
+    if isinstance(src, dict):
+        spec = src.get("name") if src.get("kind") == "builtin" else src.get("path")
+    if m.record and (not isinstance(spec, str) or not spec):
+        where = m.path or m.name or "the checkpoint"
+        raise LowbitError(f"{where}: its record names no original model (base_model has no "
+                          f"{'name' if isinstance(src, dict) and src.get('kind') == 'builtin' else 'path'}); "
+                          "give the original with --baseline")
+    return spec
 
 
 DEFAULT_ACTIVATION_BUDGET = 2 * 2**30
@@ -135,7 +144,8 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
              progress: bool = True, seed: int = 0, head: str | None = None, embed: str | None = None,
              output: str | None = None, max_shard_size: int = checkpoint.DEFAULT_MAX_SHARD,
              activation_budget: int | None = DEFAULT_ACTIVATION_BUDGET, offload_dir: str | None = None,
-             force: bool = False, **options) -> dict:
+             force: bool = False, resume_dir: str | None = None, resume: bool | None = None,
+             checkpoint_every: float = 60.0, **options) -> dict:
     """Quantize ``m.model`` in place; return the record describing what was done.
 
     Methods that need data are run block by block by the sequential runner on calibration
@@ -157,6 +167,13 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
     Calibration activations beyond ``activation_budget`` bytes (None: no limit) go to files in
     ``offload_dir`` (default: a temporary folder beside ``output``, or the system's), removed
     at the end.
+
+    ``resume_dir`` (a calibrated method only): keep the finished blocks, and every
+    ``checkpoint_every`` seconds the hidden states after them, in that folder
+    (`lowbit.calibration.resume`), so that an interrupted run can be continued with
+    ``resume=True`` to the same result; ``resume=False`` discards an earlier run's state there,
+    None refuses to touch it. `save` (or the streamed write) removes the folder once the
+    checkpoint is complete.
     """
     for what, name in (("head", head), ("embedding", embed)):
         if name is not None and name not in HEAD_SCHEMES:
@@ -184,11 +201,13 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
         if processes.world() > 1:  # scale-out: the runner divides batches and solves (same result)
             calib["world_size"] = processes.world()
     run = dict(device=device, batch_size=batch_size, progress=progress, activation_budget=activation_budget)
+    if resume_dir is not None and samples is not None:
+        run["state"] = _run_state(m, meth, samples, calib, run, resume_dir, resume, checkpoint_every)
 
     def record(runner, seconds):
         rec = {
             "method": meth.describe(),
-            "base_model": m.source,
+            "base_model": _with_fingerprint(m.source),
             "calibration": calib,
             "runner": runner,
             "quantize_seconds": round(seconds, 3),
@@ -216,7 +235,57 @@ def quantize(m: Model, method: str = "rtn", scheme: QuantScheme | None = None, *
     if embed is not None:
         quantize_embedding(m.model, HEAD_SCHEMES[embed])
     m.record = record(runner, time.perf_counter() - t0)
+    if run.get("state") is not None:
+        m.extra["run_state"] = run["state"]  # removed by `save` once the checkpoint is complete
     return m.record
+
+
+def _with_fingerprint(source: dict) -> dict:
+    """The original's source, with the fingerprint of its files' contents when it has files
+    (checked when the checkpoint is later compared with it: `lowbit.eval.compare`)."""
+    import os
+
+    from lowbit.eval.reference import fingerprint
+
+    path = (source or {}).get("path")
+    if not path or not os.path.exists(path):
+        return source
+    return dict(source, fingerprint=fingerprint(path, mtimes=False))
+
+
+def _run_state(m: Model, meth, samples, calib, run: dict, folder: str, resume: bool | None, every: float):
+    """The prepared `lowbit.calibration.resume.RunState` of a calibrated run in ``folder``: its
+    key is everything the result depends on."""
+    import hashlib
+    import os
+
+    from lowbit.calibration.resume import RunState
+    from lowbit.calibration.sequential import runner_batch
+    from lowbit.eval.reference import fingerprint
+    from lowbit.models.families import find_blocks
+
+    if every < 0:
+        raise LowbitError(f"the checkpoint interval must be >= 0 seconds, got {every}")
+    blocks = find_blocks(m.model)
+    path = (m.source or {}).get("path")
+    key = {
+        "method": meth.describe(),
+        "model": m.source,
+        "model_files": fingerprint(path) if path and os.path.exists(path) else None,
+        "calibration": calib,
+        "samples_sha256": hashlib.sha256(samples.contiguous().numpy().tobytes()).hexdigest(),
+        "blocks": len(blocks),
+        "batch_size": run["batch_size"] or runner_batch(blocks[0], samples.shape[1]),
+        "device": run["device"],
+        "dtype": str(m.extra.get("dtype") or _float_dtype(m.model)).removeprefix("torch."),
+        "streaming": m.lazy is not None,
+        "processes": processes.world(),
+        "lowbit": __version__,
+        "torch": torch.__version__,
+    }
+    state = RunState(folder, key, every=every, rank=processes.rank(), world=processes.world())
+    state.prepare(resume, what=os.path.basename(os.path.normpath(folder)).removeprefix(".").removesuffix(".resume"))
+    return state
 
 
 def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, max_shard_size, offload_dir,
@@ -275,6 +344,8 @@ def _quantize_streamed(m: Model, meth, samples, run: dict, head, embed, output, 
         rec["shards"] = len(shards)
         if main:
             checkpoint.write_record(tmp, model, rec)
+    if run.get("state") is not None:  # the checkpoint is complete: the finished blocks are no longer needed
+        run["state"].finish()
     m.record = rec
     m.path = str(out)
     return rec
@@ -327,7 +398,11 @@ def save(m: Model, out_dir: str, max_shard_size: int = checkpoint.DEFAULT_MAX_SH
             packed = tuple(n + "." for n in checkpoint.quantized_modules(m.model))
             keep = {k: src for k, t in m.model.state_dict().items()
                     if not k.startswith(blocks) and not k.startswith(packed) and t.is_floating_point()}
-    return processes.gather(lambda: str(checkpoint.save(m.model, m.tokenizer, out_dir, m.record,
-                                                        max_shard_size=max_shard_size, keep_dtype=keep,
-                                                        force=force))
-                            if processes.is_main() else None)[0]
+    out = processes.gather(lambda: str(checkpoint.save(m.model, m.tokenizer, out_dir, m.record,
+                                                       max_shard_size=max_shard_size, keep_dtype=keep,
+                                                       force=force))
+                           if processes.is_main() else None)[0]
+    state = m.extra.pop("run_state", None)
+    if state is not None:  # the checkpoint is complete: an interrupted run's blocks are no longer needed
+        state.finish()
+    return out

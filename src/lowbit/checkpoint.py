@@ -356,12 +356,28 @@ def _install(model: nn.Module, name: str, qmod: nn.Module, where: str) -> nn.Mod
     return old
 
 
+_NOTED: set[str] = set()
+
+
+def note_version(path: str | os.PathLike, rec: dict) -> None:
+    """Say (once per checkpoint and process) that a checkpoint was written by another lowbit version."""
+    v = rec.get("lowbit_version")
+    key = str(Path(path).absolute())
+    if v != __version__ and key not in _NOTED:
+        from lowbit.core.log import log
+
+        _NOTED.add(key)
+        log(f"{path} was written by lowbit {v if isinstance(v, str) else '(version not recorded)'}; this is lowbit "
+            f"{__version__}: its formats are read as recorded (re-quantize it if loading fails)")
+
+
 def load(path: str | os.PathLike):
     """Load a checkpoint written by `save`: returns (model, tokenizer, record)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     rec = read_record(path)
+    note_version(path, rec)
     verify_files(path, rec)
     tensors = read_tensors(path)
     try:
@@ -435,6 +451,7 @@ class LazyCheckpoint:
 
         self.path = Path(path)
         self.record = read_record(self.path)
+        note_version(self.path, self.record)
         verify_files(self.path, self.record)
         self.files: dict[str, Path] = {}
         self.sizes: dict[str, int] = {}  # stored bytes of each tensor

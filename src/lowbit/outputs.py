@@ -266,6 +266,14 @@ def _remove_leftovers(out: Path) -> None:
                     p.unlink()
 
 
+def resume_dir(out: str | os.PathLike) -> Path:
+    """Where a long run writing ``out`` keeps its finished work until ``out`` is complete
+    (`lowbit.calibration.resume`): ``.NAME.resume`` beside it. Not a leftover: a killed run's
+    folder stays for ``--resume``."""
+    out = Path(out).expanduser().absolute()
+    return out.parent / f".{out.name}.resume"
+
+
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 

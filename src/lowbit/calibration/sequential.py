@@ -53,6 +53,7 @@ from lowbit.calibration import distributed
 from lowbit.core.memory import fixed_mmap_threshold, release_free_memory
 from lowbit.errors import LowbitError
 from lowbit.models.families import block_prefix, family_of, find_blocks, linear_layers
+from lowbit.models.files import all_finite
 
 
 class _StopForward(Exception):
@@ -74,6 +75,7 @@ class RunnerStats:
     dtype: str | None = None     # compute dtype of the blocks
     spilled_bytes: int = 0       # activation bytes that went to the offload folder
     batch_size: int = 0          # samples per forward (`runner_batch` unless given)
+    resumed_blocks: int = 0      # finished blocks taken from an interrupted run (lowbit.calibration.resume)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -365,7 +367,8 @@ def _module_bytes(m: nn.Module) -> int:
 @torch.no_grad()
 def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: str | torch.device = "cpu",
                    batch_size: int | None = None, progress: bool = True, *, stream: Streaming | None = None,
-                   activation_budget: int | None = None, offload_dir: str | os.PathLike | None = None) -> RunnerStats:
+                   activation_budget: int | None = None, offload_dir: str | os.PathLike | None = None,
+                   state=None) -> RunnerStats:
     """Quantize every linear layer of every decoder block of ``model`` in place with ``method``.
 
     ``samples`` is a LongTensor [n, L] of calibration token ids, run ``batch_size`` at a time
@@ -374,6 +377,9 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     everything before block 0 run on the model's current device (normally the CPU); with
     ``stream`` on the CPU, with the embedding materialized in the compute dtype meanwhile.
     Activations beyond ``activation_budget`` bytes (None: no limit) spill to ``offload_dir``.
+    ``state`` (a prepared `lowbit.calibration.resume.RunState`) keeps each finished block and,
+    from time to time, the hidden states after it on disk, and starts after the blocks an
+    interrupted run finished.
     """
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise LowbitError(f"calibration samples must be a non-empty [n, seq_len] tensor, got {tuple(samples.shape)}")
@@ -400,7 +406,13 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 tokens = embedding_rows(stream.lazy, embed, samples, stream.dtype, home)
             block_kwargs = [_to(kw, device) for kw in capture_block_kwargs(model, tokens[:1].to(home))]
             own = tokens if split is None else split.own_samples(tokens, batch_size)  # scale-out: own batches
-            X = capture_block0_inputs(model, own.to(home), batch_size, device, pool)
+            start = state.done if state is not None else 0
+            if start:  # resumed: the hidden states after the last finished block, as they were
+                X = Activations(pool)
+                state.load_activations(X)
+                state.restore_records(method)
+            else:
+                X = capture_block0_inputs(model, own.to(home), batch_size, device, pool)
             if stream is not None:
                 stream.lazy.release(embed)
             act_bytes = X.nbytes
@@ -409,6 +421,13 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
             bar = tqdm(blocks, desc=f"{method.name} blocks", unit="block", disable=not progress, leave=False)
             for i, blk in enumerate(bar):
                 prefix = block_prefix(model, i)
+                if i < start:  # finished by the interrupted run: installed (or written) as it was
+                    state.restore_block(i, blk, f"resumed block {i}")
+                    if stream is not None:
+                        stream.store(prefix, blk)
+                    else:
+                        blk.to(home)
+                    continue
                 if stream is not None:
                     blk = stream.load(prefix, device)
                 else:
@@ -441,12 +460,19 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 else:
                     for name, lin in layers.items():
                         _set_submodule(blk, name, solve_layer(method, f"{prefix}.{name}", lin))
+                if state is not None:
+                    state.save_block(i, blk)
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing
                     Y = Activations(pool)
-                    for x in X:
-                        Y.append(_block_output(blk(x, **kw)))
+                    for j, x in enumerate(X):
+                        y = _block_output(blk(x, **kw))
+                        if not all_finite(y):
+                            _nonfinite(blk, x, kw, prefix, i, j, dtype)
+                        Y.append(y)
                     X.release()
                     X = Y
+                if state is not None and (i + 1 == len(blocks) or _agreed(state.due(), split)):
+                    state.save_progress(i + 1, X if i + 1 < len(blocks) else [], method)
                 if stream is not None:
                     stream.store(prefix, blk)
                 else:
@@ -461,8 +487,28 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
         largest_block_bytes=largest,
         cuda_peak_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None, device=str(device),
         streaming=stream is not None, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-        spilled_bytes=pool.spilled, batch_size=batch_size)
+        spilled_bytes=pool.spilled, batch_size=batch_size, resumed_blocks=start)
     return stats
+
+
+def _nonfinite(blk: nn.Module, x: Tensor, kw: dict, prefix: str, i: int, j: int, dtype) -> None:
+    """Block ``i`` turned finite hidden states into NaN/Inf on batch ``j``: say where."""
+    from lowbit.eval.diagnose import first_nonfinite
+
+    where = first_nonfinite(blk, x, **kw)
+    name = f"{prefix}.{where}" if where else prefix
+    hint = " (float16 overflows easily: try --dtype float32 or bfloat16)" if dtype == torch.float16 else ""
+    raise LowbitError(f"calibration: NaN/Inf in the output of {name} (block {i}, calibration batch {j}) after "
+                      f"its layers were quantized{hint}")
+
+
+def _agreed(flag: bool, split) -> bool:
+    """Process 0's ``flag`` in every process (one process: ``flag``)."""
+    if split is None:
+        return flag
+    from lowbit.core import processes
+
+    return bool(processes.gather(lambda: flag)[0])
 
 
 @torch.no_grad()

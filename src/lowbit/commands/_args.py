@@ -13,11 +13,23 @@ import sys
 from lowbit.errors import LowbitError
 
 
-def log(msg: str) -> None:
-    from lowbit.core.processes import is_main
+from lowbit.core.log import log  # noqa: E402,F401 (the commands' log line)
 
-    if is_main():  # split over processes (torchrun): process 0 speaks for all
-        print(f"lowbit: {msg}", file=sys.stderr, flush=True)
+
+@contextlib.contextmanager
+def results_file(path: str, fresh: bool = False):
+    """The `lowbit.eval.results.ResultsFile` at ``path`` ('' for none: yields None), checked before
+    any work and locked against a concurrent run for the whole command."""
+    if not path:
+        yield None
+        return
+    from lowbit import outputs
+    from lowbit.eval.results import ResultsFile
+
+    outputs.check_file(path)
+    ResultsFile(path)  # an existing file that is not a results file: refused before any work
+    with outputs.lock(path):
+        yield ResultsFile(path, fresh=fresh)
 
 
 #--------------------------------------------------------------------------
@@ -142,6 +154,13 @@ def add_large_model_args(p: argparse.ArgumentParser) -> None:
                    help="calibration activations kept in memory; the rest go to files in --offload-dir (default: 2GiB)")
     p.add_argument("--offload-dir", metavar="DIR",
                    help="where spilled activations go (default: a temporary folder beside the output, removed after)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue an interrupted run of a calibrated method (GPTQ, AWQ, SparseGPT, ...) from the blocks "
+                        "it finished, to the same result (--no-resume: discard them and start over; without either, "
+                        "a run that finds them stops and asks)")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="how often a calibrated run saves the hidden states after its last finished block for "
+                        "--resume (default: 60; 0 = after every block; finished blocks are always kept)")
     p.add_argument("--reproducible", action="store_true",
                    help="matrix products that give the same bits on any number of threads (MKL's strict reproducible "
                         "mode, about 1.6x slower products), so that a torchrun run and a one-process run write the "

@@ -59,6 +59,13 @@ def _run(args) -> int:
         from lowbit.data.texts import load_text
 
         load_text(args.calib)  # a bundled split name or a readable text file; one-line error otherwise
+    resume_dir = None
+    if method_cls.needs_calibration or args.sequential:  # finished blocks kept for --resume
+        from lowbit import outputs
+        from lowbit.calibration.resume import check_asked
+
+        resume_dir = str(outputs.resume_dir(args.output))
+        check_asked(resume_dir, args.resume, args.output)
     max_shard = parse_bytes(args.max_shard_size, "--max-shard-size")
     budget = parse_bytes(args.activation_budget, "--activation-budget", allow_zero=True)
     stream = args.stream
@@ -80,7 +87,8 @@ def _run(args) -> int:
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
                        head=getattr(args, "head", None), embed=getattr(args, "embed", None),
                        output=args.output if stream else None, max_shard_size=max_shard,
-                       activation_budget=budget, force=args.force,
+                       activation_budget=budget, force=args.force, resume_dir=resume_dir, resume=args.resume,
+                       checkpoint_every=args.checkpoint_every,
                        offload_dir=args.offload_dir or os.path.dirname(os.path.abspath(args.output)), **options)
     out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard, force=args.force)
     bpw, nbytes, n = size.linear_bits(m.model)
@@ -89,6 +97,8 @@ def _run(args) -> int:
     log(f"done in {rec['quantize_seconds']:.1f} s: {what} over {n / 1e6:.1f}M linear weights -> {out}")
     if rec.get("runner"):
         r = rec["runner"]
+        if r.get("resumed_blocks"):
+            log(f"resumed: {r['resumed_blocks']} finished blocks taken from the interrupted run")
         spilled = f", {r['spilled_bytes'] / 2**20:.0f} MiB of them spilled to disk" if r.get("spilled_bytes") else ""
         log(f"runner peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (start {r['rss_at_start_bytes'] / 2**20:.0f} MiB, "
             f"activations {r['activation_bytes'] / 2**20:.0f} MiB{spilled})")

@@ -97,6 +97,8 @@ def _row(name: str, m: api.Model | None, q, settings: EvalSettings, *, lazy=None
            "qtime": (m.record or {}).get("quantize_seconds"),
            "method": ((m.record or {}).get("method") or {}).get("method"),
            "token_nll": q.token_nll}
+    if q.nonfinite is not None:
+        row["nonfinite"] = q.nonfinite
     if q.kl_rel_se is not None:
         row["kl_se"] = 100 * q.kl_rel_se
         row["kl_rev_se"] = 100 * q.kl_rev_rel_se
@@ -112,8 +114,9 @@ def _row(name: str, m: api.Model | None, q, settings: EvalSettings, *, lazy=None
     return row
 
 
-def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSettings) -> list[dict]:
-    """Rows (dicts) for every variant, baseline first."""
+def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSettings, on_row=None) -> list[dict]:
+    """Rows (dicts) for every variant, baseline first; ``on_row(i, row)`` is called as each
+    one is done (the quality numbers come in one lockstep pass, the latency row by row)."""
     from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 
     base = variants[baseline]
@@ -123,7 +126,12 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
     quality = evaluate_quality({k: v.model for k, v in variants.items()}, baseline, tokens,
                                settings.protocol, default_bos_id(base.tokenizer), device=settings.device,
                                progress=settings.progress)
-    return [_row(name, m, quality[name], settings) for name, m in variants.items()]
+    rows = []
+    for i, (name, m) in enumerate(variants.items()):
+        rows.append(_row(name, m, quality[name], settings))
+        if on_row is not None:
+            on_row(i, rows[-1])
+    return rows
 
 
 # -- from model specs: choose memory or a cached reference --------------------------------------------
@@ -163,7 +171,7 @@ def base_spec_of(spec: str) -> str | None:
     if spec is None or not checkpoint.is_checkpoint(spec):
         return None
     rec = checkpoint.read_record(spec)
-    return api.base_spec(api.Model(model=None, tokenizer=None, name="", source={}, record=rec))
+    return api.base_spec(api.Model(model=None, tokenizer=None, name="", source={}, record=rec, path=str(spec)))
 
 
 def choose_reference(base_spec: str | None, specs: list[str], settings: EvalSettings) -> str:
@@ -217,29 +225,127 @@ def _skeleton_bytes(model) -> int:
     return total
 
 
+_SAME = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+
+
+def _folder_of(spec: str | None) -> Path:
+    from lowbit.models import builtin
+
+    if spec is None or spec in builtin.BUILTINS:
+        return builtin.cache_path(spec or builtin.DEFAULT_MODEL)
+    return Path(spec).expanduser()
+
+
+def _config_of(spec: str | None) -> dict | None:
+    """config.json of a builtin, a Hugging Face directory or a checkpoint; None for others."""
+    import json
+
+    folder = _folder_of(spec)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def check_original(base_spec: str | None, spec: str, log=None) -> None:
+    """A checkpoint is compared with the model it was made from: one of another shape is an
+    error (the numbers would mean nothing); an original whose files changed since the checkpoint
+    recorded them is said (the numbers are against the files as they are now)."""
+    from lowbit import checkpoint
+    from lowbit.errors import LowbitError
+    from lowbit.eval.reference import fingerprint
+
+    if not checkpoint.is_checkpoint(spec):
+        return
+    base, own = _config_of(base_spec), _config_of(spec)
+    if base is not None and own is not None:
+        for k in _SAME:
+            if k in base and k in own and base[k] != own[k]:
+                raise LowbitError(f"{spec} was made from a model with {k} {own[k]}, but the original it is compared "
+                                  f"with ({base_spec or 'the default model'}) has {base[k]}; give its original "
+                                  "with --baseline")
+    recorded = (checkpoint.read_record(spec).get("base_model") or {}).get("fingerprint")
+    where = _folder_of(base_spec)
+    if recorded and where.exists() and fingerprint(where, mtimes=False) != recorded and log is not None:
+        log(f"note: {where} is not the original {spec} was made from, or it has changed since (its files differ "
+            "from those recorded then); the comparison is with the files as they are now")
+
+
+class _Rows:
+    """The rows of one evaluation: those a results file already holds, and each new one logged
+    and appended to it as soon as it is done (`lowbit.eval.results`)."""
+
+    def __init__(self, base_spec, specs, settings, kind, results, log):
+        from lowbit.eval.results import row_key, run_key
+
+        self.results, self.log = results, log
+        self.rows: list[dict | None] = [None] * (len(specs) + 1)  # the original's row first
+        self.keys: list[str | None] = [None] * (len(specs) + 1)
+        if results is not None:
+            rk = run_key(base_spec, settings, kind)
+            self.keys = [row_key(rk, None)] + [row_key(rk, s) for s in specs]
+            self.rows = [results.get(k) for k in self.keys]
+            n = sum(r is not None for r in self.rows)
+            if n and log is not None:
+                log(f"{n} of {len(self.rows)} rows read from {results.path} (measured earlier with the same "
+                    "models and settings; --fresh measures them again)")
+
+    def todo(self, i: int) -> bool:
+        return self.rows[i] is None
+
+    def names(self) -> set[str]:
+        return {r["variant"] for r in self.rows if r is not None}
+
+    def done(self, i: int, row: dict) -> None:
+        from lowbit.eval.results import summary
+
+        self.rows[i] = row
+        if self.log is not None:
+            self.log(summary(row))
+        if self.results is not None:
+            self.results.add(self.keys[i], row)
+
+
 def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettings, *,
-                   base_label: str = "original", log=None) -> tuple[list[dict], dict]:
+                   base_label: str = "original", log=None, results=None) -> tuple[list[dict], dict]:
     """Rows for the original (``base_spec``) and every model in ``specs`` (checkpoints or models),
     baseline first, plus what was done (``{"reference": kind, "base_name": ..., "cache": path,
     "hit": bool}``).
 
-    With no ``specs`` the original is evaluated alone (perplexity) under its own name."""
+    With no ``specs`` the original is evaluated alone (perplexity) under its own name. Each row
+    is logged as it is done; with ``results`` (a `lowbit.eval.results.ResultsFile`) it is also
+    appended there, and rows the file already holds for the same models and settings are taken
+    from it instead of being measured again."""
     from lowbit.data.texts import default_bos_id, eval_tokens, load_text
     from lowbit.eval.quality import protocol_windows
     from lowbit.eval.reference import build_reference, cached_reference, reference_key, score_against_reference
 
+    for spec in specs:
+        check_original(base_spec, spec, log)
     kind = choose_reference(base_spec, specs, settings)
+    out = _Rows(base_spec, specs, settings, kind, results, log)
+    if not any(out.todo(i) for i in range(len(out.rows))):
+        return list(out.rows), {"reference": kind, "base_name": out.rows[0].get("base_name", out.rows[0]["variant"]),
+                                "resumed": len(out.rows)}
     if kind == "memory":
         variants = {}
         base = api.load(base_spec)
         variants[base_label if specs else base.name] = base
-        for spec in specs:
+        index = [0]  # which row each loaded model fills
+        taken = out.names() - {base_label if specs else base.name}
+        for j, spec in enumerate(specs, 1):
+            if not out.todo(j):
+                continue
             m = api.load(spec)
             name = m.name
-            while name in variants:
+            while name in variants or name in taken:
                 name += "'"
             variants[name] = m
-        return compare(variants, next(iter(variants)), settings), {"reference": "memory", "base_name": base.name}
+            index.append(j)
+        compare(variants, next(iter(variants)), settings,
+                on_row=lambda i, row: out.done(index[i], dict(row, base_name=base.name) if i == 0 else row))
+        return list(out.rows), {"reference": "memory", "base_name": base.name}
 
     source, tokenizer, model_id, name, skeleton = _open_original(base_spec)
     text = load_text(settings.text)
@@ -266,15 +372,19 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
         log(f"reference {'read from' if hit else 'written to'} {ref.path}")
     q = ref.baseline_result()
     bpw, _, _ = linear_bits(skeleton)
-    rows = [{"variant": base_label if specs else name, "bpw": bpw, "size_mb": _skeleton_bytes(skeleton) / 1e6,
-             "ppl": q.ppl, "dppl": None, "n_tokens": q.n_tokens, "kl": None, "kl_p99": None, "kl_rev": None,
-             "top1": None, "qtime": None, "method": None, "token_nll": q.token_nll}]
+    if out.todo(0):
+        out.done(0, {"variant": base_label if specs else name, "bpw": bpw,
+                     "size_mb": _skeleton_bytes(skeleton) / 1e6, "ppl": q.ppl, "dppl": None, "n_tokens": q.n_tokens,
+                     "kl": None, "kl_p99": None, "kl_rev": None, "top1": None, "qtime": None, "method": None,
+                     "token_nll": q.token_nll, "base_name": name})
     del source, skeleton
     gc.collect()
-    names = {rows[0]["variant"]}
-    for spec in specs:  # one variant at a time: loaded whole, or streamed block by block
+    names = out.names()
+    for j, spec in enumerate(specs, 1):  # one variant at a time: loaded whole, or streamed block by block
         from lowbit import checkpoint
 
+        if not out.todo(j):
+            continue
         streamed = stream_variant(spec, settings)
         if streamed:
             lz = checkpoint.open_lazy(spec)
@@ -290,15 +400,18 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
         names.add(vname)
         q = score_against_reference(ref, lz if streamed else m.model, windows, device=settings.device,
                                     progress=settings.progress, stream=stream)
-        rows.append(_row(vname, None, q, settings, lazy=lz) if streamed else _row(vname, m, q, settings))
+        out.done(j, _row(vname, None, q, settings, lazy=lz) if streamed else _row(vname, m, q, settings))
         lz = m = None
         gc.collect()
-    return rows, {"reference": kind, "cache": str(ref.path), "hit": hit, "base_name": name}
+    return list(out.rows), {"reference": kind, "cache": str(ref.path), "hit": hit, "base_name": name}
 
 
 def render(rows: list[dict], markdown: bool = False) -> str:
+    """The table, and below it a note for each row whose logits went NaN/Inf (where they did)."""
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    return format_table(rows, cols, markdown=markdown)
+    notes = [f"{r['variant']}: NaN/Inf logits from {r['nonfinite']}; its numbers are not meaningful"
+             for r in rows if r.get("nonfinite")]
+    return "\n".join([format_table(rows, cols, markdown=markdown)] + notes)
 
 
 def write_plot(rows: list[dict], path: str, title: str) -> str:

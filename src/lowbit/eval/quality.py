@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.files import all_finite
 
 __all__ = ["PplProtocol", "QualityResult", "evaluate_quality", "perplexity", "protocol_windows"]
 
@@ -124,6 +125,8 @@ class QualityResult:
     kl_rel_se: float | None = None
     kl_rev_rel_se: float | None = None
     token_nll: np.ndarray | None = field(default=None, repr=False)  # [n_tokens] float32, in scoring order
+    # where NaN/Inf logits first appeared ("window 3 (they first appear in model.layers.5.mlp)"), or None
+    nonfinite: str | None = None
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -240,6 +243,7 @@ def evaluate_quality(
         runs.setdefault(id(model), model)
     base_key = id(models[baseline])
     acc = {name: _Accumulator() for name in models}
+    bad: dict[int, str] = {}  # module id -> where its logits first went NaN/Inf
 
     from tqdm import tqdm
 
@@ -267,6 +271,8 @@ def evaluate_quality(
                         raise LowbitError(f"token id {top_id} is out of range for a vocabulary of {vocab} logits")
                 elif logits.shape[-1] != vocab:
                     raise LowbitError(f"models disagree on vocabulary size: {logits.shape[-1]} vs {vocab}")
+                if key not in bad and not all_finite(logits):
+                    bad[key] = nonfinite_note(runs[key], x, w)
                 pred = logits[0, :-1].float()  # [ctx-1, V]
                 argmax[key] = pred.argmax(dim=-1)
                 logprobs[key] = torch.log_softmax(pred, dim=-1)
@@ -317,6 +323,7 @@ def evaluate_quality(
                 kl_rev_mean=None if is_base else 0.0,
                 kl_rev_p99=None if is_base else 0.0,
                 token_nll=torch.cat(a.nll).numpy(),
+                nonfinite=bad.get(id(model)),
             )
             continue
         kl_all = torch.cat(a.kl).numpy()
@@ -332,8 +339,20 @@ def evaluate_quality(
             kl_rev_mean=float(kl_rev_all.mean()),
             kl_rev_p99=float(np.percentile(kl_rev_all, 99)),
             token_nll=torch.cat(a.nll).numpy(),
+            nonfinite=bad.get(id(model)),
         )
     return results
+
+
+def nonfinite_note(model: nn.Module | None, x: torch.Tensor, w: int) -> str:
+    """Where NaN/Inf logits came from, for the row's note: window ``w`` and, for a model held in
+    memory, the first module whose output went non-finite (`lowbit.eval.diagnose`)."""
+    from lowbit.eval.diagnose import where_nonfinite
+
+    if model is None:
+        return f"window {w} (a streamed model: run it in memory to trace the layer)"
+    return f"window {w} {where_nonfinite(model, x)}"
+
 
 
 def perplexity(

@@ -122,6 +122,8 @@ from torch import Tensor, nn
 from lowbit.core.chunks import row_slices
 from lowbit import outputs
 from lowbit.errors import LowbitError
+from lowbit.eval.quality import nonfinite_note
+from lowbit.models.files import all_finite
 from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits
 from lowbit.eval.streaming import head_logits
 
@@ -364,9 +366,10 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def fingerprint(obj) -> str:
+def fingerprint(obj, *, mtimes: bool = True) -> str:
     """Identity of a model for the cache key: a path (file or directory: names, sizes, mtimes,
-    the first and last MiB of each file) or an ``nn.Module`` held in memory (its tensors' bytes)."""
+    the first and last MiB of each file) or an ``nn.Module`` held in memory (its tensors' bytes).
+    ``mtimes=False``: the files' contents only (a copy of the model has the same fingerprint)."""
     h = hashlib.sha256()
     if isinstance(obj, nn.Module):
         for name, t in sorted(obj.state_dict(keep_vars=False).items()):
@@ -382,7 +385,7 @@ def fingerprint(obj) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     for f in files:
         st = f.stat()
-        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns if mtimes else ''}|".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
             if st.st_size > 2 << 20:
@@ -443,6 +446,9 @@ def build_reference(source, windows: Tensor, key: dict, *, device: str | torch.d
     vocab = None
     for w, (h, logits) in enumerate(_outputs(source, windows, device, kind == "hidden", progress, stream or {})):
         _check_logits(logits, ctx, vocab)
+        if not all_finite(logits):  # a reference of NaNs compares nothing
+            note = nonfinite_note(None if _is_streamed(source) else source, windows[w:w + 1].to(device), w)
+            raise LowbitError(f"the original model gives NaN/Inf logits on {note}")
         if vocab is None:
             vocab = logits.shape[-1]
             info["vocab"] = vocab
@@ -520,8 +526,11 @@ def score_against_reference(ref: Reference, source, windows: Tensor, *, device: 
     kls, kl_revs, nlls = [], [], []
     var = np.zeros(2)  # the sampled parts' variance, summed over positions (forward, reverse)
     audit = np.zeros(4)  # exact fwd, approx fwd, exact rev, approx rev over the audit positions
+    bad = None
     for w, (_, logits) in enumerate(_outputs(source, windows, device, False, progress, stream or {})):
         _check_logits(logits, ctx, ref.vocab)
+        if bad is None and not all_finite(logits):
+            bad = nonfinite_note(None if _is_streamed(source) else source, windows[w:w + 1].to(device), w)
         rows = slice(w * (ctx - 1), (w + 1) * (ctx - 1))
         targets = windows[w, 1:].to(logits.device)
         pred = logits[0, :-1].float()
@@ -560,7 +569,8 @@ def score_against_reference(ref: Reference, source, windows: Tensor, *, device: 
     kl_rev_all = torch.cat(kl_revs).numpy()
     res = QualityResult(ppl=ppl, nll=nll_mean, kl_mean=float(kl_all.mean()), kl_p99=float(np.percentile(kl_all, 99)),
                         top1=top1 / n, n_tokens=n, delta_ppl=ppl - base.ppl, kl_rev_mean=float(kl_rev_all.mean()),
-                        kl_rev_p99=float(np.percentile(kl_rev_all, 99)), token_nll=torch.cat(nlls).numpy())
+                        kl_rev_p99=float(np.percentile(kl_rev_all, 99)), token_nll=torch.cat(nlls).numpy(),
+                        nonfinite=bad)
     if ref.kind == "topk":
         res.kl_rel_se = _ratio(float(np.sqrt(var[0])) / n, res.kl_mean)
         res.kl_rev_rel_se = _ratio(float(np.sqrt(var[1])) / n, res.kl_rev_mean)

@@ -76,6 +76,7 @@ import torch
 
 from lowbit import outputs
 from lowbit.errors import LowbitError
+from lowbit.models.gguf_check import DIGEST_KEY, PLACEHOLDER, stamp_digest
 from lowbit.export import gguf_quants
 from lowbit.models.families import FAMILIES, Family, family_of
 
@@ -614,6 +615,7 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         for k, (v, vt) in tok_md.items():
             _add_kv(w, k, v, vt)
         w.add_string("general.quantized_by", "lowbit")
+        w.add_string(DIGEST_KEY, PLACEHOLDER.decode())  # stamped below, once the file is complete
         for i, (gname, t) in enumerate(tensors.items()):
             gt = types[gname]
             x = t.numpy()
@@ -636,6 +638,7 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        stamp_digest(tmp)
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1

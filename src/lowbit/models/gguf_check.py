@@ -240,3 +240,69 @@ def check_hyperparameters(layout: GGUFLayout, path) -> None:
         v = layout.kv.get(f"{arch}.attention.{key}")
         if isinstance(v, int) and q is not None and not 1 <= v <= q[-1]:
             raise fail(f"{arch}.attention.{key} = {v} is out of range")
+
+
+# -- integrity: a digest of the whole file in its own header -----------------------------------------
+# A GGUF file has no checksum, so a flipped byte in a tensor's data loads silently. The files lowbit
+# writes carry one: the key below holds the sha256 of the whole file as written with the value's
+# 64 bytes set to PLACEHOLDER, stamped in place once the rest is written. Readers that do not know
+# the key ignore it (llama.cpp does); lowbit checks it on load (off with --no-verify).
+DIGEST_KEY = "lowbit.file_sha256"
+PLACEHOLDER = b"0" * 64
+
+
+def _digest_marker() -> bytes:
+    key = DIGEST_KEY.encode()
+    return struct.pack("<Q", len(key)) + key + struct.pack("<IQ", _STRING, len(PLACEHOLDER))
+
+
+def _file_sha256(path: Path, at: int) -> str:
+    """sha256 of the file with the 64 bytes at ``at`` read as PLACEHOLDER."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pos = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            lo, hi = max(at - pos, 0), min(at + len(PLACEHOLDER) - pos, len(chunk))
+            if lo < hi:
+                chunk = chunk[:lo] + PLACEHOLDER[lo + pos - at:hi + pos - at] + chunk[hi:]
+            h.update(chunk)
+            pos += len(chunk)
+    return h.hexdigest()
+
+
+def _digest_offset(path: Path, header_end: int) -> int | None:
+    """Where the digest's value lies (in the header, before ``header_end``), or None."""
+    with open(path, "rb") as f:
+        head = f.read(header_end)
+    i = head.find(_digest_marker())
+    return None if i < 0 else i + len(_digest_marker())
+
+
+def stamp_digest(path: str | os.PathLike) -> str:
+    """Fill in the digest of a GGUF file just written with ``DIGEST_KEY = PLACEHOLDER``."""
+    path = Path(path)
+    layout = scan_gguf(path)
+    at = _digest_offset(path, layout.data_start)
+    if at is None:
+        raise LowbitError(f"internal: {path} has no {DIGEST_KEY} placeholder to stamp")
+    digest = _file_sha256(path, at)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(digest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    return digest
+
+
+def verify_digest(path: str | os.PathLike, layout: GGUFLayout) -> None:
+    """A GGUF file that carries ``DIGEST_KEY`` matches it (a damaged byte anywhere is an error)."""
+    want = layout.kv.get(DIGEST_KEY)
+    if want is None:
+        return  # not written by lowbit: nothing to check against
+    path = Path(path)
+    at = _digest_offset(path, layout.data_start)
+    if not isinstance(want, str) or at is None or _file_sha256(path, at) != want:
+        raise LowbitError(f"{path} is corrupt: its bytes differ from the digest recorded when lowbit wrote it "
+                          "(re-export it, or --no-verify to load it anyway)")

@@ -41,7 +41,7 @@ from lowbit.models.files import (
     read_config,
     safetensors_files,
 )
-from lowbit.models.gguf_check import check_hyperparameters, scan_gguf
+from lowbit.models.gguf_check import check_hyperparameters, scan_gguf, verify_digest
 
 LOWBIT_CHECKPOINT_MARKER = "lowbit.json"
 
@@ -85,8 +85,8 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, 
     tokenizer = load_tokenizer(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, output_loading_info=True
-        )
+            str(path), dtype=dtype, local_files_only=True, output_loading_info=True, use_safetensors=True
+        )  # never a pytorch_model.bin lying beside the safetensors (unpickling runs code)
     except Exception as e:  # report whatever transformers hit in one line (the chain keeps the detail)
         raise LowbitError(f"could not load the model in {path}: {_first_line(e)}") from e
     missing = list(info.get("missing_keys") or [])
@@ -147,6 +147,10 @@ def _inspect_gguf(path: str | os.PathLike):
             raise LowbitError(
                 f"truncated GGUF file {path}: tensor {t.name} needs bytes up to {end} but the file has {size}"
             )
+    from lowbit import checkpoint
+
+    if checkpoint.VERIFY_FILES:
+        verify_digest(path, layout)
     arch = layout.kv.get("general.architecture")
     if not isinstance(arch, str):
         raise LowbitError(f"GGUF file {path} has no general.architecture")

@@ -70,7 +70,8 @@ def generate(dec: LeanDecoder, prompt_ids, max_new_tokens: int, sampling: Sampli
     stats.prompt_tokens = int(ids.numel())
     dec.reset()
     t0 = time.perf_counter()
-    tok = sample_next(dec.forward(ids), sampling, gen)
+    history = ids.reshape(-1).tolist()
+    tok = sample_next(_finite_logits(dec, dec.forward(ids), history), sampling, gen)
     stats.prefill_s = time.perf_counter() - t0
     stats.generated = 1
     yield tok
@@ -80,13 +81,25 @@ def generate(dec: LeanDecoder, prompt_ids, max_new_tokens: int, sampling: Sampli
     for _ in range(max_new_tokens - 1):
         t0 = time.perf_counter()
         step[0] = tok
-        tok = sample_next(dec.forward(step), sampling, gen)
+        history.append(tok)
+        tok = sample_next(_finite_logits(dec, dec.forward(step), history), sampling, gen)
         stats.decode_s += time.perf_counter() - t0
         stats.decode_tokens += 1
         stats.generated += 1
         yield tok
         if tok in stop:
             return
+
+
+def _finite_logits(dec: LeanDecoder, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+    """``logits``, or an error saying at which position NaN/Inf appeared and in which layer."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    from lowbit.eval.diagnose import where_nonfinite
+
+    model = getattr(dec, "model", None)
+    where = where_nonfinite(model, torch.tensor([history])) if isinstance(model, torch.nn.Module) else ""
+    raise LowbitError(f"NaN/Inf logits at position {len(history) - 1} of the sequence {where}".rstrip())
 
 
 class TextStream:
