@@ -163,18 +163,28 @@ def test_sharded_checkpoint_loads_exactly(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", "qwen2", "gptq-int4-g32")
     want = logits(api.load(str(ckpt)).model)
     _shard(ckpt)
+    from lowbit import checkpoint
+
+    rec = json.loads((ckpt / "lowbit.json").read_text())
+    rec["files"] = checkpoint.file_digests(ckpt)  # as if it had been written sharded
+    (ckpt / "lowbit.json").write_text(json.dumps(rec))
     # a quantized layer's tensors are spread over both shards (keys are split in sorted order)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) == 2
     assert torch.equal(logits(hf_load(ckpt)), want)
 
 
-def test_refuses_checkpoints_whose_tensors_do_not_match(tmp_path):
+def test_refuses_checkpoints_whose_tensors_do_not_match(tmp_path, monkeypatch):
+    from lowbit import checkpoint
+
     ckpt = make_checkpoint(tmp_path / "ckpt")
     tensors = load_file(str(ckpt / "model.safetensors"))
     missing = dict(tensors)
     del missing["model.layers.1.mlp.down_proj.scales"]
     save_file(missing, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match="model.safetensors is corrupt"):  # the recorded digest, first
+        hf_load(ckpt)
+    monkeypatch.setattr(checkpoint, "VERIFY_FILES", False)  # past it: the tensors' own checks
     with pytest.raises(LowbitError, match="module model.layers.1.mlp.down_proj lacks tensor 'scales'"):
         hf_load(ckpt)
     missing = dict(tensors)
@@ -191,6 +201,22 @@ def test_refuses_checkpoints_whose_tensors_do_not_match(tmp_path):
                                                                     float("nan"))
     save_file(bad, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(LowbitError, match="NaN/Inf"):
+        hf_load(ckpt)
+
+
+def test_no_other_loader_path_is_silently_wrong(tmp_path):
+    from transformers import AutoModel, LlamaForCausalLM
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    ref = logits(api.load(str(ckpt)).model)
+    assert torch.equal(logits(LlamaForCausalLM.from_pretrained(str(ckpt))), ref)  # the class itself
+    assert torch.equal(logits(hf_load(ckpt, dtype=torch.bfloat16)), ref)  # a dtype asked for: float32 anyway
+    with pytest.raises(LowbitError, match="load it with AutoModelForCausalLM"):
+        AutoModel.from_pretrained(str(ckpt))  # the bare decoder: refused, not half-loaded
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-3] ^= 0x10  # a flipped bit in a tensor's bytes
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LowbitError, match="model.safetensors is corrupt: its sha256 differs"):
         hf_load(ckpt)
 
 

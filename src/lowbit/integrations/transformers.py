@@ -158,6 +158,9 @@ class LowbitHfQuantizer(HfQuantizer):
             raise LowbitError("the lowbit quantizer loads lowbit checkpoint directories (no weight files were given)")
         rec, self.path = _read_record(model, checkpoint_files, getattr(self.quantization_config, "record", RECORD))
         self.record = rec
+        from lowbit.checkpoint import verify_files
+
+        verify_files(self.path, rec)  # a damaged file is an error here too, as in lowbit's own loader
         stored = _stored_tensors(checkpoint_files)
         for name, meta in rec["modules"].items():
             prefix = name + "."
@@ -170,8 +173,8 @@ class LowbitHfQuantizer(HfQuantizer):
                 parent = model.get_submodule(parent_name) if parent_name else model
                 getattr(parent, child)
             except AttributeError:
-                raise LowbitError(f"checkpoint {self.path}: module {name} does not exist in "
-                                  f"{model.config.model_type}") from None
+                raise LowbitError(f"checkpoint {self.path}: module {name} does not exist in {type(model).__name__} "
+                                  "(a lowbit checkpoint is a causal LM: load it with AutoModelForCausalLM)") from None
             setattr(parent, child, _Placeholder(name, meta, own))
         # a quantized output layer no longer shares the embedding's weight: nothing to tie to it
         replaced = tuple(n + "." for n in rec["modules"])
