@@ -410,6 +410,17 @@ CORRUPTIONS = {
         lambda d: _patched(d, d.index(struct.pack("<Q", 13) + b"output.weight") + 8 + 13 + 4 + 16 + 4, struct.pack("<Q", 2**40)),
         ["output.weight"],
     ),
+    # llama.cpp refuses a tensor whose data does not start on the alignment, or that shares bytes
+    "misaligned offset": (
+        lambda d: _patched(d, d.index(struct.pack("<Q", 13) + b"output.weight") + 8 + 13 + 4 + 16 + 4,
+                           struct.pack("<Q", 4)),
+        ["output.weight", "not a multiple of the alignment 32"],
+    ),
+    "overlapping data": (
+        lambda d: _patched(d, d.index(struct.pack("<Q", 13) + b"output.weight") + 8 + 13 + 4 + 16 + 4,
+                           struct.pack("<Q", 0)),
+        ["overlap"],
+    ),
 }
 
 

@@ -181,6 +181,8 @@ def scan_gguf(path: str | os.PathLike) -> GGUFLayout:
             if shape[0] % block:
                 raise c.fail(f"tensor {name} row length {shape[0]} is not a multiple of its block size {block}")
             n_bytes = n_elems // block * type_size
+            if offset % alignment:
+                raise c.fail(f"tensor {name} starts at data offset {offset}, not a multiple of the alignment {alignment}")
             start = data_start + offset
             if start + n_bytes > size:
                 raise LowbitError(
@@ -190,6 +192,10 @@ def scan_gguf(path: str | os.PathLike) -> GGUFLayout:
             layout.tensors.append(TensorEntry(name, shape, gtype, start, n_bytes))
     if len({t.name for t in layout.tensors}) != len(layout.tensors):
         raise LowbitError(f"corrupt GGUF file {path}: duplicate tensor names")
+    spans = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in layout.tensors if t.n_bytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise LowbitError(f"corrupt GGUF file {path}: the data of tensors {a} and {b} overlap")
     return layout
 
 
