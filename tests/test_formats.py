@@ -9,7 +9,10 @@ import json
 import pytest
 import torch
 
+from lowbit.models import files as model_files
+
 from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
+from lowbit.algorithms.quip import QuIPConfig, quip_quantize
 from lowbit.algorithms.ternary import TernaryConfig, ternary_quantize
 from lowbit.formats import available_formats, get_format
 from lowbit.core.scheme import QuantScheme
@@ -64,6 +67,7 @@ CASES = [
     ("ternary-channel", ternary_quantize(_W(), TernaryConfig("channel")), {"shape", "granularity"}),
     ("sparse-nm", SparseNMWeight.from_dense(_two_of_four(), 2, 4), {"shape", "pattern"}),
     ("sparse-csr", CSRWeight.from_dense(_two_of_four()), {"shape", "nnz"}),
+    ("e8p", quip_quantize(_W(8, 64), torch.eye(64), QuIPConfig(), 1)[0], {"shape", "seed"}),
 ]
 IDS = [c[0] for c in CASES]
 WEIGHTS = {c[0]: c[1] for c in CASES}
@@ -208,7 +212,7 @@ def test_a_corrupt_checkpoint_names_the_module_and_the_field(tmp_path, monkeypat
     save_file(t, str(f))
     with pytest.raises(LowbitError, match="no-verify"):  # a rewritten file: the recorded digest says so first
         checkpoint.load(out)
-    monkeypatch.setattr(checkpoint, "VERIFY_FILES", False)  # the format's own validation, behind it
+    monkeypatch.setattr(model_files, "VERIFY_FILES", False)  # the format's own validation, behind it
     module = key[: -len(".scales")]
     with pytest.raises(LowbitError, match=rf"module {module}: affine scales has shape .*float32, expected .*float16"):
         checkpoint.load(out)

@@ -1,3 +1,4 @@
+from lowbit.models import files as model_files
 """Checkpoints record every file's size and sha256; loading checks them (a flipped byte is an error
 naming the file), `--no-verify` skips the check, records from before the digests still load."""
 
@@ -58,11 +59,11 @@ def test_a_damaged_file_is_named(ck, tmp_path, damage):
     with pytest.raises(LowbitError, match=needle):
         checkpoint.open_lazy(c)
     if damage == "flip":
-        checkpoint.VERIFY_FILES = False
+        model_files.VERIFY_FILES = False
         try:
             checkpoint.load(c)  # unchecked, it loads (the flipped bit is in a packed code)
         finally:
-            checkpoint.VERIFY_FILES = True
+            model_files.VERIFY_FILES = True
 
 
 def test_no_verify_on_the_command_line(ck, tmp_path, capsys):
@@ -76,7 +77,7 @@ def test_no_verify_on_the_command_line(ck, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is corrupt" in err and "--no-verify" in err and len(err.strip().splitlines()) == 1
     assert main(["export", str(c), "--type", "Q8_0", "--no-verify", "-o", str(tmp_path / "a.gguf")]) == 0
-    assert checkpoint.VERIFY_FILES  # the switch is the command's only
+    assert model_files.VERIFY_FILES  # the switch is the command's only
 
 
 def test_records_without_digests_still_load(ck, tmp_path):

@@ -12,6 +12,8 @@ import shutil
 import pytest
 import torch
 
+from lowbit.models import files as model_files
+
 from lowbit import api, checkpoint
 from lowbit.algorithms.base import Method
 from lowbit.calibration.sequential import run_sequential
@@ -183,11 +185,11 @@ def test_a_damaged_gguf_file_lowbit_wrote_is_an_error(made, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(LowbitError, match="bad.gguf is corrupt: its bytes differ from the digest"):
         api.load(str(bad))
-    checkpoint.VERIFY_FILES = False
+    model_files.VERIFY_FILES = False
     try:
         got = api.load(str(bad)).model  # --no-verify: loaded as it is
     finally:
-        checkpoint.VERIFY_FILES = True
+        model_files.VERIFY_FILES = True
     x = torch.arange(10)[None]
     with torch.no_grad():
         assert not torch.equal(got(x).logits, want(x).logits)

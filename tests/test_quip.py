@@ -65,3 +65,15 @@ def test_quantized_model_saves_and_reloads_exactly(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, got)
     assert not torch.equal(got, ref) and float((got - ref).abs().mean()) < float(ref.abs().mean())
+
+
+def test_the_kernel_equals_the_reference():
+    from lowbit import kernels
+    from lowbit.kernels import reference
+
+    W, H = _problem(out=64, n=128)
+    fmt, _ = quip_quantize(W, H, QuIPConfig(), seed=9)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(kernels.linear(x, fmt, b), reference.linear(x, fmt, b), rtol=1e-5, atol=1e-5)
+    assert kernels.find("e8p").linear is not None

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+from lowbit.models import files as model_files
 from torch import nn
 
 from lowbit import checkpoint
@@ -154,12 +156,12 @@ def test_corrupt_checkpoint_errors(tmp_path):
     w.write_bytes(data[: len(data) // 2])
     with pytest.raises(LowbitError, match="model.safetensors is corrupt: .* bytes"):  # the recorded size
         checkpoint.load(out)
-    checkpoint.VERIFY_FILES = False
+    model_files.VERIFY_FILES = False
     try:
         with pytest.raises(LowbitError, match="corrupt or truncated"):  # the reader's own check
             checkpoint.load(out)
     finally:
-        checkpoint.VERIFY_FILES = True
+        model_files.VERIFY_FILES = True
     (out / "lowbit.json").write_text("{not json")
     with pytest.raises(LowbitError, match="corrupt"):
         checkpoint.load(out)

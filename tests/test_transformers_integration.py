@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lowbit.models import files as model_files
 from safetensors.torch import load_file, save_file
 
 import lowbit
@@ -184,7 +186,7 @@ def test_refuses_checkpoints_whose_tensors_do_not_match(tmp_path, monkeypatch):
     save_file(missing, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(LowbitError, match="model.safetensors is corrupt"):  # the recorded digest, first
         hf_load(ckpt)
-    monkeypatch.setattr(checkpoint, "VERIFY_FILES", False)  # past it: the tensors' own checks
+    monkeypatch.setattr(model_files, "VERIFY_FILES", False)  # past it: the tensors' own checks
     with pytest.raises(LowbitError, match="module model.layers.1.mlp.down_proj lacks tensor 'scales'"):
         hf_load(ckpt)
     missing = dict(tensors)

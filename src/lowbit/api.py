@@ -245,7 +245,7 @@ def _with_fingerprint(source: dict) -> dict:
     (checked when the checkpoint is later compared with it: `lowbit.eval.compare`)."""
     import os
 
-    from lowbit.eval.reference import fingerprint
+    from lowbit.models.files import fingerprint
 
     path = (source or {}).get("path")
     if not path or not os.path.exists(path):
@@ -261,7 +261,7 @@ def _run_state(m: Model, meth, samples, calib, run: dict, folder: str, resume: b
 
     from lowbit.calibration.resume import RunState
     from lowbit.calibration.sequential import runner_batch
-    from lowbit.eval.reference import fingerprint
+    from lowbit.models.files import fingerprint
     from lowbit.models.families import find_blocks
 
     if every < 0:

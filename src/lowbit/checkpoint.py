@@ -87,7 +87,6 @@ def write_record(tmp: Path, model: nn.Module, record: dict) -> None:
 
 
 # -- integrity: every file's sha256 in the record, checked on load ----------------------------------
-VERIFY_FILES = True  # `lowbit ... --no-verify` turns the check off for the process
 
 
 def _sha256(path: Path) -> str:
@@ -109,9 +108,11 @@ def file_digests(folder: Path) -> dict[str, dict]:
 def verify_files(path: str | os.PathLike, rec: dict) -> None:
     """Each file the record lists is there with its recorded size and sha256 (a flipped byte is
     an error naming the file). Records written before lowbit kept digests list none: nothing to
-    check. Off when VERIFY_FILES is False."""
+    check. Off when `lowbit.models.files.VERIFY_FILES` is False."""
     files = rec.get("files")
-    if not VERIFY_FILES or files is None:
+    from lowbit.models import files as _files
+
+    if not _files.VERIFY_FILES or files is None:
         return
     path = Path(path)
     if not isinstance(files, dict):

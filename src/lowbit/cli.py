@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "reproducible", False):  # before any matrix product of this process
         processes.thread_invariant_products()
     quiet_transformers()
-    from lowbit import checkpoint
+    from lowbit.models import files as model_files
 
-    verify = checkpoint.VERIFY_FILES
-    checkpoint.VERIFY_FILES = verify and not getattr(args, "no_verify", False)
+    verify = model_files.VERIFY_FILES
+    model_files.VERIFY_FILES = verify and not getattr(args, "no_verify", False)
     clean = False
     try:
         from lowbit.commands._args import check_common_args
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
     finally:
-        checkpoint.VERIFY_FILES = verify
+        model_files.VERIFY_FILES = verify
         processes.finish(clean)
 
 

@@ -204,7 +204,7 @@ def _open_original(spec: str | None):
     """``(source, tokenizer, fingerprint, name, model)``: a builtin or Hugging Face directory
     opened lazily (streamed when the reference is computed, never loaded whole) or, for other
     kinds of model (GGUF, checkpoint), the model loaded in memory."""
-    from lowbit.eval.reference import fingerprint
+    from lowbit.models.files import fingerprint
     from lowbit.models.spec import load_model_lazy
 
     if _streamable(spec):
@@ -254,7 +254,7 @@ def check_original(base_spec: str | None, spec: str, log=None) -> None:
     recorded them is said (the numbers are against the files as they are now)."""
     from lowbit import checkpoint
     from lowbit.errors import LowbitError
-    from lowbit.eval.reference import fingerprint
+    from lowbit.models.files import fingerprint
 
     if not checkpoint.is_checkpoint(spec):
         return

@@ -123,7 +123,7 @@ from lowbit.core.chunks import row_slices
 from lowbit import outputs
 from lowbit.errors import LowbitError
 from lowbit.eval.quality import nonfinite_note
-from lowbit.models.files import all_finite
+from lowbit.models.files import all_finite, fingerprint  # noqa: F401 (re-exported)
 from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits
 from lowbit.eval.streaming import head_logits
 
@@ -364,34 +364,6 @@ def reference_key(model_id: str, windows: Tensor, kind: str, *, k: int = 32, m: 
 
 def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def fingerprint(obj, *, mtimes: bool = True) -> str:
-    """Identity of a model for the cache key: a path (file or directory: names, sizes, mtimes,
-    the first and last MiB of each file) or an ``nn.Module`` held in memory (its tensors' bytes).
-    ``mtimes=False``: the files' contents only (a copy of the model has the same fingerprint)."""
-    h = hashlib.sha256()
-    if isinstance(obj, nn.Module):
-        for name, t in sorted(obj.state_dict(keep_vars=False).items()):
-            if t.is_meta:
-                raise LowbitError(f"cannot fingerprint {type(obj).__name__}: {name} is not in memory")
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return "tensors:" + h.hexdigest()
-    path = Path(obj).expanduser().resolve()
-    if not path.exists():
-        raise LowbitError(f"cannot fingerprint {obj}: no such file or directory")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns if mtimes else ''}|".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if st.st_size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read())
-    return "files:" + h.hexdigest()
 
 
 def hidden_reference_bytes(model: nn.Module, n_windows: int, ctx: int) -> int | None:

@@ -36,7 +36,7 @@ def _h(obj) -> str:
 
 def model_identity(spec: str | None) -> str:
     """What a model spec names, for a key: its files' fingerprint (a builtin: its cached folder's)."""
-    from lowbit.eval.reference import fingerprint
+    from lowbit.models.files import fingerprint
     from lowbit.models import builtin
 
     if spec is None or spec in builtin.BUILTINS:

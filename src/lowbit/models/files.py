@@ -5,6 +5,7 @@ checks the eager loader (``loading``) and the lazy one (``lazy``) share.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lowbit.errors import LowbitError
 
@@ -144,6 +146,11 @@ _CONFIG_INTS = {
     "num_attention_heads": 1024, "num_key_value_heads": 1024, "vocab_size": 1 << 22, "head_dim": 1 << 12,
     "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
 }
+
+
+# Whether loaders check recorded digests (a checkpoint's file sha256s, a lowbit GGUF file's own);
+# `lowbit ... --no-verify` turns it off for the process.
+VERIFY_FILES = True
 
 
 def check_config_values(cfg: dict, where) -> None:
@@ -280,3 +287,31 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     line = text.splitlines()[0]
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+def fingerprint(obj, *, mtimes: bool = True) -> str:
+    """Identity of a model for the cache key: a path (file or directory: names, sizes, mtimes,
+    the first and last MiB of each file) or an ``nn.Module`` held in memory (its tensors' bytes).
+    ``mtimes=False``: the files' contents only (a copy of the model has the same fingerprint)."""
+    h = hashlib.sha256()
+    if isinstance(obj, nn.Module):
+        for name, t in sorted(obj.state_dict(keep_vars=False).items()):
+            if t.is_meta:
+                raise LowbitError(f"cannot fingerprint {type(obj).__name__}: {name} is not in memory")
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return "tensors:" + h.hexdigest()
+    path = Path(obj).expanduser().resolve()
+    if not path.exists():
+        raise LowbitError(f"cannot fingerprint {obj}: no such file or directory")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns if mtimes else ''}|".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return "files:" + h.hexdigest()

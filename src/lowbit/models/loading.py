@@ -147,9 +147,9 @@ def _inspect_gguf(path: str | os.PathLike):
             raise LowbitError(
                 f"truncated GGUF file {path}: tensor {t.name} needs bytes up to {end} but the file has {size}"
             )
-    from lowbit import checkpoint
+    from lowbit.models import files
 
-    if checkpoint.VERIFY_FILES:
+    if files.VERIFY_FILES:
         verify_digest(path, layout)
     arch = layout.kv.get("general.architecture")
     if not isinstance(arch, str):
