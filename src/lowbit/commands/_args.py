@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 
 from lowbit.errors import LowbitError
 

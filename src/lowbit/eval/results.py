@@ -6,7 +6,7 @@ A results file is JSON Lines: a header line, then one line per finished row::
     {"key": "<hash>", "row": {"variant": "q4", "ppl": 39.1, "kl": 0.081, ...}}
 
 A row's key hashes everything its numbers depend on: the original model's and the variant's
-files (`lowbit.eval.reference.fingerprint`: names, sizes, modification times, samples of the
+files (`lowbit.models.files.fingerprint`: names, sizes, modification times, samples of the
 bytes), the evaluation text, the perplexity protocol, how the original is compared (``exact``
 for the memory and hidden references, which give the same numbers, or topk with its settings),
 the latency settings, the device and the lowbit version.  A run that finds a row with its key
