@@ -77,3 +77,20 @@ def test_the_kernel_equals_the_reference():
     b = torch.randn(64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(kernels.linear(x, fmt, b), reference.linear(x, fmt, b), rtol=1e-5, atol=1e-5)
     assert kernels.find("e8p").linear is not None
+
+
+def test_command_line(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.models.tiny import save_tiny
+
+    src = save_tiny(tmp_path / "tiny", "llama", seed=3)
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "--method", "quip", "--samples", "4", "--seq-len", "32", "-o", str(out)]) == 0
+    import re
+
+    assert re.search(r"done in .* 2\.00\d bits/weight", capsys.readouterr().err)  # + 32 bits of scale per layer
+    assert main(["quantize", str(src), "--method", "quip", "--bits", "3", "-o", str(tmp_path / "q3")]) == 2
+    assert "has its own number format" in capsys.readouterr().err
+    assert main(["eval", str(out), "--max-tokens", "256", "--ctx", "64", "--no-latency"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[0] == "q" and row[1].startswith("2.00")
