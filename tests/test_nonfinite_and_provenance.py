@@ -185,6 +185,14 @@ def test_a_damaged_gguf_file_lowbit_wrote_is_an_error(made, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(LowbitError, match="bad.gguf is corrupt: its bytes differ from the digest"):
         api.load(str(bad))
+    # the digest key's own name damaged: the separate version key says a digest was written
+    named = bytearray(f.read_bytes())
+    at = bytes(named).index(DIGEST_KEY.encode())
+    named[at:at + 9] = bytes(9)
+    unnamed = tmp_path / "unnamed.gguf"
+    unnamed.write_bytes(bytes(named))
+    with pytest.raises(LowbitError, match="unnamed.gguf is corrupt: lowbit wrote it with a digest"):
+        api.load(str(unnamed))
     model_files.VERIFY_FILES = False
     try:
         got = api.load(str(bad)).model  # --no-verify: loaded as it is

@@ -76,7 +76,8 @@ import torch
 
 from lowbit import outputs
 from lowbit.errors import LowbitError
-from lowbit.models.gguf_check import DIGEST_KEY, PLACEHOLDER, stamp_digest
+from lowbit.version import __version__
+from lowbit.models.gguf_check import DIGEST_KEY, PLACEHOLDER, VERSION_KEY, stamp_digest
 from lowbit.export import gguf_quants
 from lowbit.models.families import FAMILIES, Family, family_of
 
@@ -610,6 +611,7 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         w.add_name(name or getattr(m, "name", None) or "model")
         w.add_file_type(FILE_TYPES.get(qtype, 1))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_string(VERSION_KEY, __version__)  # says the file carries DIGEST_KEY (models.gguf_check)
         for k, (v, vt) in architecture_metadata(cfg, fam).items():
             _add_kv(w, k, v, vt)
         for k, (v, vt) in tok_md.items():

@@ -255,6 +255,9 @@ def check_hyperparameters(layout: GGUFLayout, path) -> None:
 # the key ignore it (llama.cpp does); lowbit checks it on load (off with --no-verify).
 DIGEST_KEY = "lowbit.file_sha256"
 PLACEHOLDER = b"0" * 64
+# written apart from the digest (with the general.* keys): a file holding it was written with a
+# digest, so damage to the digest key's own name cannot turn the check off unnoticed
+VERSION_KEY = "lowbit.version"
 
 
 def _digest_marker() -> bytes:
@@ -305,9 +308,12 @@ def stamp_digest(path: str | os.PathLike) -> str:
 def verify_digest(path: str | os.PathLike, layout: GGUFLayout) -> None:
     """A GGUF file that carries ``DIGEST_KEY`` matches it (a damaged byte anywhere is an error)."""
     want = layout.kv.get(DIGEST_KEY)
-    if want is None:
-        return  # not written by lowbit: nothing to check against
     path = Path(path)
+    if want is None and VERSION_KEY in layout.kv:
+        raise LowbitError(f"{path} is corrupt: lowbit wrote it with a digest ({DIGEST_KEY}) that is no longer there "
+                          "(re-export it, or --no-verify to load it anyway)")
+    if want is None:
+        return  # not written by lowbit (or before lowbit kept digests): nothing to check against
     at = _digest_offset(path, layout.data_start)
     if not isinstance(want, str) or at is None or _file_sha256(path, at) != want:
         raise LowbitError(f"{path} is corrupt: its bytes differ from the digest recorded when lowbit wrote it "
