@@ -99,20 +99,29 @@ def checkpoint_digest(path: Path) -> str:
 THREADS = 2
 
 
-def build(family: str, case, out: Path) -> str:
-    _, method, scheme, kw, storage = case
+def golden_model(family: str) -> api.Model:
+    """The model a golden case quantizes: SmolLM2, or the tiny model of ``family`` (seed 3)."""
     if family == "smollm2":
-        m = api.load()
-    else:
-        t = tiny_model(family, seed=3)
-        m = api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
+        return api.load()
+    t = tiny_model(family, seed=3)
+    return api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
+
+
+def quantize_as_recorded(m: api.Model, method: str, scheme, **kw) -> dict:
+    """``api.quantize`` as the digests were recorded: seed 0, THREADS threads (put back after)."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        api.quantize(m, method, scheme, progress=False, **kw)
+        return api.quantize(m, method, scheme, progress=False, **kw)
     finally:
         torch.set_num_threads(threads)
+
+
+def build(family: str, case, out: Path) -> str:
+    _, method, scheme, kw, storage = case
+    m = golden_model(family)
+    quantize_as_recorded(m, method, scheme, **kw)
     if storage is not None:
         from lowbit.algorithms.sparse_storage import store
 

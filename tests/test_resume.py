@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lowbit import api
 from lowbit.calibration import sequential
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.models.tiny import save_tiny, tiny_model
-from tests.test_golden import CASES, THREADS, _golden, checkpoint_digest
+from lowbit.models.tiny import save_tiny
+from tests.test_golden import CASES, _golden, checkpoint_digest, golden_model, quantize_as_recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATED = [c for c in CASES if "n_samples" in c[3]]
@@ -45,19 +44,9 @@ def _crash_in_block(monkeypatch, block: int) -> None:
 def _quantize(family, case, out: Path, state: Path, *, resume=None, stream_src: Path | None = None) -> api.Model:
     _, method, scheme, kw, storage = case
     assert storage is None
-    if stream_src is not None:
-        m = api.load(str(stream_src), stream=True)
-    else:
-        t = tiny_model(family, seed=3)
-        m = api.Model(model=t.model, tokenizer=t.tokenizer, name=t.name, source=t.source)
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        api.quantize(m, method, scheme, progress=False, resume_dir=str(state), resume=resume, checkpoint_every=0,
-                     output=str(out) if stream_src is not None else None, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    m = api.load(str(stream_src), stream=True) if stream_src is not None else golden_model(family)
+    quantize_as_recorded(m, method, scheme, resume_dir=str(state), resume=resume, checkpoint_every=0,
+                         output=str(out) if stream_src is not None else None, **kw)
     if stream_src is None:
         api.save(m, str(out))
     return m

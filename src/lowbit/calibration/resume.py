@@ -31,11 +31,11 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowbit import outputs
 from lowbit.errors import LowbitError
 
 STATE = "state.json"
@@ -43,20 +43,8 @@ FORMAT = 1
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with outputs.atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _describe_difference(old: dict, new: dict) -> str:
@@ -77,7 +65,7 @@ def check_asked(folder: str | os.PathLike, resume: bool | None, what: str) -> No
     """Before any work: a folder holding an interrupted run's finished blocks needs ``--resume``
     or ``--no-resume`` (the one-line error says so); nothing to decide otherwise."""
     if resume is None:
-        st = RunState(folder, {}).found()
+        st = RunState(folder, {})._read_state()
         if st is not None and st["done"] > 0:
             raise _unasked(st, Path(folder), what)
 
@@ -100,7 +88,6 @@ class RunState:
         self.records: dict = {}
         self._last_save = time.monotonic()
         self._x: str | None = None
-        self.saved_blocks = 0
 
     # -- start ------------------------------------------------------------------------------------
     def _read_state(self) -> dict | None:
@@ -114,10 +101,6 @@ class RunState:
         except (OSError, ValueError) as e:
             raise LowbitError(f"{p} is corrupt ({str(e)[:80]}); --no-resume discards it") from None
         return st
-
-    def found(self) -> dict | None:
-        """The interrupted run's state record, if the folder holds one."""
-        return self._read_state()
 
     def prepare(self, resume: bool | None, what: str) -> int:
         """Decide what to do with an earlier run's state; return the number of finished blocks
@@ -178,14 +161,11 @@ class RunState:
         from lowbit.checkpoint import _unique_state_dict, quantized_modules
 
         metas = {n: m.meta() for n, m in quantized_modules(block).items()}
-        tensors = {k: t for k, t in _unique_state_dict(block).items()}
-        _atomic_save(tensors, self.block_path(i), {"modules": json.dumps(metas, default=str)})
-        self.saved_blocks += 1
+        _atomic_save(_unique_state_dict(block), self.block_path(i), {"modules": json.dumps(metas, default=str)})
 
-    def restore_block(self, i: int, block: nn.Module, where: str) -> dict[str, torch.Tensor]:
+    def restore_block(self, i: int, block: nn.Module, where: str) -> None:
         """Block ``i`` as it was finished: its quantized modules built from the file and put in
-        ``block``; returns every tensor of the file (the block's state, named as in
-        ``block.state_dict()``), for the caller to install or write."""
+        ``block``, its other tensors (norms) assigned."""
         from safetensors import safe_open
 
         from lowbit.checkpoint import _install
@@ -195,10 +175,9 @@ class RunState:
         try:
             with safe_open(str(path), "pt") as f:
                 metas = json.loads((f.metadata() or {}).get("modules", "{}"))
-            tensors = load_file(str(path))
+                left = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, SafetensorError, ValueError) as e:
             raise LowbitError(f"{path} is corrupt ({str(e)[:80]}); --no-resume starts over") from None
-        left = dict(tensors)
         for name, meta in metas.items():
             own = {k[len(name) + 1:]: left.pop(k) for k in list(left) if k.startswith(name + ".")}
             bias = own.pop("bias", None)
@@ -208,7 +187,6 @@ class RunState:
                 raise LowbitError(f"{path}: module {name} cannot be rebuilt ({e}); --no-resume starts over") from None
             _install(block, name, qmod, where)
         block.load_state_dict(left, strict=False, assign=True)
-        return tensors
 
     # -- hidden states ----------------------------------------------------------------------------
     def due(self) -> bool:
@@ -236,7 +214,8 @@ class RunState:
             records = {a: getattr(method, a) for a in method.layer_records}
             st = {"format": FORMAT, "done": done, "x": name, "batches": {str(r): c for r, c in enumerate(counts)},
                   "key": self.key, "records": records}
-            _atomic_text(json.dumps(st, default=float) + "\n", self.folder / STATE)
+            with outputs.atomic_file(self.folder / STATE) as tmp:
+                tmp.write_text(json.dumps(st, default=float) + "\n")
             for old in self.folder.glob("x-*"):
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)

@@ -26,9 +26,8 @@ def results_file(path: str, fresh: bool = False):
     from lowbit.eval.results import ResultsFile
 
     outputs.check_file(path)
-    ResultsFile(path)  # an existing file that is not a results file: refused before any work
     with outputs.lock(path):
-        yield ResultsFile(path, fresh=fresh)
+        yield ResultsFile(path, fresh=fresh)  # an existing file that is not a results file: refused here
 
 
 #--------------------------------------------------------------------------

@@ -147,10 +147,11 @@ def fwht(x: Tensor) -> Tensor:
     return y.reshape(*lead, n)
 
 
-def fast_hadamard(x: Tensor, normalize: bool = True) -> Tensor:
-    """``x @ H_n^T`` along the last dimension (``/ sqrt(n)`` with ``normalize``, making it
-    orthonormal), with ``H_n = H_b (x) H_{2^r}``: the butterfly over the ``2^r`` axis, a dense
-    ``b x b`` product over the other. Never the dense ``n x n`` matrix."""
+def fast_hadamard(x: Tensor, normalize: bool = True, transpose: bool = False) -> Tensor:
+    """``x @ H_n^T`` along the last dimension (``x @ H_n`` with ``transpose``; ``/ sqrt(n)`` with
+    ``normalize``, making it orthonormal), with ``H_n = H_b (x) H_{2^r}``: the butterfly over the
+    ``2^r`` axis (Sylvester's matrix is symmetric), a dense ``b x b`` product over the other.
+    Never the dense ``n x n`` matrix."""
     n = x.shape[-1]
     f = hadamard_factors(n)
     if f is None:
@@ -161,7 +162,7 @@ def fast_hadamard(x: Tensor, normalize: bool = True) -> Tensor:
         y = fwht(y)
     if b > 1:
         Hb = _base_matrix(b).to(dtype=x.dtype, device=x.device)
-        y = torch.matmul(Hb, y)  # [b, b] @ [..., b, p]: row i of the output is sum_j H[i, j] y_j
+        y = torch.matmul(Hb.T if transpose else Hb, y)  # [b, b] @ [..., b, p]: row i is sum_j H[i, j] y_j
     y = y.reshape(x.shape)
     return y / math.sqrt(n) if normalize else y
 
@@ -203,15 +204,8 @@ class Transform:
         """``x @ T`` (the inverse: ``T^T`` applied to each row vector)."""
         if x.shape[-1] != self.n:
             raise LowbitError(f"the transform is of size {self.n}, the input's last dimension {x.shape[-1]}")
-        if self.kind == "hadamard":
-            # T^T = D H^T / sqrt(n) and H^T = H_b^T (x) H_2^r: the butterfly, then the base transposed
-            b, p = hadamard_factors(self.n)
-            y = x.reshape(*x.shape[:-1], b, p)
-            if p > 1:
-                y = fwht(y)
-            if b > 1:
-                y = torch.matmul(_base_matrix(b).T.to(dtype=x.dtype, device=x.device), y)
-            return y.reshape(x.shape) / math.sqrt(self.n) * self.signs().to(x.device, x.dtype)
+        if self.kind == "hadamard":  # T^T = D H^T / sqrt(n)
+            return fast_hadamard(x, transpose=True) * self.signs().to(x.device, x.dtype)
         M = matrix if matrix is not None else self.matrix()
         return x @ M.to(x.device, x.dtype)
 

@@ -228,48 +228,48 @@ def _skeleton_bytes(model) -> int:
 _SAME = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
 
 
-def _folder_of(spec: str | None) -> Path:
-    from lowbit.models import builtin
-
-    if spec is None or spec in builtin.BUILTINS:
-        return builtin.cache_path(spec or builtin.DEFAULT_MODEL)
-    return Path(spec).expanduser()
-
-
 def _config_of(spec: str | None) -> dict | None:
     """config.json of a builtin, a Hugging Face directory or a checkpoint; None for others."""
     import json
 
-    folder = _folder_of(spec)
+    from lowbit.models.spec import spec_path
+
     try:
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = json.loads((spec_path(spec) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     return cfg if isinstance(cfg, dict) else None
 
 
-def check_original(base_spec: str | None, spec: str, log=None) -> None:
-    """A checkpoint is compared with the model it was made from: one of another shape is an
-    error (the numbers would mean nothing); an original whose files changed since the checkpoint
-    recorded them is said (the numbers are against the files as they are now)."""
+def check_original(base_spec: str | None, specs: list[str], log=None) -> None:
+    """Checkpoints are compared with the model they were made from: one of another shape is an
+    error (the numbers would mean nothing); an original whose files changed since a checkpoint
+    recorded them is said (the numbers are against the files as they are now). The original's
+    config and fingerprint are read once for all of ``specs``."""
     from lowbit import checkpoint
     from lowbit.errors import LowbitError
     from lowbit.models.files import fingerprint
+    from lowbit.models.spec import spec_path
 
-    if not checkpoint.is_checkpoint(spec):
-        return
-    base, own = _config_of(base_spec), _config_of(spec)
-    if base is not None and own is not None:
-        for k in _SAME:
-            if k in base and k in own and base[k] != own[k]:
-                raise LowbitError(f"{spec} was made from a model with {k} {own[k]}, but the original it is compared "
-                                  f"with ({base_spec or 'the default model'}) has {base[k]}; give its original "
-                                  "with --baseline")
-    recorded = (checkpoint.read_record(spec).get("base_model") or {}).get("fingerprint")
-    where = _folder_of(base_spec)
-    if recorded and where.exists() and fingerprint(where, mtimes=False) != recorded and log is not None:
-        log(f"note: {where} is not the original {spec} was made from, or it has changed since (its files differ "
-            "from those recorded then); the comparison is with the files as they are now")
+    where = spec_path(base_spec)
+    base, now = _config_of(base_spec), None
+    for spec in specs:
+        if not checkpoint.is_checkpoint(spec):
+            continue
+        own = _config_of(spec)
+        if base is not None and own is not None:
+            for k in _SAME:
+                if k in base and k in own and base[k] != own[k]:
+                    raise LowbitError(f"{spec} was made from a model with {k} {own[k]}, but the original it is "
+                                      f"compared with ({base_spec or 'the default model'}) has {base[k]}; give its "
+                                      "original with --baseline")
+        recorded = (checkpoint.read_record(spec).get("base_model") or {}).get("fingerprint")
+        if not recorded or not where.exists() or log is None:
+            continue
+        now = now or fingerprint(where, mtimes=False)
+        if now != recorded:
+            log(f"note: {where} is not the original {spec} was made from, or it has changed since (its files "
+                "differ from those recorded then); the comparison is with the files as they are now")
 
 
 class _Rows:
@@ -321,8 +321,7 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
     from lowbit.eval.quality import protocol_windows
     from lowbit.eval.reference import build_reference, cached_reference, reference_key, score_against_reference
 
-    for spec in specs:
-        check_original(base_spec, spec, log)
+    check_original(base_spec, specs, log)
     kind = choose_reference(base_spec, specs, settings)
     out = _Rows(base_spec, specs, settings, kind, results, log)
     if not any(out.todo(i) for i in range(len(out.rows))):

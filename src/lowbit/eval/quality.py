@@ -354,7 +354,6 @@ def nonfinite_note(model: nn.Module | None, x: torch.Tensor, w: int) -> str:
     return f"window {w} {where_nonfinite(model, x)}"
 
 
-
 def perplexity(
     model: nn.Module,
     tokens,

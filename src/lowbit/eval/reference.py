@@ -122,9 +122,8 @@ from torch import Tensor, nn
 from lowbit.core.chunks import row_slices
 from lowbit import outputs
 from lowbit.errors import LowbitError
-from lowbit.eval.quality import nonfinite_note
+from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits, nonfinite_note
 from lowbit.models.files import all_finite, fingerprint  # noqa: F401 (re-exported)
-from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits
 from lowbit.eval.streaming import head_logits
 
 __all__ = ["KINDS", "Reference", "build_reference", "cached_reference", "default_cache_dir", "fingerprint",

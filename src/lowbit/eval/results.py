@@ -36,14 +36,13 @@ def _h(obj) -> str:
 
 def model_identity(spec: str | None) -> str:
     """What a model spec names, for a key: its files' fingerprint (a builtin: its cached folder's)."""
-    from lowbit.models.files import fingerprint
     from lowbit.models import builtin
+    from lowbit.models.files import fingerprint
+    from lowbit.models.spec import spec_path
 
+    p = spec_path(spec)
     if spec is None or spec in builtin.BUILTINS:
-        name = spec or builtin.DEFAULT_MODEL
-        path = builtin.cache_path(name)
-        return f"builtin:{name}:" + (fingerprint(path) if path.exists() else "")
-    p = Path(spec).expanduser()
+        return f"builtin:{spec or builtin.DEFAULT_MODEL}:" + (fingerprint(p) if p.exists() else "")
     return fingerprint(p) if p.exists() else f"spec:{spec}"
 
 

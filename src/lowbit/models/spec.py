@@ -67,18 +67,23 @@ def load_model_lazy(spec: str | os.PathLike | None = None):
     return open_lazy(path)
 
 
+def spec_path(spec: str | os.PathLike | None) -> Path:
+    """Where a model spec's files are: a builtin's cache folder (which may not exist yet), or the
+    path given."""
+    if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
+        return builtin.cache_path(spec or builtin.DEFAULT_MODEL)
+    return Path(spec).expanduser()
+
+
 def weights_on_disk(spec: str | os.PathLike | None) -> tuple[int, torch.dtype] | None:
     """(bytes, dtype) of the floating weights of a builtin or HF directory, from the safetensors
     headers alone; None for anything else (GGUF, missing paths: load_model reports those)."""
+    path = spec_path(spec)
     if spec is None or (isinstance(spec, str) and spec in builtin.BUILTINS):
-        name = spec or builtin.DEFAULT_MODEL
-        if not builtin.is_cached(name):
+        if not builtin.is_cached(spec or builtin.DEFAULT_MODEL):
             return None
-        path = builtin.cache_path(name)
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_dir() or is_lowbit_checkpoint(path):
-            return None
+    elif not path.is_dir() or is_lowbit_checkpoint(path):
+        return None
     try:
         return files_dtype(path)
     except LowbitError:
