@@ -39,8 +39,12 @@ def test_format_round_trip_and_validation():
     again = WeightFormat.from_state_dict(fmt.tensors(), fmt.meta())
     assert isinstance(again, E8PWeight) and torch.equal(again.dequantize(), fmt.dequantize())
     assert fmt.meta()["seed"] == layer_seed(3, "model.layers.0.mlp.up_proj")
-    with pytest.raises(LowbitError, match="Hadamard-factorisable"):
+    with pytest.raises(LowbitError, match="lacks tensor 'u_dense'"):  # 21 has no Hadamard factorisation
         E8PWeight.from_codes(torch.zeros(21, 8, dtype=torch.int64), 1.0, (21, 64), 0)
+    with pytest.raises(LowbitError, match="residual"):
+        E8PWeight.from_codes(torch.zeros(32, 8, dtype=torch.int64), [1.0, 0.1], (32, 64), 0, bits=3)
+    with pytest.raises(LowbitError, match="bits must be one of"):
+        E8PWeight.from_codes(torch.zeros(32, 8, dtype=torch.int64), 1.0, (32, 64), 0, bits=5)
     with pytest.raises(LowbitError, match="multiple of 8"):
         quip_quantize(torch.zeros(32, 60), torch.eye(60), QuIPConfig(), 0)
     bad = fmt.tensors()

@@ -25,8 +25,9 @@ stored with the weights (``Transform.kind == "orthogonal"``) and costs a dense p
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -169,45 +170,67 @@ def fast_hadamard(x: Tensor, normalize: bool = True, transpose: bool = False) ->
 
 @dataclass(frozen=True)
 class Transform:
-    """An orthogonal ``T [n, n]``: ``H_n D / sqrt(n)`` (kind "hadamard", rebuilt from ``seed``), or
-    a random orthogonal matrix (kind "orthogonal", also from ``seed``; stored with the weights
-    since rebuilding it costs a QR of n x n)."""
+    """An orthogonal ``T = M D`` [n, n]: ``M`` is ``H_n / sqrt(n)`` (kind "hadamard") or a random
+    orthogonal matrix (kind "orthogonal", a QR of a Gaussian from ``seed``; stored with the weights
+    as ``dense`` since rebuilding it costs an n x n QR), and ``D`` a diagonal: the random signs
+    from ``seed`` for the Hadamard kind, the identity for the orthogonal kind, unless ``diag``
+    gives it (QuIP#'s fine-tuning makes the signs continuous; ``T`` is then no longer exactly
+    orthogonal, and the inverse below applies its transpose)."""
 
     n: int
     seed: int
     kind: str
+    diag: Tensor | None = field(default=None, compare=False, repr=False)    # [n] replaces D
+    dense: Tensor | None = field(default=None, compare=False, repr=False)   # [n, n] the stored M (orthogonal)
 
     def signs(self) -> Tensor:
+        """The random signs the seed gives (``D`` of the Hadamard kind unless ``diag`` replaces it)."""
         g = torch.Generator().manual_seed(int(self.seed))
         return torch.randint(0, 2, (self.n,), generator=g, dtype=torch.int64).mul(2).sub(1).to(torch.float32)
 
-    def matrix(self) -> Tensor:
-        """``T`` dense, float32 (for tests, and the orthogonal kind's stored form)."""
+    def diagonal(self) -> Tensor | None:
+        """``D`` [n] float32, or None for the identity."""
+        if self.diag is not None:
+            return self.diag.to(torch.float32)
+        return self.signs() if self.kind == "hadamard" else None
+
+    def base(self) -> Tensor:
+        """``M`` dense, float32: the stored matrix, or the one the seed gives."""
         if self.kind == "hadamard":
-            return hadamard_matrix(self.n).to(torch.float32) * self.signs()[None, :] / math.sqrt(self.n)
+            return hadamard_matrix(self.n).to(torch.float32) / math.sqrt(self.n)
+        if self.dense is not None:
+            return self.dense.to(torch.float32)
         g = torch.Generator().manual_seed(int(self.seed))
         A = torch.randn(self.n, self.n, generator=g, dtype=torch.float64)
         Q, R = torch.linalg.qr(A)
         return (Q * torch.sign(torch.diagonal(R))[None, :]).to(torch.float32)  # Haar-distributed
 
-    def apply(self, x: Tensor, matrix: Tensor | None = None) -> Tensor:
-        """``x @ T^T`` along the last dimension (``T`` applied to each row vector of ``x``).
-        ``matrix``: the stored dense form of an orthogonal transform."""
-        if x.shape[-1] != self.n:
-            raise LowbitError(f"the transform is of size {self.n}, the input's last dimension {x.shape[-1]}")
-        if self.kind == "hadamard":
-            return fast_hadamard(x * self.signs().to(x.device, x.dtype))
-        M = matrix if matrix is not None else self.matrix()
-        return x @ M.to(x.device, x.dtype).T
+    def matrix(self) -> Tensor:
+        """``T`` dense, float32 (for tests and references)."""
+        d = self.diagonal()
+        M = self.base()
+        return M if d is None else M * d[None, :]
 
-    def apply_t(self, x: Tensor, matrix: Tensor | None = None) -> Tensor:
-        """``x @ T`` (the inverse: ``T^T`` applied to each row vector)."""
+    def _check(self, x: Tensor) -> None:
         if x.shape[-1] != self.n:
             raise LowbitError(f"the transform is of size {self.n}, the input's last dimension {x.shape[-1]}")
-        if self.kind == "hadamard":  # T^T = D H^T / sqrt(n)
-            return fast_hadamard(x, transpose=True) * self.signs().to(x.device, x.dtype)
-        M = matrix if matrix is not None else self.matrix()
-        return x @ M.to(x.device, x.dtype)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x @ T^T`` along the last dimension (``T`` applied to each row vector of ``x``)."""
+        self._check(x)
+        d = self.diagonal()
+        if d is not None:
+            x = x * d.to(x.device, x.dtype)
+        if self.kind == "hadamard":
+            return fast_hadamard(x)
+        return x @ self.base().to(x.device, x.dtype).T
+
+    def apply_t(self, x: Tensor) -> Tensor:
+        """``x @ T`` (``T^T`` applied to each row vector: the inverse while ``D`` is signs)."""
+        self._check(x)
+        y = fast_hadamard(x, transpose=True) if self.kind == "hadamard" else x @ self.base().to(x.device, x.dtype)
+        d = self.diagonal()
+        return y if d is None else y * d.to(x.device, x.dtype)
 
 
 def transform_for(n: int, seed: int) -> Transform:
@@ -223,8 +246,12 @@ class Incoherence:
     V: Transform
 
     @classmethod
-    def for_shape(cls, out_features: int, in_features: int, seed: int) -> "Incoherence":
-        return cls(U=transform_for(out_features, 2 * seed), V=transform_for(in_features, 2 * seed + 1))
+    def for_shape(cls, out_features: int, in_features: int, seed: int, *, su: Tensor | None = None,
+                  sv: Tensor | None = None, u_dense: Tensor | None = None, v_dense: Tensor | None = None) -> "Incoherence":
+        """The transforms of a layer [out, in] from its seed; ``su``/``sv`` replace their diagonals
+        and ``u_dense``/``v_dense`` are the stored matrices of the orthogonal kind."""
+        U, V = transform_for(out_features, 2 * seed), transform_for(in_features, 2 * seed + 1)
+        return cls(U=dataclasses.replace(U, diag=su, dense=u_dense), V=dataclasses.replace(V, diag=sv, dense=v_dense))
 
     def weight(self, W: Tensor) -> Tensor:
         """``U W V^T``."""
