@@ -33,6 +33,35 @@ def test_two_bits_beat_gptq_w2_g64():
     assert info["error"] == pytest.approx(float(((D @ H.double()) * D).sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("bits,gptq_bits,group", [(3, 3, 64), (4, 4, 128)])
+def test_residual_stage_beats_gptq_at_fewer_bits(bits, gptq_bits, group):
+    W, H = _problem()
+    fmt, info = quip_quantize(W, H, QuIPConfig(bits=bits), seed=5)
+    assert fmt.bits_per_weight == pytest.approx(bits, abs=0.01) and fmt.residual is not None
+    two, info2 = quip_quantize(W, H, QuIPConfig(bits=2), seed=5)
+    assert info["error"] < 0.5 * info2["error"]
+    g, ginfo = gptq_quantize(W, H, GPTQConfig(scheme=QuantScheme(bits=gptq_bits, group_size=group)))
+    assert g.bits_per_weight > fmt.bits_per_weight and info["error"] < ginfo["error"]
+    D = (W.double() - fmt.dequantize().double())
+    assert info["error"] == pytest.approx(float(((D @ H.double()) * D).sum()), rel=1e-4)
+    again = WeightFormat.from_state_dict(fmt.tensors(), fmt.meta())
+    assert torch.equal(again.dequantize(), fmt.dequantize()) and again.bits == bits
+
+
+def test_a_width_without_hadamard_factorisation_stores_its_orthogonal_matrix():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(21, 64, generator=g)  # 21: no Hadamard matrix of that order is built
+    X = torch.randn(512, 64, generator=g)
+    fmt, info = quip_quantize(W, X.T @ X / 512, QuIPConfig(), seed=3)
+    assert info["orthogonal"] == ["u"] and fmt.u_dense.shape == (21, 21) and fmt.v_dense is None
+    U = fmt.u_dense.double()
+    torch.testing.assert_close(U @ U.T, torch.eye(21, dtype=torch.float64), atol=1e-5, rtol=0)
+    again = WeightFormat.from_state_dict(fmt.tensors(), fmt.meta())
+    assert torch.equal(again.dequantize(), fmt.dequantize())
+    rel = float((fmt.dequantize() - W).norm() / W.norm())
+    assert rel < 0.5
+
+
 def test_format_round_trip_and_validation():
     W, H = _problem(out=32, n=64)
     fmt, _ = quip_quantize(W, H, QuIPConfig(), seed=layer_seed(3, "model.layers.0.mlp.up_proj"))
@@ -93,7 +122,12 @@ def test_command_line(tmp_path, capsys):
     import re
 
     assert re.search(r"done in .* 2\.00\d bits/weight", capsys.readouterr().err)  # + 32 bits of scale per layer
-    assert main(["quantize", str(src), "--method", "quip", "--bits", "3", "-o", str(tmp_path / "q3")]) == 2
+    assert main(["quantize", str(src), "--method", "quip", "--bits", "3", "--samples", "4", "--seq-len", "32",
+                 "-o", str(tmp_path / "q3")]) == 0
+    assert re.search(r"done in .* 3\.0\d\d bits/weight", capsys.readouterr().err)
+    assert main(["quantize", str(src), "--method", "quip", "--bits", "5", "-o", str(tmp_path / "q5")]) == 2
+    assert "QuIP# bits must be one of 2, 3, 4" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--method", "quip", "--group-size", "64", "-o", str(tmp_path / "qg")]) == 2
     assert "has its own number format" in capsys.readouterr().err
     assert main(["eval", str(out), "--max-tokens", "256", "--ctx", "64", "--no-latency"]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split()

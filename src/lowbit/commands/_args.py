@@ -203,10 +203,10 @@ def scheme_from_flags(args, method_cls):
     given = [args.bits is not None, args.group_size is not None, args.per_channel, args.per_tensor, args.asym,
              args.float_zero, args.sym, args.restricted]
     if "scheme" not in fields:
-        if any(given):
-            raise LowbitError(f"method {method_cls.name} has its own number format; it takes no --bits/--group-size/"
-                              "--asym/... flags")
-        return None
+        if any(given[1:]) or (given[0] and "bits" not in fields):
+            raise LowbitError(f"method {method_cls.name} has its own number format; it takes no "
+                              f"{'' if 'bits' in fields else '--bits/'}--group-size/--asym/... flags")
+        return None  # --bits, where the method has its own `bits` setting, is an option (options_from_flags)
     if sum([args.asym, args.float_zero, args.sym]) > 1:
         raise LowbitError("--asym, --float-zero and --sym are mutually exclusive")
     if sum([args.per_channel, args.per_tensor, args.group_size is not None and args.group_size != -1]) > 1:
@@ -236,9 +236,12 @@ def options_from_flags(args, method_cls) -> dict:
     """--option KEY=VALUE pairs, converted to the type of the method's config field."""
     import dataclasses
 
-    fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls) if f.name != "scheme"}
+    all_fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls)}
+    fields = {n: f for n, f in all_fields.items() if n != "scheme"}
     out = {}
     observer = getattr(args, "observer", None)
+    if getattr(args, "bits", None) is not None and "bits" in fields and "scheme" not in all_fields:
+        out["bits"] = args.bits  # a method with its own number format and a `bits` setting (QuIP#, AQLM)
     for item in list(args.option) + ([f"observer={observer}"] if observer else []):
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
