@@ -138,8 +138,9 @@ def library(name: str, functions: dict | None = None) -> NativeLibrary | None:
 # -- the C view of a weight ------------------------------------------------------------------------
 # A kernel's C entry reads a weight through a ctypes struct of pointers into its tensors. It is
 # built once per stored tensor set and cached: a QuantizedLinear hands the kernel a new format
-# object whenever its buffers change, but over the same tensors. The entry is keyed by
-# id(qweight), dropped when qweight is freed, and only used while every tensor it points into
+# object whenever its buffers change, but over the same tensors. The entry is keyed by the id of
+# the format's first stored tensor (qweight, codes, ...), dropped when that tensor is freed, and
+# only used while every tensor it points into
 # is still the one it was built from and the non-tensor fields the builder reads (``key``) are
 # unchanged. It holds the tensors by weak reference only: the cache must never keep a weight
 # alive (a model streamed block by block would otherwise keep every block it ran).
@@ -158,7 +159,7 @@ def _weak(t):
 def cached_struct(w, build, key):
     """``build(w)`` (a ctypes struct, or None when the C code cannot read ``w`` in place), cached
     per stored tensors of ``w`` and ``key``. Keep the returned struct referenced while calling C."""
-    q = w.qweight
+    q = getattr(w, type(w).tensor_names[0])
     k = id(q)
     e = _STRUCTS.get(k)
     tensors = [getattr(w, n, None) for n in type(w).tensor_names]

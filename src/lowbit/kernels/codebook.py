@@ -1,21 +1,157 @@
-"""Kernels of the codebook formats.
+"""Kernels of the codebook formats (``csrc/codebook.c``, one native library for all of them).
 
-E8P (QuIP#): ``y = U^T (W~ (V x))``: the activation is transformed once by the layer's input
-Hadamard transform (``O(in log in)`` per token), multiplied by the decoded transformed weight, and
-the product transformed back on the output side; the dense weight in the original basis is never
-formed. The decoded ``W~`` is float (a C kernel that decodes codes into registers is still to
-come); the result equals the reference (dequantize, then F.linear) up to float rounding.
+E8P (QuIP#): ``y = U^T (W~ (V x)) + b``. The activation is transformed once by the layer's input
+transform (``O(in log in)`` per token), multiplied by the transformed weight ``W~`` and the
+product transformed back on the output side; the dense weight in the original basis is never
+formed.
+
+* CPU, float32 activations, up to ``FUSED_MAX_ROWS`` rows: the C kernel decodes ``W~`` from its
+  codes into registers (a table load of the absolute pattern, an XOR with a sign mask, one FMA
+  per activation row; the +-1/4 shifts are folded into per-8-vector sums of the transformed
+  activation), the transforms run in C as well. It is also the C entry the native decode step
+  calls for E8P layers.
+* More rows (prefill): ``W~`` is decoded once in C and multiplied by torch's GEMM.
+* Other devices and dtypes: the torch row below (the transforms in torch, ``W~`` decoded in
+  torch); anything the C code does not take falls back to the reference.
 """
 
 from __future__ import annotations
 
+import ctypes
+
+import torch
 from torch import Tensor
 
-from lowbit.kernels import register_kernel
+from lowbit.core import e8p
+from lowbit.core.hadamard import hadamard_factors, hadamard_matrix
+from lowbit.kernels import _native, register_kernel
+from lowbit.kernels.cpu import _bias_ptr, _prepare_x
+
+FUSED_MAX_ROWS = 32  # activation rows up to which the fused kernel runs (above: decode W~ once + GEMM)
+
+_vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_W_ENTRY = [_vp, _vp, _i64, _vp, _vp, _i32]  # (weight struct, x, rows, bias, y, threads)
+_FUNCTIONS = {
+    "lb_e8p_linear_w": (_W_ENTRY, _i32),
+    "lb_e8p_decode_w": ([_vp, _vp, _i32], _i32),
+    "lb_codebook_set_min_parallel_bytes": ([_i64], None),
+}
+
+
+def library():
+    """The loaded ``_c_codebook`` `lowbit.kernels._native.NativeLibrary`, or None (not built, or
+    ``LOWBIT_NATIVE=0``)."""
+    return _native.library("codebook", _FUNCTIONS)
+
+
+# -- E8P -----------------------------------------------------------------------------------------
+class E8PWeightC(ctypes.Structure):
+    """Mirror of ``lb_e8p_weight`` in csrc/codebook.c."""
+    _fields_ = [(n, _vp) for n in ("codes", "residual", "scale", "du", "dv", "hu", "hv", "u_dense", "v_dense",
+                                   "patterns", "signs", "pm1")] + \
+               [(n, _i64) for n in ("K", "N", "bu", "pu", "bv", "pv")] + [("bits", _i32)]
+
+
+_TABLES: dict = {}
+
+
+def e8p_tables() -> tuple[Tensor, Tensor, Tensor]:
+    """The C kernel's constant tables (see csrc/codebook.c), from `lowbit.core.e8p`'s decode rule:
+    ``patterns`` [256, 8] float32, the absolute patterns with the 8th coordinate negated where the
+    coordinate sum is odd; ``signs`` [256, 8] int32 sign-bit masks indexed by ``code >> 8`` (lanes
+    0-6 the sign bits, lane 7 their parity; bit 7, the shift, ignored); ``pm1`` [256, 8] float32,
+    the +-1 vector of a 3-bit residual's sign byte."""
+    if not _TABLES:
+        A = e8p.abs_patterns().clone()
+        odd = torch.remainder(A.sum(1), 2) != 0
+        A[odd, 7] = -A[odd, 7]
+        hi = torch.arange(256)
+        bits = (hi[:, None] >> torch.arange(7)) & 1                          # [256, 7]
+        neg = torch.cat([bits, bits.sum(1, keepdim=True) & 1], 1)             # [256, 8]
+        signs = (neg << 31).to(torch.int64)
+        signs = torch.where(signs >= 2**31, signs - 2**32, signs).to(torch.int32)
+        byte = (hi[:, None] >> torch.arange(8)) & 1
+        _TABLES["t"] = (A.contiguous(), signs.contiguous(), (1.0 - 2.0 * byte.to(torch.float32)).contiguous())
+    return _TABLES["t"]
+
+
+def _side(t, n: int):
+    """(diagonal float32 or None, base matrix float32 or None, b, p, dense float32 or None) of one
+    transform of size n, for the C struct."""
+    d = t.diagonal()
+    d = None if d is None else d.to(torch.float32).contiguous()
+    if t.kind == "hadamard":
+        b, p = hadamard_factors(n)
+        H = None if b == 1 else hadamard_matrix(b).to(torch.float32).contiguous()
+        return d, H, b, p, None
+    return d, None, 0, 0, t.base().contiguous()
+
+
+def e8p_struct(w) -> E8PWeightC | None:
+    """The C view of an E8PWeight, or None when the C code cannot read it in place (tensors off
+    the CPU or not contiguous)."""
+    ts = [w.codes, w.residual, w.scale, w.su, w.sv, w.u_dense, w.v_dense]
+    if not all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in ts):
+        return None
+    N, K = w.shape
+    inc = w.incoherence()
+    du, hu, bu, pu, ud = _side(inc.U, N)
+    dv, hv, bv, pv, vd = _side(inc.V, K)
+    P, S, PM = e8p_tables()
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    st = E8PWeightC(codes=w.codes.data_ptr(), residual=ptr(w.residual), scale=w.scale.data_ptr(), du=ptr(du),
+                    dv=ptr(dv), hu=ptr(hu), hv=ptr(hv), u_dense=ptr(ud), v_dense=ptr(vd), patterns=P.data_ptr(),
+                    signs=S.data_ptr(), pm1=PM.data_ptr(), K=K, N=N, bu=bu, pu=pu, bv=bv, pv=pv, bits=w.bits)
+    st._keep = (du, dv, hu, hv, ud, vd, P, S, PM)  # the arrays built here live as long as the struct
+    return st
+
+
+def e8p_weight_struct(w) -> E8PWeightC | None:
+    """`e8p_struct`, built once per stored tensors (`lowbit.kernels._native.cached_struct`)."""
+    return _native.cached_struct(w, e8p_struct, (w.seed, w.bits))
+
+
+def e8p_decode_c(w, st=None) -> Tensor:
+    """``W~`` [out, in] float32 decoded by the C code (equal to ``w.transformed()``)."""
+    lib = library()
+    st = st or e8p_weight_struct(w)
+    if lib is None or st is None:
+        return w.transformed()
+    Wt = torch.empty(w.shape, dtype=torch.float32)
+    if lib.lb_e8p_decode_w(ctypes.addressof(st), Wt.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError("lb_e8p_decode_w failed")
+    return Wt
+
+
+@register_kernel("e8p", "float", "cpu", library=library, symbol="lb_e8p_linear_w", struct=e8p_weight_struct)
+def e8p_linear_cpu(x: Tensor, w, bias: Tensor | None = None):
+    lib = library()
+    if lib is None:
+        return NotImplemented
+    N, K = w.shape
+    X = _prepare_x(x, K)
+    if X is None:
+        return NotImplemented
+    st = e8p_weight_struct(w)
+    if st is None:
+        return NotImplemented
+    bptr, b = _bias_ptr(bias, N)
+    if bptr is False:
+        return NotImplemented
+    M = X.shape[0]
+    if M > FUSED_MAX_ROWS:
+        inc = w.incoherence()
+        y = inc.output(inc.input(X) @ e8p_decode_c(w, st).T)
+        return (y if b is None else y + b).reshape(*x.shape[:-1], N)
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    rc = lib.lb_e8p_linear_w(ctypes.addressof(st), X.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
+    return NotImplemented if rc else y
 
 
 @register_kernel("e8p", "float", "any")
 def e8p_linear(x: Tensor, w, bias: Tensor | None = None):
+    """Any device: the transforms and ``W~`` in torch."""
     inc = w.incoherence()
     y = inc.output(inc.input(x) @ w.transformed().to(x.dtype).T)
     return y if bias is None else y + bias.to(y.dtype)
+

@@ -1,0 +1,503 @@
+/* Linear layers y = x W^T + b on codebook-quantized weights, fp32 activations.
+ *
+ * E8P (QuIP#, lowbit.formats.e8p): W = U^T W~ V with W~ = s0 * decode(codes) (+ s1 * residual),
+ * U and V randomized Hadamard transforms (or stored orthogonal matrices). Per call:
+ *   1. each activation row is transformed once: x~ = V x = H (D_v x) / sqrt(K), H = H_b (x) H_p
+ *      applied as a butterfly over the 2^r axis and a dense +-1 b x b product over the other;
+ *   2. z = W~ x~ with W~ decoded into registers, never written out: per 8-vector a table load of
+ *      its absolute pattern and an XOR with a sign mask from a 256-entry table, then one FMA per
+ *      activation row (several rows share one decode);
+ *   3. y = U^T z = D_u H^T z / sqrt(N), plus the bias.
+ * The +-1/4 shift of every coordinate is not added per vector: sum_i (v_i + t) x~_i =
+ * v . x~ + t * sum(x~ over the 8-vector), so each row adds 1/4 * sum(x~) and subtracts
+ * 1/2 * the sums of the 8-vectors whose code has the shift bit set (a masked sum over the codes,
+ * 8 or 16 at a time).
+ *
+ * Tables (built once by lowbit.kernels.codebook from lowbit.core.e8p, pointed to by the weight
+ * struct): `patterns` [256][8] the absolute patterns with the 8th coordinate already negated when
+ * the pattern's coordinate sum is odd; `signs` [256][8] sign-bit masks indexed by code >> 8:
+ * lanes 0-6 the code's sign bits 8-14, lane 7 the parity of those seven bits (bit 7 of the index,
+ * the shift, is ignored). XORed together they give the parity rule: the 8th coordinate is
+ * negative exactly when parity(pattern sum) ^ popcount(7 signs) is odd. `pm1` [256][8]: the +-1
+ * vector of a 3-bit residual's sign byte (bit i set: coordinate i is -1).
+ *
+ * Instruction sets are chosen at run time (lb_codebook_isa): AVX-512 (F+BW+VL) codes two at a
+ * time in 16 lanes, AVX2+FMA one per 8 lanes, portable C. Functions return 0 when they computed
+ * y, 2 for arguments they cannot read (the caller then runs the reference).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "lb_common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LB_X86 1
+#include <immintrin.h>
+#else
+#define LB_X86 0
+#endif
+
+LB_ISA_EXPORTS(codebook, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512))
+
+/* Calls that read fewer bytes of codes than this run on one thread (lb_common.h). */
+void lb_codebook_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
+
+typedef struct {
+    const int16_t* codes;     /* [N, K/8] E8P codes (the uint16's bits) */
+    const void* residual;     /* [N, K/8]: int16 E8P codes (bits 4), uint8 sign bytes (bits 3), NULL (bits 2) */
+    const float* scale;       /* [1] (bits 2) or [2] */
+    const float* du;          /* [N] D of U, or NULL (identity) */
+    const float* dv;          /* [K] D of V, or NULL */
+    const float* hu;          /* [bu, bu] the +-1 base matrix of U's Hadamard, NULL when bu == 1 */
+    const float* hv;          /* [bv, bv] */
+    const float* u_dense;     /* [N, N] U's matrix M (orthogonal kind), or NULL (Hadamard kind) */
+    const float* v_dense;     /* [K, K] */
+    const float* patterns;    /* [256, 8] */
+    const uint32_t* signs;    /* [256, 8] */
+    const float* pm1;         /* [256, 8] */
+    int64_t K, N;
+    int64_t bu, pu, bv, pv;   /* N = bu * pu, K = bv * pv (Hadamard kind) */
+    int32_t bits;
+} lb_e8p_weight;
+
+/* ------------------------------------------------------------------------------------------ */
+/* transforms (plain C, inlined into each instruction set's wrapper so that they vectorise)   */
+#define INL __attribute__((always_inline)) static inline
+
+/* unnormalised Walsh-Hadamard transform of each of the b rows of v [b, p] */
+INL void fwht_rows(float* v, int64_t b, int64_t p) {
+    for (int64_t r = 0; r < b; r++) {
+        float* a = v + r * p;
+        for (int64_t h = 1; h < p; h *= 2)
+            for (int64_t i = 0; i < p; i += 2 * h)
+                for (int64_t k = i; k < i + h; k++) {
+                    const float s = a[k], d = a[k + h];
+                    a[k] = s + d;
+                    a[k + h] = s - d;
+                }
+    }
+}
+
+/* v [b*p] <- (H_b (x) H_p) v / sqrt(b p), with H_b^T when `transpose`; tmp: b*p floats */
+INL void hadamard(float* v, int64_t b, int64_t p, const float* Hb, int transpose, float* tmp) {
+    const int64_t n = b * p;
+    const float s = (float)(1.0 / sqrt((double)n));
+    if (p > 1) fwht_rows(v, b, p);
+    if (b > 1) {
+        for (int64_t i = 0; i < b; i++) {
+            float* o = tmp + i * p;
+            for (int64_t k = 0; k < p; k++) o[k] = 0.0f;
+            for (int64_t j = 0; j < b; j++) {
+                const float h = (transpose ? Hb[j * b + i] : Hb[i * b + j]) * s;
+                const float* src = v + j * p;
+                for (int64_t k = 0; k < p; k++) o[k] += h * src[k];
+            }
+        }
+        memcpy(v, tmp, (size_t)n * sizeof(float));
+    } else {
+        for (int64_t k = 0; k < n; k++) v[k] *= s;
+    }
+}
+
+/* out [K] = V x: x * D_v, then the Hadamard (or dense M: out = M (D_v x)); tmp: K floats */
+INL void e8p_input(const lb_e8p_weight* w, const float* x, float* out, float* tmp) {
+    const int64_t K = w->K;
+    const float* d = w->dv;
+    if (w->v_dense) {
+        for (int64_t k = 0; k < K; k++) tmp[k] = d ? x[k] * d[k] : x[k];
+        for (int64_t i = 0; i < K; i++) {
+            const float* row = w->v_dense + i * K;
+            float t = 0.0f;
+            for (int64_t k = 0; k < K; k++) t += row[k] * tmp[k];
+            out[i] = t;
+        }
+        return;
+    }
+    for (int64_t k = 0; k < K; k++) out[k] = d ? x[k] * d[k] : x[k];
+    hadamard(out, w->bv, w->pv, w->hv, 0, tmp);
+}
+
+/* z [N] <- U^T z (+ bias): the transposed Hadamard (or z M), then * D_u; tmp: N floats */
+INL void e8p_output(const lb_e8p_weight* w, float* z, const float* bias, float* tmp) {
+    const int64_t N = w->N;
+    const float* d = w->du;
+    if (w->u_dense) {
+        for (int64_t k = 0; k < N; k++) tmp[k] = 0.0f;
+        for (int64_t i = 0; i < N; i++) {
+            const float zi = z[i];
+            const float* row = w->u_dense + i * N;
+            for (int64_t k = 0; k < N; k++) tmp[k] += zi * row[k];
+        }
+        memcpy(z, tmp, (size_t)N * sizeof(float));
+    } else {
+        hadamard(z, w->bu, w->pu, w->hu, 1, tmp);
+    }
+    if (d)
+        for (int64_t k = 0; k < N; k++) z[k] *= d[k];
+    if (bias)
+        for (int64_t k = 0; k < N; k++) z[k] += bias[k];
+}
+
+static void e8p_input_scalar(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp); }
+static void e8p_output_scalar(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp); }
+#if LB_X86
+#define TGT2 __attribute__((target("avx2,fma,f16c")))
+#define TGT5 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+TGT2 static void e8p_input_avx2(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp); }
+TGT2 static void e8p_output_avx2(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp); }
+TGT5 static void e8p_input_avx512(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp); }
+TGT5 static void e8p_output_avx512(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp); }
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* the product z = W~ x~ over output rows [r0, r1)                                             */
+typedef struct {
+    const lb_e8p_weight* w;
+    const float* xt;    /* [M, K] transformed activations */
+    const float* xs;    /* [M, KB] sum of each 8-vector of xt */
+    const float* xtot;  /* [M] sum of each row of xt */
+    int64_t M, KB;
+    int res;            /* 0, 3 or 4: the residual kind (bits) */
+    float ratio;        /* s1 / s0 */
+    float* z;           /* [M, N] */
+} e8p_ctx;
+
+/* z[m, o] from the tile's sums: dot = sum v.x~ (both stages, the second times the ratio),
+ * n1 / n2 = sums of x~'s 8-vectors whose stage-1 / stage-2 code has the shift bit set */
+static inline void e8p_finish(const e8p_ctx* c, int64_t o, int64_t m0, int mt, const float* dot, const float* n1,
+                              const float* n2) {
+    const float s0 = c->w->scale[0];
+    for (int i = 0; i < mt; i++) {
+        const float tot = c->xtot[m0 + i];
+        float t = dot[i] + 0.25f * tot - 0.5f * n1[i];
+        if (c->res == 4) t += c->ratio * (0.25f * tot - 0.5f * n2[i]);
+        c->z[(m0 + i) * c->w->N + o] = s0 * t;
+    }
+}
+
+INL float u2f(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* the 8 coordinates of an E8P code, without the shift */
+INL void e8p_vec(const lb_e8p_weight* w, uint32_t code, float* v) {
+    const uint32_t* p = (const uint32_t*)w->patterns + (code & 255u) * 8;
+    const uint32_t* s = w->signs + (code >> 8) * 8;
+    for (int i = 0; i < 8; i++) v[i] = u2f(p[i] ^ s[i]);
+}
+
+static void e8p_rows_scalar(const e8p_ctx* c, int64_t r0, int64_t r1) {
+    const lb_e8p_weight* w = c->w;
+    const int64_t K = w->K, KB = c->KB;
+    float v[8], d[1], n1[1], n2[1];
+    for (int64_t o = r0; o < r1; o++) {
+        const uint16_t* cr = (const uint16_t*)w->codes + o * KB;
+        for (int64_t m = 0; m < c->M; m++) {
+            const float* x = c->xt + m * K;
+            const float* xs = c->xs + m * KB;
+            float dot = 0.0f, dot2 = 0.0f, a1 = 0.0f, a2 = 0.0f;
+            for (int64_t j = 0; j < KB; j++) {
+                e8p_vec(w, cr[j], v);
+                for (int i = 0; i < 8; i++) dot += v[i] * x[j * 8 + i];
+                if (cr[j] & 0x8000u) a1 += xs[j];
+                if (c->res == 4) {
+                    const uint16_t rc = ((const uint16_t*)w->residual)[o * KB + j];
+                    e8p_vec(w, rc, v);
+                    for (int i = 0; i < 8; i++) dot2 += v[i] * x[j * 8 + i];
+                    if (rc & 0x8000u) a2 += xs[j];
+                } else if (c->res == 3) {
+                    const float* pm = w->pm1 + ((const uint8_t*)w->residual)[o * KB + j] * 8;
+                    for (int i = 0; i < 8; i++) dot2 += pm[i] * x[j * 8 + i];
+                }
+            }
+            d[0] = dot + c->ratio * dot2;
+            n1[0] = a1;
+            n2[0] = a2;
+            e8p_finish(c, o, m, 1, d, n1, n2);
+        }
+    }
+}
+
+#if LB_X86
+#define T2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#define T5 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) static inline
+
+T2 float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+T2 __m256 dec8(const float* P, const float* S, uint32_t code) {
+    __m256i p = _mm256_loadu_si256((const __m256i*)(P + (code & 255u) * 8));
+    __m256i s = _mm256_loadu_si256((const __m256i*)(S + (code >> 8) * 8));
+    return _mm256_castsi256_ps(_mm256_xor_si256(p, s));
+}
+
+/* sums of xs [MT rows, stride KB] over the 8-vectors whose code has bit 15 set */
+T2 void shift_sums_avx2(const uint16_t* cr, int64_t KB, const float* xs, const int MT, float* out) {
+    __m256 acc[8];
+    for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= KB; j += 8) {
+        __m256i c32 = _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i*)(cr + j)));
+        __m256 mask = _mm256_castsi256_ps(_mm256_srai_epi32(c32, 31));
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_add_ps(acc[m], _mm256_and_ps(mask, _mm256_loadu_ps(xs + m * KB + j)));
+    }
+    for (int m = 0; m < MT; m++) {
+        float t = hsum8(acc[m]);
+        for (int64_t jj = j; jj < KB; jj++)
+            if (cr[jj] & 0x8000u) t += xs[m * KB + jj];
+        out[m] = t;
+    }
+}
+
+/* one output row o against activation rows m0 .. m0+MT-1 (MT <= 4); RES the residual kind */
+T2 void e8p_tile_avx2(const e8p_ctx* c, int64_t o, int64_t m0, const int MT, const int RES) {
+    const lb_e8p_weight* w = c->w;
+    const int64_t K = w->K, KB = c->KB;
+    const float* P = w->patterns;
+    const float* S = (const float*)w->signs;
+    const uint16_t* cr = (const uint16_t*)w->codes + o * KB;
+    const uint16_t* rr = (const uint16_t*)w->residual + o * KB;
+    const uint8_t* rb = (const uint8_t*)w->residual + o * KB;
+    const __m256 ratio = _mm256_set1_ps(c->ratio);
+    const float* x = c->xt + m0 * K;
+    __m256 a0[4], a1[4];
+    for (int m = 0; m < MT; m++) { a0[m] = _mm256_setzero_ps(); a1[m] = _mm256_setzero_ps(); }
+    int64_t j = 0;
+    for (; j + 2 <= KB; j += 2) {
+        __m256 v0 = dec8(P, S, cr[j]), v1 = dec8(P, S, cr[j + 1]);
+        if (RES == 4) {
+            v0 = _mm256_fmadd_ps(dec8(P, S, rr[j]), ratio, v0);
+            v1 = _mm256_fmadd_ps(dec8(P, S, rr[j + 1]), ratio, v1);
+        } else if (RES == 3) {
+            v0 = _mm256_fmadd_ps(_mm256_loadu_ps(w->pm1 + rb[j] * 8), ratio, v0);
+            v1 = _mm256_fmadd_ps(_mm256_loadu_ps(w->pm1 + rb[j + 1] * 8), ratio, v1);
+        }
+        for (int m = 0; m < MT; m++) {
+            a0[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * K + j * 8), a0[m]);
+            a1[m] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + m * K + j * 8 + 8), a1[m]);
+        }
+    }
+    if (j < KB) {
+        __m256 v0 = dec8(P, S, cr[j]);
+        if (RES == 4) v0 = _mm256_fmadd_ps(dec8(P, S, rr[j]), ratio, v0);
+        else if (RES == 3) v0 = _mm256_fmadd_ps(_mm256_loadu_ps(w->pm1 + rb[j] * 8), ratio, v0);
+        for (int m = 0; m < MT; m++) a0[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * K + j * 8), a0[m]);
+    }
+    float d[4], n1[4], n2[4] = {0};
+    for (int m = 0; m < MT; m++) d[m] = hsum8(_mm256_add_ps(a0[m], a1[m]));
+    shift_sums_avx2(cr, KB, c->xs + m0 * KB, MT, n1);
+    if (RES == 4) shift_sums_avx2(rr, KB, c->xs + m0 * KB, MT, n2);
+    e8p_finish(c, o, m0, MT, d, n1, n2);
+}
+
+T5 __m512 dec16(const float* P, const float* S, uint32_t c0, uint32_t c1) {
+    __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(P + (c0 & 255u) * 8))),
+                                   _mm256_loadu_si256((const __m256i*)(P + (c1 & 255u) * 8)), 1);
+    __m512i s = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(S + (c0 >> 8) * 8))),
+                                   _mm256_loadu_si256((const __m256i*)(S + (c1 >> 8) * 8)), 1);
+    return _mm512_castsi512_ps(_mm512_xor_si512(p, s));
+}
+
+T5 __m512 pm16(const float* PM, uint32_t b0, uint32_t b1) {
+    return _mm512_castsi512_ps(_mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(PM + b0 * 8))),
+        _mm256_loadu_si256((const __m256i*)(PM + b1 * 8)), 1));
+}
+
+T5 void shift_sums_avx512(const uint16_t* cr, int64_t KB, const float* xs, const int MT, float* out) {
+    __m512 acc[8];
+    for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < KB; j += 16) {
+        const int64_t left = KB - j;
+        const __mmask16 live = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+        __mmask16 neg = _mm256_movepi16_mask(_mm256_maskz_loadu_epi16(live, cr + j));
+        for (int m = 0; m < MT; m++) acc[m] = _mm512_mask_add_ps(acc[m], neg, acc[m], _mm512_maskz_loadu_ps(neg, xs + m * KB + j));
+    }
+    for (int m = 0; m < MT; m++) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+/* one output row against activation rows m0 .. m0+MT-1 (MT <= 8), two codes per 16 lanes */
+T5 void e8p_tile_avx512(const e8p_ctx* c, int64_t o, int64_t m0, const int MT, const int RES) {
+    const lb_e8p_weight* w = c->w;
+    const int64_t K = w->K, KB = c->KB;
+    const float* P = w->patterns;
+    const float* S = (const float*)w->signs;
+    const uint16_t* cr = (const uint16_t*)w->codes + o * KB;
+    const uint16_t* rr = (const uint16_t*)w->residual + o * KB;
+    const uint8_t* rb = (const uint8_t*)w->residual + o * KB;
+    const __m512 ratio = _mm512_set1_ps(c->ratio);
+    const float* x = c->xt + m0 * K;
+    __m512 a0[8], a1[8];
+    for (int m = 0; m < MT; m++) { a0[m] = _mm512_setzero_ps(); a1[m] = _mm512_setzero_ps(); }
+    int64_t j = 0;
+    for (; j + 4 <= KB; j += 4) {
+        __m512 v0 = dec16(P, S, cr[j], cr[j + 1]), v1 = dec16(P, S, cr[j + 2], cr[j + 3]);
+        if (RES == 4) {
+            v0 = _mm512_fmadd_ps(dec16(P, S, rr[j], rr[j + 1]), ratio, v0);
+            v1 = _mm512_fmadd_ps(dec16(P, S, rr[j + 2], rr[j + 3]), ratio, v1);
+        } else if (RES == 3) {
+            v0 = _mm512_fmadd_ps(pm16(w->pm1, rb[j], rb[j + 1]), ratio, v0);
+            v1 = _mm512_fmadd_ps(pm16(w->pm1, rb[j + 2], rb[j + 3]), ratio, v1);
+        }
+        for (int m = 0; m < MT; m++) {
+            a0[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * K + j * 8), a0[m]);
+            a1[m] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + m * K + j * 8 + 16), a1[m]);
+        }
+    }
+    for (; j < KB; j += 2) {  /* the last 1-3 codes: a pair, then maybe a single one (upper half masked off) */
+        const int two = j + 2 <= KB;
+        const uint32_t c1 = two ? cr[j + 1] : 0;
+        __m512 v0 = dec16(P, S, cr[j], c1);
+        if (RES == 4) v0 = _mm512_fmadd_ps(dec16(P, S, rr[j], two ? rr[j + 1] : 0), ratio, v0);
+        else if (RES == 3) v0 = _mm512_fmadd_ps(pm16(w->pm1, rb[j], two ? rb[j + 1] : 0), ratio, v0);
+        const __mmask16 live = two ? (__mmask16)0xffff : (__mmask16)0x00ff;
+        for (int m = 0; m < MT; m++) a0[m] = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(live, x + m * K + j * 8), a0[m]);
+    }
+    float d[8], n1[8], n2[8] = {0};
+    for (int m = 0; m < MT; m++) d[m] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+    shift_sums_avx512(cr, KB, c->xs + m0 * KB, MT, n1);
+    if (RES == 4) shift_sums_avx512(rr, KB, c->xs + m0 * KB, MT, n2);
+    e8p_finish(c, o, m0, MT, d, n1, n2);
+}
+
+/* e8p_rows_<isa>_<res>: rows [r0, r1), activation rows in tiles of MB */
+#define E8P_ROWS(isa, TGT, RES, MB, TILE)                                                        \
+    TGT static void e8p_rows_##isa##_##RES(const e8p_ctx* c, int64_t r0, int64_t r1) {          \
+        for (int64_t o = r0; o < r1; o++)                                                       \
+            for (int64_t m0 = 0; m0 < c->M; m0 += MB) {                                          \
+                const int64_t left = c->M - m0;                                                  \
+                switch (left < MB ? (int)left : MB) {                                            \
+                    case 1: TILE(c, o, m0, 1, RES); break;                                       \
+                    case 2: TILE(c, o, m0, 2, RES); break;                                       \
+                    case 3: TILE(c, o, m0, 3, RES); break;                                       \
+                    case 4: TILE(c, o, m0, 4, RES); break;                                       \
+                    case 5: TILE(c, o, m0, 5 < MB ? 5 : MB, RES); break;                         \
+                    case 6: TILE(c, o, m0, 6 < MB ? 6 : MB, RES); break;                         \
+                    case 7: TILE(c, o, m0, 7 < MB ? 7 : MB, RES); break;                         \
+                    default: TILE(c, o, m0, MB, RES); break;                                     \
+                }                                                                                \
+            }                                                                                    \
+    }
+E8P_ROWS(avx2, TGT2, 0, 4, e8p_tile_avx2)
+E8P_ROWS(avx2, TGT2, 3, 4, e8p_tile_avx2)
+E8P_ROWS(avx2, TGT2, 4, 4, e8p_tile_avx2)
+E8P_ROWS(avx512, TGT5, 0, 8, e8p_tile_avx512)
+E8P_ROWS(avx512, TGT5, 3, 8, e8p_tile_avx512)
+E8P_ROWS(avx512, TGT5, 4, 8, e8p_tile_avx512)
+#endif /* LB_X86 */
+
+static int e8p_check(const lb_e8p_weight* w) {
+    if (!w || !w->codes || !w->scale || !w->patterns || !w->signs || !w->pm1) return 2;
+    if (w->K <= 0 || w->K % 8 || w->N <= 0) return 2;
+    if (w->bits != 2 && w->bits != 3 && w->bits != 4) return 2;
+    if (w->bits > 2 && !w->residual) return 2;
+    if (!w->v_dense && (w->bv < 1 || w->pv < 1 || w->bv * w->pv != w->K || (w->bv > 1 && !w->hv))) return 2;
+    if (!w->u_dense && (w->bu < 1 || w->pu < 1 || w->bu * w->pu != w->N || (w->bu > 1 && !w->hu))) return 2;
+    return 0;
+}
+
+/* y [M, N] = x [M, K] W^T + bias. 0 ok, 2 bad arguments or out of memory. */
+int lb_e8p_linear_w(const lb_e8p_weight* w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    if (e8p_check(w) || M < 0) return 2;
+    if (M == 0) return 0;
+    const int64_t K = w->K, N = w->N, KB = K / 8;
+    const int64_t tmp_n = K > N ? K : N;
+    float* buf = (float*)malloc((size_t)(M * K + M * KB + M + tmp_n) * sizeof(float));
+    if (!buf) return 2;
+    float *xt = buf, *xs = xt + M * K, *xtot = xs + M * KB, *tmp = xtot + M;
+    const int isa = lb_codebook_isa();
+    for (int64_t m = 0; m < M; m++) {
+#if LB_X86
+        if (isa >= LB_ISA_AVX512) e8p_input_avx512(w, x + m * K, xt + m * K, tmp);
+        else if (isa == LB_ISA_AVX2) e8p_input_avx2(w, x + m * K, xt + m * K, tmp);
+        else
+#endif
+            e8p_input_scalar(w, x + m * K, xt + m * K, tmp);
+        float tot = 0.0f;
+        for (int64_t j = 0; j < KB; j++) {
+            const float* v = xt + m * K + j * 8;
+            const float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+            xs[m * KB + j] = s;
+            tot += s;
+        }
+        xtot[m] = tot;
+    }
+    const int res = w->bits == 2 ? 0 : w->bits;
+    e8p_ctx c = {w, xt, xs, xtot, M, KB, res, res ? w->scale[1] / w->scale[0] : 0.0f, y};
+    const int64_t code_bytes = N * KB * (w->bits == 2 ? 2 : (w->bits == 3 ? 3 : 4));
+    const int nt = pick_threads(nthreads, code_bytes * (M < 4 ? 1 : M / 4), N);
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t r0, r1;
+        thread_rows(N, nt, omp_get_thread_num(), 1, &r0, &r1);
+        if (r0 < r1) {
+#if LB_X86
+            if (isa >= LB_ISA_AVX512) {
+                if (res == 0) e8p_rows_avx512_0(&c, r0, r1);
+                else if (res == 3) e8p_rows_avx512_3(&c, r0, r1);
+                else e8p_rows_avx512_4(&c, r0, r1);
+            } else if (isa == LB_ISA_AVX2) {
+                if (res == 0) e8p_rows_avx2_0(&c, r0, r1);
+                else if (res == 3) e8p_rows_avx2_3(&c, r0, r1);
+                else e8p_rows_avx2_4(&c, r0, r1);
+            } else
+#endif
+                e8p_rows_scalar(&c, r0, r1);
+        }
+    }
+    for (int64_t m = 0; m < M; m++) {
+#if LB_X86
+        if (isa >= LB_ISA_AVX512) e8p_output_avx512(w, y + m * N, bias, tmp);
+        else if (isa == LB_ISA_AVX2) e8p_output_avx2(w, y + m * N, bias, tmp);
+        else
+#endif
+            e8p_output_scalar(w, y + m * N, bias, tmp);
+    }
+    free(buf);
+    return 0;
+}
+
+/* W~ [N, K] = s0 * decode(codes) (+ s1 * the residual's decode), exactly as
+ * E8PWeight.transformed computes it (each term rounded once, then the sum). */
+int lb_e8p_decode_w(const lb_e8p_weight* w, float* Wt, int nthreads) {
+    if (e8p_check(w)) return 2;
+    const int64_t K = w->K, N = w->N, KB = K / 8;
+    const int nt = pick_threads(nthreads, N * K, N);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t o = 0; o < N; o++) {
+        float v[8], r[8];
+        const float s0 = w->scale[0], s1 = w->bits > 2 ? w->scale[1] : 0.0f;
+        for (int64_t j = 0; j < KB; j++) {
+            const uint32_t code = ((const uint16_t*)w->codes)[o * KB + j];
+            e8p_vec(w, code, v);
+            const float sh = code & 0x8000u ? -0.25f : 0.25f;
+            float* out = Wt + o * K + j * 8;
+            if (w->bits == 2) {
+                for (int i = 0; i < 8; i++) out[i] = (v[i] + sh) * s0;
+                continue;
+            }
+            if (w->bits == 4) {
+                const uint32_t rc = ((const uint16_t*)w->residual)[o * KB + j];
+                e8p_vec(w, rc, r);
+                const float rsh = rc & 0x8000u ? -0.25f : 0.25f;
+                for (int i = 0; i < 8; i++) r[i] += rsh;
+            } else {
+                memcpy(r, w->pm1 + ((const uint8_t*)w->residual)[o * KB + j] * 8, sizeof r);
+            }
+            for (int i = 0; i < 8; i++) {
+                const float a = (v[i] + sh) * s0, b = r[i] * s1;
+                out[i] = a + b;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,177 @@
+"""The codebook formats' C kernels (csrc/codebook.c, lowbit.kernels.codebook) against the
+reference (dequantize, then F.linear): E8P at 2, 3 and 4 bits, with and without tuned sign
+vectors, Hadamard widths with a power-of-two, Paley I and Paley II base and the stored orthogonal
+fallback, 1 to 40 activation rows, every instruction-set path; the C decode of W~ bit for bit;
+the C decode step on a QuIP#-quantized model against the Python path."""
+
+import ctypes
+import dataclasses
+
+import pytest
+import torch
+
+from lowbit import api, kernels
+from lowbit.core.hadamard import hadamard_factors
+from lowbit.formats.e8p import E8PWeight
+from lowbit.kernels import codebook, reference
+from lowbit.models.tiny import tiny_model
+
+LIB = codebook.library()
+needs_native = pytest.mark.skipif(LIB is None, reason="native kernels not built (no C compiler at install)")
+PATHS = LIB.paths if LIB is not None else ("scalar",)
+TOL = 2e-6
+
+
+def rel_err(y, r):
+    return float((y - r).norm() / r.norm().clamp(min=1e-30))
+
+
+@pytest.fixture(params=PATHS)
+def isa(request):
+    if LIB is None:
+        pytest.skip("native kernels not built")
+    with LIB.isa_capped(request.param) as path:
+        if path != request.param:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield path
+
+
+def orthogonal(n, g):
+    Q, R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * torch.sign(torch.diagonal(R))).to(torch.float32)
+
+
+def random_e8p(out, n, bits=2, tuned=False, seed=0):
+    """An E8PWeight of random codes (and residual), transforms from a seed; ``tuned``: random
+    continuous su / sv; a width with no Hadamard factorisation gets a random orthogonal matrix."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 65536, (out, n // 8), generator=g)
+    residual = None
+    if bits == 4:
+        residual = torch.randint(0, 65536, (out, n // 8), generator=g)
+    elif bits == 3:
+        residual = torch.randint(0, 256, (out, n // 8), generator=g)
+    su = sv = None
+    if tuned:
+        su = torch.randn(out, generator=g).abs() + 0.5
+        sv = torch.randn(n, generator=g) * 1.3
+    ud = orthogonal(out, g) if hadamard_factors(out) is None else None
+    vd = orthogonal(n, g) if hadamard_factors(n) is None else None
+    scale = 0.7 if bits == 2 else [0.7, 0.11]
+    return E8PWeight.from_codes(codes, scale, (out, n), seed=seed + 11, bits=bits, residual=residual, su=su, sv=sv,
+                                u_dense=ud, v_dense=vd)
+
+
+# (out, in): power-of-two, Paley II 36 x 16, Paley I 20 x 32 and 12 x 128, orthogonal (no factorisation)
+SHAPES = [(64, 64), (576, 576), (640, 1536), (1536, 640), (22, 184), (40, 184)]
+
+
+def test_shapes_cover_every_transform_kind():
+    kinds = {hadamard_factors(n) is None for s in SHAPES for n in s}
+    bases = {hadamard_factors(n)[0] for s in SHAPES for n in s if hadamard_factors(n) is not None}
+    assert kinds == {True, False} and {1, 12, 20, 36} <= bases
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_c_decode_is_the_formats_transformed_weight_bit_for_bit(bits):
+    # every one of the 65,536 codes, in both stages
+    codes = torch.arange(65536).reshape(64, 1024)
+    res = {2: None, 3: torch.randint(0, 256, (64, 1024)), 4: torch.arange(65536).flip(0).reshape(64, 1024)}[bits]
+    w = E8PWeight.from_codes(codes, 0.3 if bits == 2 else [0.3, 0.07], (64, 8192), seed=1, bits=bits, residual=res)
+    assert torch.equal(codebook.e8p_decode_c(w), w.transformed())
+
+
+def test_tables_follow_the_decode_rule():
+    P, S, PM = codebook.e8p_tables()
+    code = torch.arange(65536)
+    v = (P.view(torch.int32)[code & 255] ^ S[code >> 8]).view(torch.float32)
+    shift = torch.where((code >> 15) & 1 == 1, -0.25, 0.25)
+    from lowbit.core import e8p
+    assert torch.equal(v + shift[:, None], e8p.codebook())
+    assert torch.equal(PM[0b10000001], torch.tensor([-1.0, 1, 1, 1, 1, 1, 1, -1]))
+
+
+@needs_native
+@pytest.mark.parametrize("tuned", [False, True], ids=["seed-signs", "su-sv"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_e8p_kernel_equals_reference(isa, shape, bits, tuned):
+    w = random_e8p(*shape, bits=bits, tuned=tuned, seed=bits)
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(shape[0], generator=g)
+    assert kernels.select(w).symbol == "lb_e8p_linear_w"
+    for M in (1, 3, 17):
+        x = torch.randn(M, shape[1], generator=g)
+        y = kernels.linear(x, w, b if M != 3 else None)
+        r = reference.linear(x, w, b if M != 3 else None)
+        assert y.shape == r.shape and rel_err(y, r) < TOL, (M, rel_err(y, r))
+
+
+@needs_native
+def test_leading_dims_threads_and_the_prefill_path(isa):
+    w = random_e8p(576, 1536, bits=4, tuned=True)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 1536, generator=g)
+    y = codebook.e8p_linear_cpu(x, w)
+    assert y.shape == (2, 3, 576) and rel_err(y, reference.linear(x, w)) < TOL
+    old = torch.get_num_threads()
+    LIB.lb_codebook_set_min_parallel_bytes(0)
+    try:
+        torch.set_num_threads(2)
+        y2 = codebook.e8p_linear_cpu(x, w)
+    finally:
+        torch.set_num_threads(old)
+        LIB.lb_codebook_set_min_parallel_bytes(48 * 1024)
+    assert torch.equal(y, y2)  # each output row is summed the same way on any thread
+    xp = torch.randn(codebook.FUSED_MAX_ROWS + 7, 1536, generator=g)  # prefill: W~ decoded once + GEMM
+    assert rel_err(codebook.e8p_linear_cpu(xp, w), reference.linear(xp, w)) < TOL
+
+
+@needs_native
+def test_declines_what_the_c_code_does_not_take():
+    w = random_e8p(64, 64)
+    x = torch.randn(2, 64)
+    assert codebook.e8p_linear_cpu(x.double(), w) is NotImplemented
+    assert codebook.e8p_linear_cpu(x.bfloat16(), w) is NotImplemented
+    xg = x.clone().requires_grad_()
+    assert codebook.e8p_linear_cpu(xg, w) is NotImplemented
+    y = kernels.linear(xg, w)  # the reference runs, autograd flows
+    y.sum().backward()
+    assert xg.grad is not None and rel_err(y.detach(), reference.linear(x, w)) < TOL
+    # the C entry refuses a struct it cannot read
+    st = codebook.e8p_struct(w)
+    st.K = 60
+    out = torch.empty(2, 64)
+    assert LIB.lb_e8p_linear_w(ctypes.addressof(st), x.data_ptr(), 2, None, out.data_ptr(), 1) == 2
+
+
+def test_any_device_row_equals_reference():
+    w = random_e8p(40, 184, bits=3, tuned=True)
+    x = torch.randn(3, 184)
+    assert rel_err(codebook.e8p_linear(x, w, None), reference.linear(x, w)) < TOL
+
+
+@needs_native
+def test_struct_is_cached_per_stored_tensors():
+    w = random_e8p(64, 64, bits=4)
+    assert codebook.e8p_weight_struct(w) is codebook.e8p_weight_struct(w)
+    w2 = dataclasses.replace(w, scale=w.scale.clone())  # a tensor changed: a new struct
+    assert codebook.e8p_weight_struct(w2) is not codebook.e8p_weight_struct(w)
+
+
+@needs_native
+def test_native_decode_step_runs_a_quip_model_like_the_python_path():
+    from lowbit.runtime.native import _library
+    from tests.test_runtime_native import REL, run_both
+
+    if _library() is None:
+        pytest.skip("decode library not built")
+    lm = tiny_model("llama", seed=4)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "quip", None, progress=False, n_samples=4, seq_len=32)
+    for isa in PATHS:
+        with LIB.isa_capped(isa):
+            worst, _, nat = run_both(m.model)
+        assert nat.native_step.kernels.get("e8p", 0) > 0
+        assert worst < REL, (isa, worst)
