@@ -47,6 +47,7 @@ and every step is kept only if it lowers the block's error on the calibration ba
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -272,6 +273,12 @@ def _vectors(C: Tensor, codes: Tensor) -> Tensor:
     return V
 
 
+@functools.lru_cache(maxsize=None)
+def _before(T: int) -> Tensor:
+    """[T, T] bool, true where the column comes before the row."""
+    return torch.ones(T, T, dtype=torch.bool).tril(-1)
+
+
 def _top(Z: Tensor, Caug: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k smallest of Z @ Caug [rows, K] per row (values, indices), K taken in chunks."""
     K = Caug.shape[1]
@@ -327,7 +334,7 @@ def beam_search_group(C: Tensor, Caug: list[Tensor], A: Tensor, s: Tensor, y: Te
         cand, order = cand.topk(T, dim=1, largest=False)                 # sorted, best first
         cand_codes = cand_codes.gather(1, order[..., None].expand(R, T, M))
         same = (cand_codes[:, :, None, :] == cand_codes[:, None, :, :]).all(-1)
-        dup = (same & torch.ones(T, T, dtype=torch.bool).tril(-1)).any(-1)  # a better copy comes first
+        dup = (same & _before(T)).any(-1)                                # a better copy comes first
         cand = cand.masked_fill(dup, math.inf)
         cost, order = cand.topk(min(beam, T), dim=1, largest=False)
         beam_codes = cand_codes.gather(1, order[..., None].expand(R, order.shape[1], M))

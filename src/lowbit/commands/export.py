@@ -2,6 +2,7 @@
 
     lowbit export [MODEL_OR_OUT] --format gguf --type Q4_K_M [--imatrix] -o model.gguf
     lowbit export OUT --format compressed-tensors [--dtype float16] [--activations int8-dynamic] -o OUT_DIR
+    lowbit export OUT --format aqlm [--dtype float32] -o OUT_DIR      (a model quantized with --method aqlm)
 
 One function per format (`EXPORTERS`); each takes the loaded model (or checkpoint) and the
 parsed arguments and returns a one-line summary.
@@ -57,7 +58,18 @@ def _export_compressed_tensors(m, args) -> str:
     return f"wrote {out if out is not None else args.output}: compressed-tensors"
 
 
-EXPORTERS = {"gguf": _export_gguf, "compressed-tensors": _export_compressed_tensors}
+# -- AQLM (transformers + the aqlm package) ------------------------------------------------------
+def _export_aqlm(m, args) -> str:
+    from lowbit.export.aqlm import export_aqlm
+
+    if args.type or args.imatrix or args.calib or args.activations:
+        raise LowbitError("--type, --imatrix, --calib and --activations do not apply to --format aqlm")
+    out = export_aqlm(m, args.output, dtype=args.dtype, force=args.force)
+    return f"wrote {out}: AQLM (transformers + aqlm)"
+# -- end AQLM ------------------------------------------------------------------------------------
+
+
+EXPORTERS = {"gguf": _export_gguf, "compressed-tensors": _export_compressed_tensors, "aqlm": _export_aqlm}
 
 
 def run(args) -> int:
@@ -83,14 +95,15 @@ def register(sub) -> None:
     import argparse
 
     p = sub.add_parser(
-        "export", help="write a model as GGUF (llama.cpp) or compressed-tensors (transformers/vLLM)",
+        "export",
+        help="write a model as GGUF (llama.cpp), compressed-tensors (transformers/vLLM) or AQLM (transformers + aqlm)",
         description="Write MODEL_OR_OUT (a model, or a lowbit checkpoint directory) for another runtime.\n\n"
                     + GGUF_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", metavar="MODEL_OR_OUT",
                    help="builtin name, HF directory, .gguf file or lowbit checkpoint (default: the embedded model)")
-    p.add_argument("--format", default="gguf", help="gguf (default) or compressed-tensors")
+    p.add_argument("--format", default="gguf", help="gguf (default), compressed-tensors or aqlm")
     p.add_argument("--type", help="GGUF tensor type or mix, e.g. Q4_K_M, Q8_0, F16 (default: Q8_0)")
     p.add_argument("--imatrix", action="store_true",
                    help="collect an importance matrix on calibration text and weight the GGUF scale searches by it")
@@ -98,7 +111,7 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=16, help="calibration samples for --imatrix (default: 16)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sample length (default: 512)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="compressed-tensors: dtype of the float tensors and scales (default: the model's)")
+                   help="compressed-tensors, aqlm: dtype of the float tensors and scales (default: the model's)")
     p.add_argument("--activations", choices=("int8-dynamic",),
                    help="compressed-tensors: int8-dynamic writes W8A8 (int8 weights per channel, int8 "
                         "activations per token at run time); default weight-only")

@@ -70,8 +70,8 @@ class AQLMWeight(WeightFormat, name="aqlm"):
     def check(self) -> None:
         half = 2 ** (self.nbits_per_codebook - 1)
         if self.codes.numel() and (int(self.codes.min()) < -half or int(self.codes.max()) >= half):
-            raise LowbitError(f"aqlm codes must be {self.nbits_per_codebook}-bit values stored in [{-half}, {half - 1}], "
-                              f"got [{int(self.codes.min())}, {int(self.codes.max())}]")
+            raise LowbitError(f"aqlm codes must be {self.nbits_per_codebook}-bit values stored in "
+                              f"[{-half}, {half - 1}], got [{int(self.codes.min())}, {int(self.codes.max())}]")
 
     @property
     def codebook_size(self) -> int:
