@@ -2,7 +2,10 @@
 reference (dequantize, then F.linear): E8P at 2, 3 and 4 bits, with and without tuned sign
 vectors, Hadamard widths with a power-of-two, Paley I and Paley II base and the stored orthogonal
 fallback, 1 to 40 activation rows, every instruction-set path; the C decode of W~ bit for bit;
-the C decode step on a QuIP#-quantized model against the Python path."""
+the C decode step on a QuIP#-quantized model against the Python path. AQLM with 1, 2, 3 and 4
+codebooks of 2^8 (the lookup-table kernel, several chunks of groups and tiles of rows), 2^4,
+2^12 and 2^16 vectors (the decode kernel), groups of 4, 8, 12 and 16, float16 / bfloat16 /
+float32 codebooks."""
 
 import ctypes
 import dataclasses
@@ -12,6 +15,7 @@ import torch
 
 from lowbit import api, kernels
 from lowbit.core.hadamard import hadamard_factors
+from lowbit.formats.aqlm import AQLMWeight
 from lowbit.formats.e8p import E8PWeight
 from lowbit.kernels import codebook, reference
 from lowbit.models.tiny import tiny_model
@@ -175,3 +179,59 @@ def test_native_decode_step_runs_a_quip_model_like_the_python_path():
             worst, _, nat = run_both(m.model)
         assert nat.native_step.kernels.get("e8p", 0) > 0
         assert worst < REL, (isa, worst)
+
+
+# -- AQLM ----------------------------------------------------------------------------------------
+def random_aqlm(out, n, M=2, B=8, g=8, dtype=torch.float16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**B, (out, n // g, M), generator=gen)
+    codebooks = torch.randn(M, 2**B, g, generator=gen) * 0.3
+    scales = torch.rand(out, generator=gen) + 0.5
+    return AQLMWeight.from_codes(codes, codebooks, scales, (out, n), dtype=dtype)
+
+
+# (M codebooks, B bits, group g): 2x8, 1x8, 3x8, 4x8 (tables), 2x4 (small tables), 1x8 with 16-groups,
+# 2x8 with 4-groups; 1x16 and 1x12 (decode), 1x16 with 12-groups (no SIMD multiple)
+AQLM_CONFIGS = [(2, 8, 8), (1, 8, 8), (3, 8, 8), (4, 8, 8), (2, 4, 8), (1, 8, 16), (2, 8, 4), (1, 16, 8), (1, 12, 8),
+                (1, 16, 12)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", AQLM_CONFIGS, ids=lambda c: f"{c[0]}x{c[1]}g{c[2]}")
+def test_aqlm_kernel_equals_reference(isa, config, dtype):
+    M, B, g = config
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(576, 576), (40, 1536)]:  # 576 rows: three tiles; 1536 inputs: many chunks of groups
+        w = random_aqlm(*shape, M=M, B=B, g=g, dtype=dtype)
+        assert kernels.select(w).symbol == "lb_aqlm_linear_w"
+        b = torch.randn(shape[0], generator=gen)
+        for rows in (1, 3, 17):
+            x = torch.randn(rows, shape[1], generator=gen)
+            y = kernels.linear(x, w, b if rows != 3 else None)
+            r = reference.linear(x, w, b if rows != 3 else None)
+            assert y.shape == r.shape and rel_err(y, r) < TOL, (shape, rows, rel_err(y, r))
+
+
+@needs_native
+@pytest.mark.parametrize("config", [(2, 8, 8), (1, 16, 8)], ids=["2x8", "1x16"])
+def test_aqlm_threads_leading_dims_and_what_it_declines(isa, config):
+    M, B, g = config
+    w = random_aqlm(1536, 576, M=M, B=B, g=g)
+    x = torch.randn(2, 2, 576, generator=torch.Generator().manual_seed(8))
+    y = codebook.aqlm_linear_cpu(x, w)
+    assert y.shape == (2, 2, 1536) and rel_err(y, reference.linear(x, w)) < TOL
+    old = torch.get_num_threads()
+    LIB.lb_codebook_set_min_parallel_bytes(0)
+    try:
+        torch.set_num_threads(2)
+        y2 = codebook.aqlm_linear_cpu(x, w)  # the table built by two threads, rows split
+    finally:
+        torch.set_num_threads(old)
+        LIB.lb_codebook_set_min_parallel_bytes(48 * 1024)
+    assert torch.equal(y, y2)
+    assert codebook.aqlm_linear_cpu(x.bfloat16(), w) is NotImplemented
+    xp = torch.randn(codebook.FUSED_MAX_ROWS + 1, 576)
+    assert codebook.aqlm_linear_cpu(xp, w) is NotImplemented  # prefill: the reference's GEMM
+    assert rel_err(kernels.linear(xp, w), reference.linear(xp, w)) < TOL
+    assert codebook.aqlm_weight_struct(w) is codebook.aqlm_weight_struct(w)

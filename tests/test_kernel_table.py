@@ -16,7 +16,8 @@ from lowbit.models.tiny import tiny_model
 from lowbit.runtime import LeanDecoder
 
 # formats whose kernels are C code (csrc/): each must have its own row
-NATIVE_FORMATS = {"affine", "ternary", "nf4", "dynamic-int8", "half", "sparse-nm", "sparse-csr", "static-int8"}
+NATIVE_FORMATS = {"affine", "ternary", "nf4", "dynamic-int8", "half", "sparse-nm", "sparse-csr", "static-int8", "e8p",
+                  "aqlm"}
 SCHEME = QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32)
 
 
@@ -44,11 +45,27 @@ def _ternary(shape=(24, 64)):
     return ternary_quantize(torch.randn(shape, generator=torch.Generator().manual_seed(1)), TernaryConfig())
 
 
+def _e8p(shape=(24, 64)):
+    from lowbit.formats.e8p import E8PWeight
+
+    codes = torch.randint(0, 65536, (shape[0], shape[1] // 8), generator=torch.Generator().manual_seed(3))
+    return E8PWeight.from_codes(codes, 0.5, shape, seed=4)
+
+
+def _aqlm(shape=(24, 64)):
+    from lowbit.formats.aqlm import AQLMWeight
+
+    g = torch.Generator().manual_seed(5)
+    return AQLMWeight.from_codes(torch.randint(0, 256, (shape[0], shape[1] // 8, 2), generator=g),
+                                 torch.randn(2, 256, 8, generator=g), torch.rand(shape[0], generator=g), shape)
+
+
 @pytest.mark.skipif(not (cpu.available() and a8.available()), reason="native kernels not built")
 def test_c_entries_resolve_and_match_their_python_entries():
-    samples = {"affine": _affine, "ternary": _ternary}
+    samples = {"affine": _affine, "ternary": _ternary, "e8p": _e8p, "aqlm": _aqlm}
     rows = [k for k in kernels.KERNELS.values() if k.symbol is not None]
-    assert {(k.format, k.activations) for k in rows} == {("affine", "float"), ("affine", "int8"), ("ternary", "float")}
+    assert {(k.format, k.activations) for k in rows} == {("affine", "float"), ("affine", "int8"), ("ternary", "float"),
+                                                         ("e8p", "float"), ("aqlm", "float")}
     fn_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int)
     for k in rows:

@@ -13,6 +13,13 @@ formed.
 * More rows (prefill): ``W~`` is decoded once in C and multiplied by torch's GEMM.
 * Other devices and dtypes: the torch row below (the transforms in torch, ``W~`` decoded in
   torch); anything the C code does not take falls back to the reference.
+
+AQLM (additive quantization, out_group_size 1), CPU, float32 activations, up to
+``FUSED_MAX_ROWS`` rows: with B <= 8 bits per code (1x8, 2x8, 4x8, ...) the C kernel builds,
+per activation row, a table of the dot products of every input group with every codebook vector
+(``in * M * 2^B`` multiply-adds) and sums one table entry per code; with B > 8 (1x16) it adds the
+codebook vectors of a group and multiplies with FMA. The codebooks are converted to float32 once
+per weight (cached with the struct). More rows, other devices: the reference (dequantize, GEMM).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ _W_ENTRY = [_vp, _vp, _i64, _vp, _vp, _i32]  # (weight struct, x, rows, bias, y,
 _FUNCTIONS = {
     "lb_e8p_linear_w": (_W_ENTRY, _i32),
     "lb_e8p_decode_w": ([_vp, _vp, _i32], _i32),
+    "lb_aqlm_linear_w": (_W_ENTRY, _i32),
     "lb_codebook_set_min_parallel_bytes": ([_i64], None),
 }
 
@@ -155,3 +163,53 @@ def e8p_linear(x: Tensor, w, bias: Tensor | None = None):
     y = inc.output(inc.input(x) @ w.transformed().to(x.dtype).T)
     return y if bias is None else y + bias.to(y.dtype)
 
+
+
+# -- AQLM ----------------------------------------------------------------------------------------
+class AQLMWeightC(ctypes.Structure):
+    """Mirror of ``lb_aqlm_weight`` in csrc/codebook.c."""
+    _fields_ = [(n, _vp) for n in ("codes", "cbt", "cb", "scales")] + [(n, _i64) for n in ("K", "N", "g", "M", "B")]
+
+
+def aqlm_struct(w) -> AQLMWeightC | None:
+    """The C view of an AQLMWeight (float32 copies of its codebooks and scales, kept with the
+    struct), or None when the C code cannot read its codes in place."""
+    if w.codes.device.type != "cpu" or not w.codes.is_contiguous() or w.out_group_size != 1:
+        return None
+    N, K = w.shape
+    B = w.nbits_per_codebook
+    C = w.codebooks[:, :, 0, :].to(torch.float32)                         # [M, 2^B, g]
+    cbt = C.transpose(1, 2).contiguous() if B <= 8 else None              # [M, g, 2^B]: the table's GEMM
+    cb = C.contiguous() if B > 8 else None
+    scales = w.scales.reshape(N).to(torch.float32).contiguous()
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    st = AQLMWeightC(codes=w.codes.data_ptr(), cbt=ptr(cbt), cb=ptr(cb), scales=scales.data_ptr(), K=K, N=N,
+                     g=w.in_group_size, M=w.num_codebooks, B=B)
+    st._keep = (cbt, cb, scales)
+    return st
+
+
+def aqlm_weight_struct(w) -> AQLMWeightC | None:
+    """`aqlm_struct`, built once per stored tensors (`lowbit.kernels._native.cached_struct`)."""
+    return _native.cached_struct(w, aqlm_struct, (w.in_group_size, w.num_codebooks, w.nbits_per_codebook))
+
+
+@register_kernel("aqlm", "float", "cpu", library=library, symbol="lb_aqlm_linear_w", struct=aqlm_weight_struct)
+def aqlm_linear_cpu(x: Tensor, w, bias: Tensor | None = None):
+    lib = library()
+    if lib is None:
+        return NotImplemented
+    N, K = w.shape
+    X = _prepare_x(x, K)
+    if X is None or X.shape[0] > FUSED_MAX_ROWS:
+        return NotImplemented  # prefill: the reference (dequantize once, GEMM)
+    st = aqlm_weight_struct(w)
+    if st is None:
+        return NotImplemented
+    bptr, b = _bias_ptr(bias, N)
+    if bptr is False:
+        return NotImplemented
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    rc = lib.lb_aqlm_linear_w(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(),
+                              torch.get_num_threads())
+    return NotImplemented if rc else y

@@ -501,3 +501,278 @@ int lb_e8p_decode_w(const lb_e8p_weight* w, float* Wt, int nthreads) {
     }
     return 0;
 }
+
+/* ============================================================================================ */
+/* AQLM (lowbit.formats.aqlm): W[o, group j] = scale[o] * sum_m C_m[code[o, j, m]], groups of g
+ * consecutive inputs, M codebooks of 2^B vectors (out_group_size 1).
+ *
+ * B <= 8 (1x8, 2x8, 3x8, 4x8, ...): a lookup table per activation row, LUT[j][m][k] = x_j . C_m[k]
+ * (K * M * 2^B multiply-adds, a small GEMM against the transposed codebooks), then every output
+ * is sum_j sum_m LUT[j][m][code] -- one table read and one add per code, no multiply per weight.
+ * The table is built by all threads, then each thread sums its output rows, a tile of rows at a
+ * time over chunks of groups whose table stays in L1. AVX2 / AVX-512 read the table with gathers
+ * (8 / 16 codes at a time), the scalar path eight codes per 64-bit load.
+ * B > 8 (1x16): a table per group would cost more than the product, so the codebook vectors are
+ * read and multiplied with FMA (their sum over the M codebooks once for up to 4 activation rows).
+ */
+typedef struct {
+    const void* codes;     /* [N, G, M] int8 (B <= 8) or int16 (B <= 16): the B-bit codes' bits */
+    const float* cbt;      /* B <= 8: [M, g, 2^B] the codebooks transposed (float32) */
+    const float* cb;       /* B > 8: [M, 2^B, g] float32 */
+    const float* scales;   /* [N] float32 */
+    int64_t K, N, g, M, B;
+} lb_aqlm_weight;
+
+/* The product walks tiles of AQLM_TILE_ROWS output rows (their codes stay in L2) and, within a
+ * tile, chunks of groups whose table is AQLM_CHUNK_FLOATS floats (32 KiB: it stays in L1 while
+ * the tile's rows read it). Measured on SmolLM2 and 1B shapes: 8K / 256 was the best or within
+ * noise of the best of (8K..128K) x (64..all rows). */
+#define AQLM_CHUNK_FLOATS (8 * 1024)
+#define AQLM_TILE_ROWS 256
+
+/* Per-thread scratch of the calling thread for the table (grows, never shrinks: large tables
+ * would otherwise be mapped and faulted in on every call). */
+static _Thread_local float* t_lut = NULL;
+static _Thread_local int64_t t_lut_n = 0;
+
+static float* lut_scratch(int64_t n) {
+    if (n > t_lut_n) {
+        free(t_lut);
+        t_lut = (float*)aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+        t_lut_n = t_lut ? n : 0;
+    }
+    return t_lut;
+}
+
+/* LUT rows of groups [j0, j1): lut[(j*M + m) * S + k] = x[j*g .. j*g+g) . C_m[k] */
+INL void aqlm_lut(const lb_aqlm_weight* w, const float* x, int64_t j0, int64_t j1, float* lut) {
+    const int64_t S = (int64_t)1 << w->B, g = w->g, M = w->M;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t m = 0; m < M; m++) {
+            float* out = lut + (j * M + m) * S;
+            const float* c = w->cbt + m * g * S;
+            const float x0 = x[j * g];
+            for (int64_t k = 0; k < S; k++) out[k] = x0 * c[k];
+            for (int64_t t = 1; t < g; t++) {
+                const float xt = x[j * g + t];
+                const float* row = c + t * S;
+                for (int64_t k = 0; k < S; k++) out[k] += xt * row[k];
+            }
+        }
+}
+
+static void aqlm_lut_scalar(const lb_aqlm_weight* w, const float* x, int64_t j0, int64_t j1, float* lut) { aqlm_lut(w, x, j0, j1, lut); }
+
+/* sum over n codes (bytes) of lut[i * S + (code_i & mask)]: eight codes per 64-bit load, eight
+ * accumulators (the adds' latency, not the loads, would bound one chain) */
+INL float aqlm_sum(const uint8_t* cr, int64_t n, const float* lut, int64_t S) {
+    const uint64_t mask = (uint64_t)(S - 1);
+    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t q;
+        memcpy(&q, cr + i, 8);
+        const float* l = lut + i * S;
+        for (int k = 0; k < 8; k++) a[k] += l[k * S + ((q >> (8 * k)) & mask)];
+    }
+    for (; i < n; i++) a[0] += lut[i * S + (cr[i] & mask)];
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+static float aqlm_sum_scalar(const uint8_t* cr, int64_t n, const float* lut, int64_t S) { return aqlm_sum(cr, n, lut, S); }
+
+#if LB_X86
+TGT2 static void aqlm_lut_avx2(const lb_aqlm_weight* w, const float* x, int64_t j0, int64_t j1, float* lut) { aqlm_lut(w, x, j0, j1, lut); }
+TGT5 static void aqlm_lut_avx512(const lb_aqlm_weight* w, const float* x, int64_t j0, int64_t j1, float* lut) { aqlm_lut(w, x, j0, j1, lut); }
+
+TGT2 static float aqlm_sum_avx2(const uint8_t* cr, int64_t n, const float* lut, int64_t S) {
+    const __m256i mask = _mm256_set1_epi32((int)(S - 1));
+    const __m256i step = _mm256_set1_epi32((int)(8 * S));
+    __m256i base = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)S));
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i c0 = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(cr + i))), mask);
+        __m256i c1 = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(cr + i + 8))), mask);
+        a0 = _mm256_add_ps(a0, _mm256_i32gather_ps(lut, _mm256_add_epi32(base, c0), 4));
+        base = _mm256_add_epi32(base, step);
+        a1 = _mm256_add_ps(a1, _mm256_i32gather_ps(lut, _mm256_add_epi32(base, c1), 4));
+        base = _mm256_add_epi32(base, step);
+    }
+    float t = hsum8(_mm256_add_ps(a0, a1));
+    const unsigned m = (unsigned)(S - 1);
+    for (; i < n; i++) t += lut[i * S + (cr[i] & m)];
+    return t;
+}
+
+TGT5 static float aqlm_sum_avx512(const uint8_t* cr, int64_t n, const float* lut, int64_t S) {
+    const __m512i mask = _mm512_set1_epi32((int)(S - 1));
+    const __m512i step = _mm512_set1_epi32((int)(16 * S));
+    __m512i base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32((int)S));
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512i c0 = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cr + i))), mask);
+        __m512i c1 = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cr + i + 16))), mask);
+        a0 = _mm512_add_ps(a0, _mm512_i32gather_ps(_mm512_add_epi32(base, c0), lut, 4));
+        base = _mm512_add_epi32(base, step);
+        a1 = _mm512_add_ps(a1, _mm512_i32gather_ps(_mm512_add_epi32(base, c1), lut, 4));
+        base = _mm512_add_epi32(base, step);
+    }
+    for (; i < n; i += 16) {
+        const int64_t left = n - i;
+        const __mmask16 live = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+        __m512i c0 = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, cr + i)), mask);
+        a0 = _mm512_add_ps(a0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, _mm512_add_epi32(base, c0), lut, 4));
+        base = _mm512_add_epi32(base, step);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+#endif
+
+/* B > 8: z[m0 + i, o] = sum_j (sum_m C_m[code]) . x_j for MT activation rows */
+INL void aqlm_rows_decode(const lb_aqlm_weight* w, const float* x, int64_t Mx, float* y, int64_t r0, int64_t r1) {
+    const int64_t K = w->K, N = w->N, g = w->g, M = w->M, G = K / g, S = (int64_t)1 << w->B;
+    const uint16_t mask = (uint16_t)(S - 1);
+    float v[64];
+    for (int64_t o = r0; o < r1; o++) {
+        const uint16_t* cr = (const uint16_t*)w->codes + o * G * M;
+        for (int64_t m0 = 0; m0 < Mx; m0 += 4) {
+            const int mt = Mx - m0 < 4 ? (int)(Mx - m0) : 4;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t j = 0; j < G; j++) {
+                for (int64_t t0 = 0; t0 < g; t0 += 64) {
+                    const int64_t tn = g - t0 < 64 ? g - t0 : 64;
+                    const float* c0 = w->cb + (int64_t)(cr[j * M] & mask) * g + t0;
+                    for (int64_t t = 0; t < tn; t++) v[t] = c0[t];
+                    for (int64_t m = 1; m < M; m++) {
+                        const float* cm = w->cb + (m * S + (cr[j * M + m] & mask)) * g + t0;
+                        for (int64_t t = 0; t < tn; t++) v[t] += cm[t];
+                    }
+                    for (int i = 0; i < mt; i++) {
+                        const float* xr = x + (m0 + i) * K + j * g + t0;
+                        float s = 0.0f;
+                        for (int64_t t = 0; t < tn; t++) s += v[t] * xr[t];
+                        acc[i] += s;
+                    }
+                }
+            }
+            for (int i = 0; i < mt; i++) y[(m0 + i) * N + o] = acc[i];
+        }
+    }
+}
+
+static void aqlm_decode_scalar(const lb_aqlm_weight* w, const float* x, int64_t Mx, float* y, int64_t r0, int64_t r1) {
+    aqlm_rows_decode(w, x, Mx, y, r0, r1);
+}
+
+#if LB_X86
+/* B > 8, g a multiple of 8: the codebook vectors summed in registers, FMA into 4 activation rows */
+TGT2 static void aqlm_decode_avx2(const lb_aqlm_weight* w, const float* x, int64_t Mx, float* y, int64_t r0, int64_t r1) {
+    const int64_t K = w->K, N = w->N, g = w->g, M = w->M, G = K / g, S = (int64_t)1 << w->B;
+    if (g % 8) {
+        aqlm_rows_decode(w, x, Mx, y, r0, r1);
+        return;
+    }
+    const uint16_t mask = (uint16_t)(S - 1);
+    for (int64_t o = r0; o < r1; o++) {
+        const uint16_t* cr = (const uint16_t*)w->codes + o * G * M;
+        for (int64_t m0 = 0; m0 < Mx; m0 += 4) {
+            const int mt = Mx - m0 < 4 ? (int)(Mx - m0) : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t j = 0; j < G; j++) {
+                const float* c0 = w->cb + (int64_t)(cr[j * M] & mask) * g;
+                for (int64_t t = 0; t < g; t += 8) {
+                    __m256 v = _mm256_loadu_ps(c0 + t);
+                    for (int64_t m = 1; m < M; m++)
+                        v = _mm256_add_ps(v, _mm256_loadu_ps(w->cb + (m * S + (cr[j * M + m] & mask)) * g + t));
+                    for (int i = 0; i < mt; i++)
+                        acc[i] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + (m0 + i) * K + j * g + t), acc[i]);
+                }
+            }
+            for (int i = 0; i < mt; i++) y[(m0 + i) * N + o] = hsum8(acc[i]);
+        }
+    }
+}
+#endif
+
+static int aqlm_check(const lb_aqlm_weight* w) {
+    if (!w || !w->codes || !w->scales || w->K <= 0 || w->N <= 0 || w->g <= 0 || w->K % w->g) return 2;
+    if (w->M < 1 || w->B < 1 || w->B > 16) return 2;
+    if (w->B <= 8 ? !w->cbt : !w->cb) return 2;
+    return 0;
+}
+
+/* y [Mx, N] = x [Mx, K] W^T + bias. 0 ok, 2 bad arguments or out of memory. */
+int lb_aqlm_linear_w(const lb_aqlm_weight* w, const float* x, int64_t Mx, const float* bias, float* y, int nthreads) {
+    if (aqlm_check(w) || Mx < 0) return 2;
+    if (Mx == 0) return 0;
+    const int64_t K = w->K, N = w->N, M = w->M, G = K / w->g, S = (int64_t)1 << w->B;
+    const int isa = lb_codebook_isa();
+    const int64_t code_bytes = N * G * M * (w->B <= 8 ? 1 : 2);
+    if (w->B > 8) {
+        const int nt = pick_threads(nthreads, code_bytes * (Mx < 4 ? 1 : Mx / 4), N);
+#pragma omp parallel num_threads(nt)
+        {
+            int64_t r0, r1;
+            thread_rows(N, nt, omp_get_thread_num(), 1, &r0, &r1);
+            if (r0 < r1) {
+#if LB_X86
+                if (isa >= LB_ISA_AVX2) aqlm_decode_avx2(w, x, Mx, y, r0, r1);
+                else
+#endif
+                    aqlm_decode_scalar(w, x, Mx, y, r0, r1);
+            }
+        }
+    } else {
+        float* lut = lut_scratch(G * M * S);
+        if (!lut) return 2;
+        int64_t chunk = AQLM_CHUNK_FLOATS / (M * S);  /* groups per chunk */
+        if (chunk < 1) chunk = 1;
+        if (chunk > G) chunk = G;
+        const int nt = pick_threads(nthreads, code_bytes, N);
+        for (int64_t mx = 0; mx < Mx; mx++) {
+            const float* xr = x + mx * K;
+            float* yr = y + mx * N;
+#pragma omp parallel num_threads(nt)
+            {
+                const int tid = omp_get_thread_num();
+                int64_t j0, j1, r0, r1;
+                thread_rows(G, nt, tid, 1, &j0, &j1);
+#if LB_X86
+                if (isa >= LB_ISA_AVX512) aqlm_lut_avx512(w, xr, j0, j1, lut);
+                else if (isa == LB_ISA_AVX2) aqlm_lut_avx2(w, xr, j0, j1, lut);
+                else
+#endif
+                    aqlm_lut_scalar(w, xr, j0, j1, lut);
+#pragma omp barrier
+                thread_rows(N, nt, tid, 1, &r0, &r1);
+                for (int64_t t0 = r0; t0 < r1; t0 += AQLM_TILE_ROWS) {
+                    const int64_t t1 = t0 + AQLM_TILE_ROWS < r1 ? t0 + AQLM_TILE_ROWS : r1;
+                    for (int64_t c0 = 0; c0 < G; c0 += chunk) {
+                        const int64_t cn = (G - c0 < chunk ? G - c0 : chunk) * M;  /* codes in this chunk */
+                        const float* lc = lut + c0 * M * S;
+                        for (int64_t o = t0; o < t1; o++) {
+                            const uint8_t* cr = (const uint8_t*)w->codes + (o * G + c0) * M;
+                            float s;
+#if LB_X86
+                            if (isa >= LB_ISA_AVX512) s = aqlm_sum_avx512(cr, cn, lc, S);
+                            else if (isa == LB_ISA_AVX2) s = aqlm_sum_avx2(cr, cn, lc, S);
+                            else
+#endif
+                                s = aqlm_sum_scalar(cr, cn, lc, S);
+                            yr[o] = c0 ? yr[o] + s : s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t mx = 0; mx < Mx; mx++)
+        for (int64_t o = 0; o < N; o++) {
+            const float v = y[mx * N + o] * w->scales[o];
+            y[mx * N + o] = bias ? v + bias[o] : v;
+        }
+    return 0;
+}
