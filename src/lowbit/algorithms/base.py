@@ -47,6 +47,23 @@ class Method:
         batches only and the method holds statistics only for the layers this process owns: see
         ``distributed_transform``."""
 
+    @property
+    def tunes_blocks(self) -> bool:
+        """True when the runner should call `tune_block` (after observation, a copy of the float
+        block's outputs is kept for it). The default: no."""
+        return False
+
+    def tune_block(self, block: nn.Module, prefix: str, inputs, targets, block_kwargs: dict) -> dict:
+        """Optional: fine-tune ``block`` after all its linear layers were replaced by their
+        quantized modules, so that ``block(x, **block_kwargs)`` comes closer to ``targets`` (the
+        float block's outputs, one tensor per batch of ``inputs``, in order). Returns the new
+        weights of the layers tuning changed, by name within the block (the runner installs them
+        as it installs `apply`'s results); the block's own float parameters (norm gains) may be
+        changed in place. Called only when `tunes_blocks`; the block's outputs are computed
+        after it, so the next block sees the tuned one. One process only (the runner refuses a
+        split run)."""
+        return {}
+
     def statistics(self) -> dict[str, Tensor]:
         """Optional: the accumulated statistics that are *sums over calibration samples* (e.g. the
         GPTQ Hessian and its sample count), for inspection and tests. The default has none."""

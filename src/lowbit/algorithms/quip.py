@@ -24,6 +24,7 @@ paper is `QuIP.tune_block` (``finetune_steps`` > 0).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lowbit.algorithms.block_tune import block_parameters, tune
 from lowbit.algorithms.gptq import GPTQ, check_solver_inputs
 from lowbit.algorithms.ldlq import block_ldlq, proxy_loss
 from lowbit.core import e8p
@@ -51,6 +53,8 @@ class QuIPConfig:
     damp: float = 0.01       # λ = damp · mean(diag H~)
     seed: int = 0            # with the layer's name: the seed of its transforms
     scale_vectors: int = 4096  # 8-vectors of W~ the scale search rounds (whole rows, evenly spaced)
+    finetune_steps: int = 0  # > 0: Adam steps per block on sign vectors, scales and norms (`QuIP.tune_block`)
+    finetune_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in BITS:
@@ -62,6 +66,11 @@ class QuIPConfig:
             raise LowbitError(f"QuIP# seed must be an integer in [0, 2^31), got {self.seed!r}")
         if isinstance(self.scale_vectors, bool) or not isinstance(self.scale_vectors, int) or self.scale_vectors < 1:
             raise LowbitError(f"QuIP# scale_vectors must be a positive integer, got {self.scale_vectors!r}")
+        if isinstance(self.finetune_steps, bool) or not isinstance(self.finetune_steps, int) or self.finetune_steps < 0:
+            raise LowbitError(f"QuIP# finetune_steps must be an integer >= 0, got {self.finetune_steps!r}")
+        if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) \
+                or not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
+            raise LowbitError(f"QuIP# finetune_lr must be a finite number > 0, got {self.finetune_lr!r}")
 
 
 def layer_seed(seed: int, layer_name: str) -> int:
@@ -170,7 +179,11 @@ class QuIP(GPTQ):
 
     config_cls = QuIPConfig
     needs_calibration = True
-    layer_records = ("errors",)
+    layer_records = ("errors", "tuned")
+
+    def __init__(self, config: QuIPConfig):
+        super().__init__(config)
+        self.tuned: dict[str, dict] = {}  # block -> held-out error before/after its fine-tuning
 
     def apply(self, layer_name: str, module: nn.Linear) -> E8PWeight:
         check_finite(module.weight, layer_name)
@@ -181,4 +194,73 @@ class QuIP(GPTQ):
             log(f"{layer_name}: width {width} has no Hadamard factorisation; its transform is a random orthogonal "
                 f"matrix, stored with the weight ({width}x{width} floats, a dense product per call)")
         self.errors[layer_name] = info["error"]
+        return fmt
+
+    @property
+    def tunes_blocks(self) -> bool:
+        return self.config.finetune_steps > 0
+
+    def tune_block(self, block: nn.Module, prefix: str, inputs, targets, block_kwargs: dict) -> dict:
+        """The paper's fine-tuning within a block (§5), codes fixed: each E8P layer's sign vectors
+        ``su``, ``sv`` (made continuous) and scales, and the block's norm gains, by
+        `lowbit.algorithms.block_tune.tune`. Returns the layers' weights with the tuned values
+        (none when tuning did not help on the held-out batch)."""
+        layers = {n: TunableE8P(m) for n, m in block.named_modules()
+                  if isinstance(getattr(m, "weight_format", None), E8PWeight)}
+        for n, t in layers.items():  # stand-ins while tuning; the runner installs the results
+            block.set_submodule(n, t)
+        params = [p for t in layers.values() for p in t.parameters()] + block_parameters(block, (TunableE8P,))
+        try:
+            res = tune(block, params, inputs, targets, block_kwargs, self.config.finetune_steps, self.config.finetune_lr)
+        finally:
+            for n, t in layers.items():
+                block.set_submodule(n, t.original)
+        self.tuned[prefix] = {"held_out_before": res.held_out_before, "held_out_after": res.held_out_after,
+                              "kept": res.kept}
+        return {n: t.weight() for n, t in layers.items()} if res.kept else {}
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.tuned:
+            d["tuning"] = dict(sorted(self.tuned.items()))
+        return d
+
+
+class TunableE8P(nn.Module):
+    """An E8P layer whose continuous parts are trainable: the transforms' diagonals (the sign
+    vectors, initialised to the seed's signs) and the scales; the codes stay as they are, decoded
+    once. ``weight()`` is the layer's weight with the tuned values."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        self.original = q
+        f = self.fmt = q.weight_format
+        self._inc = f.incoherence()
+        du, dv = self._inc.U.diagonal(), self._inc.V.diagonal()
+        self.su = nn.Parameter(torch.ones(f.shape[0]) if du is None else du.clone(), requires_grad=False)
+        self.sv = nn.Parameter(torch.ones(f.shape[1]) if dv is None else dv.clone(), requires_grad=False)
+        self.scale = nn.Parameter(f.scale.clone(), requires_grad=False)
+        self.register_buffer("stage1", e8p.decode(f.codes.to(torch.int64) & 0xFFFF).reshape(f.shape), persistent=False)
+        stage2 = None
+        if f.bits == 4:
+            stage2 = e8p.decode(f.residual.to(torch.int64) & 0xFFFF).reshape(f.shape)
+        elif f.bits == 3:
+            stage2 = decode_signs(f.residual).reshape(f.shape)
+        self.register_buffer("stage2", stage2, persistent=False)
+        self.bias = q.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = self.scale[0] * self.stage1
+        if self.stage2 is not None:
+            W = W + self.scale[1] * self.stage2
+        U = dataclasses.replace(self._inc.U, diag=self.su)
+        V = dataclasses.replace(self._inc.V, diag=self.sv)
+        y = U.apply_t(V.apply(x.float()) @ W.T)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    def weight(self) -> E8PWeight:
+        """The weight with the tuned sign vectors and scales stored."""
+        fmt = dataclasses.replace(self.fmt, scale=self.scale.detach().clone(), su=self.su.detach().clone(),
+                                  sv=self.sv.detach().clone())
+        fmt.validate()
         return fmt

@@ -9,7 +9,9 @@ The only place that knows about decoder blocks, hooks and devices:
    stopped right there);
 3. for each block in order: move it to the device; if the method needs data, run the block with
    forward hooks on its linear layers so the method can observe their inputs; ask the method for
-   each layer's replacement; run the now-quantized block to produce the inputs of the next block
+   each layer's replacement; for a method that fine-tunes blocks (``tunes_blocks``), let it tune
+   the quantized block towards the float block's outputs on the same inputs (kept from the
+   observation pass); run the now-quantized block to produce the inputs of the next block
    (errors of earlier blocks are thus visible to later ones); move the block back.
 
 Only one block and the activations live on the device at a time. Peak memory is measured while
@@ -330,12 +332,16 @@ def capture_block0_inputs(model: nn.Module, samples: Tensor, batch_size: int, de
     return inputs
 
 
+def _replacement(lin: nn.Module, result) -> nn.Module:
+    from lowbit.nn.replace import replacement
+
+    return replacement(lin, result)
+
+
 def solve_layer(method: Method, name: str, lin: nn.Linear) -> nn.Module:
     """The module that replaces linear ``lin``: the method's result (a weight format, or a dense
     weight) in its module (`lowbit.nn.replace.replacement`)."""
-    from lowbit.nn.replace import replacement
-
-    return replacement(lin, method.apply(name, lin))
+    return _replacement(lin, method.apply(name, lin))
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -389,8 +395,12 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     split = distributed.Split.current()  # scale-out: None in one process
+    tunes = method.needs_calibration and method.tunes_blocks
     if split is not None:
         split.check(method)
+        if tunes:
+            raise LowbitError(f"{method.name}'s block fine-tuning runs in one process; run it without torchrun "
+                              "or without fine-tuning (finetune_steps=0)")
         progress = progress and split.rank == 0
     blocks = find_blocks(model)
     if batch_size is None:
@@ -436,6 +446,7 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 dtype = dtype or next((p.dtype for p in blk.parameters() if p.is_floating_point()), None)
                 kw = block_kwargs[i]
                 layers = linear_layers(blk)
+                T = Activations(pool) if tunes else None
                 if method.needs_calibration and split is not None:  # scale-out: layers observed by their owners
                     split.observe(method, {f"{prefix}.{n}": lin for n, lin in layers.items()}, X,
                                   lambda x: blk(x, **kw))
@@ -447,7 +458,9 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                         handles.append(lin.register_forward_hook(hook))
                     try:
                         for x in X:
-                            blk(x, **kw)
+                            y = blk(x, **kw)
+                            if T is not None:  # the float block's outputs: what fine-tuning aims at
+                                T.append(_block_output(y))
                     finally:
                         for h in handles:
                             h.remove()
@@ -460,6 +473,10 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                 else:
                     for name, lin in layers.items():
                         _set_submodule(blk, name, solve_layer(method, f"{prefix}.{name}", lin))
+                if T is not None:  # the quantized block tuned towards the float block's outputs
+                    for name, fmt in (method.tune_block(blk, prefix, X, T, kw) or {}).items():
+                        _set_submodule(blk, name, _replacement(blk.get_submodule(name), fmt))
+                    T.release()
                 if state is not None:
                     state.save_block(i, blk)
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing
