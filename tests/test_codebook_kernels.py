@@ -162,6 +162,14 @@ def test_struct_is_cached_per_stored_tensors():
     assert codebook.e8p_weight_struct(w) is codebook.e8p_weight_struct(w)
     w2 = dataclasses.replace(w, scale=w.scale.clone())  # a tensor changed: a new struct
     assert codebook.e8p_weight_struct(w2) is not codebook.e8p_weight_struct(w)
+    from lowbit.kernels import _native
+
+    before = len(_native._STRUCTS)
+    del w, w2
+    import gc
+
+    gc.collect()
+    assert len(_native._STRUCTS) == before - 1  # the cache keeps no weight alive (w and w2 share codes)
 
 
 @needs_native
