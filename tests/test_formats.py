@@ -18,6 +18,8 @@ from lowbit.formats import available_formats, get_format
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
+from lowbit.formats.aqlm import AQLMWeight
+from lowbit.formats.incoherent import IncoherentAffineWeight
 from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight
 from lowbit.formats.floatw import FloatWeight
@@ -37,6 +39,13 @@ def _static_int8(matmul="auto", smooth=True):
     return StaticInt8Weight(qweight=torch.round(W / s_w[:, None]).to(torch.int8), w_scale=s_w,
                             act_qparams=torch.tensor([0.02, 3.0]), shape=(6, 40), act_qmin=-128, act_qmax=127,
                             smooth=torch.rand(40) + 0.5 if smooth else None, observer="mse", matmul=matmul, w_min=-127)
+
+
+def _tuned(w):
+    """An E8P weight with fine-tuned (continuous) sign vectors."""
+    import dataclasses
+
+    return dataclasses.replace(w, su=torch.linspace(-1.2, 1.1, w.shape[0]), sv=torch.linspace(0.9, -1.0, w.shape[1]))
 
 
 def _two_of_four():
@@ -67,7 +76,16 @@ CASES = [
     ("ternary-channel", ternary_quantize(_W(), TernaryConfig("channel")), {"shape", "granularity"}),
     ("sparse-nm", SparseNMWeight.from_dense(_two_of_four(), 2, 4), {"shape", "pattern"}),
     ("sparse-csr", CSRWeight.from_dense(_two_of_four()), {"shape", "nnz"}),
-    ("e8p", quip_quantize(_W(8, 64), torch.eye(64), QuIPConfig(), 1)[0], {"shape", "seed"}),
+    ("e8p", quip_quantize(_W(8, 64), torch.eye(64), QuIPConfig(), 1)[0], {"shape", "seed", "bits"}),
+    ("e8p-3bit-tuned", _tuned(quip_quantize(_W(8, 64), torch.eye(64), QuIPConfig(bits=3), 1)[0]),
+     {"shape", "seed", "bits"}),
+    ("e8p-4bit-orthogonal", quip_quantize(_W(7, 64), torch.eye(64), QuIPConfig(bits=4), 1)[0],
+     {"shape", "seed", "bits"}),
+    ("affine-incoherent", IncoherentAffineWeight.wrap(AffineWeight.quantize_rtn(_W(8, 64), QuantScheme(bits=3,
+     group_size=32)), 5), {"shape", "scheme", "seed"}),
+    ("aqlm", AQLMWeight.from_codes(torch.randint(0, 16, (6, 5, 2), generator=torch.Generator().manual_seed(0)),
+                                   torch.randn(2, 16, 8), torch.rand(6) + 0.5, (6, 40)),
+     {"shape", "in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook"}),
 ]
 IDS = [c[0] for c in CASES]
 WEIGHTS = {c[0]: c[1] for c in CASES}
@@ -121,7 +139,7 @@ def test_validate_names_the_field(case):
                 field = "col_idx"  # the values' length is nnz: the columns then have the wrong length
             with pytest.raises(LowbitError, match=rf"^{type(w).name} {field} has shape"):
                 type(w).from_tensors(dict(tensors, **{n: bad}), meta)
-        if n != "smooth":  # every stored tensor is needed by its weight's settings, except the optional smooth
+        if n not in ("smooth", "su", "sv"):  # every stored tensor is needed by its settings, but the optional ones
             always = type(w).__dataclass_fields__[n].default is not None
             with pytest.raises(KeyError if always else LowbitError, match=rf"'{n}'"):
                 type(w).from_tensors({k: v for k, v in tensors.items() if k != n}, meta)

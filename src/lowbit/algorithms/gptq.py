@@ -49,10 +49,12 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
 from lowbit.core.grid import check_finite, choose_qparams, group_layout, qparams_from_range, round_to_grid
+from lowbit.core.hadamard import Incoherence, hadamard_factors, layer_seed
 from lowbit.core.registry import register_method
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
 from lowbit.formats.affine import AffineWeight
+from lowbit.formats.incoherent import IncoherentAffineWeight
 from lowbit.formats.base import WeightFormat
 
 
@@ -63,6 +65,8 @@ class GPTQConfig:
     damp: float = 0.01          # λ = damp · mean(diag H)
     act_order: bool = True      # quantize columns by descending diag H
     static_groups: bool = True  # group qparams from the original weights (required with act_order)
+    incoherent: bool = False    # solve on U W V^T and V H V^T (QuIP's incoherence processing; see `GPTQ.apply`)
+    seed: int = 0               # with the layer's name: the seed of the incoherence transforms
 
     def __post_init__(self) -> None:
         if not isinstance(self.scheme, QuantScheme):
@@ -72,7 +76,9 @@ class GPTQConfig:
         if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
                 or not math.isfinite(self.damp) or self.damp <= 0):
             raise LowbitError(f"GPTQ damp must be a finite number > 0, got {self.damp!r}")
-        for name in ("act_order", "static_groups"):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise LowbitError(f"GPTQ seed must be an integer in [0, 2^31), got {self.seed!r}")
+        for name in ("act_order", "static_groups", "incoherent"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"GPTQ {name} must be true or false, got {getattr(self, name)!r}")
         if self.act_order and self.scheme.granularity == "group" and not self.static_groups:
@@ -341,6 +347,22 @@ class GPTQ(Method):
         # rounded to the solve's float32 here so that the float64 sum is freed before the solve's
         # copies exist (the solver would round it to the same values)
         H = self.take_hessian(layer_name).float()
-        fmt, info = gptq_quantize(module.weight, H, self.config)
+        if not self.config.incoherent:
+            fmt, info = gptq_quantize(module.weight, H, self.config)
+            self.errors[layer_name] = info["error"]
+            return fmt
+        # incoherence processing (QuIP): the grid is fitted to W~ = U W V^T, whose outliers the
+        # random Hadamard transforms spread out, with the matching Hessian V H V^T; the error is
+        # the same in either basis (the transforms are orthogonal)
+        seed = layer_seed(self.config.seed, layer_name)
+        out, n = module.weight.shape
+        if hadamard_factors(out) is None or hadamard_factors(n) is None:
+            raise LowbitError(f"{layer_name}: GPTQ incoherent=true needs Hadamard-factorisable widths "
+                              f"(b * 2^r with a Paley base b); this layer is {out} x {n}")
+        inc = Incoherence.for_shape(out, n, seed)
+        Wt = inc.weight(module.weight.detach().float())
+        Ht = inc.hessian(H)
+        del H
+        fmt, info = gptq_quantize(Wt, Ht, self.config)
         self.errors[layer_name] = info["error"]
-        return fmt
+        return IncoherentAffineWeight.wrap(fmt, seed)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from lowbit.algorithms.gptq import GPTQ, check_solver_inputs
 from lowbit.algorithms.ldlq import block_ldlq, proxy_loss
 from lowbit.core import e8p
 from lowbit.core.grid import check_finite
-from lowbit.core.hadamard import Incoherence
+from lowbit.core.hadamard import Incoherence, layer_seed
 from lowbit.core.log import log
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
@@ -71,11 +70,6 @@ class QuIPConfig:
         if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) \
                 or not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
             raise LowbitError(f"QuIP# finetune_lr must be a finite number > 0, got {self.finetune_lr!r}")
-
-
-def layer_seed(seed: int, layer_name: str) -> int:
-    """A layer's transform seed: stable across runs and processes (not Python's salted hash)."""
-    return (seed << 32) | zlib.crc32(layer_name.encode())
 
 
 def _round(Y: Tensor, s: float) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -231,6 +232,12 @@ class Transform:
         y = fast_hadamard(x, transpose=True) if self.kind == "hadamard" else x @ self.base().to(x.device, x.dtype)
         d = self.diagonal()
         return y if d is None else y * d.to(x.device, x.dtype)
+
+
+def layer_seed(seed: int, layer_name: str) -> int:
+    """A layer's transform seed from a run's ``seed`` and the layer's name: stable across runs and
+    processes (not Python's salted hash)."""
+    return (seed << 32) | zlib.crc32(layer_name.encode())
 
 
 def transform_for(n: int, seed: int) -> Transform:
