@@ -39,10 +39,11 @@ on: the codes are chosen against the values that are stored. Codebooks start fro
 k-means (paper §3.1) on the groups of W / s (s = the rows' RMS).
 
 Block fine-tuning (paper §3.3, with PV-tuning's discrete step): with ``finetune_steps > 0`` the
-calibration runner calls `AQLM.tune_block` once every layer of a block is quantized: Adam on the
-block's codebooks and scales against the original block's outputs (MSE), then each layer's codes
-are searched again against the tuned codebooks (accepted only where they lower the layer's own L),
-and every step is kept only if it lowers the block's error on the calibration batches.
+calibration runner calls `AQLM.tune_block` once every layer of a block is quantized: the block's
+codebooks, scales and norm gains are trained by the shared block trainer
+(`lowbit.algorithms.block_tune`) towards the float block's outputs, then each layer's codes are
+searched again against the tuned codebooks (accepted only where they lower the layer's own L);
+each step is kept only if it lowers the block's error on a held-out calibration batch.
 """
 
 from __future__ import annotations
@@ -448,133 +449,99 @@ def aqlm_quantize(W: Tensor, H: Tensor, cfg: AQLMConfig, seed: int = 0) -> tuple
 
 class _Trainable(nn.Module):
     """A differentiable stand-in for a QuantizedLinear holding an AQLM weight while its block is
-    tuned: y = x (s ⊙ Σ_m C_m[b])ᵀ + bias, with C and s float32 parameters and the codes fixed."""
+    tuned: y = x (s ⊙ r ⊙ Σ_m C_m[b])ᵀ + bias, trainable codebooks C and per-row factors r (ones
+    at the start: Adam's steps are about the same size for every parameter, and the scales s are
+    as small as the weights), the codes b and scales s fixed."""
 
     def __init__(self, fmt: AQLMWeight, bias: Tensor | None):
         super().__init__()
         self.shape = fmt.shape
         self.dtype = fmt.codebooks.dtype
-        self.codebooks = nn.Parameter(fmt.codebooks[:, :, 0, :].float().clone())   # [M, K, g]
-        self.scales = nn.Parameter(fmt.scales.reshape(-1).float().clone())        # [out]
-        self.register_buffer("codes", fmt.unsigned_codes())                        # [out, groups, M]
+        self.codebooks = nn.Parameter(fmt.codebooks[:, :, 0, :].float().clone(), requires_grad=False)  # [M, K, g]
+        self.factors = nn.Parameter(torch.ones(fmt.shape[0]), requires_grad=False)                    # [out]
+        self.register_buffer("scales", fmt.scales.reshape(-1).float().clone())                        # [out]
+        self.register_buffer("codes", fmt.unsigned_codes())                                           # [out, groups, M]
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        W = reconstruct(self.codebooks, self.codes, self.scales).to(x.dtype)
+        W = reconstruct(self.codebooks, self.codes, self.scales * self.factors).to(x.dtype)
         return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def round_to_storage(self) -> None:
         self.codebooks.copy_(self.codebooks.to(self.dtype))
-        self.scales.copy_(self.scales.to(self.dtype))
-
-    def state(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.codebooks.detach().clone(), self.scales.detach().clone(), self.codes.clone()
-
-    @torch.no_grad()
-    def load(self, state: tuple[Tensor, Tensor, Tensor]) -> None:
-        self.codebooks.copy_(state[0])
-        self.scales.copy_(state[1])
-        self.codes.copy_(state[2])
+        self.scales.copy_((self.scales * self.factors).to(self.dtype))
+        self.factors.fill_(1.0)
 
     def weight_format(self) -> AQLMWeight:
-        return AQLMWeight.from_codes(self.codes, self.codebooks.detach(), self.scales.detach(), self.shape,
-                                     dtype=self.dtype)
-
-
-def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+        return AQLMWeight.from_codes(self.codes, self.codebooks.detach(), self.scales * self.factors.detach(),
+                                     self.shape, dtype=self.dtype)
 
 
 def tune_aqlm_block(block: nn.Module, inputs, targets, block_kwargs: dict, *, steps: int, lr: float, beam: int = 4,
-               references: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict:
-    """Fine-tune the AQLM layers of ``block`` (QuantizedLinear modules holding `AQLMWeight`s) so
-    that ``block(x, **block_kwargs)`` matches the original block's outputs ``targets`` on the
-    batches ``inputs`` (same order), in place:
+                    references: dict[str, tuple[Tensor, Tensor]] | None = None) -> tuple[dict, dict[str, AQLMWeight]]:
+    """Fine-tune the AQLM layers of ``block`` (modules holding `AQLMWeight`s) towards the float
+    block's outputs ``targets`` on the batches ``inputs`` (same order):
 
-    1. continuous: ``steps`` Adam steps (one batch each, in turn) on the MSE, over every layer's
-       codebooks and scales (the rest of the block frozen), then rounded to the stored dtype;
-    2. discrete (PV-tuning): each layer named in ``references`` ({name in the block: (W, H +
-       λI)}, its original weight and damped Hessian) has its codes searched again against the
-       tuned codebooks, a group's codes changing only where its objective tr((W - W^) H (W - W^)ᵀ)
-       drops (`update_codes`).
+    1. continuous: every layer's codebooks and scales and the block's norm gains by the shared
+       block trainer (`lowbit.algorithms.block_tune.tune`: Adam on the relative squared error,
+       the last batch held out), then rounded to the stored dtype;
+    2. discrete (PV-tuning): each layer named in ``references`` ({name in the block: (W, H + λI)},
+       its original weight and damped Hessian) has its codes searched again against the tuned
+       codebooks, a group's codes changing only where that lowers tr((W - W^) H (W - W^)ᵀ)
+       (`update_codes`).
 
-    Each step is kept only if it lowers the block's MSE over all batches. Returns ``{"mse":
-    [start, after the continuous step, after the discrete step], "layers": n}``."""
-    from lowbit.nn.linear import QuantizedLinear
+    Each step is kept only if it lowers the held-out error (else its values are put back).
+    Returns (report, weights): ``report`` the held-out error at the start and after each step,
+    ``weights`` {name: AQLMWeight} of the tuned layers, for the caller to install (empty when
+    nothing helped). The norm gains are changed in place."""
+    from lowbit.algorithms.block_tune import block_parameters, relative_error, tune
 
-    layers = {n: m for n, m in block.named_modules()
-              if isinstance(m, QuantizedLinear) and isinstance(m.weight_format, AQLMWeight)}
     X, T = list(inputs), list(targets)
-    if len(X) != len(T):
-        raise LowbitError(f"AQLM block tuning got {len(X)} input batches but {len(T)} target batches")
-    if not layers or not X:
-        return {"mse": [], "layers": 0}
+    if len(X) != len(T) or not X:
+        raise LowbitError(f"AQLM block tuning needs one target per input batch, got {len(X)} inputs, {len(T)} targets")
+    layers = {n: m for n, m in block.named_modules() if isinstance(getattr(m, "weight_format", None), AQLMWeight)}
+    if not layers:
+        return {"held_out": [], "kept": False}, {}
     stand_ins = {n: _Trainable(m.weight_format, m.bias) for n, m in layers.items()}
-    params = [p for t in stand_ins.values() for p in (t.codebooks, t.scales)]
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
 
-    def block_mse() -> float:
+    def held_out() -> float:
         with torch.no_grad():
-            total = sum(float(F.mse_loss(_block_output(block(x, **block_kwargs)).float(), t.float(), reduction="sum"))
-                        for x, t in zip(X, T))
-        return total / sum(t.numel() for t in T)
-
-    def states() -> dict:
-        return {n: t.state() for n, t in stand_ins.items()}
+            return float(relative_error(block, X[-1], T[-1], block_kwargs))
 
     try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
         for n, t in stand_ins.items():
-            _swap(block, n, t)
-        start = states()
-        mse = [block_mse()]
-        opt = torch.optim.Adam(params, lr=lr)
-        with torch.enable_grad():
-            for i in range(steps):
-                x, t = X[i % len(X)], T[i % len(T)]
-                loss = F.mse_loss(_block_output(block(x, **block_kwargs)).float(), t.float())
-                for p, grad in zip(params, torch.autograd.grad(loss, params)):
-                    p.grad = grad
-                opt.step()
+            block.set_submodule(n, t)
+        params = [p for t in stand_ins.values() for p in (t.codebooks, t.factors)] + \
+            block_parameters(block, (_Trainable,))
+        start = [p.detach().clone() for p in params] + [t.scales.clone() for t in stand_ins.values()]
+        res = tune(block, params, X, T, block_kwargs, steps, lr)
         for t in stand_ins.values():
             t.round_to_storage()
-        now = block_mse()
-        if not now < mse[0]:
-            for n, t in stand_ins.items():
-                t.load(start[n])
-            now = mse[0]
-        mse.append(now)
+        err = [res.held_out_before, held_out()]
+        if not err[1] < err[0]:
+            with torch.no_grad():
+                for p, v in zip(params + [t.scales for t in stand_ins.values()], start):
+                    p.copy_(v)
+            err[1] = err[0]
         if references:
-            tuned = states()
+            codes = {n: t.codes.clone() for n, t in stand_ins.items()}
             with torch.no_grad():
                 for n, t in stand_ins.items():
                     if n in references:
                         W, H = (r.double() for r in references[n])
-                        codes, _ = update_codes(W, H, t.codebooks.double(), t.codes, t.scales.double(), beam)
-                        t.codes.copy_(codes)
-            now = block_mse()
-            if not now < mse[-1]:
+                        t.codes.copy_(update_codes(W, H, t.codebooks.double(), t.codes, t.scales.double(), beam)[0])
+            err.append(held_out())
+            if not err[2] < err[1]:
                 for n, t in stand_ins.items():
-                    t.load(tuned[n])
-                now = mse[-1]
-            mse.append(now)
-        formats = {n: t.weight_format() for n, t in stand_ins.items()}
+                    t.codes.copy_(codes[n])
+                err[2] = err[1]
+        kept = err[-1] < err[0]
+        weights = {n: t.weight_format() for n, t in stand_ins.items()} if kept else {}
     finally:
         for n, m in layers.items():
-            _swap(block, n, m)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-    for n, m in layers.items():  # the new tensors replace the module's buffers (its format is rebuilt from them)
-        for k, v in formats[n].tensors().items():
-            setattr(m, k, v.to(getattr(m, k).device))
-    return {"mse": mse, "layers": len(layers)}
+            block.set_submodule(n, m)
+    return {"held_out": err, "kept": kept}, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,11 +563,11 @@ class AQLM(GPTQ):
 
     config_cls = AQLMConfig
     needs_calibration = True
-    layer_records = ("errors",)
+    layer_records = ("errors", "tuned")
 
     def __init__(self, config: AQLMConfig):
         super().__init__(config)
-        self.tuning: dict[str, dict] = {}                            # block prefix -> tune_block's report
+        self.tuned: dict[str, dict] = {}                             # block -> held-out error through its tuning
         self._references: dict[str, tuple[Tensor, Tensor]] = {}      # this block's layers: (W, H + λI)
 
     @property
@@ -619,13 +586,21 @@ class AQLM(GPTQ):
                                             damped(H, self.config.damp).float())
         return fmt
 
-    def tune_block(self, block: nn.Module, prefix: str, inputs, targets, block_kwargs: dict) -> None:
-        """Called by the calibration runner once every layer of ``block`` is quantized (see
-        `tune_aqlm_block`); does nothing unless ``finetune_steps > 0``."""
+    def tune_block(self, block: nn.Module, prefix: str, inputs, targets, block_kwargs: dict) -> dict:
+        """Called by the calibration runner once every layer of ``block`` is quantized: `tune_aqlm_block`
+        with the block's layer references; returns the tuned layers' weights (the runner installs
+        them). Nothing unless ``finetune_steps > 0``."""
         if not self.tunes_blocks:
-            return
+            return {}
         refs = {k[len(prefix) + 1:]: v for k, v in self._references.items() if k.startswith(prefix + ".")}
         self._references = {}
         cfg = self.config
-        self.tuning[prefix] = tune_aqlm_block(block, inputs, targets, block_kwargs, steps=cfg.finetune_steps,
-                                              lr=cfg.finetune_lr, beam=cfg.beam_size, references=refs)
+        self.tuned[prefix], weights = tune_aqlm_block(block, inputs, targets, block_kwargs, steps=cfg.finetune_steps,
+                                                      lr=cfg.finetune_lr, beam=cfg.beam_size, references=refs)
+        return weights
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.tuned:
+            d["tuning"] = dict(sorted(self.tuned.items()))
+        return d
