@@ -1,0 +1,201 @@
+"""Two bits that work: QuIP# and AQLM against GPTQ and llama.cpp's Q2_K, quality, size, time and
+decode speed, side by side in one run.
+
+    python -P bench/two_bits.py [--model smollm2-135m|gemma3-270m] [--variants all|NAME,...]
+                                [--out out/two-bits] [--max-tokens 16384] [--no-speed] [--markdown]
+
+Steps (every finished step is kept, so an interrupted run goes on where it stopped):
+
+1. quantize the same float model with each variant (lowbit's default calibration: 32 samples of
+   512 tokens of the bundled calibration text) into ``OUT/<model>/<variant>`` and append the wall
+   time of quantizing (load excluded) to ``OUT/<model>/quantize.jsonl``; a variant whose
+   checkpoint and time are there already is not redone. The Q2_K row is lowbit's own GGUF writer
+   with an importance matrix collected on the same calibration text (llama.cpp's ``--imatrix``
+   recipe), evaluated through lowbit's GGUF loader;
+2. ``lowbit compare`` of the original and every variant on the held-out text under lowbit's fixed
+   perplexity protocol (non-overlapping windows of 512 tokens, ``--max-tokens`` tokens): perplexity,
+   KL to the original, top-1 agreement, real bits per linear weight (every stored byte: codes,
+   codebooks, scales, sign vectors); rows go to ``OUT/<model>/compare.jsonl`` as they are measured;
+3. decode speed (unless ``--no-speed``): lowbit's lean decoder (one C call per token, each layer
+   through its format's C kernel), batch 1, a random prompt of 128 ids and 64 greedy tokens, for
+   the float model, GPTQ W4 g128 (lowbit's int4) and the 2-bit variants, interleaved over
+   ``--repeats`` rounds (medians), with the instruction set, threads and load average.
+
+The table merges the three: each variant's bits/weight, ppl, KL, top-1, quantization time and,
+where measured, decode tok/s and its ratio to int4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# name -> how it is made: ("lowbit", method, scheme or None, options) or ("gguf", qtype)
+VARIANTS = {
+    "gptq-w2g64": ("lowbit", "gptq", dict(bits=2, group_size=64), {}),
+    "gptq-w2g64-incoherent": ("lowbit", "gptq", dict(bits=2, group_size=64), {"incoherent": True}),
+    "gptq-w3g64": ("lowbit", "gptq", dict(bits=3, group_size=64), {}),
+    "gptq-w4g128": ("lowbit", "gptq", dict(bits=4, group_size=128), {}),
+    "quip-2": ("lowbit", "quip", None, {"bits": 2}),
+    "quip-2-tuned": ("lowbit", "quip", None, {"bits": 2, "finetune_steps": 100}),
+    "quip-3": ("lowbit", "quip", None, {"bits": 3}),
+    "quip-4": ("lowbit", "quip", None, {"bits": 4}),
+    "aqlm-2x8": ("lowbit", "aqlm", None, {"bits": 2}),
+    "aqlm-2x8-tuned": ("lowbit", "aqlm", None, {"bits": 2, "finetune_steps": 100}),
+    "aqlm-3x8": ("lowbit", "aqlm", None, {"bits": 3}),
+    "q2_k-imatrix": ("gguf", "Q2_K"),
+}
+SPEED = ("gptq-w4g128", "quip-2", "aqlm-2x8", "gptq-w2g64")  # + the float model
+
+
+def log(msg: str) -> None:
+    print(f"[two_bits] {msg}", file=sys.stderr, flush=True)
+
+
+def done_times(path: Path) -> dict:
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[r["variant"]] = r
+    return out
+
+
+def variant_path(root: Path, name: str) -> Path:
+    return root / (f"{name}.gguf" if VARIANTS[name][0] == "gguf" else name)
+
+
+def quantize_variant(model: str, name: str, path: Path) -> float:
+    """Make one variant at ``path``; returns the seconds it took (loading excluded)."""
+    from lowbit import api
+    from lowbit.core.scheme import QuantScheme
+
+    spec = VARIANTS[name]
+    m = api.load(model)
+    t0 = time.perf_counter()
+    if spec[0] == "gguf":
+        from lowbit.export.gguf import collect_imatrix, export_gguf
+
+        imatrix = collect_imatrix(m)
+        export_gguf(m, path, spec[1], imatrix=imatrix)
+    else:
+        _, method, scheme, options = spec
+        api.quantize(m, method, None if scheme is None else QuantScheme(**scheme), **options)
+        api.save(m, str(path))
+    return time.perf_counter() - t0
+
+
+def speed_table(model: str, root: Path, names: list[str], repeats: int, threads: int) -> list[dict]:
+    """Decode tok/s of the float model and ``names``, interleaved rounds, medians."""
+    import torch
+
+    from lowbit import api
+    from lowbit.runtime import LeanDecoder, measure_lean
+
+    torch.set_num_threads(threads)
+    rows = [("float32", api.load(model))] + [(n, api.load(str(variant_path(root, n)))) for n in names]
+    decs = [(n, LeanDecoder(m.model, max_len=192)) for n, m in rows]
+    times = {n: [] for n, _ in decs}
+    for n, d in decs:  # warm-up
+        measure_lean(d, 128, 64, warmup=0, repeats=1)
+    for _ in range(repeats):
+        for n, d in decs:
+            times[n].append(measure_lean(d, 128, 64, warmup=0, repeats=1).decode_tok_s)
+    return [{"variant": n, "decode_tok_s": statistics.median(v)} for n, v in times.items()]
+
+
+def machine_line(threads: int) -> str:
+    from lowbit.kernels import _native
+
+    lib = _native.library("codebook")
+    isa = lib.isa() if lib is not None else "no native kernels"
+    return f"instruction set {isa}, {threads} threads, load average {os.getloadavg()[0]:.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--variants", default="all", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--out", default="out/two-bits")
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+
+    from lowbit.cli import main as lowbit_main
+    from lowbit.cli import quiet_transformers
+
+    quiet_transformers()
+    root = Path(args.out) / Path(args.model).name  # a model folder's name, or the bundled model's
+    root.mkdir(parents=True, exist_ok=True)
+    times_file = root / "quantize.jsonl"
+    for name in names:
+        path = variant_path(root, name)
+        if name in done_times(times_file) and path.exists():
+            continue
+        log(f"quantizing {name} -> {path}")
+        seconds = quantize_variant(args.model, name, path)
+        with open(times_file, "a") as f:
+            f.write(json.dumps({"variant": name, "seconds": round(seconds, 1)}) + "\n")
+        log(f"{name}: {seconds:.0f} s")
+
+    results = root / "compare.jsonl"
+    rc = lowbit_main(["compare", *[str(variant_path(root, n)) for n in names], "--baseline", args.model,
+                      "--max-tokens", str(args.max_tokens), "--no-latency", "--results", str(results),
+                      "--plot", str(root / "compare.png")])
+    if rc:
+        return rc
+    speed = {}
+    if not args.no_speed:
+        sp = [n for n in SPEED if n in names]
+        speed = {r["variant"]: r["decode_tok_s"] for r in speed_table(args.model, root, sp, args.repeats, args.threads)}
+    quality = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line).get("row") if line.strip() else None
+        if r:
+            quality[str(r["variant"]).removesuffix(".gguf")] = r  # the latest row of each variant
+    times = done_times(times_file)
+    int4 = speed.get("gptq-w4g128")
+    head = ["variant", "bits/weight", "ppl", "KL", "top-1 %", "quantize s", "decode tok/s", "vs int4"]
+    rows = []
+    if "float32" in speed or "original" in quality:
+        rows.append(["float32 (original)", "32", _f(quality.get("original", {}).get("ppl"), 2), "", "", "",
+                     _f(speed.get("float32"), 1),
+                     f"{speed['float32'] / int4:.2f}x" if int4 and "float32" in speed else ""])
+    for n in names:
+        q = quality.get(n, {})
+        tok = speed.get(n)
+        rows.append([n, _f(q.get("bpw"), 3), _f(q.get("ppl"), 2), _f(q.get("kl"), 4), _f(q.get("top1"), 1),
+                     _f(times.get(n, {}).get("seconds"), 0),
+                     _f(tok, 1), f"{tok / int4:.2f}x" if tok and int4 else ""])
+    print(render(head, rows, args.markdown))
+    print(f"{args.model}; {args.max_tokens} held-out tokens; {machine_line(args.threads)}")
+    return 0
+
+
+def _f(v, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    return "\n".join("  ".join(str(x).ljust(n) for x, n in zip(r, w)) for r in [head, *rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
