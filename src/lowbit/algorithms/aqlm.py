@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.algorithms.gptq import GPTQ, check_solver_inputs
-from lowbit.algorithms.quip import layer_seed
 from lowbit.core.grid import check_finite
+from lowbit.core.hadamard import layer_seed
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
 from lowbit.formats.aqlm import MAX_CODEBOOKS, AQLMWeight
