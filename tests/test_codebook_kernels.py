@@ -243,3 +243,119 @@ def test_aqlm_threads_leading_dims_and_what_it_declines(isa, config):
     assert codebook.aqlm_linear_cpu(xp, w) is NotImplemented  # prefill: the reference's GEMM
     assert rel_err(kernels.linear(xp, w), reference.linear(xp, w)) < TOL
     assert codebook.aqlm_weight_struct(w) is codebook.aqlm_weight_struct(w)
+
+
+# -- E8P encoder (nearest point) -----------------------------------------------------------------
+def e8p_dist(codes, y):
+    """Squared distance (float64) of each row of y to the decoded point of its code."""
+    from lowbit.core import e8p
+
+    return ((e8p.codebook().double()[codes.long()] - y.double()) ** 2).sum(1)
+
+
+def adversarial_targets(g):
+    """Zeros, every E8P point, far-away values, midpoints between two points, and vectors on the
+    quarter grid (exact ties between patterns, shifts and signs), with -0.0 among them."""
+    from lowbit.core import e8p
+
+    cb = e8p.codebook()
+    i, j = torch.randint(0, 65536, (2, 4000), generator=g)
+    nearby = torch.randint(0, 65536, (4000,), generator=g)
+    quarter = torch.randint(-12, 13, (4000, 8), generator=g).float() / 4
+    return {
+        "zeros": torch.cat([torch.zeros(4, 8), -torch.zeros(4, 8)]),
+        "lattice": cb.clone(),
+        "large": torch.cat([torch.randn(2000, 8, generator=g) * 1e3, torch.randn(2000, 8, generator=g) * 1e6,
+                            torch.full((2, 8), 3e7), torch.full((2, 8), -3e7)]),
+        "halfway": (cb[i] + cb[j]) / 2,
+        "halfway-neighbours": cb[nearby] + torch.where(torch.rand(4000, 8, generator=g) < 0.5, 0.25, -0.25),
+        "quarter-grid": quarter,
+    }
+
+
+@needs_native
+def test_e8p_encode_equals_the_torch_encoder_on_random_vectors(isa):
+    from lowbit.core import e8p
+
+    g = torch.Generator().manual_seed(21)
+    for sd in (0.3, 1.0, 1.6, 4.0):
+        y = torch.randn(8000, 8, generator=g) * sd
+        c, r = codebook.e8p_encode(y), e8p.encode(y)
+        assert c.dtype == torch.int32 and c.shape == (8000,)
+        assert float((c == r).double().mean()) >= 0.999, sd
+        dc, dr = e8p_dist(c, y), e8p_dist(r, y)
+        assert bool((dc <= dr * (1 + 1e-5) + 1e-12).all()), (sd, float((dc - dr).max()))
+
+
+@needs_native
+def test_e8p_encode_adversarial_inputs(isa):
+    from lowbit.core import e8p
+
+    g = torch.Generator().manual_seed(22)
+    for name, y in adversarial_targets(g).items():
+        c, r = codebook.e8p_encode(y), e8p.encode(y)
+        assert bool(((c >= 0) & (c < 65536)).all()), name
+        dc, dr = e8p_dist(c, y), e8p_dist(r, y)
+        assert bool((dc <= dr * (1 + 1e-5) + 1e-12).all()), (name, float((dc - dr).max()))
+        if name == "lattice":  # every point is its own nearest point
+            assert torch.equal(c, torch.arange(65536, dtype=torch.int32))
+
+
+@needs_native
+def test_e8p_encode_is_the_brute_force_nearest_point(isa):
+    from lowbit.core import e8p
+
+    g = torch.Generator().manual_seed(23)
+    y = torch.randn(300, 8, generator=g) * 1.3
+    cb = e8p.codebook().double()
+    best = torch.cdist(y.double(), cb).pow(2).min(1).values
+    d = e8p_dist(codebook.e8p_encode(y), y)
+    assert torch.allclose(d, best, rtol=1e-6, atol=1e-9)
+
+
+@needs_native
+def test_e8p_encode_threads_shapes_and_refusals(monkeypatch):
+    y = torch.randn(5000, 8, generator=torch.Generator().manual_seed(24))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c1 = codebook.e8p_encode(y)
+        torch.set_num_threads(2)
+        c2 = codebook.e8p_encode(y)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(c1, c2)
+    assert torch.equal(codebook.e8p_encode(y.double()), c1)  # any float dtype, converted
+    assert torch.equal(codebook.e8p_encode(y.t().contiguous().t()), c1)  # a non-contiguous view
+    assert codebook.e8p_encode(torch.zeros(0, 8)).shape == (0,)
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError):
+        codebook.e8p_encode(torch.zeros(3, 7))
+    bad = y[:4].clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(LowbitError):
+        codebook.e8p_encode(bad)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    assert codebook.e8p_encode(y) is None
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quip_solve_is_the_same_with_the_c_encoder(monkeypatch, bits):
+    """The native encoder changes only the speed of the QuIP# solve: the same codes, or (a near
+    tie decided the other way by float rounding, then fed back through LDLQ) the same error."""
+    from lowbit.algorithms.quip import QuIPConfig, quip_quantize
+
+    g = torch.Generator().manual_seed(25)
+    W = torch.randn(192, 128, generator=g) * 0.02
+    X = torch.randn(1024, 128, generator=g)
+    H = X.T @ X / 1024
+    fmt, info = quip_quantize(W, H, QuIPConfig(bits=bits), 3)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    assert codebook.e8p_encode(torch.zeros(1, 8)) is None
+    ref, ref_info = quip_quantize(W, H, QuIPConfig(bits=bits), 3)
+    same = float((fmt.codes == ref.codes).double().mean())
+    assert same >= 0.99
+    assert abs(info["error"] - ref_info["error"]) <= 1e-6 * ref_info["error"] or same < 1, same
+    assert abs(info["error"] - ref_info["error"]) <= 1e-4 * ref_info["error"]

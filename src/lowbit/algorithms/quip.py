@@ -73,9 +73,15 @@ class QuIPConfig:
 
 
 def _round(Y: Tensor, s: float) -> tuple[Tensor, Tensor]:
-    """(codes [rows, cols/8] int64, values) of Y [rows, cols] on s * E8P."""
-    codes = e8p.encode((Y / s).reshape(-1, e8p.DIM).float()).to(torch.int64)
-    return codes.reshape(Y.shape[0], -1), (e8p.decode(codes).reshape(Y.shape) * s).to(Y.dtype)
+    """(codes [rows, cols/8] int64, values) of Y [rows, cols] on s * E8P. The nearest points are
+    found by the C encoder where the native library is built (the same rule as `e8p.encode`, which
+    runs otherwise); the values are rows of `e8p.codebook` (equal to `e8p.decode`)."""
+    from lowbit.kernels.codebook import e8p_encode
+
+    target = (Y / s).reshape(-1, e8p.DIM).float()
+    codes = e8p_encode(target)
+    codes = (e8p.encode(target) if codes is None else codes).to(torch.int64)
+    return codes.reshape(Y.shape[0], -1), (e8p.codebook()[codes].reshape(Y.shape) * s).to(Y.dtype)
 
 
 def _round_signs(Y: Tensor, s: float) -> tuple[Tensor, Tensor]:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lowbit.core import e8p
 from lowbit.core.hadamard import hadamard_factors, hadamard_matrix
+from lowbit.errors import LowbitError
 from lowbit.kernels import _native, register_kernel
 from lowbit.kernels.cpu import _bias_ptr, _prepare_x
 
@@ -41,6 +42,7 @@ _W_ENTRY = [_vp, _vp, _i64, _vp, _vp, _i32]  # (weight struct, x, rows, bias, y,
 _FUNCTIONS = {
     "lb_e8p_linear_w": (_W_ENTRY, _i32),
     "lb_e8p_decode_w": ([_vp, _vp, _i32], _i32),
+    "lb_e8p_encode": ([_vp, _vp, _i64, _vp, _i32], _i32),
     "lb_aqlm_linear_w": (_W_ENTRY, _i32),
     "lb_codebook_set_min_parallel_bytes": ([_i64], None),
 }
@@ -129,6 +131,27 @@ def e8p_decode_c(w, st=None) -> Tensor:
     if lib.lb_e8p_decode_w(ctypes.addressof(st), Wt.data_ptr(), torch.get_num_threads()):
         raise RuntimeError("lb_e8p_decode_w failed")
     return Wt
+
+
+def e8p_encode(y: Tensor) -> Tensor | None:
+    """`lowbit.core.e8p.encode` in C: the code of the nearest E8P point to each row of
+    ``y [N, 8]`` (int32 [N]), by the same rule (512 candidates per vector, the best signs with the
+    cheapest single flip where the parity rule forbids them; lower pattern, then the +1/4 shift,
+    on ties). None when the native library is absent (or ``LOWBIT_NATIVE=0``): use the torch
+    encoder then. Runs on ``torch.get_num_threads()`` threads."""
+    if y.dim() != 2 or y.shape[1] != e8p.DIM:
+        raise LowbitError(f"E8P encodes [N, 8] vectors, got {tuple(y.shape)}")
+    lib = library()
+    if lib is None or y.device.type != "cpu":
+        return None
+    Y = y.detach().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(Y).all()):
+        raise LowbitError("E8P cannot encode NaN/Inf values")
+    codes = torch.empty(Y.shape[0], dtype=torch.int32)
+    if lib.lb_e8p_encode(e8p.abs_patterns().data_ptr(), Y.data_ptr(), Y.shape[0], codes.data_ptr(),
+                         torch.get_num_threads()):
+        raise RuntimeError("lb_e8p_encode failed")
+    return codes
 
 
 @register_kernel("e8p", "float", "cpu", library=library, symbol="lb_e8p_linear_w", struct=e8p_weight_struct)

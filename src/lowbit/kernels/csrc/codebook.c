@@ -503,6 +503,220 @@ int lb_e8p_decode_w(const lb_e8p_weight* w, float* Wt, int nthreads) {
 }
 
 /* ============================================================================================ */
+/* E8P nearest point: the code of the E8P point nearest to each 8-vector y (Euclidean), by
+ * lowbit.core.e8p.encode's rule. For each shift h (+1/4, then -1/4) the target is t = y - h, and
+ * for each of the 256 absolute patterns a the best signs are those of t; when the parity rule
+ * forbids them (sum a + popcount(negative coordinates) odd: see below) the cheapest single flip,
+ * which costs 4 min_i |t_i| a_i, is added. Up to the constant |t|^2 the squared distance is
+ *     score(a) = |a|^2 - 2 sum_i |t_i| a_i  (+ 4 min_i |t_i| a_i when the parity is wrong),
+ * and the products |t_i| a_i serve both sums. The patterns are read transposed (at[i][p] =
+ * a_p[i]), so 8 (AVX2) or 16 (AVX-512) patterns are scored per instruction with the running
+ * minimum and its pattern kept per lane; ties go to the lower pattern, then to the +1/4 shift.
+ * Parity: with b_i = 2 a_i (odd integers), sum s_i a_i = sum a - sum_{neg} b_i, whose parity is
+ * (sum a + popcount(neg)) mod 2; the point must have an even coordinate sum. */
+typedef struct {
+    float at[8][256];      /* at[i][p] = a_p[i] */
+    float nrm[256];        /* |a_p|^2 */
+    int32_t par[256];      /* -1 where sum a_p is odd, else 0 (a lane mask) */
+    uint16_t par16[16];    /* the same, 16 patterns per mask */
+    const float* a;        /* [256, 8] the patterns as given */
+} e8p_enc_tab;
+
+static void e8p_enc_tables(const float* patterns, e8p_enc_tab* T) {
+    memset(T->par16, 0, sizeof T->par16);
+    for (int p = 0; p < 256; p++) {
+        float n = 0.0f;
+        int s = 0;
+        for (int i = 0; i < 8; i++) {
+            const float v = patterns[p * 8 + i];
+            T->at[i][p] = v;
+            n += v * v;
+            s += (int)lrintf(2.0f * v);
+        }
+        T->nrm[p] = n;
+        T->par[p] = ((s / 2) & 1) ? -1 : 0;
+        if (T->par[p]) T->par16[p >> 4] |= (uint16_t)(1u << (p & 15));
+    }
+    T->a = patterns;
+}
+
+/* the code for pattern p (its score won) of target magnitudes mag with negative mask neg */
+INL uint32_t e8p_enc_code(const e8p_enc_tab* T, const float* mag, uint32_t neg, uint32_t par_bad, int p, uint32_t shift) {
+    if (par_bad) {
+        const float* a = T->a + p * 8;
+        int at = 0;
+        float best = mag[0] * a[0];
+        for (int i = 1; i < 8; i++) {
+            const float c = mag[i] * a[i];
+            if (c < best) { best = c; at = i; }
+        }
+        neg ^= 1u << at;
+    }
+    return (uint32_t)p | ((neg & 0x7fu) << 8) | (shift << 15);
+}
+
+/* |t|, the sign mask and its parity of t = y - h */
+INL void e8p_enc_target(const float* y, float h, float* mag, uint32_t* neg, float* mm) {
+    uint32_t n = 0;
+    float s = 0.0f;
+    for (int i = 0; i < 8; i++) {
+        const float t = y[i] - h;
+        mag[i] = fabsf(t);
+        s += mag[i] * mag[i];
+        if (t < 0.0f) n |= 1u << i;
+    }
+    *neg = n;
+    *mm = s;
+}
+
+static uint32_t e8p_enc_one_scalar(const e8p_enc_tab* T, const float* y) {
+    float bd = INFINITY;
+    uint32_t code = 0;
+    for (uint32_t sh = 0; sh < 2; sh++) {
+        float mag[8], mm;
+        uint32_t neg;
+        e8p_enc_target(y, sh ? -0.25f : 0.25f, mag, &neg, &mm);
+        const int32_t pn = (__builtin_popcount(neg) & 1) ? -1 : 0;
+        float best = INFINITY;
+        int bp = 0;
+        for (int p = 0; p < 256; p++) {
+            float g = 0.0f, mn = INFINITY;
+            for (int i = 0; i < 8; i++) {
+                const float c = mag[i] * T->at[i][p];
+                g += c;
+                mn = c < mn ? c : mn;
+            }
+            float s = T->nrm[p] - 2.0f * g;
+            if (T->par[p] ^ pn) s += 4.0f * mn;
+            if (s < best) { best = s; bp = p; }
+        }
+        const float d = mm + best;
+        if (d < bd) {
+            bd = d;
+            code = e8p_enc_code(T, mag, neg, (uint32_t)(T->par[bp] ^ pn), bp, sh);
+        }
+    }
+    return code;
+}
+
+#if LB_X86
+TGT2 static uint32_t e8p_enc_one_avx2(const e8p_enc_tab* T, const float* y) {
+    float bd = INFINITY;
+    uint32_t code = 0;
+    for (uint32_t sh = 0; sh < 2; sh++) {
+        float mag[8], mm;
+        uint32_t neg;
+        e8p_enc_target(y, sh ? -0.25f : 0.25f, mag, &neg, &mm);
+        const int32_t pn = (__builtin_popcount(neg) & 1) ? -1 : 0;
+        const __m256i pnv = _mm256_set1_epi32(pn);
+        __m256 mb[8];
+        for (int i = 0; i < 8; i++) mb[i] = _mm256_set1_ps(mag[i]);
+        const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f);
+        __m256 best = _mm256_set1_ps(INFINITY);
+        __m256i bidx = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i step = _mm256_set1_epi32(8);
+        for (int p = 0; p < 256; p += 8) {
+            __m256 c = _mm256_mul_ps(mb[0], _mm256_loadu_ps(&T->at[0][p]));
+            __m256 g = c, mn = c;
+            for (int i = 1; i < 8; i++) {
+                c = _mm256_mul_ps(mb[i], _mm256_loadu_ps(&T->at[i][p]));
+                g = _mm256_add_ps(g, c);
+                mn = _mm256_min_ps(mn, c);
+            }
+            __m256 s = _mm256_fnmadd_ps(two, g, _mm256_loadu_ps(T->nrm + p));
+            const __m256 bad = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(T->par + p)), pnv));
+            s = _mm256_add_ps(s, _mm256_and_ps(bad, _mm256_mul_ps(four, mn)));
+            const __m256 lt = _mm256_cmp_ps(s, best, _CMP_LT_OQ);
+            best = _mm256_blendv_ps(best, s, lt);
+            bidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bidx), _mm256_castsi256_ps(idx), lt));
+            idx = _mm256_add_epi32(idx, step);
+        }
+        float bv[8];
+        int32_t bi[8];
+        _mm256_storeu_ps(bv, best);
+        _mm256_storeu_si256((__m256i*)bi, bidx);
+        float v = bv[0];
+        int bp = bi[0];
+        for (int l = 1; l < 8; l++)
+            if (bv[l] < v || (bv[l] == v && bi[l] < bp)) { v = bv[l]; bp = bi[l]; }
+        const float d = mm + v;
+        if (d < bd) {
+            bd = d;
+            code = e8p_enc_code(T, mag, neg, (uint32_t)(T->par[bp] ^ pn), bp, sh);
+        }
+    }
+    return code;
+}
+
+TGT5 static uint32_t e8p_enc_one_avx512(const e8p_enc_tab* T, const float* y) {
+    float bd = INFINITY;
+    uint32_t code = 0;
+    for (uint32_t sh = 0; sh < 2; sh++) {
+        float mag[8], mm;
+        uint32_t neg;
+        e8p_enc_target(y, sh ? -0.25f : 0.25f, mag, &neg, &mm);
+        const int pn = __builtin_popcount(neg) & 1;
+        const __mmask16 flip = pn ? (__mmask16)0xffff : (__mmask16)0;
+        __m512 mb[8];
+        for (int i = 0; i < 8; i++) mb[i] = _mm512_set1_ps(mag[i]);
+        const __m512 two = _mm512_set1_ps(2.0f), four = _mm512_set1_ps(4.0f);
+        __m512 best = _mm512_set1_ps(INFINITY);
+        __m512i bidx = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (int p = 0; p < 256; p += 16) {
+            __m512 c = _mm512_mul_ps(mb[0], _mm512_loadu_ps(&T->at[0][p]));
+            __m512 g = c, mn = c;
+            for (int i = 1; i < 8; i++) {
+                c = _mm512_mul_ps(mb[i], _mm512_loadu_ps(&T->at[i][p]));
+                g = _mm512_add_ps(g, c);
+                mn = _mm512_min_ps(mn, c);
+            }
+            __m512 s = _mm512_fnmadd_ps(two, g, _mm512_loadu_ps(T->nrm + p));
+            s = _mm512_mask_add_ps(s, (__mmask16)(T->par16[p >> 4] ^ flip), s, _mm512_mul_ps(four, mn));
+            const __mmask16 lt = _mm512_cmp_ps_mask(s, best, _CMP_LT_OQ);
+            best = _mm512_mask_mov_ps(best, lt, s);
+            bidx = _mm512_mask_mov_epi32(bidx, lt, idx);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        const float v = _mm512_reduce_min_ps(best);
+        const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(v), _CMP_EQ_OQ);
+        const int bp = _mm512_mask_reduce_min_epi32(at, bidx);
+        const float d = mm + v;
+        if (d < bd) {
+            bd = d;
+            code = e8p_enc_code(T, mag, neg, (uint32_t)(T->par[bp] ^ (pn ? -1 : 0)), bp, sh);
+        }
+    }
+    return code;
+}
+#endif
+
+/* codes [n] (int32, 0..65535) of the E8P points nearest to y [n, 8]; patterns [256, 8]: the
+ * absolute patterns (lowbit.core.e8p.abs_patterns). 0 ok, 2 bad arguments. y must be finite. */
+int lb_e8p_encode(const float* patterns, const float* y, int64_t n, int32_t* codes, int nthreads) {
+    if (!patterns || n < 0 || (n && (!y || !codes))) return 2;
+    if (n == 0) return 0;
+    e8p_enc_tab* T = (e8p_enc_tab*)malloc(sizeof(e8p_enc_tab));
+    if (!T) return 2;
+    e8p_enc_tables(patterns, T);
+    const int isa = lb_codebook_isa();
+    const int nt = n < 1024 ? 1 : (nthreads < 1 ? 1 : nthreads);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t v = 0; v < n; v++) {
+        uint32_t c;
+#if LB_X86
+        if (isa >= LB_ISA_AVX512) c = e8p_enc_one_avx512(T, y + v * 8);
+        else if (isa == LB_ISA_AVX2) c = e8p_enc_one_avx2(T, y + v * 8);
+        else
+#endif
+            c = e8p_enc_one_scalar(T, y + v * 8);
+        codes[v] = (int32_t)c;
+    }
+    free(T);
+    return 0;
+}
+
+/* ============================================================================================ */
 /* AQLM (lowbit.formats.aqlm): W[o, group j] = scale[o] * sum_m C_m[code[o, j, m]], groups of g
  * consecutive inputs, M codebooks of 2^B vectors (out_group_size 1).
  *
