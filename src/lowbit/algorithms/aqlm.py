@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import GPTQ, check_solver_inputs
+from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs
 from lowbit.core.grid import check_finite
 from lowbit.core.hadamard import layer_seed
 from lowbit.core.registry import register_method
@@ -404,6 +404,13 @@ def aqlm_quantize(W: Tensor, H: Tensor, cfg: AQLMConfig, seed: int = 0) -> tuple
     g, M, K = cfg.in_group_size, cfg.num_codebooks, 2 ** cfg.nbits_per_codebook
     if n % g:
         raise LowbitError(f"AQLM needs an input width that is a multiple of in_group_size {g}, got {n}")
+    with _one_cpu_thread(W.device):  # thousands of mid-sized ops: on a busy CPU two threads were 8x slower
+        return _solve(W, H, cfg, seed)
+
+
+def _solve(W: Tensor, H: Tensor, cfg: AQLMConfig, seed: int) -> tuple[AQLMWeight, dict]:
+    out, n = W.shape
+    g, M, K = cfg.in_group_size, cfg.num_codebooks, 2 ** cfg.nbits_per_codebook
     dtype = DTYPES[cfg.dtype]
 
     def store(t: Tensor) -> Tensor:
@@ -526,7 +533,7 @@ def tune_aqlm_block(block: nn.Module, inputs, targets, block_kwargs: dict, *, st
             err[1] = err[0]
         if references:
             codes = {n: t.codes.clone() for n, t in stand_ins.items()}
-            with torch.no_grad():
+            with torch.no_grad(), _one_cpu_thread(X[-1].device):
                 for n, t in stand_ins.items():
                     if n in references:
                         W, H = (r.double() for r in references[n])
