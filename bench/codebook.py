@@ -6,7 +6,10 @@ Per layer shape of SmolLM2-135M (576x576, 1536x576, 576x1536) and of a 1B model 
 8192x2048, 2048x8192) at one activation row (decode), the time of one call of: fp32
 ``F.linear`` (torch), lowbit's int4 g128 affine kernel (csrc/cpu_linear.c), and the codebook
 library's kernels (csrc/codebook.c): E8P 2-bit and 4-bit (E8P + E8P residual), AQLM 2x8 and 1x16
-(groups of 8: 2 bits per weight each). Weights are random codes (the kernels' speed does not
+(groups of 8: 2 bits per weight each). Two opt-in rows with int8 arithmetic (not the float
+product) are timed beside them: lowbit's W4A8 ``affine-a8`` (int4 g128 weights, int8 activations)
+and ``aqlm-lut8`` (AQLM 2x8 through int8 lookup tables, AVX-512 VBMI byte permutes); they are
+checked against the float reference within their own bounds (1 % / 2.5 %). Weights are random codes (the kernels' speed does not
 depend on how the codes were found); every kernel is checked against the reference before it is
 timed. Each cell: median µs per call, then int4 time / its time and fp32 time / its time (> 1:
 faster than int4 / fp32). A second table gives bytes per weight read and the GB/s they stream.
@@ -33,7 +36,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.formats.affine import AffineWeight
 from lowbit.formats.aqlm import AQLMWeight
 from lowbit.formats.e8p import E8PWeight
-from lowbit.kernels import codebook, cpu, reference
+from lowbit.kernels import a8, codebook, cpu, reference
 
 SHAPES = [  # (name, out, in)
     ("135M q/o 576x576", 576, 576),
@@ -43,7 +46,8 @@ SHAPES = [  # (name, out, in)
     ("1B gate/up 8192x2048", 8192, 2048),
     ("1B down 2048x8192", 2048, 8192),
 ]
-VARIANTS = ("fp32", "int4-g128", "e8p-2bit", "e8p-4bit", "aqlm-2x8", "aqlm-1x16")
+VARIANTS = ("fp32", "int4-g128", "int4-a8", "e8p-2bit", "e8p-4bit", "aqlm-2x8", "aqlm-2x8-lut8", "aqlm-1x16")
+TOLERANCE = {"int4-a8": 1e-2, "aqlm-2x8-lut8": 2.5e-2}  # the int8 rows' distance from the float product
 
 
 def timeit(fn, min_time: float, repeats: int) -> float:
@@ -75,15 +79,17 @@ def weights(out_f: int, in_f: int, g: torch.Generator) -> dict:
                                  torch.randn(1, 65536, 8, generator=g) * 0.01, torch.rand(out_f, generator=g),
                                  (out_f, in_f))
     nbytes = lambda w: sum(t.numel() * t.element_size() for t in w.tensors().values())  # noqa: E731
-    return {"fp32": (W, W.numel() * 4), "int4-g128": (int4, nbytes(int4)), "e8p-2bit": (e2, nbytes(e2)),
-            "e8p-4bit": (e4, nbytes(e4)), "aqlm-2x8": (a28, nbytes(a28)), "aqlm-1x16": (a116, nbytes(a116))}
+    return {"fp32": (W, W.numel() * 4), "int4-g128": (int4, nbytes(int4)), "int4-a8": (int4, nbytes(int4)),
+            "e8p-2bit": (e2, nbytes(e2)), "e8p-4bit": (e4, nbytes(e4)), "aqlm-2x8": (a28, nbytes(a28)),
+            "aqlm-2x8-lut8": (a28, nbytes(a28)), "aqlm-1x16": (a116, nbytes(a116))}
 
 
 def kernel(variant: str, w):
     if variant == "fp32":
         return lambda x: F.linear(x, w)
-    fn = {"int4-g128": cpu.affine_linear, "e8p-2bit": codebook.e8p_linear_cpu, "e8p-4bit": codebook.e8p_linear_cpu,
-          "aqlm-2x8": codebook.aqlm_linear_cpu, "aqlm-1x16": codebook.aqlm_linear_cpu}[variant]
+    fn = {"int4-g128": cpu.affine_linear, "int4-a8": a8.affine_a8_linear, "e8p-2bit": codebook.e8p_linear_cpu,
+          "e8p-4bit": codebook.e8p_linear_cpu, "aqlm-2x8": codebook.aqlm_linear_cpu,
+          "aqlm-2x8-lut8": codebook.aqlm_lut8_linear, "aqlm-1x16": codebook.aqlm_linear_cpu}[variant]
     return lambda x: fn(x, w)
 
 
@@ -95,7 +101,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="576x576 and 2048x2048 only")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    if codebook.library() is None or not cpu.available():
+    if codebook.library() is None or not cpu.available() or not a8.available():
         print("the native kernels are not built (pip install -e .); nothing to compare", file=sys.stderr)
         return 1
     thread_counts = [int(t) for t in args.threads.split(",")]
@@ -112,7 +118,7 @@ def main() -> int:
             if v != "fp32":
                 y, r = kernel(v, w)(x), reference.linear(x, w)
                 err = float((y - r).norm() / r.norm())
-                if not err < 1e-5:
+                if not err < TOLERANCE.get(v, 1e-5):
                     raise SystemExit(f"{v} {name}: kernel disagrees with the reference (relative error {err:.2e})")
         for threads in thread_counts:
             torch.set_num_threads(threads)
@@ -135,7 +141,8 @@ def main() -> int:
                          for r in [hdr] + body)
 
     print(f"one activation row (decode); time per call in µs (int4 time / time, fp32 time / time: > 1 is faster); "
-          f"paths: codebook {codebook.library().isa()}, int4 {cpu.library().isa()}; threads {args.threads}; "
+          f"paths: codebook {codebook.library().isa()}, int4 {cpu.library().isa()}, int4-a8 {a8.library().isa()}; "
+          f"threads {args.threads}; "
           f"{os.cpu_count()} cores, load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end; "
           f"torch {torch.__version__}\n")
     print(table(header, rows))

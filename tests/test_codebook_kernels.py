@@ -359,3 +359,127 @@ def test_quip_solve_is_the_same_with_the_c_encoder(monkeypatch, bits):
     assert same >= 0.99
     assert abs(info["error"] - ref_info["error"]) <= 1e-6 * ref_info["error"] or same < 1, same
     assert abs(info["error"] - ref_info["error"]) <= 1e-4 * ref_info["error"]
+
+
+# -- AQLM with int8 tables (the opt-in "aqlm-lut8" row) --------------------------------------------
+def lut8_reference(x, w):
+    """The lut8 kernel's arithmetic in plain torch: (q [G, M, 256] int64, block scales, y [N]
+    float64) for one activation row x [K]."""
+    K = w.shape[1]
+    g, M = w.in_group_size, w.num_codebooks
+    G = K // g
+    C = w.codebooks[:, :, 0, :].float()                                   # [M, 256, g]
+    X = x.reshape(G, g).float()
+    lut = X[:, None, None, 0] * C[None, :, :, 0]                          # x_0 c_0, then + x_t c_t
+    for t in range(1, g):
+        lut = lut + X[:, None, None, t] * C[None, :, :, t]                # [G, M, 256] float32
+    B = codebook.LUT8_BLOCK
+    nb = -(-G // B)
+    q = torch.zeros(G, M, 256, dtype=torch.int64)
+    sb = torch.zeros(nb)
+    for b in range(nb):
+        blk = lut[b * B:(b + 1) * B]
+        amax = blk.abs().max()
+        if amax > 0:
+            sb[b] = amax / torch.tensor(127.0)
+            q[b * B:(b + 1) * B] = torch.round(blk * (torch.tensor(127.0) / amax)).clamp(-127, 127).long()
+    codes = w.unsigned_codes()                                            # [N, G, M]
+    N = w.shape[0]
+    isum = q.gather(2, codes.permute(1, 2, 0)).sum(1)                     # [G, N]
+    blocks = torch.stack([isum[b * B:(b + 1) * B].sum(0) for b in range(nb)])
+    y = (sb.double()[:, None] * blocks.double()).sum(0) * w.scales.reshape(N).double()
+    return q, sb, y
+
+
+# (M, g): 2x8, 1x8, 4x8, groups of 4 and 16
+LUT8_CONFIGS = [(2, 8), (1, 8), (4, 8), (2, 4), (1, 16)]
+
+
+def test_lut8_repack_layout():
+    codes = torch.randint(-128, 128, (70, 3, 2), dtype=torch.int8)
+    r = codebook.repack_codes64(codes)
+    assert r.shape == (2, 3, 2, 64) and r.dtype == torch.uint8
+    pos = codebook.lut8_byte_order()
+    for row in (0, 31, 32, 63, 64, 69):
+        t, i = divmod(row, 64)
+        assert torch.equal(r[t, :, :, pos[i]], codes[row].view(torch.uint8))
+    assert int(r[1, :, :, pos[6:]].abs().sum()) == 0  # padding rows: code 0
+
+
+@needs_native
+@pytest.mark.parametrize("config", LUT8_CONFIGS, ids=lambda c: f"{c[0]}x8g{c[1]}")
+def test_aqlm_lut8_equals_its_own_reference(isa, config):
+    M, g = config
+    gen = torch.Generator().manual_seed(31)
+    for shape in [(200, 576), (40, 184 if g != 16 else 176), (64, 2048)]:
+        w = random_aqlm(*shape, M=M, B=8, g=g)
+        assert kernels.select(w, "int8").name == "aqlm-lut8" and kernels.select(w).name == "aqlm"
+        b = torch.randn(shape[0], generator=gen)
+        x = torch.randn(3, shape[1], generator=gen)
+        y = codebook.aqlm_lut8_linear(x, w, b)
+        for i in range(3):
+            q, sb, r = lut8_reference(x[i], w)
+            qc, sbc = codebook.aqlm_lut8_tables(x[i], w)
+            assert torch.equal(qc.long(), q) and torch.equal(sbc, sb)  # the tables bit for bit
+            err = float(((y[i] - b).double() - r).abs().max() / r.abs().max())
+            assert err < 1e-6, (shape, i, err)
+        f = reference.linear(x, w, b)
+        assert rel_err(y - b, f - b) < 0.025  # int8 tables: ~1 % from the float product on random data
+
+
+@needs_native
+def test_aqlm_lut8_zero_rows_threads_and_what_it_declines(isa):
+    w = random_aqlm(1536, 576, M=2, B=8, g=8)
+    gen = torch.Generator().manual_seed(32)
+    b = torch.randn(1536, generator=gen)
+    x = torch.randn(2, 2, 576, generator=gen)
+    x[0, 1] = 0
+    y = codebook.aqlm_lut8_linear(x, w, b)
+    assert y.shape == (2, 2, 1536) and torch.equal(y[0, 1], b)  # a zero row: zero tables, the bias
+    old = torch.get_num_threads()
+    LIB.lb_codebook_set_min_parallel_bytes(0)
+    try:
+        torch.set_num_threads(2)
+        y2 = codebook.aqlm_lut8_linear(x, w, b)  # the tables built by two threads, tiles split
+    finally:
+        torch.set_num_threads(old)
+        LIB.lb_codebook_set_min_parallel_bytes(48 * 1024)
+    assert torch.equal(y, y2)
+    assert codebook.aqlm_lut8_linear(x.double(), w) is NotImplemented
+    w16 = random_aqlm(64, 64, M=1, B=16, g=8)
+    assert codebook.aqlm_lut8_linear(torch.randn(1, 64), w16) is NotImplemented
+    assert kernels.select(w16, "int8").name == "aqlm"  # not taken: the format's own product
+    assert codebook.aqlm8_weight_struct(w) is codebook.aqlm8_weight_struct(w)
+
+
+@needs_native
+def test_decoder_int8_activations_run_aqlm_layers_through_lut8():
+    """LeanDecoder(int8_activations=True): the Python path and the C decode step both run the
+    aqlm-lut8 row for single-row AQLM 2x8 layers (the C step through its C entry)."""
+    from torch import nn
+
+    from lowbit.nn.linear import QuantizedLinear
+    from lowbit.runtime.decoder import LeanDecoder
+    from lowbit.runtime.native import _library
+    from tests.test_runtime_native import REL, ids_for, rel
+
+    if _library() is None:
+        pytest.skip("decode library not built")
+    m = tiny_model("llama", seed=16).model
+    names = [n for n, mod in m.named_modules() if type(mod) is nn.Linear and "lm_head" not in n]
+    for i, n in enumerate(names):
+        lin = m.get_submodule(n)
+        w = random_aqlm(lin.out_features, lin.in_features, M=2, B=8, g=8, seed=i)
+        m.set_submodule(n, QuantizedLinear(w, None if lin.bias is None else lin.bias.detach()))
+    ref = LeanDecoder(m, max_len=20, native=False, int8_activations=True)
+    nat = LeanDecoder(m, max_len=20, native=True, int8_activations=True)
+    assert nat.native_step.kernels.get("aqlm-lut8", 0) == len(names)
+    ids = ids_for(5, m.config.vocab_size)
+    a, b = ref.forward(ids), nat.forward(ids)
+    assert torch.equal(a, b)
+    worst = 0.0
+    for _ in range(8):
+        tok = int(a.argmax())
+        a, b = ref.forward([tok]), nat.forward([tok])
+        worst = max(worst, rel(b, a))
+    assert worst < REL, worst

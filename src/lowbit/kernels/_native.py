@@ -28,8 +28,9 @@ from lowbit.errors import LowbitError
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The instruction-set levels, lowest first (csrc/lb_common.h LB_ISA_*): scalar = portable C;
-# avx2 = AVX2 + FMA + F16C; avx512 = that + AVX-512 F/BW/VL; avx512vnni = that + AVX-512 VNNI.
-ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
+# avx2 = AVX2 + FMA + F16C; avx512 = that + AVX-512 F/BW/VL; avx512vnni = that + AVX-512 VNNI;
+# avx512vbmi = that + AVX-512 VBMI (byte permutes).
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512vbmi")
 
 
 def enabled() -> bool:

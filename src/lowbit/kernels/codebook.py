@@ -20,6 +20,15 @@ per activation row, a table of the dot products of every input group with every 
 (``in * M * 2^B`` multiply-adds) and sums one table entry per code; with B > 8 (1x16) it adds the
 codebook vectors of a group and multiplies with FMA. The codebooks are converted to float32 once
 per weight (cached with the struct). More rows, other devices: the reference (dequantize, GEMM).
+
+Opt-in row ("aqlm", "int8", "cpu"), named ``aqlm-lut8`` (`aqlm_lut8_linear`): 8-bit codes through
+int8-quantized tables, summed as integers and rescaled once per block of ``LUT8_BLOCK`` groups
+(csrc/codebook.c gives the exact rule); AVX-512 VBMI looks up 64 output rows per pair of
+``vpermi2b``. About 1 % from the float product on random data; ``kernels.select(w, "int8")`` and
+the decoder's ``int8_activations`` choose it. Its struct holds a repacked copy of the codes
+(`repack_codes64`: as many bytes again as the codes, 0.25 B per weight for 2x8).
+
+`e8p_encode`: QuIP#'s nearest-point search (`lowbit.core.e8p.encode`) in C.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ _FUNCTIONS = {
     "lb_e8p_decode_w": ([_vp, _vp, _i32], _i32),
     "lb_e8p_encode": ([_vp, _vp, _i64, _vp, _i32], _i32),
     "lb_aqlm_linear_w": (_W_ENTRY, _i32),
+    "lb_aqlm_lut8_linear_w": (_W_ENTRY, _i32),
+    "lb_aqlm_lut8_tables": ([_vp, _vp, _vp, _vp], _i32),
     "lb_codebook_set_min_parallel_bytes": ([_i64], None),
 }
 
@@ -235,4 +246,105 @@ def aqlm_linear_cpu(x: Tensor, w, bias: Tensor | None = None):
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
     rc = lib.lb_aqlm_linear_w(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(),
                               torch.get_num_threads())
+    return NotImplemented if rc else y
+
+
+# -- AQLM with int8 tables (opt-in) ----------------------------------------------------------------
+class AQLM8WeightC(ctypes.Structure):
+    """Mirror of ``lb_aqlm8_weight`` in csrc/codebook.c."""
+    _fields_ = [(n, _vp) for n in ("codes64", "cbt", "scales")] + [(n, _i64) for n in ("K", "N", "g", "M")]
+
+
+LUT8_BLOCK = 16  # groups per int8 table scale (AQLM8_BLOCK in csrc/codebook.c)
+
+
+def lut8_byte_order() -> Tensor:
+    """Byte position of row r (0..63) of a tile in a repacked 64-byte line: 2r for r < 32, else
+    2(r - 32) + 1 (the even bytes are rows 0-31, the odd ones 32-63)."""
+    r = torch.arange(64)
+    return torch.where(r < 32, 2 * r, 2 * (r - 32) + 1)
+
+
+def repack_codes64(codes: Tensor) -> Tensor:
+    """AQLM codes [N, G, M] (8-bit) -> the lut8 kernel's copy [ceil(N / 64), G, M, 64] uint8: one
+    64-byte line per (tile of 64 rows, group, codebook), row r at byte `lut8_byte_order`[r]; rows
+    past N are code 0. As many bytes as the codes (plus the padding of the last tile)."""
+    N, G, M = codes.shape
+    NT = -(-N // 64)
+    c = torch.zeros(NT * 64, G, M, dtype=torch.uint8)
+    c[:N] = codes.view(torch.uint8) if codes.dtype == torch.int8 else (codes.to(torch.int64) & 255).to(torch.uint8)
+    c = c.reshape(NT, 64, G, M).permute(0, 2, 3, 1)                    # [NT, G, M, row]
+    out = torch.empty(NT, G, M, 64, dtype=torch.uint8)
+    out[..., lut8_byte_order()] = c
+    return out.contiguous()
+
+
+def aqlm8_supports(w) -> bool:
+    """The lut8 row takes 8-bit codes (any number of codebooks up to 8, any group size), out
+    groups of 1, CPU tensors."""
+    return (library() is not None and w.nbits_per_codebook == 8 and w.out_group_size == 1 and 1 <= w.num_codebooks <= 8
+            and w.codes.device.type == "cpu")
+
+
+def aqlm8_struct(w) -> AQLM8WeightC | None:
+    """The C view of an AQLMWeight for the lut8 kernel: the repacked codes (`repack_codes64`: a
+    second copy of the codes, as many bytes), float32 codebooks (transposed) and scales."""
+    if w.nbits_per_codebook != 8 or w.out_group_size != 1 or w.codes.device.type != "cpu" or not 1 <= w.num_codebooks <= 8:
+        return None
+    N, K = w.shape
+    codes64 = repack_codes64(w.codes)
+    cbt = w.codebooks[:, :, 0, :].to(torch.float32).transpose(1, 2).contiguous()   # [M, g, 256]
+    scales = w.scales.reshape(N).to(torch.float32).contiguous()
+    st = AQLM8WeightC(codes64=codes64.data_ptr(), cbt=cbt.data_ptr(), scales=scales.data_ptr(), K=K, N=N,
+                      g=w.in_group_size, M=w.num_codebooks)
+    st._keep = (codes64, cbt, scales)
+    return st
+
+
+def aqlm8_weight_struct(w) -> AQLM8WeightC | None:
+    """`aqlm8_struct`, built once per stored tensors."""
+    return _native.cached_struct(w, aqlm8_struct, ("lut8", w.in_group_size, w.num_codebooks, w.nbits_per_codebook))
+
+
+def aqlm_lut8_tables(x: Tensor, w) -> tuple[Tensor, Tensor]:
+    """The int8 tables the lut8 kernel builds for one activation row ``x [K]`` (float32): q
+    [G, M, 256] int8 and the block scales [ceil(G / LUT8_BLOCK)] float32 (for tests)."""
+    lib = library()
+    st = aqlm8_weight_struct(w)
+    if lib is None or st is None:
+        raise LowbitError("the lut8 kernel does not take this weight (or the native library is not built)")
+    K = w.shape[1]
+    G, M = K // w.in_group_size, w.num_codebooks
+    X = x.detach().reshape(K).to(torch.float32).contiguous()
+    q = torch.empty(G, M, 256, dtype=torch.int8)
+    sb = torch.empty(-(-G // LUT8_BLOCK), dtype=torch.float32)
+    if lib.lb_aqlm_lut8_tables(ctypes.addressof(st), X.data_ptr(), q.data_ptr(), sb.data_ptr()):
+        raise RuntimeError("lb_aqlm_lut8_tables failed")
+    return q, sb
+
+
+@register_kernel("aqlm", "int8", "cpu", default=False, name="aqlm-lut8", library=library,
+                 symbol="lb_aqlm_lut8_linear_w", struct=aqlm8_weight_struct, supports=aqlm8_supports)
+def aqlm_lut8_linear(x: Tensor, w, bias: Tensor | None = None):
+    """y = x W^T + bias of AQLM weights with 8-bit codes through int8-quantized lookup tables
+    (csrc/codebook.c: the float table of each group's dot products, quantized per block of
+    ``LUT8_BLOCK`` groups, summed as integers, rescaled once per block; 64 rows per pair of
+    AVX-512 VBMI byte permutes). Not the float product: an opt-in row (``activations="int8"``,
+    the decoder's ``int8_activations``), ``NotImplemented`` for what it does not take."""
+    lib = library()
+    if lib is None or not aqlm8_supports(w):
+        return NotImplemented
+    N, K = w.shape
+    X = _prepare_x(x, K)
+    if X is None:
+        return NotImplemented
+    st = aqlm8_weight_struct(w)
+    if st is None:
+        return NotImplemented
+    bptr, b = _bias_ptr(bias, N)
+    if bptr is False:
+        return NotImplemented
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    rc = lib.lb_aqlm_lut8_linear_w(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(),
+                                   torch.get_num_threads())
     return NotImplemented if rc else y

@@ -22,7 +22,8 @@
  * vector of a 3-bit residual's sign byte (bit i set: coordinate i is -1).
  *
  * Instruction sets are chosen at run time (lb_codebook_isa): AVX-512 (F+BW+VL) codes two at a
- * time in 16 lanes, AVX2+FMA one per 8 lanes, portable C. Functions return 0 when they computed
+ * time in 16 lanes, AVX2+FMA one per 8 lanes, portable C; the avx512vbmi level (VNNI + VBMI) runs
+ * the float kernels' AVX-512 code and the int8-table AQLM kernel's byte permutes. Functions return 0 when they computed
  * y, 2 for arguments they cannot read (the caller then runs the reference).
  */
 #include <math.h>
@@ -40,7 +41,7 @@
 #define LB_X86 0
 #endif
 
-LB_ISA_EXPORTS(codebook, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512))
+LB_ISA_EXPORTS(codebook, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(LB_ISA_AVX512) | LB_PATH(LB_ISA_AVX512VBMI))
 
 /* Calls that read fewer bytes of codes than this run on one thread (lb_common.h). */
 void lb_codebook_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
@@ -988,5 +989,277 @@ int lb_aqlm_linear_w(const lb_aqlm_weight* w, const float* x, int64_t Mx, const 
             const float v = y[mx * N + o] * w->scales[o];
             y[mx * N + o] = bias ? v + bias[o] : v;
         }
+    return 0;
+}
+
+/* ============================================================================================ */
+/* AQLM with int8 tables (the opt-in "aqlm-lut8" row: 8-bit codes, any M and g): per activation
+ * row the float table LUT[j][m][k] = x_j . C_m[k] (exactly as above: x_0 * c_0, then + x_t * c_t,
+ * separate products and sums), quantized to int8 per block of AQLM8_BLOCK groups:
+ *     amax = max |LUT| over the block's entries;  amax == 0: s_b = 0, q = 0;
+ *     else s_b = amax / 127.0f, q = clamp(round_half_even(LUT * (127.0f / amax)), -127, 127);
+ * then y[o] = scales[o] * acc + bias[o] with acc = sum over blocks, in order, of
+ * s_b * (float)(sum_{j in b, m} q[j][m][code]) (exact integer sums; one product and one sum per
+ * block). The codes are read from a repacked copy (the struct builder makes it once: as many
+ * bytes as the codes) where one 64-byte line holds one (group, codebook)'s codes of 64
+ * consecutive output rows, row r at byte 2r (r < 32) or 2(r - 32) + 1, so that
+ * AVX-512 VBMI looks up 64 rows per pair of vpermi2b (two 128-entry halves of the table, chosen
+ * by the code's top bit) and splits the bytes into int16 sums of rows 0-31 (even bytes) and
+ * 32-63 (odd bytes) without a shuffle. */
+#define AQLM8_BLOCK 16
+
+typedef struct {
+    const uint8_t* codes64;  /* [ceil(N / 64), G, M, 64] the repacked codes (above) */
+    const float* cbt;        /* [M, g, 256] the codebooks transposed (float32) */
+    const float* scales;     /* [N] float32 */
+    int64_t K, N, g, M;
+} lb_aqlm8_weight;
+
+/* int8 tables of the groups of blocks [b0, b1): q [G, M, 256], sb [nblocks]; f: a float scratch of
+ * AQLM8_BLOCK * M * 256 */
+INL void aqlm8_tables(const lb_aqlm8_weight* w, const float* x, int64_t b0, int64_t b1, int8_t* q, float* sb, float* f) {
+    const int64_t G = w->K / w->g, M = w->M;
+    lb_aqlm_weight fw = {NULL, w->cbt, NULL, NULL, w->K, w->N, w->g, w->M, 8};
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t j0 = b * AQLM8_BLOCK, j1 = j0 + AQLM8_BLOCK < G ? j0 + AQLM8_BLOCK : G;
+        const int64_t n = (j1 - j0) * M * 256;
+        aqlm_lut(&fw, x + j0 * w->g, 0, j1 - j0, f);
+        uint32_t abits = 0;  /* max |f| as the bits of a non-negative float (ordered as integers) */
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, f + i, 4);
+            u &= 0x7fffffffu;
+            abits = u > abits ? u : abits;
+        }
+        const float amax = u2f(abits);
+        int8_t* out = q + j0 * M * 256;
+        if (amax == 0.0f) {
+            sb[b] = 0.0f;
+            memset(out, 0, (size_t)n);
+            continue;
+        }
+        sb[b] = amax / 127.0f;
+        const float inv = 127.0f / amax;
+        for (int64_t i = 0; i < n; i++) {
+            /* |f * inv| <= 127 (+ rounding): adding and subtracting 1.5 * 2^23 rounds half to even */
+            float v = (f[i] * inv + 12582912.0f) - 12582912.0f;
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            out[i] = (int8_t)(int32_t)v;
+        }
+    }
+}
+
+static void aqlm8_tables_scalar(const lb_aqlm8_weight* w, const float* x, int64_t b0, int64_t b1, int8_t* q, float* sb, float* f) {
+    aqlm8_tables(w, x, b0, b1, q, sb, f);
+}
+
+INL int aqlm8_byte(int r) { return r < 32 ? 2 * r : 2 * (r - 32) + 1; }
+
+/* acc [64] of tile t (rows 64t ..): the per-block scaled integer sums */
+static void aqlm8_tile_scalar(const lb_aqlm8_weight* w, const int8_t* q, const float* sb, int64_t t, float* acc) {
+    const int64_t G = w->K / w->g, M = w->M, nb = (G + AQLM8_BLOCK - 1) / AQLM8_BLOCK;
+    const uint8_t* cp = w->codes64 + t * G * M * 64;
+    int32_t is[64];
+    for (int r = 0; r < 64; r++) acc[r] = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t j0 = b * AQLM8_BLOCK, j1 = j0 + AQLM8_BLOCK < G ? j0 + AQLM8_BLOCK : G;
+        for (int r = 0; r < 64; r++) is[r] = 0;
+        for (int64_t jm = j0 * M; jm < j1 * M; jm++) {
+            const int8_t* T = q + jm * 256;
+            const uint8_t* c = cp + jm * 64;
+            for (int r = 0; r < 64; r++) is[r] += T[c[aqlm8_byte(r)]];
+        }
+        const float s = sb[b];
+        for (int r = 0; r < 64; r++) acc[r] = acc[r] + s * (float)is[r];
+    }
+}
+
+#if LB_X86
+#define TGTV __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")))
+/* the same tables; groups of 8: each entry's products and sums in registers (the same order:
+ * x_0 c_0, then + x_t c_t), the block maximum kept while they are stored, vcvtps2dq (round half to
+ * even) + vpmovsdb to quantize */
+TGTV static void aqlm8_tables_vbmi(const lb_aqlm8_weight* w, const float* x, int64_t b0, int64_t b1, int8_t* q, float* sb, float* f) {
+    if (w->g != 8) {
+        aqlm8_tables(w, x, b0, b1, q, sb, f);
+        return;
+    }
+    const int64_t G = w->K / 8, M = w->M;
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t j0 = b * AQLM8_BLOCK, j1 = j0 + AQLM8_BLOCK < G ? j0 + AQLM8_BLOCK : G;
+        const int64_t n = (j1 - j0) * M * 256;
+        __m512i amx = _mm512_setzero_si512();
+        for (int64_t j = j0; j < j1; j++) {
+            __m512 xb[8];
+            for (int t = 0; t < 8; t++) xb[t] = _mm512_set1_ps(x[j * 8 + t]);
+            for (int64_t m = 0; m < M; m++) {
+                const float* c = w->cbt + m * 8 * 256;
+                float* out = f + ((j - j0) * M + m) * 256;
+                for (int k = 0; k < 256; k += 16) {
+                    __m512 v = _mm512_mul_ps(xb[0], _mm512_loadu_ps(c + k));
+                    for (int t = 1; t < 8; t++) v = _mm512_add_ps(v, _mm512_mul_ps(xb[t], _mm512_loadu_ps(c + t * 256 + k)));
+                    _mm512_storeu_ps(out + k, v);
+                    amx = _mm512_max_epu32(amx, _mm512_and_si512(_mm512_castps_si512(v), absm));
+                }
+            }
+        }
+        const float amax = u2f((uint32_t)_mm512_reduce_max_epu32(amx));
+        int8_t* out = q + j0 * M * 256;
+        if (amax == 0.0f) {
+            sb[b] = 0.0f;
+            memset(out, 0, (size_t)n);
+            continue;
+        }
+        sb[b] = amax / 127.0f;
+        const __m512 inv = _mm512_set1_ps(127.0f / amax);
+        for (int64_t i = 0; i < n; i += 16)
+            _mm_storeu_si128((__m128i*)(out + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(f + i), inv))));
+    }
+}
+
+/* TN consecutive tiles from t (their accumulators acc [TN * 64]); each table read once for all */
+TGTV static void aqlm8_tiles_vbmi(const lb_aqlm8_weight* w, const int8_t* q, const float* sb, int64_t t, const int TN,
+                                   float* acc) {
+    const int64_t G = w->K / w->g, M = w->M, GM = G * M, nb = (G + AQLM8_BLOCK - 1) / AQLM8_BLOCK;
+    const uint8_t* cp = w->codes64 + t * GM * 64;
+    const __m512i even = _mm512_set1_epi16(1);  /* u8 1 at even bytes, 0 at odd */
+    __m512 f[4][4];
+    for (int u = 0; u < TN; u++)
+        for (int i = 0; i < 4; i++) f[u][i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t j0 = b * AQLM8_BLOCK, j1 = j0 + AQLM8_BLOCK < G ? j0 + AQLM8_BLOCK : G;
+        __m512i ae[4], ao[4];
+        for (int u = 0; u < TN; u++) { ae[u] = _mm512_setzero_si512(); ao[u] = _mm512_setzero_si512(); }
+        for (int64_t jm = j0 * M; jm < j1 * M; jm++) {
+            const int8_t* T = q + jm * 256;
+            const __m512i t0 = _mm512_loadu_si512(T), t1 = _mm512_loadu_si512(T + 64);
+            const __m512i t2 = _mm512_loadu_si512(T + 128), t3 = _mm512_loadu_si512(T + 192);
+            for (int u = 0; u < TN; u++) {
+                const __m512i c = _mm512_loadu_si512(cp + (u * GM + jm) * 64);
+                const __mmask64 hi = _mm512_movepi8_mask(c);
+                const __m512i lo = _mm512_permutex2var_epi8(t0, c, t1);
+                const __m512i hv = _mm512_permutex2var_epi8(t2, c, t3);
+                const __m512i r = _mm512_mask_mov_epi8(lo, hi, hv);
+                ae[u] = _mm512_add_epi16(ae[u], _mm512_maddubs_epi16(even, r));
+                ao[u] = _mm512_add_epi16(ao[u], _mm512_srai_epi16(r, 8));
+            }
+        }
+        const __m512 s = _mm512_set1_ps(sb[b]);
+        for (int u = 0; u < TN; u++) {
+            const __m512i v[4] = {_mm512_cvtepi16_epi32(_mm512_castsi512_si256(ae[u])),
+                                  _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(ae[u], 1)),
+                                  _mm512_cvtepi16_epi32(_mm512_castsi512_si256(ao[u])),
+                                  _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(ao[u], 1))};
+            for (int i = 0; i < 4; i++) f[u][i] = _mm512_add_ps(f[u][i], _mm512_mul_ps(s, _mm512_cvtepi32_ps(v[i])));
+        }
+    }
+    for (int u = 0; u < TN; u++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + u * 64 + i * 16, f[u][i]);
+}
+#endif
+
+/* per-thread scratch for the int8 path: the float block table */
+static _Thread_local float* t_f8 = NULL;
+static _Thread_local int64_t t_f8_n = 0;
+
+static float* f8_scratch(int64_t n) {
+    if (n > t_f8_n) {
+        free(t_f8);
+        t_f8 = (float*)aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+        t_f8_n = t_f8 ? n : 0;
+    }
+    return t_f8;
+}
+
+static _Thread_local int8_t* t_q8 = NULL;
+static _Thread_local int64_t t_q8_n = 0;
+
+static int aqlm8_check(const lb_aqlm8_weight* w) {
+    if (!w || !w->codes64 || !w->cbt || !w->scales || w->K <= 0 || w->N <= 0 || w->g <= 0 || w->K % w->g) return 2;
+    if (w->M < 1 || w->M > 8) return 2;
+    return 0;
+}
+
+/* y [Mx, N] = x [Mx, K] W^T + bias with int8 tables (above). 0 ok, 2 bad arguments or out of memory. */
+int lb_aqlm_lut8_linear_w(const lb_aqlm8_weight* w, const float* x, int64_t Mx, const float* bias, float* y, int nthreads) {
+    if (aqlm8_check(w) || Mx < 0) return 2;
+    if (Mx == 0) return 0;
+    const int64_t K = w->K, N = w->N, M = w->M, G = K / w->g;
+    const int64_t nb = (G + AQLM8_BLOCK - 1) / AQLM8_BLOCK, NT = (N + 63) / 64;
+    const int isa = lb_codebook_isa();
+    if (G * M * 256 + 4 * nb > t_q8_n) {
+        free(t_q8);
+        t_q8 = (int8_t*)aligned_alloc(64, (size_t)((G * M * 256 + 4 * nb + 63) / 64 * 64 + 64));
+        t_q8_n = t_q8 ? G * M * 256 + 4 * nb : 0;
+        if (!t_q8) return 2;
+    }
+    int8_t* q = t_q8;
+    float* sb = (float*)(q + (G * M * 256 + 63) / 64 * 64);
+    const int nt = pick_threads(nthreads, NT * 64 * G * M, NT);
+    int fail = 0;
+    for (int64_t mx = 0; mx < Mx; mx++) {
+        const float* xr = x + mx * K;
+        float* yr = y + mx * N;
+#pragma omp parallel num_threads(nt)
+        {
+            const int tid = omp_get_thread_num();
+            int64_t b0, b1, r0, r1;
+            thread_rows(nb, nt, tid, 1, &b0, &b1);
+            float* f = f8_scratch(AQLM8_BLOCK * M * 256);
+            if (!f) {
+#pragma omp atomic write
+                fail = 1;
+            } else if (b0 < b1) {
+#if LB_X86
+                if (isa >= LB_ISA_AVX512VBMI) aqlm8_tables_vbmi(w, xr, b0, b1, q, sb, f);
+                else
+#endif
+                    aqlm8_tables_scalar(w, xr, b0, b1, q, sb, f);
+            }
+#pragma omp barrier
+            thread_rows(NT, nt, tid, 1, &r0, &r1);
+            float acc[4 * 64];
+            for (int64_t t = r0; t < r1 && !fail;) {
+                int tn = 1;
+#if LB_X86
+                if (isa >= LB_ISA_AVX512VBMI) {
+                    tn = r1 - t >= 4 ? 4 : (int)(r1 - t);
+                    switch (tn) {
+                        case 4: aqlm8_tiles_vbmi(w, q, sb, t, 4, acc); break;
+                        case 3: aqlm8_tiles_vbmi(w, q, sb, t, 3, acc); break;
+                        case 2: aqlm8_tiles_vbmi(w, q, sb, t, 2, acc); break;
+                        default: aqlm8_tiles_vbmi(w, q, sb, t, 1, acc); break;
+                    }
+                } else
+#endif
+                    aqlm8_tile_scalar(w, q, sb, t, acc);
+                for (int u = 0; u < tn; u++)
+                    for (int r = 0; r < 64; r++) {
+                        const int64_t o = (t + u) * 64 + r;
+                        if (o < N) {
+                            const float v = acc[u * 64 + r] * w->scales[o];
+                            yr[o] = bias ? v + bias[o] : v;
+                        }
+                    }
+                t += tn;
+            }
+        }
+        if (fail) return 2;
+    }
+    return 0;
+}
+
+/* the int8 tables of one activation row (for tests): q [G, M, 256], sb [ceil(G / 16)] */
+int lb_aqlm_lut8_tables(const lb_aqlm8_weight* w, const float* x, int8_t* q, float* sb) {
+    if (aqlm8_check(w)) return 2;
+    const int64_t G = w->K / w->g, nb = (G + AQLM8_BLOCK - 1) / AQLM8_BLOCK;
+    float* f = f8_scratch(AQLM8_BLOCK * w->M * 256);
+    if (!f) return 2;
+#if LB_X86
+    if (lb_codebook_isa() >= LB_ISA_AVX512VBMI) aqlm8_tables_vbmi(w, x, 0, nb, q, sb, f);
+    else
+#endif
+        aqlm8_tables_scalar(w, x, 0, nb, q, sb, f);
     return 0;
 }

@@ -106,8 +106,9 @@ static inline void thread_rows(int64_t N, int nt, int tid, int64_t align, int64_
  *   LB_ISA_AVX2        AVX2 + FMA + F16C
  *   LB_ISA_AVX512      that + AVX-512 F, BW, VL
  *   LB_ISA_AVX512VNNI  that + AVX-512 VNNI
+ *   LB_ISA_AVX512VBMI  that + AVX-512 VBMI (byte permutes: vpermb, vpermi2b)
  * lb_cpu_isa() is the highest level this CPU runs: the only CPU-feature check in the C code. */
-enum { LB_ISA_SCALAR = 0, LB_ISA_AVX2 = 1, LB_ISA_AVX512 = 2, LB_ISA_AVX512VNNI = 3 };
+enum { LB_ISA_SCALAR = 0, LB_ISA_AVX2 = 1, LB_ISA_AVX512 = 2, LB_ISA_AVX512VNNI = 3, LB_ISA_AVX512VBMI = 4 };
 #define LB_PATH(level) (1u << (level))
 
 static inline int lb_cpu_isa(void) {
@@ -121,7 +122,10 @@ static inline int lb_cpu_isa(void) {
             if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                 __builtin_cpu_supports("avx512vl")) {
                 l = LB_ISA_AVX512;
-                if (__builtin_cpu_supports("avx512vnni")) l = LB_ISA_AVX512VNNI;
+                if (__builtin_cpu_supports("avx512vnni")) {
+                    l = LB_ISA_AVX512VNNI;
+                    if (__builtin_cpu_supports("avx512vbmi")) l = LB_ISA_AVX512VBMI;
+                }
             }
         }
         level = l;
