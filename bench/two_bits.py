@@ -18,8 +18,11 @@ Steps (every finished step is kept, so an interrupted run goes on where it stopp
    codebooks, scales, sign vectors); rows go to ``OUT/<model>/compare.jsonl`` as they are measured;
 3. decode speed (unless ``--no-speed``): lowbit's lean decoder (one C call per token, each layer
    through its format's C kernel), batch 1, a random prompt of 128 ids and 64 greedy tokens, for
-   the float model, GPTQ W4 g128 (lowbit's int4) and the 2-bit variants, interleaved over
-   ``--repeats`` rounds (medians), with the instruction set, threads and load average.
+   the float model, GPTQ W4 g128 (lowbit's int4) and the 2-bit variants, each also with int8
+   activations in the decode step (``lowbit bench --int8-activations``: W4A8 for int4, int8
+   lookup tables for AQLM, int8 E8P products where those rows exist), interleaved over
+   ``--repeats`` rounds (medians), with the instruction set, threads and load average. The
+   "vs int4" ratio is against int4 with float activations.
 
 The table merges the three: each variant's bits/weight, ppl, KL, top-1, quantization time and,
 where measured, decode tok/s and its ratio to int4.
@@ -92,15 +95,20 @@ def quantize_variant(model: str, name: str, path: Path) -> float:
 
 
 def speed_table(model: str, root: Path, names: list[str], repeats: int, threads: int) -> list[dict]:
-    """Decode tok/s of the float model and ``names``, interleaved rounds, medians."""
+    """Decode tok/s of the float model and of ``names``, each with float activations and with
+    int8 ones (``lowbit bench --int8-activations``: the formats' opt-in int8 rows, W4A8 for int4),
+    interleaved rounds, medians."""
     import torch
 
     from lowbit import api
     from lowbit.runtime import LeanDecoder, measure_lean
 
     torch.set_num_threads(threads)
-    rows = [("float32", api.load(model))] + [(n, api.load(str(variant_path(root, n)))) for n in names]
-    decs = [(n, LeanDecoder(m.model, max_len=192)) for n, m in rows]
+    decs = [("float32", LeanDecoder(api.load(model).model, max_len=192))]
+    for n in names:
+        m = api.load(str(variant_path(root, n)))
+        decs += [(n, LeanDecoder(m.model, max_len=192)),
+                 (f"{n} int8-act", LeanDecoder(m.model, max_len=192, int8_activations=True))]
     times = {n: [] for n, _ in decs}
     for n, d in decs:  # warm-up
         measure_lean(d, 128, 64, warmup=0, repeats=1)
@@ -180,6 +188,9 @@ def main() -> int:
         rows.append([n, _f(q.get("bpw"), 3), _f(q.get("ppl"), 2), _f(q.get("kl"), 4), _f(q.get("top1"), 1),
                      _f(times.get(n, {}).get("seconds"), 0),
                      _f(tok, 1), f"{tok / int4:.2f}x" if tok and int4 else ""])
+        a8 = speed.get(f"{n} int8-act")
+        if a8:
+            rows.append([f"  {n}, int8 activations", "", "", "", "", "", _f(a8, 1), f"{a8 / int4:.2f}x" if int4 else ""])
     print(render(head, rows, args.markdown))
     print(f"{args.model}; {args.max_tokens} held-out tokens; {machine_line(args.threads)}")
     return 0
