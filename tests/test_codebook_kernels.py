@@ -5,7 +5,8 @@ fallback, 1 to 40 activation rows, every instruction-set path; the C decode of W
 the C decode step on a QuIP#-quantized model against the Python path. AQLM with 1, 2, 3 and 4
 codebooks of 2^8 (the lookup-table kernel, several chunks of groups and tiles of rows), 2^4,
 2^12 and 2^16 vectors (the decode kernel), groups of 4, 8, 12 and 16, float16 / bfloat16 /
-float32 codebooks."""
+float32 codebooks. The opt-in int8 rows (aqlm-lut8, e8p-a8) against plain-torch references of
+their own arithmetic and within stated bounds of the float product."""
 
 import ctypes
 import dataclasses
@@ -483,3 +484,120 @@ def test_decoder_int8_activations_run_aqlm_layers_through_lut8():
         a, b = ref.forward([tok]), nat.forward([tok])
         worst = max(worst, rel(b, a))
     assert worst < REL, worst
+
+
+# -- E8P with int8 activations (the opt-in "e8p-a8" row) --------------------------------------------
+def e8a_quantize_reference(xt):
+    """The e8p-a8 activation rule in plain torch: int8 codes (int64) and block scales of xt [K]."""
+    B = codebook.E8A_BLOCK
+    K = xt.shape[0]
+    q = torch.zeros(K, dtype=torch.int64)
+    sx = torch.zeros(-(-K // B))
+    for b in range(sx.shape[0]):
+        blk = xt[b * B:(b + 1) * B]
+        amax = blk.abs().max()
+        if amax > 0:
+            sx[b] = amax / torch.tensor(127.0)
+            q[b * B:(b + 1) * B] = torch.round(blk * (torch.tensor(127.0) / amax)).clamp(-127, 127).long()
+    return q, sx
+
+
+def e8a_reference(q, sx, w):
+    """z [N] float64 of the e8p-a8 arithmetic: per block of E8A_BLOCK the exact integer sum of
+    (4 * the decoded weight) times the int8 activations, times the block scale, times scale / 4."""
+    from lowbit.core import e8p
+
+    N, K = w.shape
+    W4 = (4 * e8p.decode(w.codes.to(torch.int64) & 0xFFFF)).reshape(N, K)
+    assert torch.equal(W4, W4.round()) and float(W4.abs().max()) <= 15 and bool((W4.long() % 2 == 1).all())
+    prod = W4.long() * q[None, :]                                              # [N, K] exact
+    B = codebook.E8A_BLOCK
+    nb = sx.shape[0]
+    D = torch.nn.functional.pad(prod, (0, nb * B - K)).reshape(N, nb, B).sum(2)  # [N, nb] exact integers
+    return (D.double() * sx.double()[None, :]).sum(1) * (float(w.scale[0]) / 4)
+
+
+@needs_native
+@pytest.mark.parametrize("tuned", [False, True], ids=["seed-signs", "su-sv"])
+@pytest.mark.parametrize("shape", SHAPES + [(130, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_e8p_a8_equals_its_own_reference(isa, shape, tuned):
+    w = random_e8p(*shape, bits=2, tuned=tuned, seed=3)
+    assert kernels.select(w, "int8").name == "e8p-a8" and kernels.select(w).name == "e8p"
+    gen = torch.Generator().manual_seed(41)
+    b = torch.randn(shape[0], generator=gen)
+    x = torch.randn(5, shape[1], generator=gen)
+    y = codebook.e8p_a8_linear(x, w, b)
+    inc = w.incoherence()
+    for i in range(5):
+        xt, q, sx = codebook.e8p_a8_activations(x[i], w)
+        assert rel_err(xt, inc.input(x[i])) < TOL                          # the float kernel's transform
+        qr, sxr = e8a_quantize_reference(xt)
+        assert torch.equal(q.long(), qr) and torch.equal(sx, sxr)           # the int8 activations bit for bit
+        r = inc.output(e8a_reference(qr, sxr, w).float())
+        err = float((y[i] - b - r).abs().max() / r.abs().max())
+        assert err < 1e-6, (shape, i, err)
+    f = reference.linear(x, w, b)
+    assert rel_err(y - b, f - b) < 0.01  # int8 activations: ~0.5 % from the float product on random data
+
+
+@needs_native
+def test_e8p_a8_every_path_gives_the_same_bits_zero_rows_threads():
+    w = random_e8p(1536, 576, seed=4)
+    gen = torch.Generator().manual_seed(42)
+    b = torch.randn(1536, generator=gen)
+    x = torch.randn(2, 3, 576, generator=gen)
+    x[1, 2] = 0
+    ys = {}
+    for path in PATHS:
+        with LIB.isa_capped(path) as got:
+            ys[got] = codebook.e8p_a8_linear(x, w, b)
+    first = next(iter(ys.values()))
+    assert first.shape == (2, 3, 1536) and all(torch.equal(first, y) for y in ys.values()), list(ys)
+    assert torch.equal(first[1, 2], b)  # a zero row: zero codes and scales, U^T 0 = 0, the bias
+    one = torch.cat([codebook.e8p_a8_linear(r[None], w, b) for r in x.reshape(6, 576)])
+    assert torch.equal(one, first.reshape(6, 1536))  # tiles of activation rows do not change a row
+    old = torch.get_num_threads()
+    LIB.lb_codebook_set_min_parallel_bytes(0)
+    try:
+        torch.set_num_threads(2)
+        y2 = codebook.e8p_a8_linear(x, w, b)
+    finally:
+        torch.set_num_threads(old)
+        LIB.lb_codebook_set_min_parallel_bytes(48 * 1024)
+    assert torch.equal(first, y2)
+
+
+@needs_native
+def test_e8p_a8_declines_what_it_does_not_take():
+    for bits in (3, 4):
+        w = random_e8p(64, 64, bits=bits)
+        assert codebook.e8p_a8_linear(torch.randn(1, 64), w) is NotImplemented
+        assert kernels.select(w, "int8").name == "e8p"  # not taken: the format's own product
+    w = random_e8p(64, 64)
+    x = torch.randn(2, 64)
+    assert codebook.e8p_a8_linear(x.double(), w) is NotImplemented
+    assert codebook.e8p_a8_linear(x.requires_grad_(), w) is NotImplemented
+    assert codebook.e8p8_weight_struct(w) is codebook.e8p8_weight_struct(w)
+    st = codebook.e8p8_struct(w)
+    st.e.bits = 4
+    out = torch.empty(2, 64)
+    assert LIB.lb_e8p_a8_linear_w(ctypes.addressof(st), x.data_ptr(), 2, None, out.data_ptr(), 1) == 2
+
+
+@needs_native
+def test_decoder_int8_activations_run_quip_layers_through_e8p_a8():
+    """LeanDecoder(int8_activations=True) on a QuIP#-quantized tiny llama: the Python path and the
+    C decode step both run the e8p-a8 row for single-row 2-bit E8P layers, on every path."""
+    from lowbit.runtime.native import _library
+    from tests.test_runtime_native import REL, run_both
+
+    if _library() is None:
+        pytest.skip("decode library not built")
+    lm = tiny_model("llama", seed=4)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "quip", None, progress=False, n_samples=4, seq_len=32)
+    for isa in PATHS:
+        with LIB.isa_capped(isa):
+            worst, _, nat = run_both(m.model, int8_activations=True)
+        assert nat.native_step.kernels.get("e8p-a8", 0) > 0 and "e8p" not in nat.native_step.kernels
+        assert worst < REL, (isa, worst)

@@ -1263,3 +1263,313 @@ int lb_aqlm_lut8_tables(const lb_aqlm8_weight* w, const float* x, int8_t* q, flo
         aqlm8_tables_scalar(w, x, 0, nb, q, sb, f);
     return 0;
 }
+
+/* ============================================================================================ */
+/* E8P with int8 activations (the opt-in "e8p-a8" row; 2-bit E8P, any width the format takes).
+ *
+ * Per activation row: x~ = V x (the float kernel's transform, e8p_input), then x~ quantized to
+ * int8 per block of E8A_QB = 32 consecutive values (the last block may be shorter: K % 8 == 0),
+ * by affine_a8's rule:
+ *     amax = max |x~| over the block;  amax == 0: sx_b = 0, q = 0;
+ *     else sx_b = amax / 127.0f, q = clamp(round_half_even(x~ * (127.0f / amax)), -127, 127).
+ * The weight: 4 times an E8P point is an 8-vector of odd integers in [-15, 15],
+ *     4 v_i = s_i * t8[i][p] + h,    t8[i][p] = 4 * patterns[p][i]  (the float kernel's pattern
+ * table: the 8th coordinate already negated when the pattern's sum is odd), s_i = -1 where sign
+ * bit i of the code is set (i < 7) or, for i = 7, where the parity of the seven sign bits is odd,
+ * h = +1 (shift bit clear) or -1. Per block b (4 codes) the exact integer
+ *     D_b = sum_{c in b} (4 w_c) q_c
+ * and per output row z_o = (s0 / 4) * sum_b sx_b D_b, summed as below, then y = U^T z + bias
+ * (e8p_output). The float sum: sixteen lanes, lane L of chunk ch holding block 16 ch + L
+ * (0 past the end), f_L = fma((float)D_b, sx_b, f_L) chunk by chunk, then the tree
+ * ((f_L + f_L+8) -> 8, + 4 apart -> 4, + 2 apart -> 2, + 1), times s0 / 4.
+ *
+ * Fast path (AVX-512 VNNI + VBMI): the codes of a row are read in place, 64 at a time (a chunk
+ * of 512 weights, 16 blocks), split by two vpermi2b into the 64 pattern bytes and the 64 sign /
+ * shift bytes. Per coordinate i the 64 codes' values come from the 256-entry table t8[i] (two
+ * vpermi2b over its halves and a blend on the pattern's top bit), are negated by a byte mask
+ * (vptestmb of the sign byte; the parity for i = 7 by two nibble lookups), get 15 + h added
+ * (u = 4 w + 15 in [0, 30], unsigned) and meet the activation's byte i of each of the 64 8-vectors
+ * in vpdpbusd: one int32 lane sums 4 codes = one block, so after the 8 coordinates lane L holds
+ * D_b + 15 Q_b (Q_b = sum of the block's q); the accumulator starts at -15 Q_b. The activation
+ * is stored transposed for this once per call: qt[ch][i][k] = q[(64 ch + k) * 8 + i], zero past
+ * the end. Two output rows share every table load. No copy of the codes is made (the struct
+ * adds only the 2 KB table). The portable C path computes the same integers and floats. */
+#define E8A_CH 64 /* codes per chunk */
+#define E8A_QB 32 /* activations per block (4 codes: one int32 lane) */
+
+typedef struct {
+    lb_e8p_weight e;  /* the float kernel's view: codes, scale, transforms (bits 2) */
+    const int8_t* t8; /* [8, 256] 4 * patterns[p][i] */
+} lb_e8p8_weight;
+
+typedef struct {
+    const lb_e8p8_weight* w;
+    const int8_t* qt;  /* [M, NC, 8, 64] the int8 activations, transposed per chunk */
+    const int32_t* nq; /* [M, NC, 16] -15 * Q_b (0 past the end) */
+    const float* sl;   /* [M, NC, 16] sx_b (0 past the end) */
+    int64_t M, NC, KB;
+    float* z;          /* [M, N] */
+} e8a_ctx;
+
+/* q [K] int8, sx [ceil(K / 32)] of one transformed row xt [K] (the rule above) */
+INL void e8a_quantize(const float* xt, int64_t K, int8_t* q, float* sx) {
+    for (int64_t b0 = 0, b = 0; b0 < K; b0 += E8A_QB, b++) {
+        const int64_t n = K - b0 < E8A_QB ? K - b0 : E8A_QB;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const float a = fabsf(xt[b0 + i]);
+            amax = a > amax ? a : amax;
+        }
+        if (amax == 0.0f) {
+            sx[b] = 0.0f;
+            for (int64_t i = 0; i < n; i++) q[b0 + i] = 0;
+            continue;
+        }
+        sx[b] = amax / 127.0f;
+        const float inv = 127.0f / amax;
+        for (int64_t i = 0; i < n; i++) {
+            float v = (xt[b0 + i] * inv + 12582912.0f) - 12582912.0f; /* round half to even */
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            q[b0 + i] = (int8_t)(int32_t)v;
+        }
+    }
+}
+
+/* one activation row: x~, its int8 codes q [K] and scales sx, and the kernel's transposed copy
+ * (qt [NC, 8, 64], nq, sl [NC, 16]); xt, tmp: K floats */
+INL void e8a_prepare(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q, float* sx, int8_t* qt,
+                     int32_t* nq, float* sl) {
+    const int64_t K = w->e.K, KB = K / 8, NC = (KB + E8A_CH - 1) / E8A_CH, nb = (K + E8A_QB - 1) / E8A_QB;
+    e8p_input(&w->e, x, xt, tmp);
+    e8a_quantize(xt, K, q, sx);
+    memset(qt, 0, (size_t)(NC * 8 * E8A_CH));
+    for (int64_t j = 0; j < KB; j++)
+        for (int i = 0; i < 8; i++) qt[(j / E8A_CH) * 8 * E8A_CH + i * E8A_CH + j % E8A_CH] = q[j * 8 + i];
+    for (int64_t b = 0; b < NC * 16; b++) {
+        int32_t s = 0;
+        if (b < nb) {
+            const int64_t c1 = (b + 1) * E8A_QB < K ? (b + 1) * E8A_QB : K;
+            for (int64_t c = b * E8A_QB; c < c1; c++) s += q[c];
+        }
+        nq[b] = -15 * s;
+        sl[b] = b < nb ? sx[b] : 0.0f;
+    }
+}
+
+static void e8a_prepare_scalar(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q, float* sx,
+                               int8_t* qt, int32_t* nq, float* sl) {
+    e8a_prepare(w, x, xt, tmp, q, sx, qt, nq, sl);
+}
+
+/* the fixed summation tree of the 16 lanes */
+INL float e8a_reduce16(const float* f) {
+    float h8[8], h4[4];
+    for (int i = 0; i < 8; i++) h8[i] = f[i] + f[i + 8];
+    for (int i = 0; i < 4; i++) h4[i] = h8[i] + h8[i + 4];
+    const float a = h4[0] + h4[2], b = h4[1] + h4[3];
+    return a + b;
+}
+
+static void e8a_rows_scalar(const e8a_ctx* c, int64_t r0, int64_t r1) {
+    const lb_e8p8_weight* w = c->w;
+    const int64_t N = w->e.N, KB = c->KB, NC = c->NC;
+    const int8_t* T = w->t8;
+    const float s0q = w->e.scale[0] * 0.25f;
+    for (int64_t o = r0; o < r1; o++) {
+        const uint16_t* cr = (const uint16_t*)w->e.codes + o * KB;
+        for (int64_t m = 0; m < c->M; m++) {
+            float f[16] = {0.0f};
+            for (int64_t ch = 0; ch < NC; ch++) {
+                const int8_t* q = c->qt + (m * NC + ch) * 8 * E8A_CH;
+                const int32_t* nq = c->nq + (m * NC + ch) * 16;
+                const float* sl = c->sl + (m * NC + ch) * 16;
+                const int64_t j0 = ch * E8A_CH, n = KB - j0 < E8A_CH ? KB - j0 : E8A_CH;
+                for (int L = 0; L < 16; L++) {
+                    int32_t acc = nq[L];
+                    for (int k = 4 * L; k < 4 * L + 4 && k < n; k++) {
+                        const uint32_t code = cr[j0 + k], p = code & 255u, h = code >> 8;
+                        const int32_t base = (h & 0x80u) ? 14 : 16;
+                        const uint32_t par = (uint32_t)__builtin_popcount(h & 0x7fu) & 1u;
+                        for (int i = 0; i < 8; i++) {
+                            const uint32_t neg = i < 7 ? (h >> i) & 1u : par;
+                            const int32_t a = T[i * 256 + p];
+                            acc += (neg ? base - a : base + a) * (int32_t)q[i * E8A_CH + k];
+                        }
+                    }
+                    f[L] = fmaf((float)acc, sl[L], f[L]);
+                }
+            }
+            c->z[m * N + o] = s0q * e8a_reduce16(f);
+        }
+    }
+}
+
+#if LB_X86
+TGT5 static void e8a_prepare_avx512(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q,
+                                    float* sx, int8_t* qt, int32_t* nq, float* sl) {
+    e8a_prepare(w, x, xt, tmp, q, sx, qt, nq, sl);
+}
+
+#define TV5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c"), always_inline)) static inline
+
+TV5 float e8a_reduce_vbmi(__m512 f) {
+    const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(f), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4)); /* (h4[0] + h4[2], h4[1] + h4[3]) */
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
+/* R output rows from o (R <= 2) against activation rows m0 .. m0+MT-1 (MT <= 4) */
+TV5 void e8a_tile_vbmi(const e8a_ctx* c, int64_t o, const int R, int64_t m0, const int MT) {
+    const lb_e8p8_weight* w = c->w;
+    const int64_t N = w->e.N, KB = c->KB, NC = c->NC;
+    const int8_t* T = w->t8;
+    __m512i ev, od;
+    {
+        int8_t e[64], d[64];
+        for (int k = 0; k < 64; k++) { e[k] = (int8_t)(2 * k); d[k] = (int8_t)(2 * k + 1); }
+        ev = _mm512_loadu_si512(e);
+        od = _mm512_loadu_si512(d);
+    }
+    const __m512i b16 = _mm512_set1_epi8(16), b14 = _mm512_set1_epi8(14), lo4 = _mm512_set1_epi8(0x0f),
+                  lo3 = _mm512_set1_epi8(0x07), one = _mm512_set1_epi8(1);
+    const __m512i ptab = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0));
+    const uint16_t* cr[2] = {(const uint16_t*)w->e.codes + o * KB, (const uint16_t*)w->e.codes + (o + (R > 1)) * KB};
+    __m512 f[2][4];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) f[r][m] = _mm512_setzero_ps();
+    for (int64_t ch = 0; ch < NC; ch++) {
+        const int64_t j0 = ch * E8A_CH, n = KB - j0 < E8A_CH ? KB - j0 : E8A_CH;
+        const __mmask32 l0 = n >= 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
+        const __mmask32 l1 = n >= 64 ? 0xffffffffu : (n <= 32 ? 0u : (__mmask32)((1u << (n - 32)) - 1u));
+        __m512i pat[2], hib[2], base[2];
+        __mmask64 hm[2], m7[2];
+        __m512i acc[2][4];
+        for (int r = 0; r < R; r++) {
+            const __m512i c0 = _mm512_maskz_loadu_epi16(l0, cr[r] + j0), c1 = _mm512_maskz_loadu_epi16(l1, cr[r] + j0 + 32);
+            pat[r] = _mm512_permutex2var_epi8(c0, ev, c1);
+            hib[r] = _mm512_permutex2var_epi8(c0, od, c1);
+            hm[r] = _mm512_movepi8_mask(pat[r]);
+            base[r] = _mm512_mask_blend_epi8(_mm512_movepi8_mask(hib[r]), b16, b14);
+            const __m512i pl = _mm512_shuffle_epi8(ptab, _mm512_and_si512(hib[r], lo4));
+            const __m512i ph = _mm512_shuffle_epi8(ptab, _mm512_and_si512(_mm512_srli_epi16(hib[r], 4), lo3));
+            m7[r] = _mm512_test_epi8_mask(_mm512_xor_si512(pl, ph), one);
+            for (int m = 0; m < MT; m++) acc[r][m] = _mm512_loadu_si512(c->nq + ((m0 + m) * NC + ch) * 16);
+        }
+        for (int i = 0; i < 8; i++) {
+            const __m512i t0 = _mm512_loadu_si512(T + i * 256), t1 = _mm512_loadu_si512(T + i * 256 + 64);
+            const __m512i t2 = _mm512_loadu_si512(T + i * 256 + 128), t3 = _mm512_loadu_si512(T + i * 256 + 192);
+            __m512i qv[4];
+            for (int m = 0; m < MT; m++) qv[m] = _mm512_loadu_si512(c->qt + (((m0 + m) * NC + ch) * 8 + i) * E8A_CH);
+            const __m512i bit = _mm512_set1_epi8((char)(1 << i));
+            for (int r = 0; r < R; r++) {
+                const __m512i lo = _mm512_permutex2var_epi8(t0, pat[r], t1);
+                const __m512i hi = _mm512_permutex2var_epi8(t2, pat[r], t3);
+                const __m512i a = _mm512_mask_blend_epi8(hm[r], lo, hi);
+                const __mmask64 neg = i < 7 ? _mm512_test_epi8_mask(hib[r], bit) : m7[r];
+                const __m512i u = _mm512_mask_sub_epi8(_mm512_add_epi8(base[r], a), neg, base[r], a);
+                for (int m = 0; m < MT; m++) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], u, qv[m]);
+            }
+        }
+        for (int m = 0; m < MT; m++) {
+            const __m512 s = _mm512_loadu_ps(c->sl + ((m0 + m) * NC + ch) * 16);
+            for (int r = 0; r < R; r++) f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m]), s, f[r][m]);
+        }
+    }
+    const float s0q = w->e.scale[0] * 0.25f;
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) c->z[(m0 + m) * N + o + r] = s0q * e8a_reduce_vbmi(f[r][m]);
+}
+
+#define E8A_MT(R, o, m0, left)                                 \
+    switch (left) {                                            \
+        case 1: e8a_tile_vbmi(c, o, R, m0, 1); break;          \
+        case 2: e8a_tile_vbmi(c, o, R, m0, 2); break;          \
+        case 3: e8a_tile_vbmi(c, o, R, m0, 3); break;          \
+        default: e8a_tile_vbmi(c, o, R, m0, 4); break;         \
+    }
+
+TGTV static void e8a_rows_vbmi(const e8a_ctx* c, int64_t r0, int64_t r1) {
+    for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
+        const int left = c->M - m0 < 4 ? (int)(c->M - m0) : 4;
+        int64_t o = r0;
+        for (; o + 2 <= r1; o += 2) E8A_MT(2, o, m0, left)
+        if (o < r1) E8A_MT(1, o, m0, left)
+    }
+}
+#endif
+
+static int e8a_check(const lb_e8p8_weight* w) {
+    if (!w || !w->t8 || e8p_check(&w->e) || w->e.bits != 2) return 2;
+    return 0;
+}
+
+/* y [M, N] = x [M, K] W^T + bias with int8 activations (above). 0 ok, 2 bad arguments or out of memory. */
+int lb_e8p_a8_linear_w(const lb_e8p8_weight* w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    if (e8a_check(w) || M < 0) return 2;
+    if (M == 0) return 0;
+    const int64_t K = w->e.K, N = w->e.N, KB = K / 8, NC = (KB + E8A_CH - 1) / E8A_CH, nb = (K + E8A_QB - 1) / E8A_QB;
+    const int64_t tmp_n = K > N ? K : N;
+    /* floats: xt, tmp, sx, sl [M, NC, 16]; int32: nq [M, NC, 16]; bytes: q [K], qt [M, NC, 512] */
+    const size_t nf = (size_t)(K + tmp_n + nb + M * NC * 16), ni = (size_t)(M * NC * 16);
+    char* buf = (char*)aligned_alloc(64, ((nf + ni) * 4 + (size_t)K + (size_t)(M * NC * 8 * E8A_CH) + 64 + 63) / 64 * 64);
+    if (!buf) return 2;
+    float *xt = (float*)buf, *tmp = xt + K, *sx = tmp + tmp_n, *sl = sx + nb;
+    int32_t* nq = (int32_t*)(sl + M * NC * 16);
+    int8_t* q = (int8_t*)(nq + M * NC * 16);
+    int8_t* qt = q + K;
+    const int isa = lb_codebook_isa();
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t o16 = m * NC * 16;
+#if LB_X86
+        if (isa >= LB_ISA_AVX512)
+            e8a_prepare_avx512(w, x + m * K, xt, tmp, q, sx, qt + o16 * 32, nq + o16, sl + o16);
+        else
+#endif
+            e8a_prepare_scalar(w, x + m * K, xt, tmp, q, sx, qt + o16 * 32, nq + o16, sl + o16);
+    }
+    e8a_ctx c = {w, qt, nq, sl, M, NC, KB, y};
+    const int nt = pick_threads(nthreads, N * KB * 2 * (M < 4 ? 1 : M / 4), N);
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t r0, r1;
+        thread_rows(N, nt, omp_get_thread_num(), 2, &r0, &r1);
+        if (r0 < r1) {
+#if LB_X86
+            if (isa >= LB_ISA_AVX512VBMI) e8a_rows_vbmi(&c, r0, r1);
+            else
+#endif
+                e8a_rows_scalar(&c, r0, r1);
+        }
+    }
+    for (int64_t m = 0; m < M; m++) {
+#if LB_X86
+        if (isa >= LB_ISA_AVX512) e8p_output_avx512(&w->e, y + m * N, bias, tmp);
+        else if (isa == LB_ISA_AVX2) e8p_output_avx2(&w->e, y + m * N, bias, tmp);
+        else
+#endif
+            e8p_output_scalar(&w->e, y + m * N, bias, tmp);
+    }
+    free(buf);
+    return 0;
+}
+
+/* one activation row's transformed values xt [K], int8 codes q [K] and block scales sx
+ * [ceil(K / 32)] as the kernel makes them (for tests) */
+int lb_e8p_a8_activations(const lb_e8p8_weight* w, const float* x, float* xt, int8_t* q, float* sx) {
+    if (e8a_check(w)) return 2;
+    const int64_t K = w->e.K, KB = K / 8, NC = (KB + E8A_CH - 1) / E8A_CH;
+    char* buf = (char*)malloc((size_t)K * 4 + (size_t)(NC * 16 * 8) + (size_t)(NC * 8 * E8A_CH));
+    if (!buf) return 2;
+    float* tmp = (float*)buf;
+    float* sl = tmp + K;
+    int32_t* nq = (int32_t*)(sl + NC * 16);
+    int8_t* qt = (int8_t*)(nq + NC * 16);
+#if LB_X86
+    if (lb_codebook_isa() >= LB_ISA_AVX512) e8a_prepare_avx512(w, x, xt, tmp, q, sx, qt, nq, sl);
+    else
+#endif
+        e8a_prepare_scalar(w, x, xt, tmp, q, sx, qt, nq, sl);
+    free(buf);
+    return 0;
+}
