@@ -74,14 +74,15 @@ def variant_path(root: Path, name: str) -> Path:
     return root / (f"{name}.gguf" if VARIANTS[name][0] == "gguf" else name)
 
 
-def quantize_variant(model: str, name: str, path: Path) -> float:
-    """Make one variant at ``path``; returns the seconds it took (loading excluded)."""
+def quantize_variant(model: str, name: str, path: Path) -> tuple[float, float]:
+    """Make one variant at ``path``; returns the wall and CPU seconds it took (loading excluded;
+    the CPU time of all threads varies far less with the machine's load than the wall time)."""
     from lowbit import api
     from lowbit.core.scheme import QuantScheme
 
     spec = VARIANTS[name]
     m = api.load(model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if spec[0] == "gguf":
         from lowbit.export.gguf import collect_imatrix, export_gguf
 
@@ -91,7 +92,7 @@ def quantize_variant(model: str, name: str, path: Path) -> float:
         _, method, scheme, options = spec
         api.quantize(m, method, None if scheme is None else QuantScheme(**scheme), **options)
         api.save(m, str(path))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def speed_table(model: str, root: Path, names: list[str], repeats: int, threads: int) -> list[dict]:
@@ -154,10 +155,11 @@ def main() -> int:
         if name in done_times(times_file) and path.exists():
             continue
         log(f"quantizing {name} -> {path}")
-        seconds = quantize_variant(args.model, name, path)
+        seconds, cpu = quantize_variant(args.model, name, path)
         with open(times_file, "a") as f:
-            f.write(json.dumps({"variant": name, "seconds": round(seconds, 1)}) + "\n")
-        log(f"{name}: {seconds:.0f} s")
+            f.write(json.dumps({"variant": name, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                                "load": round(os.getloadavg()[0], 2)}) + "\n")
+        log(f"{name}: {seconds:.0f} s ({cpu:.0f} CPU s, load {os.getloadavg()[0]:.1f})")
 
     results = root / "compare.jsonl"
     rc = lowbit_main(["compare", *[str(variant_path(root, n)) for n in names], "--baseline", args.model,
@@ -176,21 +178,22 @@ def main() -> int:
             quality[str(r["variant"]).removesuffix(".gguf")] = r  # the latest row of each variant
     times = done_times(times_file)
     int4 = speed.get("gptq-w4g128")
-    head = ["variant", "bits/weight", "ppl", "KL", "top-1 %", "quantize s", "decode tok/s", "vs int4"]
+    head = ["variant", "bits/weight", "ppl", "KL", "top-1 %", "quantize s", "CPU s", "decode tok/s", "vs int4"]
     rows = []
     if "float32" in speed or "original" in quality:
-        rows.append(["float32 (original)", "32", _f(quality.get("original", {}).get("ppl"), 2), "", "", "",
+        rows.append(["float32 (original)", "32", _f(quality.get("original", {}).get("ppl"), 2), "", "", "", "",
                      _f(speed.get("float32"), 1),
                      f"{speed['float32'] / int4:.2f}x" if int4 and "float32" in speed else ""])
     for n in names:
         q = quality.get(n, {})
         tok = speed.get(n)
         rows.append([n, _f(q.get("bpw"), 3), _f(q.get("ppl"), 2), _f(q.get("kl"), 4), _f(q.get("top1"), 1),
-                     _f(times.get(n, {}).get("seconds"), 0),
+                     _f(times.get(n, {}).get("seconds"), 0), _f(times.get(n, {}).get("cpu_seconds"), 0),
                      _f(tok, 1), f"{tok / int4:.2f}x" if tok and int4 else ""])
         a8 = speed.get(f"{n} int8-act")
         if a8:
-            rows.append([f"  {n}, int8 activations", "", "", "", "", "", _f(a8, 1), f"{a8 / int4:.2f}x" if int4 else ""])
+            rows.append([f"  {n}, int8 activations", "", "", "", "", "", "", _f(a8, 1),
+                         f"{a8 / int4:.2f}x" if int4 else ""])
     print(render(head, rows, args.markdown))
     print(f"{args.model}; {args.max_tokens} held-out tokens; {machine_line(args.threads)}")
     return 0
