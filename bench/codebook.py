@@ -6,10 +6,11 @@ Per layer shape of SmolLM2-135M (576x576, 1536x576, 576x1536) and of a 1B model 
 8192x2048, 2048x8192) at one activation row (decode), the time of one call of: fp32
 ``F.linear`` (torch), lowbit's int4 g128 affine kernel (csrc/cpu_linear.c), and the codebook
 library's kernels (csrc/codebook.c): E8P 2-bit and 4-bit (E8P + E8P residual), AQLM 2x8 and 1x16
-(groups of 8: 2 bits per weight each). Two opt-in rows with int8 arithmetic (not the float
-product) are timed beside them: lowbit's W4A8 ``affine-a8`` (int4 g128 weights, int8 activations)
-and ``aqlm-lut8`` (AQLM 2x8 through int8 lookup tables, AVX-512 VBMI byte permutes); they are
-checked against the float reference within their own bounds (1 % / 2.5 %). Weights are random codes (the kernels' speed does not
+(groups of 8: 2 bits per weight each). Three opt-in rows with int8 arithmetic (not the float
+product) are timed beside them: lowbit's W4A8 ``affine-a8`` (int4 g128 weights, int8 activations),
+``e8p-a8`` (E8P 2-bit weights, the transformed activation in int8, AVX-512 VNNI + VBMI) and
+``aqlm-lut8`` (AQLM 2x8 through int8 lookup tables, AVX-512 VBMI byte permutes); they are
+checked against the float reference within their own bounds (1 % / 1 % / 2.5 %). Weights are random codes (the kernels' speed does not
 depend on how the codes were found); every kernel is checked against the reference before it is
 timed. Each cell: median µs per call, then int4 time / its time and fp32 time / its time (> 1:
 faster than int4 / fp32). A second table gives bytes per weight read and the GB/s they stream.
@@ -46,8 +47,10 @@ SHAPES = [  # (name, out, in)
     ("1B gate/up 8192x2048", 8192, 2048),
     ("1B down 2048x8192", 2048, 8192),
 ]
-VARIANTS = ("fp32", "int4-g128", "int4-a8", "e8p-2bit", "e8p-4bit", "aqlm-2x8", "aqlm-2x8-lut8", "aqlm-1x16")
-TOLERANCE = {"int4-a8": 1e-2, "aqlm-2x8-lut8": 2.5e-2}  # the int8 rows' distance from the float product
+VARIANTS = ("fp32", "int4-g128", "int4-a8", "e8p-2bit", "e8p-2bit-a8", "e8p-4bit", "aqlm-2x8", "aqlm-2x8-lut8",
+            "aqlm-1x16")
+# the int8 rows' distance from the float product
+TOLERANCE = {"int4-a8": 1e-2, "e8p-2bit-a8": 1e-2, "aqlm-2x8-lut8": 2.5e-2}
 
 
 def timeit(fn, min_time: float, repeats: int) -> float:
@@ -80,7 +83,8 @@ def weights(out_f: int, in_f: int, g: torch.Generator) -> dict:
                                  (out_f, in_f))
     nbytes = lambda w: sum(t.numel() * t.element_size() for t in w.tensors().values())  # noqa: E731
     return {"fp32": (W, W.numel() * 4), "int4-g128": (int4, nbytes(int4)), "int4-a8": (int4, nbytes(int4)),
-            "e8p-2bit": (e2, nbytes(e2)), "e8p-4bit": (e4, nbytes(e4)), "aqlm-2x8": (a28, nbytes(a28)),
+            "e8p-2bit": (e2, nbytes(e2)), "e8p-2bit-a8": (e2, nbytes(e2)),
+            "e8p-4bit": (e4, nbytes(e4)), "aqlm-2x8": (a28, nbytes(a28)),
             "aqlm-2x8-lut8": (a28, nbytes(a28)), "aqlm-1x16": (a116, nbytes(a116))}
 
 
@@ -88,8 +92,8 @@ def kernel(variant: str, w):
     if variant == "fp32":
         return lambda x: F.linear(x, w)
     fn = {"int4-g128": cpu.affine_linear, "int4-a8": a8.affine_a8_linear, "e8p-2bit": codebook.e8p_linear_cpu,
-          "e8p-4bit": codebook.e8p_linear_cpu, "aqlm-2x8": codebook.aqlm_linear_cpu,
-          "aqlm-2x8-lut8": codebook.aqlm_lut8_linear, "aqlm-1x16": codebook.aqlm_linear_cpu}[variant]
+          "e8p-2bit-a8": codebook.e8p_a8_linear, "e8p-4bit": codebook.e8p_linear_cpu,
+          "aqlm-2x8": codebook.aqlm_linear_cpu, "aqlm-2x8-lut8": codebook.aqlm_lut8_linear, "aqlm-1x16": codebook.aqlm_linear_cpu}[variant]
     return lambda x: fn(x, w)
 
 

@@ -363,7 +363,7 @@ def aqlm_lut8_linear(x: Tensor, w, bias: Tensor | None = None):
 # -- E8P with int8 activations (opt-in) ------------------------------------------------------------
 class E8P8WeightC(ctypes.Structure):
     """Mirror of ``lb_e8p8_weight`` in csrc/codebook.c: the float kernel's view and the int8 table."""
-    _fields_ = [("e", E8PWeightC), ("t8", _vp)]
+    _fields_ = [("e", E8PWeightC), ("t8", _vp), ("tn", _vp)]
 
 
 E8A_BLOCK = 32  # transformed activations per int8 scale (E8A_QB in csrc/codebook.c)
@@ -379,6 +379,19 @@ def e8p_int8_table() -> Tensor:
     return _TABLES["t8"]
 
 
+def e8p_nibble_table() -> Tensor:
+    """[4, 256] uint8, the AVX-512 path's per-pattern magnitude indices: ``t_2j | t_2j+1 << 4`` at
+    [j, p] with ``t_i = (|t8[i, p]| - 2) / 4`` in 0..3 (`e8p_int8_table`), and in row 3 bit 6 set
+    where ``t8[7, p] < 0`` (the pattern's parity sign of coordinate 7)."""
+    if "tn" not in _TABLES:
+        T = e8p_int8_table().to(torch.int64)                                  # [8, 256]
+        t = (T.abs() - 2) // 4
+        tn = t[0::2] | (t[1::2] << 4)
+        tn[3] |= (T[7] < 0).to(torch.int64) << 6
+        _TABLES["tn"] = tn.to(torch.uint8).contiguous()
+    return _TABLES["tn"]
+
+
 def e8p8_supports(w) -> bool:
     """The e8p-a8 row takes 2-bit E8P weights (any width the format takes) whose tensors the C code
     reads in place."""
@@ -389,15 +402,15 @@ def e8p8_supports(w) -> bool:
 
 def e8p8_struct(w) -> E8P8WeightC | None:
     """The C view of a 2-bit E8PWeight for the int8-activation kernel: `e8p_struct` and the int8
-    pattern table (2 KB, shared by every weight)."""
+    pattern tables (3 KB, shared by every weight)."""
     if w.bits != 2:
         return None
     base = e8p_struct(w)
     if base is None:
         return None
-    t8 = e8p_int8_table()
-    st = E8P8WeightC(e=base, t8=t8.data_ptr())
-    st._keep = (base, base._keep, t8)
+    t8, tn = e8p_int8_table(), e8p_nibble_table()
+    st = E8P8WeightC(e=base, t8=t8.data_ptr(), tn=tn.data_ptr())
+    st._keep = (base, base._keep, t8, tn)
     return st
 
 

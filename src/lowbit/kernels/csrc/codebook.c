@@ -1300,6 +1300,8 @@ int lb_aqlm_lut8_tables(const lb_aqlm8_weight* w, const float* x, int8_t* q, flo
 typedef struct {
     lb_e8p_weight e;  /* the float kernel's view: codes, scale, transforms (bits 2) */
     const int8_t* t8; /* [8, 256] 4 * patterns[p][i] */
+    const uint8_t* tn; /* [4, 256] the AVX-512 path's nibble tables: t_2j | t_2j+1 << 4 (t = (|t8| - 2) / 4),
+                        * tn[3] with bit 6 set where t8[7] < 0 */
 } lb_e8p8_weight;
 
 typedef struct {
@@ -1419,21 +1421,47 @@ TV5 float e8a_reduce_vbmi(__m512 f) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-/* R output rows from o (R <= 2) against activation rows m0 .. m0+MT-1 (MT <= 4) */
+/* R output rows from o (R <= 2) against activation rows m0 .. m0+MT-1 (MT <= 4). Per chunk and
+ * row the 8 coordinates' lookup indices are built as nibbles, two coordinates per byte vector
+ * E_j (coordinate 2j in bits 0-3, 2j+1 in bits 4-7): bits 0-1 the magnitude index t (4|v| - h
+ * = 4t + 2), bit 2 the sign, bit 3 the shift. The t's come from four 256-entry tables tn[j]
+ * (two vpermi2b + a blend each; tn[3] also holds the pattern's parity sign of coordinate 7 in
+ * bit 6), the sign and shift bits from 16-entry vpshufb tables of the sign byte's two nibbles.
+ * Then per coordinate one vpermb of the 16-entry value table u = 4 v + 15 (the high nibble
+ * shifted down first: vpermb reads 6 index bits and the table repeats every 16) and a vpdpbusd. */
 TV5 void e8a_tile_vbmi(const e8a_ctx* c, int64_t o, const int R, int64_t m0, const int MT) {
     const lb_e8p8_weight* w = c->w;
     const int64_t N = w->e.N, KB = c->KB, NC = c->NC;
-    const int8_t* T = w->t8;
-    __m512i ev, od;
+    const uint8_t* TN = w->tn;
+    __m512i ev, od, vt, f0, f1, f3l, hh, g2, f3h;
     {
-        int8_t e[64], d[64];
-        for (int k = 0; k < 64; k++) { e[k] = (int8_t)(2 * k); d[k] = (int8_t)(2 * k + 1); }
+        uint8_t e[64], d[64], v[64], t[6][16];
+        for (int k = 0; k < 64; k++) {
+            e[k] = (uint8_t)(2 * k);
+            d[k] = (uint8_t)(2 * k + 1);
+            const int tt = k & 3, sg = (k >> 2) & 1, sh = (k >> 3) & 1;
+            v[k] = (uint8_t)(15 + (sh ? -1 : 1) + (sg ? -1 : 1) * (4 * tt + 2));
+        }
+        for (int n = 0; n < 16; n++) {
+            const int hb = (n >> 3) & 1;
+            t[0][n] = (uint8_t)((n & 1) << 2 | ((n >> 1) & 1) << 6);                         /* lo: s0, s1 */
+            t[1][n] = (uint8_t)(((n >> 2) & 1) << 2 | ((n >> 3) & 1) << 6);                  /* lo: s2, s3 */
+            t[2][n] = (uint8_t)((__builtin_popcount((unsigned)n) & 1) << 6);                  /* lo: parity */
+            t[3][n] = (uint8_t)(hb * 0x88);                                                   /* hi: shift */
+            t[4][n] = (uint8_t)((n & 1) << 2 | ((n >> 1) & 1) << 6 | hb * 0x88);              /* hi: s4, s5 */
+            t[5][n] = (uint8_t)(((n >> 2) & 1) << 2 | (__builtin_popcount((unsigned)n & 7u) & 1) << 6 | hb * 0x88);
+        }
         ev = _mm512_loadu_si512(e);
         od = _mm512_loadu_si512(d);
+        vt = _mm512_loadu_si512(v);
+        f0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[0]));
+        f1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[1]));
+        f3l = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[2]));
+        hh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[3]));
+        g2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[4]));
+        f3h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[5]));
     }
-    const __m512i b16 = _mm512_set1_epi8(16), b14 = _mm512_set1_epi8(14), lo4 = _mm512_set1_epi8(0x0f),
-                  lo3 = _mm512_set1_epi8(0x07), one = _mm512_set1_epi8(1);
-    const __m512i ptab = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0));
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
     const uint16_t* cr[2] = {(const uint16_t*)w->e.codes + o * KB, (const uint16_t*)w->e.codes + (o + (R > 1)) * KB};
     __m512 f[2][4];
     for (int r = 0; r < R; r++)
@@ -1442,38 +1470,45 @@ TV5 void e8a_tile_vbmi(const e8a_ctx* c, int64_t o, const int R, int64_t m0, con
         const int64_t j0 = ch * E8A_CH, n = KB - j0 < E8A_CH ? KB - j0 : E8A_CH;
         const __mmask32 l0 = n >= 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
         const __mmask32 l1 = n >= 64 ? 0xffffffffu : (n <= 32 ? 0u : (__mmask32)((1u << (n - 32)) - 1u));
-        __m512i pat[2], hib[2], base[2];
-        __mmask64 hm[2], m7[2];
-        __m512i acc[2][4];
+        __m512i E[2][4], acc[2][4], acc2[2][4]; /* two chains per row (even, odd coordinates): half the latency */
         for (int r = 0; r < R; r++) {
             const __m512i c0 = _mm512_maskz_loadu_epi16(l0, cr[r] + j0), c1 = _mm512_maskz_loadu_epi16(l1, cr[r] + j0 + 32);
-            pat[r] = _mm512_permutex2var_epi8(c0, ev, c1);
-            hib[r] = _mm512_permutex2var_epi8(c0, od, c1);
-            hm[r] = _mm512_movepi8_mask(pat[r]);
-            base[r] = _mm512_mask_blend_epi8(_mm512_movepi8_mask(hib[r]), b16, b14);
-            const __m512i pl = _mm512_shuffle_epi8(ptab, _mm512_and_si512(hib[r], lo4));
-            const __m512i ph = _mm512_shuffle_epi8(ptab, _mm512_and_si512(_mm512_srli_epi16(hib[r], 4), lo3));
-            m7[r] = _mm512_test_epi8_mask(_mm512_xor_si512(pl, ph), one);
-            for (int m = 0; m < MT; m++) acc[r][m] = _mm512_loadu_si512(c->nq + ((m0 + m) * NC + ch) * 16);
+            const __m512i pat = _mm512_permutex2var_epi8(c0, ev, c1);
+            const __m512i hib = _mm512_permutex2var_epi8(c0, od, c1);
+            const __mmask64 hm = _mm512_movepi8_mask(pat);
+            __m512i L[4];
+            for (int j = 0; j < 4; j++) {
+                const uint8_t* t = TN + j * 256;
+                L[j] = _mm512_mask_blend_epi8(hm, _mm512_permutex2var_epi8(_mm512_loadu_si512(t), pat, _mm512_loadu_si512(t + 64)),
+                                              _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), pat, _mm512_loadu_si512(t + 192)));
+            }
+            const __m512i lo = _mm512_and_si512(hib, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(hib, 4), lo4);
+            const __m512i H = _mm512_shuffle_epi8(hh, hi);
+            E[r][0] = _mm512_ternarylogic_epi32(L[0], _mm512_shuffle_epi8(f0, lo), H, 0xfe);  /* a | b | c */
+            E[r][1] = _mm512_ternarylogic_epi32(L[1], _mm512_shuffle_epi8(f1, lo), H, 0xfe);
+            E[r][2] = _mm512_or_si512(L[2], _mm512_shuffle_epi8(g2, hi));
+            E[r][3] = _mm512_ternarylogic_epi32(L[3], _mm512_shuffle_epi8(f3h, hi), _mm512_shuffle_epi8(f3l, lo), 0x96); /* a ^ b ^ c */
+            for (int m = 0; m < MT; m++) {
+                acc[r][m] = _mm512_loadu_si512(c->nq + ((m0 + m) * NC + ch) * 16);
+                acc2[r][m] = _mm512_setzero_si512();
+            }
         }
         for (int i = 0; i < 8; i++) {
-            const __m512i t0 = _mm512_loadu_si512(T + i * 256), t1 = _mm512_loadu_si512(T + i * 256 + 64);
-            const __m512i t2 = _mm512_loadu_si512(T + i * 256 + 128), t3 = _mm512_loadu_si512(T + i * 256 + 192);
             __m512i qv[4];
             for (int m = 0; m < MT; m++) qv[m] = _mm512_loadu_si512(c->qt + (((m0 + m) * NC + ch) * 8 + i) * E8A_CH);
-            const __m512i bit = _mm512_set1_epi8((char)(1 << i));
             for (int r = 0; r < R; r++) {
-                const __m512i lo = _mm512_permutex2var_epi8(t0, pat[r], t1);
-                const __m512i hi = _mm512_permutex2var_epi8(t2, pat[r], t3);
-                const __m512i a = _mm512_mask_blend_epi8(hm[r], lo, hi);
-                const __mmask64 neg = i < 7 ? _mm512_test_epi8_mask(hib[r], bit) : m7[r];
-                const __m512i u = _mm512_mask_sub_epi8(_mm512_add_epi8(base[r], a), neg, base[r], a);
-                for (int m = 0; m < MT; m++) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], u, qv[m]);
+                const __m512i idx = (i & 1) ? _mm512_srli_epi16(E[r][i >> 1], 4) : E[r][i >> 1];
+                const __m512i u = _mm512_permutexvar_epi8(idx, vt);
+                for (int m = 0; m < MT; m++) {
+                    if (i & 1) acc2[r][m] = _mm512_dpbusd_epi32(acc2[r][m], u, qv[m]);
+                    else acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], u, qv[m]);
+                }
             }
         }
         for (int m = 0; m < MT; m++) {
             const __m512 s = _mm512_loadu_ps(c->sl + ((m0 + m) * NC + ch) * 16);
-            for (int r = 0; r < R; r++) f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][m]), s, f[r][m]);
+            for (int r = 0; r < R; r++)
+                f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][m], acc2[r][m])), s, f[r][m]);
         }
     }
     const float s0q = w->e.scale[0] * 0.25f;
@@ -1500,7 +1535,7 @@ TGTV static void e8a_rows_vbmi(const e8a_ctx* c, int64_t r0, int64_t r1) {
 #endif
 
 static int e8a_check(const lb_e8p8_weight* w) {
-    if (!w || !w->t8 || e8p_check(&w->e) || w->e.bits != 2) return 2;
+    if (!w || !w->t8 || !w->tn || e8p_check(&w->e) || w->e.bits != 2) return 2;
     return 0;
 }
 
