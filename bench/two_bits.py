@@ -119,6 +119,24 @@ def speed_table(model: str, root: Path, names: list[str], repeats: int, threads:
     return [{"variant": n, "decode_tok_s": statistics.median(v)} for n, v in times.items()]
 
 
+def gguf_linear_bits(path: Path) -> tuple[float, dict]:
+    """Bits per weight of a GGUF file's block matrices (the linear layers; lowbit's loader hands
+    them back dequantized, so compare's column says 32) and how many tensors of each type: a
+    K-quant needs rows that are a multiple of 256, and the writer stores narrower ones in a type
+    of 32-blocks instead (as llama.cpp does)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    nbytes = n = 0
+    types: dict = {}
+    for t in r.tensors:
+        if t.name.startswith("blk.") and len(t.shape) >= 2:
+            nbytes += int(t.n_bytes)
+            n += int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return 8 * nbytes / max(n, 1), types
+
+
 def machine_line(threads: int) -> str:
     from lowbit.kernels import _native
 
@@ -184,8 +202,12 @@ def main() -> int:
         rows.append(["float32 (original)", "32", _f(quality.get("original", {}).get("ppl"), 2), "", "", "", "",
                      _f(speed.get("float32"), 1),
                      f"{speed['float32'] / int4:.2f}x" if int4 and "float32" in speed else ""])
+    notes = []
     for n in names:
-        q = quality.get(n, {})
+        q = dict(quality.get(n, {}))
+        if VARIANTS[n][0] == "gguf" and variant_path(root, n).is_file():
+            q["bpw"], types = gguf_linear_bits(variant_path(root, n))
+            notes.append(f"{n}: block tensors {dict(sorted(types.items()))}")
         tok = speed.get(n)
         rows.append([n, _f(q.get("bpw"), 3), _f(q.get("ppl"), 2), _f(q.get("kl"), 4), _f(q.get("top1"), 1),
                      _f(times.get(n, {}).get("seconds"), 0), _f(times.get(n, {}).get("cpu_seconds"), 0),
@@ -195,6 +217,8 @@ def main() -> int:
             rows.append([f"  {n}, int8 activations", "", "", "", "", "", "", _f(a8, 1),
                          f"{a8 / int4:.2f}x" if int4 else ""])
     print(render(head, rows, args.markdown))
+    for line in notes:
+        print(line)
     print(f"{args.model}; {args.max_tokens} held-out tokens; {machine_line(args.threads)}")
     return 0
 
