@@ -567,6 +567,33 @@ def test_e8p_a8_every_path_gives_the_same_bits_zero_rows_threads():
     assert torch.equal(first, y2)
 
 
+# widths whose code count (K / 8) leaves a last chunk of n < 64 codes: the AVX-512 path runs the
+# tails of 64 / P rows (P = 4, 8, 16, 32 >= n) in one shared chunk; n > 32 and n = 64 do not share
+E8A_TAILS = [(13, 64), (37, 544), (37, 576), (19, 640), (21, 768), (11, 800), (9, 1536), (23, 2056)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", E8A_TAILS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_e8p_a8_shared_tail_chunks_same_bits_on_every_path(shape):
+    N, K = shape
+    w = random_e8p(N, K, seed=7)
+    gen = torch.Generator().manual_seed(43)
+    b = torch.randn(N, generator=gen)
+    x = torch.randn(6, K, generator=gen)  # tiles of 4 + 2 activation rows
+    ys = {}
+    for path in PATHS:
+        with LIB.isa_capped(path) as got:
+            ys[got] = codebook.e8p_a8_linear(x, w, b)
+    first = next(iter(ys.values()))
+    assert all(torch.equal(first, y) for y in ys.values()), list(ys)
+    inc = w.incoherence()
+    for i in (0, 5):
+        xt, q, sx = codebook.e8p_a8_activations(x[i], w)
+        r = inc.output(e8a_reference(q.long(), sx, w).float())
+        err = float((first[i] - b - r).abs().max() / r.abs().max())
+        assert err < 1e-6, (shape, i, err)
+
+
 @needs_native
 def test_e8p_a8_declines_what_it_does_not_take():
     for bits in (3, 4):

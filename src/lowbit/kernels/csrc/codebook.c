@@ -83,7 +83,15 @@ INL void fwht_rows(float* v, int64_t b, int64_t p) {
 }
 
 /* v [b*p] <- (H_b (x) H_p) v / sqrt(b p), with H_b^T when `transpose`; tmp: b*p floats */
-INL void hadamard(float* v, int64_t b, int64_t p, const float* Hb, int transpose, float* tmp) {
+#if LB_X86
+static int hadamard512(float* v, int64_t b, int64_t p, const float* Hb, int transpose, float* tmp);
+#endif
+INL void hadamard(float* v, int64_t b, int64_t p, const float* Hb, int transpose, float* tmp, int v512) {
+#if LB_X86
+    if (v512 && hadamard512(v, b, p, Hb, transpose, tmp)) return;
+#else
+    (void)v512;
+#endif
     const int64_t n = b * p;
     const float s = (float)(1.0 / sqrt((double)n));
     if (p > 1) fwht_rows(v, b, p);
@@ -103,8 +111,90 @@ INL void hadamard(float* v, int64_t b, int64_t p, const float* Hb, int transpose
     }
 }
 
+#if LB_X86
+/* `hadamard` with AVX-512 where p % 16 == 0 and every entry of H_b is +-1 (the same floats in the
+ * same order, so the same bits): the butterfly stages h < 16 inside each 16-lane vector (the
+ * partner lane by a permute, s + d kept where bit h of the lane is clear, s - d where set), the
+ * larger ones over vectors; the b x b product as o_i = sum_j (+-1 * s) src_j with the +-1 applied
+ * by a sign flip of s * src_j, 4 output rows at a time (independent add chains). Returns 0 (not
+ * applicable: the caller runs the plain loops) or 1. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), noinline)) static int hadamard512(float* v, int64_t b,
+                                                                                                   int64_t p, const float* Hb,
+                                                                                                   int transpose, float* tmp) {
+    if (p % 16 || b > 64) return 0;
+    for (int64_t k = 0; k < b * b && b > 1; k++)
+        if (Hb[k] != 1.0f && Hb[k] != -1.0f) return 0;
+    const int64_t n = b * p;
+    const float s = (float)(1.0 / sqrt((double)n));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i x1 = _mm512_xor_si512(lane, _mm512_set1_epi32(1)), x2 = _mm512_xor_si512(lane, _mm512_set1_epi32(2));
+    const __m512i x4 = _mm512_xor_si512(lane, _mm512_set1_epi32(4)), x8 = _mm512_xor_si512(lane, _mm512_set1_epi32(8));
+    if (p > 1) {
+        for (int64_t r = 0; r < b; r++) {
+            float* a = v + r * p;
+            for (int64_t k = 0; k < p; k += 16) {
+                __m512 t = _mm512_loadu_ps(a + k), u;
+                u = _mm512_permutexvar_ps(x1, t);
+                t = _mm512_mask_blend_ps(0xAAAA, _mm512_add_ps(t, u), _mm512_sub_ps(u, t));
+                u = _mm512_permutexvar_ps(x2, t);
+                t = _mm512_mask_blend_ps(0xCCCC, _mm512_add_ps(t, u), _mm512_sub_ps(u, t));
+                u = _mm512_permutexvar_ps(x4, t);
+                t = _mm512_mask_blend_ps(0xF0F0, _mm512_add_ps(t, u), _mm512_sub_ps(u, t));
+                u = _mm512_permutexvar_ps(x8, t);
+                t = _mm512_mask_blend_ps(0xFF00, _mm512_add_ps(t, u), _mm512_sub_ps(u, t));
+                _mm512_storeu_ps(a + k, t);
+            }
+            for (int64_t h = 16; h < p; h *= 2)
+                for (int64_t i = 0; i < p; i += 2 * h)
+                    for (int64_t k = i; k < i + h; k += 16) {
+                        const __m512 x = _mm512_loadu_ps(a + k), y = _mm512_loadu_ps(a + k + h);
+                        _mm512_storeu_ps(a + k, _mm512_add_ps(x, y));
+                        _mm512_storeu_ps(a + k + h, _mm512_sub_ps(x, y));
+                    }
+        }
+    }
+    if (b == 1) {
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int64_t k = 0; k < n; k += 16) _mm512_storeu_ps(v + k, _mm512_mul_ps(_mm512_loadu_ps(v + k), sv));
+        return 1;
+    }
+    /* the +-1 entries as sign masks: sg[i * b + j] = sign bit of (H_b or H_b^T)[i, j] */
+    uint32_t sg[64 * 64];
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t j = 0; j < b; j++) sg[i * b + j] = (transpose ? Hb[j * b + i] : Hb[i * b + j]) < 0.0f ? 0x80000000u : 0u;
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t k = 0; k < n; k += 16) _mm512_storeu_ps(tmp + k, _mm512_mul_ps(_mm512_loadu_ps(v + k), sv)); /* s * src */
+    for (int64_t k = 0; k < p; k += 16) {
+        int64_t i = 0;
+        for (; i + 4 <= b; i += 4) {
+            __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+            for (int64_t j = 0; j < b; j++) {
+                const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(tmp + j * p + k));
+                o0 = _mm512_add_ps(o0, _mm512_castsi512_ps(_mm512_xor_si512(x, _mm512_set1_epi32((int)sg[i * b + j]))));
+                o1 = _mm512_add_ps(o1, _mm512_castsi512_ps(_mm512_xor_si512(x, _mm512_set1_epi32((int)sg[(i + 1) * b + j]))));
+                o2 = _mm512_add_ps(o2, _mm512_castsi512_ps(_mm512_xor_si512(x, _mm512_set1_epi32((int)sg[(i + 2) * b + j]))));
+                o3 = _mm512_add_ps(o3, _mm512_castsi512_ps(_mm512_xor_si512(x, _mm512_set1_epi32((int)sg[(i + 3) * b + j]))));
+            }
+            _mm512_storeu_ps(v + i * p + k, o0);
+            _mm512_storeu_ps(v + (i + 1) * p + k, o1);
+            _mm512_storeu_ps(v + (i + 2) * p + k, o2);
+            _mm512_storeu_ps(v + (i + 3) * p + k, o3);
+        }
+        for (; i < b; i++) {
+            __m512 o0 = _mm512_setzero_ps();
+            for (int64_t j = 0; j < b; j++) {
+                const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(tmp + j * p + k));
+                o0 = _mm512_add_ps(o0, _mm512_castsi512_ps(_mm512_xor_si512(x, _mm512_set1_epi32((int)sg[i * b + j]))));
+            }
+            _mm512_storeu_ps(v + i * p + k, o0);
+        }
+    }
+    return 1;
+}
+#endif
+
 /* out [K] = V x: x * D_v, then the Hadamard (or dense M: out = M (D_v x)); tmp: K floats */
-INL void e8p_input(const lb_e8p_weight* w, const float* x, float* out, float* tmp) {
+INL void e8p_input(const lb_e8p_weight* w, const float* x, float* out, float* tmp, int v512) {
     const int64_t K = w->K;
     const float* d = w->dv;
     if (w->v_dense) {
@@ -118,11 +208,11 @@ INL void e8p_input(const lb_e8p_weight* w, const float* x, float* out, float* tm
         return;
     }
     for (int64_t k = 0; k < K; k++) out[k] = d ? x[k] * d[k] : x[k];
-    hadamard(out, w->bv, w->pv, w->hv, 0, tmp);
+    hadamard(out, w->bv, w->pv, w->hv, 0, tmp, v512);
 }
 
 /* z [N] <- U^T z (+ bias): the transposed Hadamard (or z M), then * D_u; tmp: N floats */
-INL void e8p_output(const lb_e8p_weight* w, float* z, const float* bias, float* tmp) {
+INL void e8p_output(const lb_e8p_weight* w, float* z, const float* bias, float* tmp, int v512) {
     const int64_t N = w->N;
     const float* d = w->du;
     if (w->u_dense) {
@@ -134,7 +224,7 @@ INL void e8p_output(const lb_e8p_weight* w, float* z, const float* bias, float* 
         }
         memcpy(z, tmp, (size_t)N * sizeof(float));
     } else {
-        hadamard(z, w->bu, w->pu, w->hu, 1, tmp);
+        hadamard(z, w->bu, w->pu, w->hu, 1, tmp, v512);
     }
     if (d)
         for (int64_t k = 0; k < N; k++) z[k] *= d[k];
@@ -142,15 +232,15 @@ INL void e8p_output(const lb_e8p_weight* w, float* z, const float* bias, float* 
         for (int64_t k = 0; k < N; k++) z[k] += bias[k];
 }
 
-static void e8p_input_scalar(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp); }
-static void e8p_output_scalar(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp); }
+static void e8p_input_scalar(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp, 0); }
+static void e8p_output_scalar(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp, 0); }
 #if LB_X86
 #define TGT2 __attribute__((target("avx2,fma,f16c")))
 #define TGT5 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-TGT2 static void e8p_input_avx2(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp); }
-TGT2 static void e8p_output_avx2(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp); }
-TGT5 static void e8p_input_avx512(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp); }
-TGT5 static void e8p_output_avx512(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp); }
+TGT2 static void e8p_input_avx2(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp, 0); }
+TGT2 static void e8p_output_avx2(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp, 0); }
+TGT5 static void e8p_input_avx512(const lb_e8p_weight* w, const float* x, float* out, float* tmp) { e8p_input(w, x, out, tmp, 1); }
+TGT5 static void e8p_output_avx512(const lb_e8p_weight* w, float* z, const float* b, float* tmp) { e8p_output(w, z, b, tmp, 1); }
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1340,9 +1430,9 @@ INL void e8a_quantize(const float* xt, int64_t K, int8_t* q, float* sx) {
 /* one activation row: x~, its int8 codes q [K] and scales sx, and the kernel's transposed copy
  * (qt [NC, 8, 64], nq, sl [NC, 16]); xt, tmp: K floats */
 INL void e8a_prepare(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q, float* sx, int8_t* qt,
-                     int32_t* nq, float* sl) {
+                     int32_t* nq, float* sl, int v512) {
     const int64_t K = w->e.K, KB = K / 8, NC = (KB + E8A_CH - 1) / E8A_CH, nb = (K + E8A_QB - 1) / E8A_QB;
-    e8p_input(&w->e, x, xt, tmp);
+    e8p_input(&w->e, x, xt, tmp, v512);
     e8a_quantize(xt, K, q, sx);
     memset(qt, 0, (size_t)(NC * 8 * E8A_CH));
     for (int64_t j = 0; j < KB; j++)
@@ -1360,7 +1450,7 @@ INL void e8a_prepare(const lb_e8p8_weight* w, const float* x, float* xt, float* 
 
 static void e8a_prepare_scalar(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q, float* sx,
                                int8_t* qt, int32_t* nq, float* sl) {
-    e8a_prepare(w, x, xt, tmp, q, sx, qt, nq, sl);
+    e8a_prepare(w, x, xt, tmp, q, sx, qt, nq, sl, 0);
 }
 
 /* the fixed summation tree of the 16 lanes */
@@ -1409,7 +1499,7 @@ static void e8a_rows_scalar(const e8a_ctx* c, int64_t r0, int64_t r1) {
 #if LB_X86
 TGT5 static void e8a_prepare_avx512(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q,
                                     float* sx, int8_t* qt, int32_t* nq, float* sl) {
-    e8a_prepare(w, x, xt, tmp, q, sx, qt, nq, sl);
+    e8a_prepare(w, x, xt, tmp, q, sx, qt, nq, sl, 1);
 }
 
 #define TV5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c"), always_inline)) static inline
@@ -1429,44 +1519,50 @@ TV5 float e8a_reduce_vbmi(__m512 f) {
  * bit 6), the sign and shift bits from 16-entry vpshufb tables of the sign byte's two nibbles.
  * Then per coordinate one vpermb of the 16-entry value table u = 4 v + 15 (the high nibble
  * shifted down first: vpermb reads 6 index bits and the table repeats every 16) and a vpdpbusd. */
-TV5 void e8a_tile_vbmi(const e8a_ctx* c, int64_t o, const int R, int64_t m0, const int MT) {
+/* the byte tables of the tile functions (built once per call of e8a_rows_vbmi) */
+typedef struct {
+    uint8_t e[64], d[64], v[64], t[6][16], b[64]; /* b: slot k -> k % P (the shared tail chunk) */
+    int32_t l[16];                                /* lane L -> L % (P / 4) */
+} e8a_consts;
+
+static void e8a_consts_init(e8a_consts* K8, int P) {
+    for (int k = 0; k < 64; k++) {
+        K8->e[k] = (uint8_t)(2 * k);
+        K8->d[k] = (uint8_t)(2 * k + 1);
+        const int tt = k & 3, sg = (k >> 2) & 1, sh = (k >> 3) & 1;
+        K8->v[k] = (uint8_t)(15 + (sh ? -1 : 1) + (sg ? -1 : 1) * (4 * tt + 2));
+        K8->b[k] = (uint8_t)(P ? k % P : k);
+    }
+    for (int L = 0; L < 16; L++) K8->l[L] = P ? L % (P / 4) : L;
+    for (int n = 0; n < 16; n++) {
+        const int hb = (n >> 3) & 1;
+        K8->t[0][n] = (uint8_t)((n & 1) << 2 | ((n >> 1) & 1) << 6);                         /* lo: s0, s1 */
+        K8->t[1][n] = (uint8_t)(((n >> 2) & 1) << 2 | ((n >> 3) & 1) << 6);                  /* lo: s2, s3 */
+        K8->t[2][n] = (uint8_t)((__builtin_popcount((unsigned)n) & 1) << 6);                  /* lo: parity */
+        K8->t[3][n] = (uint8_t)(hb * 0x88);                                                   /* hi: shift */
+        K8->t[4][n] = (uint8_t)((n & 1) << 2 | ((n >> 1) & 1) << 6 | hb * 0x88);              /* hi: s4, s5 */
+        K8->t[5][n] = (uint8_t)(((n >> 2) & 1) << 2 | (__builtin_popcount((unsigned)n & 7u) & 1) << 6 | hb * 0x88);
+    }
+}
+
+TV5 void e8a_tile_vbmi(const e8a_ctx* c, const e8a_consts* K8, int64_t o, const int R, int64_t m0, const int MT, int64_t nch,
+                       float* Fo) {
     const lb_e8p8_weight* w = c->w;
     const int64_t N = w->e.N, KB = c->KB, NC = c->NC;
     const uint8_t* TN = w->tn;
-    __m512i ev, od, vt, f0, f1, f3l, hh, g2, f3h;
-    {
-        uint8_t e[64], d[64], v[64], t[6][16];
-        for (int k = 0; k < 64; k++) {
-            e[k] = (uint8_t)(2 * k);
-            d[k] = (uint8_t)(2 * k + 1);
-            const int tt = k & 3, sg = (k >> 2) & 1, sh = (k >> 3) & 1;
-            v[k] = (uint8_t)(15 + (sh ? -1 : 1) + (sg ? -1 : 1) * (4 * tt + 2));
-        }
-        for (int n = 0; n < 16; n++) {
-            const int hb = (n >> 3) & 1;
-            t[0][n] = (uint8_t)((n & 1) << 2 | ((n >> 1) & 1) << 6);                         /* lo: s0, s1 */
-            t[1][n] = (uint8_t)(((n >> 2) & 1) << 2 | ((n >> 3) & 1) << 6);                  /* lo: s2, s3 */
-            t[2][n] = (uint8_t)((__builtin_popcount((unsigned)n) & 1) << 6);                  /* lo: parity */
-            t[3][n] = (uint8_t)(hb * 0x88);                                                   /* hi: shift */
-            t[4][n] = (uint8_t)((n & 1) << 2 | ((n >> 1) & 1) << 6 | hb * 0x88);              /* hi: s4, s5 */
-            t[5][n] = (uint8_t)(((n >> 2) & 1) << 2 | (__builtin_popcount((unsigned)n & 7u) & 1) << 6 | hb * 0x88);
-        }
-        ev = _mm512_loadu_si512(e);
-        od = _mm512_loadu_si512(d);
-        vt = _mm512_loadu_si512(v);
-        f0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[0]));
-        f1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[1]));
-        f3l = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[2]));
-        hh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[3]));
-        g2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[4]));
-        f3h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)t[5]));
-    }
+    const __m512i ev = _mm512_loadu_si512(K8->e), od = _mm512_loadu_si512(K8->d), vt = _mm512_loadu_si512(K8->v);
+    const __m512i f0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[0]));
+    const __m512i f1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[1]));
+    const __m512i f3l = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[2]));
+    const __m512i hh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[3]));
+    const __m512i g2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[4]));
+    const __m512i f3h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[5]));
     const __m512i lo4 = _mm512_set1_epi8(0x0f);
     const uint16_t* cr[2] = {(const uint16_t*)w->e.codes + o * KB, (const uint16_t*)w->e.codes + (o + (R > 1)) * KB};
     __m512 f[2][4];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MT; m++) f[r][m] = _mm512_setzero_ps();
-    for (int64_t ch = 0; ch < NC; ch++) {
+    for (int64_t ch = 0; ch < nch; ch++) {
         const int64_t j0 = ch * E8A_CH, n = KB - j0 < E8A_CH ? KB - j0 : E8A_CH;
         const __mmask32 l0 = n >= 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
         const __mmask32 l1 = n >= 64 ? 0xffffffffu : (n <= 32 ? 0u : (__mmask32)((1u << (n - 32)) - 1u));
@@ -1511,25 +1607,141 @@ TV5 void e8a_tile_vbmi(const e8a_ctx* c, int64_t o, const int R, int64_t m0, con
                 f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][m], acc2[r][m])), s, f[r][m]);
         }
     }
+    if (Fo) { /* the lane sums so far, finished by e8a_tail_vbmi */
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < MT; m++) _mm512_storeu_ps(Fo + (r * 4 + m) * 16, f[r][m]);
+        return;
+    }
     const float s0q = w->e.scale[0] * 0.25f;
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MT; m++) c->z[(m0 + m) * N + o + r] = s0q * e8a_reduce_vbmi(f[r][m]);
 }
 
-#define E8A_MT(R, o, m0, left)                                 \
-    switch (left) {                                            \
-        case 1: e8a_tile_vbmi(c, o, R, m0, 1); break;          \
-        case 2: e8a_tile_vbmi(c, o, R, m0, 2); break;          \
-        case 3: e8a_tile_vbmi(c, o, R, m0, 3); break;          \
-        default: e8a_tile_vbmi(c, o, R, m0, 4); break;         \
+/* The last chunk of g <= 64 / P output rows from o whose codes end in a short tail of n <= P codes
+ * (P = 4, 8, 16 or 32; n = KB - 64 (NC - 1)): the rows' tails share one chunk, row r's codes in
+ * slots P r .. P r + n - 1 (zero codes after, against zero activations), so row r's blocks are the
+ * int32 lanes r P/4 .. r P/4 + P/4 - 1; the activation bytes and -15 Q_b are repeated every P
+ * slots. Each row's lanes are then moved to lanes 0 .. P/4 - 1 and fused into that row's sums
+ * F [r][m][16] (from e8a_tile_vbmi over the other chunks) under a mask: the same fma per lane as
+ * the unpacked chunk (its other lanes add 0 * 0), so the same bits. */
+TV5 void e8a_tail_vbmi(const e8a_ctx* c, const e8a_consts* K8, int64_t o, const int g, int64_t m0, const int MT, const int P,
+                       float* F) {
+    const lb_e8p8_weight* w = c->w;
+    const int64_t N = w->e.N, KB = c->KB, NC = c->NC, j0 = (NC - 1) * E8A_CH;
+    const int n = (int)(KB - j0), lr = P / 4;
+    const uint8_t* TN = w->tn;
+    const uint16_t* cr = (const uint16_t*)w->e.codes + o * KB + j0;
+    const __m512i ev = _mm512_loadu_si512(K8->e), od = _mm512_loadu_si512(K8->d), vt = _mm512_loadu_si512(K8->v);
+    const __m512i f0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[0]));
+    const __m512i f1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[1]));
+    const __m512i f3l = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[2]));
+    const __m512i hh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[3]));
+    const __m512i g2 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[4]));
+    const __m512i f3h = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)K8->t[5]));
+    const __m512i pq = _mm512_loadu_si512(K8->b), pn = _mm512_loadu_si512(K8->l);
+    /* the 64 slots as 8 x 8 codes: masked loads (nothing read past a row's tail) */
+    __m128i x8[8];
+    for (int v = 0; v < 8; v++) {
+        if (P >= 8) {
+            const int r = (8 * v) / P, t0 = (8 * v) % P, k = n - t0 < 0 ? 0 : (n - t0 > 8 ? 8 : n - t0);
+            x8[v] = r < g ? _mm_maskz_loadu_epi16((__mmask8)((1u << k) - 1u), cr + r * KB + t0) : _mm_setzero_si128();
+        } else {
+            const __mmask8 k = (__mmask8)((1u << n) - 1u);
+            const __m128i a = 2 * v < g ? _mm_maskz_loadu_epi16(k, cr + 2 * v * KB) : _mm_setzero_si128();
+            const __m128i b = 2 * v + 1 < g ? _mm_maskz_loadu_epi16(k, cr + (2 * v + 1) * KB) : _mm_setzero_si128();
+            x8[v] = _mm_unpacklo_epi64(a, b);
+        }
+    }
+    __m512i c0 = _mm512_castsi128_si512(x8[0]), c1 = _mm512_castsi128_si512(x8[4]);
+    c0 = _mm512_inserti32x4(c0, x8[1], 1);
+    c0 = _mm512_inserti32x4(c0, x8[2], 2);
+    c0 = _mm512_inserti32x4(c0, x8[3], 3);
+    c1 = _mm512_inserti32x4(c1, x8[5], 1);
+    c1 = _mm512_inserti32x4(c1, x8[6], 2);
+    c1 = _mm512_inserti32x4(c1, x8[7], 3);
+    const __m512i lo4 = _mm512_set1_epi8(0x0f);
+    const __m512i pat = _mm512_permutex2var_epi8(c0, ev, c1);
+    const __m512i hib = _mm512_permutex2var_epi8(c0, od, c1);
+    const __mmask64 hm = _mm512_movepi8_mask(pat);
+    __m512i L[4], E[4], acc[4], acc2[4];
+    for (int j = 0; j < 4; j++) {
+        const uint8_t* t = TN + j * 256;
+        L[j] = _mm512_mask_blend_epi8(hm, _mm512_permutex2var_epi8(_mm512_loadu_si512(t), pat, _mm512_loadu_si512(t + 64)),
+                                      _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), pat, _mm512_loadu_si512(t + 192)));
+    }
+    const __m512i lo = _mm512_and_si512(hib, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(hib, 4), lo4);
+    const __m512i H = _mm512_shuffle_epi8(hh, hi);
+    E[0] = _mm512_ternarylogic_epi32(L[0], _mm512_shuffle_epi8(f0, lo), H, 0xfe);
+    E[1] = _mm512_ternarylogic_epi32(L[1], _mm512_shuffle_epi8(f1, lo), H, 0xfe);
+    E[2] = _mm512_or_si512(L[2], _mm512_shuffle_epi8(g2, hi));
+    E[3] = _mm512_ternarylogic_epi32(L[3], _mm512_shuffle_epi8(f3h, hi), _mm512_shuffle_epi8(f3l, lo), 0x96);
+    for (int m = 0; m < MT; m++) {
+        acc[m] = _mm512_permutexvar_epi32(pn, _mm512_loadu_si512(c->nq + ((m0 + m) * NC + NC - 1) * 16));
+        acc2[m] = _mm512_setzero_si512();
+    }
+    for (int i = 0; i < 8; i++) {
+        const __m512i idx = (i & 1) ? _mm512_srli_epi16(E[i >> 1], 4) : E[i >> 1];
+        const __m512i u = _mm512_permutexvar_epi8(idx, vt);
+        for (int m = 0; m < MT; m++) {
+            const __m512i qv = _mm512_permutexvar_epi8(pq, _mm512_loadu_si512(c->qt + (((m0 + m) * NC + NC - 1) * 8 + i) * E8A_CH));
+            if (i & 1) acc2[m] = _mm512_dpbusd_epi32(acc2[m], u, qv);
+            else acc[m] = _mm512_dpbusd_epi32(acc[m], u, qv);
+        }
+    }
+    const float s0q = w->e.scale[0] * 0.25f;
+    const __mmask16 lm = (__mmask16)((1u << lr) - 1u);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int m = 0; m < MT; m++) {
+        const __m512 s = _mm512_loadu_ps(c->sl + ((m0 + m) * NC + NC - 1) * 16);
+        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m], acc2[m]));
+        for (int r = 0; r < g; r++) {
+            const __m512 dr = _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(r * lr)), d);
+            const __m512 fr = _mm512_mask3_fmadd_ps(dr, s, _mm512_loadu_ps(F + (r * 4 + m) * 16), lm);
+            c->z[(m0 + m) * N + o + r] = s0q * e8a_reduce_vbmi(fr);
+        }
+    }
+}
+
+#define E8A_MT(R, o, m0, left, nch, Fo)                                  \
+    switch (left) {                                                      \
+        case 1: e8a_tile_vbmi(c, &K8, o, R, m0, 1, nch, Fo); break;           \
+        case 2: e8a_tile_vbmi(c, &K8, o, R, m0, 2, nch, Fo); break;           \
+        case 3: e8a_tile_vbmi(c, &K8, o, R, m0, 3, nch, Fo); break;           \
+        default: e8a_tile_vbmi(c, &K8, o, R, m0, 4, nch, Fo); break;          \
+    }
+
+#define E8A_TAIL(o, g, m0, left, P, F)                                   \
+    switch (left) {                                                      \
+        case 1: e8a_tail_vbmi(c, &K8, o, g, m0, 1, P, F); break;              \
+        case 2: e8a_tail_vbmi(c, &K8, o, g, m0, 2, P, F); break;              \
+        case 3: e8a_tail_vbmi(c, &K8, o, g, m0, 3, P, F); break;              \
+        default: e8a_tail_vbmi(c, &K8, o, g, m0, 4, P, F); break;             \
     }
 
 TGTV static void e8a_rows_vbmi(const e8a_ctx* c, int64_t r0, int64_t r1) {
+    const int64_t n = c->KB - (c->NC - 1) * E8A_CH; /* codes in the last chunk */
+    const int P = n <= 4 ? 4 : n <= 8 ? 8 : n <= 16 ? 16 : n <= 32 ? 32 : 0; /* 0: no shared tail chunk */
+    e8a_consts K8;
+    e8a_consts_init(&K8, P);
     for (int64_t m0 = 0; m0 < c->M; m0 += 4) {
         const int left = c->M - m0 < 4 ? (int)(c->M - m0) : 4;
         int64_t o = r0;
-        for (; o + 2 <= r1; o += 2) E8A_MT(2, o, m0, left)
-        if (o < r1) E8A_MT(1, o, m0, left)
+        if (!P) {
+            for (; o + 2 <= r1; o += 2) E8A_MT(2, o, m0, left, c->NC, NULL)
+            if (o < r1) E8A_MT(1, o, m0, left, c->NC, NULL)
+            continue;
+        }
+        float F[16 * 4 * 16] __attribute__((aligned(64)));
+        for (; o < r1; o += 64 / P) {
+            const int g = r1 - o < 64 / P ? (int)(r1 - o) : 64 / P;
+            if (c->NC == 1) memset(F, 0, sizeof(F));
+            else {
+                int r = 0;
+                for (; r + 2 <= g; r += 2) E8A_MT(2, o + r, m0, left, c->NC - 1, F + r * 64)
+                if (r < g) E8A_MT(1, o + r, m0, left, c->NC - 1, F + r * 64)
+            }
+            E8A_TAIL(o, g, m0, left, P, F)
+        }
     }
 }
 #endif
