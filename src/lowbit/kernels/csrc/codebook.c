@@ -1427,13 +1427,45 @@ INL void e8a_quantize(const float* xt, int64_t K, int8_t* q, float* sx) {
     }
 }
 
+#if LB_X86
+/* e8a_quantize with AVX-512: the same max, quotients, rounding sums and clamp per lane */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), noinline)) static void e8a_quantize512(const float* xt, int64_t K,
+                                                                                                       int8_t* q, float* sx) {
+    const __m512 big = _mm512_set1_ps(12582912.0f), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    for (int64_t b0 = 0, b = 0; b0 < K; b0 += E8A_QB, b++) {
+        const int64_t n = K - b0 < E8A_QB ? K - b0 : E8A_QB;
+        const __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1u);
+        const __mmask16 m1 = n >= 32 ? 0xffff : (n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1u));
+        const __m512 a = _mm512_maskz_loadu_ps(m0, xt + b0), c = _mm512_maskz_loadu_ps(m1, xt + b0 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        if (amax == 0.0f) {
+            sx[b] = 0.0f;
+            memset(q + b0, 0, (size_t)n);
+            continue;
+        }
+        sx[b] = amax / 127.0f;
+        const __m512 inv = _mm512_set1_ps(127.0f / amax);
+        __m512 va = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(a, inv), big), big);
+        __m512 vc = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(c, inv), big), big);
+        va = _mm512_max_ps(_mm512_min_ps(va, hi), lo);
+        vc = _mm512_max_ps(_mm512_min_ps(vc, hi), lo);
+        _mm_mask_storeu_epi8(q + b0, m0, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(va)));
+        _mm_mask_storeu_epi8(q + b0 + 16, m1, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(vc)));
+    }
+}
+#endif
+
 /* one activation row: x~, its int8 codes q [K] and scales sx, and the kernel's transposed copy
  * (qt [NC, 8, 64], nq, sl [NC, 16]); xt, tmp: K floats */
 INL void e8a_prepare(const lb_e8p8_weight* w, const float* x, float* xt, float* tmp, int8_t* q, float* sx, int8_t* qt,
                      int32_t* nq, float* sl, int v512) {
     const int64_t K = w->e.K, KB = K / 8, NC = (KB + E8A_CH - 1) / E8A_CH, nb = (K + E8A_QB - 1) / E8A_QB;
     e8p_input(&w->e, x, xt, tmp, v512);
-    e8a_quantize(xt, K, q, sx);
+#if LB_X86
+    if (v512) e8a_quantize512(xt, K, q, sx);
+    else
+#endif
+        e8a_quantize(xt, K, q, sx);
     memset(qt, 0, (size_t)(NC * 8 * E8A_CH));
     for (int64_t j = 0; j < KB; j++)
         for (int i = 0; i < 8; i++) qt[(j / E8A_CH) * 8 * E8A_CH + i * E8A_CH + j % E8A_CH] = q[j * 8 + i];
