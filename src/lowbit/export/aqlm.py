@@ -33,7 +33,6 @@ with ``dtype=torch.float32`` (or export with ``dtype="float32"``); other shapes 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -41,9 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.compressed_tensors import _DTYPES, EXPORT_RECORD, WEIGHTS, _unwrap
+from lowbit.export.compressed_tensors import _DTYPES, _unwrap, write_export
 from lowbit.formats.aqlm import AQLMWeight
-from lowbit.version import __version__
 
 QUANT_METHOD = "aqlm"
 SETTINGS = ("in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
@@ -69,9 +67,7 @@ def export_aqlm(model, out_dir: str | os.PathLike, *, tokenizer=None, record: di
     dtype: of the codebooks, scales and every float tensor (None keeps each as it is: the
     codebooks and scales as quantized, the rest in the model's dtype). Refuses to replace a
     directory that is not an earlier export or holds other files (``force`` overrides)."""
-    from safetensors.torch import save_file
-
-    from lowbit import checkpoint, outputs
+    from lowbit import checkpoint
     from lowbit.integrations import hf_config
 
     module, tokenizer, record = _unwrap(model, tokenizer, record)
@@ -105,20 +101,5 @@ def export_aqlm(model, out_dir: str | os.PathLike, *, tokenizer=None, record: di
     hf_config.strip(cfg)
     if cast is not None:
         cfg.dtype = cast
-    out = outputs.check_dir(out_dir, EXPORT_RECORD, force=force)
-    with outputs.atomic_dir(out) as tmp:
-        cfg.save_pretrained(tmp)
-        cfg_file = tmp / "config.json"
-        data = json.loads(cfg_file.read_text())
-        data["quantization_config"] = qconfig
-        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        gen = getattr(module, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_version": __version__})
-        rec = {"lowbit_version": __version__, "layout": "aqlm", "dtype": dtype, "record": record,
-               "modules": {n: m.meta() for n, m in qmods.items()}}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(rec, indent=2, default=str) + "\n")
-    return out
+    rec = {"layout": "aqlm", "dtype": dtype, "record": record, "modules": {n: m.meta() for n, m in qmods.items()}}
+    return write_export(out_dir, cfg, qconfig, module, tokenizer, tensors, rec, force=force)

@@ -353,9 +353,7 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
     Refuses to replace a directory that is not an earlier export or holds other files
     (`lowbit.outputs.check_dir`; ``force`` overrides).
     """
-    from safetensors.torch import save_file
-
-    from lowbit import checkpoint, outputs
+    from lowbit import checkpoint
 
     module, tokenizer, record = _unwrap(model, tokenizer, record)
     if activations not in ACTIVATIONS:
@@ -419,6 +417,23 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
     if out_emb is not None and any(m is out_emb for m in qmods.values()):
         cfg.tie_word_embeddings = False  # a quantized lm_head no longer shares the embedding
 
+    rec = {"layout": f"compressed-tensors {LAYOUT_VERSION}", "activations": activations,
+           "dtype": str(dense).removeprefix("torch."), "record": record,
+           "modules": {n: m.meta() for n, m in qmods.items()}}
+    return write_export(out_dir, cfg, qconfig, module, tokenizer, tensors, rec, force=force)
+
+
+def write_export(out_dir, cfg, qconfig: dict, module, tokenizer, tensors: dict[str, Tensor], rec: dict, *,
+                 force: bool = False) -> Path:
+    """An export folder transformers loads: ``config.json`` (``cfg`` with ``quantization_config``),
+    the generation config and tokenizer, ``tensors`` in one safetensors file, and lowbit's record
+    ``rec`` (with lowbit's version) in ``lowbit_export.json``; checked (`outputs.check_dir`) and
+    written atomically (`outputs.atomic_dir`). Every export layout (compressed-tensors, AQLM)
+    writes through here."""
+    from safetensors.torch import save_file
+
+    from lowbit import outputs
+
     out = outputs.check_dir(out_dir, EXPORT_RECORD, force=force)
     with outputs.atomic_dir(out) as tmp:
         cfg.save_pretrained(tmp)
@@ -432,10 +447,8 @@ def export_compressed_tensors(model, out_dir: str | os.PathLike, *, tokenizer=No
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_version": __version__})
-        rec = {"lowbit_version": __version__, "layout": f"compressed-tensors {LAYOUT_VERSION}",
-               "activations": activations, "dtype": str(dense).removeprefix("torch."),
-               "record": record, "modules": {n: m.meta() for n, m in qmods.items()}}
-        (tmp / EXPORT_RECORD).write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"lowbit_version": __version__, **rec}, indent=2,
+                                                    default=str) + "\n")
     return out
 
 

@@ -69,6 +69,17 @@ _FUNCTIONS = {
 }
 
 
+def _run(fn, st, x: Tensor, X: Tensor, N: int, bias: Tensor | None):
+    """``y [..., N]`` from a C entry ``fn(struct, X, rows, bias, y, threads)`` on the prepared
+    activation ``X`` [rows, K], or NotImplemented (an unusable bias, or the C code declined)."""
+    bptr, b = _bias_ptr(bias, N)
+    if bptr is False:
+        return NotImplemented
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    rc = fn(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(), torch.get_num_threads())
+    return NotImplemented if rc else y
+
+
 def library():
     """The loaded ``_c_codebook`` `lowbit.kernels._native.NativeLibrary`, or None (not built, or
     ``LOWBIT_NATIVE=0``)."""
@@ -187,17 +198,14 @@ def e8p_linear_cpu(x: Tensor, w, bias: Tensor | None = None):
     st = e8p_weight_struct(w)
     if st is None:
         return NotImplemented
-    bptr, b = _bias_ptr(bias, N)
-    if bptr is False:
-        return NotImplemented
-    M = X.shape[0]
-    if M > FUSED_MAX_ROWS:
+    if X.shape[0] > FUSED_MAX_ROWS:  # prefill: W~ decoded once in C, then the GEMM
+        bptr, b = _bias_ptr(bias, N)
+        if bptr is False:
+            return NotImplemented
         inc = w.incoherence()
         y = inc.output(inc.input(X) @ e8p_decode_c(w, st).T)
         return (y if b is None else y + b).reshape(*x.shape[:-1], N)
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    rc = lib.lb_e8p_linear_w(ctypes.addressof(st), X.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
-    return NotImplemented if rc else y
+    return _run(lib.lb_e8p_linear_w, st, x, X, N, bias)
 
 
 @register_kernel("e8p", "float", "any")
@@ -250,13 +258,7 @@ def aqlm_linear_cpu(x: Tensor, w, bias: Tensor | None = None):
     st = aqlm_weight_struct(w)
     if st is None:
         return NotImplemented
-    bptr, b = _bias_ptr(bias, N)
-    if bptr is False:
-        return NotImplemented
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    rc = lib.lb_aqlm_linear_w(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(),
-                              torch.get_num_threads())
-    return NotImplemented if rc else y
+    return _run(lib.lb_aqlm_linear_w, st, x, X, N, bias)
 
 
 # -- AQLM with int8 tables (opt-in) ----------------------------------------------------------------
@@ -351,13 +353,7 @@ def aqlm_lut8_linear(x: Tensor, w, bias: Tensor | None = None):
     st = aqlm8_weight_struct(w)
     if st is None:
         return NotImplemented
-    bptr, b = _bias_ptr(bias, N)
-    if bptr is False:
-        return NotImplemented
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    rc = lib.lb_aqlm_lut8_linear_w(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(),
-                                   torch.get_num_threads())
-    return NotImplemented if rc else y
+    return _run(lib.lb_aqlm_lut8_linear_w, st, x, X, N, bias)
 
 
 # -- E8P with int8 activations (opt-in) ------------------------------------------------------------
@@ -453,10 +449,4 @@ def e8p_a8_linear(x: Tensor, w, bias: Tensor | None = None):
     st = e8p8_weight_struct(w)
     if st is None:
         return NotImplemented
-    bptr, b = _bias_ptr(bias, N)
-    if bptr is False:
-        return NotImplemented
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    rc = lib.lb_e8p_a8_linear_w(ctypes.addressof(st), X.data_ptr(), X.shape[0], bptr, y.data_ptr(),
-                                torch.get_num_threads())
-    return NotImplemented if rc else y
+    return _run(lib.lb_e8p_a8_linear_w, st, x, X, N, bias)
