@@ -65,7 +65,8 @@ def test_c_entries_resolve_and_match_their_python_entries():
     samples = {"affine": _affine, "ternary": _ternary, "e8p": _e8p, "aqlm": _aqlm}
     rows = [k for k in kernels.KERNELS.values() if k.symbol is not None]
     assert {(k.format, k.activations) for k in rows} == {("affine", "float"), ("affine", "int8"), ("ternary", "float"),
-                                                         ("e8p", "float"), ("aqlm", "float")}
+                                                         ("e8p", "float"), ("aqlm", "float"),
+                                                         ("e8p", "int8"), ("aqlm", "int8")}
     fn_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int)
     for k in rows:

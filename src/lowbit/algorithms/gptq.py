@@ -342,6 +342,15 @@ class GPTQ(Method):
         del self._sums[gid]
         return total.mul_(2.0 / n)
 
+    def describe(self) -> dict:
+        """The record of the settings; without incoherence processing its seed means nothing,
+        and both are left out (so records of plain GPTQ stay as they were before the option)."""
+        d = super().describe()
+        if isinstance(self.config, GPTQConfig) and not self.config.incoherent:
+            for k in ("incoherent", "seed"):
+                d["config"].pop(k, None)
+        return d
+
     def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
         check_finite(module.weight, layer_name)
         # rounded to the solve's float32 here so that the float64 sum is freed before the solve's
