@@ -173,19 +173,25 @@ def test_struct_is_cached_per_stored_tensors():
     assert len(_native._STRUCTS) == before - 1  # the cache keeps no weight alive (w and w2 share codes)
 
 
+@pytest.fixture(scope="module")
+def quip_tiny():
+    """A tiny llama quantized with QuIP# once for the decode-step tests (they only read it)."""
+    lm = tiny_model("llama", seed=4)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "quip", None, progress=False, n_samples=4, seq_len=32)
+    return m.model
+
+
 @needs_native
-def test_native_decode_step_runs_a_quip_model_like_the_python_path():
+def test_native_decode_step_runs_a_quip_model_like_the_python_path(quip_tiny):
     from lowbit.runtime.native import _library
     from tests.test_runtime_native import REL, run_both
 
     if _library() is None:
         pytest.skip("decode library not built")
-    lm = tiny_model("llama", seed=4)
-    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
-    api.quantize(m, "quip", None, progress=False, n_samples=4, seq_len=32)
     for isa in PATHS:
         with LIB.isa_capped(isa):
-            worst, _, nat = run_both(m.model)
+            worst, _, nat = run_both(quip_tiny)
         assert nat.native_step.kernels.get("e8p", 0) > 0
         assert worst < REL, (isa, worst)
 
@@ -612,7 +618,7 @@ def test_e8p_a8_declines_what_it_does_not_take():
 
 
 @needs_native
-def test_decoder_int8_activations_run_quip_layers_through_e8p_a8():
+def test_decoder_int8_activations_run_quip_layers_through_e8p_a8(quip_tiny):
     """LeanDecoder(int8_activations=True) on a QuIP#-quantized tiny llama: the Python path and the
     C decode step both run the e8p-a8 row for single-row 2-bit E8P layers, on every path."""
     from lowbit.runtime.native import _library
@@ -620,11 +626,8 @@ def test_decoder_int8_activations_run_quip_layers_through_e8p_a8():
 
     if _library() is None:
         pytest.skip("decode library not built")
-    lm = tiny_model("llama", seed=4)
-    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
-    api.quantize(m, "quip", None, progress=False, n_samples=4, seq_len=32)
     for isa in PATHS:
         with LIB.isa_capped(isa):
-            worst, _, nat = run_both(m.model, int8_activations=True)
+            worst, _, nat = run_both(quip_tiny, int8_activations=True)
         assert nat.native_step.kernels.get("e8p-a8", 0) > 0 and "e8p" not in nat.native_step.kernels
         assert worst < REL, (isa, worst)

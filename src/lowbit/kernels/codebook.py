@@ -440,7 +440,7 @@ def e8p_a8_linear(x: Tensor, w, bias: Tensor | None = None):
     block; AVX-512 VNNI + VBMI). Not the float product: an opt-in row (``activations="int8"``, the
     decoder's ``int8_activations``), ``NotImplemented`` for what it does not take."""
     lib = library()
-    if lib is None or w.bits != 2:
+    if lib is None or not e8p8_supports(w):
         return NotImplemented
     N, K = w.shape
     X = _prepare_x(x, K)
