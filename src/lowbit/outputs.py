@@ -43,11 +43,12 @@ from lowbit.errors import LowbitError
 # Files a lowbit checkpoint (or a compressed-tensors export) consists of; a directory holding
 # anything else is not replaced without force.
 _OWN_FILES = re.compile(
-    r"(lowbit\.json|lowbit_export\.json|config\.json|generation_config\.json|model\.safetensors|"
+    r"(lowbit\.json|lowbit_export\.json|lowbit_train\.json|config\.json|generation_config\.json|model\.safetensors|"
     r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|tokenizer\.json|"
     r"tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|"
     r"chat_template\.json|vocab\.json|vocab\.txt|merges\.txt|tokenizer\.model|spiece\.model)")
-_KINDS = {"lowbit.json": "lowbit checkpoint", "lowbit_export.json": "lowbit compressed-tensors export"}
+_KINDS = {"lowbit.json": "lowbit checkpoint", "lowbit_export.json": "lowbit compressed-tensors export",
+          "lowbit_train.json": "lowbit trained model"}
 _PARTIAL = ".partial-"
 _TEMP_FILE = ".tmp"
 

@@ -300,7 +300,7 @@ class Trainer:
                             raise LowbitError(f"the training loss is not finite at step {self.step} ({float(loss)}); "
                                               "lower the learning rate")
                         (loss * (mb / cfg.batch_size)).backward()
-                        total += float(loss) * mb / cfg.batch_size
+                        total += float(loss.detach()) * mb / cfg.batch_size
                         for key, v in (metrics or {}).items():
                             shown[key] = shown.get(key, 0.0) + float(v) * mb / cfg.batch_size
                         tokens += x.numel()
