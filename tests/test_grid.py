@@ -159,3 +159,30 @@ def test_storage_rounding_of_scales_and_zero_points():
     fz = QuantScheme(bits=4, symmetric=False, zero_point="float", granularity="channel")
     _, z = grid.choose_qparams(torch.tensor([[0.1, 0.7, 0.31]]), fz)
     assert torch.equal(z, z.half().float())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[::7], ids=lambda s: f"{s.short_name()}-{s.scale_dtype[-2:]}")
+def test_the_differentiable_fake_quantization_is_the_grid_bit_for_bit(scheme):
+    W = _weights((6, 576), 5)
+    s, z = grid.choose_qparams(W, scheme)
+    s = grid.round_scale(s * 0.5, scheme)                        # a narrower grid: some weights clip
+    Wg = grid.grouped(W, scheme).clone().requires_grad_(True)
+    got = grid.fake_quantize_ste(Wg, s, z, scheme)
+    assert torch.equal(got, grid.fake_quantize_grouped(Wg.detach(), s, z, scheme))
+    G = torch.randn_like(got)
+    (got * G).sum().backward()
+    u = grid.round_scaled(Wg.detach() / s.unsqueeze(-1), None if z is None else z.unsqueeze(-1), scheme, clamp=False)
+    inside = (u >= scheme.qmin) & (u <= scheme.qmax)
+    assert not inside.all() and inside.any()
+    assert torch.equal(Wg.grad, G * inside)                        # the clipped STE, exactly
+
+
+def test_stored_ste_rounds_like_a_checkpoint_and_passes_the_gradient():
+    fp16 = QuantScheme(scale_dtype="float16")
+    x = torch.tensor([1 / 3, 1e-9, 1e6, -0.1], requires_grad=True)
+    s = grid.stored_ste(x, fp16, is_scale=True)
+    assert torch.equal(s, grid.round_scale(x.detach(), fp16))
+    z = grid.stored_ste(x, fp16, is_scale=False)
+    assert torch.equal(z, grid.stored(x.detach(), fp16))
+    (s.sum() + 2 * z.sum()).backward()
+    assert torch.equal(x.grad, torch.full((4,), 3.0))

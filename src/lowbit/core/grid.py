@@ -170,17 +170,19 @@ def choose_qparams(W: Tensor, scheme: QuantScheme, shrink: Tensor | None = None)
 
 
 # -- rounding to the grid and back, elementwise ---------------------------------------------------
-def round_scaled(t: Tensor, z: Tensor | None, scheme: QuantScheme, inplace: bool = False) -> Tensor:
+def round_scaled(t: Tensor, z: Tensor | None, scheme: QuantScheme, inplace: bool = False,
+                 clamp: bool = True) -> Tensor:
     """Codes (float, integer-valued, in [qmin, qmax]) from t = x / s: clamp(round(t)) symmetric,
     clamp(round(t) + z) with an integer zero-point, clamp(round(t + z)) with a float one.
-    ``inplace`` reuses t (a temporary of the caller's)."""
+    ``inplace`` reuses t (a temporary of the caller's); ``clamp=False`` leaves the codes
+    unclamped (where they fall outside [qmin, qmax], x is clipped)."""
     if z is None:
         q = t.round_() if inplace else torch.round(t)
     elif scheme.zero_point == "float":
         q = (t.add_(z) if inplace else torch.add(t, z)).round_()
     else:
         q = (t.round_() if inplace else torch.round(t)).add_(z)
-    return q.clamp_(scheme.qmin, scheme.qmax)
+    return q.clamp_(scheme.qmin, scheme.qmax) if clamp else q
 
 
 def round_codes(x: Tensor, s: Tensor, z: Tensor | None, scheme: QuantScheme) -> Tensor:
@@ -256,6 +258,70 @@ def fake_quantize_grouped(Wg: Tensor, scale: Tensor, zero: Tensor | None, scheme
     S = scale.unsqueeze(-1)
     Z = None if zero is None else zero.unsqueeze(-1)
     return decode(round_codes(Wg, S, Z, scheme), S, Z, inplace=True)
+
+
+# -- differentiable fake quantization (training: QAT, LSQ, block-wise distillation) ----------------
+class _StoredSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scheme, is_scale):
+        return round_scale(x, scheme) if is_scale else stored(x, scheme)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def stored_ste(x: Tensor, scheme: QuantScheme, is_scale: bool = True) -> Tensor:
+    """A trainable scale (`round_scale`) or float zero-point (`stored`) as a checkpoint stores it,
+    with the gradient passed straight through the storage rounding: training sees exactly the
+    values that are written back."""
+    return _StoredSTE.apply(x, scheme, is_scale)
+
+
+class _FakeQuantGroupedSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, Wg, scale, zero, scheme, scale_grad):
+        S = scale.float().unsqueeze(-1)
+        Z = None if zero is None else zero.float().unsqueeze(-1)
+        t = Wg.float() / S
+        u = round_scaled(t.clone(), Z, scheme, clamp=False)         # unclamped codes
+        inside = (u >= scheme.qmin) & (u <= scheme.qmax)
+        q = u.clamp_(scheme.qmin, scheme.qmax)
+        ctx.save_for_backward(t, q, inside, S, Z if Z is not None else torch.empty(0))
+        ctx.has_zero, ctx.scale_grad = Z is not None, scale_grad
+        ctx.dtypes = (Wg.dtype, scale.dtype, None if zero is None else zero.dtype)
+        return decode(q.clone(), S, Z, inplace=True).to(Wg.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        t, q, inside, S, Z = ctx.saved_tensors
+        g = g.float()
+        gW = gs = gz = None
+        if ctx.needs_input_grad[0]:
+            gW = (g * inside).to(ctx.dtypes[0])                       # clipped STE: 1 inside, 0 where clipped
+        if ctx.needs_input_grad[1]:
+            qz = q - Z if ctx.has_zero else q                         # q - z: the level the weight sits on
+            dS = torch.where(inside, qz - t, qz)                      # LSQ: round(v/s) - v/s inside, the end outside
+            gs = ((g * dS).sum(-1) * ctx.scale_grad).to(ctx.dtypes[1])
+        if ctx.has_zero and ctx.needs_input_grad[2]:
+            gz = (g * torch.where(inside, torch.zeros_like(S), -S)).sum(-1).to(ctx.dtypes[2])  # LSQ+: -s if clipped
+        return gW, gs, gz, None, None
+
+
+def fake_quantize_ste(Wg: Tensor, scale: Tensor, zero: Tensor | None, scheme: QuantScheme,
+                      scale_grad: float = 1.0) -> Tensor:
+    """`fake_quantize_grouped` (the same values, bit for bit) made differentiable, for training.
+
+    ``Wg`` [R, n, g] a grouped view, ``scale`` / ``zero`` [R, n] as stored (see `stored_ste` for
+    trainable ones). Gradients (v = W / s, q the code, z the zero-point or 0):
+
+    * W: the clipped straight-through estimator: exactly the incoming gradient where
+      ``round(v) + z`` (``round(v + z)``) lies in [qmin, qmax], 0 where W is clipped;
+    * s (LSQ, Esser et al. 2020, eq. 3): ``(q - z) - v`` inside, ``q - z`` (the grid's end)
+      outside, summed over each slice and multiplied by ``scale_grad`` (LSQ's g = 1/sqrt(N qmax));
+    * a float z (LSQ+, Bhalgat et al. 2020): 0 inside, ``-s`` where clipped; an integer z gets none.
+    """
+    return _FakeQuantGroupedSTE.apply(Wg, scale, zero, scheme, float(scale_grad))
 
 
 def check_finite(W: Tensor, name: str) -> None:
