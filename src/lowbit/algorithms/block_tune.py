@@ -9,7 +9,9 @@ calibration sample a step, cycling over the samples of every batch but the last,
 out (a step on one sample costs a fraction of one on a whole batch, and more, smaller steps
 converge faster for the same time). The held-out loss is measured before and after; when
 tuning did not lower it, every parameter is put back as it was, so tuning never makes a block
-worse on data it was not fitted to.
+worse on data it was not fitted to. With ``calibration=True`` the error on all calibration
+batches together (`output_error`) is measured before and after too, and tuning is also undone
+when that got worse (LKD's promise: never a larger block error on its calibration data).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class TuneResult:
     steps: int
     held_out_before: float  # relative squared error on the held-out batch
     held_out_after: float
-    kept: bool              # False: the tuned values were worse on the held-out batch and were undone
+    kept: bool              # False: the tuned values were worse (held-out, or all batches) and were undone
+    calibration_before: float | None = None  # relative squared error on all batches (``calibration=True``)
+    calibration_after: float | None = None
 
 
 def _output(y):
@@ -41,6 +45,19 @@ def relative_error(block: nn.Module, x: Tensor, t: Tensor, kw: dict) -> Tensor:
     return (y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
 
 
+@torch.no_grad()
+def output_error(block: nn.Module, inputs, targets, kw: dict) -> float:
+    """``sum |block(x) - t|^2 / sum |t|^2`` over all batches: the block's relative output error on
+    the whole calibration set."""
+    num = den = 0.0
+    for x, t in zip(inputs, targets):
+        y = _output(block(x, **kw)).float()
+        t = t.float()
+        num += float((y - t).pow(2).sum())
+        den += float(t.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
 def block_parameters(block: nn.Module, skip: tuple[type, ...] = ()) -> list[nn.Parameter]:
     """The block's own floating-point parameters outside modules of the types ``skip`` (the
     quantized layers): e.g. its norm gains."""
@@ -48,9 +65,11 @@ def block_parameters(block: nn.Module, skip: tuple[type, ...] = ()) -> list[nn.P
     return [p for p in block.parameters() if p.is_floating_point() and id(p) not in inside]
 
 
-def tune(block: nn.Module, params: list[Tensor], inputs, targets, kw: dict, steps: int, lr: float) -> TuneResult:
+def tune(block: nn.Module, params: list[Tensor], inputs, targets, kw: dict, steps: int, lr: float, *,
+         calibration: bool = False) -> TuneResult:
     """Adam on ``params`` for ``steps`` steps over the batches of ``inputs`` but the last (module
-    docstring); undone when the held-out batch got worse. ``params`` are leaf tensors; their
+    docstring); undone when the held-out batch got worse, and with ``calibration`` also when the
+    error on all batches (`output_error`) grew. ``params`` are leaf tensors; their
     ``requires_grad`` is set for the loop and restored after."""
     X, T = list(inputs), list(targets)
     if len(X) != len(T) or not X:
@@ -62,8 +81,9 @@ def tune(block: nn.Module, params: list[Tensor], inputs, targets, kw: dict, step
     try:
         with torch.no_grad():
             before = float(relative_error(block, X[hold], T[hold], kw))
+        cal_before = output_error(block, X, T, kw) if calibration else None
         if steps <= 0 or not params:
-            return TuneResult(0, before, before, True)
+            return TuneResult(0, before, before, True, cal_before, cal_before)
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
@@ -78,12 +98,13 @@ def tune(block: nn.Module, params: list[Tensor], inputs, targets, kw: dict, step
                 opt.step()
         with torch.no_grad():
             after = float(relative_error(block, X[hold], T[hold], kw))
-        kept = after < before
+        cal_after = output_error(block, X, T, kw) if calibration else None
+        kept = after < before and (cal_after is None or cal_after <= cal_before)
         if not kept:
             with torch.no_grad():
                 for p, v in zip(params, saved):
                     p.copy_(v)
-        return TuneResult(steps, before, after, kept)
+        return TuneResult(steps, before, after, kept, cal_before, cal_after)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)

@@ -1,0 +1,144 @@
+"""Trainable views of packed layers: what layer-wise distillation (`lowbit.training.lkd`), the
+recovery of a quantized checkpoint by distillation and adapters build on.
+
+    standins = make_trainable(model_or_block, mode="auto")   # QuantizedLinear -> trainable stand-in
+    opt = torch.optim.Adam(trainable_parameters(standins), lr=...)
+    ...                                                       # train model_or_block as usual
+    tuned = restore(model_or_block, standins, keep=True)      # packed again: {name: tuned format}
+
+A stand-in computes what its packed layer computes (up to float rounding) and can write its tuned
+weight back in the same format (``weight_format()``, validated). Views of an `AffineWeight`:
+
+* ``"scales"`` (`TunableAffine`): the integer codes stay exactly as they are; the scales (and the
+  float zero-points of a ``zero_point="float"`` scheme) are trained;
+* ``"latent"`` (`lowbit.training.fake_quant.FakeQuantLinear.from_affine`): a latent float weight
+  (the dequantized one) fake-quantized with the straight-through estimator, with learned scales
+  (LSQ): codes may change when the weight is written back;
+* ``"auto"``: ``"latent"``.
+
+Layers in a format with no view (codebooks, incoherent or sparse weights, int8 with outliers, ...)
+stay as they are; their names are listed in the returned mapping's ``skipped``. Every stand-in
+copies the layer's bias into a parameter of its own, trained with the rest; ``original`` is the
+QuantizedLinear it replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.core import grid
+from lowbit.errors import LowbitError
+from lowbit.formats.affine import AffineWeight
+from lowbit.nn.linear import QuantizedLinear
+from lowbit.nn.replace import replacement
+from lowbit.training.fake_quant import FakeQuantLinear
+
+MODES = ("auto", "scales", "latent")
+
+
+class TunableAffine(nn.Module):
+    """An affine layer with its integer codes fixed and its scales (and float zero-points)
+    trainable: ``W = (q - z) s`` per slice, with the trained values as they are stored."""
+
+    def __init__(self, q: QuantizedLinear):
+        super().__init__()
+        fmt = q.weight_format
+        if type(fmt) is not AffineWeight:
+            raise LowbitError(f"TunableAffine needs a layer over an affine weight, got {fmt.name}")
+        self.__dict__["_original"] = q
+        self.scheme = fmt.scheme
+        self.shape = tuple(fmt.shape)
+        ints = fmt.integers()
+        self.register_buffer("codes", ints.to(torch.int32), persistent=False)
+        self.register_buffer("_levels", grid.grouped(ints.float(), self.scheme), persistent=False)
+        self.scale = nn.Parameter(fmt.scales.float().clone())
+        z = fmt.zero_points()
+        if z is not None and self.scheme.zero_point == "float":
+            self.zero = nn.Parameter(z.float().clone())
+        else:
+            self.register_buffer("zero", None if z is None else z.float(), persistent=False)
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().float().clone())
+
+    @property
+    def original(self) -> QuantizedLinear:
+        return self.__dict__["_original"]
+
+    def qparams(self) -> tuple[Tensor, Tensor | None]:
+        """(scale, zero-point) as stored (gradient straight through the storage rounding)."""
+        s = grid.stored_ste(self.scale, self.scheme, is_scale=True)
+        z = self.zero
+        if z is not None and self.scheme.zero_point == "float":
+            z = grid.stored_ste(z, self.scheme, is_scale=False)
+        return s, z
+
+    def quantized_weight(self) -> Tensor:
+        s, z = self.qparams()
+        W = grid.decode(self._levels, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1))
+        return grid.ungrouped(W, self.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = self.quantized_weight()
+        b = self.bias
+        return nn.functional.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def weight_format(self) -> AffineWeight:
+        """The same codes with the tuned scales (and zero-points), validated."""
+        s, z = self.qparams()
+        fmt = AffineWeight.from_integers(self.codes, s.detach(), None if z is None else z.detach(), self.scheme)
+        fmt.validate()
+        return fmt
+
+
+class TrainableLayers(dict):
+    """{name: stand-in} of `make_trainable`; ``skipped`` maps the names of the packed layers left
+    as they were (no trainable view of their format) to the format's name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: dict[str, str] = {}
+
+
+def view(q: QuantizedLinear, mode: str = "auto") -> nn.Module | None:
+    """The trainable stand-in of one packed layer in ``mode``, or None when its format has none."""
+    if mode not in MODES:
+        raise LowbitError(f"trainable view must be one of {', '.join(MODES)}, got {mode!r}")
+    if type(q.weight_format) is AffineWeight:
+        return TunableAffine(q) if mode == "scales" else FakeQuantLinear.from_affine(q, learn_scale=True)
+    return None
+
+
+def make_trainable(module: nn.Module, mode: str = "auto") -> TrainableLayers:
+    """Put a trainable stand-in in the place of every QuantizedLinear inside ``module`` whose format
+    has a view (module docstring); returns {name within ``module``: stand-in}, with the layers
+    left alone in ``skipped``."""
+    if mode not in MODES:
+        raise LowbitError(f"trainable view must be one of {', '.join(MODES)}, got {mode!r}")
+    out = TrainableLayers()
+    for name, m in list(module.named_modules()):
+        if not name or not isinstance(m, QuantizedLinear):
+            continue
+        s = view(m, mode)
+        if s is None:
+            out.skipped[name] = m.weight_format.name
+            continue
+        module.set_submodule(name, s)
+        out[name] = s
+    return out
+
+
+def trainable_parameters(standins: dict[str, nn.Module]) -> list[nn.Parameter]:
+    """Every parameter of the stand-ins (latent weights, scales, float zero-points, biases)."""
+    return [p for s in standins.values() for p in s.parameters()]
+
+
+def restore(module: nn.Module, standins: dict[str, nn.Module], keep: bool) -> dict:
+    """Take the stand-ins out of ``module``. ``keep=False``: the original packed layers go back,
+    unchanged; returns {}. ``keep=True``: each stand-in's tuned weight (``weight_format()``) goes in
+    as a new QuantizedLinear (with the stand-in's bias), and {name: tuned format} is returned (for
+    a caller that installs formats itself, such as the calibration runner)."""
+    tuned = {n: s.weight_format() for n, s in standins.items()} if keep else {}
+    for n, s in standins.items():
+        module.set_submodule(n, replacement(s, tuned[n]) if keep else s.original)
+    return tuned
