@@ -66,8 +66,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise LowbitError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.steps < 0 or self.batch_size < 1:  # steps 0: the model as it starts, evaluated
+            raise LowbitError(f"steps must be >= 0 and batch_size positive, got {self.steps}, {self.batch_size}")
         mb = self.micro_batch or self.batch_size
         if mb < 1 or self.batch_size % mb:
             raise LowbitError(f"micro_batch ({mb}) must divide batch_size ({self.batch_size})")
@@ -214,8 +214,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _run_eval(self) -> None:
-        if self.evaluate is None:
-            return
+        if self.evaluate is None or any(h.get("step") == self.step and "eval" in h for h in self.history[-1:]):
+            return  # none, or this step's evaluation is the last thing recorded already
         was = self.model.training
         self.model.eval()
         with torch.no_grad():
