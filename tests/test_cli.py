@@ -302,3 +302,20 @@ def test_threads_and_seed_bounds():
     with pytest.raises(LowbitError, match="--seed must be between"):
         check_common_args(argparse.Namespace(seed=2**70))
     check_common_args(argparse.Namespace(seed=2**63 - 1, device="cpu", group_size=-1, samples=128, seq_len=2048))
+
+
+def test_layer_wise_distillation_option(tmp_path, capsys, tiny_dir, text_file):
+    out = tmp_path / "lkd"
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "gptq", "--bits", "3", "--group-size", "32",
+                       "--option", "lkd_steps=5", "--option", "lkd_lr=1e-4", "--calib", text_file, "--samples", 8,
+                       "--seq-len", 32, "-o", out)
+    assert code == 0, err
+    rec = json.loads((out / "lowbit.json").read_text())["method"]
+    assert rec["method"] == "gptq" and rec["lkd"]["steps"] == 5 and rec["lkd"]["lr"] == 1e-4
+    assert len(rec["lkd"]["blocks"]) == 2
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "gptq", "--option", "lkd_steps=many", "-o",
+                       tmp_path / "o")
+    assert_one_line_error(code, err, "lkd_steps", "int")
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "quip", "--option", "finetune_steps=5",
+                       "--option", "lkd_steps=5", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "finetune_steps", "lkd_steps")

@@ -28,6 +28,7 @@ from lowbit.calibration.sequential import apply_data_free, run_sequential
 from lowbit.core import processes
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
+from lowbit.training import lkd as _lkd  # noqa: F401 (registers the lkd_* options every method takes)
 from lowbit.version import __version__
 
 

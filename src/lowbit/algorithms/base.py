@@ -84,19 +84,41 @@ class Method:
         return {"method": self.name, "config": d}
 
 
+def wrapper_options() -> dict[str, type]:
+    """The options every method takes on top of its own, for the registered method wrappers
+    (registry kind "wrapper": a class with ``option_prefix``, ``option_types`` and
+    ``wrap(method, options)``): {"lkd_steps": int, ...}."""
+    from lowbit.core.registry import available, lookup
+
+    wrappers = [lookup("wrapper", n) for n in available("wrapper")]
+    return {w.option_prefix + k: t for w in wrappers for k, t in w.option_types.items()}
+
+
 def make_method(name: str, scheme=None, **options) -> Method:
-    """Instantiate the registered method ``name`` with its config built from scheme + options."""
+    """Instantiate the registered method ``name`` with its config built from scheme + options.
+    Options of a registered wrapper (``lkd_steps``, ...) are taken out first; the wrapper then
+    decides whether to wrap the method (``wrap``)."""
     import dataclasses
 
     from lowbit.algorithms import get_method
+    from lowbit.core.registry import available, lookup
     from lowbit.errors import LowbitError
 
     cls = get_method(name)
     fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    wrappers = []
+    for w in [lookup("wrapper", n) for n in available("wrapper")]:
+        taken = {k[len(w.option_prefix):]: options.pop(k) for k in list(options)
+                 if k.startswith(w.option_prefix) and k not in fields and options[k] is not None}
+        if taken:
+            wrappers.append((w, taken))
     unknown = sorted(k for k, v in options.items() if v is not None and k not in fields)
     if unknown:
         raise LowbitError(f"method {name} does not take option(s) {', '.join(unknown)}")
     kwargs = {k: v for k, v in options.items() if v is not None}
     if scheme is not None and "scheme" in fields:
         kwargs["scheme"] = scheme
-    return cls(cls.config_cls(**kwargs))
+    method = cls(cls.config_cls(**kwargs))
+    for w, taken in wrappers:
+        method = w.wrap(method, taken)
+    return method

@@ -233,11 +233,16 @@ def scheme_from_flags(args, method_cls):
 
 
 def options_from_flags(args, method_cls) -> dict:
-    """--option KEY=VALUE pairs, converted to the type of the method's config field."""
+    """--option KEY=VALUE pairs, converted to the type of the method's config field (or of the
+    option every method takes, such as ``lkd_steps``)."""
     import dataclasses
+
+    from lowbit.algorithms.base import wrapper_options
+    from lowbit.training import lkd  # noqa: F401 (registers the lkd_* options)
 
     all_fields = {f.name: f for f in dataclasses.fields(method_cls.config_cls)}
     fields = {n: f for n, f in all_fields.items() if n != "scheme"}
+    extra = {k: t for k, t in wrapper_options().items() if k not in fields}
     out = {}
     observer = getattr(args, "observer", None)
     if getattr(args, "bits", None) is not None and "bits" in fields and "scheme" not in all_fields:
@@ -247,9 +252,10 @@ def options_from_flags(args, method_cls) -> dict:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise LowbitError(f"--option expects KEY=VALUE, got {item!r}")
-        if key not in fields:
-            raise LowbitError(f"method {method_cls.name} has no option {key!r}; options: {', '.join(sorted(fields)) or 'none'}")
-        default = getattr(method_cls.config_cls(), key)
+        if key not in fields and key not in extra:
+            raise LowbitError(f"method {method_cls.name} has no option {key!r}; options: "
+                              f"{', '.join(sorted(fields) + sorted(extra)) or 'none'}")
+        default = getattr(method_cls.config_cls(), key) if key in fields else extra[key]()
         try:
             if isinstance(default, bool):
                 if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):

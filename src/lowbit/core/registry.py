@@ -1,4 +1,5 @@
-"""One small registry for everything that is chosen by name: methods and weight formats.
+"""One small registry for everything that is chosen by name: methods, weight formats, and method
+wrappers (options that wrap any method, e.g. ``lkd_steps``: `lowbit.algorithms.base.make_method`).
 
 Names are what users type (``--method rtn``) and what saved checkpoints record, so they are
 stable strings; the values are classes. Registering a second class under one name is a bug and
@@ -18,7 +19,7 @@ from lowbit.errors import LowbitError
 
 T = TypeVar("T")
 
-_REGISTRIES: dict[str, dict[str, type]] = {"method": {}, "format": {}}
+_REGISTRIES: dict[str, dict[str, type]] = {"method": {}, "format": {}, "wrapper": {}}
 
 
 def register(kind: str, name: str, cls: type) -> None:
