@@ -3,7 +3,7 @@ quantization-aware training (QAT) against plain GPTQ, and a depth-distilled stud
 side by side in one run.
 
     python -P bench/recovery.py [--model smollm2-135m] [--rows all|NAME,...] [--out out/recovery]
-                                [--steps 40] [--batch-size 4] [--seq-len 256] [--lkd-steps 100]
+                                [--steps 30] [--batch-size 4] [--seq-len 256] [--lkd-steps 100]
                                 [--max-tokens 8192] [--other-text FILE] [--markdown]
 
 Every row is made by the lowbit command line in a process of its own (so its wall time, CPU time
@@ -47,12 +47,12 @@ def rows(a) -> dict:
         out[g] = (["quantize", a.model, "--method", "gptq", "--bits", bits, "--group-size", 64], None)
         out[f"{g}+lkd"] = (out[g][0] + ["--option", f"lkd_steps={a.lkd_steps}"], None)
         for tag, alpha in (("kd", 1), ("ce", 0)):
-            out[f"{g}+lkd+{tag}"] = (["distill", a.model, "--student", "{row}", *train, "--lr", a.lr_quant,
+            out[f"{g}+lkd+{tag}"] = (["distill", a.model, "--student", "{row}", *train, "--lr", a.lr_recovery,
                                        "--alpha", alpha], f"{g}+lkd")
     out["gptq-w4g64"] = (["quantize", a.model, "--method", "gptq", "--bits", 4, "--group-size", 64], None)
     for tag, alpha in (("kd", 1), ("ce", 0)):
         out[f"qat-w4g64-{tag}"] = (["qat", a.model, "--bits", 4, "--group-size", 64, "--lsq", *train,
-                                    "--lr", a.lr_quant, "--alpha", alpha], None)
+                                    "--lr", a.lr_qat, "--alpha", alpha], None)
     out["depth-20"] = (["distill", a.model, "--drop", 10, *train[:2], "0", *train[4:]], None)
     for tag, alpha in (("kd", 1), ("ce", 0)):
         out[f"depth-20+{tag}"] = (["distill", a.model, "--keep-layers", "{keep}", *train, "--lr", a.lr_depth,
@@ -145,11 +145,13 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", default="all")
     ap.add_argument("--out", default="out/recovery")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lkd-steps", type=int, default=100)
-    ap.add_argument("--lr-quant", type=float, default=2e-5, help="learning rate of QAT and of KD on a quantized student")
+    ap.add_argument("--lr-recovery", type=float, default=1e-3,
+                    help="learning rate of KD on a quantized student (its scales: distill's --tune scales)")
+    ap.add_argument("--lr-qat", type=float, default=2e-4, help="learning rate of QAT (latent weights, LSQ scales)")
     ap.add_argument("--lr-depth", type=float, default=1e-4, help="learning rate of the depth student")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--other-text", help="the other author's text (default: Milton's Areopagitica)")

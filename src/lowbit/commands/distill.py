@@ -10,9 +10,9 @@ Students:
   output)); initialised from the teacher's weights, every block parameter and the final norm
   trained; written as a transformers directory (``lowbit quantize OUT`` compresses it further);
 * a compressed lowbit checkpoint of the teacher (``--student``): distillation as recovery. Its
-  quantized layers are made trainable (affine weights: latent weights with a straight-through
-  estimator and learnable scales, or ``--tune scales``: the scales alone, codes kept), with the
-  blocks' norms; the result is written as a checkpoint of the same formats.
+  affine layers are made trainable (``--tune scales``, the default: the scales alone, every
+  code kept; ``--tune latent``: latent weights with a straight-through estimator and learned
+  scales), with the norms; the result is written as a checkpoint of the same formats.
 
 Loss: ``alpha·T²·KL(teacher ‖ student) + (1−alpha)·CE`` (+ ``hidden`` × a hidden-state matching
 loss). ``--alpha 0`` is the control without a teacher. The run is resumable (``--resume``).
@@ -44,10 +44,11 @@ def register(sub) -> None:
     p.add_argument("--importance", choices=("kl", "bi"), default="kl",
                    help="how --drop ranks blocks: kl = KL to the teacher with the block skipped (default), "
                         "bi = block influence 1 - cos(in, out)")
-    p.add_argument("--tune", choices=("auto", "latent", "scales"), default="auto",
-                   help="what of a --student checkpoint's quantized layers is trained (default auto: latent "
-                        "weights + scales where the format allows)")
-    add_training_args(p)
+    p.add_argument("--tune", choices=("scales", "latent"), default="scales",
+                   help="what of a --student checkpoint's affine layers is trained: scales = the scales (and float "
+                        "zero-points), every code kept (default); latent = a float weight with a straight-through "
+                        "estimator and learned scales (codes may change; slower)")
+    add_training_args(p, lr=None)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output that lowbit did not write")
     p.set_defaults(func=run)
@@ -77,6 +78,8 @@ def _run(args) -> int:
     from lowbit.models.families import find_blocks
     from lowbit.training.kd import distill
 
+    if args.lr is None:  # measured on SmolLM2-135M GPTQ W3 g64 (docs/training.md)
+        args.lr = 1e-4 if not args.student else {"scales": 1e-3, "latent": 2e-4}[args.tune]
     train_cfg, kd_cfg = train_config(args), kd_config(args)
     teacher_m = api.load(args.model, dtype="float32", device=args.device)
     if teacher_m.record is not None:
