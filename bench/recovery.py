@@ -53,7 +53,7 @@ def rows(a) -> dict:
     for tag, alpha in (("kd", 1), ("ce", 0)):
         out[f"qat-w4g64-{tag}"] = (["qat", a.model, "--bits", 4, "--group-size", 64, "--lsq", *train,
                                     "--lr", a.lr_qat, "--alpha", alpha], None)
-    out["depth-20"] = (["distill", a.model, "--drop", 10, *train[:2], "0", *train[4:]], None)
+    out["depth-20"] = (["distill", a.model, "--drop", 10, "--steps", 0, *train[2:]], None)
     for tag, alpha in (("kd", 1), ("ce", 0)):
         out[f"depth-20+{tag}"] = (["distill", a.model, "--keep-layers", "{keep}", *train, "--lr", a.lr_depth,
                                    "--alpha", alpha], "depth-20")
