@@ -76,8 +76,9 @@ def held_out(student: nn.Module, teacher: nn.Module | None, windows: Tensor, mic
     agreement with the teacher on ``windows``."""
     nll = kl = agree = 0.0
     n = 0
+    device = next(student.parameters()).device
     for i in range(0, windows.shape[0], micro_batch):
-        x = windows[i:i + micro_batch]
+        x = windows[i:i + micro_batch].to(device)
         ls = F.log_softmax(student(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
         y = x[:, 1:]
         nll += float(-ls.gather(-1, y[..., None]).sum())
