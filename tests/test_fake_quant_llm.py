@@ -197,6 +197,7 @@ def test_make_trainable_and_restore_on_a_whole_module():
         assert restore(model, st, keep=False) == {}                          # discarded: the originals back
         assert model[0] is originals[0] and model[2] is originals[1]
     st = make_trainable(model)                                               # trained and kept
+    assert isinstance(model[0], TunableAffine)                                # "auto": the scales view
     opt = torch.optim.Adam(trainable_parameters(st), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()

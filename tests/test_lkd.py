@@ -65,15 +65,15 @@ def test_lkd_on_gptq_lowers_the_block_errors_and_the_checkpoint_loads_back(tmp_p
     plain = _model()
     api.quantize(plain, "gptq", SCHEME, **CALIB)
     m = _model()
-    rec = api.quantize(m, "gptq", SCHEME, **CALIB, lkd_steps=30, lkd_lr=1e-4, lkd_mode="scales")
+    rec = api.quantize(m, "gptq", SCHEME, **CALIB, lkd_steps=30, lkd_lr=1e-4)
     assert rec["method"]["method"] == "gptq" and rec["method"]["config"]["scheme"] == SCHEME.to_dict()
     lkd = rec["method"]["lkd"]
-    assert (lkd["steps"], lkd["lr"], lkd["mode"]) == (30, 1e-4, "scales") and "no_view" not in lkd
+    assert (lkd["steps"], lkd["lr"], lkd["mode"]) == (30, 1e-4, "auto") and "no_view" not in lkd
     blocks = _check_blocks(rec)
     assert any(b["kept"] for b in blocks.values())
     assert _kl(m, reference, "calibration") < _kl(plain, reference, "calibration")
     assert _kl(m, reference, "evaluation") <= _kl(plain, reference, "evaluation") * (1 + 1e-3)
-    # the scales mode keeps GPTQ's codes (block 0's: later blocks see the tuned block's outputs)
+    # the default (scales) view keeps GPTQ's codes (block 0's: later blocks see the tuned block's outputs)
     for (n, a), b in zip(m.model.named_modules(), plain.model.modules()):
         if isinstance(a, QuantizedLinear) and n.startswith("model.layers.0."):
             assert torch.equal(a.weight_format.qweight, b.weight_format.qweight)
@@ -90,9 +90,9 @@ def test_lkd_makes_rtn_a_calibrated_run_and_brings_it_closer(reference):
     plain = _model()
     assert api.quantize(plain, "rtn", SCHEME, **CALIB)["runner"] is None
     m = _model()
-    rec = api.quantize(m, "rtn", SCHEME, **CALIB, lkd_steps=60)        # latent weights and learned scales
+    rec = api.quantize(m, "rtn", SCHEME, **CALIB, lkd_steps=60, lkd_mode="latent")  # codes may move
     assert rec["runner"] is not None and rec["calibration"]["n_samples"] == 16
-    assert rec["method"]["lkd"]["mode"] == "auto" and rec["method"]["lkd"]["lr"] == LKDConfig(1).lr
+    assert rec["method"]["lkd"]["mode"] == "latent" and rec["method"]["lkd"]["lr"] == LKDConfig(1).lr
     blocks = _check_blocks(rec)
     assert all(b["kept"] for b in blocks.values())
     assert all(b["calibration_after"] < 0.8 * b["calibration_before"] for b in blocks.values())

@@ -7,9 +7,10 @@ outputs on the same calibration inputs (the teacher is the float block itself, i
 by the runner; the loss is the relative squared error ``|block(x) - t|^2 / |t|^2``, one sample a
 step, Adam; `lowbit.algorithms.block_tune.tune`):
 
-* each packed layer through its trainable view (`lowbit.training.tunable`): ``"latent"`` (the
-  default, ``"auto"``) trains a latent weight with the straight-through estimator and learned
-  scales, so codes may move; ``"scales"`` keeps the codes and trains the scales only;
+* each packed layer through its trainable view (`lowbit.training.tunable`): ``"scales"`` (the
+  default, ``"auto"``) keeps the integer codes and trains the scales (and float zero-points);
+  ``"latent"`` trains a latent weight with the straight-through estimator and learned scales, so
+  codes may move;
 * the block's own float parameters (its norm gains).
 
 Then the layers are packed again in their format. The block's error on the held-out calibration
