@@ -3,7 +3,7 @@ quantization-aware training (QAT) against plain GPTQ, and a depth-distilled stud
 side by side in one run.
 
     python -P bench/recovery.py [--model smollm2-135m] [--rows all|NAME,...] [--out out/recovery]
-                                [--steps 30] [--batch-size 4] [--seq-len 256] [--lkd-steps 100]
+                                [--steps 30] [--batch-size 4] [--seq-len 256] [--lkd-steps 50]
                                 [--max-tokens 8192] [--other-text FILE] [--markdown]
 
 Every row is made by the lowbit command line in a process of its own (so its wall time, CPU time
@@ -45,7 +45,8 @@ def rows(a) -> dict:
     for bits in (3, 2):
         g = f"gptq-w{bits}g64"
         out[g] = (["quantize", a.model, "--method", "gptq", "--bits", bits, "--group-size", 64], None)
-        out[f"{g}+lkd"] = (out[g][0] + ["--option", f"lkd_steps={a.lkd_steps}"], None)
+        out[f"{g}+lkd"] = (out[g][0] + ["--option", f"lkd_steps={a.lkd_steps}", "--option", "lkd_mode=scales",
+                                        "--option", f"lkd_lr={a.lkd_lr}"], None)
         for tag, alpha in (("kd", 1), ("ce", 0)):
             out[f"{g}+lkd+{tag}"] = (["distill", a.model, "--student", "{row}", *train, "--lr", a.lr_recovery,
                                        "--alpha", alpha], f"{g}+lkd")
@@ -148,7 +149,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lkd-steps", type=int, default=100)
+    ap.add_argument("--lkd-steps", type=int, default=50, help="LKD steps per block (its scales, one sample a step)")
+    ap.add_argument("--lkd-lr", type=float, default=1e-3)
     ap.add_argument("--lr-recovery", type=float, default=1e-3,
                     help="learning rate of KD on a quantized student (its scales: distill's --tune scales)")
     ap.add_argument("--lr-qat", type=float, default=2e-4, help="learning rate of QAT (latent weights, LSQ scales)")
