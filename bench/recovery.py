@@ -210,12 +210,13 @@ def main() -> int:
         if "--steps" in r.get("argv", []):
             i = r["argv"].index("--steps")
             train = int(r["argv"][i + 1]) * a.batch_size * a.seq_len
-        out.append({"row": n, "bpw": qa.get("bpw"), "ppl_a": qa.get("ppl"), "kl_a": qa.get("kl"),
+        out.append({"row": n, "bpw": qa.get("bpw"), "mb": qa.get("size_mb"), "ppl_a": qa.get("ppl"), "kl_a": qa.get("kl"),
                     "top1_a": qa.get("top1"), "ppl_o": qo.get("ppl"), "kl_o": qo.get("kl"), "top1_o": qo.get("top1"),
                     "tokens": train, "s": r.get("seconds"), "cpu": r.get("cpu_seconds"), "rss": r.get("peak_rss_mib")})
     base_a, base_o = q["austen"].get("original", {}), q["other"].get("original", {})
-    out.insert(0, {"row": "original (float32)", "bpw": 32, "ppl_a": base_a.get("ppl"), "ppl_o": base_o.get("ppl")})
-    cols = [("row", "row"), ("bpw", "bits/w", ".3f"), ("kl_a", "KL Austen", ".4f"), ("ppl_a", "ppl Austen", ".2f"),
+    out.insert(0, {"row": "original (float32)", "bpw": 32, "mb": base_a.get("size_mb"), "ppl_a": base_a.get("ppl"),
+                   "ppl_o": base_o.get("ppl")})
+    cols = [("row", "row"), ("bpw", "bits/w", ".3f"), ("mb", "size MB", ".1f"), ("kl_a", "KL Austen", ".4f"), ("ppl_a", "ppl Austen", ".2f"),
             ("top1_a", "top-1 % Austen", ".1f"), ("kl_o", "KL Milton", ".4f"), ("ppl_o", "ppl Milton", ".2f"),
             ("top1_o", "top-1 % Milton", ".1f"), ("tokens", "train tokens", ",d"), ("s", "wall s", ".0f"),
             ("cpu", "CPU s", ".0f"), ("rss", "peak MiB", "d")]
