@@ -151,3 +151,24 @@ def test_interrupted_state_needs_resume(tmp_path, capsys, tiny_dir, texts):
     code, _, err = run(capsys, "distill", tiny_dir, "--keep-layers", "0,1", *_train_flags(texts, steps=1), "--resume",
                        "-o", out)
     assert code == 2 and "cannot read the training state" in err
+
+
+def test_pruned_student_recovers_and_keeps_its_zeros(tmp_path, capsys, tiny_dir, texts):
+    p = tmp_path / "pruned"
+    code, _, err = run(capsys, "prune", tiny_dir, "--method", "magnitude", "--sparsity", 0.6, "--storage", "dense",
+                       "-o", p)
+    assert code == 0, err
+    out = tmp_path / "pkd"
+    flags = _train_flags(texts, steps=20, lr=1e-3)
+    flags[3] = texts[0]
+    code, _, err = run(capsys, "distill", tiny_dir, "--student", p, *flags, "-o", out)
+    assert code == 0, err
+    before, after = api.load(str(p)).model, api.load(str(out)).model
+    d = checkpoint.read_record(out)["distill"]
+    assert d["final_eval"]["kl"] < 0.8 * d["first_eval"]["kl"]
+    changed = 0
+    for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        if ".layers." in n and n.endswith("proj.weight"):
+            assert torch.equal(a == 0, b == 0), n  # the same weights are zero, exactly
+            changed += int(not torch.equal(a, b))
+    assert changed > 0

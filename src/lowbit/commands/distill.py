@@ -98,9 +98,15 @@ def _run(args) -> int:
         from lowbit.training.tunable import make_trainable
 
         student = m.model.to(args.device)
-        standins = make_trainable(student, mode=args.tune)
+        dense = ()
+        if m.record["method"].get("sparsity") is not None:  # a pruned model: its float layers train, zeros kept
+            from lowbit.models.families import block_prefix, linear_layers
+
+            dense = [f"{block_prefix(student, i)}.{n}" for i, blk in enumerate(find_blocks(student))
+                     for n, lin in linear_layers(blk).items() if type(lin) is torch.nn.Linear]
+        standins = make_trainable(student, mode=args.tune, dense=dense)
         if not standins:
-            raise LowbitError(f"{args.student} has no quantized layer lowbit can train")
+            raise LowbitError(f"{args.student} has no quantized or pruned layer lowbit can train")
         if standins.skipped:
             log(f"{len(standins.skipped)} layers have no trainable view and stay as they are "
                 f"({', '.join(sorted(set(standins.skipped.values())))})")

@@ -111,23 +111,63 @@ def view(q: QuantizedLinear, mode: str = "auto") -> nn.Module | None:
     return None
 
 
-def make_trainable(module: nn.Module, mode: str = "auto") -> TrainableLayers:
+def make_trainable(module: nn.Module, mode: str = "auto", dense: tuple[str, ...] | list[str] = ()) -> TrainableLayers:
     """Put a trainable stand-in in the place of every QuantizedLinear inside ``module`` whose format
-    has a view (module docstring); returns {name within ``module``: stand-in}, with the layers
-    left alone in ``skipped``."""
+    has a view (module docstring), and of every float nn.Linear named in ``dense`` (a pruned
+    layer: `MaskedLinear`, its zeros kept); returns {name within ``module``: stand-in}, with the
+    layers left alone in ``skipped``."""
     if mode not in MODES:
         raise LowbitError(f"trainable view must be one of {', '.join(MODES)}, got {mode!r}")
+    dense = set(dense)
     out = TrainableLayers()
     for name, m in list(module.named_modules()):
-        if not name or not isinstance(m, QuantizedLinear):
+        if not name:
             continue
-        s = view(m, mode)
-        if s is None:
-            out.skipped[name] = m.weight_format.name
+        if name in dense:
+            if type(m) is not nn.Linear:
+                raise LowbitError(f"{name} is {type(m).__name__}, not a float linear layer")
+            s = MaskedLinear(m)
+        elif isinstance(m, QuantizedLinear):
+            s = view(m, mode)
+            if s is None:
+                out.skipped[name] = m.weight_format.name
+                continue
+        else:
             continue
         module.set_submodule(name, s)
         out[name] = s
+    missing = dense - set(out)
+    if missing:
+        raise LowbitError(f"no layer named {sorted(missing)[0]} to train")
     return out
+
+
+class MaskedLinear(nn.Module):
+    """A pruned float layer whose surviving weights train and whose zeros stay zero: the forward
+    uses ``W * mask`` (mask = the weights that were non-zero), so a pruned weight gets no gradient,
+    and AdamW never moves it. ``weight_format()`` is the dense weight (the runner and `restore`
+    put an nn.Linear back)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.__dict__["_original"] = lin
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = nn.Parameter(lin.weight.detach().float().clone())
+        self.register_buffer("mask", lin.weight.detach() != 0, persistent=False)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().float().clone())
+
+    @property
+    def original(self) -> nn.Linear:
+        return self.__dict__["_original"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = self.weight * self.mask
+        b = self.bias
+        return nn.functional.linear(x, W.to(x.dtype), None if b is None else b.to(x.dtype))
+
+    @torch.no_grad()
+    def weight_format(self) -> Tensor:
+        return (self.weight * self.mask).to(self.original.weight.dtype)
 
 
 def trainable_parameters(standins: dict[str, nn.Module]) -> list[nn.Parameter]:
