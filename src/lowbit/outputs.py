@@ -46,7 +46,8 @@ _OWN_FILES = re.compile(
     r"(lowbit\.json|lowbit_export\.json|lowbit_train\.json|config\.json|generation_config\.json|model\.safetensors|"
     r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|tokenizer\.json|"
     r"tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|"
-    r"chat_template\.json|vocab\.json|vocab\.txt|merges\.txt|tokenizer\.model|spiece\.model)")
+    r"chat_template\.json|vocab\.json|vocab\.txt|merges\.txt|tokenizer\.model|spiece\.model|"
+    r"adapter_config\.json|adapter_model\.safetensors)")
 _KINDS = {"lowbit.json": "lowbit checkpoint", "lowbit_export.json": "lowbit compressed-tensors export",
           "lowbit_train.json": "lowbit trained model"}
 _PARTIAL = ".partial-"
