@@ -41,10 +41,10 @@ def register(sub) -> None:
     p = sub.add_parser("lora", help="train LoRA adapters on a frozen (quantized) base: QLoRA",
                        conflict_handler="resolve")
     p.add_argument("base", help="the base: a lowbit checkpoint (QLoRA) or a float model")
-    add_training_args(p, lr=None)
+    add_training_args(p, lr=DEFAULT_LR)
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=16, help="adapter rank r (default 16)")
-    g.add_argument("--alpha", dest="lora_alpha", type=float, default=32.0,
+    g.add_argument("--alpha", dest="lora_alpha", metavar="ALPHA", type=float, default=32.0,
                    help="LoRA alpha: the update is scaled by alpha / r (default 32)")
     g.add_argument("--targets", default=DEFAULT_TARGETS,
                    help=f"projection roles that get adapters (default {DEFAULT_TARGETS})")
@@ -112,8 +112,6 @@ def _run(args, merged_out: str | None) -> int:
     from lowbit.training.lora import add_lora, lora_parameters, merge, save_adapter
     from lowbit.version import __version__
 
-    if args.lr is None:
-        args.lr = DEFAULT_LR
     train_cfg = train_config(args)
     kd_cfg = KDConfig(alpha=1.0 if args.objective == "kl" else 0.0, temperature=args.temperature,
                       hidden=args.hidden if args.objective == "kl" else 0.0)
@@ -121,6 +119,8 @@ def _run(args, merged_out: str | None) -> int:
         raise LowbitError("--hidden matches the teacher's hidden states: use it with --objective kl")
     m = api.load(args.base, device=args.device)
     model = m.model.to(args.device)
+    torch.manual_seed(args.seed)  # A's initialisation
+    adapters = add_lora(model, args.rank, args.lora_alpha, args.roles, args.dropout)  # a bad base fails here
     teacher_spec = args.teacher
     if teacher_spec is None and args.objective == "kl":
         if m.record is None:
@@ -139,8 +139,6 @@ def _run(args, merged_out: str | None) -> int:
     if tok is None:
         raise LowbitError(f"{args.base} has no tokenizer to read the training text with")
     train_w, held = windows(tok, args)
-    torch.manual_seed(args.seed)  # A's initialisation
-    adapters = add_lora(model, args.rank, args.lora_alpha, args.roles, args.dropout)
     params = lora_parameters(adapters)
     n_train = sum(p.numel() for p in params.values())
     n_base = sum(p.numel() for p in model.parameters() if not any(p is q for q in params.values()))
