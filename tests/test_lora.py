@@ -249,6 +249,11 @@ def test_peft_layout_saves_loads_bit_identically_and_peft_reads_it(tmp_path):
         want = m.model(input_ids=ids).logits
         torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(merge(m.model, adapters)(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    pm.save_pretrained(tmp_path / "by_peft")  # and what peft itself writes, lowbit reads
+    third = _lowbit_model()
+    load_adapter(third.model, tmp_path / "by_peft")
+    with torch.no_grad():
+        torch.testing.assert_close(third.model(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
 
 
 def test_load_adapter_refuses_what_it_cannot_compute(tmp_path):
