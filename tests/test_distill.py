@@ -172,3 +172,36 @@ def test_pruned_student_recovers_and_keeps_its_zeros(tmp_path, capsys, tiny_dir,
             assert torch.equal(a == 0, b == 0), n  # the same weights are zero, exactly
             changed += int(not torch.equal(a, b))
     assert changed > 0
+
+
+def test_distilled_students_save_and_load_bit_identically(tmp_path):
+    """A depth student and a recovered quantized student, trained in memory, written the way the
+    command writes them and loaded back: the same logits, bit for bit."""
+    from lowbit.commands._training import save_float_model
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.training import depth
+    from lowbit.training.data import packed_windows
+    from lowbit.training.tunable import make_trainable, restore
+
+    d = save_tiny(tmp_path / "t", "llama", num_hidden_layers=3)
+    teacher = api.load(str(d))
+    w = packed_windows(teacher.tokenizer, TEXT, 32)
+    ids = w[:2]
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3)
+
+    student = depth.drop_blocks(teacher.model, [0, 2])
+    distill(student, teacher.model, {n: p for n, p in student.named_parameters() if ".layers." in n}, w, None,
+            cfg, KDConfig(), progress=False)
+    want = _logits(student, ids)
+    save_float_model(student, teacher.tokenizer, str(tmp_path / "depth"), {"test": True})
+    assert torch.equal(_logits(api.load(str(tmp_path / "depth")).model, ids), want)
+
+    q = api.load(str(d))
+    api.quantize(q, "rtn", QuantScheme(bits=3, symmetric=True, granularity="group", group_size=32), progress=False)
+    standins = make_trainable(q.model, "scales")
+    distill(q.model, teacher.model, {**named_parameters_of(standins), **norm_parameters(q.model)}, w, None, cfg,
+            KDConfig(), progress=False)
+    restore(q.model, standins, keep=True)
+    want = _logits(q.model, ids)
+    api.save(q, str(tmp_path / "rec"))
+    assert torch.equal(_logits(api.load(str(tmp_path / "rec")).model, ids), want)
