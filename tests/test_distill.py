@@ -205,3 +205,24 @@ def test_distilled_students_save_and_load_bit_identically(tmp_path):
     want = _logits(q.model, ids)
     api.save(q, str(tmp_path / "rec"))
     assert torch.equal(_logits(api.load(str(tmp_path / "rec")).model, ids), want)
+
+
+def test_hidden_state_matching_pairs_kept_blocks_with_their_teacher_blocks(tmp_path, capsys, tiny_dir, texts):
+    """--hidden adds the matched-block loss: a depth student's block j is compared with the teacher
+    block it was copied from (keep[j]); the loss reaches the history and the run finishes."""
+    out = tmp_path / "h"
+    code, _, err = run(capsys, "distill", tiny_dir, "--keep-layers", "0,2", "--hidden", 0.5,
+                       *_train_flags(texts, steps=3), "-o", out)
+    assert code == 0, err
+    from lowbit.training.kd import kd_loss_fn
+
+    teacher = api.load(str(tiny_dir)).model
+    from lowbit.training import depth
+
+    student = depth.drop_blocks(teacher, [0, 2])
+    ids = torch.randint(0, 90, (1, 16))
+    _, right = kd_loss_fn(teacher, KDConfig(hidden=1.0), [0, 2])(student, ids)
+    _, wrong = kd_loss_fn(teacher, KDConfig(hidden=1.0), [1, 2])(student, ids)
+    # block 0 is the teacher's block 0 on the same input: its pair adds nothing; the wrong pairing
+    # compares it with the teacher's block 1 (the last pair, the final states, is the same in both)
+    assert right["hidden"] + 1e-3 < wrong["hidden"]
