@@ -191,3 +191,22 @@ def test_config_validation():
         TrainConfig(batch_size=8, micro_batch=3)
     with pytest.raises(LowbitError, match="dtype"):
         TrainConfig(dtype="float16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_follows_the_cpu_run():
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup=1)
+    a = _setup()
+    Trainer(*a, cfg, progress=False).run()
+    model, params, _, windows = _setup()
+    teacher = tiny_llama(seed=1).cuda()
+    model.cuda()
+
+    def loss_fn(m, x):
+        with torch.no_grad():
+            t = teacher(x).logits
+        return kd_loss(m(x).logits, t, x, alpha=0.5, temperature=2.0)
+
+    Trainer(model, params, loss_fn, windows, cfg, device="cuda", progress=False).run()
+    for (n, p), (_, q) in zip(a[0].named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-4)
