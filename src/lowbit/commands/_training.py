@@ -75,12 +75,24 @@ def windows(tokenizer, args):
     return train, held
 
 
+def load_teacher(spec: str | None, device: str):
+    """The original float model a student is trained towards (a lowbit `api.Model`): refuses a
+    quantized checkpoint in one line."""
+    from lowbit import api
+
+    t = api.load(spec, dtype="float32", device=device)
+    if t.record is not None:
+        raise LowbitError(f"the teacher {spec} is a quantized checkpoint; give the original model")
+    t.model.to(device)
+    return t
+
+
 def summary(res, train_cfg, kd_cfg, **extra) -> dict:
     """The record of a training run (saved with its output)."""
     return {"train": train_cfg.to_dict(), "kd": kd_cfg.__dict__ if kd_cfg is not None else None,
             "steps": res.steps, "tokens_this_run": res.tokens, "seconds_this_run": round(res.seconds, 1),
             "resumed_from": res.resumed_from, "peak_rss_bytes": res.peak_rss_bytes,
-            "first_eval": next((h["eval"] for h in res.history if "eval" in h), None),
+            "first_eval": res.first_eval() or None,
             "final_eval": res.final_eval(), **extra}
 
 

@@ -26,6 +26,7 @@ from lowbit.commands._args import claimed_output, log
 from lowbit.commands._training import (
     add_training_args,
     kd_config,
+    load_teacher,
     save_float_model,
     summary,
     train_config,
@@ -81,10 +82,8 @@ def _run(args) -> int:
     if args.lr is None:  # measured on SmolLM2-135M GPTQ W3 g64 (docs/training.md)
         args.lr = 1e-4 if not args.student else {"scales": 1e-3, "latent": 2e-4}[args.tune]
     train_cfg, kd_cfg = train_config(args), kd_config(args)
-    teacher_m = api.load(args.model, dtype="float32", device=args.device)
-    if teacher_m.record is not None:
-        raise LowbitError(f"the teacher {args.model} is a quantized checkpoint; give the original model")
-    teacher = teacher_m.model.to(args.device)
+    teacher_m = load_teacher(args.model, args.device)
+    teacher = teacher_m.model
     tok = teacher_m.tokenizer
     train_w, held = windows(tok, args)
     state = outputs.resume_dir(args.output)

@@ -28,7 +28,14 @@ import shutil
 from pathlib import Path
 
 from lowbit.commands._args import log
-from lowbit.commands._training import add_training_args, save_float_model, summary, train_config, windows
+from lowbit.commands._training import (
+    add_training_args,
+    load_teacher,
+    save_float_model,
+    summary,
+    train_config,
+    windows,
+)
 from lowbit.errors import LowbitError
 
 DEFAULT_TARGETS = "q,k,v,o,gate,up,down"
@@ -129,10 +136,8 @@ def _run(args, merged_out: str | None) -> int:
         teacher_spec = api.base_spec(m)
     teacher = None
     if teacher_spec is not None:
-        t = api.load(teacher_spec, dtype="float32", device=args.device)
-        if t.record is not None:
-            raise LowbitError(f"the teacher {teacher_spec} is a quantized checkpoint; give the original model")
-        teacher = t.model.to(args.device)
+        t = load_teacher(teacher_spec, args.device)
+        teacher = t.model
         tok = m.tokenizer if m.tokenizer is not None else t.tokenizer
     else:
         tok = m.tokenizer
@@ -159,7 +164,7 @@ def _run(args, merged_out: str | None) -> int:
     if merged_out is not None:
         save_float_model(merge(model, adapters).to("cpu"), tok, merged_out, dict(rec, merged_from=str(args.output)))
     shutil.rmtree(outputs.resume_dir(args.output), ignore_errors=True)
-    fin, first = res.final_eval(), next((h["eval"] for h in res.history if "eval" in h), {})
+    fin, first = res.final_eval(), res.first_eval()
     shown = ", ".join(f"{k} {first.get(k, float('nan')):.4g} -> {v:.4g}" for k, v in fin.items())
     log(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.0f} s this run "
         f"({res.seconds / max(1, res.steps - res.resumed_from):.2f} s/step), peak RSS "

@@ -278,6 +278,15 @@ def stored_ste(x: Tensor, scheme: QuantScheme, is_scale: bool = True) -> Tensor:
     return _StoredSTE.apply(x, scheme, is_scale)
 
 
+def stored_qparams_ste(scale: Tensor, zero: Tensor | None, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Trained (scale, zero-point) as a checkpoint stores them (`stored_ste`): the scale rounded
+    to its storage dtype, a float zero-point likewise; an integer zero-point is used as it is."""
+    s = stored_ste(scale, scheme, is_scale=True)
+    if zero is not None and scheme.zero_point == "float":
+        zero = stored_ste(zero, scheme, is_scale=False)
+    return s, zero
+
+
 class _FakeQuantGroupedSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Wg, scale, zero, scheme, scale_grad):

@@ -122,11 +122,7 @@ class FakeQuantLinear(nn.Module):
         trained ones rounded to the storage dtype (gradient straight through the rounding)."""
         if not self.learn_scale:
             return grid.choose_qparams(self.weight.detach(), self.scheme)
-        s = grid.stored_ste(self.scale, self.scheme, is_scale=True)
-        z = self.zero
-        if z is not None and self.scheme.zero_point == "float":
-            z = grid.stored_ste(z, self.scheme, is_scale=False)
-        return s, z
+        return grid.stored_qparams_ste(self.scale, self.zero, self.scheme)
 
     def quantized_weight(self) -> Tensor:
         """``fq(W)`` [out, in] float32 (differentiable; see the module docstring)."""

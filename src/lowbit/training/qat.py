@@ -28,9 +28,7 @@ def prepare(model: nn.Module, scheme: QuantScheme, learn_scale: bool = False,
     out = {}
     for i, blk in enumerate(find_blocks(model)):
         prefix = block_prefix(model, i)
-        for name, lin in linear_layers(blk).items():
-            if not isinstance(lin, nn.Linear):
-                raise LowbitError(f"{prefix}.{name} is already {type(lin).__name__}; QAT starts from a float model")
+        for name, lin in linear_layers(blk).items():  # nn.Linear only: a layer already replaced is not one
             fq = FakeQuantLinear.from_linear(lin, scheme, learn_scale=learn_scale, grad_scale=grad_scale)
             blk.set_submodule(name, fq)
             out[f"{prefix}.{name}"] = fq

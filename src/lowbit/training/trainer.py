@@ -111,6 +111,9 @@ class TrainResult:
     resumed_from: int = 0
     peak_rss_bytes: int = 0
 
+    def first_eval(self) -> dict:
+        return next((h["eval"] for h in self.history if "eval" in h), {})
+
     def final_eval(self) -> dict:
         return next((h["eval"] for h in reversed(self.history) if "eval" in h), {})
 

@@ -68,11 +68,7 @@ class TunableAffine(nn.Module):
 
     def qparams(self) -> tuple[Tensor, Tensor | None]:
         """(scale, zero-point) as stored (gradient straight through the storage rounding)."""
-        s = grid.stored_ste(self.scale, self.scheme, is_scale=True)
-        z = self.zero
-        if z is not None and self.scheme.zero_point == "float":
-            z = grid.stored_ste(z, self.scheme, is_scale=False)
-        return s, z
+        return grid.stored_qparams_ste(self.scale, self.zero, self.scheme)
 
     def quantized_weight(self) -> Tensor:
         s, z = self.qparams()
