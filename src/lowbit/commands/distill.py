@@ -157,7 +157,6 @@ def _run(args) -> int:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in fin.items())
     log(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.0f} s this run, peak RSS "
         f"{res.peak_rss_bytes / 2**20:.0f} MiB; held-out {shown} -> {args.output}")
-    torch.set_grad_enabled(True)
     return 0
 
 
