@@ -15,6 +15,7 @@ Ma et al. 2024, "The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bi
     β   = mean_ij |W_ij|                                      α  = mean_ij W_ij
     W~  = RoundClip(W / (β + eps), −1, 1)                     W~ = Sign(W − α)  (+1 where > 0, else −1)
                                                               β  = mean_ij |W_ij|
+    (β is rounded to the nearest float16 value: `lowbit.formats.bitnet`)
 
     y   = (W~ x~) · β · γ / Qb  (+ bias)                     dequantized output, bias added after
 
@@ -40,10 +41,10 @@ the block's norms (the extra RMSNorm only rescales them, up to the gain), but th
 are not. ``norm=False`` leaves the input as it is. Either way the converted model must be trained
 (e.g. `lowbit.training.kd.distill` from the float original) before it is any good.
 
-**At run time** the packed layer (`BitLinear.packed`: codes + β in a `TernaryWeight`) needs, per
-token: the RMSNorm (with its gain ``norm_weight``), γ = absmax, the int8 activations x~, an
-integer product ``W~ x~`` (int32 accumulation), then ``· β · γ / 127`` and the bias. That
-activation path and its kernel are not part of the format.
+**At run time** the packed layer (`BitLinear.packed`: a `lowbit.formats.bitnet.BitNetWeight`, which
+owns the arithmetic above; β is rounded to float16 there, and this layer trains with the same
+rounded β) is run by `lowbit.kernels.bitnet`: the norm, int8 activations, an integer product of
+codes and activations, one rescale. `lowbit.nn.replace` swaps packed layers in for the trained ones.
 """
 
 from __future__ import annotations
@@ -53,42 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.formats.ternary import TernaryWeight
+from lowbit.formats.bitnet import (BITS, EPS, NORM_EPS, QB, BitNetWeight, activation_quant, check_bits,  # noqa: F401
+                                   output_scale, rms_norm, weight_quant)
 from lowbit.models.families import block_prefix, family_of, find_blocks
-
-BITS = (1, 1.58)
-QB = 127          # Qb = 2^(b−1) − 1 for b = 8 activation bits
-EPS = 1e-5        # the papers' eps: guards β of an all-zero weight and γ of an all-zero token
-NORM_EPS = 1e-6   # RMSNorm's eps
-
-
-def check_bits(bits) -> float:
-    if isinstance(bits, bool) or bits not in BITS:
-        raise LowbitError(f"BitLinear bits must be 1 (BitNet) or 1.58 (BitNet b1.58), got {bits!r}")
-    return 1 if bits == 1 else 1.58
-
-
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float = NORM_EPS) -> Tensor:
-    """x / sqrt(mean(x²) + eps) over the last dimension, times the gain when given (no offset)."""
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight
-
-
-def activation_quant(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token absmax to 8 bits: (x~ [..., in] integer-valued float, γ [..., 1]). No gradient."""
-    gamma = x.detach().abs().amax(-1, keepdim=True).clamp(min=EPS)
-    return torch.round(x.detach() * QB / gamma).clamp(-QB, QB), gamma
-
-
-def weight_quant(W: Tensor, bits: float) -> tuple[Tensor, Tensor]:
-    """(W~ [out, in] in {−1, 0, 1} (b1.58) or {−1, 1} (1-bit) as float, β [] = mean|W|). No gradient."""
-    W = W.detach()
-    beta = W.abs().mean()
-    if bits == 1.58:
-        Wt = torch.round(W / (beta + EPS)).clamp(-1, 1)                    # RoundClip(W / (β + ε), −1, 1)
-    else:
-        Wt = torch.where(W - W.mean() > 0, 1.0, -1.0).to(W.dtype)          # Sign(W − α), α = mean(W)
-    return Wt, beta
 
 
 class BitLinear(nn.Module):
@@ -137,19 +105,18 @@ class BitLinear(nn.Module):
         xq = xq + (xs - xs.detach())                     # d x~/dx = Qb/γ
         Ws = self.weight / beta
         Wq = Wq + (Ws - Ws.detach())                     # d W~/dW = 1/β
-        y = F.linear(xq, Wq) * (beta * gamma / QB)       # (W~ x~) · β · γ / Qb
+        y = F.linear(xq, Wq) * output_scale(beta, gamma)  # (W~ x~) · ((β · γ) / Qb)
         if self.bias is not None:
             y = y + self.bias
         return y.to(dtype)
 
-    def packed(self) -> TernaryWeight:
-        """W~ and β in lowbit's `TernaryWeight` (2-bit codes, one per-tensor scale): its
-        `dequantize()` is exactly ``W~ · β``. A 1-bit layer has no format of its own: its codes are
-        stored as ternary codes that never hold 0 (2 bits per weight where 1 would do). The bias and
-        the norm gain are not part of the weight format; the activation path (module docstring)
-        is the run time's."""
+    def packed(self) -> BitNetWeight:
+        """The layer as stored and run: W~, β and the norm (gain, eps) in a `BitNetWeight`, whose
+        own product (`lowbit.formats.bitnet.product`, the kernels' reference) is this layer's
+        forward. The bias is the module's, not the format's."""
         Wt, beta = self.quantized_weight()
-        return TernaryWeight.from_ternary(Wt.to(torch.int8), beta.float().reshape(1), "tensor")
+        return BitNetWeight.from_codes(Wt, beta, self.bits, norm=self.norm, norm_weight=self.norm_weight,
+                                       norm_eps=self.norm_eps)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
