@@ -78,6 +78,28 @@ def test_schedule_warmup_then_cosine():
     assert all(cfg.lr_at(s) >= cfg.lr_at(s + 1) for s in range(10, 99))
 
 
+def test_two_stage_schedule_by_hand():
+    """BitNet b1.58's tips: warmup, lr -> lr/2 linearly over the first half, a drop to lr/4, then
+    linearly to min_lr*lr; weight decay on in the first half only."""
+    c = TrainConfig(steps=20, lr=1.0, warmup=2, min_lr=0.1, weight_decay=0.1, schedule="two-stage")
+    want = [0.5, 1.0] + [1 - 0.5 * k / 8 for k in range(8)] + [0.25 - 0.15 * k / 9 for k in range(10)]
+    assert [c.lr_at(i) for i in range(20)] == pytest.approx(want, abs=1e-12)
+    assert [c.weight_decay_at(i) for i in range(20)] == [0.1] * 10 + [0.0] * 10
+    assert TrainConfig(steps=20, weight_decay=0.1).weight_decay_at(19) == 0.1  # cosine: constant
+    with pytest.raises(LowbitError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_two_stage_weight_decay_reaches_the_optimizer():
+    model, params, loss_fn, windows = _setup()
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup=1, weight_decay=0.1, schedule="two-stage")
+    seen = []
+    tr = Trainer(model, params, loss_fn, windows, cfg, progress=False,
+                 on_step=lambda step: seen.append(sorted(g["weight_decay"] for g in tr.opt.param_groups)))
+    tr.run()
+    assert seen == [[0.0, 0.1], [0.0, 0.1], [0.0, 0.0], [0.0, 0.0]]
+
+
 def test_batch_order_is_a_permutation_per_epoch_and_depends_only_on_step():
     n, B = 10, 4
     order = torch.cat([batch_indices(n, B, s, seed=3) for s in range(5)]).tolist()  # 20 = two epochs
@@ -118,8 +140,10 @@ def _final(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
-    cfg = TrainConfig(steps=9, batch_size=4, micro_batch=2, lr=3e-3, warmup=2, save_every=4, eval_every=3, seed=7)
+@pytest.mark.parametrize("schedule", ["cosine", "two-stage"])
+def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, schedule):
+    cfg = TrainConfig(steps=9, batch_size=4, micro_batch=2, lr=3e-3, warmup=2, save_every=4, eval_every=3, seed=7,
+                      schedule=schedule, weight_decay=0.1 if schedule == "two-stage" else 0.0)
     model, params, loss_fn, windows = _setup()
     evals = lambda m: {"mse": float(sum(p.pow(2).sum() for p in m.parameters()))}  # noqa: E731
     full = Trainer(model, params, loss_fn, windows, cfg, evaluate=evals, progress=False).run()

@@ -24,6 +24,9 @@ def add_training_args(p: argparse.ArgumentParser, *, steps: int = 200, lr: float
     g.add_argument("--warmup", type=int, help="warmup steps (default: 5%% of --steps)")
     g.add_argument("--min-lr", type=float, default=0.1, help="the cosine ends at this fraction of --lr (default 0.1)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
+    g.add_argument("--schedule", choices=("cosine", "two-stage"), default="cosine",
+                   help="learning-rate schedule: warmup + cosine (default), or BitNet b1.58's two-stage (lr -> lr/2 "
+                        "over the first half, a drop to lr/4, then down to --min-lr; weight decay off in the second half)")
     g.add_argument("--alpha", type=float, default=1.0,
                    help="weight of the teacher's soft targets: loss = alpha*T^2*KL + (1-alpha)*CE (default 1; "
                         "0 = plain next-token CE without the teacher, the control)")
@@ -50,6 +53,7 @@ def train_config(args):
     mb = args.micro_batch or min(2, args.batch_size)
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, micro_batch=mb, lr=args.lr,
                        warmup=args.warmup, min_lr=args.min_lr, weight_decay=args.weight_decay, dtype=args.dtype,
+                       schedule=getattr(args, "schedule", "cosine"),
                        grad_checkpointing=args.grad_checkpointing, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed)
 

@@ -1,7 +1,8 @@
 """The one small trainer every training-time method shares (distillation, QAT, recovery of a
 compressed model): a plain PyTorch loop that is resumable bit for bit.
 
-* AdamW (weight decay on matrices only), linear warmup then cosine decay to ``min_lr`` × lr,
+* AdamW (weight decay on matrices only), linear warmup then cosine decay to ``min_lr`` × lr
+  (or BitNet b1.58's two-stage rate and weight decay, ``schedule="two-stage"``),
   gradient clipping, gradient accumulation (``batch_size`` windows a step, ``micro_batch`` a
   forward/backward), float32 or bfloat16 autocast, gradient checkpointing per block
   (transformers' own, non-reentrant), a tqdm bar with loss and tokens/s.
@@ -46,6 +47,7 @@ from lowbit.training.data import batch_indices
 STATE_FILE = "trainer.pt"
 HISTORY_FILE = "history.jsonl"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCHEDULES = ("cosine", "two-stage")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 25
     seed: int = 0
+    schedule: str = "cosine"          # or "two-stage" (BitNet b1.58's: see lr_at / weight_decay_at)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:  # steps 0: the model as it starts, evaluated
@@ -79,18 +82,40 @@ class TrainConfig:
             raise LowbitError(f"min_lr is a fraction of lr in [0, 1], got {self.min_lr}")
         if self.eval_every < 1 or self.save_every < 1:
             raise LowbitError("eval_every and save_every must be positive")
+        if self.schedule not in SCHEDULES:
+            raise LowbitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
     @property
     def warmup_steps(self) -> int:
         return int(self.warmup) if self.warmup is not None else max(1, round(0.05 * self.steps))
 
     def lr_at(self, step: int) -> float:
-        """The learning rate of step ``step`` (0-based): linear warmup, then cosine to min_lr·lr."""
+        """The learning rate of step ``step`` (0-based).
+
+        "cosine": linear warmup, then cosine to min_lr·lr.
+        "two-stage" (BitNet b1.58's training tips: a high rate for the first half, then a sudden
+        drop): linear warmup, then linear decay from lr to lr/2 over the first half of the steps;
+        at the half the rate drops to lr/4 and decays linearly to min_lr·lr at the end."""
         w = self.warmup_steps
         if step < w:
             return self.lr * (step + 1) / w
+        if self.schedule == "two-stage":
+            half = max(w + 1, self.steps // 2)
+            if step < half:
+                return self.lr * (1 - 0.5 * (step - w) / max(1, half - w))
+            end = min(self.min_lr, 0.25)
+            t = (step - half) / max(1, self.steps - 1 - half)
+            return self.lr * (0.25 + (end - 0.25) * min(1.0, t))
         t = (step - w) / max(1, self.steps - w)
         return self.lr * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    def weight_decay_at(self, step: int) -> float:
+        """The weight decay of step ``step``: constant for "cosine"; for "two-stage" (BitNet
+        b1.58's tips) ``weight_decay`` during the first half and 0 in the second, when the latent
+        weights should settle instead of being pulled towards the rounding boundaries."""
+        if self.schedule == "two-stage" and step >= max(self.warmup_steps + 1, self.steps // 2):
+            return 0.0
+        return self.weight_decay
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -147,8 +172,8 @@ class Trainer:
         self.evaluate, self.device, self.progress, self.on_step = evaluate, torch.device(device), progress, on_step
         decay = [p for p in self.params.values() if p.dim() >= 2]
         rest = [p for p in self.params.values() if p.dim() < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay, "decayed": True},
+                              {"params": rest, "weight_decay": 0.0, "decayed": False}) if g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
         self.step = 0
         self.history: list[dict] = []
@@ -290,9 +315,10 @@ class Trainer:
             with self._signals():
                 while self.step < cfg.steps:
                     idx = batch_indices(self.windows.shape[0], cfg.batch_size, self.step, cfg.seed)
-                    lr = cfg.lr_at(self.step)
+                    lr, wd = cfg.lr_at(self.step), cfg.weight_decay_at(self.step)
                     for g in self.opt.param_groups:
                         g["lr"] = lr
+                        g["weight_decay"] = wd if g["decayed"] else 0.0
                     self.opt.zero_grad(set_to_none=True)
                     total, shown = 0.0, {}
                     for k in range(0, cfg.batch_size, mb):
