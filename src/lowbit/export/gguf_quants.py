@@ -255,6 +255,11 @@ class Q4_0(BlockType):
     def _quantize_blocks(cls, x):
         d, q = _absmax_codes(x, 8)
         cls._check_scale(d)
+        return cls._pack(d, q)
+
+    @classmethod
+    def _pack(cls, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """d float32 [n, 1], q uint8 [n, 32] in 0..15 -> blocks [n, 18]."""
         return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=-1)
 
     @classmethod
@@ -785,6 +790,11 @@ class TQ2_0(BlockType):
     def _quantize_blocks(cls, x):
         d, t = _ternary_codes(x)
         cls._check_scale(d)
+        return cls._pack(d, t)
+
+    @classmethod
+    def _pack(cls, d: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """d float32 [n, 1], t uint8 [n, 256] in {0, 1, 2} -> blocks [n, 66]."""
         t = t.reshape(-1, 2, 4, 32)
         qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
         return np.concatenate([qs.reshape(-1, 64), _f16_bytes(d)], axis=-1)
@@ -828,6 +838,11 @@ class TQ1_0(BlockType):
     def _quantize_blocks(cls, x):
         d, t = _ternary_codes(x)
         cls._check_scale(d)
+        return cls._pack(d, t)
+
+    @classmethod
+    def _pack(cls, d: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """d float32 [n, 1], t uint8 [n, 256] in {0, 1, 2} -> blocks [n, 54]."""
         return np.concatenate([_pack_trits(t[:, :160], 32, 5), _pack_trits(t[:, 160:240], 16, 5),
                                _pack_trits(t[:, 240:], 4, 4), _f16_bytes(d)], axis=-1)
 
@@ -836,6 +851,36 @@ class TQ1_0(BlockType):
         t = np.concatenate([_unpack_trits(raw[:, :32], 5), _unpack_trits(raw[:, 32:48], 5),
                             _unpack_trits(raw[:, 48:52], 4)], axis=-1)
         return _f16_from(raw[:, 52:54]) * (t.astype(np.float32) - np.float32(1))
+
+
+# -- ternary codes written as they are ---------------------------------------------------------
+# A weight that already is d * T with T in {-1, 0, 1} and one float16-exact scale d (a BitNet
+# layer) is stored without a scale search: every block's scale is d and its codes are T, so the
+# block dequantizes to exactly d * T. (The quantizers above would find the same TQ blocks except
+# where a block is all zero, but Q4_0's absmax rule maps +d and -d onto different magnitudes.)
+TERNARY_EXACT = ("TQ2_0", "TQ1_0", "Q4_0")
+
+
+def encode_ternary(T: np.ndarray, d: float, name: str) -> np.ndarray:
+    """T int [..., n] in {-1, 0, 1}, d a float16-exact scale -> uint8 [..., bytes] of type ``name``
+    (TQ2_0 / TQ1_0: t = T + 1; Q4_0: q = T + 8) dequantizing to exactly ``d * T``."""
+    if name not in TERNARY_EXACT:
+        raise LowbitError(f"ternary codes are written as {', '.join(TERNARY_EXACT)}, not {name}")
+    cls = get_type(name)
+    T = np.asarray(T)
+    if T.ndim == 0 or T.shape[-1] % cls.block_size:
+        n = T.shape[-1] if T.ndim else 0
+        raise LowbitError(f"{name}: last dimension {n} is not a multiple of the block size {cls.block_size}")
+    if T.size and (T.min() < -1 or T.max() > 1):
+        raise LowbitError(f"{name}: ternary codes must lie in {{-1, 0, 1}}, found {int(T.min())}..{int(T.max())}")
+    d32 = np.float32(d)
+    if not np.isfinite(d32) or np.float32(np.float16(d32)) != d32:
+        raise LowbitError(f"{name}: the scale {float(d)!r} is not exactly a float16 value; the block scale cannot carry it")
+    blocks = T.astype(np.int16).reshape(-1, cls.block_size)
+    offset = 8 if name == "Q4_0" else 1
+    ds = np.full((blocks.shape[0], 1), d32, np.float32)
+    out = cls._pack(ds, (blocks + offset).astype(np.uint8)) if blocks.shape[0] else np.zeros((0, cls.bytes_per_block), np.uint8)
+    return out.reshape(*T.shape[:-1], T.shape[-1] // cls.block_size * cls.bytes_per_block)
 
 
 TYPES: dict[str, type[BlockType]] = {}
