@@ -21,7 +21,10 @@ weight in that type, the output matrix in Q6_K for the quantized ones, as llama.
 mixes Q3_K_M Q4_K_M Q5_K_M (llama.cpp's rules for which tensors get more bits). Rows not a multiple
 of 256 fall back as in llama.cpp (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> IQ4_NL).
 A lowbit quantized checkpoint is exported from its dequantized weights (re-quantized to the GGUF
-type; GGUF cannot hold lowbit's own formats)."""
+type; GGUF cannot hold lowbit's own formats), except BitNet layers: their ternary (or binary)
+codes and scale are written unchanged as TQ2_0 (TQ1_0 with --type TQ1_0), rows not a multiple of
+256 as Q4_0 holding the same values exactly; --type then sets the other tensors (default Q8_0).
+BitNet layers with their own norm (norm=True) cannot be exported."""
 
 
 def _export_gguf(m, args) -> str:
@@ -39,7 +42,14 @@ def _export_gguf(m, args) -> str:
         imatrix = collect_imatrix(m, n_samples=args.samples, seq_len=args.seq_len, text=text)
     rep = export_gguf(m, args.output, qtype, imatrix=imatrix, force=args.force)
     types = ", ".join(f"{k} x{v}" for k, v in rep.types.items())
-    return (f"wrote {rep.path}: GGUF {rep.qtype} ({rep.arch}, {rep.n_tensors} tensors: {types}; "
+    exact = ""
+    if rep.ternary:
+        counts: dict[str, int] = {}
+        for t in rep.ternary.values():
+            counts[t] = counts.get(t, 0) + 1
+        exact = (f"; {len(rep.ternary)} BitNet layers with their codes and scale unchanged: "
+                 + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    return (f"wrote {rep.path}: GGUF {rep.qtype} ({rep.arch}, {rep.n_tensors} tensors: {types}{exact}; "
             f"{rep.bytes / 1e6:.1f} MB; tokenizer {rep.tokenizer}{'; imatrix' if rep.imatrix else ''}; "
             f"{rep.seconds:.1f} s)")
 
@@ -104,7 +114,8 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL_OR_OUT",
                    help="builtin name, HF directory, .gguf file or lowbit checkpoint (default: the embedded model)")
     p.add_argument("--format", default="gguf", help="gguf (default), compressed-tensors or aqlm")
-    p.add_argument("--type", help="GGUF tensor type or mix, e.g. Q4_K_M, Q8_0, F16 (default: Q8_0)")
+    p.add_argument("--type", help="GGUF tensor type or mix, e.g. Q4_K_M, Q8_0, F16, TQ2_0 (default: Q8_0; BitNet layers: TQ2_0, "
+                        "or TQ1_0 if asked)")
     p.add_argument("--imatrix", action="store_true",
                    help="collect an importance matrix on calibration text and weight the GGUF scale searches by it")
     p.add_argument("--calib", metavar="FILE", help="calibration text for --imatrix (default: bundled text)")

@@ -48,6 +48,22 @@ Q6_K -> Q8_0, Q2_K / Q3_K -> IQ4_NL, TQ1_0 / TQ2_0 -> Q4_0, and to F16 if even t
 divide the row. (An output row length not divisible by the base block size gives Q8_0 directly.)
 Not reproduced: llama.cpp's special cases for 70B models, mixture-of-experts and Falcon.
 
+BitNet layers: ternary codes written as they are
+------------------------------------------------
+A linear stored as `lowbit.formats.bitnet.BitNetWeight` (a trained BitLinear: codes W~ in
+{-1, 0, 1}, or ±1 for 1-bit, and one float16-exact scale β) is not re-quantized: its codes and
+scale go into the blocks unchanged (`gguf_quants.encode_ternary`), so the tensor dequantizes to
+exactly β·W~. Its type is TQ1_0 when ``qtype`` is TQ1_0, else TQ2_0 (whatever ``qtype`` says for
+the other tensors); a row that is not a multiple of 256 gets Q4_0 with d = β, q = W~ + 8 (exact
+as well; llama.cpp's Q4_0 quantizer would not be), and F16 if not even 32 divides it. Every other
+tensor follows the rules above for ``qtype`` (so the token embedding of a BitNet checkpoint is
+Q8_0 under the default Q8_0; under TQ2_0 it is Q6_K, or Q8_0 where its rows are not a multiple
+of 256, when tied, and Q4_K when untied). A BitNet layer with its own RMSNorm (``norm=True``)
+cannot be written: llama.cpp's graph for these architectures has no norm inside a linear.
+At run time llama.cpp quantizes the activations its own way (Q8_K per 256 values for TQ types,
+Q8_0 per 32 for Q4_0) instead of BitNet's int8 per token, so its output is close to, not equal
+to, lowbit's.
+
 Importance matrix
 -----------------
 ``imatrix`` maps GGUF tensor names to per-input-column weights (mean squared activation of that
@@ -120,11 +136,25 @@ def _block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def choose_types(shapes: dict[str, tuple[int, ...]], qtype: str, n_layer: int) -> dict[str, str]:
+def ternary_type(qtype: str) -> str:
+    """The GGUF type of a BitNet layer in a file written as ``qtype``: TQ1_0 if asked, else TQ2_0."""
+    return "TQ1_0" if qtype == "TQ1_0" else "TQ2_0"
+
+
+def _ternary_rule(nx: int, qtype: str) -> str:
+    for t in (ternary_type(qtype), "Q4_0"):  # both carry d * {-1, 0, 1} exactly
+        if nx % _block_size(t) == 0:
+            return t
+    return "F16"  # β is float16-exact, so ±β and 0 are too
+
+
+def choose_types(shapes: dict[str, tuple[int, ...]], qtype: str, n_layer: int,
+                 ternary: frozenset[str] | set[str] = frozenset()) -> dict[str, str]:
     """The GGUF type of every tensor of a model to be written as ``qtype`` (see the module table).
 
     ``shapes`` maps GGUF tensor names to torch shapes (rows, row length) in the order they will be
-    written. 1-D tensors get F32."""
+    written. 1-D tensors get F32. Names in ``ternary`` (BitNet layers) get `ternary_type`, or Q4_0
+    (then F16) where their rows are not a whole number of its blocks."""
     if qtype not in EXPORT_TYPES:
         raise LowbitError(f"unknown GGUF export type {qtype!r}; choose one of {', '.join(EXPORT_TYPES)}")
     mix = qtype if qtype in MIXES else None
@@ -134,6 +164,9 @@ def choose_types(shapes: dict[str, tuple[int, ...]], qtype: str, n_layer: int) -
     for name, shape in shapes.items():
         if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight"):
             out[name] = "F32"
+            continue
+        if name in ternary:
+            out[name] = _ternary_rule(shape[-1], qtype)
             continue
         t = base
         if base in QUANTIZED:
@@ -478,10 +511,62 @@ def _tied(model) -> bool:
     return bool(tied)
 
 
+def _gguf_layout(name: str, t: torch.Tensor, fam: Family, n_head: int, n_kv: int) -> torch.Tensor:
+    """A tensor (float, or integer codes) as the GGUF tensor ``name`` holds it: norm gains with the
+    family's offset, q/k rows in GGUF's rotary order."""
+    if fam.norm_offset and name.endswith("norm.weight"):  # llama.cpp stores the gain (offset + w)
+        t = t + fam.norm_offset
+    if fam.gguf.permute_qk and (name.endswith("attn_q.weight") or name.endswith("attn_q.bias")):
+        t = permute_qk(t, n_head)
+    elif fam.gguf.permute_qk and (name.endswith("attn_k.weight") or name.endswith("attn_k.bias")):
+        t = permute_qk(t, n_kv)
+    return t
+
+
+@dataclass(frozen=True)
+class TernaryTensor:
+    """A BitNet layer as GGUF stores it: codes T int8 [rows, n] in GGUF row order, scale d (β)."""
+
+    codes: torch.Tensor
+    scale: float
+    bits: float
+
+
+def ternary_tensors(model) -> dict[str, TernaryTensor]:
+    """GGUF name -> codes and scale of every BitNet layer (`lowbit.formats.bitnet.BitNetWeight`)
+    of ``model``; LowbitError for one with its own norm (module docstring) or a scale that is not
+    float16-exact (the ternary blocks' scale is a float16)."""
+    from lowbit.formats.bitnet import BitNetWeight
+    from lowbit.nn.linear import QuantizedLinear
+
+    fam = family_of(model)
+    cfg = model.config
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
+    tied = _tied(model)
+    out: dict[str, TernaryTensor] = {}
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, QuantizedLinear) or not isinstance(mod.weight_format, BitNetWeight):
+            continue
+        w = mod.weight_format
+        if w.norm:
+            raise LowbitError(f"cannot export {mname} to GGUF: it is a BitNet layer with its own RMSNorm "
+                              f"(norm=True), and llama.cpp's {fam.gguf.name} graph has no norm inside a linear "
+                              f"layer; train with norm=False to export")
+        hf = f"{mname}.weight"
+        if tied and hf == "lm_head.weight":
+            continue
+        beta = float(w.scale[0])
+        if float(torch.tensor(beta).half().float()) != beta:
+            raise LowbitError(f"cannot export {mname} to GGUF exactly: its BitNet scale {beta!r} is not a float16 value")
+        name = gguf_name(hf, fam)
+        out[name] = TernaryTensor(_gguf_layout(name, w.codes(), fam, n_head, n_kv).contiguous(), beta, w.bits)
+    return out
+
+
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """GGUF name -> float32 tensor (torch layout [rows, row length]), q/k permuted, tied head dropped."""
     fam = family_of(model)  # LowbitError for a family lowbit does not know
-    permute = fam.gguf.permute_qk
     cfg = model.config
     n_head = int(cfg.num_attention_heads)
     n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
@@ -493,12 +578,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
         if hf.endswith("rotary_emb.inv_freq") or ".rotary_emb." in hf:
             continue
         name = gguf_name(hf, fam)
-        if fam.norm_offset and name.endswith("norm.weight"):  # llama.cpp stores the gain (offset + w)
-            t = t + fam.norm_offset
-        if permute and (name.endswith("attn_q.weight") or name.endswith("attn_q.bias")):
-            t = permute_qk(t, n_head)
-        elif permute and (name.endswith("attn_k.weight") or name.endswith("attn_k.bias")):
-            t = permute_qk(t, n_kv)
+        t = _gguf_layout(name, t, fam, n_head, n_kv)
         if not bool(torch.isfinite(t).all()):
             raise LowbitError(f"tensor {hf} has NaN/Inf values; refusing to export it")
         out[name] = t.contiguous()
@@ -529,6 +609,7 @@ class ExportReport:
     tokenizer: str = ""
     imatrix: bool = False
     seconds: float = 0.0
+    ternary: dict[str, str] = field(default_factory=dict)  # BitNet layers written exactly: name -> type
 
 
 def encode_tensor(x: np.ndarray, t: str, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -593,12 +674,13 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         raise LowbitError(f"unknown GGUF export type {qtype!r}; choose one of {', '.join(EXPORT_TYPES)}")
     out_path = outputs.check_file(out_path, b"GGUF", force=force, inputs=_input_paths(m))
     model = m.model
+    ternary = ternary_tensors(model)  # first: refuses what GGUF cannot hold before any work
     tensors = gguf_tensors(model)
     fam = family_of(model)
     arch = fam.gguf.name
     cfg = model.config
     n_layer = int(cfg.num_hidden_layers)
-    types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer)
+    types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer, set(ternary))
     vocab = int(tensors["token_embd.weight"].shape[0])
     tok_md, tok_from = tokenizer_metadata(m, vocab)
     if imatrix is not None:
@@ -609,7 +691,8 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
     with outputs.atomic_file(out_path) as tmp:
         w = _writer_class()(str(tmp), arch)
         w.add_name(name or getattr(m, "name", None) or "model")
-        w.add_file_type(FILE_TYPES.get(qtype, 1))
+        # a BitNet checkpoint's linears are mostly ternary: its file type says so
+        w.add_file_type(FILE_TYPES[ternary_type(qtype)] if ternary else FILE_TYPES.get(qtype, 1))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string(VERSION_KEY, __version__)  # says the file carries DIGEST_KEY (models.gguf_check)
         for k, (v, vt) in architecture_metadata(cfg, fam).items():
@@ -628,7 +711,11 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
                 imat = imatrix.get("output.weight")  # tied: the embedding plays the output's role
             if imat is not None:
                 imat = np.asarray(imat, dtype=np.float32)
-            data = encode_tensor(x, gt, imat)
+            tt = ternary.get(gname)
+            if tt is not None and gt in gguf_quants.TERNARY_EXACT:
+                data = gguf_quants.encode_ternary(tt.codes.numpy(), tt.scale, gt)
+            else:
+                data = encode_tensor(x, gt, None if tt is not None else imat)  # F16 holds ±β exactly
             if t.dim() == 1:
                 data = data.reshape(-1)
                 w.add_tensor(gname, data, raw_dtype=None if gt == "F32" else gguf.GGMLQuantizationType[gt])
@@ -646,7 +733,8 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
         counts[t] = counts.get(t, 0) + 1
     return ExportReport(path=str(out_path), qtype=qtype, arch=arch, n_tensors=len(tensors),
                         types=dict(sorted(counts.items())), tensor_types=types, bytes=out_path.stat().st_size,
-                        tokenizer=tok_from, imatrix=imatrix is not None, seconds=time.perf_counter() - t0)
+                        tokenizer=tok_from, imatrix=imatrix is not None, seconds=time.perf_counter() - t0,
+                        ternary={k: types[k] for k in ternary})
 
 
 # --------------------------------------------------------------------------------------------
