@@ -142,3 +142,23 @@ def convert(model: nn.Module, bits: float, norm: bool = True, norm_gain: bool = 
     if not out:
         raise LowbitError(f"{type(model).__name__} has no projections in its blocks to convert")
     return out
+
+
+def pack(model: nn.Module) -> dict[str, BitNetWeight]:
+    """Replace every `BitLinear` in ``model`` by a `QuantizedLinear` over its `BitNetWeight` (the
+    same function, now stored in 2 or 1 bits a weight and run by the BitNet kernels); returns
+    {full module name: format}."""
+    from lowbit.nn.replace import replacement
+
+    found = {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    out = {}
+    for n, bl in found.items():
+        out[n] = bl.packed()
+        model.set_submodule(n, replacement(bl, out[n]))
+    return out
+
+
+def parameters_of(layers: dict[str, BitLinear]) -> dict[str, Tensor]:
+    """The trainable tensors of converted layers by full parameter name: latent weights, biases,
+    norm gains."""
+    return {f"{n}.{p}": t for n, bl in layers.items() for p, t in bl.named_parameters()}
