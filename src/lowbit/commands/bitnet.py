@@ -140,7 +140,7 @@ def _run(args, bits) -> int:
     method = {"method": "bitnet", "bits": bits, "norm": bool(norm), "scratch": bool(args.scratch)}
     if args.scratch:
         method["shape"] = {k: getattr(args, k) for k in SCRATCH_DEFAULTS}
-    training = summary(res, train_cfg, kd_cfg, text=args.text or "calibration")
+    training = summary(res, train_cfg, kd_cfg, text=args.text or "calibration", history=res.history)
     if bits is None:
         save_float_model(student, base.tokenizer, args.output, {"method": method, "training": training},
                          force=args.force)
