@@ -9,7 +9,9 @@ also the reference the C step is tested against (tests/test_runtime_native.py).
 
 Covered: float32 CPU models of the decoder's families whose linear layers are ``nn.Linear``
 (float32) or lowbit ``QuantizedLinear``s with an affine (2/4/8-bit) or ternary format that the
-native affine kernel takes, a float32 ``nn.Embedding`` (Gemma's scaled one included), SiLU or
+native affine kernel takes, or a BitNet format (`lowbit.formats.bitnet`: b1.58 or 1-bit codes,
+int8 activations, with or without the layer's own norm, run by the native BitNet kernel
+`lowbit.kernels.bitnet`), a float32 ``nn.Embedding`` (Gemma's scaled one included), SiLU or
 tanh-GELU gated MLPs, one RMSNorm epsilon for the whole model. Prefill (several positions at once)
 stays on the Python path, where the work is matrix-matrix and torch's dispatch cost is amortised.
 """
