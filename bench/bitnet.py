@@ -2,7 +2,8 @@
 of a pretrained model by distillation, side by side in one run.
 
     python -P bench/bitnet.py [--model smollm2-135m] [--parts scratch,convert] [--out out/bitnet]
-                              [--scratch-steps 150] [--convert-steps 60] [--batch-size 8] [--seq-len 256]
+                              [--scratch-steps 150] [--convert-steps 40] [--batch-size 8]
+                              [--convert-batch-size 4] [--seq-len 256]
                               [--max-tokens 4096] [--markdown]
 
 From scratch (``lowbit bitnet --scratch``): one small llama shape (10 layers, d=256, ffn 768, the
@@ -48,7 +49,8 @@ def rows(a) -> dict:
             out[name] = ["bitnet", a.model, "--scratch", *extra, "--steps", a.scratch_steps, *train, "--lr", a.lr_scratch,
                          "--weight-decay", 0.1, "--eval-windows", 8, "--eval-every", max(5, a.scratch_steps // 10)]
     if "convert" in a.parts:
-        conv = ["bitnet", a.model, "--bits", "1.58", *train, "--eval-windows", 2,
+        conv = ["bitnet", a.model, "--bits", "1.58", "--batch-size", a.convert_batch_size, "--seq-len", a.seq_len,
+                "--dtype", "float32", "--save-every", 10, "--eval-windows", 2,
                 "--eval-every", max(5, a.convert_steps // 6)]
         out["ternary-ptq"] = ["quantize", a.model, "--method", "ternary"]
         out["rtn-w4g64"] = ["quantize", a.model, "--method", "rtn", "--bits", 4, "--group-size", 64]
@@ -120,7 +122,8 @@ def main() -> int:
     ap.add_argument("--rows", default="all", help="comma-separated row names (default: every row of --parts)")
     ap.add_argument("--out", default="out/bitnet")
     ap.add_argument("--scratch-steps", type=int, default=150)
-    ap.add_argument("--convert-steps", type=int, default=60)
+    ap.add_argument("--convert-steps", type=int, default=40)
+    ap.add_argument("--convert-batch-size", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr-scratch", type=float, default=2e-3)
@@ -193,7 +196,8 @@ def main() -> int:
                 steps = int(r["argv"][r["argv"].index("--steps") + 1])
             out.append({"row": n, "bpw": qq.get("bpw"), "mb": qq.get("size_mb"), "ppl": qq.get("ppl"),
                         "kl": qq.get("kl"), "top1": qq.get("top1"),
-                        "tokens": None if steps is None else steps * a.batch_size * a.seq_len, "s": r.get("seconds")})
+                        "tokens": None if steps is None else steps * a.convert_batch_size * a.seq_len,
+                        "s": r.get("seconds")})
         print(format_table(out, [("row", "conversion"), ("bpw", "bits/w", ".3f"), ("mb", "size MB", ".1f"),
                                  ("ppl", "ppl", ".2f"), ("kl", "KL", ".4f"), ("top1", "top-1 %", ".1f"),
                                  ("tokens", "train tokens", ",d"), ("s", "wall s", ".0f")], markdown=a.markdown))
