@@ -21,9 +21,11 @@ LIB = kb.library()
 pytestmark = pytest.mark.skipif(LIB is None, reason="native kernels not built (no C compiler at install)")
 PATHS = LIB.paths if LIB is not None else ()
 
-# (out N, in K): K = 1, odd, not a multiple of 8 / 64 / 128, and above 8 AVX2 chunks of 2-bit
-# (1024 columns) and of 1-bit (2048) codes, where the int16 sums are widened mid-row
-SHAPES = [(3, 1), (5, 7), (13, 72), (9, 200), (6, 576), (11, 1030), (4, 2100)]
+# (out N, in K): K = 1, odd, not a multiple of 8 / 64 / 128, above 8 AVX2 chunks of 2-bit
+# (1024 columns) and of 1-bit (2048) codes, where the int16 sums are widened mid-row; on AVX-512
+# VNNI, rows tiled by 32-byte chunks (most K here) and by 64-byte ones (K = 1000 and 1536 in both
+# bit widths, K = 200 in 2 bits)
+SHAPES = [(3, 1), (5, 7), (13, 72), (9, 200), (6, 576), (7, 1000), (11, 1030), (5, 1536), (4, 2100)]
 
 
 def test_library_is_built_whenever_the_other_kernels_are():

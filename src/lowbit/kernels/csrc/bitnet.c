@@ -29,13 +29,21 @@
  * byte k; 1-bit codes: code 8k + j at bit j of byte k.
  *
  * SIMD layout. The weight loop never unpacks codes into column order: a vector of V weight
- * bytes (V = 64 on AVX-512, 32 on AVX2) shifted right by j*b bits and masked holds, in byte i,
- * the code of column (c*V + i)*S + j (S = 8/b codes a byte, c the chunk). Each token's int8
- * codes are permuted once into that order (chunk c, stream j, byte i), so the weight loop is:
- * load, shift, mask, dot -- vpdpbusd (u8 x s8 -> int32) on AVX-512 VNNI; vpmaddubsw (int16,
- * cannot saturate: |u q| <= 3 * 127 per byte) summed in int16 over at most 8 chunks then vpmaddwd
- * on AVX2. Four weight rows share each activation load. Columns past K hold zero activations, so
- * the bytes past a row's end in its last chunk (the next row's, or masked off) add nothing.
+ * bytes (chunk c of a row) shifted right by j*b bits and masked holds, in byte i, the code of
+ * column (c*V + i)*S + j (S = 8/b codes a byte: "stream" j). Each token's int8 codes are
+ * permuted once into that order (chunk c, stream j, byte i; permute_*), so the weight loop is
+ * load, shift, mask, dot:
+ *   AVX-512 VNNI  vpdpbusd (u8 x s8 -> int32). V = 64, or 32 (ymm, AVX-512 VL) when that leaves
+ *                 less of a row's last chunk empty (K = 576: 144-byte rows). Shifts share a port
+ *                 with vpdpbusd, so a vector is shifted once (its high nibble) and its codes are
+ *                 masked in place: 2-bit masks 3 and 12 give u and 4u (two accumulators, the
+ *                 second shifted back once per row), 1-bit masks 1, 2, 4, 8 give 2^e u (four).
+ *   AVX2          V = 32; vpmaddubsw (u8 x s8 pair sums in int16: |u q| <= 3 * 127, no
+ *                 saturation) summed in int16 over at most BN_FLUSH chunks, then vpmaddwd.
+ *   scalar        the natural column order, byte by byte.
+ * Four weight rows share each activation load and one joint horizontal sum. Columns past K hold
+ * zero activations, so the bytes past a row's end in its last chunk (masked off, or the next
+ * row's) add nothing. The weight rows are prefetched BN_PREFETCH bytes ahead.
  *
  * Threads (OpenMP, at most nthreads): output rows are split over threads (whole activation rows
  * when the layer has fewer row quads than threads); a layer under g_min_parallel_bytes of weights
@@ -82,7 +90,13 @@ LB_ISA_EXPORTS(bitnet, LB_PATH(LB_ISA_SCALAR) | LB_PATH(LB_ISA_AVX2) | LB_PATH(L
 void lb_bitnet_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; }
 
 #define BN_EPS 1e-5f          /* gamma's lower bound (lowbit.formats.bitnet.EPS) */
-#define BN_MAX_K (1 << 23)    /* 2 * 127 * K < 2^31: the int32 sums cannot overflow */
+#define BN_MAX_K (1 << 21)    /* 2 * 127 * K < 2^31, and 8 * 127 * K / 4 (VNNI's 8-scaled 1-bit sums) */
+#ifndef BN_PREFETCH
+/* Software prefetch distance in the weight rows (bytes; 0: none). Measured on a 2048 x 5632
+ * b1.58 layer (2.9 MB: weights from L3), one thread, AVX-512 VNNI: 1.3-1.4x faster with 4 KiB
+ * than without; no change on layers whose weights stay in L2. */
+#define BN_PREFETCH 4096
+#endif
 #define BN_FLUSH 8            /* AVX2: chunks summed in int16 before widening (8 * 4 * 2 * 3 * 127 < 2^15) */
 
 /* grow-only scratch: the caller's per-call data, and each thread's per-token buffers */
@@ -407,7 +421,10 @@ static int setup(const lb_bitnet_weight* w, int64_t M, bn_call* A) {
     A->isa = lb_bitnet_isa();
     A->bits = w->bits;
     A->S = 8 / w->bits;
-    A->V = A->isa == LB_ISA_AVX512VNNI ? 64 : (A->isa == LB_ISA_AVX2 ? 32 : rb);
+    if (A->isa == LB_ISA_AVX512VNNI) /* 64-byte chunks, unless 32-byte ones leave less of the last one empty */
+        A->V = (rb + 63) / 64 * 64 <= (rb + 31) / 32 * 32 ? 64 : 32;
+    else
+        A->V = A->isa == LB_ISA_AVX2 ? 32 : rb;
     A->NC = (rb + A->V - 1) / A->V;
     A->Kp = A->NC * A->V * A->S;
     A->last = rb - (A->NC - 1) * A->V;
@@ -437,7 +454,11 @@ static int token_buffers(const bn_call* A, int64_t K, float** xs, int8_t** q) {
 /* natural codes of one token -> its slot of A->xp */
 static void place(const bn_call* A, const int8_t* q, int8_t* dst) {
 #if LB_X86
-    if (A->isa == LB_ISA_AVX512VNNI) { permute_vnni(q, A->NC, A->S, dst); return; }
+    if (A->isa == LB_ISA_AVX512VNNI) {
+        if (A->V == 64) permute_vnni(q, A->NC, A->S, dst);
+        else permute_avx2(q, A->NC, A->S, dst);
+        return;
+    }
     if (A->isa == LB_ISA_AVX2) { permute_avx2(q, A->NC, A->S, dst); return; }
 #endif
     memcpy(dst, q, (size_t)A->Kp);
@@ -505,31 +526,125 @@ static void dot_scalar(const uint8_t* row, int64_t rb, const int8_t* q, int bits
 }
 
 #if LB_X86
-/* AVX-512 VNNI: 64-byte chunks; two accumulators a row (alternate streams) */
-TV_INLINE void dot_vnni(const uint8_t* const* p, const int8_t* xp, const bn_call* A, const int RB, const int BITS,
-                        int32_t* D) {
-    const int S = 8 / BITS;
-    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
-    __m512i acc0[4], acc1[4];
-    for (int i = 0; i < RB; i++) acc0[i] = acc1[i] = _mm512_setzero_si512();
-    const int64_t NC = A->NC;
-    const __mmask64 km = A->last >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << A->last) - 1);
-    for (int64_t c = 0; c < NC; c++) {
-        const int8_t* a = xp + c * S * 64;
-        __m512i x[8];
-        for (int j = 0; j < S; j++) x[j] = _mm512_loadu_si512(a + j * 64);
-        for (int i = 0; i < RB; i++) {
-            const __m512i wv = c + 1 < NC ? _mm512_loadu_si512(p[i] + c * 64) : _mm512_maskz_loadu_epi8(km, p[i] + c * 64);
-            for (int j = 0; j < S; j += 2) {
-                const __m512i u0 = _mm512_and_si512(j ? _mm512_srli_epi16(wv, j * BITS) : wv, mask);
-                const __m512i u1 = _mm512_and_si512(_mm512_srli_epi16(wv, (j + 1) * BITS), mask);
-                acc0[i] = _mm512_dpbusd_epi32(acc0[i], u0, x[j]);
-                acc1[i] = _mm512_dpbusd_epi32(acc1[i], u1, x[j + 1]);
-            }
+/* AVX-512 VNNI. Shifts compete with vpdpbusd for the same port, so each weight vector is
+ * shifted once (its high nibble) and its codes are masked in place: for 2-bit codes the masks 3
+ * and 12 give u and 4u, summed into two accumulators (D_lo and 4 D_hi); for 1-bit codes the masks
+ * 1, 2, 4, 8 give 2^e u, four accumulators. Each is shifted back (exact) once per row. */
+TV_INLINE __m128i hsum4_512(__m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v0, v1), _mm512_unpackhi_epi32(v0, v1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v2, v3), _mm512_unpackhi_epi32(v2, v3));
+    const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+TV_INLINE __m128i hsum4_256(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v0, v1), _mm256_unpackhi_epi32(v0, v1));
+    const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v2, v3), _mm256_unpackhi_epi32(v2, v3));
+    const __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+    return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+
+#define NACC(BITS) ((BITS) == 2 ? 2 : 4)
+
+/* one 64-byte chunk of RB rows (weights wv) against the token's streams at a */
+TV_INLINE void chunk512(__m512i (*acc)[4], const __m512i* wv, const int8_t* a, const __m512i* mk, const int RB,
+                        const int BITS) {
+    const int NA = NACC(BITS);
+    for (int i = 0; i < RB; i++) {
+        const __m512i hi = _mm512_srli_epi16(wv[i], 4);
+        for (int e = 0; e < NA; e++) {
+            acc[i][e] = _mm512_dpbusd_epi32(acc[i][e], _mm512_and_si512(wv[i], mk[e]), _mm512_loadu_si512(a + e * 64));
+            acc[i][e] = _mm512_dpbusd_epi32(acc[i][e], _mm512_and_si512(hi, mk[e]), _mm512_loadu_si512(a + (e + NA) * 64));
         }
     }
-    for (int i = 0; i < RB; i++) D[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0[i], acc1[i]));
 }
+
+TV_INLINE void dot_vnni512(const uint8_t* const* p, const int8_t* xp, const bn_call* A, const int RB, const int BITS,
+                           int32_t* D) {
+    const int S = 8 / BITS, NA = NACC(BITS);
+    __m512i mk[4], acc[4][4], wv[4];
+    for (int e = 0; e < NA; e++) mk[e] = _mm512_set1_epi8((char)(((1 << BITS) - 1) << (e * BITS)));
+    for (int i = 0; i < RB; i++)
+        for (int e = 0; e < NA; e++) acc[i][e] = _mm512_setzero_si512();
+    const int64_t NC = A->NC;
+    int64_t c = 0;
+    for (; c + 1 < NC; c++) {
+        for (int i = 0; i < RB; i++) {
+#if BN_PREFETCH
+            _mm_prefetch((const char*)(p[i] + c * 64 + BN_PREFETCH), _MM_HINT_T0);
+#endif
+            wv[i] = _mm512_loadu_si512(p[i] + c * 64);
+        }
+        chunk512(acc, wv, xp + c * S * 64, mk, RB, BITS);
+    }
+    const __mmask64 km = A->last >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << A->last) - 1);
+    for (int i = 0; i < RB; i++) wv[i] = _mm512_maskz_loadu_epi8(km, p[i] + c * 64);
+    chunk512(acc, wv, xp + c * S * 64, mk, RB, BITS);
+    __m512i v[4];
+    for (int i = 0; i < RB; i++) {
+        v[i] = acc[i][0];
+        for (int e = 1; e < NA; e++) v[i] = _mm512_add_epi32(v[i], _mm512_srai_epi32(acc[i][e], e * BITS));
+    }
+    if (RB == 4) {
+        _mm_storeu_si128((__m128i*)D, hsum4_512(v[0], v[1], v[2], v[3]));
+    } else {
+        for (int i = 0; i < RB; i++) D[i] = _mm512_reduce_add_epi32(v[i]);
+    }
+}
+
+TV_INLINE void chunk256(__m256i (*acc)[4], const __m256i* wv, const int8_t* a, const __m256i* mk, const int RB,
+                        const int BITS) {
+    const int NA = NACC(BITS);
+    for (int i = 0; i < RB; i++) {
+        const __m256i hi = _mm256_srli_epi16(wv[i], 4);
+        for (int e = 0; e < NA; e++) {
+            acc[i][e] = _mm256_dpbusd_epi32(acc[i][e], _mm256_and_si256(wv[i], mk[e]),
+                                            _mm256_loadu_si256((const __m256i*)(a + e * 32)));
+            acc[i][e] = _mm256_dpbusd_epi32(acc[i][e], _mm256_and_si256(hi, mk[e]),
+                                            _mm256_loadu_si256((const __m256i*)(a + (e + NA) * 32)));
+        }
+    }
+}
+
+TV_INLINE void dot_vnni256(const uint8_t* const* p, const int8_t* xp, const bn_call* A, const int RB, const int BITS,
+                           int32_t* D) {
+    const int S = 8 / BITS, NA = NACC(BITS);
+    __m256i mk[4], acc[4][4], wv[4];
+    for (int e = 0; e < NA; e++) mk[e] = _mm256_set1_epi8((char)(((1 << BITS) - 1) << (e * BITS)));
+    for (int i = 0; i < RB; i++)
+        for (int e = 0; e < NA; e++) acc[i][e] = _mm256_setzero_si256();
+    const int64_t NC = A->NC;
+    int64_t c = 0;
+    for (; c + 1 < NC; c++) {
+        for (int i = 0; i < RB; i++) {
+#if BN_PREFETCH
+            if (!(c & 1)) _mm_prefetch((const char*)(p[i] + c * 32 + BN_PREFETCH), _MM_HINT_T0);
+#endif
+            wv[i] = _mm256_loadu_si256((const __m256i*)(p[i] + c * 32));
+        }
+        chunk256(acc, wv, xp + c * S * 32, mk, RB, BITS);
+    }
+    const __mmask32 km = A->last >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << A->last) - 1);
+    for (int i = 0; i < RB; i++) wv[i] = _mm256_maskz_loadu_epi8(km, p[i] + c * 32);
+    chunk256(acc, wv, xp + c * S * 32, mk, RB, BITS);
+    __m256i v[4];
+    for (int i = 0; i < RB; i++) {
+        v[i] = acc[i][0];
+        for (int e = 1; e < NA; e++) v[i] = _mm256_add_epi32(v[i], _mm256_srai_epi32(acc[i][e], e * BITS));
+    }
+    if (RB == 4) {
+        _mm_storeu_si128((__m128i*)D, hsum4_256(v[0], v[1], v[2], v[3]));
+    } else {
+        for (int i = 0; i < RB; i++) {
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v[i]), _mm256_extracti128_si256(v[i], 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            D[i] = _mm_cvtsi128_si32(s4);
+        }
+    }
+}
+
 
 /* AVX2: 32-byte chunks; int16 sums over BN_FLUSH chunks, then widened with vpmaddwd */
 T2_INLINE __m256i load_last32(const uint8_t* p, int64_t n, int full) {
@@ -539,33 +654,46 @@ T2_INLINE __m256i load_last32(const uint8_t* p, int64_t n, int full) {
     return _mm256_loadu_si256((const __m256i*)t);
 }
 
+T2_INLINE void chunk_avx2(__m256i* a16, const __m256i* wv, const int8_t* a, const int RB, const int BITS) {
+    const int S = 8 / BITS;
+    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    for (int i = 0; i < RB; i++) {
+        __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(wv[i], mask), _mm256_loadu_si256((const __m256i*)a));
+        for (int j = 1; j < S; j++) {
+            const __m256i u = _mm256_and_si256(_mm256_srli_epi16(wv[i], j * BITS), mask);
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)(a + j * 32))));
+        }
+        a16[i] = _mm256_add_epi16(a16[i], s);
+    }
+}
+
 T2_INLINE void dot_avx2(const uint8_t* const* p, const int8_t* xp, const bn_call* A, const int RB, const int BITS,
                         int safe, int32_t* D) {
     const int S = 8 / BITS;
-    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1)), ones = _mm256_set1_epi16(1);
-    __m256i acc[4], a16[4];
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4], a16[4], wv[4];
     for (int i = 0; i < RB; i++) acc[i] = a16[i] = _mm256_setzero_si256();
     const int64_t NC = A->NC;
-    for (int64_t c = 0; c < NC; c++) {
-        const int8_t* a = xp + c * S * 32;
+    int64_t c = 0;
+    for (; c + 1 < NC; c++) {
         for (int i = 0; i < RB; i++) {
-            const __m256i wv = c + 1 < NC ? _mm256_loadu_si256((const __m256i*)(p[i] + c * 32))
-                                          : load_last32(p[i] + c * 32, A->last, safe);
-            __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(wv, mask), _mm256_loadu_si256((const __m256i*)a));
-            for (int j = 1; j < S; j++) {
-                const __m256i u = _mm256_and_si256(_mm256_srli_epi16(wv, j * BITS), mask);
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i*)(a + j * 32))));
-            }
-            a16[i] = _mm256_add_epi16(a16[i], s);
+#if BN_PREFETCH
+            if (!(c & 1)) _mm_prefetch((const char*)(p[i] + c * 32 + BN_PREFETCH), _MM_HINT_T0);
+#endif
+            wv[i] = _mm256_loadu_si256((const __m256i*)(p[i] + c * 32));
         }
-        if ((c + 1) % BN_FLUSH == 0 || c + 1 == NC)
+        chunk_avx2(a16, wv, xp + c * S * 32, RB, BITS);
+        if ((c + 1) % BN_FLUSH == 0)
             for (int i = 0; i < RB; i++) {
                 acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(a16[i], ones));
                 a16[i] = _mm256_setzero_si256();
             }
     }
+    for (int i = 0; i < RB; i++) wv[i] = load_last32(p[i] + c * 32, A->last, safe);
+    chunk_avx2(a16, wv, xp + c * S * 32, RB, BITS);
     for (int i = 0; i < RB; i++) {
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc[i]), _mm256_extracti128_si256(acc[i], 1));
+        const __m256i v = _mm256_add_epi32(acc[i], _mm256_madd_epi16(a16[i], ones));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
         D[i] = _mm_cvtsi128_si32(s4);
@@ -626,10 +754,13 @@ static inline void finish(const bn_out* o, int64_t r, int64_t m, int32_t d) {
     }
 
 #if LB_X86
-#define DOT_VNNI(p, xp, A, RB, BITS, D) dot_vnni(p, xp, A, RB, BITS, D)
+#define DOT_VNNI512(p, xp, A, RB, BITS, D) dot_vnni512(p, xp, A, RB, BITS, D)
+#define DOT_VNNI256(p, xp, A, RB, BITS, D) dot_vnni256(p, xp, A, RB, BITS, D)
 #define DOT_AVX2(p, xp, A, RB, BITS, D) dot_avx2(p, xp, A, RB, BITS, safe, D)
-ROWS_FN(rows_vnni_2, TV, DOT_VNNI, 2)
-ROWS_FN(rows_vnni_1, TV, DOT_VNNI, 1)
+ROWS_FN(rows_vnni512_2, TV, DOT_VNNI512, 2)
+ROWS_FN(rows_vnni512_1, TV, DOT_VNNI512, 1)
+ROWS_FN(rows_vnni256_2, TV, DOT_VNNI256, 2)
+ROWS_FN(rows_vnni256_1, TV, DOT_VNNI256, 1)
 ROWS_FN(rows_avx2_2, T2, DOT_AVX2, 2)
 ROWS_FN(rows_avx2_1, T2, DOT_AVX2, 1)
 #endif
@@ -652,7 +783,8 @@ static void product(const bn_out* o, int nthreads) {
     const int64_t N = o->w->N, M = A->M;
     rows_fn fn = rows_scalar;
 #if LB_X86
-    if (A->isa == LB_ISA_AVX512VNNI) fn = A->bits == 2 ? rows_vnni_2 : rows_vnni_1;
+    if (A->isa == LB_ISA_AVX512VNNI && A->V == 64) fn = A->bits == 2 ? rows_vnni512_2 : rows_vnni512_1;
+    else if (A->isa == LB_ISA_AVX512VNNI) fn = A->bits == 2 ? rows_vnni256_2 : rows_vnni256_1;
     else if (A->isa == LB_ISA_AVX2) fn = A->bits == 2 ? rows_avx2_2 : rows_avx2_1;
 #endif
     const int64_t wbytes = N * o->w->row_bytes * (M < 8 ? 1 : M / 8);
