@@ -815,6 +815,7 @@ static int prep_tokens(const lb_bitnet_weight* w, const bn_call* A, const float*
     const int64_t M = A->M, K = w->K;
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > M) nt = (int)M;
+    if (M * K < 32768) nt = 1; /* a few small tokens: waking threads costs more than it saves */
     int bad = 0;
     if (nt <= 1) {
         for (int64_t m = 0; m < M && !bad; m++) bad = prep_token(w, A, x + m * K, m, gamma_out, codes_out);
