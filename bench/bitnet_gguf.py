@@ -50,7 +50,10 @@ from lowbit import api
 from lowbit.cli import quiet_transformers
 from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 from lowbit.eval.report import format_table
+from lowbit.errors import LowbitError
 from lowbit.export.gguf import export_gguf
+
+DEFAULT_MODEL = "smollm2-135m"
 
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
@@ -185,7 +188,7 @@ def bitnet_model(args, log):
         return q, f"checkpoint {Path(args.checkpoint).name} (method {method}, {n} BitNet layers)"
     from lowbit.nn.bitlinear import convert
 
-    q = api.load(args.model, dtype="float32")
+    q = api.load(args.model or DEFAULT_MODEL, dtype="float32")
     t0 = time.perf_counter()
     layers = convert(q.model, 1.58, norm=False)
     for name, bl in layers.items():
@@ -196,7 +199,8 @@ def bitnet_model(args, log):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", help="the float model (default: smollm2-135m)")
+    ap.add_argument("--model", default=None,
+                    help="the float model (default: the checkpoint's original, else smollm2-135m)")
     ap.add_argument("--checkpoint", metavar="DIR", help="a trained BitNet checkpoint instead of the untrained conversion")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128, help="held-out tokens scored (default: 128)")
@@ -230,34 +234,41 @@ def main() -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t_all:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    m = api.load(args.model, dtype="float32")
     q, what = bitnet_model(args, log)
+    spec = args.model
+    if spec is None and args.checkpoint:
+        try:
+            spec = api.base_spec(q)  # the checkpoint's original
+        except LowbitError as e:  # e.g. trained from scratch: no original to compare with
+            log(f"{e}; comparing with {DEFAULT_MODEL}")
+    m = api.load(spec or DEFAULT_MODEL, dtype="float32")
     rep_b = export_gguf(q, work / "bitnet-TQ2_0.gguf", "TQ2_0", force=True)
     log(f"exported the BitNet model: {rep_b.types} in {rep_b.seconds:.1f} s")
     rep_f = export_gguf(m, work / "float-Q4_0.gguf", "Q4_0", force=True)
     log(f"exported the float model: {rep_f.types} in {rep_f.seconds:.1f} s")
 
-    tokens = eval_tokens(m.tokenizer, load_text("evaluation"))
-    bos = default_bos_id(m.tokenizer)
-    ids = ([bos] if bos is not None else []) + tokens[: args.tokens].tolist()
-    prompt = ids[:8]
+    def held_out(tok) -> list[int]:
+        bos = default_bos_id(tok)
+        return ([bos] if bos is not None else []) + eval_tokens(tok, load_text("evaluation"))[: args.tokens].tolist()
+
+    ids_b, ids_f = held_out(q.tokenizer), held_out(m.tokenizer)  # the same text; the same ids unless the tokenizers differ
     with torch.no_grad():
-        ref_b = q.model(torch.tensor([ids])).logits[0].float()
-        ref_f = m.model(torch.tensor([ids])).logits[0].float()
-    log(f"lowbit's logits on {len(ids)} tokens done")
+        ref_b = q.model(torch.tensor([ids_b])).logits[0].float()
+        ref_f = m.model(torch.tensor([ids_f])).logits[0].float()
+    log(f"lowbit's logits on {len(ids_b)} tokens done")
 
     # the BitNet weights with float activations: how much BitNet's int8 activations alone move the logits
     fa = float_activation_twin(q.model)
     with torch.no_grad():
-        ref_fa = fa(torch.tensor([ids])).logits[0].float()
+        ref_fa = fa(torch.tensor([ids_b])).logits[0].float()
     del fa
 
-    variants = [(f"BitNet: {what}", rep_b, ref_b, "lowbit packed BitNet (torch)"),
-                (f"float {m.name} Q4_0", rep_f, ref_f, "float model (torch)")]
-    paths = [Path(rep.path) for _, rep, _, _ in variants]
-    speeds = {th: decode_speeds(paths, prompt, args.decode, th, args.repeats, extra) for th in args.decode_threads}
+    variants = [(f"BitNet: {what}", rep_b, ref_b, ids_b, "lowbit packed BitNet (torch)"),
+                (f"float {m.name} Q4_0", rep_f, ref_f, ids_f, "float model (torch)")]
+    paths = [Path(rep.path) for _, rep, _, _, _ in variants]
+    speeds = {th: decode_speeds(paths, ids_b[:8], args.decode, th, args.repeats, extra) for th in args.decode_threads}
     rows = []
-    for i, (name, rep, ref, vs) in enumerate(variants):
+    for i, (name, rep, ref, ids, vs) in enumerate(variants):
         got = llama_logits(paths[i], ids, args.threads, extra)
         c = compare(ref, got, ids)
         types = ", ".join(f"{k} x{v}" for k, v in rep.types.items())
@@ -267,10 +278,11 @@ def main() -> int:
         log(f"{name}: {', '.join(f'{speeds[th][i]:.1f} tok/s at {th} threads' for th in args.decode_threads)}, "
             f"KL {c['kl']:.4g}, top-1 {c['top1']:.1f} %")
     rows.append(dict(variant="BitNet weights, float activations", runs="torch", types="",
-                     vs="lowbit packed BitNet (torch)", **compare(ref_b, ref_fa, ids)))
+                     vs="lowbit packed BitNet (torch)", **compare(ref_b, ref_fa, ids_b)))
     # how far the BitNet model is from the float one: the quality it starts from
-    rows.append(dict(variant="lowbit packed BitNet", runs="torch", types="", vs="float model (torch)",
-                     **compare(ref_f, ref_b, ids)))
+    if ids_b == ids_f and ref_b.shape == ref_f.shape:
+        rows.append(dict(variant="lowbit packed BitNet", runs="torch", types="", vs="float model (torch)",
+                         **compare(ref_f, ref_b, ids_f)))
 
     cols = ([("variant", "variant"), ("runs", "runs in"), ("mb", "file MB", ".1f"), ("types", "GGUF types (tensors)")]
             + [(f"tps{th}", f"decode tok/s {th}T", ".1f") for th in args.decode_threads]
@@ -281,7 +293,7 @@ def main() -> int:
     print(f"llama.cpp {getattr(llama_cpp, '__version__', '?')}: {sysinfo}; extra buffer types (AMX/repack) "
           f"{'on' if extra else 'off'}; decode: batch 1, {args.decode} tokens, best of {args.repeats}, files in "
           f"turn, at {' and '.join(str(th) for th in args.decode_threads)} threads (columns nT); "
-          f"{len(ids)} held-out tokens scored ({args.threads} threads)")
+          f"{len(ids_b)} held-out tokens scored ({args.threads} threads)")
     print(format_table(rows, cols, markdown=args.markdown))
     tern = {}
     for t in rep_b.ternary.values():
