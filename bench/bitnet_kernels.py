@@ -19,6 +19,10 @@ compares numbers measured in the same seconds; each time is the median over the 
 stay in cache (one layer called over and over). The table is printed twice: with the kernels'
 best instruction set, and with every lowbit library used here capped to AVX2
 (`NativeLibrary.isa_capped`), the path of CPUs without AVX-512.
+
+On a machine other work keeps busy, pass ``--threads 1``: a multi-threaded call waits for its
+slowest thread, and a thread the scheduler has put aside costs milliseconds, which swamps the
+kernels (measured with 2 threads at load average 4.9 on 2 cores: every call ~6 ms).
 """
 
 from __future__ import annotations
