@@ -432,6 +432,7 @@ static int setup(const lb_bitnet_weight* w, int64_t M, bn_call* A) {
     A->safe_rows = N * rb - A->NC * A->V < 0 ? 0 : (N * rb - A->NC * A->V) / rb + 1;
     if (A->safe_rows > N) A->safe_rows = N;
     A->M = M;
+    if (M == 0) return 0;
     const size_t off_q = 0, off_s = off_q + PAD64((size_t)(M * A->Kp)), off_f = off_s + PAD64((size_t)M * 4),
                  total = off_f + PAD64((size_t)M * 4);
     uint8_t* base = (uint8_t*)grow(&t_call, &t_call_n, total);
