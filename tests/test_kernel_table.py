@@ -60,13 +60,20 @@ def _aqlm(shape=(24, 64)):
                                  torch.randn(2, 256, 8, generator=g), torch.rand(shape[0], generator=g), shape)
 
 
+def _bitnet(shape=(24, 64)):
+    from lowbit.formats.bitnet import BitNetWeight
+
+    g = torch.Generator().manual_seed(6)
+    return BitNetWeight.from_codes(torch.randint(-1, 2, shape, generator=g).float(), torch.tensor(0.05))
+
+
 @pytest.mark.skipif(not (cpu.available() and a8.available()), reason="native kernels not built")
 def test_c_entries_resolve_and_match_their_python_entries():
-    samples = {"affine": _affine, "ternary": _ternary, "e8p": _e8p, "aqlm": _aqlm}
+    samples = {"affine": _affine, "ternary": _ternary, "e8p": _e8p, "aqlm": _aqlm, "bitnet": _bitnet}
     rows = [k for k in kernels.KERNELS.values() if k.symbol is not None]
     assert {(k.format, k.activations) for k in rows} == {("affine", "float"), ("affine", "int8"), ("ternary", "float"),
                                                          ("e8p", "float"), ("aqlm", "float"),
-                                                         ("e8p", "int8"), ("aqlm", "int8")}
+                                                         ("e8p", "int8"), ("aqlm", "int8"), ("bitnet", "int8")}
     fn_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int)
     for k in rows:
