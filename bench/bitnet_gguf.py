@@ -34,7 +34,6 @@ Runs under the benchmark lock (/tmp/lowbit-bench.lock) so benchmarks never overl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import fcntl
 import os
@@ -52,6 +51,7 @@ from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 from lowbit.eval.report import format_table
 from lowbit.errors import LowbitError
 from lowbit.export.gguf import export_gguf
+from lowbit.integrations import llama_cpp as LC
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -77,39 +77,9 @@ def cpu_header(threads: int) -> str:
     return f"CPU: {model} ({os.cpu_count()} logical CPUs); ISA: {isa}; threads: {threads}; load average: {load}"
 
 
-def has_amx() -> bool:
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def extra_buffer_types(on: bool):
-    """llama-cpp-python has no argument for llama.cpp's ``use_extra_bufts``: set it on the default
-    model parameters while a model is being loaded."""
-    import llama_cpp.llama as L
-
-    orig = L.llama_cpp.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = on
-        return p
-
-    L.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        L.llama_cpp.llama_model_default_params = orig
-
-
 def load_llama(path: Path, n_ctx: int, threads: int, logits_all: bool, extra: bool):
-    import llama_cpp
-
-    with extra_buffer_types(extra):
-        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, verbose=False,
-                               n_threads=threads, n_threads_batch=threads)
+    return LC.load(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, logits_all=logits_all,
+                   extra_buffer_types=extra)
 
 
 def decode_speeds(paths: list[Path], prompt: list[int], n_new: int, threads: int, repeats: int,
@@ -221,7 +191,7 @@ def main() -> int:
         return 2
     if args.decode_threads is None:
         args.decode_threads = sorted({args.threads, 1}, reverse=True)
-    extra = args.extra_bufts == "on" or (args.extra_bufts == "auto" and not has_amx())
+    extra = LC.use_extra_buffer_types({"on": True, "off": False}.get(args.extra_bufts))
 
     lock = open("/tmp/lowbit-bench.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -68,13 +68,13 @@ def llama_worker(spec: dict) -> None:
     """Child process: load one GGUF, then time one run (prefill + greedy decode) per "run" line
     read from stdin, answering each with a JSON line."""
     import numpy as np
-    from llama_cpp import Llama
+
+    from lowbit.integrations import llama_cpp as LC
 
     threads = spec["threads"]
     prompt = spec["prompt"]
     n_new = spec["new_tokens"]
-    llm = Llama(model_path=spec["path"], n_ctx=len(prompt) + n_new + 8, n_batch=max(512, len(prompt)),
-                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    llm = LC.load(spec["path"], n_ctx=len(prompt) + n_new + 8, n_batch=max(512, len(prompt)), n_threads=threads)
     n_vocab = llm.n_vocab()
 
     def last_argmax() -> int:

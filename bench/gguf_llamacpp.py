@@ -39,6 +39,7 @@ from lowbit.data.texts import default_bos_id, eval_tokens, load_text
 from lowbit.eval.quality import PplProtocol, evaluate_quality
 from lowbit.eval.report import format_table
 from lowbit.export.gguf import collect_imatrix, export_gguf
+from lowbit.integrations import llama_cpp as LC
 
 PROMPT = "It was a bright cold day in April, and"
 LLAMA_FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q3_K_M": 12, "Q8_0": 7}
@@ -50,10 +51,7 @@ class LlamaCppLM:
     training = False
 
     def __init__(self, path: Path, n_ctx: int, threads: int):
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                                   n_threads=threads, n_threads_batch=threads)
+        self.llm = LC.load(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, logits_all=True)
         self.seconds = 0.0
         self.tokens = 0
 

@@ -14,7 +14,6 @@ The model: a tiny llama with hidden 320 and MLP 512 (4 heads of 64), so that q/k
 (input 320) take the Q4_0 fallback and o (input 256) and down (input 512) the ternary types.
 """
 
-import contextlib
 import datetime as dt
 
 import numpy as np
@@ -30,6 +29,7 @@ from lowbit.export import gguf as GW  # noqa: E402
 from lowbit.export import gguf_quants as G  # noqa: E402
 from lowbit.export.gguf_read import read_gguf, read_metadata  # noqa: E402
 from lowbit.formats.bitnet import BitNetWeight  # noqa: E402
+from lowbit.integrations import llama_cpp as LC  # noqa: E402
 from lowbit.models.tiny import save_tiny  # noqa: E402
 from lowbit.nn.bitlinear import convert  # noqa: E402
 from lowbit.nn.linear import QuantizedLinear  # noqa: E402
@@ -164,27 +164,6 @@ def test_cli_reports_the_bitnet_layers(ternary, tmp_path, capsys):
 
 
 # -- llama.cpp -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_extra_buffer_types(llama_cpp):
-    """Load models with llama.cpp's extra CPU buffer types (AMX, weight repacking) off: the AMX
-    path of a llama.cpp built natively on an AMX machine was seen to crash (SIGSEGV in
-    ggml_backend_amx_mul_mat) on these tiny shapes. TQ types never use them."""
-    import llama_cpp.llama as L
-
-    orig = L.llama_cpp.llama_model_default_params
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    L.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        L.llama_cpp.llama_model_default_params = orig
-
-
 def _kl_top1(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
     lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
@@ -202,14 +181,13 @@ def test_llama_cpp_runs_the_bitnet_file_close_to_lowbit(which, request, tmp_path
     of lowbit's model against the same weights with float activations (1.9e-3 to 2.6e-3); top-1
     agreement 0.84-1.0. The same file with q/k rows left in HF's rotary order (a layout error)
     gives KL 1.4-1.9 and top-1 <= 0.22. Bounds: KL mean < 0.02, top-1 >= 0.75."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     m = request.getfixturevalue(which)
     rep = GW.export_gguf(m, tmp_path / "b.gguf")
     ids = torch.randint(0, 259, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = m.model(ids).logits[0]
-    with _no_extra_buffer_types(llama_cpp):
-        llm = llama_cpp.Llama(rep.path, n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm = LC.load(rep.path, n_ctx=64, n_threads=1, logits_all=True)
     try:
         llm.eval(ids[0].tolist())
         got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))

@@ -29,6 +29,7 @@ from lowbit.export import gguf as GW  # noqa: E402
 from lowbit.export import gguf_imatrix as GI  # noqa: E402
 from lowbit.export import gguf_quants as G  # noqa: E402
 from lowbit.export.gguf_read import read_gguf, read_metadata  # noqa: E402
+from lowbit.integrations import llama_cpp as LC  # noqa: E402
 from lowbit.models.tiny import save_tiny  # noqa: E402
 
 CALIB = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -431,10 +432,10 @@ def test_gemma3_round_trip(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf", dtype=torch.float32)
     torch.testing.assert_close(_logits(hf, ids), ref, rtol=0, atol=1e-5)
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401
     except ImportError:
         return
-    llm = llama_cpp.Llama(str(tmp_path / "g.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm = LC.load(tmp_path / "g.gguf", n_ctx=64, n_threads=1, logits_all=True)
     llm.eval(ids[0].tolist())
     got = np.array(llm.scores[:40])
     assert float(np.abs(got - ref[0].numpy()).max() / ref.abs().max()) < 3e-3
@@ -448,12 +449,12 @@ def test_gemma3_round_trip(tmp_path):
 def test_llama_cpp_runs_our_tiny_gguf(tiny, tmp_path):
     """llama.cpp loads our F32 and Q8_0 files; its logits agree with the model's; greedy
     generation runs."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
     ref = _logits(tiny.model, ids)[0].numpy()
     for t, tol in (("F32", 1e-3), ("Q8_0", 0.05)):
         GW.export_gguf(tiny, tmp_path / f"{t}.gguf", t)
-        llm = llama_cpp.Llama(str(tmp_path / f"{t}.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+        llm = LC.load(tmp_path / f"{t}.gguf", n_ctx=64, n_threads=1, logits_all=True)
         llm.eval(ids[0].tolist())
         got = np.array(llm.scores[: ids.shape[1]])
         assert float(np.abs(got - ref).max() / np.abs(ref).max()) < tol, t
