@@ -14,6 +14,7 @@ from lowbit.models import files as model_files
 from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
 from lowbit.algorithms.quip import QuIPConfig, quip_quantize
 from lowbit.algorithms.ternary import TernaryConfig, ternary_quantize
+from lowbit.formats.bitnet import BitNetWeight
 from lowbit.formats import available_formats, get_format
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
@@ -86,6 +87,9 @@ CASES = [
     ("aqlm", AQLMWeight.from_codes(torch.randint(0, 16, (6, 5, 2), generator=torch.Generator().manual_seed(0)),
                                    torch.randn(2, 16, 8), torch.rand(6) + 0.5, (6, 40)),
      {"shape", "in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook"}),
+    ("bitnet-b1.58", BitNetWeight.from_float(_W(), 1.58), {"shape", "bits", "norm", "norm_gain", "norm_eps"}),
+    ("bitnet-1bit-norm", BitNetWeight.from_float(_W(), 1, norm=True, norm_weight=torch.rand(40)),
+     {"shape", "bits", "norm", "norm_gain", "norm_eps"}),
 ]
 IDS = [c[0] for c in CASES]
 WEIGHTS = {c[0]: c[1] for c in CASES}

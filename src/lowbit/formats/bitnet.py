@@ -26,7 +26,7 @@ Stored tensors:
   each; 1-bit: u = (W~ + 1) / 2 ∈ {0, 1}, 1 bit each (`lowbit.core.packing` layout: code j of a
   byte at bits j·b)
 * ``scale``        float32 [1]  β
-* ``norm_weight``  float32 [in] the norm's gain g (only when ``norm`` and the layer has a gain)
+* ``norm_weight``  float32 [in] the norm's gain g (stored when ``norm_gain``; needs ``norm``)
 
 Bits per weight: 2 (b1.58) or 1 (1-bit) plus 32/(out·in), plus 32/out for a norm gain. The layer's
 product is *defined* with quantized activations (like dynamic int8's), so the format's own kernel
@@ -106,10 +106,11 @@ def _norm_shape(w):
 class BitNetWeight(WeightFormat, name="bitnet"):
     qweight: Tensor = tensor(torch.uint8, lambda w: (w.shape[0], packing.packed_row_bytes(w.shape[1], code_bits(w.bits))))
     scale: Tensor = tensor(torch.float32, lambda w: (1,), finite=True)
-    norm_weight: Tensor = tensor(torch.float32, _norm_shape, optional=True, finite=True)
+    norm_weight: Tensor = tensor(torch.float32, _norm_shape, when=lambda w: w.norm_gain, finite=True)
     shape: tuple[int, int] = shape_param()
     bits: float = param(1.58, check=check_bits)
     norm: bool = param(False)
+    norm_gain: bool = param(False)
     norm_eps: float = param(NORM_EPS)
 
     # -- construction -----------------------------------------------------------------------
@@ -132,7 +133,8 @@ class BitNetWeight(WeightFormat, name="bitnet"):
         w = cls(qweight=packing.pack(codes.to(torch.uint8), code_bits(bits)),
                 scale=beta.detach().to(torch.float32).reshape(1).contiguous(),
                 norm_weight=None if norm_weight is None else norm_weight.detach().to(torch.float32).contiguous(),
-                shape=(int(Wt.shape[0]), int(Wt.shape[1])), bits=bits, norm=bool(norm), norm_eps=float(norm_eps))
+                shape=(int(Wt.shape[0]), int(Wt.shape[1])), bits=bits, norm=bool(norm),
+                norm_gain=norm_weight is not None, norm_eps=float(norm_eps))
         w.validate()
         return w
 
@@ -165,5 +167,5 @@ class BitNetWeight(WeightFormat, name="bitnet"):
             if bool((((q >> 0) & 3) == 3).any() | (((q >> 2) & 3) == 3).any()
                     | (((q >> 4) & 3) == 3).any() | (((q >> 6) & 3) == 3).any()):
                 raise LowbitError("bitnet qweight holds the invalid 2-bit code 3")
-        if self.norm_weight is not None and not self.norm:
-            raise LowbitError("bitnet norm_weight is stored but norm is off")
+        if self.norm_gain and not self.norm:
+            raise LowbitError("bitnet norm_gain is set but norm is off")
