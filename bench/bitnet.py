@@ -93,10 +93,12 @@ def plot(cv: dict, path: Path, title: str) -> None:
             xs = [t for t, _ in tl][k - 1:]
             ys = [sum(v for _, v in tl[i - k + 1:i + 1]) / k for i in range(k - 1, len(tl))]
             ax1.plot(xs, ys, label=n)
+        ev = [(t, p) for t, p in ev if t > 0]  # the untrained model (ppl ~ the vocabulary) would flatten the rest
         if ev:
             ax2.plot([t for t, _ in ev], [p for _, p in ev], marker="o", ms=3, label=n)
     ax1.set(xlabel="training tokens", ylabel="train loss (CE, running mean)", title="training loss")
-    ax2.set(xlabel="training tokens", ylabel="held-out perplexity", title="held-out perplexity", yscale="log")
+    ax2.set(xlabel="training tokens", ylabel="held-out perplexity", title="held-out perplexity (from the first evaluation)",
+            yscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
