@@ -21,7 +21,9 @@ weight in that type, the output matrix in Q6_K for the quantized ones, as llama.
 mixes Q3_K_M Q4_K_M Q5_K_M (llama.cpp's rules for which tensors get more bits). Rows not a multiple
 of 256 fall back as in llama.cpp (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> IQ4_NL).
 A lowbit quantized checkpoint is exported from its dequantized weights (re-quantized to the GGUF
-type; GGUF cannot hold lowbit's own formats), except BitNet layers: their ternary (or binary)
+type), except where a layer's own codes fit the type: affine layers (GPTQ, RTN, AWQ) whose groups
+are whole blocks of 32 with float16 scales keep their codes in Q8_0 (symmetric up to 8 bits),
+Q5_0 (up to 5), Q4_0 (up to 4), and the summary counts them; and BitNet layers: their ternary (or binary)
 codes and scale are written unchanged as TQ2_0 (TQ1_0 with --type TQ1_0), rows not a multiple of
 256 as Q4_0 holding the same values exactly; --type then sets the other tensors (default Q8_0).
 BitNet layers with their own norm (norm=True) cannot be exported."""
@@ -49,6 +51,16 @@ def _export_gguf(m, args) -> str:
             counts[t] = counts.get(t, 0) + 1
         exact = (f"; {len(rep.ternary)} BitNet layers with their codes and scale unchanged: "
                  + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    if rep.carried or rep.requantized:
+        counts = {}
+        for t in rep.carried.values():
+            counts[t] = counts.get(t, 0) + 1
+        exact += (f"; {len(rep.carried)} quantized layers with their codes and scales unchanged"
+                  + (": " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) if counts else "")
+                  + f", {len(rep.requantized)} re-quantized")
+        if rep.requantized:
+            why = sorted(set(rep.requantized.values()))
+            exact += f" ({why[0]}{f' and {len(why) - 1} more reasons' if len(why) > 1 else ''})"
     return (f"wrote {rep.path}: GGUF {rep.qtype} ({rep.arch}, {rep.n_tensors} tensors: {types}{exact}; "
             f"{rep.bytes / 1e6:.1f} MB; tokenizer {rep.tokenizer}{'; imatrix' if rep.imatrix else ''}; "
             f"{rep.seconds:.1f} s)")

@@ -4,7 +4,8 @@
 
 ``model`` is a `lowbit.api.Model` (or anything with ``.model``, ``.tokenizer`` and ``.source``):
 a float model, or a lowbit quantized checkpoint, whose packed linears are *dequantized* first and
-then re-quantized to the GGUF block types (GGUF cannot store lowbit's formats as they are).
+then re-quantized to the GGUF block types, except where a layer's own codes fit the type it gets
+(below: affine layers in Q8_0 / Q4_0 / Q5_0 / Q4_1 / Q5_1, BitNet layers in TQ2_0 / TQ1_0 / Q4_0).
 
 What goes into the file
 -----------------------
@@ -63,6 +64,24 @@ cannot be written: llama.cpp's graph for these architectures has no norm inside 
 At run time llama.cpp quantizes the activations its own way (Q8_K per 256 values for TQ types,
 Q8_0 per 32 for Q4_0) instead of BitNet's int8 per token, so its output is close to, not equal
 to, lowbit's.
+
+Affine layers (GPTQ, RTN, AWQ, ...): codes written as they are
+--------------------------------------------------------------
+A linear stored as `lowbit.formats.affine.AffineWeight` whose tensor gets a legacy block type
+(from ``qtype``, or from a mix's rules and fallbacks, which are not changed) that can hold its
+grid is written with its own codes and scales (`affine_carry`, `gguf_quants.encode_codes`), so the
+tensor dequantizes to exactly ``AffineWeight.dequantize()`` instead of being quantized a second
+time. That needs: every lowbit group a whole number of 32-blocks (group size a multiple of 32,
+or per channel / per tensor; each block then gets its group's scale as d), float16 scales (float32
+ones that are all float16 values also do), and codes on the type's grid: symmetric codes in
+-128..127 for Q8_0, -16..15 for Q5_0, -8..7 for Q4_0 (full or restricted range; so 4-bit codes also
+fit Q5_0 and Q8_0), asymmetric codes with an integer zero-point as c = u - z where its range fits
+(Q8_0 up to 7 bits, Q5_0 up to 4, Q4_0 up to 3). Q4_1 / Q5_1 (d * u + m) take asymmetric codes u
+(up to 4 / 5 bits) only where m = -d * z is a float16 in every block and the blocks give the
+layer's values bit for bit (checked; with lowbit's zero-points that rarely holds, and the layer
+is then re-quantized). K-quants are never carried (their sub-block scales are themselves quantized).
+Every other affine layer is re-quantized from its dequantized weight; the report lists both
+(``carried``: name -> type, ``requantized``: name -> why). q/k rows are permuted as codes.
 
 Importance matrix
 -----------------
@@ -564,6 +583,106 @@ def ternary_tensors(model) -> dict[str, TernaryTensor]:
     return out
 
 
+
+@dataclass(frozen=True)
+class CarriedTensor:
+    """An affine layer's own codes as a legacy GGUF block type holds them (GGUF row order):
+    codes [rows, n] (signed c for Q8_0 / Q4_0 / Q5_0, unsigned u for Q4_1 / Q5_1), one float16-exact
+    scale d per block of 32 [rows, n / 32], and the blocks' offsets m (Q4_1 / Q5_1) or None."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+
+
+def _bits_fit(scheme, gtype: str) -> bool:
+    """Whether every code of ``scheme`` is a code of ``gtype`` (the block grid, scales apart)."""
+    if gtype in gguf_quants.CODE_RANGES:
+        lo, hi = gguf_quants.CODE_RANGES[gtype]
+        if scheme.symmetric:
+            return lo <= scheme.qmin and scheme.qmax <= hi
+        if scheme.zero_point != "int":  # (u - z) · s with a real z is no integer multiple of s
+            return False
+        span = scheme.qmax - scheme.qmin  # u - z lies in [-span, span]
+        return -span >= lo and span <= hi
+    if gtype in gguf_quants.OFFSET_TYPES:
+        return not scheme.symmetric and scheme.qmax <= gguf_quants.OFFSET_TYPES[gtype]
+    return False
+
+
+def affine_carry(w, gtype: str, layout=lambda t: t) -> CarriedTensor | str:
+    """The blocks of GGUF type ``gtype`` that hold the `lowbit.formats.affine.AffineWeight` ``w``
+    exactly (its codes and scales unchanged), or why there are none (a one-line reason).
+
+    Symmetric codes c in [qmin, qmax] (and asymmetric ones with an integer zero-point, as c = u - z)
+    fit Q8_0 / Q5_0 / Q4_0 when that range lies in the type's (Q8_0: -128..127, Q5_0: -16..15,
+    Q4_0: -8..7), with d the group's scale: the block is d * c, which is what ``w.dequantize()``
+    computes (one float32 product). A block has one scale, so every lowbit group must be a whole
+    number of blocks (group size a multiple of 32, or one scale per row / tensor), and the scales
+    must be float16 values. Q4_1 / Q5_1 (d * u + m) take asymmetric codes u with m = -d * z; m
+    must be a float16 and d * u + m must give ``w.dequantize()`` bit for bit (checked: it depends
+    on the zero-points, and never holds in general for real-valued ones). ``layout`` puts a
+    [rows, ...] tensor in GGUF row order (the q/k permutation)."""
+    scheme = w.scheme
+    block = gguf_quants.BLOCK_LAYOUTS[gtype][0] if gtype in gguf_quants.CODES_EXACT else 0
+    if not block:
+        return f"{gtype} has no exact form for affine codes"
+    if not _bits_fit(scheme, gtype):
+        return f"{scheme.short_name()} codes do not lie on {gtype}'s grid"
+    rows, n = w.shape
+    if n % block:
+        return f"rows of {n} are not whole {gtype} blocks"
+    if scheme.granularity == "group" and scheme.group_size % block:
+        return f"groups of {scheme.group_size} are not whole blocks of {block}"
+    s = w.scales.float()
+    if not torch.equal(s.half().float(), s):
+        return "its scales are not float16 values"
+    nb = n // block
+    if scheme.granularity == "group":
+        idx = torch.arange(nb) * block // scheme.group_size
+        d = s[:, idx]
+    else:  # one scale per row (channel) or for the whole tensor ([1, 1])
+        d = s[:, :1].expand(rows, nb)
+    q = w.integers()
+    z = w.zero_points()
+    zb = None
+    if z is not None:
+        zb = z[:, idx] if scheme.granularity == "group" else z[:, :1].expand(rows, nb)
+    m = None
+    if gtype in gguf_quants.CODE_RANGES:
+        if zb is not None:
+            q = (q.reshape(rows, nb, block) - zb.to(torch.int32)[..., None]).reshape(rows, n)
+    else:
+        m = -(d * zb.float())
+        if not torch.equal(m.half().float(), m):
+            return f"its offsets -scale * zero are not float16 values, which {gtype}'s m must be"
+    out = CarriedTensor(layout(q).contiguous(), layout(d).contiguous(), None if m is None else layout(m).contiguous())
+    if m is not None:  # d * u + m rounds once; lowbit's (u - z) * s as well, but check it bit for bit
+        raw = gguf_quants.encode_codes(out.codes.numpy(), out.d.numpy(), gtype, out.m.numpy())
+        got = gguf_quants.dequantize(raw, gtype)
+        if not np.array_equal(got, layout(w.dequantize()).numpy()):
+            return f"d * u + m does not give its values bit for bit in {gtype}"
+    return out
+
+
+def affine_layers(model) -> dict[str, tuple[str, object]]:
+    """GGUF name -> (HF module name, `AffineWeight`) of every affine layer of ``model`` that is
+    written (a tied head is not)."""
+    from lowbit.formats.affine import AffineWeight
+    from lowbit.nn.linear import QuantizedLinear
+
+    fam = family_of(model)
+    tied = _tied(model)
+    out = {}
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, QuantizedLinear) or not isinstance(mod.weight_format, AffineWeight):
+            continue
+        if tied and mname == "lm_head":
+            continue
+        out[gguf_name(f"{mname}.weight", fam)] = (mname, mod.weight_format)
+    return out
+
+
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """GGUF name -> float32 tensor (torch layout [rows, row length]), q/k permuted, tied head dropped."""
     fam = family_of(model)  # LowbitError for a family lowbit does not know
@@ -610,6 +729,8 @@ class ExportReport:
     imatrix: bool = False
     seconds: float = 0.0
     ternary: dict[str, str] = field(default_factory=dict)  # BitNet layers written exactly: name -> type
+    carried: dict[str, str] = field(default_factory=dict)  # affine layers written with their codes: name -> type
+    requantized: dict[str, str] = field(default_factory=dict)  # affine layers re-quantized: name -> why
 
 
 def encode_tensor(x: np.ndarray, t: str, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -681,6 +802,11 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
     cfg = model.config
     n_layer = int(cfg.num_hidden_layers)
     types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer, set(ternary))
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
+    affine = affine_layers(model)
+    carried: dict[str, str] = {}
+    requantized: dict[str, str] = {}
     vocab = int(tensors["token_embd.weight"].shape[0])
     tok_md, tok_from = tokenizer_metadata(m, vocab)
     if imatrix is not None:
@@ -712,8 +838,19 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
             if imat is not None:
                 imat = np.asarray(imat, dtype=np.float32)
             tt = ternary.get(gname)
+            ct = None
+            if gname in affine:
+                ct = affine_carry(affine[gname][1], gt, lambda v, n=gname: _gguf_layout(n, v, fam, n_head, n_kv))
+                if isinstance(ct, str):
+                    requantized[gname] = f"{gt}: {ct}"
+                    ct = None
+                else:
+                    carried[gname] = gt
             if tt is not None and gt in gguf_quants.TERNARY_EXACT:
                 data = gguf_quants.encode_ternary(tt.codes.numpy(), tt.scale, gt)
+            elif ct is not None:
+                data = gguf_quants.encode_codes(ct.codes.numpy(), ct.d.numpy(), gt,
+                                                None if ct.m is None else ct.m.numpy())
             else:
                 data = encode_tensor(x, gt, None if tt is not None else imat)  # F16 holds ±β exactly
             if t.dim() == 1:
@@ -734,7 +871,7 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
     return ExportReport(path=str(out_path), qtype=qtype, arch=arch, n_tensors=len(tensors),
                         types=dict(sorted(counts.items())), tensor_types=types, bytes=out_path.stat().st_size,
                         tokenizer=tok_from, imatrix=imatrix is not None, seconds=time.perf_counter() - t0,
-                        ternary={k: types[k] for k in ternary})
+                        ternary={k: types[k] for k in ternary}, carried=carried, requantized=requantized)
 
 
 # --------------------------------------------------------------------------------------------

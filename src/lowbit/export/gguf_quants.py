@@ -883,6 +883,57 @@ def encode_ternary(T: np.ndarray, d: float, name: str) -> np.ndarray:
     return out.reshape(*T.shape[:-1], T.shape[-1] // cls.block_size * cls.bytes_per_block)
 
 
+
+# -- integer codes written as they are ---------------------------------------------------------
+# A weight that already is, per block of 32, d * c with integer codes c and one float16 scale d
+# (a lowbit affine checkpoint whose groups are whole blocks: GPTQ, RTN, AWQ, ...) is stored
+# without a scale search: each block gets the checkpoint's own d and codes, so it dequantizes to
+# exactly d * c. Q4_1 / Q5_1 take unsigned codes u and an offset m: d * u + m.
+# type -> (lowest, highest) block code c of the symmetric types (x = d * c, stored as c + offset)
+CODE_RANGES: dict[str, tuple[int, int]] = {"Q8_0": (-128, 127), "Q4_0": (-8, 7), "Q5_0": (-16, 15)}
+OFFSET_TYPES: dict[str, int] = {"Q4_1": 15, "Q5_1": 31}  # type -> highest unsigned code u
+CODES_EXACT = tuple(CODE_RANGES) + tuple(OFFSET_TYPES)
+
+
+def encode_codes(c: np.ndarray, d: np.ndarray, name: str, m: np.ndarray | None = None) -> np.ndarray:
+    """Integer codes c [rows, n] and float16-exact scales d [rows, n / 32] (one per block) ->
+    uint8 [rows, bytes] of type ``name`` dequantizing to exactly ``d * c`` (Q8_0: q = c;
+    Q4_0: q = c + 8; Q5_0: q = c + 16), or, for Q4_1 / Q5_1, unsigned codes c and float16-exact
+    offsets m [rows, n / 32] to ``d * c + m``."""
+    if name not in CODES_EXACT:
+        raise LowbitError(f"integer codes are written as {', '.join(CODES_EXACT)}, not {name}")
+    cls = get_type(name)
+    c = np.asarray(c)
+    if c.ndim != 2 or c.shape[-1] % cls.block_size:
+        raise LowbitError(f"{name}: expected codes [rows, n] with n a multiple of {cls.block_size}, got {c.shape}")
+    lo, hi = CODE_RANGES.get(name, (0, OFFSET_TYPES.get(name, 0)))
+    if c.size and (int(c.min()) < lo or int(c.max()) > hi):
+        raise LowbitError(f"{name}: codes must lie in {lo}..{hi}, found {int(c.min())}..{int(c.max())}")
+    nb = c.shape[0] * (c.shape[1] // cls.block_size)
+
+    def scales(v, what):
+        v = np.asarray(v, dtype=np.float32).reshape(nb, 1)
+        if not np.isfinite(v).all() or not np.array_equal(v.astype(np.float16).astype(np.float32), v):
+            raise LowbitError(f"{name}: a block {what} is not exactly a float16 value; the block cannot carry it")
+        return v
+
+    ds = scales(d, "scale")
+    q = c.astype(np.int16).reshape(nb, cls.block_size)
+    if name in OFFSET_TYPES:
+        if m is None:
+            raise LowbitError(f"{name}: the block offsets m are missing")
+        ms = scales(m, "offset")
+        u = q.astype(np.uint8)
+        parts = [_f16_bytes(ds), _f16_bytes(ms)] + ([_bits_le(u, 4, 4)] if name == "Q5_1" else []) + [_pack_nibbles(u)]
+    elif name == "Q8_0":
+        parts = [_f16_bytes(ds), q.astype(np.int8).view(np.uint8)]
+    else:
+        u = (q - lo).astype(np.uint8)
+        parts = [_f16_bytes(ds)] + ([_bits_le(u, 4, 4)] if name == "Q5_0" else []) + [_pack_nibbles(u)]
+    out = np.concatenate(parts, axis=-1) if nb else np.zeros((0, cls.bytes_per_block), np.uint8)
+    return out.reshape(c.shape[0], c.shape[1] // cls.block_size * cls.bytes_per_block)
+
+
 TYPES: dict[str, type[BlockType]] = {}
 
 
