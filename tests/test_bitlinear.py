@@ -196,3 +196,23 @@ def test_distillation_lowers_the_training_loss():
     losses = [h["loss"] for h in res.history if "loss" in h]
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
+
+
+def test_block_linears_is_every_block_linear_by_full_name():
+    """The one walk of every block's linear layers (qat.prepare, distill's dense list, magnitude
+    pruning use it): full module names in block order; only_plain skips replaced subclasses."""
+    from lowbit.models.families import block_linears
+
+    model = tiny_llama()
+    got = block_linears(model)
+    want = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    assert list(got) == want and len(got) == 3 * 7
+    assert all(model.get_submodule(n) is m for n, m in got.items())
+
+    class Sub(nn.Linear):
+        pass
+
+    model.model.layers[1].mlp.up_proj = Sub(72, 160)
+    assert "model.layers.1.mlp.up_proj" in block_linears(model)
+    assert "model.layers.1.mlp.up_proj" not in block_linears(model, only_plain=True)
+    assert len(block_linears(model, only_plain=True)) == 20

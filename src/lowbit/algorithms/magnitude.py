@@ -86,15 +86,11 @@ def global_magnitude_masks(weights: list[Tensor], sparsity: float) -> list[Tenso
 
 def model_linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The (name, linear) pairs `apply_data_free` visits, in its order and with its names."""
-    from lowbit.models.families import FAMILIES, block_prefix, find_blocks, linear_layers
+    from lowbit.models.families import FAMILIES, block_linears
 
     if getattr(getattr(model, "config", None), "model_type", None) not in FAMILIES:
         return [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Linear)]
-    out = []
-    for i, blk in enumerate(find_blocks(model)):
-        prefix = block_prefix(model, i)
-        out += [(f"{prefix}.{name}", lin) for name, lin in linear_layers(blk).items()]
-    return out
+    return list(block_linears(model).items())
 
 
 @register_method("magnitude")

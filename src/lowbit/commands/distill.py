@@ -99,10 +99,9 @@ def _run(args) -> int:
         student = m.model.to(args.device)
         dense = ()
         if m.record["method"].get("sparsity") is not None:  # a pruned model: its float layers train, zeros kept
-            from lowbit.models.families import block_prefix, linear_layers
+            from lowbit.models.families import block_linears
 
-            dense = [f"{block_prefix(student, i)}.{n}" for i, blk in enumerate(find_blocks(student))
-                     for n, lin in linear_layers(blk).items() if type(lin) is torch.nn.Linear]
+            dense = list(block_linears(student, only_plain=True))
         standins = make_trainable(student, mode=args.tune, dense=dense)
         if not standins:
             raise LowbitError(f"{args.student} has no quantized or pruned layer lowbit can train")

@@ -9,6 +9,7 @@ guessing attribute names. Supporting a new family is one record in `FAMILIES` pl
     find_blocks(model)     -> [block0, block1, ...]  the decoder layers, in order
     linear_layers(block)   -> {"self_attn.q_proj": nn.Linear, ..., "mlp.down_proj": nn.Linear}
     block_prefix(model, i) -> "model.layers.3"
+    block_linears(model)   -> {"model.layers.0.self_attn.q_proj": nn.Linear, ...}  every block's, full names
     awq_layout(model_type) -> AWQLayout          where AWQ folds its scales (derived from the record)
 
 A record names each part of a decoder block by its *role*: the seven projections
@@ -267,6 +268,20 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     Only genuine ``nn.Linear`` instances are returned, so layers already replaced by a quantized
     module are skipped."""
     return {name: mod for name, mod in block.named_modules() if name and isinstance(mod, nn.Linear)}
+
+
+def block_linears(model: nn.Module, only_plain: bool = False) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of every decoder block by its full module name (as in
+    ``named_modules``), blocks in order and `linear_layers` order within each: the one walk the
+    methods and trainers that swap a model's linear layers share. ``only_plain``: exact
+    ``nn.Linear`` instances only (not subclasses)."""
+    out = {}
+    for i, blk in enumerate(find_blocks(model)):
+        prefix = block_prefix(model, i)
+        for name, lin in linear_layers(blk).items():
+            if not only_plain or type(lin) is nn.Linear:
+                out[f"{prefix}.{name}"] = lin
+    return out
 
 
 def awq_layout(model_type: str | None) -> AWQLayout:

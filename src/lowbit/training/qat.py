@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.core.scheme import QuantScheme
 from lowbit.errors import LowbitError
-from lowbit.models.families import block_prefix, find_blocks, linear_layers
+from lowbit.models.families import block_linears
 from lowbit.training.fake_quant import FakeQuantLinear
 from lowbit.training.tunable import restore
 
@@ -26,12 +26,10 @@ def prepare(model: nn.Module, scheme: QuantScheme, learn_scale: bool = False,
     """Replace every block linear by its fake-quantized twin (latent weight = the float weight, so
     the forward starts as RTN's); returns {full name: FakeQuantLinear}."""
     out = {}
-    for i, blk in enumerate(find_blocks(model)):
-        prefix = block_prefix(model, i)
-        for name, lin in linear_layers(blk).items():  # nn.Linear only: a layer already replaced is not one
-            fq = FakeQuantLinear.from_linear(lin, scheme, learn_scale=learn_scale, grad_scale=grad_scale)
-            blk.set_submodule(name, fq)
-            out[f"{prefix}.{name}"] = fq
+    for name, lin in block_linears(model).items():  # nn.Linear only: a layer already replaced is not one
+        fq = FakeQuantLinear.from_linear(lin, scheme, learn_scale=learn_scale, grad_scale=grad_scale)
+        model.set_submodule(name, fq)
+        out[name] = fq
     if not out:
         raise LowbitError(f"{type(model).__name__} has no linear layers in its blocks to quantize")
     return out
