@@ -100,15 +100,6 @@ static _Thread_local size_t t_act_n = 0;
 static _Thread_local float* t_row = NULL;
 static _Thread_local size_t t_row_n = 0;
 
-static void* grow(void** p, size_t* have, size_t n) {
-    if (n > *have) {
-        free(*p);
-        *p = aligned_alloc(64, (n + 63) / 64 * 64);
-        *have = *p ? n : 0;
-    }
-    return *p;
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* activation quantization                                                                     */
 static inline void quant_block_scalar(const float* x, int8_t* q, float* sx) {
@@ -688,7 +679,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
            off_zq = off_sxl + PAD64(M * NLP * 4), off_xs = off_zq + PAD64(M * NLP * 4),
            off_g0 = off_xs + PAD64(M * A.ngp * 4), off_idx = off_g0 + PAD64(A.NC * 4),
            total = off_idx + PAD64(A.NC * A.CL * 4);
-    uint8_t* base = (uint8_t*)grow(&t_act, &t_act_n, total);
+    uint8_t* base = (uint8_t*)lb_grow(&t_act, &t_act_n, total);
     if (!base) return 2;
     A.q = (int8_t*)(base + off_q);
     A.sxb = (float*)(base + off_sxb);
@@ -786,7 +777,7 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
         int64_t r0, r1;
         thread_rows(N, nt, omp_get_thread_num(), 4, &r0, &r1);
         if (r0 < r1) {
-            float* scr = (float*)grow((void**)&t_row, &t_row_n, (size_t)(8 * (ng + 24) + 8 * M + 16) * sizeof(float));
+            float* scr = (float*)lb_grow((void**)&t_row, &t_row_n, (size_t)(8 * (ng + 24) + 8 * M + 16) * sizeof(float));
             if (scr) fn(w, &A, bias, y, scr, r0, r1);
             else bad = 1;
         }

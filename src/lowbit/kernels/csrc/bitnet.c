@@ -105,15 +105,6 @@ static _Thread_local size_t t_call_n = 0;
 static _Thread_local void* t_tok = NULL;
 static _Thread_local size_t t_tok_n = 0;
 
-static void* grow(void** p, size_t* have, size_t n) {
-    if (n > *have) {
-        free(*p);
-        *p = aligned_alloc(64, (n + 63) / 64 * 64);
-        *have = *p ? n : 0;
-    }
-    return *p;
-}
-
 #define PAD64(n) (((n) + 63) / 64 * 64)
 
 /* ------------------------------------------------------------------------------------------ */
@@ -435,7 +426,7 @@ static int setup(const lb_bitnet_weight* w, int64_t M, bn_call* A) {
     if (M == 0) return 0;
     const size_t off_q = 0, off_s = off_q + PAD64((size_t)(M * A->Kp)), off_f = off_s + PAD64((size_t)M * 4),
                  total = off_f + PAD64((size_t)M * 4);
-    uint8_t* base = (uint8_t*)grow(&t_call, &t_call_n, total);
+    uint8_t* base = (uint8_t*)lb_grow(&t_call, &t_call_n, total);
     if (!base) return 2;
     A->xp = (int8_t*)(base + off_q);
     A->qsum = (int32_t*)(base + off_s);
@@ -445,7 +436,7 @@ static int setup(const lb_bitnet_weight* w, int64_t M, bn_call* A) {
 
 /* the per-thread token buffers: normed input [K] floats, natural codes [Kp] */
 static int token_buffers(const bn_call* A, int64_t K, float** xs, int8_t** q) {
-    uint8_t* b = (uint8_t*)grow(&t_tok, &t_tok_n, PAD64((size_t)K * 4) + PAD64((size_t)A->Kp));
+    uint8_t* b = (uint8_t*)lb_grow(&t_tok, &t_tok_n, PAD64((size_t)K * 4) + PAD64((size_t)A->Kp));
     if (!b) return 2;
     *xs = (float*)b;
     *q = (int8_t*)(b + PAD64((size_t)K * 4));

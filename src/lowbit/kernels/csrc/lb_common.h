@@ -12,6 +12,7 @@
  *                      fewer than g_min_parallel_bytes of weights (per library, settable by the
  *                      library's lb_<lib>_set_min_parallel_bytes) stay on one thread, because
  *                      waking a second thread costs more than it saves
+ *   lb_grow            grow-only 64-byte-aligned scratch (a kernel's thread-local buffers)
  *   LB_ISA_*, lb_cpu_isa, LB_ISA_EXPORTS
  *                      the one CPU-feature check and the instruction-set levels every library
  *                      dispatches on (lowbit.kernels._native.ISAS names them in this order)
@@ -20,7 +21,19 @@
 #define LOWBIT_LB_COMMON_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* Grow-only scratch: *p holds at least n bytes (64-byte aligned) afterwards, or is NULL when the
+ * allocation failed (*have is then 0). The old contents are not kept. */
+static inline void* lb_grow(void** p, size_t* have, size_t n) {
+    if (n > *have) {
+        free(*p);
+        *p = aligned_alloc(64, (n + 63) / 64 * 64);
+        *have = *p ? n : 0;
+    }
+    return *p;
+}
 
 typedef struct {
     const uint8_t* qw;
