@@ -244,3 +244,16 @@ def test_float_zero_constant_group_comes_back(scale_dtype):
     W = torch.tensor([[0.3, 0.3, 0.3, 0.3, -2.0, -2.0, -2.0, -2.0, 0.0, 0.0, 0.0, 0.0]])
     W_hat = AffineWeight.quantize_rtn(W, s).dequantize()
     torch.testing.assert_close(W_hat, W, rtol=2e-3, atol=1e-6)
+
+
+def test_holds_code_finds_a_code_in_every_position_of_the_byte():
+    from lowbit.core import packing
+
+    for bits in (1, 2, 4):
+        for j in range(8 // bits):
+            codes = torch.zeros(1, 8 // bits, dtype=torch.uint8)
+            codes[0, j] = (1 << bits) - 1
+            p = packing.pack(codes, bits)
+            assert packing.holds_code(p, bits, (1 << bits) - 1) and not packing.holds_code(p, bits, 1 if bits > 1 else 2)
+    with pytest.raises(LowbitError, match="1, 2 or 4"):
+        packing.holds_code(torch.zeros(1, dtype=torch.uint8), 3, 0)

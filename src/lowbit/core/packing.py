@@ -64,6 +64,15 @@ def _pack_rows(codes: Tensor, bits: int) -> Tensor:
     return out.reshape(rows, runs * bits).to(torch.uint8)
 
 
+def holds_code(packed: Tensor, bits: int, code: int) -> bool:
+    """Whether any ``bits``-bit code of ``packed`` (bits 1, 2 or 4: whole codes per byte, padding
+    included) equals ``code``, checked on the bytes without unpacking (corrupt-file checks)."""
+    if bits not in (1, 2, 4):
+        raise LowbitError(f"holds_code reads 1, 2 or 4 bits per code, got {bits}")
+    mask = (1 << bits) - 1
+    return any(bool((((packed >> shift) & mask) == code).any()) for shift in range(0, 8, bits))
+
+
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of `pack`: uint8 [..., ceil(n/8)*bits] -> int32 codes [..., n]."""
     return unpack_u8(packed, bits, n).to(torch.int32)

@@ -164,8 +164,7 @@ class BitNetWeight(WeightFormat, name="bitnet"):
     def check(self) -> None:
         if self.bits == 1.58:
             q = self.qweight
-            if bool((((q >> 0) & 3) == 3).any() | (((q >> 2) & 3) == 3).any()
-                    | (((q >> 4) & 3) == 3).any() | (((q >> 6) & 3) == 3).any()):
+            if packing.holds_code(q, 2, 3):
                 raise LowbitError("bitnet qweight holds the invalid 2-bit code 3")
         if self.norm_gain and not self.norm:
             raise LowbitError("bitnet norm_gain is set but norm is off")

@@ -85,6 +85,5 @@ class TernaryWeight(WeightFormat, name="ternary"):
     def check(self) -> None:
         # code 3 would decode to +2: only a corrupt file holds it
         q = self.qweight
-        if bool((((q >> 0) & 3) == 3).any() | (((q >> 2) & 3) == 3).any()
-                | (((q >> 4) & 3) == 3).any() | (((q >> 6) & 3) == 3).any()):
+        if packing.holds_code(q, 2, 3):
             raise LowbitError("ternary qweight holds the invalid 2-bit code 3")
