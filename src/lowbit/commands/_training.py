@@ -100,6 +100,27 @@ def summary(res, train_cfg, kd_cfg, **extra) -> dict:
             "final_eval": res.final_eval(), **extra}
 
 
+def checkpoint_record(method: dict, base_source: dict | None, res, training: dict, device: str) -> dict:
+    """The record of a checkpoint a training command packed (``lowbit.json``): the method, the
+    original it came from (None: trained from scratch), the training summary, time and memory."""
+    import datetime as dt
+
+    from lowbit import api
+
+    return {
+        "method": method,
+        "base_model": None if base_source is None else api._with_fingerprint(base_source),
+        "calibration": None,
+        "training": training,
+        "quantize_seconds": round(res.seconds, 3),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "dtype": "float32",
+        "streaming": False,
+        "peak_rss_bytes": res.peak_rss_bytes,
+    }
+
+
 def save_float_model(model, tokenizer, out: str, record: dict, *, force: bool = False) -> None:
     """A trained float model as a transformers directory (+ lowbit_train.json), written atomically."""
     from lowbit import outputs

@@ -90,12 +90,12 @@ def scratch_model(tokenizer, vocab_size: int, layers: int, width: int, ffn: int,
 
 def _run(args, bits) -> int:
     import copy
-    import datetime as dt
     import shutil
 
     from lowbit import api, outputs
     from lowbit.commands._args import log
-    from lowbit.commands._training import kd_config, save_float_model, summary, train_config, windows
+    from lowbit.commands._training import (checkpoint_record, kd_config, save_float_model, summary, train_config,
+                                           windows)
     from lowbit.eval import size
     from lowbit.nn.bitlinear import convert, pack, parameters_of
     from lowbit.training.kd import distill, norm_parameters
@@ -149,18 +149,7 @@ def _run(args, bits) -> int:
     else:
         pack(student)
         m = api.Model(model=student, tokenizer=base.tokenizer, name=base.name, source=base.source)
-        m.record = {
-            "method": method,
-            "base_model": None if args.scratch else api._with_fingerprint(base.source),
-            "calibration": None,
-            "training": training,
-            "quantize_seconds": round(res.seconds, 3),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": args.device,
-            "dtype": "float32",
-            "streaming": False,
-            "peak_rss_bytes": res.peak_rss_bytes,
-        }
+        m.record = checkpoint_record(method, None if args.scratch else base.source, res, training, args.device)
         out = api.save(m, args.output, force=args.force)
         bpw, _, n = size.linear_bits(m.model)
         log(f"{bpw:.3f} bits/weight over {n / 1e6:.1f}M linear weights -> {out}")

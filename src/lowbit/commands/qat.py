@@ -116,13 +116,12 @@ def _llm(args) -> int:
 
 def _llm_run(args) -> int:
     import copy
-    import datetime as dt
     import shutil
 
     from lowbit import api, outputs
     from lowbit.algorithms import get_method
     from lowbit.commands._args import log
-    from lowbit.commands._training import kd_config, summary, train_config, windows
+    from lowbit.commands._training import checkpoint_record, kd_config, summary, train_config, windows
     from lowbit.core.scheme import QuantScheme
     from lowbit.eval import size
     from lowbit.training.kd import distill, named_parameters_of, norm_parameters
@@ -162,18 +161,9 @@ def _llm_run(args) -> int:
                   device=args.device)
     convert(student, standins)
     m.model = student.to("cpu")
-    m.record = {
-        "method": {"method": "qat", "scheme": scheme.to_dict(), "learn_scale": bool(args.lsq)},
-        "base_model": api._with_fingerprint(m.source),
-        "calibration": None,
-        "training": summary(res, train_cfg, kd_cfg, text=args.text or "calibration"),
-        "quantize_seconds": round(res.seconds, 3),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": args.device,
-        "dtype": "float32",
-        "streaming": False,
-        "peak_rss_bytes": res.peak_rss_bytes,
-    }
+    method = {"method": "qat", "scheme": scheme.to_dict(), "learn_scale": bool(args.lsq)}
+    m.record = checkpoint_record(method, m.source, res, summary(res, train_cfg, kd_cfg, text=args.text or "calibration"),
+                                 args.device)
     out = api.save(m, args.output, force=args.force)
     shutil.rmtree(state, ignore_errors=True)
     bpw, _, n = size.linear_bits(m.model)
