@@ -205,33 +205,13 @@ def main() -> int:
                                  ("tokens", "train tokens", ",d"), ("s", "wall s", ".0f")], markdown=a.markdown))
         speed = [n for n in ("rtn-w4g64", "bitnet-b1.58-kd") if n in conv]
         if speed:
-            sp = decode(a.model, [root / n for n in speed], a.repeats, a.threads)
+            sp = recovery.decode_speed(
+                a.model, [root / n for n in speed], a.repeats, a.threads,
+                label=lambda p, d: f"{p.name} ({'C step' if d.native_step is not None else 'python: ' + str(d.native_reason)})")
             print("decode tok/s (lean decoder, batch 1, 64 tokens after a 128-token prompt, medians of "
                   f"{a.repeats} interleaved rounds): " + ", ".join(f"{k} {v:.1f}" for k, v in sp.items()))
     print(f"{a.model}; eval: {a.max_tokens} tokens of Persuasion/Emma; {header()}")
     return 0
-
-
-def decode(model: str, paths: list[Path], repeats: int, threads: int) -> dict:
-    import statistics
-
-    import torch
-
-    from lowbit import api
-    from lowbit.runtime import LeanDecoder, measure_lean
-
-    torch.set_num_threads(threads)
-    decs = {"original": LeanDecoder(api.load(model).model, max_len=192)}
-    for p in paths:
-        d = LeanDecoder(api.load(str(p)).model, max_len=192)
-        decs[f"{p.name} ({'C step' if d.native_step is not None else 'python: ' + str(d.native_reason)})"] = d
-    times = {n: [] for n in decs}
-    for d in decs.values():
-        measure_lean(d, 128, 64, warmup=0, repeats=1)
-    for _ in range(repeats):
-        for n, d in decs.items():
-            times[n].append(measure_lean(d, 128, 64, warmup=0, repeats=1).decode_tok_s)
-    return {n: statistics.median(v) for n, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -123,15 +123,21 @@ def quality(results: Path) -> dict:
     return out
 
 
-def decode_speed(model: str, student: Path, repeats: int, threads: int) -> dict:
+def decode_speed(model: str, students: list[Path], repeats: int, threads: int,
+                 label=lambda path, dec: path.name) -> dict:
+    """Decode tok/s (lean decoder, batch 1, 64 tokens after a 128-token prompt) of the original and
+    each checkpoint in ``students``, medians of ``repeats`` interleaved rounds; keys: "original"
+    and ``label(path, decoder)``."""
     import torch
 
     from lowbit import api
     from lowbit.runtime import LeanDecoder, measure_lean
 
     torch.set_num_threads(threads)
-    decs = {"original": LeanDecoder(api.load(model).model, max_len=192),
-            student.name: LeanDecoder(api.load(str(student)).model, max_len=192)}
+    decs = {"original": LeanDecoder(api.load(model).model, max_len=192)}
+    for p in students:
+        d = LeanDecoder(api.load(str(p)).model, max_len=192)
+        decs[label(p, d)] = d
     times = {n: [] for n in decs}
     for d in decs.values():
         measure_lean(d, 128, 64, warmup=0, repeats=1)
@@ -223,7 +229,7 @@ def main() -> int:
     print(format_table(out, cols, markdown=a.markdown))
     depth = [n for n in names if n.startswith("depth-20+")]
     if depth:
-        sp = decode_speed(a.model, folder(root, depth[0]), a.repeats, a.threads)
+        sp = decode_speed(a.model, [folder(root, depth[0])], a.repeats, a.threads)
         print(f"decode tok/s (batch 1, {a.threads} threads): original {sp['original']:.1f}, "
               f"20-block student {sp[folder(root, depth[0]).name]:.1f} "
               f"({sp[folder(root, depth[0]).name] / sp['original']:.2f}x)")
