@@ -89,6 +89,11 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return int(self.warmup) if self.warmup is not None else max(1, round(0.05 * self.steps))
 
+    @property
+    def stage_two_start(self) -> int:
+        """The first step of the two-stage schedule's second stage (the half, after warmup)."""
+        return max(self.warmup_steps + 1, self.steps // 2)
+
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based).
 
@@ -100,7 +105,7 @@ class TrainConfig:
         if step < w:
             return self.lr * (step + 1) / w
         if self.schedule == "two-stage":
-            half = max(w + 1, self.steps // 2)
+            half = self.stage_two_start
             if step < half:
                 return self.lr * (1 - 0.5 * (step - w) / max(1, half - w))
             end = min(self.min_lr, 0.25)
@@ -113,7 +118,7 @@ class TrainConfig:
         """The weight decay of step ``step``: constant for "cosine"; for "two-stage" (BitNet
         b1.58's tips) ``weight_decay`` during the first half and 0 in the second, when the latent
         weights should settle instead of being pulled towards the rounding boundaries."""
-        if self.schedule == "two-stage" and step >= max(self.warmup_steps + 1, self.steps // 2):
+        if self.schedule == "two-stage" and step >= self.stage_two_start:
             return 0.0
         return self.weight_decay
 
