@@ -38,7 +38,6 @@ from lowbit.export import gguf_quants as G
 from lowbit.export.gguf_quants import (
     GROUP_MAX_EPS,
     QK_K,
-    _bits_le,
     _f16_bytes,
     _f16_from,
     _first_absmax,
@@ -71,7 +70,7 @@ def quantize(x: np.ndarray, t: str, imatrix: np.ndarray | None) -> np.ndarray:
     if x.ndim != 2:
         raise LowbitError(f"{t}: expected a 2-D [rows, n] array, got shape {x.shape}")
     rows, n = x.shape
-    bs, bpb = (32, 18) if t == "IQ4_NL" else G.BLOCK_LAYOUTS[t]
+    bs, bpb = G.layout(t)
     if n % bs:
         raise LowbitError(f"{t}: row length {n} is not a multiple of the block size {bs}")
     if not np.isfinite(x).all():
@@ -188,11 +187,7 @@ def _q4_k(x, imatrix):
 
 def _q5_k(x, imatrix):
     d, dmin, scales, L = _k4(x, imatrix, 31, "Q5_K")
-    hi = (L.astype(np.uint8) >> 4).reshape(-1, 8, 32)
-    qh = np.zeros((L.shape[0], 32), np.uint8)
-    for k in range(8):
-        qh |= hi[:, k] << k
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, qh, _nibbles_k(L)], axis=-1)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, G._pack_q5_k(L)], axis=-1)
 
 
 def _q2_k(x, imatrix):
@@ -231,8 +226,7 @@ def _q3_k(x, imatrix):
     dq = _f16_from(_f16_bytes(d)) * (Ls - 32).astype(np.float32)
     new = np.clip(_nearest_int(xs.reshape(nb, 16, 16) / dq[:, :, None]), -4, 3) + 4
     L = np.where((dq != 0)[:, :, None], new, L.reshape(nb, 16, 16)).reshape(nb, 256)
-    hmask = _bits_le(L.reshape(nb, 8, 32).transpose(0, 2, 1).astype(np.uint8), 2, 1).reshape(nb, 32)
-    return np.concatenate([hmask, _pack_2bit(L & 3), sc, _f16_bytes(d)], axis=-1)
+    return np.concatenate([G._pack_q3_k(L), sc, _f16_bytes(d)], axis=-1)
 
 
 def _q6_k(x, imatrix):
@@ -249,12 +243,8 @@ def _q6_k(x, imatrix):
     sc = np.minimum(127, _nearest_int(iscale[:, None] * scales))
     dq = _f16_from(_f16_bytes(d)) * sc.astype(np.float32)
     l = np.clip(_nearest_int(xs.reshape(nb, 16, 16) / dq[:, :, None]), -32, 31) + 32
-    L = np.where((dq != 0)[:, :, None], l, L).reshape(nb, 2, 4, 32).astype(np.uint8)
-    lo, hi = L & 0xF, L >> 4
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=-1)
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8),
-                          _f16_bytes(d)], axis=-1)
+    L = np.where((dq != 0)[:, :, None], l, L).reshape(nb, 256)
+    out = np.concatenate([G._pack_q6_k(L), sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=-1)
     out[empty] = 0
     return out
 
@@ -279,8 +269,7 @@ def _q5_0(x, imatrix):
     xb, w = _legacy_weights(x, imatrix)
     d, L = G._make_qx_quants(xb, 16, w)
     _check("Q5_0", d)
-    L = L.astype(np.uint8)
-    return np.concatenate([_f16_bytes(d[:, None]), _bits_le(L, 4, 4), _pack_nibbles(L & 0xF)], axis=-1)
+    return np.concatenate([_f16_bytes(d[:, None]), G._pack_5bit(L)], axis=-1)
 
 
 def _q4_1(x, imatrix):
@@ -296,9 +285,7 @@ def _q5_1(x, imatrix):
     d, the_min, L = _make_qkx3_quants(xb, w, 31)
     m = -the_min
     _check("Q5_1", d, m)
-    L = L.astype(np.uint8)
-    return np.concatenate([_f16_bytes(d[:, None]), _f16_bytes(m[:, None]), _bits_le(L, 4, 4),
-                           _pack_nibbles(L & 0xF)], axis=-1)
+    return np.concatenate([_f16_bytes(d[:, None]), _f16_bytes(m[:, None]), G._pack_5bit(L)], axis=-1)
 
 
 # -- IQ4_NL: 32 values, f16 scale, 4-bit indices into a fixed non-uniform table ---------------
@@ -345,6 +332,12 @@ def _iq4_nl(x, imatrix):
     idv = np.where(d != 0, _F(1) / np.where(d != 0, d, _F(1)), _F(0))
     L = _best_index(idv[:, None] * xb)
     return np.concatenate([_f16_bytes(d[:, None]), _pack_nibbles(L)], axis=-1)
+
+
+def dequantize(raw: np.ndarray, t: str) -> np.ndarray:
+    """Dequantize uint8 [..., bytes] of any block type lowbit writes (`gguf_quants.dequantize`'s
+    types and IQ4_NL) to float32."""
+    return dequantize_iq4_nl(raw) if t == "IQ4_NL" else G.dequantize(raw, t)
 
 
 def dequantize_iq4_nl(raw: np.ndarray) -> np.ndarray:

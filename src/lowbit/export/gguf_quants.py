@@ -31,6 +31,9 @@ the dequantized values are the same.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from lowbit.errors import LowbitError
@@ -244,6 +247,17 @@ def _absmax_codes(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
     return d, q
 
 
+def _pack_5bit(q: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 codes [n, 32] (< 32) -> ``qh`` u32 (bit j = bit 4 of q[j]) then ``qs`` [16]."""
+    q = q.astype(np.uint8)
+    return np.concatenate([_bits_le(q, 4, 4), _pack_nibbles(q & 0x0F)], axis=-1)
+
+
+def _unpack_5bit(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_pack_5bit`: bytes [n, 20] -> codes [n, 32]."""
+    return _unpack_nibbles(b[:, 4:]) | (_unbits_le(b[:, :4]) << 4)
+
+
 class Q4_0(BlockType):
     """Block of 32: ``d`` f16, then ``qs`` [16]: byte j = q[j] | q[j + 16] << 4. x = d * (q - 8).
 
@@ -299,12 +313,12 @@ class Q5_0(BlockType):
     def _quantize_blocks(cls, x):
         d, q = _absmax_codes(x, 16)
         cls._check_scale(d)
-        return np.concatenate([_f16_bytes(d), _bits_le(q, 4, 4), _pack_nibbles(q)], axis=-1)
+        return np.concatenate([_f16_bytes(d), _pack_5bit(q)], axis=-1)
 
     @classmethod
     def _dequantize_blocks(cls, raw):
         d = _f16_from(raw[:, 0:2])
-        q = _unpack_nibbles(raw[:, 6:]) | (_unbits_le(raw[:, 2:6]) << 4)
+        q = _unpack_5bit(raw[:, 2:22])
         return d * (q.astype(np.float32) - np.float32(16))
 
 
@@ -318,13 +332,13 @@ class Q5_1(BlockType):
     def _quantize_blocks(cls, x):
         d, m, q = _min_max_codes(x, 31)
         cls._check_scale(np.concatenate([d, m], axis=-1))
-        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _bits_le(q, 4, 4), _pack_nibbles(q)], axis=-1)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_5bit(q)], axis=-1)
 
     @classmethod
     def _dequantize_blocks(cls, raw):
         d = _f16_from(raw[:, 0:2])
         m = _f16_from(raw[:, 2:4])
-        q = _unpack_nibbles(raw[:, 8:]) | (_unbits_le(raw[:, 4:8]) << 4)
+        q = _unpack_5bit(raw[:, 4:24])
         return d * q.astype(np.float32) + m
 
 
@@ -543,6 +557,25 @@ def _unpack_scales_q3(s: np.ndarray) -> np.ndarray:
     return lo | (hi.reshape(-1, 16) << 4)
 
 
+def _pack_q6_k(L: np.ndarray) -> np.ndarray:
+    """Q6_K codes [nb, 256] (< 64) -> ``ql`` [128] then ``qh`` [64] (layout in `Q6_K`)."""
+    nb = L.shape[0]
+    L = L.astype(np.uint8).reshape(nb, 2, 4, 32)
+    lo, hi = L & 0xF, L >> 4
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=-1)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64)], axis=-1)
+
+
+def _unpack_q6_k(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_pack_q6_k`: bytes [nb, 192] -> codes [nb, 256] in 0..63."""
+    nb = b.shape[0]
+    ql = b[:, :128].reshape(nb, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]  # [nb, h, lo/hi nibble, 64]
+    lo = (ql & 0xF).reshape(nb, 2, 4, 32)  # quarter k of half h: nibble k // 2 of ql[32*(k % 2) ...]
+    qh = (b[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+    return (lo | (qh << 4)).reshape(nb, 256)
+
+
 class Q6_K(BlockType):
     """Super-block of 256 = 16 sub-blocks of 16. x = d * sc[j] * (q - 32), q in 0..63.
 
@@ -570,25 +603,22 @@ class Q6_K(BlockType):
             sc = np.minimum(127, _nearest_int(iscale[:, None] * scales))
             dq = _f16_from(_f16_bytes(d)) * sc.astype(np.float32)  # [nb, 16]
             l = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dq[:, :, None]), -32, 31) + 32
-        L = np.where((dq != 0)[:, :, None], l, L).reshape(nb, 2, 4, 32).astype(np.uint8)
-        lo, hi = L & 0xF, L >> 4
-        ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=-1)
-        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-        out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8),
-                              _f16_bytes(d)], axis=-1)
+        L = np.where((dq != 0)[:, :, None], l, L).reshape(nb, 256)
+        out = np.concatenate([_pack_q6_k(L), sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=-1)
         out[empty] = 0
         return out
 
     @classmethod
     def _dequantize_blocks(cls, raw):
         nb = raw.shape[0]
-        ql = raw[:, :128].reshape(nb, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]  # [nb, h, lo/hi nibble, 64]
-        lo = (ql & 0xF).reshape(nb, 2, 4, 32)  # quarter k of half h: nibble k // 2 of ql[32*(k % 2) ...]
-        qh = (raw[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
-        q = (lo | (qh << 4)).reshape(nb, 16, 16).astype(np.int8) - np.int8(32)
-        d = _f16_from(raw[:, 208:210])
-        dl = (d * raw[:, 192:208].view(np.int8).astype(np.float32))[:, :, None]
+        q = _unpack_q6_k(raw[:, :192]).reshape(nb, 16, 16).astype(np.int8) - np.int8(32)
+        dl = _q6_k_scales(raw)[:, :, None]
         return (dl * q.astype(np.float32)).reshape(nb, 256)
+
+
+def _q6_k_scales(raw: np.ndarray) -> np.ndarray:
+    """Q6_K blocks [nb, 210] -> the scale of each sub-block of 16, d * sc[j] [nb, 16] (float32)."""
+    return _f16_from(raw[:, 208:210]) * raw[:, 192:208].view(np.int8).astype(np.float32)
 
 
 def _qkx_weights(x: np.ndarray) -> np.ndarray:
@@ -621,15 +651,17 @@ def _k4_quantize(cls, x: np.ndarray, nmax: int, rmin: float, nstep: int):
     return d, dmin, _pack_scales_k4(ls, lm), L
 
 
+def _k4_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K blocks -> (d * sc[j], dmin * m[j]) [nb, 8] for the sub-blocks j of 32 (float32)."""
+    sc, mn = _unpack_scales_k4(raw[:, 4:16])
+    return _f16_from(raw[:, 0:2]) * sc.astype(np.float32), _f16_from(raw[:, 2:4]) * mn.astype(np.float32)
+
+
 def _k4_dequantize(raw: np.ndarray, q: np.ndarray) -> np.ndarray:
     """x = d * sc[j] * q - dmin * m[j] for sub-block j of 32 (Q4_K / Q5_K)."""
     nb = raw.shape[0]
-    d = _f16_from(raw[:, 0:2])
-    dmin = _f16_from(raw[:, 2:4])
-    sc, mn = _unpack_scales_k4(raw[:, 4:16])
-    dl = (d * sc.astype(np.float32))[:, :, None]
-    ml = (dmin * mn.astype(np.float32))[:, :, None]
-    return (dl * q.reshape(nb, 8, 32).astype(np.float32) - ml).reshape(nb, 256)
+    dl, ml = _k4_scales(raw)
+    return (dl[:, :, None] * q.reshape(nb, 8, 32).astype(np.float32) - ml[:, :, None]).reshape(nb, 256)
 
 
 def _nibbles_k(L: np.ndarray) -> np.ndarray:
@@ -642,6 +674,21 @@ def _nibbles_k(L: np.ndarray) -> np.ndarray:
 def _unnibbles_k(qs: np.ndarray) -> np.ndarray:
     q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
     return (q & 0xF).reshape(-1, 256)
+
+
+def _pack_q5_k(L: np.ndarray) -> np.ndarray:
+    """Q5_K codes [nb, 256] (< 32) -> ``qh`` [32] then ``qs`` [128] (layout in `Q5_K`)."""
+    hi = (L.astype(np.uint8) >> 4).reshape(-1, 8, 32)  # [nb, 2c + half, l]
+    qh = np.zeros((hi.shape[0], 32), np.uint8)
+    for k in range(8):
+        qh |= hi[:, k] << k
+    return np.concatenate([qh, _nibbles_k(L)], axis=-1)
+
+
+def _unpack_q5_k(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_pack_q5_k`: bytes [nb, 160] -> codes [nb, 256] in 0..31."""
+    qh = (b[:, None, :32] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [nb, 8, 32]
+    return _unnibbles_k(b[:, 32:160]) | (qh.reshape(-1, 256) << 4)
 
 
 class Q4_K(BlockType):
@@ -676,17 +723,31 @@ class Q5_K(BlockType):
     @classmethod
     def _quantize_blocks(cls, x):
         d, dmin, scales, L = _k4_quantize(cls, x, 31, -0.5, 15)
-        hi = (L.astype(np.uint8) >> 4).reshape(-1, 8, 32)  # [nb, 2c + half, l]
-        qh = np.zeros((x.shape[0], 32), np.uint8)
-        for k in range(8):
-            qh |= hi[:, k] << k
-        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, qh, _nibbles_k(L)], axis=-1)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), scales, _pack_q5_k(L)], axis=-1)
 
     @classmethod
     def _dequantize_blocks(cls, raw):
-        qh = (raw[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [nb, 8, 32]
-        q = _unnibbles_k(raw[:, 48:176]) | (qh.reshape(-1, 256) << 4)
-        return _k4_dequantize(raw, q)
+        return _k4_dequantize(raw, _unpack_q5_k(raw[:, 16:176]))
+
+
+def _pack_q3_k(L: np.ndarray) -> np.ndarray:
+    """Q3_K codes [nb, 256] (< 8) -> ``hmask`` [32] then ``qs`` [64] (layout in `Q3_K`)."""
+    nb = L.shape[0]
+    hmask = _bits_le(L.reshape(nb, 8, 32).transpose(0, 2, 1).astype(np.uint8), 2, 1).reshape(nb, 32)
+    return np.concatenate([hmask, _pack_2bit(L & 3)], axis=-1)
+
+
+def _unpack_q3_k(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_pack_q3_k`: bytes [nb, 96] -> codes [nb, 256] in 0..7."""
+    nb = b.shape[0]
+    hbit = _unbits_le(b[:, :32].reshape(nb, 32, 1)).reshape(nb, 32, 8).transpose(0, 2, 1)
+    return _unpack_2bit(b[:, 32:96]) | (hbit.reshape(nb, 256) << 2)
+
+
+def _q3_k_scales(raw: np.ndarray) -> np.ndarray:
+    """Q3_K blocks [nb, 110] -> the scale of each sub-block of 16, d * (s[j] - 32) [nb, 16]."""
+    s = _unpack_scales_q3(raw[:, 96:108]).astype(np.int8) - np.int8(32)
+    return _f16_from(raw[:, 108:110]) * s.astype(np.float32)
 
 
 class Q3_K(BlockType):
@@ -716,16 +777,13 @@ class Q3_K(BlockType):
             dq = _f16_from(_f16_bytes(d)) * (l - 32).astype(np.float32)  # [nb, 16]
             new = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dq[:, :, None]), -4, 3) + 4
         L = np.where((dq != 0)[:, :, None], new, L).reshape(nb, 256)
-        hmask = _bits_le(L.reshape(nb, 8, 32).transpose(0, 2, 1).astype(np.uint8), 2, 1).reshape(nb, 32)
-        return np.concatenate([hmask, _pack_2bit(L & 3), sc, _f16_bytes(d)], axis=-1)
+        return np.concatenate([_pack_q3_k(L), sc, _f16_bytes(d)], axis=-1)
 
     @classmethod
     def _dequantize_blocks(cls, raw):
         nb = raw.shape[0]
-        hbit = _unbits_le(raw[:, :32].reshape(nb, 32, 1)).reshape(nb, 32, 8).transpose(0, 2, 1)
-        q = _unpack_2bit(raw[:, 32:96]).astype(np.int8) | (hbit.reshape(nb, 256).astype(np.int8) << 2)
-        s = _unpack_scales_q3(raw[:, 96:108]).astype(np.int8) - np.int8(32)
-        dl = (_f16_from(raw[:, 108:110]) * s.astype(np.float32))[:, :, None]
+        q = _unpack_q3_k(raw[:, :96]).astype(np.int8)
+        dl = _q3_k_scales(raw)[:, :, None]
         return (dl * (q - np.int8(4)).reshape(nb, 16, 16).astype(np.float32)).reshape(nb, 256)
 
 
@@ -763,11 +821,16 @@ class Q2_K(BlockType):
     @classmethod
     def _dequantize_blocks(cls, raw):
         nb = raw.shape[0]
-        sc = raw[:, :16]
-        dl = (_f16_from(raw[:, 80:82]) * (sc & 0xF).astype(np.float32))[:, :, None]
-        ml = (_f16_from(raw[:, 82:84]) * (sc >> 4).astype(np.float32))[:, :, None]
+        dl, ml = _q2_k_scales(raw)
         q = _unpack_2bit(raw[:, 16:80]).reshape(nb, 16, 16).astype(np.float32)
-        return (dl * q - ml).reshape(nb, 256)
+        return (dl[:, :, None] * q - ml[:, :, None]).reshape(nb, 256)
+
+
+def _q2_k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q2_K blocks [nb, 84] -> (d * sc[j], dmin * m[j]) [nb, 16] for the sub-blocks j of 16."""
+    sc = raw[:, :16]
+    return (_f16_from(raw[:, 80:82]) * (sc & 0xF).astype(np.float32),
+            _f16_from(raw[:, 82:84]) * (sc >> 4).astype(np.float32))
 
 
 # -- ternary types (values in {-1, 0, 1} times d) ------------------------------------------------
@@ -795,15 +858,12 @@ class TQ2_0(BlockType):
     @classmethod
     def _pack(cls, d: np.ndarray, t: np.ndarray) -> np.ndarray:
         """d float32 [n, 1], t uint8 [n, 256] in {0, 1, 2} -> blocks [n, 66]."""
-        t = t.reshape(-1, 2, 4, 32)
-        qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
-        return np.concatenate([qs.reshape(-1, 64), _f16_bytes(d)], axis=-1)
+        return np.concatenate([_pack_2bit(t), _f16_bytes(d)], axis=-1)
 
     @classmethod
     def _dequantize_blocks(cls, raw):
-        qs = raw[:, :64].reshape(-1, 2, 1, 32)
-        t = (qs >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3  # [n, 2, 4, 32]
-        return _f16_from(raw[:, 64:66]) * (t.reshape(-1, 256).astype(np.float32) - np.float32(1))
+        t = _unpack_2bit(raw[:, :64])
+        return _f16_from(raw[:, 64:66]) * (t.astype(np.float32) - np.float32(1))
 
 
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)
@@ -843,14 +903,23 @@ class TQ1_0(BlockType):
     @classmethod
     def _pack(cls, d: np.ndarray, t: np.ndarray) -> np.ndarray:
         """d float32 [n, 1], t uint8 [n, 256] in {0, 1, 2} -> blocks [n, 54]."""
-        return np.concatenate([_pack_trits(t[:, :160], 32, 5), _pack_trits(t[:, 160:240], 16, 5),
-                               _pack_trits(t[:, 240:], 4, 4), _f16_bytes(d)], axis=-1)
+        return np.concatenate([_pack_tq1(t), _f16_bytes(d)], axis=-1)
 
     @classmethod
     def _dequantize_blocks(cls, raw):
-        t = np.concatenate([_unpack_trits(raw[:, :32], 5), _unpack_trits(raw[:, 32:48], 5),
-                            _unpack_trits(raw[:, 48:52], 4)], axis=-1)
-        return _f16_from(raw[:, 52:54]) * (t.astype(np.float32) - np.float32(1))
+        return _f16_from(raw[:, 52:54]) * (_unpack_tq1(raw[:, :52]).astype(np.float32) - np.float32(1))
+
+
+def _pack_tq1(t: np.ndarray) -> np.ndarray:
+    """TQ1_0 trits [n, 256] -> ``qs`` [48] then ``qh`` [4] (layout in `TQ1_0`)."""
+    return np.concatenate([_pack_trits(t[:, :160], 32, 5), _pack_trits(t[:, 160:240], 16, 5),
+                           _pack_trits(t[:, 240:], 4, 4)], axis=-1)
+
+
+def _unpack_tq1(b: np.ndarray) -> np.ndarray:
+    """Inverse of `_pack_tq1`: bytes [n, 52] -> trits [n, 256] in 0..2."""
+    return np.concatenate([_unpack_trits(b[:, :32], 5), _unpack_trits(b[:, 32:48], 5),
+                           _unpack_trits(b[:, 48:52], 4)], axis=-1)
 
 
 # -- ternary codes written as they are ---------------------------------------------------------
@@ -932,6 +1001,100 @@ def encode_codes(c: np.ndarray, d: np.ndarray, name: str, m: np.ndarray | None =
         parts = [_f16_bytes(ds)] + ([_bits_le(u, 4, 4)] if name == "Q5_0" else []) + [_pack_nibbles(u)]
     out = np.concatenate(parts, axis=-1) if nb else np.zeros((0, cls.bytes_per_block), np.uint8)
     return out.reshape(c.shape[0], c.shape[1] // cls.block_size * cls.bytes_per_block)
+
+
+# -- the codes of a block, apart from its scales -------------------------------------------------
+# Every quantized type keeps its integer codes in one contiguous byte span of the block and its
+# scales in the rest. `block_codes` reads the codes as the block stores them; `with_block_codes`
+# writes new ones into that span and leaves every scale byte as it was (GPTQ onto a type's fixed
+# grid, `lowbit.export.gguf_grid`). IQ4_NL (lowbit.export.gguf_imatrix) stores 4-bit indices into
+# its table as Q4_0 stores its codes.
+
+
+@dataclass(frozen=True)
+class CodeLayout:
+    """Where a type keeps its codes: bytes [start, stop) of each block, the stored codes'
+    range lo..hi, and the packing of a block's codes [nb, block_size] into that span and back."""
+
+    start: int
+    stop: int
+    lo: int
+    hi: int
+    pack: Callable[[np.ndarray], np.ndarray]
+    unpack: Callable[[np.ndarray], np.ndarray]
+
+
+def _int8_bytes(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.int8).view(np.uint8)
+
+
+def _int8_from(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.int8)
+
+
+_NIBBLES = dict(lo=0, hi=15, pack=_pack_nibbles, unpack=_unpack_nibbles)
+_FIVE = dict(lo=0, hi=31, pack=_pack_5bit, unpack=_unpack_5bit)
+CODE_LAYOUTS: dict[str, CodeLayout] = {
+    "Q8_0": CodeLayout(2, 34, -128, 127, _int8_bytes, _int8_from),
+    "Q4_0": CodeLayout(2, 18, **_NIBBLES),
+    "IQ4_NL": CodeLayout(2, 18, **_NIBBLES),
+    "Q4_1": CodeLayout(4, 20, **_NIBBLES),
+    "Q5_0": CodeLayout(2, 22, **_FIVE),
+    "Q5_1": CodeLayout(4, 24, **_FIVE),
+    "Q2_K": CodeLayout(16, 80, 0, 3, _pack_2bit, _unpack_2bit),
+    "Q3_K": CodeLayout(0, 96, 0, 7, _pack_q3_k, _unpack_q3_k),
+    "Q4_K": CodeLayout(16, 144, 0, 15, _nibbles_k, _unnibbles_k),
+    "Q5_K": CodeLayout(16, 176, 0, 31, _pack_q5_k, _unpack_q5_k),
+    "Q6_K": CodeLayout(0, 192, 0, 63, _pack_q6_k, _unpack_q6_k),
+    "TQ2_0": CodeLayout(0, 64, 0, 2, _pack_2bit, _unpack_2bit),
+    "TQ1_0": CodeLayout(0, 52, 0, 2, _pack_tq1, _unpack_tq1),
+}
+IQ4_NL_LAYOUT = (32, 18)  # (block_size, bytes_per_block) of IQ4_NL, which has no class here
+
+
+def layout(name: str) -> tuple[int, int]:
+    """(block_size, bytes_per_block) of a block type, IQ4_NL included; one-line error if unknown."""
+    if name == "IQ4_NL":
+        return IQ4_NL_LAYOUT
+    if name not in BLOCK_LAYOUTS:
+        raise LowbitError(f"unknown GGUF block type {name!r}; available: {', '.join(list(BLOCK_LAYOUTS) + ['IQ4_NL'])}")
+    return BLOCK_LAYOUTS[name]
+
+
+def _code_layout(raw: np.ndarray, name: str) -> tuple[CodeLayout, int, int]:
+    if name not in CODE_LAYOUTS:
+        raise LowbitError(f"{name} has no integer codes to read or replace (types with codes: {', '.join(CODE_LAYOUTS)})")
+    bs, bpb = layout(name)
+    if raw.dtype != np.uint8 or raw.ndim == 0 or raw.shape[-1] % bpb:
+        raise LowbitError(f"{name}: expected uint8 bytes in whole blocks of {bpb}, got {raw.dtype} {raw.shape}")
+    return CODE_LAYOUTS[name], bs, bpb
+
+
+def block_codes(raw: np.ndarray, name: str) -> np.ndarray:
+    """The integer codes uint8 [..., k * bytes] of type ``name`` store, as int16 [..., k * block_size]
+    (Q8_0: -128..127; the others: the unsigned code, e.g. 0..15 for Q4_0, Q4_K and IQ4_NL)."""
+    raw = np.asarray(raw)
+    c, bs, bpb = _code_layout(raw, name)
+    blocks = np.ascontiguousarray(raw).reshape(-1, bpb)
+    q = c.unpack(blocks[:, c.start:c.stop]) if blocks.shape[0] else np.zeros((0, bs), np.int16)
+    return q.astype(np.int16).reshape(*raw.shape[:-1], raw.shape[-1] // bpb * bs)
+
+
+def with_block_codes(raw: np.ndarray, name: str, q: np.ndarray) -> np.ndarray:
+    """A copy of the blocks ``raw`` with their codes replaced by ``q`` (shaped as `block_codes`
+    returns them, in the type's range), every scale byte unchanged."""
+    raw = np.asarray(raw)
+    c, bs, bpb = _code_layout(raw, name)
+    q = np.asarray(q)
+    want = (*raw.shape[:-1], raw.shape[-1] // bpb * bs)
+    if q.shape != want:
+        raise LowbitError(f"{name}: {want} codes expected for blocks {raw.shape}, got {q.shape}")
+    if q.size and (int(q.min()) < c.lo or int(q.max()) > c.hi):
+        raise LowbitError(f"{name}: codes must lie in {c.lo}..{c.hi}, found {int(q.min())}..{int(q.max())}")
+    out = np.ascontiguousarray(raw).reshape(-1, bpb).copy()
+    if out.shape[0]:
+        out[:, c.start:c.stop] = c.pack(q.reshape(-1, bs).astype(np.int16))
+    return out.reshape(raw.shape)
 
 
 TYPES: dict[str, type[BlockType]] = {}
