@@ -137,6 +137,74 @@ def check_solver_inputs(W: Tensor, H: Tensor, who: str) -> None:
         raise LowbitError(f"{who} Hessian has NaN/Inf values")
 
 
+def column_order(H: Tensor, act_order: bool, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(perm, dead) for H [in, in]: the solve's column order (descending diag H with act_order,
+    stable so ties keep their index order; a dead input, diag H = 0, counts as 1) and the dead
+    inputs (bool [in]). A dead input never affected the calibration outputs: its weights are
+    zeroed before the solve, and `permuted_inverse_factor` makes H invertible there."""
+    diag = torch.diagonal(H).to(device=device, dtype=dtype).clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = (torch.argsort(diag, descending=True, stable=True) if act_order
+            else torch.arange(H.shape[0], device=device))
+    return perm, dead
+
+
+def permuted_inverse_factor(H: Tensor, perm: Tensor, dead: Tensor, damp: float, who: str,
+                            dtype: torch.dtype) -> tuple[Tensor, float]:
+    """`inverse_hessian_factor` of H in the solve's order (a copy in ``dtype`` on perm's device;
+    the caller's H is untouched), dead inputs' diagonal set to 1 first. Its rows are the eq. 3
+    rows of H_F⁻¹."""
+    Hp = H.detach().to(device=perm.device, dtype=dtype)[perm[:, None], perm[None, :]]  # one gather
+    Hp.diagonal()[dead[perm]] = 1.0
+    return inverse_hessian_factor(Hp, damp, who)
+
+
+def hessian_error(D: Tensor, H: Tensor) -> float:
+    """tr(D H Dᵀ) for D = W - Q [out, in] (in D's dtype): the output error GPTQ minimises."""
+    Hd = H.detach().to(device=D.device, dtype=D.dtype)
+    return float(((D @ Hd) * D).sum())
+
+
+def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize) -> Tensor:
+    """Algorithm 1's loop, for any rounding rule: W [out, in] in visiting order (updated in place),
+    Hinv [in, in] the upper Cholesky factor of H⁻¹ in that order (`inverse_hessian_factor`).
+
+    Column j (a position in visiting order) is rounded by ``quantize(j, w, current)`` -> ŵ [out],
+    with w [out] its weights after the error feedback of the columns before it; ``current(end)``
+    gives the current weights of positions j..end-1 (this block's, updated eagerly, and later
+    ones with this block's pending updates applied), for a rule that fits a grid to them when a
+    group starts. Its error goes to the columns after it (eq. 2), within the block at once and to
+    the rest once per block (lazy batch updates). Returns Q [out, in]: every ŵ, in visiting order."""
+    rows, cols = W.shape
+    Q = torch.empty_like(W)
+    B = block_size
+    with _one_cpu_thread(W.device):
+        for i1 in range(0, cols, B):
+            i2 = min(i1 + B, cols)
+            W1 = W[:, i1:i2].clone()     # [out, b] this block's columns, updated eagerly
+            Err1 = torch.zeros_like(W1)  # [out, b] scaled errors (w - quant(w)) / [Hinv]_jj
+            Hinv1 = Hinv[i1:i2, i1:i2]   # [b, b]
+            for i in range(i2 - i1):
+                j = i1 + i               # position (== original column without act_order)
+
+                def current(end: int, i: int = i, j: int = j) -> Tensor:
+                    cur = W1[:, i:min(end, i2) - i1]
+                    if end > i2:
+                        cur = torch.cat([cur, W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]], dim=1)
+                    return cur
+
+                w = W1[:, i]             # [out]
+                w_hat = quantize(j, w, current)
+                Q[:, j] = w_hat
+                err = (w - w_hat) / Hinv1[i, i]                              # eq. 2, scaled error
+                W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]    # eq. 2 in the block
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                             # lazy batch update
+            del W1, Err1
+    return Q
+
+
 def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
                   dtype: torch.dtype = torch.float32) -> tuple[AffineWeight, dict]:
     """Pure solver (paper Algorithm 1). W [out, in] weights, H [in, in] = 2/n Σ x xᵀ.
@@ -151,10 +219,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     W_in, H_in = W, H
     W = W.detach().to(dtype).clone()                              # [out, in]
 
-    # Dead inputs: zero their weights, make H invertible there (diag 1; also their sort key).
-    diag = torch.diagonal(H).to(device=W.device, dtype=dtype).clone()
-    dead = diag == 0
-    diag[dead] = 1.0
+    perm, dead = column_order(H, cfg.act_order, W.device, dtype)
     W[:, dead] = 0.0
 
     # Quantization grid. Static: all qparams now, from the original weights. Dynamic (group, no
@@ -170,50 +235,26 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
         scale = W.new_zeros(rows, n_groups)
         zero = None if scheme.symmetric else W.new_zeros(rows, n_groups)
 
-    # Column order: descending diag H with act_order (stable, so ties keep their index order).
-    perm = (torch.argsort(diag, descending=True, stable=True) if cfg.act_order
-            else torch.arange(cols, device=W.device))
     W = W[:, perm]
-    # the solver's own H, permuted in one gather (H[perm][:, perm] would make two copies)
-    H = H.detach().to(device=W.device, dtype=dtype)[perm[:, None], perm[None, :]]  # [in, in]
-    H.diagonal()[dead[perm]] = 1.0
     group_of = (perm // g).tolist() if per_group else [0] * cols  # position -> group of its column
-
-    # Dampening, then Hinv = upper Cholesky factor of H⁻¹ (its rows are the eq. 3 rows of H_F⁻¹).
-    Hinv, lam = inverse_hessian_factor(H, cfg.damp, "GPTQ")     # [in, in]
-    del H
+    Hinv, lam = permuted_inverse_factor(H, perm, dead, cfg.damp, "GPTQ", dtype)  # [in, in]
 
     Qint = torch.empty(rows, cols, dtype=torch.int32, device=W.device)  # integers, visiting order
-    Q = torch.empty_like(W)                                               # dequantized, visiting order
-    B = cfg.block_size
-    with _one_cpu_thread(W.device):
-        for i1 in range(0, cols, B):
-            i2 = min(i1 + B, cols)
-            W1 = W[:, i1:i2].clone()     # [out, b] this block's columns, updated eagerly
-            Err1 = torch.zeros_like(W1)  # [out, b] scaled errors (w - quant(w)) / [Hinv]_jj
-            Hinv1 = Hinv[i1:i2, i1:i2]   # [b, b]
-            for i in range(i2 - i1):
-                j = i1 + i               # position (== original column without act_order)
-                gi = group_of[j]
-                if not static and j % g == 0:
-                    # a group starts: qparams from its current weights = in-block columns (already
-                    # updated) + later columns with this block's pending updates applied
-                    end = min(j + g, cols)
-                    cur = W1[:, i:min(end, i2) - i1]
-                    if end > i2:
-                        cur = torch.cat([cur, W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]], dim=1)
-                    s, z = qparams_from_range(cur.amin(dim=1), cur.amax(dim=1), scheme)
-                    scale[:, gi] = s.to(W)
-                    if zero is not None:
-                        zero[:, gi] = z.to(W)
-                w = W1[:, i]             # [out]
-                q, w_hat = round_to_grid(w, scale[:, gi], None if zero is None else zero[:, gi], scheme)
-                Qint[:, j], Q[:, j] = q.to(torch.int32), w_hat
-                err = (w - w_hat) / Hinv1[i, i]                              # eq. 2, scaled error
-                W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]    # eq. 2 in the block
-                Err1[:, i] = err
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                             # lazy batch update
-            del W1, Err1
+
+    def quantize(j: int, w: Tensor, current) -> Tensor:
+        gi = group_of[j]
+        if not static and j % g == 0:
+            # a group starts: qparams from its current weights
+            cur = current(min(j + g, cols))
+            s, z = qparams_from_range(cur.amin(dim=1), cur.amax(dim=1), scheme)
+            scale[:, gi] = s.to(W)
+            if zero is not None:
+                zero[:, gi] = z.to(W)
+        q, w_hat = round_to_grid(w, scale[:, gi], None if zero is None else zero[:, gi], scheme)
+        Qint[:, j] = q.to(torch.int32)
+        return w_hat
+
+    Q = gptq_columns(W, Hinv, cfg.block_size, quantize)                  # dequantized, visiting order
 
     del Hinv, W                  # freed before the result's copies are made
     inv = torch.argsort(perm)
@@ -221,8 +262,7 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
     del Qint
     D = W_in.detach().to(dtype) - Q[:, inv]                                    # [out, in]
     del Q
-    Hd = H_in.detach().to(device=D.device, dtype=dtype)
-    info = {"error": float(((D @ Hd) * D).sum()), "dead_columns": int(dead.sum()), "lambda": float(lam)}
+    info = {"error": hessian_error(D, H_in), "dead_columns": int(dead.sum()), "lambda": float(lam)}
     return fmt, info
 
 
