@@ -282,6 +282,8 @@ def item_cost(item: str, W: Tensor, stats: dict[str, LayerStats], opt: Option, m
     if item == EMBED and opt.method == "gptq":
         raise LowbitError("the embedding is not GPTQ-solved")
     W_hat, stored, nbytes = solve(W, st, opt)
+    if opt.method == "float":  # kept as it is: a tied head is stored once, with the embedding
+        nbytes = 0 if item == HEAD and tied(model) else W.numel() * W.element_size()
     return W_hat, stored, nbytes, predicted_kl(W_hat - W.float(), st, extra=extra)
 
 

@@ -1,0 +1,405 @@
+"""`lowbit auto`: the best mix of per-tensor choices for a size budget, measured.
+
+1. measure (`lowbit.auto.sensitivity`): one pass over calibration text for every tensor's H and
+   output Fisher, then the predicted KL and bytes of every option of every tensor (cached per
+   model, calibration and option set: a new budget costs no new measurement);
+2. allocate (`lowbit.auto.knapsack`): the least total predicted KL within the budget, exactly;
+3. verify: the whole plan's KL measured end to end on calibration windows the statistics did not
+   see (every tensor's dequantized choice in place at once), against the sum predicted;
+4. repair (greedy, ``repair_rounds``): the tensors that carry most of the predicted KL are each
+   measured alone; each one's options are re-scaled by its measured/predicted ratio, the
+   knapsack is solved again, and the new plan is kept only if its measured KL is lower;
+5. the plan is applied (lowbit target: quantized modules; GGUF target: the chosen types and
+   GPTQ-solved blocks) and written with ``auto-plan.json`` next to it; a budget the written
+   output misses on disk (headers, tokenizer) is tightened by the excess and solved again.
+
+``rank_check`` (optional, ``rank_items`` > 0) reports how well the prediction ranks the true KL of
+single tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.auto import knapsack
+from lowbit.auto import sensitivity as S
+from lowbit.auto.plan import Entry, Plan
+from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    target: str = "lowbit"
+    bits: float | None = None          # budget: bits per weight over the allocated tensors
+    size: int | None = None            # budget: bytes of the whole output on disk
+    methods: tuple[str, ...] | None = None
+    bit_choices: tuple[int, ...] = S.DEFAULT_BITS
+    groups: tuple[int, ...] = S.DEFAULT_GROUPS
+    gguf_types: tuple[str, ...] = S.GGUF_TYPES
+    head: bool = True                  # allocate the output head too
+    n_samples: int = 16
+    seq_len: int = 256
+    seed: int = 0
+    draws: int = 1
+    verify_samples: int = 4            # windows (a different seed) for the end-to-end checks
+    repair_rounds: int = 1
+    repair_items: int = 8
+    rank_items: int = 0
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target not in S.TARGETS:
+            raise LowbitError(f"unknown target {self.target!r}; choose one of {', '.join(S.TARGETS)}")
+        if (self.bits is None) == (self.size is None):
+            raise LowbitError("give exactly one budget: bits per weight or a size")
+        if self.bits is not None and not 1 <= self.bits <= 32:
+            raise LowbitError(f"the bits budget must be between 1 and 32 bits per weight, got {self.bits}")
+        if self.size is not None and self.size <= 0:
+            raise LowbitError(f"the size budget must be positive, got {self.size}")
+        known = S.LOWBIT_METHODS if self.target == "lowbit" else S.GGUF_METHODS
+        bad = [m for m in self.methods or () if m not in known]
+        if bad:
+            raise LowbitError(f"method(s) {', '.join(bad)} are not offered for the {self.target} target; "
+                              f"choose from {', '.join(known)}")
+
+
+@dataclass
+class Measured:
+    """What `prepare` found: the items, their statistics, options, the table and the KL meter."""
+
+    items: dict[str, nn.Module]
+    stats: dict
+    options: dict[str, list[S.Option]]
+    table: S.Table
+    meter: S.KLMeter
+    calibration: dict
+    rank: dict | None = None
+    cache_path: str | None = None
+    solved: dict = field(default_factory=dict)  # (item, label) -> (W_hat, stored, bytes), the current plan's
+
+
+def _model_id(m) -> dict:
+    from lowbit.api import _with_fingerprint
+
+    src = _with_fingerprint(dict(m.source or {}))
+    return {k: v for k, v in src.items() if k in ("kind", "path", "name", "fingerprint", "spec")}
+
+
+def prepare(m, cfg: AutoConfig, *, progress: bool = True, log=print) -> Measured:
+    from lowbit.data.texts import calibration_samples, load_text
+
+    if m.record is not None:
+        raise LowbitError(f"{m.name} is already quantized; auto-compress the original model")
+    model = m.model
+    items = S.items_of(model, cfg.target, head=cfg.head)
+    text = load_text("calibration")
+    samples = calibration_samples(m.tokenizer, n_samples=cfg.n_samples, seq_len=cfg.seq_len, text=text, seed=cfg.seed)
+    verify_ids = calibration_samples(m.tokenizer, n_samples=cfg.verify_samples, seq_len=cfg.seq_len, text=text,
+                                     seed=cfg.seed + 1)
+    calib = {"text": "calibration", "n_samples": cfg.n_samples, "seq_len": cfg.seq_len, "seed": cfg.seed,
+             "draws": cfg.draws}
+    options = {k: S.options_for(cfg.target, tuple(mod.weight.shape), methods=cfg.methods, bits=cfg.bit_choices,
+                                groups=cfg.groups, types=cfg.gguf_types, embedding=k == S.EMBED)
+               for k, mod in items.items()}
+    if cfg.target == "lowbit" and S.HEAD in items:
+        options[S.HEAD].insert(0, S.Option("float"))
+    for k, o in options.items():
+        if not o:
+            raise LowbitError(f"{k} ({tuple(items[k].weight.shape)}) has no option: no group size or block type "
+                              f"divides its rows of {items[k].weight.shape[-1]}")
+    from lowbit.version import __version__
+
+    key = {"model": _model_id(m), "calibration": calib, "target": cfg.target, "version": __version__,
+           "options": {k: [o.label for o in v] for k, v in options.items()}}
+    cache = S.cache_dir() / f"sensitivity-{S.key_hash(key)}.json" if cfg.cache else None
+    t0 = time.perf_counter()
+    stats = S.statistics(model, items, samples, draws=cfg.draws, seed=cfg.seed, progress=progress)
+    log(f"statistics of {len(items)} tensors over {samples.numel()} tokens in {time.perf_counter() - t0:.0f} s")
+    cached = cache is not None and S.load_table(cache, key) is not None and \
+        set(S.load_table(cache, key).kl) >= set(items)
+    table = S.measure(model, items, stats, options, key, cache=cache, progress=progress)
+    log(f"sensitivity table: {sum(len(v) for v in options.values())} (tensor, option) pairs "
+        f"({'from the cache ' + str(cache) if cached else f'measured in {table.seconds:.0f} s'})")
+    meter = S.KLMeter(model, verify_ids)
+    out = Measured(items, stats, options, table, meter, calib, cache_path=None if cache is None else str(cache))
+    if cfg.rank_items:
+        out.rank = S.rank_check(model, items, stats, options, meter, n_items=cfg.rank_items, progress=progress)
+        log(f"proxy vs true single-tensor KL on {len(out.rank['rows'])} (tensor, option) pairs: Spearman "
+            f"{out.rank['spearman']:.3f} (within a tensor {out.rank['spearman_within']:.3f}, across tensors "
+            f"{out.rank['spearman_across']:.3f})")
+    return out
+
+
+def fixed_bytes(m, items: dict[str, nn.Module], target: str) -> int:
+    """Bytes of what the output stores besides the allocated tensors (an estimate: the float
+    tensors outside them, in the checkpoint's dtype; the writer's headers come on top)."""
+    from lowbit import checkpoint
+
+    taken = {mod.weight.data_ptr() for mod in items.values()}
+    total = 0
+    for name, t in checkpoint._unique_state_dict(m.model).items():
+        if t.data_ptr() in taken:
+            continue
+        if target == "gguf":
+            total += t.numel() * (4 if t.dim() < 2 else 2)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def budget_bytes(cfg: AutoConfig, table: S.Table, fixed: int) -> int:
+    if cfg.bits is not None:
+        n = sum(r * c for r, c in table.shapes.values())
+        return int(cfg.bits * n // 8)
+    b = cfg.size - fixed
+    if b <= 0:
+        raise LowbitError(f"the size budget {cfg.size} is below what the model stores besides its quantized tensors "
+                          f"({fixed} bytes)")
+    return int(b)
+
+
+def allocate(table: S.Table, budget: int, scale: dict[str, float] | None = None) -> tuple[dict[str, str], knapsack.Solution]:
+    """The option of every item minimising Σ predicted KL (each item's row times ``scale[item]``)
+    within ``budget`` bytes."""
+    keys = list(table.kl)
+    labels = [table.options(k) for k in keys]
+    scale = scale or {}
+    opts = [[(table.kl[k][lab] * scale.get(k, 1.0), int(table.bytes[k][lab])) for lab in labs]
+            for k, labs in zip(keys, labels)]
+    sol = knapsack.solve(opts, budget)
+    return {k: labels[i][c] for i, (k, c) in enumerate(zip(keys, sol.choice))}, sol
+
+
+def _solved(meas: Measured, item: str, label: str, model):
+    key = (item, label)
+    if key not in meas.solved:
+        W = meas.items[item].weight.detach()
+        W_hat, stored, nbytes, _ = S.item_cost(item, W, meas.stats, S.Option.parse(label), model)
+        meas.solved[key] = (W_hat, stored, nbytes)
+    return meas.solved[key]
+
+
+def plan_kl(meas: Measured, choice: dict[str, str], model) -> float:
+    """The KL of the whole plan, every item's dequantized choice in place at once."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        for k, lab in choice.items():
+            stack.enter_context(S.swapped_weight(meas.items[k], _solved(meas, k, lab, model)[0]))
+        kl = meas.meter.kl()
+    keep = set(choice.items())
+    for key in list(meas.solved):  # only the current plan's weights are kept
+        if key not in keep:
+            del meas.solved[key]
+    return kl
+
+
+def alone_kl(meas: Measured, item: str, label: str, model) -> float:
+    with S.swapped_weight(meas.items[item], _solved(meas, item, label, model)[0]):
+        return meas.meter.kl()
+
+
+def search(m, meas: Measured, cfg: AutoConfig, budget: int, *, log=print) -> Plan:
+    """Allocate, verify end to end, repair; the best plan found (module docstring, steps 2-4)."""
+    model = m.model
+    table = meas.table
+    scale: dict[str, float] = {}
+    choice, sol = allocate(table, budget)
+    kl = plan_kl(meas, choice, model)
+    rounds = [{"round": 0, "predicted_kl": sol.cost, "measured_kl": kl, "bytes": sol.size, "gap": sol.gap}]
+    log(f"plan: {8 * sol.size / max(1, sum(r * c for r, c in table.shapes.values())):.3f} bits/weight, "
+        f"predicted KL {sol.cost:.4g} (no plan within the budget can be predicted below {sol.lower_bound:.4g}), "
+        f"measured {kl:.4g}")
+    alone: dict[tuple[str, str], float] = {}
+    best = (kl, choice)
+    for r in range(1, cfg.repair_rounds + 1):
+        heavy = sorted(choice, key=lambda k: -table.kl[k][choice[k]] * scale.get(k, 1.0))[:cfg.repair_items]
+        for k in heavy:
+            if (k, choice[k]) not in alone:
+                alone[(k, choice[k])] = alone_kl(meas, k, choice[k], model)
+            pred = table.kl[k][choice[k]]
+            if pred > 0:
+                scale[k] = max(alone[(k, choice[k])], 1e-12) / pred
+        new, sol2 = allocate(table, budget, scale)
+        if new == best[1]:
+            rounds.append({"round": r, "predicted_kl": sol2.cost, "measured_kl": best[0], "bytes": sol2.size,
+                           "changed": 0})
+            log(f"repair round {r}: measured {len(heavy)} tensors alone; the plan stays")
+            break
+        kl2 = plan_kl(meas, new, model)
+        changed = sum(new[k] != best[1][k] for k in new)
+        rounds.append({"round": r, "predicted_kl": sol2.cost, "measured_kl": kl2, "bytes": sol2.size,
+                       "changed": changed, "kept": kl2 < best[0]})
+        log(f"repair round {r}: {changed} tensors changed, measured KL {kl2:.4g} "
+            f"({'kept' if kl2 < best[0] else 'not better: the previous plan stays'})")
+        if kl2 < best[0]:
+            best = (kl2, new)
+        choice = new
+    kl, choice = best
+    entries = []
+    for k, lab in choice.items():
+        rows, cols = table.shapes[k]
+        entries.append(Entry(k, lab, int(table.bytes[k][lab]), rows * cols, float(table.kl[k][lab]),
+                             alone.get((k, lab))))
+    return Plan(target=cfg.target, budget={"bits": cfg.bits, "size": cfg.size, "bytes": budget},
+                entries=entries, calibration=meas.calibration, measured_kl=kl, rank_check=meas.rank,
+                rounds=rounds, extra={"lower_bound": sol.lower_bound})
+
+
+# --------------------------------------------------------------------------------------------
+# applying a plan
+# --------------------------------------------------------------------------------------------
+
+def apply_lowbit(m, meas: Measured, plan: Plan, cfg: AutoConfig) -> None:
+    """Put every tensor's chosen format in the model (quantized modules) and give it its record."""
+    import datetime as _dt
+
+    from lowbit.api import _float_dtype, _with_fingerprint
+    from lowbit.nn.replace import replacement
+
+    model = m.model
+    dtype = str(m.extra.get("dtype") or _float_dtype(model)).removeprefix("torch.")
+    names = {mod: n for n, mod in model.named_modules()}
+    for e in plan.entries:
+        if e.option == "float":
+            continue
+        mod = meas.items[e.tensor]
+        _, fmt, _ = _solved(meas, e.tensor, e.option, model)
+        new = replacement(mod, fmt)
+        if e.tensor == S.HEAD:
+            model.set_output_embeddings(new)
+            continue
+        parent, _, child = names[mod].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    m.record = {
+        "method": {"method": "auto", "config": {"budget": plan.budget, "target": plan.target,
+                                                "options": sorted({e.option for e in plan.entries})}},
+        "base_model": _with_fingerprint(m.source),
+        "calibration": plan.calibration,
+        "runner": None,
+        "quantize_seconds": 0.0,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu",
+        "dtype": dtype,
+        "streaming": False,
+        "auto": {"bits_per_weight": plan.bits_per_weight, "predicted_kl": plan.predicted_kl,
+                 "measured_kl": plan.measured_kl},
+    }
+
+
+def gguf_blocks(meas: Measured, plan: Plan, model) -> tuple[dict[str, str], dict[str, object]]:
+    """(GGUF type of every allocated tensor by GGUF name, the GPTQ-solved blocks by HF module name)."""
+    from lowbit.export.gguf import gguf_name
+    from lowbit.models.families import family_of
+
+    fam = family_of(model)
+    names = {mod: n for n, mod in model.named_modules()}
+    types, solved = {}, {}
+    for e in plan.entries:
+        opt = S.Option.parse(e.option)
+        mod = meas.items[e.tensor]
+        hf = fam.embed if e.tensor == S.EMBED else names[mod]
+        types[gguf_name(hf + ".weight", fam)] = opt.gguf_type
+        if opt.method == "gptq":
+            solved[hf] = _solved(meas, e.tensor, e.option, model)[1]
+    return types, solved
+
+
+def plan_path(output, target: str):
+    from pathlib import Path
+
+    from lowbit.auto.plan import PLAN_FILE
+
+    return Path(output) / PLAN_FILE if target == "lowbit" else Path(str(output) + ".plan.json")
+
+
+def _module_names(model, meas: Measured) -> dict[str, str]:
+    names = {mod: n for n, mod in model.named_modules()}
+    return {k: names[mod] for k, mod in meas.items.items() if mod in names}
+
+
+def _restore(model, meas: Measured, names: dict[str, str]) -> None:
+    """Put the original float modules back (after a plan was applied)."""
+    for k, mod in meas.items.items():
+        if k == S.HEAD:
+            model.set_output_embeddings(mod)
+        elif k != S.EMBED:
+            parent, _, child = names[k].rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, mod)
+
+
+def _apply_gguf_blocks(model, meas: Measured, plan: Plan, names: dict[str, str]) -> tuple[dict, dict]:
+    """Install the GPTQ-solved GGUF blocks as modules; (per-GGUF-name types, imatrix by GGUF name)."""
+    import numpy as np
+
+    from lowbit.export.gguf import gguf_name
+    from lowbit.formats.gguf_blocks import GGUFBlockWeight
+    from lowbit.models.families import family_of
+    from lowbit.nn.replace import replacement
+
+    fam = family_of(model)
+    types, imatrix = {}, {}
+    for e in plan.entries:
+        opt = S.Option.parse(e.option)
+        hf = fam.embed if e.tensor == S.EMBED else names[e.tensor]
+        g = gguf_name(hf + ".weight", fam)
+        types[g] = opt.gguf_type
+        st = meas.stats[e.tensor]
+        if st.H is not None:
+            imatrix[g] = torch.diagonal(st.H).float().numpy().astype(np.float32)
+        if opt.method == "gptq":
+            raw = _solved(meas, e.tensor, e.option, model)[1]
+            mod = meas.items[e.tensor]
+            fmt = GGUFBlockWeight.from_raw(raw, opt.gguf_type, tuple(mod.weight.shape))
+            new = replacement(mod, fmt)
+            if e.tensor == S.HEAD:
+                model.set_output_embeddings(new)
+            else:
+                parent, _, child = hf.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, new)
+    return types, imatrix
+
+
+def write(m, meas: Measured, cfg: AutoConfig, output, *, force: bool = False, log=print):
+    """Search, apply and write the output; a size budget the written output misses on disk is
+    tightened by the excess and the search runs again (at most 3 times). Returns (plan, path)."""
+    from pathlib import Path
+
+    from lowbit.eval.size import dir_size_bytes
+
+    model = m.model
+    names = _module_names(model, meas)
+    fixed = fixed_bytes(m, meas.items, cfg.target)
+    budget = budget_bytes(cfg, meas.table, fixed)
+    for attempt in range(3):
+        plan = search(m, meas, cfg, budget, log=log)
+        if cfg.target == "lowbit":
+            from lowbit import api
+
+            apply_lowbit(m, meas, plan, cfg)
+            out = api.save(m, str(output), force=force or attempt > 0)
+            on_disk = dir_size_bytes(out)
+        else:
+            from lowbit.export.gguf import export_gguf
+
+            types, imatrix = _apply_gguf_blocks(model, meas, plan, names)
+            rep = export_gguf(m, output, "F16", imatrix=imatrix, tensor_types=types, force=force or attempt > 0)
+            out = rep.path
+            on_disk = Path(out).stat().st_size
+        plan.extra.update({"on_disk_bytes": on_disk, "fixed_bytes": fixed})
+        if cfg.size is None or on_disk <= cfg.size:
+            break
+        excess = on_disk - cfg.size
+        log(f"the output takes {on_disk} bytes on disk, {excess} over the budget (headers, tokenizer): "
+            "tightening the budget by that much")
+        budget -= excess
+        _restore(model, meas, names)
+        m.record = None
+    else:
+        raise LowbitError(f"the output still exceeds the size budget after 3 attempts ({on_disk} > {cfg.size} bytes)")
+    plan.save(plan_path(output, cfg.target))
+    return plan, out
