@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs
+from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.hessian import _one_cpu_thread, check_solver_inputs
 from lowbit.core.grid import check_finite
 from lowbit.core.hadamard import layer_seed
 from lowbit.core.registry import register_method

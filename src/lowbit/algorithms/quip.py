@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.algorithms.block_tune import block_parameters, tune
-from lowbit.algorithms.gptq import GPTQ, check_solver_inputs
+from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.hessian import check_solver_inputs
 from lowbit.algorithms.ldlq import block_ldlq, proxy_loss
 from lowbit.core import e8p
 from lowbit.core.grid import check_finite

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import GPTQ, _one_cpu_thread, check_solver_inputs, inverse_hessian_factor
+from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.hessian import _one_cpu_thread, check_solver_inputs, inverse_hessian_factor
 from lowbit.algorithms.pruning import (check_nm_columns, check_sparsity, hessian_error, layer_info, lowest_k_mask,
                                        nm_mask, parse_pattern, prune_count, sparsity_of,
                                        with_sparsity)

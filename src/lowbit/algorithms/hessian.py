@@ -1,0 +1,137 @@
+"""Shared pieces of the Hessian-based solvers (GPTQ, SparseGPT, AQLM, QuIP#, GPTQ onto a GGUF
+type's grid): the input checks, the column order, the inverse Hessian's Cholesky factor, the
+column loop of GPTQ's Algorithm 1 for any rounding rule, and the output error tr(D H Dᵀ).
+
+Notation as in `lowbit.algorithms.gptq` (whose module docstring derives the algorithm): W [out, in]
+weights, H [in, in] = 2/n Σ x xᵀ over calibration inputs, Hinv the upper Cholesky factor of
+(H + λI)⁻¹ (its rows are the eq. 3 rows of H_F⁻¹).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from lowbit.core.grid import check_finite
+from lowbit.errors import LowbitError
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """The column loop is thousands of tiny dependent vector ops; on a CPU, waking threads for
+    each costs more than it saves (measured 15x slower with 2 threads on a busy 2-core machine),
+    so the solve runs on one thread and restores the setting afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def inverse_hessian_factor(H: Tensor, damp: float, who: str) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean(diag H), computed in H's own
+    storage and returned (the caller's H is U afterwards): each LAPACK step makes one temporary
+    copy, so an [in, in] matrix exists at most twice (an 8B down projection's H is 0.8 GB).
+    Factored on one thread: LAPACK's factorizations give other bits on other thread counts, and a
+    torchrun process (one thread) must solve exactly as a multi-threaded single process does.
+    Shared by GPTQ and SparseGPT."""
+    lam = damp * torch.diagonal(H).mean()
+    H.diagonal().add_(lam)
+    bad = torch.zeros((), dtype=torch.int32, device=H.device)
+    with _one_cpu_thread(H.device):
+        torch.linalg.cholesky_ex(H, out=(H, bad))            # L in the lower triangle
+        if bad.item() == 0:
+            H.tril_()                                        # exactly L (the upper half held H)
+            torch.cholesky_inverse(H, out=H)                 # (H + λI)⁻¹
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, bad))
+    if bad.item() != 0:
+        raise LowbitError(f"{who} Hessian is not positive definite after dampening (damp={damp}); increase damp")
+    return H, float(lam)
+
+
+@torch.no_grad()
+def check_solver_inputs(W: Tensor, H: Tensor, who: str) -> None:
+    """One-line errors for a weight/Hessian pair a Hessian-based solver cannot take."""
+    if W.dim() != 2:
+        raise LowbitError(f"{who} expects a 2-D weight, got shape {tuple(W.shape)}")
+    cols = W.shape[1]
+    if tuple(H.shape) != (cols, cols):
+        raise LowbitError(f"{who} Hessian has shape {tuple(H.shape)}, expected ({cols}, {cols}) "
+                          f"for weight {tuple(W.shape)}")
+    check_finite(W, "W")
+    if not torch.isfinite(H).all():
+        raise LowbitError(f"{who} Hessian has NaN/Inf values")
+
+
+def column_order(H: Tensor, act_order: bool, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(perm, dead) for H [in, in]: the solve's column order (descending diag H with act_order,
+    stable so ties keep their index order; a dead input, diag H = 0, counts as 1) and the dead
+    inputs (bool [in]). A dead input never affected the calibration outputs: its weights are
+    zeroed before the solve, and `permuted_inverse_factor` makes H invertible there."""
+    diag = torch.diagonal(H).to(device=device, dtype=dtype).clone()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = (torch.argsort(diag, descending=True, stable=True) if act_order
+            else torch.arange(H.shape[0], device=device))
+    return perm, dead
+
+
+def permuted_inverse_factor(H: Tensor, perm: Tensor, dead: Tensor, damp: float, who: str,
+                            dtype: torch.dtype) -> tuple[Tensor, float]:
+    """`inverse_hessian_factor` of H in the solve's order (a copy in ``dtype`` on perm's device;
+    the caller's H is untouched), dead inputs' diagonal set to 1 first. Its rows are the eq. 3
+    rows of H_F⁻¹."""
+    Hp = H.detach().to(device=perm.device, dtype=dtype)[perm[:, None], perm[None, :]]  # one gather
+    Hp.diagonal()[dead[perm]] = 1.0
+    return inverse_hessian_factor(Hp, damp, who)
+
+
+def hessian_error(D: Tensor, H: Tensor) -> float:
+    """tr(D H Dᵀ) for D = W - Q [out, in] (in D's dtype): the output error GPTQ minimises."""
+    Hd = H.detach().to(device=D.device, dtype=D.dtype)
+    return float(((D @ Hd) * D).sum())
+
+
+def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize) -> Tensor:
+    """Algorithm 1's loop, for any rounding rule: W [out, in] in visiting order (updated in place),
+    Hinv [in, in] the upper Cholesky factor of H⁻¹ in that order (`inverse_hessian_factor`).
+
+    Column j (a position in visiting order) is rounded by ``quantize(j, w, current)`` -> ŵ [out],
+    with w [out] its weights after the error feedback of the columns before it; ``current(end)``
+    gives the current weights of positions j..end-1 (this block's, updated eagerly, and later
+    ones with this block's pending updates applied), for a rule that fits a grid to them when a
+    group starts. Its error goes to the columns after it (eq. 2), within the block at once and to
+    the rest once per block (lazy batch updates). Returns Q [out, in]: every ŵ, in visiting order."""
+    rows, cols = W.shape
+    Q = torch.empty_like(W)
+    B = block_size
+    with _one_cpu_thread(W.device):
+        for i1 in range(0, cols, B):
+            i2 = min(i1 + B, cols)
+            W1 = W[:, i1:i2].clone()     # [out, b] this block's columns, updated eagerly
+            Err1 = torch.zeros_like(W1)  # [out, b] scaled errors (w - quant(w)) / [Hinv]_jj
+            Hinv1 = Hinv[i1:i2, i1:i2]   # [b, b]
+            for i in range(i2 - i1):
+                j = i1 + i               # position (== original column without act_order)
+
+                def current(end: int, i: int = i, j: int = j) -> Tensor:
+                    cur = W1[:, i:min(end, i2) - i1]
+                    if end > i2:
+                        cur = torch.cat([cur, W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]], dim=1)
+                    return cur
+
+                w = W1[:, i]             # [out]
+                w_hat = quantize(j, w, current)
+                Q[:, j] = w_hat
+                err = (w - w_hat) / Hinv1[i, i]                              # eq. 2, scaled error
+                W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]    # eq. 2 in the block
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                             # lazy batch update
+            del W1, Err1
+    return Q
