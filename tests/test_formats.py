@@ -24,6 +24,7 @@ from lowbit.formats.incoherent import IncoherentAffineWeight
 from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 from lowbit.formats.dynamic_int8 import DynamicInt8Weight
 from lowbit.formats.floatw import FloatWeight
+from lowbit.formats.gguf_blocks import GGUFBlockWeight
 from lowbit.formats.int8 import Int8Weight
 from lowbit.formats.sparse_csr import CSRWeight
 from lowbit.formats.sparse_nm import SparseNMWeight
@@ -90,6 +91,8 @@ CASES = [
     ("bitnet-b1.58", BitNetWeight.from_float(_W(), 1.58), {"shape", "bits", "norm", "norm_gain", "norm_eps"}),
     ("bitnet-1bit-norm", BitNetWeight.from_float(_W(), 1, norm=True, norm_weight=torch.rand(40)),
      {"shape", "bits", "norm", "norm_gain", "norm_eps"}),
+    ("gguf-blocks-q4_k", GGUFBlockWeight.quantize(_W(6, 256), "Q4_K"), {"shape", "type"}),
+    ("gguf-blocks-iq4_nl", GGUFBlockWeight.quantize(_W(6, 64), "IQ4_NL"), {"shape", "type"}),
 ]
 IDS = [c[0] for c in CASES]
 WEIGHTS = {c[0]: c[1] for c in CASES}

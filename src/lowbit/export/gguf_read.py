@@ -90,14 +90,10 @@ def dequantize_bytes(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) ->
     """Stored bytes of one tensor -> float32 tensor of the torch ``shape`` (rows last-dim contiguous)."""
     if type_name == "F32":
         x = np.ascontiguousarray(raw).view("<f4").astype(np.float32)
-    elif type_name == "IQ4_NL":
-        from lowbit.export.gguf_imatrix import dequantize_iq4_nl
-
-        x = dequantize_iq4_nl(raw)
     else:
-        from lowbit.export import gguf_quants
+        from lowbit.export import gguf_imatrix
 
-        x = gguf_quants.dequantize(raw, type_name)
+        x = gguf_imatrix.dequantize(raw, type_name)
     return torch.from_numpy(np.ascontiguousarray(x).reshape(shape))
 
 
