@@ -80,6 +80,7 @@ class Measured:
     rank: dict | None = None
     cache_path: str | None = None
     solved: dict = field(default_factory=dict)  # (item, label) -> (W_hat, stored, bytes), the current plan's
+    keep_all: bool = False  # keep every solved weight (a benchmark comparing many plans), not only the plan's
 
 
 def _model_id(m) -> dict:
@@ -183,18 +184,20 @@ def _solved(meas: Measured, item: str, label: str, model):
     return meas.solved[key]
 
 
-def plan_kl(meas: Measured, choice: dict[str, str], model) -> float:
-    """The KL of the whole plan, every item's dequantized choice in place at once."""
+def plan_kl(meas: Measured, choice: dict[str, str], model, meter: S.KLMeter | None = None) -> float:
+    """The KL of the whole plan, every item's dequantized choice in place at once (measured by
+    ``meter``, default the calibration windows kept for verification)."""
     import contextlib
 
     with contextlib.ExitStack() as stack:
         for k, lab in choice.items():
             stack.enter_context(S.swapped_weight(meas.items[k], _solved(meas, k, lab, model)[0]))
-        kl = meas.meter.kl()
-    keep = set(choice.items())
-    for key in list(meas.solved):  # only the current plan's weights are kept
-        if key not in keep:
-            del meas.solved[key]
+        kl = (meter or meas.meter).kl()
+    if not meas.keep_all:
+        keep = set(choice.items())
+        for key in list(meas.solved):  # only the current plan's weights are kept
+            if key not in keep:
+                del meas.solved[key]
     return kl
 
 
@@ -382,7 +385,10 @@ def write(m, meas: Measured, cfg: AutoConfig, output, *, force: bool = False, lo
 
             apply_lowbit(m, meas, plan, cfg)
             out = api.save(m, str(output), force=force or attempt > 0)
+            plan.extra.update({"on_disk_bytes": dir_size_bytes(out), "fixed_bytes": fixed})
+            plan.save(plan_path(output, cfg.target))  # inside the checkpoint: it counts too
             on_disk = dir_size_bytes(out)
+            slack = 64  # the plan file is written again below with the final size in it
         else:
             from lowbit.export.gguf import export_gguf
 
@@ -390,11 +396,12 @@ def write(m, meas: Measured, cfg: AutoConfig, output, *, force: bool = False, lo
             rep = export_gguf(m, output, "F16", imatrix=imatrix, tensor_types=types, force=force or attempt > 0)
             out = rep.path
             on_disk = Path(out).stat().st_size
+            slack = 0
         plan.extra.update({"on_disk_bytes": on_disk, "fixed_bytes": fixed})
-        if cfg.size is None or on_disk <= cfg.size:
+        if cfg.size is None or on_disk + slack <= cfg.size:
             break
-        excess = on_disk - cfg.size
-        log(f"the output takes {on_disk} bytes on disk, {excess} over the budget (headers, tokenizer): "
+        excess = on_disk + slack - cfg.size
+        log(f"the output takes {on_disk} bytes on disk, {excess} over the budget (headers, tokenizer, plan): "
             "tightening the budget by that much")
         budget -= excess
         _restore(model, meas, names)
