@@ -210,3 +210,57 @@ def test_bad_input(tiny_dir, tmp_path, capsys):
                  "-o", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "budget" in err and "Traceback" not in err
+
+
+GGUF_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  num_hidden_layers=2, tie_word_embeddings=True, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("g") / "tiny", "llama", seed=3, **GGUF_SHAPE)
+
+
+def test_auto_gguf_target(gguf_dir, tmp_path, monkeypatch, capsys):
+    """A GGUF file at a size budget: every tensor has the plan's type; GPTQ-solved tensors read back
+    (gguf-py) exactly as lowbit solved them; the file meets the budget."""
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants as gq
+
+    from lowbit.export import gguf as GW
+    from lowbit.models.families import family_of
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.gguf"
+    code = main(["auto", str(gguf_dir), "--target", "gguf", "--bits", "4.5", "--types",
+                 "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q8_0", "--samples", "4", "--seq-len", "32", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = Plan.load(str(out) + ".plan.json")
+    assert plan.bytes <= plan.budget["bytes"]
+    assert any("+gptq" in e.option for e in plan.entries)
+    m = api.load(str(gguf_dir))
+    fam = family_of(m.model)
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = m.model.config
+    for e in plan.entries:
+        opt = S.Option.parse(e.option)
+        hf = fam.embed if e.tensor == S.EMBED else e.tensor
+        gname = GW.gguf_name(hf + ".weight", fam)
+        t = tensors[gname]
+        assert t.tensor_type.name == opt.gguf_type, gname
+        assert int(t.n_bytes) == e.bytes
+        if opt.method == "gptq":
+            got = torch.from_numpy(gq.dequantize(t.data, t.tensor_type).reshape(-1, t.shape[0]).copy())
+            # the solve, repeated: the same statistics, the same solver
+            W = dict(m.model.named_modules())[hf].weight.detach()
+            items = S.items_of(m.model, "gguf")
+            from lowbit.data.texts import calibration_samples, load_text
+
+            ids = calibration_samples(m.tokenizer, n_samples=4, seq_len=32, text=load_text("calibration"), seed=0)
+            stats = S.statistics(m.model, items, ids, progress=False)
+            W_hat, _, _, _ = S.item_cost(e.tensor, W, stats, opt, m.model)
+            want = GW._gguf_layout(gname, W_hat, fam, cfg.num_attention_heads, cfg.num_key_value_heads)
+            assert torch.equal(got, want), gname
+            break
