@@ -50,6 +50,12 @@ def _tuned(w):
     return dataclasses.replace(w, su=torch.linspace(-1.2, 1.1, w.shape[0]), sv=torch.linspace(0.9, -1.0, w.shape[1]))
 
 
+def _gguf_blocks(W, t):
+    from lowbit.export.gguf import encode_tensor
+
+    return GGUFBlockWeight.from_raw(encode_tensor(W.numpy(), t), t, tuple(W.shape))
+
+
 def _two_of_four():
     W = _W()
     W.view(6, 10, 4)[..., 1::2] = 0.0
@@ -91,8 +97,8 @@ CASES = [
     ("bitnet-b1.58", BitNetWeight.from_float(_W(), 1.58), {"shape", "bits", "norm", "norm_gain", "norm_eps"}),
     ("bitnet-1bit-norm", BitNetWeight.from_float(_W(), 1, norm=True, norm_weight=torch.rand(40)),
      {"shape", "bits", "norm", "norm_gain", "norm_eps"}),
-    ("gguf-blocks-q4_k", GGUFBlockWeight.quantize(_W(6, 256), "Q4_K"), {"shape", "type"}),
-    ("gguf-blocks-iq4_nl", GGUFBlockWeight.quantize(_W(6, 64), "IQ4_NL"), {"shape", "type"}),
+    ("gguf-blocks-q4_k", _gguf_blocks(_W(6, 256), "Q4_K"), {"shape", "type"}),
+    ("gguf-blocks-iq4_nl", _gguf_blocks(_W(6, 64), "IQ4_NL"), {"shape", "type"}),
 ]
 IDS = [c[0] for c in CASES]
 WEIGHTS = {c[0]: c[1] for c in CASES}

@@ -36,6 +36,14 @@ Additions that the reference implementation made standard and lowbit keeps:
   Per-channel and per-tensor qparams are always chosen once, from the original weights.
 
 Nothing but standard affine dequantization is needed at inference: the result is an AffineWeight.
+
+GPTQ onto a GGUF block type (``gguf_type``, e.g. "Q4_K"): instead of lowbit's affine grid, each
+layer is solved onto the grid of that llama.cpp block type (`lowbit.export.gguf_grid.gptq_onto`):
+the type's own quantizer, weighted by the layer's importance (diag H), fixes every block's scales,
+then GPTQ chooses the codes on those fixed grids (a layer whose rows are not whole blocks of the type
+gets llama.cpp's fallback type, as GGUF export would give it: Q4_K -> Q5_0, ...). The layer becomes a
+`lowbit.formats.gguf_blocks.GGUFBlockWeight` that GGUF export writes byte for byte. ``scheme``
+and ``static_groups`` are then unused, and ``incoherent`` is refused (a GGUF file holds W itself).
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ class GPTQConfig:
     static_groups: bool = True  # group qparams from the original weights (required with act_order)
     incoherent: bool = False    # solve on U W V^T and V H V^T (QuIP's incoherence processing; see `GPTQ.apply`)
     seed: int = 0               # with the layer's name: the seed of the incoherence transforms
+    gguf_type: str | None = None  # solve onto this GGUF block type's grid (see `GPTQ.apply`); the scheme is then unused
 
     def __post_init__(self) -> None:
         if not isinstance(self.scheme, QuantScheme):
@@ -88,7 +97,16 @@ class GPTQConfig:
         for name in ("act_order", "static_groups", "incoherent"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"GPTQ {name} must be true or false, got {getattr(self, name)!r}")
-        if self.act_order and self.scheme.granularity == "group" and not self.static_groups:
+        if self.gguf_type is not None:
+            from lowbit.export.gguf_grid import SUPPORTED
+
+            if self.gguf_type not in SUPPORTED:
+                raise LowbitError(f"GPTQ gguf_type must be one of {', '.join(SUPPORTED)}, got {self.gguf_type!r}")
+            if self.incoherent:
+                raise LowbitError("GPTQ gguf_type cannot be combined with incoherent=true: a GGUF file holds "
+                                  "the weight itself, not its incoherence-transformed form")
+        if (self.gguf_type is None and self.act_order and self.scheme.granularity == "group"
+                and not self.static_groups):
             raise LowbitError("GPTQ act_order with group quantization needs static_groups=True "
                               "(lowbit groups are consecutive input columns)")
 
@@ -272,11 +290,14 @@ class GPTQ(Method):
 
     def describe(self) -> dict:
         """The record of the settings; without incoherence processing its seed means nothing,
-        and both are left out (so records of plain GPTQ stay as they were before the option)."""
+        and both are left out, as is an unset gguf_type (so records of plain GPTQ stay as they
+        were before the options)."""
         d = super().describe()
         if isinstance(self.config, GPTQConfig) and not self.config.incoherent:
             for k in ("incoherent", "seed"):
                 d["config"].pop(k, None)
+        if isinstance(self.config, GPTQConfig) and self.config.gguf_type is None:
+            d["config"].pop("gguf_type", None)
         return d
 
     def apply(self, layer_name: str, module: nn.Linear) -> WeightFormat:
@@ -284,6 +305,24 @@ class GPTQ(Method):
         # rounded to the solve's float32 here so that the float64 sum is freed before the solve's
         # copies exist (the solver would round it to the same values)
         H = self.take_hessian(layer_name).float()
+        if self.config.gguf_type is not None:
+            # GPTQ onto the GGUF type's grid: its encoder fixes the scales (weighted by diag H, the
+            # layer's importance matrix), GPTQ chooses the codes; the blocks are kept as they are
+            # (rows that are not whole blocks of the type take llama.cpp's fallback type, as export does)
+            from lowbit.export.gguf import fit_row
+            from lowbit.export.gguf_grid import SUPPORTED, gptq_onto
+            from lowbit.formats.gguf_blocks import GGUFBlockWeight
+
+            cfg = self.config
+            gtype = fit_row(cfg.gguf_type, module.in_features)
+            if gtype not in SUPPORTED:
+                raise LowbitError(f"{layer_name}: rows of {module.in_features} fit neither {cfg.gguf_type} nor its "
+                                  f"fallback type; GPTQ gguf_type cannot solve this layer")
+            raw, info = gptq_onto(module.weight, H, gtype, damp=cfg.damp, block_size=cfg.block_size,
+                                  act_order=cfg.act_order)
+            self.errors[layer_name] = info["error"]
+            return GGUFBlockWeight.from_raw(torch.from_numpy(raw).to(module.weight.device), gtype,
+                                            tuple(module.weight.shape))
         if not self.config.incoherent:
             fmt, info = gptq_quantize(module.weight, H, self.config)
             self.errors[layer_name] = info["error"]

@@ -83,6 +83,21 @@ is then re-quantized). K-quants are never carried (their sub-block scales are th
 Every other affine layer is re-quantized from its dequantized weight; the report lists both
 (``carried``: name -> type, ``requantized``: name -> why). q/k rows are permuted as codes.
 
+GGUF-block layers (GPTQ with gguf_type): blocks written as they are
+--------------------------------------------------------------------
+A linear stored as `lowbit.formats.gguf_blocks.GGUFBlockWeight` already is the blocks of one GGUF
+type (`lowbit.export.gguf_grid.gptq_onto`): it is written as that type with its bytes unchanged
+(q/k rows permuted as whole rows, which are independent), whatever type ``qtype``'s rules would
+give the tensor, and listed in ``carried``. Only an explicit ``tensor_types`` entry with another
+type re-quantizes it (from its dequantized weight; listed in ``requantized``).
+
+Per-tensor types
+----------------
+``tensor_types`` maps GGUF tensor names to types that override the rules above (and a GGUF-block
+layer's own type), so a caller can write any per-tensor mix; each must be a known type (F32 for a
+1-D tensor) whose blocks divide the tensor's rows (`check_tensor_types`, a one-line error
+otherwise; no fallback is applied to an explicit choice).
+
 Importance matrix
 -----------------
 ``imatrix`` maps GGUF tensor names to per-input-column weights (mean squared activation of that
@@ -139,11 +154,17 @@ QUANTIZED = set(PURE_TYPES) - {"F32", "F16", "BF16"}
 
 
 def _block_size(t: str) -> int:
-    if t == "F32":
-        return 1
-    if t == "IQ4_NL":
-        return 32
-    return gguf_quants.BLOCK_LAYOUTS[t][0]
+    return 1 if t == "F32" else gguf_quants.layout(t)[0]
+
+
+def fit_row(t: str, nx: int) -> str:
+    """``t``, or llama.cpp's fallback for it (`FALLBACK`, then F16) when a row of ``nx`` values is
+    not a whole number of its blocks."""
+    if nx % _block_size(t):
+        t = FALLBACK.get(t, "F16")
+        if nx % _block_size(t):
+            t = "F16"
+    return t
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -189,12 +210,7 @@ def choose_types(shapes: dict[str, tuple[int, ...]], qtype: str, n_layer: int,
             continue
         t = base
         if base in QUANTIZED:
-            t = _rule(name, shape, base, mix, n_layer, has_output)
-            nx = shape[-1]
-            if nx % _block_size(t):
-                t = FALLBACK.get(t, "F16")
-                if nx % _block_size(t):
-                    t = "F16"
+            t = fit_row(_rule(name, shape, base, mix, n_layer, has_output), shape[-1])
         out[name] = t
     return out
 
@@ -665,22 +681,54 @@ def affine_carry(w, gtype: str, layout=lambda t: t) -> CarriedTensor | str:
     return out
 
 
-def affine_layers(model) -> dict[str, tuple[str, object]]:
-    """GGUF name -> (HF module name, `AffineWeight`) of every affine layer of ``model`` that is
-    written (a tied head is not)."""
-    from lowbit.formats.affine import AffineWeight
+def _layers_of(model, fmt_cls) -> dict[str, tuple[str, object]]:
+    """GGUF name -> (HF module name, weight) of every linear of ``model`` stored as ``fmt_cls``
+    that is written (a tied head is not)."""
     from lowbit.nn.linear import QuantizedLinear
 
     fam = family_of(model)
     tied = _tied(model)
     out = {}
     for mname, mod in model.named_modules():
-        if not isinstance(mod, QuantizedLinear) or not isinstance(mod.weight_format, AffineWeight):
+        if not isinstance(mod, QuantizedLinear) or not isinstance(mod.weight_format, fmt_cls):
             continue
         if tied and mname == "lm_head":
             continue
         out[gguf_name(f"{mname}.weight", fam)] = (mname, mod.weight_format)
     return out
+
+
+def affine_layers(model) -> dict[str, tuple[str, object]]:
+    """GGUF name -> (HF module name, `AffineWeight`) of every affine layer of ``model`` that is
+    written (a tied head is not)."""
+    from lowbit.formats.affine import AffineWeight
+
+    return _layers_of(model, AffineWeight)
+
+
+def block_layers(model) -> dict[str, tuple[str, object]]:
+    """GGUF name -> (HF module name, `GGUFBlockWeight`) of every layer of ``model`` held as GGUF
+    blocks (GPTQ with ``gguf_type``) that is written (a tied head is not)."""
+    from lowbit.formats.gguf_blocks import GGUFBlockWeight
+
+    return _layers_of(model, GGUFBlockWeight)
+
+
+def check_tensor_types(tensor_types: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """One-line LowbitError unless every entry of ``tensor_types`` names a tensor of ``shapes``
+    (GGUF name -> torch shape) and a type that can hold it: a known type, F32 for a 1-D tensor,
+    a row length that is a whole number of the type's blocks."""
+    known = PURE_TYPES + ("IQ4_NL",)
+    for name, t in tensor_types.items():
+        if name not in shapes:
+            raise LowbitError(f"tensor_types names {name!r}, which the model does not have (e.g. {next(iter(shapes))})")
+        if t not in known:
+            raise LowbitError(f"tensor_types: unknown GGUF type {t!r} for {name}; choose one of {', '.join(known)}")
+        shape = shapes[name]
+        if len(shape) < 2 and t != "F32":
+            raise LowbitError(f"tensor_types: {name} is 1-D and is written as F32, not {t}")
+        if shape[-1] % _block_size(t):
+            raise LowbitError(f"tensor_types: rows of {shape[-1]} in {name} are not whole {t} blocks of {_block_size(t)}")
 
 
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
@@ -729,8 +777,8 @@ class ExportReport:
     imatrix: bool = False
     seconds: float = 0.0
     ternary: dict[str, str] = field(default_factory=dict)  # BitNet layers written exactly: name -> type
-    carried: dict[str, str] = field(default_factory=dict)  # affine layers written with their codes: name -> type
-    requantized: dict[str, str] = field(default_factory=dict)  # affine layers re-quantized: name -> why
+    carried: dict[str, str] = field(default_factory=dict)  # affine / GGUF-block layers written with their codes: name -> type
+    requantized: dict[str, str] = field(default_factory=dict)  # affine / GGUF-block layers re-quantized: name -> why
 
 
 def encode_tensor(x: np.ndarray, t: str, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -784,10 +832,14 @@ def _input_paths(m) -> list[str]:
 
 
 def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix: dict | None = None,
-                name: str | None = None, progress=None, force: bool = False) -> ExportReport:
+                name: str | None = None, progress=None, force: bool = False,
+                tensor_types: dict[str, str] | None = None) -> ExportReport:
     """Write ``m`` (a lowbit Model: float or lowbit-quantized) to ``out_path`` as GGUF ``qtype``.
-    An existing file is replaced only if it is a GGUF file, not the model's own input and not
-    inside a checkpoint (`lowbit.outputs.check_file`; ``force`` overrides)."""
+    ``tensor_types`` (GGUF tensor name -> type) overrides the type `choose_types` gives those
+    tensors (checked by `check_tensor_types`); a layer held as GGUF blocks is written as its own
+    type unless ``tensor_types`` names another. An existing file is replaced only if it is a GGUF
+    file, not the model's own input and not inside a checkpoint (`lowbit.outputs.check_file`;
+    ``force`` overrides)."""
     import gguf
 
     t0 = time.perf_counter()
@@ -801,7 +853,14 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
     arch = fam.gguf.name
     cfg = model.config
     n_layer = int(cfg.num_hidden_layers)
-    types = choose_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, n_layer, set(ternary))
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if tensor_types:
+        check_tensor_types(tensor_types, shapes)
+    types = choose_types(shapes, qtype, n_layer, set(ternary))
+    blocks = block_layers(model)
+    for gname, (_, bw) in blocks.items():  # GGUF blocks are written as they are
+        types[gname] = bw.gguf_type
+    types.update(tensor_types or {})
     n_head = int(cfg.num_attention_heads)
     n_kv = int(_cfg(cfg, "num_key_value_heads", default=n_head))
     affine = affine_layers(model)
@@ -839,6 +898,14 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
                 imat = np.asarray(imat, dtype=np.float32)
             tt = ternary.get(gname)
             ct = None
+            raw = None
+            if gname in blocks:
+                bw = blocks[gname][1]
+                if gt == bw.gguf_type:
+                    raw = _gguf_layout(gname, bw.raw.cpu(), fam, n_head, n_kv).contiguous().numpy()  # rows are independent
+                    carried[gname] = gt
+                else:
+                    requantized[gname] = f"{gt}: its blocks are {bw.gguf_type}"
             if gname in affine:
                 ct = affine_carry(affine[gname][1], gt, lambda v, n=gname: _gguf_layout(n, v, fam, n_head, n_kv))
                 if isinstance(ct, str):
@@ -846,7 +913,9 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
                     ct = None
                 else:
                     carried[gname] = gt
-            if tt is not None and gt in gguf_quants.TERNARY_EXACT:
+            if raw is not None:
+                data = raw
+            elif tt is not None and gt in gguf_quants.TERNARY_EXACT:
                 data = gguf_quants.encode_ternary(tt.codes.numpy(), tt.scale, gt)
             elif ct is not None:
                 data = gguf_quants.encode_codes(ct.codes.numpy(), ct.d.numpy(), gt,

@@ -172,12 +172,13 @@ def dequantize(raw: np.ndarray, gtype: str) -> np.ndarray:
 
 def nearest_level(w: Tensor, a: Tensor, b: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
     """(k, a · L[k] + b) for the level of each element's grid nearest to w: w [...] in any float
-    dtype, a, b [...] and L [levels] (sorted) float32; a may be negative or 0; ties go to the lower
-    index. The index is found in level space ((w - b) / a: an affine map, so the nearest level
-    there is the nearest value), then the two neighbouring levels are compared by their values as
-    the reader computes them (float32: a · L[k], then + b), returned in w's dtype."""
+    dtype, a, b [...] and L [levels] (sorted) float32; a may be negative or 0 (every level is b:
+    k = 0); ties go to the lower index. The index is found in level space ((w - b) / a: an affine
+    map, so the nearest level there is the nearest value), then the two neighbouring levels are
+    compared by their values as the reader computes them (float32: a · L[k], then + b), returned
+    in w's dtype."""
     aw, bw = a.to(w.dtype), b.to(w.dtype)
-    t = torch.where(aw == 0, torch.zeros_like(w), (w - bw) / torch.where(aw == 0, torch.ones_like(aw), aw))
+    t = torch.where(aw == 0, L[0].to(w.dtype), (w - bw) / torch.where(aw == 0, torch.ones_like(aw), aw))
     hi = torch.searchsorted(L.to(w.dtype), t.contiguous()).clamp(1, L.numel() - 1)
     lo = hi - 1
     v_lo = (a * L[lo] + b).to(w.dtype)

@@ -51,25 +51,13 @@ class GGUFBlockWeight(WeightFormat, name="gguf_blocks"):
 
     @classmethod
     def from_raw(cls, raw: np.ndarray | Tensor, gguf_type: str, shape: tuple[int, int]) -> "GGUFBlockWeight":
-        """Blocks uint8 [out, bytes] of ``gguf_type`` holding a weight of ``shape`` [out, in]."""
+        """Blocks uint8 [out, bytes] of ``gguf_type`` holding a weight of ``shape`` [out, in] (e.g.
+        `lowbit.export.gguf.encode_tensor`'s of a float weight, or `gptq_onto`'s)."""
         if isinstance(raw, np.ndarray):
             raw = torch.from_numpy(np.ascontiguousarray(raw))
         w = cls(raw=raw.contiguous(), shape=(int(shape[0]), int(shape[1])), gguf_type=gguf_type)
         w.validate()
         return w
-
-    @classmethod
-    def quantize(cls, W: Tensor, gguf_type: str, imatrix: np.ndarray | None = None) -> "GGUFBlockWeight":
-        """W [out, in] encoded by ``gguf_type``'s own quantizer (weighted by ``imatrix`` [in] where
-        the type uses one), as GGUF export would write the float weight."""
-        from lowbit.export.gguf import encode_tensor
-
-        check_type(gguf_type)
-        if W.dim() != 2:
-            raise LowbitError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
-        row_bytes(gguf_type, W.shape[1])
-        raw = encode_tensor(W.detach().float().cpu().numpy(), gguf_type, imatrix)
-        return cls.from_raw(raw, gguf_type, tuple(W.shape))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The GGUF reader's value of every block, [out, in] (exact in float32), on raw's device."""
