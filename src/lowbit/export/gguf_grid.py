@@ -131,19 +131,25 @@ def _rows(raw: np.ndarray, gtype: str) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(raw), bs, bpb
 
 
+def sub_block_grid(raw: np.ndarray, gtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(a, b, L, sub): `block_grid` with one a and one b per sub-block of ``sub`` values,
+    float32 [rows, n / sub]."""
+    g = _grid(gtype)
+    raw, bs, bpb = _rows(raw, gtype)
+    rows = raw.shape[0]
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN scales in foreign bytes
+        a, b = g.scales(raw.reshape(-1, bpb))
+    a = np.asarray(a, np.float32).reshape(rows, -1)
+    b = np.zeros_like(a) if b is None else np.asarray(b, np.float32).reshape(rows, -1)
+    return a, b, g.levels.copy(), g.sub
+
+
 def block_grid(raw: np.ndarray, gtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, L) of the blocks ``raw`` uint8 [rows, bytes] of type ``gtype`` (module table):
     a, b float32 [rows, n] per value, constant over each sub-block; L the sorted float32 levels;
     ``dequantize(raw) == a * L[codes_of(raw)] + b`` bit for bit."""
-    g = _grid(gtype)
-    raw, bs, bpb = _rows(raw, gtype)
-    rows, n = raw.shape[0], raw.shape[1] // bpb * bs
-    blocks = raw.reshape(-1, bpb)
-    with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN scales in foreign bytes
-        a, b = g.scales(blocks)
-    a = np.repeat(np.asarray(a, np.float32).reshape(-1, bs // g.sub), g.sub, axis=1)
-    b = np.zeros_like(a) if b is None else np.repeat(np.asarray(b, np.float32).reshape(-1, bs // g.sub), g.sub, axis=1)
-    return a.reshape(rows, n), b.reshape(rows, n), g.levels.copy()
+    a, b, L, sub = sub_block_grid(raw, gtype)
+    return np.repeat(a, sub, axis=1), np.repeat(b, sub, axis=1), L
 
 
 def codes_of(raw: np.ndarray, gtype: str) -> np.ndarray:
@@ -215,21 +221,21 @@ def gptq_onto(W: Tensor, H: Tensor, gtype: str, imatrix: np.ndarray | Tensor | N
 
     # (a) the scales: the type's own encoder on W
     raw0 = encode_tensor(W32, gtype, np.asarray(imatrix, dtype=np.float32))
-    a, b, L = block_grid(raw0, gtype)
+    a, b, L, sub = sub_block_grid(raw0, gtype)                              # [out, in / sub]
 
     # (b) GPTQ with "nearest level of the element's fixed grid" as the rounding rule
     perm, dead = column_order(H, act_order, device, dtype)
     Wp = W.detach().to(dtype).clone()
     Wp[:, dead] = 0.0
     Wp = Wp[:, perm]                                                        # [out, in] visiting order
-    A = torch.from_numpy(a).to(device)[:, perm]                             # float32 grids, visiting order
-    B = torch.from_numpy(b).to(device)[:, perm]
-    Lt = torch.from_numpy(L).to(device)
+    A, B, Lt = (torch.from_numpy(v).to(device) for v in (a, b, L))          # float32 grids
+    sub_of = (perm // sub).tolist()                                         # position -> its sub-block
     Hinv, lam = permuted_inverse_factor(H, perm, dead, damp, who, dtype)    # [in, in]
     K = torch.empty(rows, cols, dtype=torch.int16, device=device)           # level indices, visiting order
 
     def nearest(j: int, w: Tensor, current) -> Tensor:
-        k, w_hat = nearest_level(w, A[:, j], B[:, j], Lt)
+        s = sub_of[j]
+        k, w_hat = nearest_level(w, A[:, s], B[:, s], Lt)
         K[:, j] = k
         return w_hat
 
