@@ -82,7 +82,9 @@ def _run(args) -> int:
     shown = scheme if scheme is not None and quantizes else None
     verb = "pruning" if "sparsity" in fields else "quantizing"
     how = f"{str(m.extra['dtype'])[6:]}{', streamed' if stream else ''}"
-    log(f"{verb} {m.name} with {args.method}{' ' + shown.short_name() if shown else ''} on {args.device} ({how})")
+    # a method solving onto a GGUF block type (GPTQ's gguf_type) leaves the scheme unused
+    grid = f"onto GGUF {options['gguf_type']}" if options.get("gguf_type") else shown.short_name() if shown else ""
+    log(f"{verb} {m.name} with {args.method}{' ' + grid if grid else ''} on {args.device} ({how})")
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
                        head=getattr(args, "head", None), embed=getattr(args, "embed", None),
