@@ -179,8 +179,9 @@ def _solved(meas: Measured, item: str, label: str, model):
     key = (item, label)
     if key not in meas.solved:
         W = meas.items[item].weight.detach()
-        W_hat, stored, nbytes, _ = S.item_cost(item, W, meas.stats, S.Option.parse(label), model)
-        meas.solved[key] = (W_hat, stored, nbytes)
+        # the table already holds the bytes and the prediction: only the weight is made here
+        W_hat, stored, _ = S.solve(W, meas.stats[item], S.Option.parse(label))
+        meas.solved[key] = (W_hat, stored, int(meas.table.bytes[item][label]))
     return meas.solved[key]
 
 
