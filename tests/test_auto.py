@@ -264,3 +264,26 @@ def test_auto_gguf_target(gguf_dir, tmp_path, monkeypatch, capsys):
             want = GW._gguf_layout(gname, W_hat, fam, cfg.num_attention_heads, cfg.num_key_value_heads)
             assert torch.equal(got, want), gname
             break
+
+
+def test_speed_budget(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--tok-s: the knapsack counts measured kernel time; the plan records the timings and the
+    decode speed measured on the written model (no speed is asserted: timings are the machine's)."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(LowbitError, match="lowbit target"):
+        R.AutoConfig(tok_s=100, target="gguf")
+    with pytest.raises(LowbitError, match="exactly one budget"):
+        R.AutoConfig(tok_s=100, bits=4)
+    out = tmp_path / "s"
+    code = main(["auto", str(tiny_dir), "--tok-s", "5", "--threads", "1", "--groups", "32", "--bit-choices", "2,8",
+                 "--methods", "rtn", "--samples", "2", "--seq-len", "32", "--repair", "0", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    plan = Plan.load(out)
+    ex = plan.extra
+    assert ex["kernel_us"] <= plan.budget["kernel_us"] + 1e-6
+    assert ex["predicted_tok_s"] == pytest.approx(1e6 / (ex["kernel_us"] + ex["overhead_us"]))
+    assert ex["measured_tok_s"] > 0 and "tokens/s measured" in err
+    # a budget this loose is no constraint: the least predicted KL, option by option
+    for e in plan.entries:
+        assert e.option in ("rtn-w8g32", "float")

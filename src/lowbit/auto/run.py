@@ -36,6 +36,8 @@ class AutoConfig:
     target: str = "lowbit"
     bits: float | None = None          # budget: bits per weight over the allocated tensors
     size: int | None = None            # budget: bytes of the whole output on disk
+    tok_s: float | None = None         # budget: decoded tokens per second (lean decoder, batch 1)
+    threads: int | None = None         # for the speed budget's timings (default: torch's)
     methods: tuple[str, ...] | None = None
     bit_choices: tuple[int, ...] = S.DEFAULT_BITS
     groups: tuple[int, ...] = S.DEFAULT_GROUPS
@@ -54,8 +56,10 @@ class AutoConfig:
     def __post_init__(self) -> None:
         if self.target not in S.TARGETS:
             raise LowbitError(f"unknown target {self.target!r}; choose one of {', '.join(S.TARGETS)}")
-        if (self.bits is None) == (self.size is None):
-            raise LowbitError("give exactly one budget: bits per weight or a size")
+        if sum(b is not None for b in (self.bits, self.size, self.tok_s)) != 1:
+            raise LowbitError("give exactly one budget: bits per weight, a size or a speed")
+        if self.tok_s is not None and (self.tok_s <= 0 or self.target != "lowbit"):
+            raise LowbitError("a speed budget is a positive tokens/s, timed on lowbit's kernels (the lowbit target)")
         if self.bits is not None and not 1 <= self.bits <= 32:
             raise LowbitError(f"the bits budget must be between 1 and 32 bits per weight, got {self.bits}")
         if self.size is not None and self.size <= 0:
@@ -80,6 +84,8 @@ class Measured:
     rank: dict | None = None
     cache_path: str | None = None
     solved: dict = field(default_factory=dict)  # (item, label) -> (W_hat, stored, bytes), the current plan's
+    kernel_us: dict | None = None  # item -> label -> µs per decoded token (speed budget)
+    overhead_us: float = 0.0       # the rest of a decoded token's time
     keep_all: bool = False  # keep every solved weight (a benchmark comparing many plans), not only the plan's
 
 
@@ -127,6 +133,15 @@ def prepare(m, cfg: AutoConfig, *, progress: bool = True, log=print) -> Measured
         f"({'from the cache ' + str(cache) if cached else f'measured in {table.seconds:.0f} s'})")
     meter = S.KLMeter(model, verify_ids)
     out = Measured(items, stats, options, table, meter, calib, cache_path=None if cache is None else str(cache))
+    if cfg.tok_s is not None:
+        from lowbit.auto import speed
+
+        speed.check_items(items)
+        out.kernel_us = speed.kernel_costs(table.shapes, options, threads=cfg.threads, progress=progress, log=log)
+        float_us = speed.float_costs(table.shapes, threads=cfg.threads, log=log)
+        out.overhead_us = speed.overhead_us(model, items, float_us, threads=cfg.threads)
+        log(f"decode model: {out.overhead_us:.0f} µs per token besides the allocated tensors' products "
+            f"(float: {sum(float_us.values()):.0f} µs)")
     if cfg.rank_items:
         out.rank = S.rank_check(model, items, stats, options, meter, n_items=cfg.rank_items, progress=progress)
         log(f"proxy vs true single-tensor KL on {len(out.rank['rows'])} (tensor, option) pairs: Spearman "
@@ -152,6 +167,17 @@ def fixed_bytes(m, items: dict[str, nn.Module], target: str) -> int:
     return total
 
 
+def budget_units(cfg: AutoConfig, meas: "Measured", fixed: int) -> int:
+    """The knapsack's capacity: bytes (bits or size budget) or kernel time in `SPEED_UNIT` (speed)."""
+    if cfg.tok_s is not None:
+        us = 1e6 / cfg.tok_s - meas.overhead_us
+        if us <= 0:
+            raise LowbitError(f"{cfg.tok_s} tokens/s leaves no time for the products: the rest of a token takes "
+                              f"{meas.overhead_us:.0f} µs here (at most {1e6 / meas.overhead_us:.0f} tokens/s)")
+        return int(us / SPEED_UNIT)
+    return budget_bytes(cfg, meas.table, fixed)
+
+
 def budget_bytes(cfg: AutoConfig, table: S.Table, fixed: int) -> int:
     if cfg.bits is not None:
         n = sum(r * c for r, c in table.shapes.values())
@@ -163,13 +189,25 @@ def budget_bytes(cfg: AutoConfig, table: S.Table, fixed: int) -> int:
     return int(b)
 
 
-def allocate(table: S.Table, budget: int, scale: dict[str, float] | None = None) -> tuple[dict[str, str], knapsack.Solution]:
+SPEED_UNIT = 0.01  # µs: the speed budget's knapsack counts hundredths of a microsecond
+
+
+def units(meas: "Measured") -> dict[str, dict[str, int]] | None:
+    """The knapsack sizes of a speed budget (kernel time in `SPEED_UNIT`), or None (bytes)."""
+    if meas.kernel_us is None:
+        return None
+    return {k: {lab: int(round(us / SPEED_UNIT)) for lab, us in v.items()} for k, v in meas.kernel_us.items()}
+
+
+def allocate(table: S.Table, budget: int, scale: dict[str, float] | None = None,
+             sizes: dict[str, dict[str, int]] | None = None) -> tuple[dict[str, str], knapsack.Solution]:
     """The option of every item minimising Σ predicted KL (each item's row times ``scale[item]``)
-    within ``budget`` bytes."""
+    within ``budget`` bytes (or ``budget`` units of ``sizes``, e.g. kernel time)."""
     keys = list(table.kl)
     labels = [table.options(k) for k in keys]
     scale = scale or {}
-    opts = [[(table.kl[k][lab] * scale.get(k, 1.0), int(table.bytes[k][lab])) for lab in labs]
+    sizes = sizes or table.bytes
+    opts = [[(table.kl[k][lab] * scale.get(k, 1.0), int(sizes[k][lab])) for lab in labs]
             for k, labs in zip(keys, labels)]
     sol = knapsack.solve(opts, budget)
     return {k: labels[i][c] for i, (k, c) in enumerate(zip(keys, sol.choice))}, sol
@@ -212,10 +250,12 @@ def search(m, meas: Measured, cfg: AutoConfig, budget: int, *, log=print) -> Pla
     model = m.model
     table = meas.table
     scale: dict[str, float] = {}
-    choice, sol = allocate(table, budget)
+    sizes = units(meas)
+    choice, sol = allocate(table, budget, sizes=sizes)
     kl = plan_kl(meas, choice, model)
     rounds = [{"round": 0, "predicted_kl": sol.cost, "measured_kl": kl, "bytes": sol.size, "gap": sol.gap}]
-    log(f"plan: {8 * sol.size / max(1, sum(r * c for r, c in table.shapes.values())):.3f} bits/weight, "
+    nbytes = sum(table.bytes[k][v] for k, v in choice.items())
+    log(f"plan: {8 * nbytes / max(1, sum(r * c for r, c in table.shapes.values())):.3f} bits/weight, "
         f"predicted KL {sol.cost:.4g} (no plan within the budget can be predicted below {sol.lower_bound:.4g}), "
         f"measured {kl:.4g}")
     alone: dict[tuple[str, str], float] = {}
@@ -228,7 +268,7 @@ def search(m, meas: Measured, cfg: AutoConfig, budget: int, *, log=print) -> Pla
             pred = table.kl[k][choice[k]]
             if pred > 0:
                 scale[k] = max(alone[(k, choice[k])], 1e-12) / pred
-        new, sol2 = allocate(table, budget, scale)
+        new, sol2 = allocate(table, budget, scale, sizes=sizes)
         if new == best[1]:
             rounds.append({"round": r, "predicted_kl": sol2.cost, "measured_kl": best[0], "bytes": sol2.size,
                            "changed": 0})
@@ -249,9 +289,15 @@ def search(m, meas: Measured, cfg: AutoConfig, budget: int, *, log=print) -> Pla
         rows, cols = table.shapes[k]
         entries.append(Entry(k, lab, int(table.bytes[k][lab]), rows * cols, float(table.kl[k][lab]),
                              alone.get((k, lab))))
-    return Plan(target=cfg.target, budget={"bits": cfg.bits, "size": cfg.size, "bytes": budget},
-                entries=entries, calibration=meas.calibration, measured_kl=kl, rank_check=meas.rank,
-                rounds=rounds, extra={"lower_bound": sol.lower_bound})
+    extra = {"lower_bound": sol.lower_bound}
+    budget_d = {"bits": cfg.bits, "size": cfg.size, "bytes": budget}
+    if meas.kernel_us is not None:
+        us = sum(meas.kernel_us[k][v] for k, v in choice.items())
+        budget_d.update({"tok_s": cfg.tok_s, "bytes": None, "kernel_us": budget * SPEED_UNIT})
+        extra.update({"kernel_us": us, "overhead_us": meas.overhead_us,
+                      "predicted_tok_s": 1e6 / (us + meas.overhead_us)})
+    return Plan(target=cfg.target, budget=budget_d, entries=entries, calibration=meas.calibration,
+                measured_kl=kl, rank_check=meas.rank, rounds=rounds, extra=extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +424,7 @@ def write(m, meas: Measured, cfg: AutoConfig, output, *, force: bool = False, lo
     model = m.model
     names = _module_names(model, meas)
     fixed = fixed_bytes(m, meas.items, cfg.target)
-    budget = budget_bytes(cfg, meas.table, fixed)
+    budget = budget_units(cfg, meas, fixed)
     for attempt in range(3):
         plan = search(m, meas, cfg, budget, log=log)
         if cfg.target == "lowbit":
@@ -399,6 +445,24 @@ def write(m, meas: Measured, cfg: AutoConfig, output, *, force: bool = False, lo
             on_disk = Path(out).stat().st_size
             slack = 0
         plan.extra.update({"on_disk_bytes": on_disk, "fixed_bytes": fixed})
+        if cfg.tok_s is not None:
+            from lowbit.auto import speed
+
+            us = speed.decode_us(model, threads=cfg.threads)
+            plan.extra["measured_tok_s"] = 1e6 / us
+            log(f"decode: {1e6 / us:.1f} tokens/s measured (predicted {plan.extra['predicted_tok_s']:.1f}, "
+                f"budget {cfg.tok_s:g})")
+            if 1e6 / us >= cfg.tok_s or attempt == 2:
+                if 1e6 / us < cfg.tok_s:
+                    log(f"warning: still {cfg.tok_s - 1e6 / us:.1f} tokens/s short of the budget after 3 attempts "
+                        "(is the machine busy? the timings are per machine and cached)")
+                break
+            short = us - 1e6 / cfg.tok_s
+            log(f"{short:.0f} µs per token slower than the budget: tightening it by that much")
+            budget -= int(short / SPEED_UNIT)
+            _restore(model, meas, names)
+            m.record = None
+            continue
         if cfg.size is None or on_disk + slack <= cfg.size:
             break
         excess = on_disk + slack - cfg.size

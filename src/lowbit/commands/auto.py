@@ -1,6 +1,6 @@
 """`lowbit auto`: a different format per tensor, chosen for a size budget and measured.
 
-    lowbit auto [MODEL] (--bits 3.5 | --size 90MB) [--target lowbit|gguf] [--methods gptq,rtn]
+    lowbit auto [MODEL] (--bits 3.5 | --size 90MB | --tok-s 120) [--target lowbit|gguf] [--methods gptq,rtn]
                 [--bit-choices 2,3,4,5,6,8] [--groups 32,64,128] [--types Q4_K,Q5_0,...]
                 [--repair 1] [--rank-check 8] [--plot PLOT.png] -o OUT
 
@@ -35,6 +35,9 @@ def register(sub) -> None:
     b = p.add_mutually_exclusive_group(required=True)
     b.add_argument("--bits", type=float, help="budget: bits per weight over the allocated tensors")
     b.add_argument("--size", help="budget: the output's size on disk, e.g. 90MB")
+    b.add_argument("--tok-s", type=float, help="budget: decoded tokens/s (lowbit's lean decoder, batch 1, timed on "
+                                              "this machine; lowbit target)")
+    p.add_argument("--threads", type=int, help="threads for the speed budget's timings (default: torch's)")
     p.add_argument("--target", choices=("lowbit", "gguf"), default="lowbit",
                    help="a lowbit checkpoint (formats of lowbit's methods) or a GGUF file (llama.cpp's block types)")
     p.add_argument("--methods", help="lowbit: gptq,rtn,hqq (default gptq,rtn,hqq); gguf: imatrix,gptq "
@@ -69,7 +72,7 @@ def _config(args):
     unknown = [t for t in types if t not in GGUF_TYPES]
     if unknown:
         raise LowbitError(f"--types: {', '.join(unknown)} not offered; choose from {', '.join(GGUF_TYPES)}")
-    return AutoConfig(target=args.target, bits=args.bits, size=size, methods=_names(args.methods),
+    return AutoConfig(target=args.target, bits=args.bits, size=size, tok_s=args.tok_s, threads=args.threads, methods=_names(args.methods),
                       bit_choices=_ints(args.bit_choices, "--bit-choices"), groups=_ints(args.groups, "--groups"),
                       gguf_types=types, head=not args.no_head, n_samples=args.samples, seq_len=args.seq_len,
                       repair_rounds=args.repair, rank_items=args.rank_check, cache=not args.no_cache)
@@ -83,8 +86,9 @@ def _run(args) -> int:
 
     cfg = _config(args)
     m = api.load(args.model)
-    log(f"auto: {m.name}, target {cfg.target}, budget "
-        f"{f'{cfg.bits} bits/weight' if cfg.bits is not None else f'{cfg.size} bytes on disk'}")
+    what = (f"{cfg.bits} bits/weight" if cfg.bits is not None else f"{cfg.size} bytes on disk"
+            if cfg.size is not None else f"{cfg.tok_s:g} tokens/s")
+    log(f"auto: {m.name}, target {cfg.target}, budget {what}")
     meas = R.prepare(m, cfg, log=log)
     plan, out = R.write(m, meas, cfg, args.output, force=args.force, log=log)
     print(plan.table())
