@@ -233,7 +233,7 @@ def test_auto_gguf_target(gguf_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "m.gguf"
     code = main(["auto", str(gguf_dir), "--target", "gguf", "--bits", "4.5", "--types",
-                 "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q8_0", "--samples", "4", "--seq-len", "32", "-o", str(out)])
+                 "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,IQ4_NL,Q8_0", "--samples", "4", "--seq-len", "32", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     plan = Plan.load(str(out) + ".plan.json")

@@ -127,7 +127,7 @@ def solve(W: Tensor, stats: LayerStats, opt: Option):
     if opt.method == "float":
         return W, None, W.numel() * 2
     if opt.gguf_type is not None:
-        from lowbit.export import gguf_quants
+        from lowbit.export import gguf_imatrix
         from lowbit.export.gguf import encode_tensor
 
         t = opt.gguf_type
@@ -142,7 +142,7 @@ def solve(W: Tensor, stats: LayerStats, opt: Option):
         if t == "F16":
             W_hat = torch.from_numpy(raw.view(np.float16).astype(np.float32)).reshape(W.shape)
         else:
-            W_hat = torch.from_numpy(gguf_quants.dequantize(raw, t)).reshape(W.shape)
+            W_hat = torch.from_numpy(gguf_imatrix.dequantize(raw, t)).reshape(W.shape)  # (IQ4_NL too)
         return W_hat, raw, int(raw.nbytes)
     scheme = opt.scheme()
     if opt.method == "rtn":
