@@ -75,7 +75,7 @@ def test_predicted_kl_formula():
         for t in range(40):
             want += 0.5 * f[r].item() * float(dW[r] @ X[t]) ** 2 / 40
     got = S.predicted_kl(dW, LayerStats(f=f, tokens=40, H=H))
-    assert got == pytest.approx(want, rel=1e-10)
+    assert got == pytest.approx(want, rel=1e-5)  # float32 products, float64 sums
     # the embedding [vocab 5, d 7]: rows weighted half by frequency, half uniformly, times scale²
     counts = torch.tensor([3.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     fe = torch.rand(7, generator=g, dtype=torch.float64)
@@ -84,7 +84,7 @@ def test_predicted_kl_formula():
         for c in range(7):
             want += 0.5 * fe[c].item() * (0.5 * counts[v].item() / 4 + 0.5 / 5) * (2.0 * dW[v, c].item()) ** 2
     got = S.predicted_kl(dW, LayerStats(f=fe, tokens=4, counts=counts, scale=2.0))
-    assert got == pytest.approx(want, rel=1e-10)
+    assert got == pytest.approx(want, rel=1e-5)  # float32 products, float64 sums
 
 
 def test_prediction_tracks_the_true_kl():

@@ -168,14 +168,15 @@ def predicted_kl(dW: Tensor, stats: LayerStats, *, extra: LayerStats | None = No
     """½ Σ_r f_r (ΔW H ΔWᵀ)_rr for a linear layer; for the embedding ½ Σ_r f_r s² Σ_v w_v ΔW_vr²
     with w_v half the tokens' calibration frequency and half uniform (tokens unseen in calibration
     still matter). ``extra``: a tied output head's statistics (the same tensor plays both roles)."""
-    dW = dW.double()
+    # float32 products (a vocabulary-sized tied head is 262k x 640 rows), float64 sums
+    dW = dW.float()
     if stats.H is not None:
-        per_row = ((dW @ stats.H) * dW).sum(1)                      # (ΔW H ΔWᵀ)_rr   [out]
+        per_row = ((dW @ stats.H.float()) * dW).sum(1, dtype=torch.float64)  # (ΔW H ΔWᵀ)_rr [out]
         kl = 0.5 * float((stats.f * per_row).sum())
     else:
         V = dW.shape[0]
         w = 0.5 * stats.counts / stats.counts.sum() + 0.5 / V          # [vocab]
-        per_col = (w[:, None] * dW * dW).sum(0) * stats.scale ** 2  # [d]
+        per_col = (w[:, None].float() * dW * dW).sum(0, dtype=torch.float64) * stats.scale ** 2  # [d]
         kl = 0.5 * float((stats.f * per_col).sum())
     if extra is not None:
         kl += predicted_kl(dW, extra)
