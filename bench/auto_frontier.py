@@ -10,7 +10,8 @@
    budget are put in place as dequantized weights (what the packed modules compute) and scored on
    the same held-out windows of the evaluation text (KL of the next-token distributions to the
    original's, nats per token);
-3. the table gives, for each auto point, the best uniform point at no more bits and the KL ratio;
+3. each row is appended to out/auto/frontier-<model>.jsonl as it is measured (an interrupted run
+   resumes from there; delete the file to measure again); the table gives, for each auto point, the best uniform point at no more bits and the KL ratio;
    the plot (out/auto/frontier-<model>.png) draws both.
 
 Quality only: no timing, so no benchmark lock. Every solved weight is kept in memory (one copy of
@@ -69,20 +70,41 @@ def main() -> int:
     meter = S.KLMeter(m.model, held)
     table = meas.table
     n = sum(r * c for r, c in table.shapes.values())
+    name = (m.name or "model").replace("/", "_")
+    rows_file = out / f"frontier-{name}.jsonl"  # each row as it is measured; a rerun takes them
+    done = {}
+    if rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["setting"]] = r
     rows = []
+
+    def keep(row):
+        rows.append(row)
+        if row["setting"] not in done:
+            with open(rows_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     common = set.intersection(*(set(table.options(k)) for k in table.kl)) - {"float"}
     for lab in sorted(common, key=lambda x: (x.split("-")[0], int(x.split("-w")[1].split("g")[0]))):
+        if f"uniform {lab}" in done:
+            keep(done[f"uniform {lab}"])
+            continue
         choice = {k: lab for k in table.kl}
         kl = R.plan_kl(meas, choice, m.model, meter)
         nbytes = sum(table.bytes[k][lab] for k in table.kl)
-        rows.append({"setting": f"uniform {lab}", "kind": lab.split("-")[0], "bits": 8 * nbytes / n, "kl": kl,
-                     "predicted": sum(table.kl[k][lab] for k in table.kl)})
+        keep({"setting": f"uniform {lab}", "kind": lab.split("-")[0], "bits": 8 * nbytes / n, "kl": kl,
+              "predicted": sum(table.kl[k][lab] for k in table.kl)})
         log(f"{rows[-1]['setting']}: {rows[-1]['bits']:.3f} bits/weight, held-out KL {kl:.4g}")
     for b in (float(x) for x in args.budgets.split(",")):
+        if f"auto {b:g}" in done:
+            keep(done[f"auto {b:g}"])
+            continue
         plan = R.search(m, meas, cfg, int(b * n // 8), log=log)
         kl = R.plan_kl(meas, plan.choice(), m.model, meter)
-        rows.append({"setting": f"auto {b:g}", "kind": "auto", "bits": plan.bits_per_weight, "kl": kl,
-                     "predicted": plan.predicted_kl, "verify_kl": plan.measured_kl})
+        keep({"setting": f"auto {b:g}", "kind": "auto", "bits": plan.bits_per_weight, "kl": kl,
+              "predicted": plan.predicted_kl, "verify_kl": plan.measured_kl})
         log(f"auto {b:g}: {plan.bits_per_weight:.3f} bits/weight, held-out KL {kl:.4g}")
     for r in rows:
         if r["kind"] != "auto":
@@ -92,22 +114,22 @@ def main() -> int:
             best = min(under, key=lambda u: u["kl"])
             r["best_uniform"] = best["setting"]
             r["ratio"] = r["kl"] / best["kl"]
-    cols = [("setting", "setting"), ("bits", "bits/weight", "{:.3f}"), ("kl", "held-out KL", "{:.4g}"),
-            ("predicted", "predicted KL", "{:.4g}"), ("best_uniform", "best uniform at <= bits"),
-            ("ratio", "KL / best uniform's", "{:.3f}")]
-    shown = [dict(r, best_uniform=r.get("best_uniform", ""), ratio=r.get("ratio", float("nan")))
+    cols = [("setting", "setting"), ("bits", "bits/weight", ".3f"), ("kl", "held-out KL", ".4g"),
+            ("predicted", "predicted KL", ".4g"), ("best_uniform", "best uniform at <= bits"),
+            ("ratio", "KL / best uniform's")]
+    shown = [dict(r, best_uniform=r.get("best_uniform", ""),
+                  ratio=f"{r['ratio']:.3f}" if "ratio" in r else "")
              for r in sorted(rows, key=lambda r: r["bits"])]
     print(format_table(shown, cols, markdown=args.markdown))
     rc = meas.rank or {}
-    print(f"\nmodel {m.name}; {len(table.kl)} tensors (block linears + head), options "
+    print(f"\nmodel {m.name}; {len(table.kl)} block linears (the head stays float), options "
           f"{args.methods} x bits {args.bit_choices} x groups {args.groups}; calibration {cfg.n_samples} x "
           f"{cfg.seq_len} tokens; held-out KL on {args.windows} x {args.seq_len} tokens of the evaluation text")
     if rc:
         print(f"proxy vs true single-tensor KL ({len(rc['rows'])} pairs on {args.rank_items} tensors): Spearman "
               f"{rc['spearman']:.3f}; within a tensor {rc['spearman_within']:.3f}; across tensors at "
               f"{rc['across_option']} {rc['spearman_across']:.3f}")
-    print(f"total {time.perf_counter() - t0:.0f} s")
-    name = (m.name or "model").replace("/", "_")
+    print(f"total {time.perf_counter() - t0:.0f} s (rows kept in {rows_file}: delete it to measure again)")
     uniform: dict[str, list] = {}
     for r in rows:
         if r["kind"] != "auto":
