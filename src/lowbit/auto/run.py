@@ -103,6 +103,8 @@ def prepare(m, cfg: AutoConfig, *, progress: bool = True, log=print) -> Measured
         raise LowbitError(f"{m.name} is already quantized; auto-compress the original model")
     model = m.model
     items = S.items_of(model, cfg.target, head=cfg.head)
+    if cfg.size is not None:  # a size nothing fits is refused before any measurement
+        budget_bytes(cfg, S.Table(key={}), fixed_bytes(m, items, cfg.target))
     text = load_text("calibration")
     samples = calibration_samples(m.tokenizer, n_samples=cfg.n_samples, seq_len=cfg.seq_len, text=text, seed=cfg.seed)
     verify_ids = calibration_samples(m.tokenizer, n_samples=cfg.verify_samples, seq_len=cfg.seq_len, text=text,
