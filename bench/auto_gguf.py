@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exclude-types", default="",
+                    help="types auto may not choose (from the cached table, no new measurement): e.g. Q4_1,Q5_1 on "
+                         "SmolLM2, whose shipped weights lie on a Q4_1 grid that those two types hold exactly")
     ap.add_argument("--out", default="out/auto")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
@@ -74,6 +77,14 @@ def main() -> int:
     cfg0 = R.AutoConfig(target="gguf", size=1, methods=tuple(args.methods.split(",")), n_samples=args.samples,
                         seq_len=args.seq_len)
     meas = R.prepare(m, cfg0, log=log)
+    excluded = {t for t in args.exclude_types.split(",") if t}
+    if excluded:
+        for k in list(meas.table.kl):
+            keep = [lab for lab in meas.table.kl[k] if lab.split("+")[0] not in excluded]
+            meas.table.kl[k] = {lab: meas.table.kl[k][lab] for lab in keep}
+            meas.table.bytes[k] = {lab: meas.table.bytes[k][lab] for lab in keep}
+        log(f"auto may not choose {', '.join(sorted(excluded))}")
+    tag = "-no-" + "-".join(sorted(excluded)) if excluded else ""
     pairs = []
     for mix in args.mixes.split(","):
         rep = export_gguf(m, out / f"{name}-{mix}-imatrix.gguf", mix, imatrix=im, force=True)
@@ -83,7 +94,7 @@ def main() -> int:
         cfg = R.AutoConfig(target="gguf", size=size, methods=cfg0.methods, n_samples=args.samples,
                            seq_len=args.seq_len)
         names = R._module_names(m.model, meas)
-        plan, path = R.write(m, meas, cfg, out / f"{name}-auto-{mix}.gguf", force=True, log=log)
+        plan, path = R.write(m, meas, cfg, out / f"{name}-auto{tag}-{mix}.gguf", force=True, log=log)
         R._restore(m.model, meas, names)
         m.record = None
         plan.save(str(path) + ".plan.json")
@@ -116,7 +127,7 @@ def main() -> int:
               f"(goal <= 0.7)")
     print(f"model {m.name}; llama.cpp threads {args.threads}; calibration {args.samples} x {args.seq_len} tokens; "
           f"total {time.perf_counter() - t_all:.0f} s")
-    (out / f"gguf-{name}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1, default=str))
+    (out / f"gguf-{name}{tag}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1, default=str))
     return 0
 
 
