@@ -74,7 +74,7 @@ def main() -> int:
     rep = export_gguf(m, out / f"{name}-F32.gguf", "F32", force=True)
     files["F32 (baseline)"] = Path(rep.path)
     im = collect_imatrix(m, n_samples=args.samples, seq_len=args.seq_len)
-    cfg0 = R.AutoConfig(target="gguf", size=1, methods=tuple(args.methods.split(",")), n_samples=args.samples,
+    cfg0 = R.AutoConfig(target="gguf", bits=4.0, methods=tuple(args.methods.split(",")), n_samples=args.samples,
                         seq_len=args.seq_len)
     meas = R.prepare(m, cfg0, log=log)
     excluded = {t for t in args.exclude_types.split(",") if t}
