@@ -287,3 +287,12 @@ def test_speed_budget(tiny_dir, tmp_path, monkeypatch, capsys):
     # a budget this loose is no constraint: the least predicted KL, option by option
     for e in plan.entries:
         assert e.option in ("rtn-w8g32", "float")
+
+
+def test_speed_budget_out_of_reach_names_the_limit():
+    meas = R.Measured(items={}, stats={}, options={}, table=S.Table(key={}), meter=None, calibration={})
+    meas.kernel_us = {"a": {"x": 300.0, "y": 100.0}, "b": {"x": 50.0}}
+    meas.overhead_us = 850.0
+    with pytest.raises(LowbitError, match=r"fastest choice of every tensor takes 150 µs.*at most 1000.0 tokens/s"):
+        R.budget_units(R.AutoConfig(tok_s=1001), meas, 0)
+    assert R.budget_units(R.AutoConfig(tok_s=500), meas, 0) == int((2000 - 850) / R.SPEED_UNIT)

@@ -173,6 +173,11 @@ def budget_units(cfg: AutoConfig, meas: "Measured", fixed: int) -> int:
     """The knapsack's capacity: bytes (bits or size budget) or kernel time in `SPEED_UNIT` (speed)."""
     if cfg.tok_s is not None:
         us = 1e6 / cfg.tok_s - meas.overhead_us
+        fastest = sum(min(v.values()) for v in meas.kernel_us.values())
+        if 0 < us < fastest:
+            raise LowbitError(f"{cfg.tok_s:g} tokens/s is out of reach with these options: the fastest choice of every "
+                              f"tensor takes {fastest:.0f} µs per token and the rest {meas.overhead_us:.0f} µs "
+                              f"(at most {1e6 / (fastest + meas.overhead_us):.1f} tokens/s)")
         if us <= 0:
             raise LowbitError(f"{cfg.tok_s} tokens/s leaves no time for the products: the rest of a token takes "
                               f"{meas.overhead_us:.0f} µs here (at most {1e6 / meas.overhead_us:.0f} tokens/s)")
