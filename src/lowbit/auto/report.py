@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit import outputs
 from lowbit.auto.plan import Plan
+from lowbit.eval.report import write_png
 
 
-def _pyplot():
-    import matplotlib
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def plot_plan(plan: Plan, path: str | Path) -> Path:
     """Bits per weight of every tensor in model order, coloured by option family."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.05 * len(plan.entries)), 3.2))
+    fig, ax = _figure((max(6.0, 0.05 * len(plan.entries)), 3.2))
     fams = sorted({e.option.split("-")[0].split("+")[-1] for e in plan.entries})
     colors = {f: f"C{i}" for i, f in enumerate(fams)}
     for i, e in enumerate(plan.entries):
@@ -34,18 +33,13 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
                  if plan.measured_kl is not None else f"{plan.target}: {plan.bits_per_weight:.2f} bits/weight")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    with outputs.atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=110)
 
 
 def plot_frontier(auto: list[tuple[float, float]], uniform: dict[str, list[tuple[float, float]]],
                   path: str | Path, title: str) -> Path:
     """KL (log) against bits per weight: auto's points joined, each uniform method's points."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure((6.4, 4.2))
     for i, (name, pts) in enumerate(sorted(uniform.items())):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o--", color=f"C{i + 1}", ms=4, lw=0.8, label=name)
@@ -58,8 +52,4 @@ def plot_frontier(auto: list[tuple[float, float]], uniform: dict[str, list[tuple
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with outputs.atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=110)

@@ -232,7 +232,13 @@ def plot_ppl_vs_bits(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
 
+    return write_png(fig, path)
+
+
+def write_png(fig, path: str | os.PathLike, dpi: int | None = None) -> Path:
+    """Write a matplotlib figure as a PNG, atomically; an existing file there that is not a PNG
+    image is refused (`lowbit.outputs.check_file`)."""
     target = outputs.check_file(path, PNG)
     with outputs.atomic_file(target) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
     return target
