@@ -67,13 +67,41 @@ def _bitnet(shape=(24, 64)):
     return BitNetWeight.from_codes(torch.randint(-1, 2, shape, generator=g).float(), torch.tensor(0.05))
 
 
+def _nf4(shape=(24, 64)):
+    from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
+
+    return nf4_quantize(torch.randn(shape, generator=torch.Generator().manual_seed(7)), NF4Config())
+
+
+def _pruned(shape=(24, 64)):
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    keep = W.abs().reshape(shape[0], -1, 4).argsort(dim=-1)[..., 2:]          # 2 of every 4 kept
+    mask = torch.zeros(W.shape, dtype=torch.bool).reshape(shape[0], -1, 4).scatter_(-1, keep, True).reshape(shape)
+    return torch.where(mask, W, torch.zeros(()))  # +0.0 where pruned (a stored -0.0 counts as a nonzero)
+
+
+def _sparse_nm():
+    from lowbit.formats.sparse_nm import SparseNMWeight
+
+    return SparseNMWeight.from_dense(_pruned(), 2, 4)
+
+
+def _sparse_csr():
+    from lowbit.formats.sparse_csr import CSRWeight
+
+    return CSRWeight.from_dense(_pruned())
+
+
 @pytest.mark.skipif(not (cpu.available() and a8.available()), reason="native kernels not built")
 def test_c_entries_resolve_and_match_their_python_entries():
-    samples = {"affine": _affine, "ternary": _ternary, "e8p": _e8p, "aqlm": _aqlm, "bitnet": _bitnet}
+    samples = {"affine": _affine, "ternary": _ternary, "e8p": _e8p, "aqlm": _aqlm, "bitnet": _bitnet, "nf4": _nf4,
+               "sparse-nm": _sparse_nm, "sparse-csr": _sparse_csr}
     rows = [k for k in kernels.KERNELS.values() if k.symbol is not None]
     assert {(k.format, k.activations) for k in rows} == {("affine", "float"), ("affine", "int8"), ("ternary", "float"),
                                                          ("e8p", "float"), ("aqlm", "float"),
-                                                         ("e8p", "int8"), ("aqlm", "int8"), ("bitnet", "int8")}
+                                                         ("e8p", "int8"), ("aqlm", "int8"), ("bitnet", "int8"),
+                                                         ("nf4", "float"), ("sparse-nm", "float"),
+                                                         ("sparse-csr", "float")}
     fn_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_int)
     for k in rows:
@@ -82,7 +110,8 @@ def test_c_entries_resolve_and_match_their_python_entries():
         st = k.struct(w)
         assert st is k.struct(w)  # built once per stored tensors
         view = getattr(st, "e", st)  # the int8 E8P struct holds the float kernel's view
-        assert (view.N, view.K) == tuple(w.shape)
+        dims = (view.out_f, view.in_f) if hasattr(view, "out_f") else (view.N, view.K)
+        assert dims == tuple(w.shape)
         x = torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(2))
         y = torch.full((1, w.shape[0]), float("nan"))
         assert fn_t(k.c_entry())(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1) == 0

@@ -1,7 +1,7 @@
 """The lean decoder's native decode step (csrc/decode.c, lowbit.runtime.native) against the
 decoder's Python path, which is itself checked against transformers in test_runtime.py: every
-family, float and quantized weights (affine 2/4/8-bit with int / float / no zero-points, ternary,
-quantized output head), sliding windows, soft-capping, long contexts (attention split across
+family, float and quantized weights (affine 2- to 8-bit with int / float / no zero-points, ternary,
+NF4, N:M and CSR sparse, quantized output head), sliding windows, soft-capping, long contexts (attention split across
 threads), every kernel instruction set; the KV cache it writes; when it declines a model."""
 
 import pytest
@@ -90,6 +90,11 @@ QUANT = [
     ("rtn", QuantScheme(bits=2, symmetric=False, granularity="group", group_size=32)),
     ("hqq", QuantScheme(bits=4, symmetric=False, granularity="group", group_size=32, zero_point="float")),
     ("ternary", None),
+    # 3, 5 and 6 bits: runs of 8 codes, the odd-width kernels
+    ("rtn", QuantScheme(bits=3, symmetric=False, granularity="group", group_size=32)),
+    ("rtn", QuantScheme(bits=5, symmetric=True, granularity="group", group_size=16)),
+    ("rtn", QuantScheme(bits=6, symmetric=True, granularity="channel", group_size=None)),
+    ("nf4", None),
 ]
 
 
@@ -100,6 +105,20 @@ def test_quantized_step_equals_python_path(family, method, scheme):
     m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
     api.quantize(m, method, scheme, progress=False)
     worst, _, _ = run_both(m.model)
+    assert worst < REL, worst
+
+
+@pytest.mark.parametrize("storage", ["nm", "csr"])
+def test_sparse_step_equals_python_path(storage):
+    from lowbit.algorithms.sparse_storage import store
+
+    lm = tiny_model("llama", seed=14)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "magnitude", None, progress=False, pattern="2:4")
+    store(m, storage)
+    kinds = {type(mod.weight_format).name for mod in m.model.modules() if hasattr(mod, "weight_format")}
+    assert kinds == {"sparse-nm" if storage == "nm" else "sparse-csr"}
+    worst, _, nat = run_both(m.model)
     assert worst < REL, worst
 
 
@@ -190,10 +209,10 @@ def test_profile_accounts_for_the_step():
 def test_declines_what_it_does_not_cover_and_python_path_takes_over():
     lm = tiny_model("llama", seed=11)
     m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
-    api.quantize(m, "nf4", None, progress=False)   # NF4 has no native step kernel
+    api.quantize(m, "llm-int8", None, progress=False)   # LLM.int8() has no native step kernel
     dec = LeanDecoder(m.model, max_len=16)
-    assert dec.native_step is None and "nf4" in dec.native_reason
-    with pytest.raises(LowbitError, match="native decode step cannot run this model: .*nf4"):
+    assert dec.native_step is None and "llm-int8" in dec.native_reason
+    with pytest.raises(LowbitError, match="native decode step cannot run this model: .*llm-int8"):
         LeanDecoder(m.model, max_len=16, native=True)
     ids = ids_for(4, m.model.config.vocab_size)
     a = LeanDecoder(m.model, max_len=16, native=False)

@@ -1,4 +1,4 @@
-"""Fast CPU kernels for packed weights with float32 activations: affine (2/4/8-bit, grouped or
+"""Fast CPU kernels for packed weights with float32 activations: affine (2- to 8-bit, grouped or
 per-channel, symmetric or with integer / float zero-points), NF4 and ternary.
 
 Why plain C + OpenMP loaded with ctypes (``csrc/cpu_linear.c``):
@@ -32,7 +32,7 @@ whose blocking wins once the product is compute bound. Measured here (one thread
 
 Every function returns ``NotImplemented`` for what it does not handle, and the reference path
 (`lowbit.kernels.reference.linear`) runs then: non-CPU tensors, activations that are not
-float32, autograd through x, affine bit widths other than 2/4/8, NF4 rows that straddle blocks
+float32, autograd through x, NF4 rows that straddle blocks
 (in_features odd or not a multiple of the block size), a missing native library, or
 ``LOWBIT_NATIVE=0``.
 """
@@ -62,6 +62,13 @@ class AffineWeightC(ctypes.Structure):
                 ("zconst", _f32)]
 
 
+class NF4WeightC(ctypes.Structure):
+    """Mirror of ``lb_nf4_weight`` in csrc/cpu_linear.c: the C view of an NF4 weight."""
+    _fields_ = [("qw", _vp), ("absmax", _vp), ("nested", _vp), ("dyn", _vp), ("lut", _vp),
+                ("K", _i64), ("N", _i64), ("dqbs", _i64), ("bs", _i64), ("absmax_u8", ctypes.c_int32),
+                ("offset", _f32)]
+
+
 _W_ENTRY = [_vp, _vp, _i64, _vp, _vp, _i32]  # (weight struct, x, rows, bias, y, threads): every *_linear_w
 _FUNCTIONS = {
     "lb_affine_linear_w": (_W_ENTRY, _i32),
@@ -69,6 +76,7 @@ _FUNCTIONS = {
     "lb_affine_dequant_w": ([_vp, _vp, _i32], _i32),
     "lb_noop": ([_vp, _i64, _i64, _i64, _vp, _i64, _i32, _vp, _i32, _i64, _i64, _i64, _vp, _i64, _vp, _i32, _f32,
                  _vp, _vp, _i32], _i32),
+    "lb_nf4_linear_w": (_W_ENTRY, _i32),
     "lb_nf4_linear": ([_vp, _i64, _i64, _i64, _vp, _vp, _i32, _vp, _i64, _f32, _i64, _vp, _vp, _vp, _vp, _i32], _i32),
     "lb_cpu_linear_set_min_parallel_bytes": ([_i64], None),
 }
@@ -112,9 +120,9 @@ def _cpu_tensors(*ts) -> bool:
 # -- affine ------------------------------------------------------------------------------------
 def affine_struct(w) -> AffineWeightC | None:
     """The C view of an AffineWeight, or None when the C code cannot read it in place (bit
-    widths other than 2/4/8, tensors off the CPU or not contiguous, other scale dtypes)."""
+    widths outside 2..8, tensors off the CPU or not contiguous, other scale dtypes)."""
     sch = w.scheme
-    if sch.bits not in (2, 4, 8):
+    if not 2 <= sch.bits <= 8:
         return None
     N, K = w.shape
     scales, qz, fz = w.scales, w.qzeros, w.zeros
@@ -219,35 +227,53 @@ def _nf4_constants():
     return _NF4_CONST["lut"], _NF4_CONST["dyn"]
 
 
-@register_kernel("nf4")
+def nf4_struct(w) -> NF4WeightC | None:
+    """The C view of an NF4Weight, or None when the C code cannot read it in place (rows that
+    straddle blocks: in_features odd or not a multiple of the block size; tensors off the CPU or
+    not contiguous; other absmax dtypes)."""
+    if len(w.shape) != 2:
+        return None
+    N, K = w.shape
+    if K % 2 or K % w.blocksize or not _cpu_tensors(w.qweight, w.absmax, w.nested_absmax, w.offset):
+        return None
+    lut, dyn = _nf4_constants()
+    dq = w.dq_blocksize is not None
+    if dq:
+        if w.absmax.dtype != torch.uint8 or w.nested_absmax.dtype != torch.float32:
+            return None
+        nested, off = w.nested_absmax.data_ptr(), float(w.offset)
+    else:
+        if w.absmax.dtype != torch.float32:
+            return None
+        nested, off = None, 0.0
+    return NF4WeightC(qw=w.qweight.data_ptr(), absmax=w.absmax.data_ptr(), nested=nested, dyn=dyn.data_ptr(),
+                      lut=lut.data_ptr(), K=K, N=N, dqbs=w.dq_blocksize or 0, bs=w.blocksize, absmax_u8=int(dq),
+                      offset=off)
+
+
+def nf4_weight_struct(w) -> NF4WeightC | None:
+    """`nf4_struct`, built once per stored tensors."""
+    return _native.cached_struct(w, nf4_struct, None)
+
+
+@register_kernel("nf4", library=library, symbol="lb_nf4_linear_w", struct=nf4_weight_struct)
 def nf4_linear(x: Tensor, w, bias: Tensor | None = None):
     lib = library()
     if lib is None or len(w.shape) != 2:
         return NotImplemented
     N, K = w.shape
-    if K % 2 or K % w.blocksize:
-        return NotImplemented
     X = _prepare_x(x, K)
-    if X is None or not _cpu_tensors(w.qweight, w.absmax, w.nested_absmax, w.offset):
+    if X is None:
         return NotImplemented
     M = X.shape[0]
     if M > FUSED_MAX_ROWS:
         return NotImplemented  # the reference (dequantize + GEMM) is the right tool for prefill
+    st = nf4_weight_struct(w)
+    if st is None:
+        return NotImplemented
     bptr, b = _bias_ptr(bias, N)
     if bptr is False:
         return NotImplemented
-    lut, dyn = _nf4_constants()
-    dq = w.dq_blocksize is not None
-    if dq:
-        if w.absmax.dtype != torch.uint8 or w.nested_absmax.dtype != torch.float32:
-            return NotImplemented
-        nested, off = w.nested_absmax.data_ptr(), float(w.offset)
-    else:
-        if w.absmax.dtype != torch.float32:
-            return NotImplemented
-        nested, off = None, 0.0
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-    rc = lib.lb_nf4_linear(X.data_ptr(), M, K, N, w.qweight.data_ptr(), w.absmax.data_ptr(), int(dq), nested,
-                           w.dq_blocksize or 0, off, w.blocksize, dyn.data_ptr(), lut.data_ptr(), bptr,
-                           y.data_ptr(), torch.get_num_threads())
+    rc = lib.lb_nf4_linear_w(ctypes.addressof(st), X.data_ptr(), M, bptr, y.data_ptr(), torch.get_num_threads())
     return NotImplemented if rc else y

@@ -25,7 +25,18 @@ from lowbit.formats.sparse_nm import SparseNMWeight, index_bits
 from lowbit.kernels import _native, register_kernel
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_FUNCTIONS = {"lb_nm_linear": ([_P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _INT], None),
+
+
+class SparseWeightC(ctypes.Structure):
+    """Mirror of ``lb_sparse_weight`` in csrc/sparse.c: the C view of an N:M or CSR weight that
+    ``lb_sparse_linear_w`` (the C decode step's entry) reads."""
+    _fields_ = [("vals", _P), ("codes", _P), ("col", _P), ("row_ptr", _P),
+                ("in_f", _I64), ("out_f", _I64), ("code_row_bytes", _I64),
+                ("kind", ctypes.c_int32), ("bits", ctypes.c_int32), ("n", ctypes.c_int32), ("m", ctypes.c_int32)]
+
+
+_FUNCTIONS = {"lb_sparse_linear_w": ([_P, _P, _I64, _P, _P, _INT], _INT),
+              "lb_nm_linear": ([_P, _I64, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _INT], None),
               "lb_csr_linear": ([_P, _I64, _I64, _P, _P, _INT, _P, _I64, _P, _P, _INT], None)}
 
 
@@ -107,11 +118,46 @@ def csr_linear_native(x: Tensor, w: CSRWeight, bias: Tensor | None = None, *, th
     return _shaped(y, x, out_f)
 
 
-@register_kernel("sparse-nm", "float", "any")
+def _stored(*ts) -> bool:
+    return all(t.is_cpu and t.is_contiguous() for t in ts)
+
+
+def nm_struct(w: SparseNMWeight) -> SparseWeightC | None:
+    """The C view of an N:M weight, or None when its tensors are not contiguous CPU tensors."""
+    if not _stored(w.values, w.indices):
+        return None
+    out_f, in_f = w.shape
+    bits = index_bits(w.m)
+    return SparseWeightC(vals=w.values.data_ptr(), codes=w.indices.data_ptr(), col=None, row_ptr=None, in_f=in_f,
+                         out_f=out_f, code_row_bytes=packing.packed_row_bytes(in_f // w.m * w.n, bits), kind=0,
+                         bits=bits, n=w.n, m=w.m)
+
+
+def csr_struct(w: CSRWeight) -> SparseWeightC | None:
+    """The C view of a CSR weight, or None when its tensors are not contiguous CPU tensors."""
+    if not _stored(w.values, w.col_idx, w.row_ptr):
+        return None
+    out_f, in_f = w.shape
+    return SparseWeightC(vals=w.values.data_ptr(), codes=None, col=w.col_idx.data_ptr(), row_ptr=w.row_ptr.data_ptr(),
+                         in_f=in_f, out_f=out_f, code_row_bytes=0, kind=2 if w.col_idx.dtype == torch.int32 else 1,
+                         bits=0, n=0, m=0)
+
+
+def nm_weight_struct(w):
+    return _native.cached_struct(w, nm_struct, None)
+
+
+def csr_weight_struct(w):
+    return _native.cached_struct(w, csr_struct, None)
+
+
+@register_kernel("sparse-nm", "float", "any", library=native_lib, symbol="lb_sparse_linear_w",
+                 struct=nm_weight_struct)
 def nm_linear(x: Tensor, w: SparseNMWeight, bias: Tensor | None = None):
     return nm_linear_native(x, w, bias)
 
 
-@register_kernel("sparse-csr", "float", "any")
+@register_kernel("sparse-csr", "float", "any", library=native_lib, symbol="lb_sparse_linear_w",
+                 struct=csr_weight_struct)
 def csr_linear(x: Tensor, w: CSRWeight, bias: Tensor | None = None):
     return csr_linear_native(x, w, bias)

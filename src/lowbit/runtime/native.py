@@ -8,8 +8,8 @@ model is something the C step does not cover; the decoder then keeps its Python 
 also the reference the C step is tested against (tests/test_runtime_native.py).
 
 Covered: float32 CPU models of the decoder's families whose linear layers are ``nn.Linear``
-(float32) or lowbit ``QuantizedLinear``s with an affine (2/4/8-bit) or ternary format that the
-native affine kernel takes, or a BitNet format (`lowbit.formats.bitnet`: b1.58 or 1-bit codes,
+(float32) or lowbit ``QuantizedLinear``s whose format's kernel-table row has a C entry that takes
+the weight (affine 2- to 8-bit, ternary, NF4, sparse N:M / CSR, E8P, AQLM), or a BitNet format (`lowbit.formats.bitnet`: b1.58 or 1-bit codes,
 int8 activations, with or without the layer's own norm, run by the native BitNet kernel
 `lowbit.kernels.bitnet`), a float32 ``nn.Embedding`` (Gemma's scaled one included), SiLU or
 tanh-GELU gated MLPs, one RMSNorm epsilon for the whole model. Prefill (several positions at once)

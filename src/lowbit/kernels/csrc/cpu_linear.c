@@ -1,8 +1,9 @@
 /* Fast CPU linear layers y = x W^T + b on packed weights, fp32 activations.
  *
  * Formats (read in their stored layout, never copied):
- *   affine  codes u (2, 4 or 8 bits, packed row by row as lowbit.core.packing does: byte k of a
- *           row holds codes k*(8/b) .. k*(8/b)+8/b-1, code j at bit j*b), one scale per group of
+ *   affine  codes u (2 to 8 bits, packed row by row as lowbit.core.packing does: for 2, 4, 8 bits
+ *           byte k of a row holds codes k*(8/b) .. k*(8/b)+8/b-1, code j at bit j*b; for 3, 5, 6, 7
+ *           bits a run of 8 codes is one little-endian integer of b bytes), one scale per group of
  *           G consecutive input columns (fp16 or fp32), zero-point per group: packed integer
  *           (same bit width), float (fp16/fp32), or a constant (symmetric: the code offset).
  *           W[r, c] = s * (u - z), computed as fma(u, s, -(z*s)).
@@ -70,12 +71,23 @@ typedef struct {
     float* y;            /* [M, N] */
 } affine_args;
 
-static inline float affine_zero(const affine_args* a, int64_t r, int64_t g) {
-    if (a->qz) {  /* bits 2, 4, 8: 4, 2, 1 zero-points per byte (shifts, no division) */
-        const uint8_t* p = a->qz + r * a->qz_stride;
-        int lg = a->bits == 8 ? 0 : (a->bits == 4 ? 1 : 2);
-        return (float)((p[g >> lg] >> ((g & ((1 << lg) - 1)) * a->bits)) & ((1 << a->bits) - 1));
+/* Code c of a packed row: bits 2, 4, 8 hold whole codes per byte (shifts, no division); other
+ * widths are runs of 8 codes in `bits` bytes, code j of a run at bits [j*b, j*b + b). */
+static inline unsigned code_at(const uint8_t* row, int bits, int64_t c) {
+    if (bits == 8) return row[c];
+    if (bits == 4 || bits == 2) {
+        int lg = bits == 4 ? 1 : 2;  /* 2 or 4 codes per byte */
+        return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
     }
+    int bit = (int)(c & 7) * bits, sh = bit & 7;
+    const uint8_t* p = row + (c >> 3) * bits + (bit >> 3);
+    unsigned v = (unsigned)p[0] >> sh;
+    if (sh + bits > 8) v |= (unsigned)p[1] << (8 - sh);
+    return v & ((1u << bits) - 1u);
+}
+
+static inline float affine_zero(const affine_args* a, int64_t r, int64_t g) {
+    if (a->qz) return (float)code_at(a->qz + r * a->qz_stride, a->bits, g);  /* same packing as the codes */
     if (a->fz) return ld_f(a->fz, a->fz_f16, r * a->s_stride + g);
     return a->zconst;
 }
@@ -118,12 +130,6 @@ static void rearrange(const float* x, int64_t M, int64_t K, int V, int s, float*
 
 /* ------------------------------------------------------------------------------------------ */
 /* scalar path: any group size, any K                                                          */
-static inline unsigned code_at(const uint8_t* row, int bits, int64_t c) {
-    if (bits == 8) return row[c];
-    int lg = bits == 4 ? 1 : 2;  /* bits 4 or 2: 2 or 4 codes per byte */
-    return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
-}
-
 static void affine_rows_scalar(const affine_args* a, int64_t r0, int64_t r1) {
     const int64_t K = a->K, N = a->N, M = a->M;
     float acc[8];
@@ -522,18 +528,314 @@ BATCH_ROWS(2, 8, affine_batch_avx512, 2)
 #endif
 
 /* ------------------------------------------------------------------------------------------ */
+/* 3, 5, 6 and 7 bits: a run of 8 codes is one little-endian integer in `bits` bytes. The codes */
+/* are read in their natural order, so the activations need no rearrangement (xp: x zero-padded */
+/* to Kp). Per 16 codes (two runs, <= 14 bytes): one 16-byte load broadcast to every 128-bit     */
+/* lane, one byte shuffle that puts the two bytes holding code j in the low half of 32-bit lane  */
+/* j (zeros above), a per-lane shift ((j*b) mod 8) and a mask. AVX2 takes 8 codes per step.      */
+typedef struct {
+    uint8_t idx[64];   /* shuffle: 32-bit lane j <- bytes (j*b)/8 and the next, then two zeros */
+    uint32_t sh[16];   /* right shift of lane j: (j*b) mod 8 */
+} odd_tables;
+
+static void odd_tables_init(odd_tables* t, int bits) {
+    for (int j = 0; j < 16; j++) {
+        int bit = j * bits, o = bit >> 3;
+        t->idx[4 * j] = (uint8_t)o;
+        t->idx[4 * j + 1] = (uint8_t)(o + 1);
+        t->idx[4 * j + 2] = t->idx[4 * j + 3] = 0x80;  /* pshufb: zero */
+        t->sh[j] = (uint32_t)(bit & 7);
+    }
+}
+
+#if LB_X86
+/* The 8 codes of the run at p as int32 lanes; `end` bounds the weight's bytes (a run is never cut) */
+T2 __m256i odd_unpack_avx2(const uint8_t* p, const uint8_t* end, int bits, __m256i idx, __m256i sh, __m256i mask) {
+    __m128i v;
+    if (!end || end - p >= 16) {  /* end NULL: the caller knows 16 bytes are there */
+        v = _mm_loadu_si128((const __m128i*)p);
+    } else {
+        uint8_t t[16] = {0};
+        memcpy(t, p, (size_t)bits);
+        v = _mm_loadu_si128((const __m128i*)t);
+    }
+    __m256i u = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), idx);
+    return _mm256_and_si256(_mm256_srlv_epi32(u, sh), mask);
+}
+
+/* 16 codes (two runs) at p, each OR-ed into the mantissa of 2^23 (see GEMV_W_AVX512); bytes past
+ * `end` read as zero */
+T5 __m512i odd_unpack_avx512(const uint8_t* p, const uint8_t* end, __m512i idx, __m512i sh, __m512i mask,
+                             __m512i magic) {
+    int64_t avail = end ? end - p : 16;  /* end NULL: the caller knows 16 bytes are there */
+    __m128i v = avail >= 16 ? _mm_loadu_si128((const __m128i*)p)
+                            : _mm_maskz_loadu_epi8((__mmask16)((1u << avail) - 1u), p);
+    __m512i u = _mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(v), idx), sh);
+    return _mm512_ternarylogic_epi32(u, mask, magic, 0xEA);  /* (u & mask) | magic */
+}
+
+/* Batch 1, RB (1 or 2) rows: y[r] = sum_g s_g * sum_{c in g} (u_c - mid) x_c - zero term. */
+T5 void odd_gemv_avx512(const affine_args* a, const odd_tables* tb, const float* xp, const float* xsum,
+                        float* sc0, float* sc1, int64_t r, const int RB, const int BITS) {
+    const __m512i idx = _mm512_loadu_si512(tb->idx), sh = _mm512_loadu_si512(tb->sh);
+    const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1), magic = _mm512_set1_epi32(0x4B000000);
+    const __m512 magic_mid = _mm512_set1_ps(8388608.0f + (float)(1 << (BITS - 1)));
+    const int64_t K = a->K, G = a->G, rb = a->row_bytes;
+    const uint8_t* p0 = a->qw + r * rb;
+    const uint8_t* p1 = p0 + rb;
+    const uint8_t* end = a->qw + a->N * rb;
+    const int far = end - (p0 + (RB - 1) * rb) >= rb + 16;  /* a 16-byte load anywhere in the rows is inside */
+    float z0 = affine_row_prepass(a, r, xsum, sc0), z1 = 0.0f;
+    if (RB == 2) z1 = affine_row_prepass(a, r + 1, xsum, sc1);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 acc0b = _mm512_setzero_ps(), acc1b = _mm512_setzero_ps();
+    for (int64_t g = 0; g < a->n_groups; g++) {
+        __m512 t0a = _mm512_setzero_ps(), t0b = _mm512_setzero_ps();
+        __m512 t1a = _mm512_setzero_ps(), t1b = _mm512_setzero_ps();
+        int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
+        int64_t c = c0;
+#define ODD_W512(P, OFF, E) _mm512_sub_ps(_mm512_castsi512_ps(odd_unpack_avx512((P) + (OFF), E, idx, sh, mask, magic)), \
+                                          magic_mid)
+        if (far) {  /* 16-byte loads stay inside the weight: no bounds to check */
+            for (; c + 32 <= c1; c += 32) {
+                int64_t off = (c >> 3) * BITS;
+                __m512 xa = _mm512_loadu_ps(xp + c), xb = _mm512_loadu_ps(xp + c + 16);
+                t0a = _mm512_fmadd_ps(ODD_W512(p0, off, NULL), xa, t0a);
+                t0b = _mm512_fmadd_ps(ODD_W512(p0, off + 2 * BITS, NULL), xb, t0b);
+                if (RB == 2) {
+                    t1a = _mm512_fmadd_ps(ODD_W512(p1, off, NULL), xa, t1a);
+                    t1b = _mm512_fmadd_ps(ODD_W512(p1, off + 2 * BITS, NULL), xb, t1b);
+                }
+            }
+        }
+        for (; c < c1; c += 16) {
+            int64_t off = (c >> 3) * BITS;
+            __m512 xv = _mm512_loadu_ps(xp + c);
+            t0a = _mm512_fmadd_ps(ODD_W512(p0, off, end), xv, t0a);
+            if (RB == 2) t1a = _mm512_fmadd_ps(ODD_W512(p1, off, end), xv, t1a);
+        }
+#undef ODD_W512
+        if (g & 1) {
+            acc0b = _mm512_fmadd_ps(_mm512_add_ps(t0a, t0b), _mm512_set1_ps(sc0[g]), acc0b);
+            if (RB == 2) acc1b = _mm512_fmadd_ps(_mm512_add_ps(t1a, t1b), _mm512_set1_ps(sc1[g]), acc1b);
+        } else {
+            acc0 = _mm512_fmadd_ps(_mm512_add_ps(t0a, t0b), _mm512_set1_ps(sc0[g]), acc0);
+            if (RB == 2) acc1 = _mm512_fmadd_ps(_mm512_add_ps(t1a, t1b), _mm512_set1_ps(sc1[g]), acc1);
+        }
+    }
+    a->y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc0b)) - z0 + (a->bias ? a->bias[r] : 0.0f);
+    if (RB == 2) a->y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(acc1, acc1b)) - z1 + (a->bias ? a->bias[r + 1] : 0.0f);
+}
+
+T2 void odd_gemv_avx2(const affine_args* a, const odd_tables* tb, const float* xp, const float* xsum,
+                      float* sc0, float* sc1, int64_t r, const int RB, const int BITS) {
+    const __m256i idx = _mm256_loadu_si256((const __m256i*)tb->idx);
+    const __m256i sh = _mm256_loadu_si256((const __m256i*)tb->sh), mask = _mm256_set1_epi32((1 << BITS) - 1);
+    const __m256i mid = _mm256_set1_epi32(1 << (BITS - 1));
+    const int64_t K = a->K, G = a->G, rb = a->row_bytes;
+    const uint8_t* p0 = a->qw + r * rb;
+    const uint8_t* p1 = p0 + rb;
+    const uint8_t* end = a->qw + a->N * rb;
+    const int far = end - (p0 + (RB - 1) * rb) >= rb + 16;  /* a 16-byte load anywhere in the rows is inside */
+    float z0 = affine_row_prepass(a, r, xsum, sc0), z1 = 0.0f;
+    if (RB == 2) z1 = affine_row_prepass(a, r + 1, xsum, sc1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc0b = _mm256_setzero_ps(), acc1b = _mm256_setzero_ps();
+    for (int64_t g = 0; g < a->n_groups; g++) {
+        __m256 t0a = _mm256_setzero_ps(), t0b = _mm256_setzero_ps();
+        __m256 t1a = _mm256_setzero_ps(), t1b = _mm256_setzero_ps();
+        int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
+        int64_t c = c0;
+#define ODD_W256(P, OFF, E) _mm256_cvtepi32_ps(_mm256_sub_epi32(odd_unpack_avx2((P) + (OFF), E, BITS, idx, sh, mask), mid))
+        if (far) {  /* 16-byte loads stay inside the weight: no bounds to check */
+            for (; c + 16 <= c1; c += 16) {
+                int64_t off = (c >> 3) * BITS;
+                __m256 xa = _mm256_loadu_ps(xp + c), xb = _mm256_loadu_ps(xp + c + 8);
+                t0a = _mm256_fmadd_ps(ODD_W256(p0, off, NULL), xa, t0a);
+                t0b = _mm256_fmadd_ps(ODD_W256(p0, off + BITS, NULL), xb, t0b);
+                if (RB == 2) {
+                    t1a = _mm256_fmadd_ps(ODD_W256(p1, off, NULL), xa, t1a);
+                    t1b = _mm256_fmadd_ps(ODD_W256(p1, off + BITS, NULL), xb, t1b);
+                }
+            }
+        }
+        for (; c < c1; c += 8) {
+            int64_t off = (c >> 3) * BITS;
+            __m256 xv = _mm256_loadu_ps(xp + c);
+            t0a = _mm256_fmadd_ps(ODD_W256(p0, off, end), xv, t0a);
+            if (RB == 2) t1a = _mm256_fmadd_ps(ODD_W256(p1, off, end), xv, t1a);
+        }
+#undef ODD_W256
+        if (g & 1) {
+            acc0b = _mm256_fmadd_ps(_mm256_add_ps(t0a, t0b), _mm256_set1_ps(sc0[g]), acc0b);
+            if (RB == 2) acc1b = _mm256_fmadd_ps(_mm256_add_ps(t1a, t1b), _mm256_set1_ps(sc1[g]), acc1b);
+        } else {
+            acc0 = _mm256_fmadd_ps(_mm256_add_ps(t0a, t0b), _mm256_set1_ps(sc0[g]), acc0);
+            if (RB == 2) acc1 = _mm256_fmadd_ps(_mm256_add_ps(t1a, t1b), _mm256_set1_ps(sc1[g]), acc1);
+        }
+    }
+    a->y[r] = hsum256(_mm256_add_ps(acc0, acc0b)) - z0 + (a->bias ? a->bias[r] : 0.0f);
+    if (RB == 2) a->y[r + 1] = hsum256(_mm256_add_ps(acc1, acc1b)) - z1 + (a->bias ? a->bias[r + 1] : 0.0f);
+}
+
+/* Small batches: one weight row x MB activation rows (xp [M, Kp] zero-padded); each step of codes
+ * is unpacked and dequantized once (w = (u - mid) * s - (z - mid) * s) and used MB times. */
+#define ODD_BATCH(NAME, TGT, VEC, W, SET0, LOADX, FMA, SET1, RED, UNPACK)                                   \
+    __attribute__((target(TGT), always_inline)) static inline void NAME(                                   \
+        const affine_args* a, const odd_tables* tb, const float* xp, int64_t Kp, const float* sc,          \
+        const float* nz, int64_t r, int64_t m0, const int MB, const int BITS) {                            \
+        const int64_t K = a->K, G = a->G, rb = a->row_bytes;                                               \
+        const uint8_t* p0 = a->qw + r * rb;                                                                \
+        const uint8_t* end = a->qw + a->N * rb;                                                            \
+        VEC acc[8];                                                                                        \
+        _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++) acc[mm] = SET0();                          \
+        for (int64_t g = 0; g < a->n_groups; g++) {                                                        \
+            VEC vs = SET1(sc[g]), vnz = SET1(nz[g]);                                                       \
+            int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;                                              \
+            for (int64_t c = c0; c < c1; c += W) {                                                         \
+                VEC w = FMA(UNPACK, vs, vnz);                                                              \
+                _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++)                                    \
+                    acc[mm] = FMA(w, LOADX(xp + (m0 + mm) * Kp + c), acc[mm]);                             \
+            }                                                                                              \
+        }                                                                                                  \
+        _Pragma("GCC unroll 8") for (int mm = 0; mm < MB; mm++)                                            \
+            a->y[(m0 + mm) * a->N + r] = RED(acc[mm]) + (a->bias ? a->bias[r] : 0.0f);                     \
+    }
+
+ODD_BATCH(odd_batch_avx2, "avx2,fma,f16c", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps,
+          _mm256_set1_ps, hsum256,
+          _mm256_cvtepi32_ps(_mm256_sub_epi32(odd_unpack_avx2(p0 + (c >> 3) * BITS, end, BITS,
+              _mm256_loadu_si256((const __m256i*)tb->idx), _mm256_loadu_si256((const __m256i*)tb->sh),
+              _mm256_set1_epi32((1 << BITS) - 1)), _mm256_set1_epi32(1 << (BITS - 1)))))
+ODD_BATCH(odd_batch_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", __m512, 16, _mm512_setzero_ps,
+          _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_reduce_add_ps,
+          _mm512_sub_ps(_mm512_castsi512_ps(odd_unpack_avx512(p0 + (c >> 3) * BITS, end,
+              _mm512_loadu_si512(tb->idx), _mm512_loadu_si512(tb->sh), _mm512_set1_epi32((1 << BITS) - 1),
+              _mm512_set1_epi32(0x4B000000))), _mm512_set1_ps(8388608.0f + (float)(1 << (BITS - 1)))))
+
+/* One thread's rows [r0, r1) for one bit width (a compile-time constant in every kernel). */
+#define ODD_ROWS(ISA, BITS)                                                                                \
+    __attribute__((target(TGT_##ISA))) static void odd_rows_##ISA##_##BITS(                               \
+        const affine_args* a, const odd_tables* tb, const float* xp, int64_t Kp, const float* xsum,       \
+        float* sc, int64_t r0, int64_t r1) {                                                               \
+        const int64_t M = a->M, ng = a->n_groups;                                                          \
+        if (M == 1) {                                                                                      \
+            int64_t r = r0;                                                                                \
+            for (; r + 2 <= r1; r += 2) {                                                                  \
+                if (ISA == 2) odd_gemv_avx512(a, tb, xp, xsum, sc, sc + ng, r, 2, BITS);                   \
+                else odd_gemv_avx2(a, tb, xp, xsum, sc, sc + ng, r, 2, BITS);                              \
+            }                                                                                              \
+            if (r < r1) {                                                                                  \
+                if (ISA == 2) odd_gemv_avx512(a, tb, xp, xsum, sc, sc + ng, r, 1, BITS);                   \
+                else odd_gemv_avx2(a, tb, xp, xsum, sc, sc + ng, r, 1, BITS);                              \
+            }                                                                                              \
+            return;                                                                                        \
+        }                                                                                                  \
+        const int MBMAX = ISA == 2 ? 8 : 4;                                                                \
+        for (int64_t r = r0; r < r1; r++) {                                                                \
+            affine_row_scales(a, r, sc, sc + ng);                                                          \
+            for (int64_t m0 = 0; m0 < M; m0 += MBMAX) {                                                    \
+                int mb = (int)(M - m0 < MBMAX ? M - m0 : MBMAX);                                           \
+                switch (mb) {                                                                              \
+                    ODD_CASE(ISA, 8, BITS) ODD_CASE(ISA, 7, BITS) ODD_CASE(ISA, 6, BITS)                   \
+                    ODD_CASE(ISA, 5, BITS) ODD_CASE(ISA, 4, BITS) ODD_CASE(ISA, 3, BITS)                   \
+                    ODD_CASE(ISA, 2, BITS) ODD_CASE(ISA, 1, BITS)                                          \
+                    default: break;                                                                        \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+#define ODD_CASE(ISA, MB, BITS)                                                                            \
+    case MB:                                                                                               \
+        if (ISA == 2) odd_batch_avx512(a, tb, xp, Kp, sc, sc + ng, r, m0, MB, BITS);                      \
+        else if (MB <= 4) odd_batch_avx2(a, tb, xp, Kp, sc, sc + ng, r, m0, MB, BITS);                    \
+        break;
+ODD_ROWS(1, 3)
+ODD_ROWS(1, 5)
+ODD_ROWS(1, 6)
+ODD_ROWS(1, 7)
+ODD_ROWS(2, 3)
+ODD_ROWS(2, 5)
+ODD_ROWS(2, 6)
+ODD_ROWS(2, 7)
+#endif
+
+/* The odd-width entry (bits 3, 5, 6, 7), SIMD paths only (the scalar path takes every width). */
+static int affine_linear_odd(const affine_args* a, int isa, int nt) {
+#if LB_X86
+    const int64_t M = a->M, K = a->K, ng = a->n_groups;
+    const int V = isa == LB_AVX512 ? 16 : 8;
+    const int64_t Kp = (K + V - 1) / V * V;
+    odd_tables tb;
+    odd_tables_init(&tb, a->bits);
+    float* xp = scratch(M * Kp + M * ng);
+    if (!xp) return 2;
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(xp + m * Kp, a->x + m * K, (size_t)K * sizeof(float));
+        memset(xp + m * Kp + K, 0, (size_t)(Kp - K) * sizeof(float));
+    }
+    float* xsum = xp + M * Kp;  /* [M, n_groups] (batch 1 uses it) */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ng; g++) {
+            float t = 0.0f;
+            for (int64_t c = g * a->G; c < (g + 1) * a->G && c < K; c++) t += a->x[m * K + c];
+            xsum[m * ng + g] = t;
+        }
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t r0, r1;
+        thread_rows(a->N, nt, omp_get_thread_num(), 2, &r0, &r1);
+        float* sc = (float*)malloc((size_t)(2 * ng) * sizeof(float));
+        if (!sc) {
+#pragma omp atomic write
+            failed = 1;
+        } else if (r0 < r1) {
+#define ODD_DISPATCH(ISA)                                                                 \
+            switch (a->bits) {                                                            \
+                case 3: odd_rows_##ISA##_3(a, &tb, xp, Kp, xsum, sc, r0, r1); break;      \
+                case 5: odd_rows_##ISA##_5(a, &tb, xp, Kp, xsum, sc, r0, r1); break;      \
+                case 6: odd_rows_##ISA##_6(a, &tb, xp, Kp, xsum, sc, r0, r1); break;      \
+                default: odd_rows_##ISA##_7(a, &tb, xp, Kp, xsum, sc, r0, r1); break;     \
+            }
+            if (isa == LB_AVX512) { ODD_DISPATCH(2) } else { ODD_DISPATCH(1) }
+#undef ODD_DISPATCH
+        }
+        free(sc);
+    }
+    return failed ? 2 : 0;
+#else
+    (void)a; (void)isa; (void)nt;
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* entry point: affine                                                                         */
 /* Returns 0 on success; 1 unsupported bit width; 2 bad arguments. */
 static int affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes,
                      int bits, const void* scales, int scales_f16, int64_t s_stride, int64_t G, int64_t n_groups,
                      const uint8_t* qz, int64_t qz_stride, const void* fz, int fz_f16, float zconst,
                      const float* bias, float* y, int nthreads) {
-    if (bits != 2 && bits != 4 && bits != 8) return 1;
+    if (bits < 2 || bits > 8) return 1;
     if (M < 0 || K <= 0 || N < 0 || G <= 0 || n_groups <= 0 || (n_groups - 1) * G >= K || n_groups * G < K) return 2;
     if (M == 0 || N == 0) return 0;
     affine_args a = {x, M, K, N, qw, row_bytes, bits, scales, scales_f16, s_stride, G, n_groups,
                      qz, qz_stride, fz, fz_f16, zconst, bias, y};
     int isa = lb_cpu_linear_isa();
+    if (bits != 2 && bits != 4 && bits != 8) {  /* runs of 8 codes: SIMD steps of 8 (AVX2) or 16 codes */
+        if (isa == LB_AVX512 && n_groups > 1 && G % 16) isa = LB_AVX2;
+        if (isa == LB_AVX2 && n_groups > 1 && G % 8) isa = LB_SCALAR;
+        int nt = pick_threads(nthreads, N * row_bytes * (M < 8 ? 1 : M / 8), N);
+        if (isa != LB_SCALAR) return affine_linear_odd(&a, isa, nt);
+#pragma omp parallel num_threads(nt)
+        {
+            int64_t r0, r1;
+            thread_rows(N, nt, omp_get_thread_num(), 1, &r0, &r1);
+            affine_rows_scalar(&a, r0, r1);
+        }
+        return 0;
+    }
     int S = 8 / bits;
     /* the SIMD paths need group boundaries on load boundaries */
     if (isa == LB_AVX512 && n_groups > 1 && G % (16 * S)) isa = LB_AVX2;
@@ -612,7 +914,7 @@ int lb_noop_w(const lb_affine_weight* w, const float* x, int64_t M, const float*
 static int affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes, int bits, const void* scales,
                       int scales_f16, int64_t s_stride, int64_t G, int64_t n_groups, const uint8_t* qz,
                       int64_t qz_stride, const void* fz, int fz_f16, float zconst, float* W, int nthreads) {
-    if (bits != 2 && bits != 4 && bits != 8) return 1;
+    if (bits < 2 || bits > 8) return 1;
     if (K <= 0 || N < 0 || G <= 0 || n_groups <= 0 || (n_groups - 1) * G >= K || n_groups * G < K) return 2;
     affine_args a = {NULL, 0, K, N, qw, row_bytes, bits, scales, scales_f16, s_stride, G, n_groups,
                      qz, qz_stride, fz, fz_f16, zconst, NULL, NULL};
@@ -842,6 +1144,24 @@ int lb_nf4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t
     }
 #endif
     return 0;
+}
+
+/* The NF4 weight's fields in one struct built once per weight (the *_linear_w entry every kernel
+ * row has, which the C decode step calls through a pointer). */
+typedef struct {
+    const uint8_t* qw;
+    const void* absmax;
+    const float* nested;
+    const float* dyn;
+    const float* lut;
+    int64_t K, N, dqbs, bs;
+    int32_t absmax_u8;
+    float offset;
+} lb_nf4_weight;
+
+int lb_nf4_linear_w(const lb_nf4_weight* w, const float* x, int64_t M, const float* bias, float* y, int nthreads) {
+    return lb_nf4_linear(x, M, w->K, w->N, w->qw, w->absmax, w->absmax_u8, w->nested, w->dqbs, w->offset, w->bs,
+                         w->dyn, w->lut, bias, y, nthreads);
 }
 
 /* A call that does nothing: measures the ctypes + library call overhead. */

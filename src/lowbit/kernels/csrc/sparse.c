@@ -327,3 +327,24 @@ void lb_csr_linear(const float *x, int64_t B, int64_t in, const float *values, c
     sparse_w w = {col_int32 ? 2 : 1, values, NULL, 0, 0, 0, 0, 0, col, row_ptr};
     sparse_linear(&w, x, B, in, out, bias, y, nthreads);
 }
+
+/* The weight's fields in one struct built once per weight: the *_linear_w entry every kernel row
+ * with a C entry has (the C decode step calls it through a pointer). kind 0 = N:M (values [out,
+ * in/m*n], codes [out, code_row_bytes]), 1 = CSR with int16 columns, 2 = CSR with int32 columns. */
+typedef struct {
+    const float *vals;
+    const uint8_t *codes;
+    const void *col;
+    const int32_t *row_ptr;
+    int64_t in, out, code_row_bytes;
+    int32_t kind, bits, n, m;
+} lb_sparse_weight;
+
+int lb_sparse_linear_w(const lb_sparse_weight *w, const float *x, int64_t B, const float *bias, float *y,
+                       int nthreads) {
+    if (w->kind < 0 || w->kind > 2 || (w->kind == 0 && (w->m <= 0 || w->in % w->m))) return 2;
+    sparse_w s = {w->kind, w->vals, w->codes, w->code_row_bytes, w->kind == 0 ? w->in / w->m * w->n : 0,
+                  w->bits, w->n, w->m, w->col, w->row_ptr};
+    sparse_linear(&s, x, B, w->in, w->out, bias, y, nthreads);
+    return 0;
+}
