@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from lowbit.algorithms.base import Method
 from lowbit.algorithms.hessian import (  # noqa: F401 (inverse_hessian_factor: named here by the tests)
+    AffineGrid,
     check_solver_inputs,
     column_order,
     gptq_columns,
@@ -160,7 +161,17 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: GPTQConfig, *,
         Qint[:, j] = q.to(torch.int32)
         return w_hat
 
-    Q = gptq_columns(W, Hinv, cfg.block_size, quantize)                  # dequantized, visiting order
+    def begin(j: int, current) -> None:  # the native loop's group start: the same qparams fit
+        cur = current(min(j + g, cols))
+        s, z = qparams_from_range(cur.amin(dim=1), cur.amax(dim=1), scheme)
+        scale[:, group_of[j]] = s.to(W)
+        if zero is not None:
+            zero[:, group_of[j]] = z.to(W)
+
+    grid = AffineGrid(scale, zero, scheme.zero_point == "float", torch.tensor(group_of, dtype=torch.int64),
+                      float(scheme.qmin), float(scheme.qmax), Qint,
+                      frozenset() if static else frozenset(range(0, cols, g)), None if static else begin)
+    Q = gptq_columns(W, Hinv, cfg.block_size, quantize, grid)            # dequantized, visiting order
 
     del Hinv, W                  # freed before the result's copies are made
     inv = torch.argsort(perm)

@@ -9,7 +9,10 @@ weights, H [in, in] = 2/n Σ x xᵀ over calibration inputs, Hinv the upper Chol
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -98,7 +101,56 @@ def hessian_error(D: Tensor, H: Tensor) -> float:
     return float(((D @ Hd) * D).sum())
 
 
-def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize) -> Tensor:
+@dataclass
+class AffineGrid:
+    """An affine grid that `gptq_columns` can round onto in its native loop (csrc/gptq_loop.c)
+    instead of calling a Python rule per column, with bit-identical results (the same float32
+    operations as `lowbit.core.grid.round_to_grid`).
+
+    ``scale`` / ``zero`` [out or 1, n_groups] (zero None: symmetric; ``float_zero``: added before
+    rounding, else after), ``group`` (int64 [in]) the group of each position in visiting order,
+    codes clamped to [qmin, qmax] and written to ``codes`` (int32 [out, in], visiting order).
+    ``begin(j, current)``, when given, is called at every position in ``starts`` before that
+    column is rounded (a group whose qparams are fitted to its current weights)."""
+
+    scale: Tensor
+    zero: Tensor | None
+    float_zero: bool
+    group: Tensor
+    qmin: float
+    qmax: float
+    codes: Tensor
+    starts: frozenset = frozenset()
+    begin: Callable | None = None
+
+
+_LOOP_FUNCTIONS = {"lb_gptq_columns": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int],
+                                       ctypes.c_int)}
+
+
+def _native_loop(W: Tensor, Hinv: Tensor, grid: AffineGrid | None):
+    """The native column-loop library when it can run this solve (float32 CPU tensors in the
+    layouts it reads), else None."""
+    if grid is None or W.dtype != torch.float32 or W.device.type != "cpu" or not W.is_contiguous() \
+            or Hinv.dtype != torch.float32 or Hinv.device.type != "cpu" or Hinv.stride(1) != 1:
+        return None
+    ts = [grid.scale, grid.group, grid.codes] + ([] if grid.zero is None else [grid.zero])
+    if any(t.device.type != "cpu" for t in ts) or grid.scale.dtype != torch.float32 \
+            or (grid.zero is not None and (grid.zero.dtype != torch.float32 or grid.zero.shape != grid.scale.shape
+                                           or grid.zero.stride() != grid.scale.stride())) \
+            or grid.group.dtype != torch.int64 or not grid.group.is_contiguous() \
+            or grid.codes.dtype != torch.int32 or not grid.codes.is_contiguous() or grid.codes.shape != W.shape:
+        return None
+    from lowbit.kernels import _native
+
+    return _native.library("gptq_loop", _LOOP_FUNCTIONS)
+
+
+def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize, grid: AffineGrid | None = None) -> Tensor:
     """Algorithm 1's loop, for any rounding rule: W [out, in] in visiting order (updated in place),
     Hinv [in, in] the upper Cholesky factor of H⁻¹ in that order (`inverse_hessian_factor`).
 
@@ -107,31 +159,57 @@ def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize) -> Tensor:
     gives the current weights of positions j..end-1 (this block's, updated eagerly, and later
     ones with this block's pending updates applied), for a rule that fits a grid to them when a
     group starts. Its error goes to the columns after it (eq. 2), within the block at once and to
-    the rest once per block (lazy batch updates). Returns Q [out, in]: every ŵ, in visiting order."""
+    the rest once per block (lazy batch updates). Returns Q [out, in]: every ŵ, in visiting order.
+
+    ``grid``: the same rule as an `AffineGrid`; where the native loop can run it (float32 on the
+    CPU), each block's columns are solved in C between the grid's ``starts``, with the very same
+    results, and ``quantize`` is not called."""
     rows, cols = W.shape
     Q = torch.empty_like(W)
     B = block_size
+    threads = torch.get_num_threads()
+    lib = _native_loop(W, Hinv, grid)
+    if lib is not None:
+        S = grid.scale
+        s_rs, s_cs = (0 if S.shape[0] == 1 else S.stride(0)), S.stride(1)
+        zptr = None if grid.zero is None else grid.zero.data_ptr()
+        starts = sorted(grid.starts)
     with _one_cpu_thread(W.device):
         for i1 in range(0, cols, B):
             i2 = min(i1 + B, cols)
             W1 = W[:, i1:i2].clone()     # [out, b] this block's columns, updated eagerly
             Err1 = torch.zeros_like(W1)  # [out, b] scaled errors (w - quant(w)) / [Hinv]_jj
             Hinv1 = Hinv[i1:i2, i1:i2]   # [b, b]
-            for i in range(i2 - i1):
-                j = i1 + i               # position (== original column without act_order)
 
-                def current(end: int, i: int = i, j: int = j) -> Tensor:
-                    cur = W1[:, i:min(end, i2) - i1]
-                    if end > i2:
-                        cur = torch.cat([cur, W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]], dim=1)
-                    return cur
+            def current(end: int, i: int, j: int) -> Tensor:
+                cur = W1[:, i:min(end, i2) - i1]
+                if end > i2:
+                    cur = torch.cat([cur, W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]], dim=1)
+                return cur
 
-                w = W1[:, i]             # [out]
-                w_hat = quantize(j, w, current)
-                Q[:, j] = w_hat
-                err = (w - w_hat) / Hinv1[i, i]                              # eq. 2, scaled error
-                W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]    # eq. 2 in the block
-                Err1[:, i] = err
+            if lib is not None:
+                cuts = [j - i1 for j in starts if i1 < j < i2] + [i2 - i1]
+                i = 0
+                for cut in cuts:
+                    if i1 + i in grid.starts:
+                        grid.begin(i1 + i, lambda end, i=i, j=i1 + i: current(end, i, j))
+                    rc = lib.lb_gptq_columns(W1.data_ptr(), rows, i2 - i1, i, cut, Hinv1.data_ptr(), Hinv.stride(0),
+                                             S.data_ptr(), zptr, s_rs, s_cs, int(grid.float_zero),
+                                             grid.group[i1:].data_ptr(), grid.qmin, grid.qmax,
+                                             Q[:, i1:].data_ptr(), grid.codes[:, i1:].data_ptr(), cols,
+                                             Err1.data_ptr(), threads)
+                    if rc:
+                        raise RuntimeError(f"lb_gptq_columns failed ({rc})")
+                    i = cut
+            else:
+                for i in range(i2 - i1):
+                    j = i1 + i               # position (== original column without act_order)
+                    w = W1[:, i]             # [out]
+                    w_hat = quantize(j, w, lambda end, i=i, j=j: current(end, i, j))
+                    Q[:, j] = w_hat
+                    err = (w - w_hat) / Hinv1[i, i]                              # eq. 2, scaled error
+                    W1[:, i + 1:] -= err[:, None] * Hinv1[i, i + 1:][None, :]    # eq. 2 in the block
+                    Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]                             # lazy batch update
             del W1, Err1
     return Q
