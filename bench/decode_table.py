@@ -1,5 +1,5 @@
 """Batch-1 decode speed on SmolLM2-135M, side by side in one run: transformers fp32, lowbit's lean
-decoder on fp32 / int8 / int4 / ternary weights, and llama.cpp (llama-cpp-python) on GGUFs.
+decoder on fp32 / int8 / int6 / int4 / int3 / NF4 / ternary weights, and llama.cpp (llama-cpp-python) on GGUFs.
 
     python bench/decode_table.py [--threads 2] [--prompt-len 128] [--new-tokens 64] [--repeats 3]
                                  [--markdown] [--profile] [--no-llama]
@@ -326,6 +326,8 @@ def main() -> int:
     g32, g128 = (QuantScheme(bits=4, symmetric=False, group_size=32),
                  QuantScheme(bits=4, symmetric=False, group_size=128))
     int8pc = QuantScheme(bits=8, symmetric=True, granularity="channel", group_size=None)
+    g64_3, g64_6 = (QuantScheme(bits=3, symmetric=False, group_size=64),
+                    QuantScheme(bits=6, symmetric=False, group_size=64))
     # (label, method, scheme, int8 head, int8 activations, C step[, KV cache dtype])
     variants = [
         ("lowbit int8 (rtn per-channel)", "rtn", int8pc, False, False, None),
@@ -338,6 +340,11 @@ def main() -> int:
         ("lowbit int4 g32 + int8 head", "rtn", g32, True, False, None),
         ("lowbit int4 g32 + int8 head, int8 act", "rtn", g32, True, True, None),
         ("lowbit int4 g32 + int8 head, int8 act, fp16 KV", "rtn", g32, True, True, None, torch.float16),
+        ("lowbit int3 g64 (rtn asym)", "rtn", g64_3, False, False, None),
+        ("lowbit int3 g64 + int8 head", "rtn", g64_3, True, False, None),
+        ("lowbit int3 g64, Python step", "rtn", g64_3, False, False, False),
+        ("lowbit int6 g64 (rtn asym)", "rtn", g64_6, False, False, None),
+        ("lowbit nf4 (block 64)", "nf4", None, False, False, None),
         ("lowbit ternary (per-tensor absmean)", "ternary", None, False, False, None),
     ]
     quantized: dict[tuple, object] = {}

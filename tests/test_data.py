@@ -243,3 +243,28 @@ def test_calibration_samples_errors(tok):
         calibration_samples(tok, seq_len=1, text=short)
     with pytest.raises(LowbitError, match="n_samples"):
         calibration_samples(tok, n_samples=0, text=short)
+
+
+def test_tokenize_keeps_recent_ids_of_fast_tokenizers():
+    """A fast tokenizer's ids of a text are computed once (keyed by digests of its serialized
+    pipeline and of the text); callers get copies, and another text or tokenizer is tokenised."""
+    from lowbit.data import texts
+    from lowbit.models.tiny import tiny_model
+
+    tok = tiny_model("llama", seed=3).tokenizer
+    calls = []
+    real = texts._encode
+    texts._TOKENIZED.clear()
+    try:
+        texts._encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+        a = texts.tokenize(tok, "The quick brown fox. " * 50)
+        n = len(calls)
+        a[:] = -1                                                       # the caller's copy only
+        b = texts.tokenize(tiny_model("llama", seed=4).tokenizer, "The quick brown fox. " * 50)  # same pipeline
+        assert len(calls) == n and torch.equal(b, texts.tokenize(tok, "The quick brown fox. " * 50))
+        assert int(b.min()) >= 0
+        texts.tokenize(tok, "Another text.")
+        assert len(calls) > n
+    finally:
+        texts._encode = real
+        texts._TOKENIZED.clear()

@@ -43,7 +43,9 @@ Tokenisation rules
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -188,18 +190,50 @@ def _pieces(text: str):
     yield text[start:]
 
 
+_TOKENIZED: OrderedDict = OrderedDict()  # (tokenizer fingerprint, text digest) -> ids, most recent last
+_TOKENIZED_KEEP = 4
+
+
+def _fingerprint(tokenizer) -> str | None:
+    """A digest of what decides a fast (Rust-backed) HF tokenizer's ids without special tokens:
+    its whole serialized pipeline (normalizer, pre-tokenizer, model, vocabulary). None for other
+    tokenizers, whose output is never cached."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    to_str = getattr(backend, "to_str", None)
+    if to_str is None:
+        return None
+    try:
+        return hashlib.sha256(to_str().encode()).hexdigest()
+    except Exception:  # noqa: BLE001 - an unserializable pipeline is simply not cached
+        return None
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """All of ``text`` as a 1-D LongTensor of ids, without any special tokens."""
+    """All of ``text`` as a 1-D LongTensor of ids, without any special tokens.
+
+    The ids of the last few (tokenizer, text) pairs are kept, keyed by digests of the fast
+    tokenizer's serialized pipeline and of the text: the bundled calibration text (1.5 M
+    characters) takes seconds to tokenise, and a session that quantizes, evaluates and
+    quantizes again would tokenise it each time. Callers get a copy."""
     if not isinstance(text, str):
         raise LowbitError(f"expected text as a str, got {type(text).__name__} (use load_text for names/paths)")
     if not text.strip():
         raise LowbitError("cannot tokenise an empty text")
+    fp = _fingerprint(tokenizer)
+    key = None if fp is None else (fp, hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if key is not None and key in _TOKENIZED:
+        _TOKENIZED.move_to_end(key)
+        return _TOKENIZED[key].clone()
     ids = []
     for piece in _pieces(text):
         ids.extend(_encode(tokenizer, piece, add_special_tokens=False))
     ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() == 0:
         raise LowbitError("the tokenizer produced no tokens for this text")
+    if key is not None:
+        _TOKENIZED[key] = ids.clone()
+        while len(_TOKENIZED) > _TOKENIZED_KEEP:
+            _TOKENIZED.popitem(last=False)
     return ids
 
 
