@@ -33,7 +33,7 @@ from lowbit import outputs
 from lowbit.version import __version__
 from lowbit.errors import LowbitError
 from lowbit.integrations import hf_config
-from lowbit.models.files import all_finite
+from lowbit.core.grid import all_finite
 from lowbit.models.loading import LOWBIT_CHECKPOINT_MARKER as RECORD
 from lowbit.models.loading import is_lowbit_checkpoint as is_checkpoint  # noqa: F401 (re-exported)
 from lowbit.nn import module_from_meta

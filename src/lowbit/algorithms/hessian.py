@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.core.grid import check_finite
+from lowbit.core.grid import all_finite, check_finite
 from lowbit.errors import LowbitError
 
 
@@ -68,7 +68,7 @@ def check_solver_inputs(W: Tensor, H: Tensor, who: str) -> None:
         raise LowbitError(f"{who} Hessian has shape {tuple(H.shape)}, expected ({cols}, {cols}) "
                           f"for weight {tuple(W.shape)}")
     check_finite(W, "W")
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise LowbitError(f"{who} Hessian has NaN/Inf values")
 
 

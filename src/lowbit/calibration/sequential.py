@@ -55,7 +55,7 @@ from lowbit.calibration import distributed
 from lowbit.core.memory import fixed_mmap_threshold, release_free_memory
 from lowbit.errors import LowbitError
 from lowbit.models.families import block_prefix, family_of, find_blocks, linear_layers
-from lowbit.models.files import all_finite
+from lowbit.core.grid import all_finite
 
 
 class _StopForward(Exception):

@@ -1,7 +1,7 @@
 """Where NaN/Inf first appears in a forward pass, so that a broken model is reported by layer.
 
 Calibration (the runner), evaluation (`lowbit.eval.quality`, `lowbit.eval.reference`) and
-generation (`lowbit.runtime.generate`) check their outputs cheaply (`lowbit.models.files.all_finite`)
+generation (`lowbit.runtime.generate`) check their outputs cheaply (`lowbit.core.grid.all_finite`)
 and, when a check fails, run the pass again once through `first_nonfinite` to name the module.
 """
 

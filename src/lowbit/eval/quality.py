@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.files import all_finite
+from lowbit.core.grid import all_finite
 
 __all__ = ["PplProtocol", "QualityResult", "evaluate_quality", "perplexity", "protocol_windows"]
 

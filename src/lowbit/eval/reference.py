@@ -123,7 +123,8 @@ from lowbit.core.chunks import row_slices
 from lowbit import outputs
 from lowbit.errors import LowbitError
 from lowbit.eval.quality import QualityResult, _exp, _kl_rows, _logits, nonfinite_note
-from lowbit.models.files import all_finite, fingerprint  # noqa: F401 (re-exported)
+from lowbit.core.grid import all_finite  # noqa: F401 (re-exported)
+from lowbit.models.files import fingerprint  # noqa: F401 (re-exported)
 from lowbit.eval.streaming import head_logits
 
 __all__ = ["KINDS", "Reference", "build_reference", "cached_reference", "default_cache_dir", "fingerprint",

@@ -197,7 +197,7 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lowbit.models.files import all_finite
+        from lowbit.core.grid import all_finite
         from lowbit.nn import module_from_meta
 
         for name, ph in [(n, m) for n, m in model.named_modules() if isinstance(m, _Placeholder)]:

@@ -241,14 +241,6 @@ def load_tokenizer(path: Path, gguf_file: str | None = None):
 
 
 @torch.no_grad()
-def all_finite(t: torch.Tensor) -> bool:
-    """Exact, and ~30x faster than isfinite().all() on this CPU: a sum of finite numbers is finite
-    unless it overflows, so only a non-finite sum (NaN/Inf present, or overflow) needs the full check."""
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
 def row_slices(f, name: str, max_bytes: int = 64 << 20):
     """``(first row, tensor)`` pieces of tensor ``name`` of an open safetensors file ``f``
     (``safe_open(..., framework="pt")``), in order: slices of rows of at most ``max_bytes`` each

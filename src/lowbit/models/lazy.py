@@ -47,11 +47,11 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.families import family_for_type, family_of
+from lowbit.core.grid import all_finite
 from lowbit.models.files import (  # noqa: F401 (INDEX, TensorInfo, read_header, files_dtype, weight_files re-exported)
     INDEX,
     TOKENIZER_FILES,
     TensorInfo,
-    all_finite,
     files_dtype,
     load_tokenizer,
     read_config,

@@ -31,10 +31,10 @@ from lowbit.models.families import (
     family_of,
     supported_families,
 )
+from lowbit.core.grid import all_finite
 from lowbit.models.files import (
     TOKENIZER_FILES,
     _first_line,
-    all_finite,
     check_safetensors,
     files_dtype,
     load_tokenizer,
