@@ -14,12 +14,17 @@ int8 activations, with or without the layer's own norm, run by the native BitNet
 `lowbit.kernels.bitnet`), a float32 ``nn.Embedding`` (Gemma's scaled one included), SiLU or
 tanh-GELU gated MLPs, one RMSNorm epsilon for the whole model. Prefill (several positions at once)
 stays on the Python path, where the work is matrix-matrix and torch's dispatch cost is amortised.
+
+Threads: each step runs on the count `lowbit.runtime.threads.ThreadChooser` picks by timing the
+steps (up to ``torch.get_num_threads()``), so that another process busy on a core does not drag
+a 2-thread team below 1-thread speed; ``step.threads.fixed = n`` pins it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +32,7 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.kernels import _native
+from lowbit.runtime.threads import ThreadChooser
 
 __all__ = ["NativeStep", "PROFILE_CATEGORIES"]
 
@@ -104,6 +110,7 @@ class NativeStep:
         self._plan_addr = ctypes.addressof(plan)
         self._prof = None
         self.kernels: dict[str, int] = {}  # kernel kind -> number of linear layers that run it
+        self.threads = ThreadChooser(torch.get_num_threads())  # `.fixed = n` pins the count
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -198,8 +205,16 @@ class NativeStep:
 
     # -- running --------------------------------------------------------------------------------
     def step(self, token: int, pos: int) -> torch.Tensor:
+        """Logits of one position, on the thread count `threads` chooses (timed: see
+        `lowbit.runtime.threads`); a change of ``torch.get_num_threads()`` starts a new chooser."""
+        most = torch.get_num_threads()
+        if self.threads.most != most:
+            self.threads = ThreadChooser(most, fixed=self.threads.fixed)
+        nt = self.threads.next()
         logits = torch.empty(self.vocab, dtype=torch.float32)
-        rc = self._lib.lb_decode_step(self._plan_addr, token, pos, logits.data_ptr(), torch.get_num_threads())
+        t0 = time.perf_counter()
+        rc = self._lib.lb_decode_step(self._plan_addr, token, pos, logits.data_ptr(), nt)
+        self.threads.record(nt, time.perf_counter() - t0)
         if rc:
             raise RuntimeError(f"native decode step failed (code {rc})")
         return logits

@@ -1,0 +1,74 @@
+"""The decode step's thread count, chosen by timing the steps themselves.
+
+A batch-1 decode step is a few dozen small parallel regions (one per linear layer, plus
+attention). When another process holds one of the cores, an OpenMP team of 2 waits at every
+region's barrier for the thread that is not running, and decoding on 2 threads falls far below
+decoding on 1. The load of other processes is not visible in advance (the load average lags by a
+minute, and says nothing about which cores), so `ThreadChooser` measures instead: every
+``every`` steps it times a few steps at each candidate count, interleaved (1, 2, 1, 2, ... so
+that a change of load during the probe hits every candidate alike), and runs the next ``every``
+steps at the count whose median step was fastest. Candidates are 1, the powers of two below the
+maximum, and the maximum (``torch.get_num_threads()`` when the chooser was made).
+
+The results do not depend on the choice: every native kernel and the decode step give bit-identical
+output on any thread count (tests/test_runtime_native.py). A fixed count (``fixed``) turns the
+choice off, as benchmarks that compare thread counts need.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+__all__ = ["ThreadChooser"]
+
+
+class ThreadChooser:
+    """``next()`` -> the thread count for the coming step; ``record(count, seconds)`` after it."""
+
+    def __init__(self, most: int, every: int = 64, probe: int = 3, fixed: int | None = None):
+        if most < 1 or every < 1 or probe < 1:
+            raise ValueError("ThreadChooser needs most, every and probe >= 1")
+        self.most = most
+        self.fixed = fixed
+        self.every, self.probe = every, probe
+        counts = {1, most}
+        c = 2
+        while c < most:
+            counts.add(c)
+            c *= 2
+        self.candidates = tuple(sorted(counts))
+        self.current = most                      # the count the last probe chose
+        self.history: list[tuple[int, dict[int, float]]] = []  # (chosen, median seconds per count)
+        self._schedule: list[int] = []
+        self._times: dict[int, list[float]] = {}
+        self._left = 0                           # steps at `current` before the next probe
+        if len(self.candidates) > 1:
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        self._schedule = [c for _ in range(self.probe) for c in self.candidates]
+        self._times = {c: [] for c in self.candidates}
+
+    def next(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self._schedule:
+            return self._schedule[0]
+        return self.current
+
+    def record(self, count: int, seconds: float) -> None:
+        if self.fixed is not None or len(self.candidates) == 1:
+            return
+        if self._schedule and count == self._schedule[0]:
+            self._schedule.pop(0)
+            self._times[count].append(seconds)
+            if not self._schedule:               # probe done: the fastest median wins (ties: fewer)
+                med = {c: statistics.median(t) for c, t in self._times.items() if t}
+                self.current = min(med, key=lambda c: (med[c], c))
+                self.history.append((self.current, med))
+                del self.history[:-16]
+                self._left = self.every
+            return
+        self._left -= 1
+        if self._left <= 0:
+            self._start_probe()

@@ -1,0 +1,77 @@
+"""The decode step's thread chooser (lowbit.runtime.threads): interleaved probes, the fastest
+median wins, re-probing follows a change of load, a fixed count pins it; and a native step that
+switches thread counts gives the same logits as one that does not."""
+
+import pytest
+import torch
+
+from lowbit.runtime.threads import ThreadChooser
+
+
+def drive(ch: ThreadChooser, cost, steps: int) -> list[int]:
+    """Run ``steps`` steps with step time cost(count, i); the counts used."""
+    used = []
+    for i in range(steps):
+        n = ch.next()
+        used.append(n)
+        ch.record(n, cost(n, i))
+    return used
+
+
+def test_candidates_and_interleaved_probe():
+    assert ThreadChooser(1).candidates == (1,)
+    assert ThreadChooser(2).candidates == (1, 2)
+    assert ThreadChooser(8).candidates == (1, 2, 4, 8)
+    assert ThreadChooser(6).candidates == (1, 2, 4, 6)
+    ch = ThreadChooser(2, every=10, probe=3)
+    used = drive(ch, lambda n, i: 1.0 / n, 6)
+    assert used == [1, 2, 1, 2, 1, 2]                        # interleaved, so a load change hits both
+    assert ch.current == 2 and ch.history[-1][1] == {1: 1.0, 2: 0.5}
+
+
+def test_follows_a_change_of_load():
+    ch = ThreadChooser(2, every=20, probe=3)
+    # quiet machine: 2 threads twice as fast; then a competing process makes 2 threads slow
+    used = drive(ch, lambda n, i: (1.0 / n) if i < 40 else (1.0 if n == 1 else 5.0), 120)
+    assert used[6:26] == [2] * 20                            # after the first probe
+    assert used[58:78] == [1] * 20 and used[84:104] == [1] * 20  # after the probes under load
+    assert [c for c, _ in ch.history][0] == 2 and ch.history[-1][0] == 1
+
+
+def test_ties_keep_fewer_threads_and_fixed_pins():
+    ch = ThreadChooser(4, every=5, probe=2)
+    drive(ch, lambda n, i: 1.0, 8)
+    assert ch.current == 1
+    pinned = ThreadChooser(4, fixed=3)
+    assert drive(pinned, lambda n, i: 1.0 / n, 30) == [3] * 30 and pinned.history == []
+    with pytest.raises(ValueError):
+        ThreadChooser(0)
+
+
+def test_native_step_switching_threads_gives_the_same_logits():
+    from lowbit import api
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.kernels import cpu
+    from lowbit.models.tiny import tiny_model
+    from lowbit.runtime import LeanDecoder
+    from lowbit.runtime.native import _library
+
+    if _library() is None or not cpu.available():
+        pytest.skip("native kernels not built")
+    lm = tiny_model("llama", seed=9)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), progress=False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = []
+        for fixed in (None, 1, 2):
+            dec = LeanDecoder(m.model, max_len=40, native=True)
+            dec.native_step.threads = ThreadChooser(2, every=3, probe=1, fixed=fixed)
+            dec.forward(torch.arange(5))
+            outs.append(torch.stack([dec.forward([i]) for i in range(3, 30)]))
+            if fixed is None:
+                assert len(dec.native_step.threads.history) >= 3          # probed, switched, probed again
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
