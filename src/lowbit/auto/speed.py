@@ -41,7 +41,22 @@ def machine_key(threads: int) -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "isa_cap": os.environ.get("LOWBIT_ISA"), "threads": threads, "torch": torch.__version__,
-            "lowbit": __version__}
+            "lowbit": __version__, "kernels": _kernel_builds()}
+
+
+def _kernel_builds() -> dict:
+    """Size and modification time of each native kernel library: a rebuilt kernel (same lowbit
+    version, new code) invalidates the timings."""
+    import glob
+    import os
+
+    from lowbit.kernels import _native
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(_native.__file__), "_c_*"))):
+        st = os.stat(path)
+        out[os.path.basename(path)] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def _weight(shape: tuple[int, int], opt: S.Option):
