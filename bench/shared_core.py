@@ -81,7 +81,7 @@ def main() -> int:
         choosers[label] = dec.native_step.threads
 
         def run(dec=dec):
-            r = measure_lean(dec, prompt, N, warmup=0, repeats=1)
+            r = measure_lean(dec, P, N, warmup=0, repeats=1)
             return r.decode_ms_per_token * N / 1000
         rows.append((label, run))
     runners = []

@@ -32,10 +32,20 @@ def test_candidates_and_interleaved_probe():
 def test_follows_a_change_of_load():
     ch = ThreadChooser(2, every=20, probe=3)
     # quiet machine: 2 threads twice as fast; then a competing process makes 2 threads slow
-    used = drive(ch, lambda n, i: (1.0 / n) if i < 40 else (1.0 if n == 1 else 5.0), 120)
+    used = drive(ch, lambda n, i: (1.0 / n) if i < 40 else (1.0 if n == 1 else 5.0), 400)
     assert used[6:26] == [2] * 20                            # after the first probe
-    assert used[58:78] == [1] * 20 and used[84:104] == [1] * 20  # after the probes under load
-    assert [c for c, _ in ch.history][0] == 2 and ch.history[-1][0] == 1
+    assert ch.history[0][0] == 2 and ch.history[-1][0] == 1 and ch.current == 1
+    first_one = next(i for i in range(40, 400) if used[i:i + 20] == [1] * 20)
+    assert first_one < 120                                   # the next probe saw the load
+    assert used[first_one:].count(2) <= len(ch.history)      # a slow count is tried once per probe
+    assert ch.history[-1][1] == {1: 1.0, 2: 5.0}             # and given up after one step
+
+
+def test_probes_grow_sparse_while_the_choice_holds():
+    ch = ThreadChooser(2, every=16, probe=3, most_every=128)
+    used = drive(ch, lambda n, i: 1.0 / n, 2000)
+    assert ch.interval == 128 and set(c for c, _ in ch.history) == {2}
+    assert used.count(1) < 2000 * 0.03                       # the slower count: probes only
 
 
 def test_ties_keep_fewer_threads_and_fixed_pins():

@@ -4,10 +4,13 @@ A batch-1 decode step is a few dozen small parallel regions (one per linear laye
 attention). When another process holds one of the cores, an OpenMP team of 2 waits at every
 region's barrier for the thread that is not running, and decoding on 2 threads falls far below
 decoding on 1. The load of other processes is not visible in advance (the load average lags by a
-minute, and says nothing about which cores), so `ThreadChooser` measures instead: every
-``every`` steps it times a few steps at each candidate count, interleaved (1, 2, 1, 2, ... so
-that a change of load during the probe hits every candidate alike), and runs the next ``every``
-steps at the count whose median step was fastest. Candidates are 1, the powers of two below the
+minute, and says nothing about which cores), so `ThreadChooser` measures instead: it times a
+few steps at each candidate count, interleaved (1, 2, 1, 2, ... so that a change of load during
+the probe hits every candidate alike; a candidate whose step takes over ``give_up`` times the
+best step so far is not probed further), and runs at the count whose median step was fastest
+until the next probe: ``every`` steps later, an interval that doubles (up to ``most_every``)
+each time a probe confirms the choice and starts over when it changes, so that probing a slow
+count costs little when the load stays. Candidates are 1, the powers of two below the
 maximum, and the maximum (``torch.get_num_threads()`` when the chooser was made).
 
 The results do not depend on the choice: every native kernel and the decode step give bit-identical
@@ -25,12 +28,15 @@ __all__ = ["ThreadChooser"]
 class ThreadChooser:
     """``next()`` -> the thread count for the coming step; ``record(count, seconds)`` after it."""
 
-    def __init__(self, most: int, every: int = 64, probe: int = 3, fixed: int | None = None):
-        if most < 1 or every < 1 or probe < 1:
-            raise ValueError("ThreadChooser needs most, every and probe >= 1")
+    def __init__(self, most: int, every: int = 64, probe: int = 3, fixed: int | None = None,
+                 most_every: int = 1024, give_up: float = 2.0):
+        if most < 1 or every < 1 or probe < 1 or most_every < every or give_up <= 1:
+            raise ValueError("ThreadChooser needs most, every, probe >= 1, most_every >= every, give_up > 1")
         self.most = most
         self.fixed = fixed
         self.every, self.probe = every, probe
+        self.most_every, self.give_up = most_every, give_up
+        self.interval = every                    # steps between probes: doubles while the choice holds
         counts = {1, most}
         c = 2
         while c < most:
@@ -62,12 +68,18 @@ class ThreadChooser:
         if self._schedule and count == self._schedule[0]:
             self._schedule.pop(0)
             self._times[count].append(seconds)
+            others = [min(t) for c, t in self._times.items() if c != count and t]
+            if others and seconds > self.give_up * min(others):  # clearly slower: not probed further
+                self._schedule = [c for c in self._schedule if c != count]
             if not self._schedule:               # probe done: the fastest median wins (ties: fewer)
                 med = {c: statistics.median(t) for c, t in self._times.items() if t}
-                self.current = min(med, key=lambda c: (med[c], c))
+                chosen = min(med, key=lambda c: (med[c], c))
+                held = bool(self.history) and chosen == self.current
+                self.interval = min(2 * self.interval, self.most_every) if held else self.every
+                self.current = chosen
                 self.history.append((self.current, med))
                 del self.history[:-16]
-                self._left = self.every
+                self._left = self.interval
             return
         self._left -= 1
         if self._left <= 0:
