@@ -321,7 +321,7 @@ GRID_CASES = [  # (scheme, act_order, static_groups, block_size)
 
 @pytest.mark.parametrize("case", GRID_CASES, ids=lambda c: f"{c[0].short_name()}-ao{int(c[1])}-sg{int(c[2])}-b{c[3]}")
 def test_native_column_loop_is_bit_identical_to_the_python_loop(case, monkeypatch):
-    """csrc/gptq_loop.c runs the affine column loop with the PyTorch loop's own float32 operations:
+    """csrc/gptq.c runs the affine column loop with the PyTorch loop's own float32 operations:
     codes, scales and the Hessian error are equal bit for bit (dead inputs and ragged groups included)."""
     from lowbit.algorithms import hessian
 

@@ -9,7 +9,6 @@ weights, H [in, in] = 2/n Σ x xᵀ over calibration inputs, Hinv the upper Chol
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,8 +102,8 @@ def hessian_error(D: Tensor, H: Tensor) -> float:
 
 @dataclass
 class AffineGrid:
-    """An affine grid that `gptq_columns` can round onto in its native loop (csrc/gptq_loop.c)
-    instead of calling a Python rule per column, with bit-identical results (the same float32
+    """An affine grid that `gptq_columns` can round onto in its native loop (csrc/gptq.c)
+    instead of calling a Python rule per column (`lowbit.kernels.gptq_solver`), with bit-identical results (the same float32
     operations as `lowbit.core.grid.round_to_grid`).
 
     ``scale`` / ``zero`` [out or 1, n_groups] (zero None: symmetric; ``float_zero``: added before
@@ -124,14 +123,6 @@ class AffineGrid:
     begin: Callable | None = None
 
 
-_LOOP_FUNCTIONS = {"lb_gptq_columns": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                        ctypes.c_void_p, ctypes.c_float, ctypes.c_float, ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int],
-                                       ctypes.c_int)}
-
-
 def _native_loop(W: Tensor, Hinv: Tensor, grid: AffineGrid | None):
     """The native column-loop library when it can run this solve (float32 CPU tensors in the
     layouts it reads), else None."""
@@ -145,9 +136,9 @@ def _native_loop(W: Tensor, Hinv: Tensor, grid: AffineGrid | None):
             or grid.group.dtype != torch.int64 or not grid.group.is_contiguous() \
             or grid.codes.dtype != torch.int32 or not grid.codes.is_contiguous() or grid.codes.shape != W.shape:
         return None
-    from lowbit.kernels import _native
+    from lowbit.kernels import gptq_solver
 
-    return _native.library("gptq_loop", _LOOP_FUNCTIONS)
+    return gptq_solver.native_lib()
 
 
 def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize, grid: AffineGrid | None = None) -> Tensor:
@@ -170,9 +161,10 @@ def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize, grid: Affin
     threads = torch.get_num_threads()
     lib = _native_loop(W, Hinv, grid)
     if lib is not None:
+        from lowbit.kernels import gptq_solver
+
         S = grid.scale
         s_rs, s_cs = (0 if S.shape[0] == 1 else S.stride(0)), S.stride(1)
-        zptr = None if grid.zero is None else grid.zero.data_ptr()
         starts = sorted(grid.starts)
     with _one_cpu_thread(W.device):
         for i1 in range(0, cols, B):
@@ -193,13 +185,9 @@ def gptq_columns(W: Tensor, Hinv: Tensor, block_size: int, quantize, grid: Affin
                 for cut in cuts:
                     if i1 + i in grid.starts:
                         grid.begin(i1 + i, lambda end, i=i, j=i1 + i: current(end, i, j))
-                    rc = lib.lb_gptq_columns(W1.data_ptr(), rows, i2 - i1, i, cut, Hinv1.data_ptr(), Hinv.stride(0),
-                                             S.data_ptr(), zptr, s_rs, s_cs, int(grid.float_zero),
-                                             grid.group[i1:].data_ptr(), grid.qmin, grid.qmax,
-                                             Q[:, i1:].data_ptr(), grid.codes[:, i1:].data_ptr(), cols,
-                                             Err1.data_ptr(), threads)
-                    if rc:
-                        raise RuntimeError(f"lb_gptq_columns failed ({rc})")
+                    gptq_solver.columns(lib, W1, i, cut, Hinv1, Hinv.stride(0), S, grid.zero, s_rs, s_cs,
+                                        grid.float_zero, grid.group[i1:], grid.qmin, grid.qmax, Q[:, i1:],
+                                        grid.codes[:, i1:], cols, Err1, threads)
                     i = cut
             else:
                 for i in range(i2 - i1):

@@ -24,7 +24,7 @@
 
 #include "lb_common.h"
 
-LB_ISA_EXPORTS(gptq_loop, LB_PATH(LB_ISA_SCALAR))
+LB_ISA_EXPORTS(gptq, LB_PATH(LB_ISA_SCALAR))
 
 static inline float clampf(float q, float lo, float hi) {
     q = q < lo ? lo : q;  /* torch.clamp_: max with lo, then min with hi */
