@@ -85,3 +85,15 @@ def test_native_step_switching_threads_gives_the_same_logits():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_a_count_given_up_sits_out_more_and_more_probes():
+    ch = ThreadChooser(2, every=4, probe=3, most_every=4)  # a probe every 4 steps
+    used = drive(ch, lambda n, i: 1.0 if n == 1 else 5.0, 400)
+    tries = [i for i, n in enumerate(used) if n == 2]
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert len(tries) <= 8 and all(g2 > g1 for g1, g2 in zip(gaps, gaps[1:]))  # exponentially rarer
+    # the load goes away: 2 threads are tried again and win
+    ch2 = ThreadChooser(2, every=4, probe=3, most_every=4)
+    used2 = drive(ch2, lambda n, i: (1.0 if n == 1 else 5.0) if i < 60 else 1.0 / n, 400)
+    assert used2[-40:].count(2) > 30 and ch2.current == 2

@@ -9,8 +9,8 @@ few steps at each candidate count, interleaved (1, 2, 1, 2, ... so that a change
 the probe hits every candidate alike; a candidate whose step takes over ``give_up`` times the
 best step so far is not probed further), and runs at the count whose median step was fastest
 until the next probe: ``every`` steps later, an interval that doubles (up to ``most_every``)
-each time a probe confirms the choice and starts over when it changes, so that probing a slow
-count costs little when the load stays. Candidates are 1, the powers of two below the
+each time a probe confirms the choice and starts over when it changes; a count given up sits
+out the next 1, 2, 4, ... probes, so that probing a slow count costs little when the load stays. Candidates are 1, the powers of two below the
 maximum, and the maximum (``torch.get_num_threads()`` when the chooser was made).
 
 The results do not depend on the choice: every native kernel and the decode step give bit-identical
@@ -48,12 +48,27 @@ class ThreadChooser:
         self._schedule: list[int] = []
         self._times: dict[int, list[float]] = {}
         self._left = 0                           # steps at `current` before the next probe
+        self._skip: dict[int, int] = {}          # count -> probes it still sits out
+        self._sit_out: dict[int, int] = {}       # count -> probes it sat out after its last give-up
         if len(self.candidates) > 1:
             self._start_probe()
 
     def _start_probe(self) -> None:
-        self._schedule = [c for _ in range(self.probe) for c in self.candidates]
-        self._times = {c: [] for c in self.candidates}
+        """The next probe's interleaved schedule. A count given up in earlier probes sits out the
+        next 1, 2, 4, ... probes (its skip doubles each time it is given up again), so that a
+        persistent load does not cost one very slow step per probe; with only the current count
+        left there is nothing to time, and its run simply continues."""
+        want = []
+        for c in self.candidates:
+            if c != self.current and self._skip.get(c, 0) > 0:
+                self._skip[c] -= 1
+            else:
+                want.append(c)
+        if len(want) < 2:
+            self._left = self.interval
+            return
+        self._schedule = [c for _ in range(self.probe) for c in want]
+        self._times = {c: [] for c in want}
 
     def next(self) -> int:
         if self.fixed is not None:
@@ -71,6 +86,10 @@ class ThreadChooser:
             others = [min(t) for c, t in self._times.items() if c != count and t]
             if others and seconds > self.give_up * min(others):  # clearly slower: not probed further
                 self._schedule = [c for c in self._schedule if c != count]
+                self._sit_out[count] = 2 * self._sit_out.get(count, 0) or 1
+                self._skip[count] = self._sit_out[count]
+            elif len(self._times[count]) == self.probe:
+                self._sit_out[count] = 0
             if not self._schedule:               # probe done: the fastest median wins (ties: fewer)
                 med = {c: statistics.median(t) for c, t in self._times.items() if t}
                 chosen = min(med, key=lambda c: (med[c], c))
