@@ -96,4 +96,4 @@ def test_a_count_given_up_sits_out_more_and_more_probes():
     # the load goes away: 2 threads are tried again and win
     ch2 = ThreadChooser(2, every=4, probe=3, most_every=4)
     used2 = drive(ch2, lambda n, i: (1.0 if n == 1 else 5.0) if i < 60 else 1.0 / n, 400)
-    assert used2[-40:].count(2) > 30 and ch2.current == 2
+    assert used2[-40:].count(2) >= 24 and ch2.current == 2     # (1 thread: its probe steps only)
