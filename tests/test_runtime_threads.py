@@ -97,3 +97,10 @@ def test_a_count_given_up_sits_out_more_and_more_probes():
     ch2 = ThreadChooser(2, every=4, probe=3, most_every=4)
     used2 = drive(ch2, lambda n, i: (1.0 if n == 1 else 5.0) if i < 60 else 1.0 / n, 400)
     assert used2[-40:].count(2) >= 24 and ch2.current == 2     # (1 thread: its probe steps only)
+
+
+def test_a_sudden_load_triggers_a_probe_at_once():
+    ch = ThreadChooser(2, every=16, probe=3, most_every=1024)
+    used = drive(ch, lambda n, i: (1.0 / n) if i < 600 else (1.0 if n == 1 else 50.0), 700)
+    assert ch.interval > 256 or any(c == 1 for c, _ in ch.history)  # the quiet part grew the interval
+    assert used[600:].count(2) <= 3 and used[-20:] == [1] * 20      # one slow step, a probe, then 1 thread

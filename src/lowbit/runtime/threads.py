@@ -10,7 +10,9 @@ the probe hits every candidate alike; a candidate whose step takes over ``give_u
 best step so far is not probed further), and runs at the count whose median step was fastest
 until the next probe: ``every`` steps later, an interval that doubles (up to ``most_every``)
 each time a probe confirms the choice and starts over when it changes; a count given up sits
-out the next 1, 2, 4, ... probes, so that probing a slow count costs little when the load stays. Candidates are 1, the powers of two below the
+out the next 1, 2, 4, ... probes, so that probing a slow count costs little when the load stays.
+A step at the chosen count that takes over ``give_up`` times that count's median in the last
+probe (another process took a core) starts a probe at once, with the interval back at ``every``. Candidates are 1, the powers of two below the
 maximum, and the maximum (``torch.get_num_threads()`` when the chooser was made).
 
 The results do not depend on the choice: every native kernel and the decode step give bit-identical
@@ -101,5 +103,9 @@ class ThreadChooser:
                 self._left = self.interval
             return
         self._left -= 1
+        ref = self.history[-1][1].get(count) if self.history else None
+        if ref is not None and seconds > self.give_up * ref:  # the load changed: probe now
+            self.interval = self.every
+            self._left = 0
         if self._left <= 0:
             self._start_probe()
