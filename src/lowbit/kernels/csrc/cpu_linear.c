@@ -823,20 +823,10 @@ static int affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const 
     affine_args a = {x, M, K, N, qw, row_bytes, bits, scales, scales_f16, s_stride, G, n_groups,
                      qz, qz_stride, fz, fz_f16, zconst, bias, y};
     int isa = lb_cpu_linear_isa();
-    if (bits != 2 && bits != 4 && bits != 8) {  /* runs of 8 codes: SIMD steps of 8 (AVX2) or 16 codes */
-        if (isa == LB_AVX512 && n_groups > 1 && G % 16) isa = LB_AVX2;
-        if (isa == LB_AVX2 && n_groups > 1 && G % 8) isa = LB_SCALAR;
-        int nt = pick_threads(nthreads, N * row_bytes * (M < 8 ? 1 : M / 8), N);
-        if (isa != LB_SCALAR) return affine_linear_odd(&a, isa, nt);
-#pragma omp parallel num_threads(nt)
-        {
-            int64_t r0, r1;
-            thread_rows(N, nt, omp_get_thread_num(), 1, &r0, &r1);
-            affine_rows_scalar(&a, r0, r1);
-        }
-        return 0;
-    }
-    int S = 8 / bits;
+    /* codes per byte position of one SIMD load: 8/b for 2, 4, 8 bits; the other widths are read
+     * in their natural order, a SIMD step of 16 (AVX-512) or 8 (AVX2) codes */
+    const int odd = bits != 2 && bits != 4 && bits != 8;
+    int S = odd ? 1 : 8 / bits;
     /* the SIMD paths need group boundaries on load boundaries */
     if (isa == LB_AVX512 && n_groups > 1 && G % (16 * S)) isa = LB_AVX2;
     if (isa == LB_AVX2 && n_groups > 1 && G % (8 * S)) isa = LB_SCALAR;
@@ -850,6 +840,7 @@ static int affine_linear(const float* x, int64_t M, int64_t K, int64_t N, const 
         }
         return 0;
     }
+    if (odd) return affine_linear_odd(&a, isa, nt);
 #if LB_X86
     int V = isa == LB_AVX512 ? 16 : 8, cpi = V * S;
     int64_t Kp = (K + cpi - 1) / cpi * cpi;
