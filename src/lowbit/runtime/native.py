@@ -16,8 +16,8 @@ tanh-GELU gated MLPs, one RMSNorm epsilon for the whole model. Prefill (several 
 stays on the Python path, where the work is matrix-matrix and torch's dispatch cost is amortised.
 
 Threads: each step runs on the count `lowbit.runtime.threads.ThreadChooser` picks by timing the
-steps (up to ``torch.get_num_threads()``), so that another process busy on a core does not drag
-a 2-thread team below 1-thread speed; ``step.threads.fixed = n`` pins it.
+steps (up to ``torch.get_num_threads()``), so that another process busy on a core does not leave
+a 2-thread team waiting at every barrier; ``step.threads.fixed = n`` pins it.
 """
 
 from __future__ import annotations
