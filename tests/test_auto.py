@@ -163,7 +163,7 @@ def test_auto_command_meets_a_size_budget(tiny_dir, tmp_path, monkeypatch, capsy
         opt = S.Option.parse(e.option)
         if opt.method == "float":
             continue
-        fmt = mods[e.tensor].weight_format
+        fmt = mods["model.embed_tokens" if e.tensor == S.EMBED else e.tensor].weight_format
         assert fmt.scheme.bits == opt.bits and fmt.scheme.group_size == opt.group
         assert fmt.nbytes == e.bytes
     # and its KL on the verification windows is the plan's measured KL
@@ -296,3 +296,101 @@ def test_speed_budget_out_of_reach_names_the_limit():
     with pytest.raises(LowbitError, match=r"fastest choice of every tensor takes 150 µs.*at most 1000.0 tokens/s"):
         R.budget_units(R.AutoConfig(tok_s=1001), meas, 0)
     assert R.budget_units(R.AutoConfig(tok_s=500), meas, 0) == int((2000 - 850) / R.SPEED_UNIT)
+
+
+def test_awq_nf4_and_embedding_options():
+    """awq and nf4 options, and the embedding's: labels round-trip, the grids a tensor's rows allow."""
+    for o in (S.Option("nf4", 4, 64), S.Option("awq", 3, 32)):
+        assert S.Option.parse(o.label) == o
+    opts = S.options_for("lowbit", (8, 96), methods=("nf4", "awq"), bits=(3, 4), groups=(16, 32, 48))
+    assert {o.label for o in opts} == {"nf4-w4g16", "nf4-w4g32", "awq-w3g16", "awq-w3g32", "awq-w3g48",
+                                       "awq-w4g16", "awq-w4g32", "awq-w4g48"}
+    emb = S.options_for("lowbit", (50, 64), methods=("gptq", "rtn", "awq", "nf4"), bits=(4,), groups=(32,),
+                        embedding=True)
+    assert [o.label for o in emb] == ["float", "rtn-w4g32"]
+    # the awq option: AWQ's clipped grid, searched on the layer's own inputs (q/k left unclipped)
+    from lowbit.algorithms.awq import awq_quantize, search_clip
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 64, generator=g)
+    X = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    st = LayerStats(f=torch.ones(16, dtype=torch.float64), tokens=256, H=(X.T @ X / 256).double())
+    opt = S.Option("awq", 3, 32)
+    W_hat, fmt, nb = S.solve(W, st, opt)
+    want = awq_quantize(W, search_clip(st.H.float(), W, opt.scheme()), opt.scheme())
+    assert torch.equal(W_hat, want.dequantize().float()) and nb == want.nbytes
+    W_rtn, _, _ = S.solve(W, st, S.Option("rtn", 3, 32))
+    assert torch.equal(S.solve(W, st, opt, clip=False)[0], W_rtn)
+    from lowbit.algorithms.awq import output_error
+
+    assert output_error(W, W_hat, st.H.float()) < output_error(W, W_rtn, st.H.float())
+    m = tiny_model("llama", seed=2, **SHAPE)
+    assert not S.clips("model.layers.0.self_attn.k_proj", m.model) and S.clips("model.layers.0.mlp.up_proj", m.model)
+    nf = S.solve(W, st, S.Option("nf4", 4, 32))[1]
+    assert type(nf).__name__ == "NF4Weight" and nf.blocksize == 32
+
+
+def test_auto_awq_scales_and_a_quantized_tied_embedding(gguf_dir, tmp_path, monkeypatch):
+    """methods awq,nf4,...: AWQ's scales are folded first (the float model computes the same), the
+    tied embedding is allocated and written as a quantized table for both its roles, and the
+    checkpoint loads to exactly the plan's weights (its KL is the plan's measured KL)."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    m = api.load(str(gguf_dir))
+    orig = api.load(str(gguf_dir))
+    ids = _samples(2, 16)
+    with torch.no_grad():
+        ref = orig.model(input_ids=ids).logits
+    cfg = R.AutoConfig(bits=6, methods=("awq", "nf4", "rtn"), bit_choices=(2, 4, 8), groups=(32, 64),
+                       n_samples=4, seq_len=32, repair_rounds=0)
+    logs = []
+    meas = R.prepare(m, cfg, progress=False, log=logs.append)
+    assert any("AWQ channel scales folded" in line for line in logs)
+    with torch.no_grad():
+        got = m.model(input_ids=ids).logits
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()  # scaled, yet the same function
+    norm = m.model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, orig.model.model.layers[0].input_layernorm.weight)
+    assert S.EMBED in meas.items and S.HEAD not in meas.items
+    assert set(meas.table.kl[S.EMBED]) == {"float", "rtn-w2g32", "rtn-w2g64", "rtn-w4g32", "rtn-w4g64",
+                                           "rtn-w8g32", "rtn-w8g64"}
+    # a quantized tied table is stored twice (embedding rows and head)
+    from lowbit.formats.affine import AffineWeight
+
+    W = meas.items[S.EMBED].weight.detach().float()
+    assert meas.table.bytes[S.EMBED]["rtn-w4g32"] == 2 * AffineWeight.quantize_rtn(
+        W, S.Option("rtn", 4, 32).scheme()).nbytes
+    # force the embedding's choice: an 8-bit table, the rest by the knapsack
+    meas.table.kl[S.EMBED] = {"rtn-w8g32": meas.table.kl[S.EMBED]["rtn-w8g32"]}
+    meas.table.bytes[S.EMBED] = {"rtn-w8g32": meas.table.bytes[S.EMBED]["rtn-w8g32"]}
+    plan, out = R.write(m, meas, cfg, tmp_path / "q")
+    assert {S.Option.parse(e.option).method for e in plan.entries} <= {"awq", "nf4", "rtn"}
+    q = api.load(str(out))
+    emb, head = q.model.get_input_embeddings(), q.model.get_output_embeddings()
+    from lowbit.nn.embedding import QuantizedEmbedding
+    from lowbit.nn.linear import QuantizedLinear
+
+    assert isinstance(emb, QuantizedEmbedding) and isinstance(head, QuantizedLinear)
+    W_hat = S.solve(W, meas.stats[S.EMBED], S.Option("rtn", 8, 32))[0]
+    assert torch.equal(emb.weight_format.dequantize().float(), W_hat)
+    assert torch.equal(head.weight_format.dequantize().float(), W_hat)
+    assert S.KLMeter(orig.model, meas.meter.ids).kl(q.model) == pytest.approx(plan.measured_kl, rel=1e-3, abs=1e-6)
+
+
+def test_auto_gguf_target_with_awq_scales(gguf_dir, tmp_path, monkeypatch):
+    """GGUF target, methods imatrix,awq: the scales are folded into the norms before any type is
+    chosen, and the file llama.cpp's format holds reads back (lowbit's GGUF reader) to the plan's
+    measured KL."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    m = api.load(str(gguf_dir))
+    orig = api.load(str(gguf_dir))
+    cfg = R.AutoConfig(target="gguf", bits=6, methods=("imatrix", "awq"), gguf_types=("Q4_0", "Q8_0", "Q6_K", "Q4_K"),
+                       n_samples=4, seq_len=32, repair_rounds=0)
+    meas = R.prepare(m, cfg, progress=False, log=lambda *a: None)
+    assert "transform" in meas.table.key
+    plan, out = R.write(m, meas, cfg, tmp_path / "m.gguf", log=lambda *a: None)
+    g = api.load(str(out))
+    n0 = g.model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(n0, orig.model.model.layers[0].input_layernorm.weight)
+    assert torch.allclose(n0, m.model.model.layers[0].input_layernorm.weight)
+    assert S.KLMeter(orig.model, meas.meter.ids).kl(g.model) == pytest.approx(plan.measured_kl, rel=1e-4)

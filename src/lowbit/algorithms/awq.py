@@ -387,3 +387,22 @@ class AWQ(Method):
         with torch.no_grad():
             fmt = awq_quantize(module.weight, shrink, self.config.scheme)
         return fmt
+
+
+class ScalesOnly(AWQ):
+    """AWQ's channel scaling alone (Eq. 4-5, folded as above), without quantizing: ``apply``
+    hands back the scaled float weight, so the model computes what it did before while its
+    linears hold W·diag(s). `lowbit auto` runs it once and then chooses each tensor's grid (any
+    method) on the scaled weights; ``config.scheme`` is the grid the α search assumes."""
+
+    name = "awq-scales"
+
+    def __init__(self, config: AWQConfig):
+        from dataclasses import replace
+
+        super().__init__(replace(config, clip=False))
+
+    def apply(self, layer_name: str, module: nn.Linear) -> Tensor:
+        check_finite(module.weight, layer_name)
+        self._stats.pop(layer_name, None)
+        return module.weight.detach()

@@ -43,6 +43,8 @@ class AutoConfig:
     groups: tuple[int, ...] = S.DEFAULT_GROUPS
     gguf_types: tuple[str, ...] = S.GGUF_TYPES
     head: bool = True                  # allocate the output head too
+    embedding: bool = True             # and the token embedding (lowbit target: not under a speed budget, and
+                                       # with a tied head only when the head is allocated; GGUF: always)
     n_samples: int = 16
     seq_len: int = 256
     seed: int = 0
@@ -86,6 +88,7 @@ class Measured:
     solved: dict = field(default_factory=dict)  # (item, label) -> (W_hat, stored, bytes), the current plan's
     kernel_us: dict | None = None  # item -> label -> µs per decoded token (speed budget)
     overhead_us: float = 0.0       # the rest of a decoded token's time
+    tied_head: nn.Module | None = None  # the float head tied to the allocated embedding, if any
     keep_all: bool = False  # keep every solved weight (a benchmark comparing many plans), not only the plan's
 
 
@@ -102,11 +105,18 @@ def prepare(m, cfg: AutoConfig, *, progress: bool = True, log=print) -> Measured
     if m.record is not None:
         raise LowbitError(f"{m.name} is already quantized; auto-compress the original model")
     model = m.model
-    items = S.items_of(model, cfg.target, head=cfg.head)
+    smooth = "awq" in (cfg.methods or ())
+    items = S.items_of(model, cfg.target, head=cfg.head, embedding=allocates_embedding(model, cfg))
     if cfg.size is not None:  # a size nothing fits is refused before any measurement
         budget_bytes(cfg, S.Table(key={}), fixed_bytes(m, items, cfg.target))
     text = load_text("calibration")
     samples = calibration_samples(m.tokenizer, n_samples=cfg.n_samples, seq_len=cfg.seq_len, text=text, seed=cfg.seed)
+    if smooth:  # AWQ's channel scales folded in first: every option is then chosen on the scaled weights
+        t0 = time.perf_counter()
+        alphas = awq_scales(model, samples, progress=progress)
+        log(f"AWQ channel scales folded into {len(alphas)} producers (4-bit g{AWQ_GROUP} search) in "
+            f"{time.perf_counter() - t0:.0f} s")
+        items = S.items_of(model, cfg.target, head=cfg.head, embedding=allocates_embedding(model, cfg))
     verify_ids = calibration_samples(m.tokenizer, n_samples=cfg.verify_samples, seq_len=cfg.seq_len, text=text,
                                      seed=cfg.seed + 1)
     calib = {"text": "calibration", "n_samples": cfg.n_samples, "seq_len": cfg.seq_len, "seed": cfg.seed,
@@ -123,18 +133,21 @@ def prepare(m, cfg: AutoConfig, *, progress: bool = True, log=print) -> Measured
     from lowbit.version import __version__
 
     key = {"model": _model_id(m), "calibration": calib, "target": cfg.target, "version": __version__,
-           "options": {k: [o.label for o in v] for k, v in options.items()}}
+           "options": {k: [o.label for o in v] for k, v in options.items()},
+           **({"transform": f"awq-w4g{AWQ_GROUP}"} if smooth else {})}
     cache = S.cache_dir() / f"sensitivity-{S.key_hash(key)}.json" if cfg.cache else None
     t0 = time.perf_counter()
     stats = S.statistics(model, items, samples, draws=cfg.draws, seed=cfg.seed, progress=progress)
     log(f"statistics of {len(items)} tensors over {samples.numel()} tokens in {time.perf_counter() - t0:.0f} s")
-    cached = cache is not None and S.load_table(cache, key) is not None and \
-        set(S.load_table(cache, key).kl) >= set(items)
-    table = S.measure(model, items, stats, options, key, cache=cache, progress=progress)
+    prior = S.load_table(cache, key) if cache is not None else None  # read once
+    cached = prior is not None and set(prior.kl) >= set(items)
+    table = S.measure(model, items, stats, options, key, cache=cache, progress=progress, table=prior)
     log(f"sensitivity table: {sum(len(v) for v in options.values())} (tensor, option) pairs "
         f"({'from the cache ' + str(cache) if cached else f'measured in {table.seconds:.0f} s'})")
     meter = S.KLMeter(model, verify_ids)
     out = Measured(items, stats, options, table, meter, calib, cache_path=None if cache is None else str(cache))
+    if S.EMBED in items and S.tied(model):
+        out.tied_head = model.get_output_embeddings()
     if cfg.tok_s is not None:
         from lowbit.auto import speed
 
@@ -152,21 +165,34 @@ def prepare(m, cfg: AutoConfig, *, progress: bool = True, log=print) -> Measured
     return out
 
 
+AWQ_GROUP = 128  # the grid AWQ's scale search assumes (AWQ's default: 4 bits, groups of 128)
+
+
+def awq_scales(model, samples, *, progress: bool = True) -> dict[str, float]:
+    """AWQ's channel scaling folded into ``model`` (it computes the same; its linears hold the
+    scaled weights), searched on ``samples``; the α chosen per scaling group."""
+    from lowbit.algorithms.awq import AWQConfig, ScalesOnly
+    from lowbit.calibration.sequential import run_sequential
+    from lowbit.core.scheme import QuantScheme
+
+    method = ScalesOnly(AWQConfig(scheme=QuantScheme(4, False, "group", AWQ_GROUP)))
+    run_sequential(model, method, samples, progress=progress)
+    return method.alphas
+
+
+def allocates_embedding(model, cfg: AutoConfig) -> bool:
+    """Whether the token embedding is one of the allocated tensors (see `AutoConfig.embedding`)."""
+    if cfg.target == "gguf":
+        return True  # always written; a tied head is the embedding itself
+    return cfg.embedding and cfg.tok_s is None and (cfg.head or not S.tied(model))
+
+
 def fixed_bytes(m, items: dict[str, nn.Module], target: str) -> int:
     """Bytes of what the output stores besides the allocated tensors (an estimate: the float
     tensors outside them, in the checkpoint's dtype; the writer's headers come on top)."""
-    from lowbit import checkpoint
+    from lowbit.eval.size import model_bytes
 
-    taken = {mod.weight.data_ptr() for mod in items.values()}
-    total = 0
-    for name, t in checkpoint._unique_state_dict(m.model).items():
-        if t.data_ptr() in taken:
-            continue
-        if target == "gguf":
-            total += t.numel() * (4 if t.dim() < 2 else 2)
-        else:
-            total += t.numel() * t.element_size()
-    return total
+    return model_bytes(m.model, skip=[mod.weight for mod in items.values()], gguf=target == "gguf")
 
 
 def budget_units(cfg: AutoConfig, meas: "Measured", fixed: int) -> int:
@@ -225,7 +251,7 @@ def _solved(meas: Measured, item: str, label: str, model):
     if key not in meas.solved:
         W = meas.items[item].weight.detach()
         # the table already holds the bytes and the prediction: only the weight is made here
-        W_hat, stored, _ = S.solve(W, meas.stats[item], S.Option.parse(label))
+        W_hat, stored, _ = S.solve(W, meas.stats[item], S.Option.parse(label), clip=S.clips(item, model))
         meas.solved[key] = (W_hat, stored, int(meas.table.bytes[item][label]))
     return meas.solved[key]
 
@@ -326,6 +352,9 @@ def apply_lowbit(m, meas: Measured, plan: Plan, cfg: AutoConfig) -> None:
             continue
         mod = meas.items[e.tensor]
         _, fmt, _ = _solved(meas, e.tensor, e.option, model)
+        if e.tensor == S.EMBED:
+            _install_embedding(model, mod, fmt)
+            continue
         new = replacement(mod, fmt)
         if e.tensor == S.HEAD:
             model.set_output_embeddings(new)
@@ -346,6 +375,27 @@ def apply_lowbit(m, meas: Measured, plan: Plan, cfg: AutoConfig) -> None:
         "auto": {"bits_per_weight": plan.bits_per_weight, "predicted_kl": plan.predicted_kl,
                  "measured_kl": plan.measured_kl},
     }
+
+
+def _install_embedding(model, emb: nn.Embedding, fmt) -> None:
+    """The quantized embedding in place of ``emb``; a head tied to it gets the same table as a
+    quantized linear (its own copy: the checkpoint stores both, untied)."""
+    from lowbit.models.families import family_of
+    from lowbit.nn.embedding import QuantizedEmbedding
+    from lowbit.nn.replace import replacement
+
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and head.weight is emb.weight:
+        tensors, meta = fmt.to_state_dict()
+        model.set_output_embeddings(replacement(head, type(fmt).from_state_dict(
+            {k: v.clone() for k, v in tensors.items()}, meta)))
+        model.config.tie_word_embeddings = False
+    _set_module(model, family_of(model).embed, QuantizedEmbedding.replacing(emb, fmt))
+
+
+def _set_module(model, name: str, new) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def gguf_blocks(meas: Measured, plan: Plan, model) -> tuple[dict[str, str], dict[str, object]]:
@@ -381,10 +431,18 @@ def _module_names(model, meas: Measured) -> dict[str, str]:
 
 def _restore(model, meas: Measured, names: dict[str, str]) -> None:
     """Put the original float modules back (after a plan was applied)."""
+    from lowbit.models.families import family_of
+
     for k, mod in meas.items.items():
         if k == S.HEAD:
             model.set_output_embeddings(mod)
-        elif k != S.EMBED:
+        elif k == S.EMBED:
+            if model.get_input_embeddings() is not mod:  # the lowbit target replaced it (and a tied head)
+                _set_module(model, family_of(model).embed, mod)
+                if meas.tied_head is not None:
+                    model.set_output_embeddings(meas.tied_head)
+                    model.config.tie_word_embeddings = True
+        else:
             parent, _, child = names[k].rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, mod)
 

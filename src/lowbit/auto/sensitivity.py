@@ -37,8 +37,11 @@ from lowbit.errors import LowbitError
 from lowbit.models.families import block_linears, family_of
 
 TARGETS = ("lowbit", "gguf")
-LOWBIT_METHODS = ("gptq", "rtn", "hqq")
-GGUF_METHODS = ("imatrix", "gptq")
+LOWBIT_METHODS = ("gptq", "rtn", "hqq", "awq", "nf4")
+DEFAULT_LOWBIT_METHODS = ("gptq", "rtn", "hqq")
+GGUF_METHODS = ("imatrix", "gptq", "awq")
+DEFAULT_GGUF_METHODS = ("imatrix", "gptq")
+EMBED_METHODS = ("rtn", "hqq")  # the embedding's lowbit options (a row lookup: affine rows, no solve)
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS = (32, 64, 128)
 # the GGUF block types the allocator offers (a tensor gets those its row length allows)
@@ -50,9 +53,11 @@ CACHE_VERSION = 1
 
 @dataclass(frozen=True)
 class Option:
-    """One way to store a tensor. lowbit target: ``method`` (gptq / rtn / hqq) with ``bits`` and
-    ``group`` (asymmetric, integer zero-points; hqq: real zero-points), or ``method="float"``
-    (kept as it is). GGUF target: ``gguf_type`` with ``method`` "imatrix" (the type's own
+    """One way to store a tensor. lowbit target: ``method`` (gptq / rtn / hqq / awq) with ``bits``
+    and ``group`` (asymmetric, integer zero-points; hqq: real zero-points; awq: AWQ's per-group
+    clipping searched on the layer's inputs, on weights AWQ's channel scales were folded into),
+    ``method="nf4"`` (bits 4, ``group`` = the NF4 block size, double-quantized absmax) or
+    ``method="float"`` (kept as it is). GGUF target: ``gguf_type`` with ``method`` "imatrix" (the type's own
     encoder weighted by the importance matrix) or "gptq" (GPTQ onto the type's grid)."""
 
     method: str
@@ -95,11 +100,13 @@ def gguf_block(t: str) -> int:
 def options_for(target: str, shape: tuple[int, int], *, methods=None, bits=DEFAULT_BITS,
                 groups=DEFAULT_GROUPS, types=GGUF_TYPES, embedding: bool = False) -> list[Option]:
     """The options of a tensor of ``shape`` [rows, row length] for ``target``: every method x bits x
-    group whose group divides the row (lowbit), or every GGUF type whose block divides it (the
-    embedding is encoded, never GPTQ-solved)."""
+    group whose group divides the row (lowbit; NF4 once per group, at 4 bits; the embedding takes
+    rtn / hqq rows or stays float), or every GGUF type whose block divides it (the embedding is
+    encoded, never GPTQ-solved). "awq" adds no option of its own to the GGUF target: it is the
+    channel scaling `prepare` folds into the model first."""
     n = shape[-1]
     if target == "gguf":
-        methods = tuple(methods or GGUF_METHODS)
+        methods = tuple(methods or DEFAULT_GGUF_METHODS)
         out = []
         for t in types:
             if n % gguf_block(t):
@@ -110,8 +117,17 @@ def options_for(target: str, shape: tuple[int, int], *, methods=None, bits=DEFAU
         return out
     if target != "lowbit":
         raise LowbitError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    methods = tuple(methods or LOWBIT_METHODS)
-    out = [Option(m, b, g) for m in methods for b in bits for g in groups if n % g == 0]
+    methods = tuple(methods or DEFAULT_LOWBIT_METHODS)
+    if embedding:
+        methods = tuple(m for m in methods if m in EMBED_METHODS)
+    out = []
+    for m in methods:
+        if m == "nf4":
+            out += [Option(m, 4, g) for g in groups if n % g == 0 and g >= 16 and g & (g - 1) == 0]
+        else:
+            out += [Option(m, b, g) for b in bits for g in groups if n % g == 0]
+    if embedding:
+        out.insert(0, Option("float"))
     return out
 
 
@@ -119,10 +135,11 @@ def options_for(target: str, shape: tuple[int, int], *, methods=None, bits=DEFAU
 # solving one (item, option)
 # --------------------------------------------------------------------------------------------
 
-def solve(W: Tensor, stats: LayerStats, opt: Option):
+def solve(W: Tensor, stats: LayerStats, opt: Option, *, clip: bool = True):
     """The stored weight of ``W`` under ``opt``: (dequantized float32 W_hat, stored object, bytes).
     The stored object is a lowbit weight format (lowbit target), the raw GGUF blocks (uint8
-    [rows, bytes]) or None for "float"."""
+    [rows, bytes]) or None for "float". ``clip``: awq searches each group's clipping (AWQ leaves
+    q_proj / k_proj unclipped; `item_cost` says which)."""
     W = W.detach().float()
     if opt.method == "float":
         return W, None, W.numel() * 2
@@ -159,6 +176,17 @@ def solve(W: Tensor, stats: LayerStats, opt: Option):
         from lowbit.algorithms.hqq import HQQConfig, hqq_quantize
 
         fmt, _ = hqq_quantize(W, HQQConfig(scheme=scheme))
+    elif opt.method == "awq":
+        from lowbit.algorithms.awq import awq_quantize, search_clip
+
+        if stats.H is None:
+            raise LowbitError("awq needs the layer's inputs; the embedding takes rtn or hqq")
+        shrink = search_clip(stats.H.float(), W, scheme) if clip else None
+        fmt = awq_quantize(W, shrink, scheme)
+    elif opt.method == "nf4":
+        from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
+
+        fmt = nf4_quantize(W, NF4Config(blocksize=opt.group))
     else:
         raise LowbitError(f"no per-tensor solver for method {opt.method!r}; choose from {', '.join(LOWBIT_METHODS)}")
     return fmt.dequantize().float(), fmt, int(fmt.nbytes)
@@ -276,23 +304,41 @@ def statistics(model: nn.Module, items: dict[str, nn.Module], samples: Tensor, *
                             draws=draws, seed=seed, progress=progress)
 
 
+def clips(item: str, model: nn.Module) -> bool:
+    """Whether AWQ searches the clipping of ``item``'s groups (not q_proj / k_proj: their error
+    passes through the softmax, which the layer-output loss does not see)."""
+    from lowbit.models.families import awq_layout
+
+    if item in (EMBED, HEAD):
+        return True
+    try:
+        no_clip = awq_layout(getattr(getattr(model, "config", None), "model_type", None)).no_clip
+    except LowbitError:
+        return True
+    return not any(item.endswith("." + n) for n in no_clip)
+
+
 def item_cost(item: str, W: Tensor, stats: dict[str, LayerStats], opt: Option, model: nn.Module):
     """(W_hat, stored, bytes, predicted KL) of one item under one option."""
     st = stats[item]
     extra = stats.get(HEAD) if item == EMBED and HEAD in stats and tied(model) else None
     if item == EMBED and opt.method == "gptq":
         raise LowbitError("the embedding is not GPTQ-solved")
-    W_hat, stored, nbytes = solve(W, st, opt)
+    W_hat, stored, nbytes = solve(W, st, opt, clip=clips(item, model))
     if opt.method == "float":  # kept as it is: a tied head is stored once, with the embedding
         nbytes = 0 if item == HEAD and tied(model) else W.numel() * W.element_size()
+    elif item == EMBED and opt.gguf_type is None and tied(model):
+        nbytes *= 2  # lowbit target: a quantized tied pair is stored twice (embedding rows, head)
     return W_hat, stored, nbytes, predicted_kl(W_hat - W.float(), st, extra=extra)
 
 
 def measure(model: nn.Module, items: dict[str, nn.Module], stats: dict[str, LayerStats],
             options: dict[str, list[Option]], key: dict, *, cache: Path | None = None,
-            progress: bool = True, log=None) -> Table:
-    """The table of every item x option (module docstring), resumed from / saved to ``cache``."""
-    table = load_table(cache, key) if cache is not None else None
+            progress: bool = True, log=None, table: Table | None = None) -> Table:
+    """The table of every item x option (module docstring), resumed from / saved to ``cache``
+    (``table``: the cache's table, already read by the caller)."""
+    if table is None and cache is not None:
+        table = load_table(cache, key)
     if table is None:
         table = Table(key=key)
     todo = [k for k in items if k not in table.kl or set(table.kl[k]) != {o.label for o in options[k]}]

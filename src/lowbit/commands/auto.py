@@ -40,13 +40,17 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, help="threads for the speed budget's timings (default: torch's)")
     p.add_argument("--target", choices=("lowbit", "gguf"), default="lowbit",
                    help="a lowbit checkpoint (formats of lowbit's methods) or a GGUF file (llama.cpp's block types)")
-    p.add_argument("--methods", help="lowbit: gptq,rtn,hqq (default gptq,rtn,hqq); gguf: imatrix,gptq "
-                                     "(the type's own encoder, GPTQ onto its grid; default both)")
+    p.add_argument("--methods", help="lowbit: from gptq,rtn,hqq,awq,nf4 (default gptq,rtn,hqq); gguf: from "
+                                     "imatrix,gptq,awq (the type's own encoder, GPTQ onto its grid; default "
+                                     "imatrix,gptq). awq first folds AWQ's channel scales into the model, then "
+                                     "every option is chosen on the scaled weights (lowbit: plus AWQ's clipped grids)")
     p.add_argument("--bit-choices", default="2,3,4,5,6,8", help="lowbit target: the bit widths offered")
     p.add_argument("--groups", default="32,64,128", help="lowbit target: the group sizes offered (a tensor gets "
                                                         "those that divide its rows)")
     p.add_argument("--types", help="gguf target: the block types offered (default: every type lowbit writes)")
     p.add_argument("--no-head", action="store_true", help="leave the output head as it is")
+    p.add_argument("--no-embedding", action="store_true",
+                   help="lowbit target: leave the token embedding as it is (GGUF always writes it)")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--repair", type=int, default=1, help="greedy repair rounds after the end-to-end check (default 1)")
@@ -74,7 +78,7 @@ def _config(args):
         raise LowbitError(f"--types: {', '.join(unknown)} not offered; choose from {', '.join(GGUF_TYPES)}")
     return AutoConfig(target=args.target, bits=args.bits, size=size, tok_s=args.tok_s, threads=args.threads, methods=_names(args.methods),
                       bit_choices=_ints(args.bit_choices, "--bit-choices"), groups=_ints(args.groups, "--groups"),
-                      gguf_types=types, head=not args.no_head, n_samples=args.samples, seq_len=args.seq_len,
+                      gguf_types=types, head=not args.no_head, embedding=not args.no_embedding, n_samples=args.samples, seq_len=args.seq_len,
                       repair_rounds=args.repair, rank_items=args.rank_check, cache=not args.no_cache)
 
 

@@ -91,8 +91,12 @@ def linear_bits(model: nn.Module) -> tuple[float, int, int]:
     return (8 * nbytes / n if n else float("nan")), nbytes, n
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of every stored tensor (tied tensors once): what a checkpoint holds."""
+def model_bytes(model: nn.Module, *, skip=(), gguf: bool = False) -> int:
+    """Bytes of every stored tensor (tied tensors once): what a checkpoint holds; without the
+    tensors in ``skip``; ``gguf``: as lowbit's F16 GGUF files store float tensors (vectors in
+    F32, matrices in F16)."""
     from lowbit import checkpoint
 
-    return sum(t.numel() * t.element_size() for t in checkpoint._unique_state_dict(model).values())
+    taken = {t.data_ptr() for t in skip}
+    return sum(t.numel() * ((4 if t.dim() < 2 else 2) if gguf else t.element_size())
+               for t in checkpoint._unique_state_dict(model).values() if t.data_ptr() not in taken)

@@ -69,6 +69,15 @@ class QuantizedEmbedding(nn.Module):
         W = emb.weight.detach().float()
         if not torch.isfinite(W).all():
             raise LowbitError("the token embedding has NaN/Inf weights")
+        return cls.replacing(emb, AffineWeight.quantize_rtn(W, scheme))
+
+    @classmethod
+    def replacing(cls, emb: nn.Embedding, weight_format: AffineWeight) -> "QuantizedEmbedding":
+        """The quantized module standing for ``emb`` with table ``weight_format`` (Gemma's scaled
+        embedding keeps its scale)."""
+        if tuple(weight_format.shape) != tuple(emb.weight.shape):
+            raise LowbitError(f"an embedding table of shape {tuple(weight_format.shape)} cannot replace one of "
+                              f"shape {tuple(emb.weight.shape)}")
         scale = getattr(emb, "embed_scale", None)
         scale = None if scale is None else float(scale)
-        return cls(AffineWeight.quantize_rtn(W, scheme), emb.padding_idx, scale)
+        return cls(weight_format, emb.padding_idx, scale)
