@@ -1,6 +1,6 @@
 """lowbit auto against every uniform setting: KL to the original vs bits per weight, one run.
 
-    python -P bench/auto_frontier.py [--model MODEL] [--methods gptq,rtn] [--bit-choices 2,3,4,5,6,8]
+    python -P bench/auto_frontier.py [--model MODEL] [--methods gptq,rtn,hqq,nf4] [--bit-choices 2,3,4,5,6,8]
                                      [--groups 64] [--budgets 2.5,3,3.5,4,4.5,5,6] [--windows 8] [--markdown]
 
 1. `lowbit.auto.run.prepare` measures (or reads from the cache) the predicted KL and bytes of every
@@ -40,7 +40,8 @@ from lowbit.eval.report import format_table
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--methods", default="gptq,rtn")
+    ap.add_argument("--methods", default="gptq,rtn,hqq,nf4",
+                    help="the options (awq: every option on AWQ-scaled weights, see lowbit auto --help)")
     ap.add_argument("--bit-choices", default="2,3,4,5,6,8")
     ap.add_argument("--groups", default="64")
     ap.add_argument("--budgets", default="2.5,3,3.5,4,4.5,5,6")
@@ -71,6 +72,7 @@ def main() -> int:
     table = meas.table
     n = sum(r * c for r, c in table.shapes.values())
     name = (m.name or "model").replace("/", "_")
+    name += "-" + "+".join(cfg.methods)  # rows of another option set are another frontier
     rows_file = out / f"frontier-{name}.jsonl"  # each row as it is measured; a rerun takes them
     done = {}
     if rows_file.exists():
