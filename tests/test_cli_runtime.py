@@ -73,8 +73,10 @@ def test_generate_sampling_seeded(capsys, tiny_dir):
 
 
 def test_generate_quantized_checkpoint(capsys, int4_dir):
-    code, out, err = run(capsys, "generate", int4_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--ignore-eos")
+    code, out, err = run(capsys, "generate", int4_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--ignore-eos",
+                         "--float-activations")
     assert code == 0, err
+    assert "float activations (asked for)" in err
     q = api.load(str(int4_dir))
     assert out == expected_text(q.model, q.tokenizer, "Hi", 6) + "\n"
     code, out8, err = run(capsys, "generate", int4_dir, "--prompt", "Hi", "--max-new-tokens", 6, "--ignore-eos",

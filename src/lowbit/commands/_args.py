@@ -317,3 +317,24 @@ def parse_bytes(text: str, flag: str, allow_zero: bool = False) -> int:
     if n < 0 or (n == 0 and not allow_zero):
         raise LowbitError(f"{flag} must be positive, got {text!r}")
     return n
+
+
+def add_activation_args(p: argparse.ArgumentParser) -> None:
+    """--int8-activations / --float-activations (default: the checkpoint's measured choice)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--int8-activations", dest="int8_activations", action="store_const", const=True, default=None,
+                   help="decode steps quantize activations to int8 for affine weights (W4A8, as llama.cpp's "
+                        "Q4_0 x Q8_0; faster, slightly different numbers). Default: what `lowbit quantize` measured "
+                        "for this checkpoint (int8 when its step KL is within 5%% of float activations')")
+    g.add_argument("--float-activations", dest="int8_activations", action="store_const", const=False,
+                   help="decode with float activations (W4A16) whatever the checkpoint recorded")
+
+
+def int8_activations(args, m) -> bool:
+    """The activation path for ``m`` (flags, else the checkpoint's measured choice), said on stderr."""
+    from lowbit.runtime.defaults import has_int8_rows, resolve
+
+    on, why = resolve(m.record, args.int8_activations)
+    if has_int8_rows(m.model):
+        log(f"{'int8' if on else 'float'} activations ({why})")
+    return on

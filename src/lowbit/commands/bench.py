@@ -10,6 +10,7 @@ from __future__ import annotations
 import resource
 import sys
 
+from lowbit.commands._args import add_activation_args, int8_activations
 from lowbit.errors import LowbitError
 from lowbit.eval import size
 
@@ -89,7 +90,7 @@ def cmd_bench(args) -> int:
     if args.warmup < 0:
         raise LowbitError(f"--warmup must be >= 0, got {args.warmup}")
     m = _load(args.model)
-    rows = bench_rows(m, args.prompt_len, args.new_tokens, args.warmup, args.repeats, args.int8_activations,
+    rows = bench_rows(m, args.prompt_len, args.new_tokens, args.warmup, args.repeats, int8_activations(args, m),
                       args.kv_cache)
     if args.transformers:
         rows.append(transformers_row(m, rows[0], args))
@@ -126,9 +127,7 @@ def register(sub) -> None:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
                    help="KV cache element type (float16: half the memory, as llama.cpp's default)")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="decode steps quantize activations to int8 for affine weights (W4A8, as llama.cpp's "
-                        "Q4_0 x Q8_0; faster, slightly different numbers)")
+    add_activation_args(p)
     p.add_argument("--transformers", action="store_true",
                    help="add a row measured through transformers' forward and cache (same prompt and protocol)")
     p.set_defaults(func=cmd_bench)

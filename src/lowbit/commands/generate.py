@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from lowbit.commands._args import add_activation_args, int8_activations
 from lowbit.commands._args import log as _log
 from lowbit.errors import LowbitError
 
@@ -80,7 +81,7 @@ def cmd_generate(args) -> int:
                           f"maximum length {limit}")
     import torch
 
-    dec = LeanDecoder(m.model, max_len=max_len, int8_activations=args.int8_activations,
+    dec = LeanDecoder(m.model, max_len=max_len, int8_activations=int8_activations(args, m),
                       kv_dtype=getattr(torch, args.kv_cache))
     stops = set() if args.ignore_eos else stop_ids(m)
 
@@ -118,7 +119,5 @@ def register(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     p.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
                    help="KV cache element type (float16: half the memory, as llama.cpp's default)")
-    p.add_argument("--int8-activations", action="store_true",
-                   help="decode steps quantize activations to int8 for affine weights (W4A8, as llama.cpp's "
-                        "Q4_0 x Q8_0; faster, slightly different numbers)")
+    add_activation_args(p)
     p.set_defaults(func=cmd_generate)

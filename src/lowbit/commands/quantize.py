@@ -85,6 +85,7 @@ def _run(args) -> int:
     # a method solving onto a GGUF block type (GPTQ's gguf_type) leaves the scheme unused
     grid = f"onto GGUF {options['gguf_type']}" if options.get("gguf_type") else shown.short_name() if shown else ""
     log(f"{verb} {m.name} with {args.method}{' ' + grid if grid else ''} on {args.device} ({how})")
+    decode_ref = _decode_reference(m, stream, args.device)
     rec = api.quantize(m, args.method, scheme, calibration_text=args.calib, n_samples=args.samples,
                        seq_len=args.seq_len, device=args.device, force_runner=args.sequential,
                        head=getattr(args, "head", None), embed=getattr(args, "embed", None),
@@ -92,6 +93,8 @@ def _run(args) -> int:
                        activation_budget=budget, force=args.force, resume_dir=resume_dir, resume=args.resume,
                        checkpoint_every=args.checkpoint_every,
                        offload_dir=args.offload_dir or os.path.dirname(os.path.abspath(args.output)), **options)
+    if decode_ref is not None:
+        _record_decode_choice(m, *decode_ref)
     out = args.output if stream else api.save(m, args.output, max_shard_size=max_shard, force=args.force)
     bpw, nbytes, n = size.linear_bits(m.model)
     sparsity = rec["method"].get("sparsity")
@@ -106,3 +109,27 @@ def _run(args) -> int:
             f"activations {r['activation_bytes'] / 2**20:.0f} MiB{spilled})")
     log(f"process peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB; checkpoint {rec.get('shards', 1)} shard(s)")
     return 0
+
+
+def _decode_reference(m, stream: bool, device: str):
+    """(ids, the float model's step log-probabilities) for `lowbit.runtime.defaults`, or None
+    (a streamed or non-CPU run, a model the lean decoder does not run, no tokenizer)."""
+    from lowbit.runtime import defaults
+
+    if stream or device != "cpu" or m.tokenizer is None or not defaults.decodable(m.model):
+        return None
+    ids = defaults.measurement_ids(m.tokenizer)
+    return ids, defaults.reference_steps(m.model, ids)
+
+
+def _record_decode_choice(m, ids, ref) -> None:
+    """The checkpoint's default activation path, measured (`lowbit.runtime.defaults`)."""
+    from lowbit.runtime import defaults
+
+    d = defaults.choose(m.model, ids, ref)
+    if d is None:
+        return
+    m.record["decode"] = d
+    log(f"decode default: {'int8' if d['int8_activations'] else 'float'} activations (step KL to the float model "
+        f"{d['step_kl_int8']:.4g} with int8 vs {d['step_kl_float']:.4g} with float over {d['tokens']} tokens; "
+        f"int8 when within {100 * d['tolerance']:.0f} %)")
