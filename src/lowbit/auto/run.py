@@ -490,12 +490,23 @@ def write(m, meas: Measured, cfg: AutoConfig, output, *, force: bool = False, lo
     names = _module_names(model, meas)
     fixed = fixed_bytes(m, meas.items, cfg.target)
     budget = budget_units(cfg, meas, fixed)
+    decode_ref = None
+    if cfg.target == "lowbit" and m.tokenizer is not None:
+        from lowbit.runtime import defaults
+
+        if defaults.decodable(model):  # the float model's steps, for the checkpoint's decode default
+            ids = defaults.measurement_ids(m.tokenizer)
+            decode_ref = (ids, defaults.reference_steps(model, ids))
     for attempt in range(3):
         plan = search(m, meas, cfg, budget, log=log)
         if cfg.target == "lowbit":
             from lowbit import api
 
             apply_lowbit(m, meas, plan, cfg)
+            if decode_ref is not None:
+                d = defaults.choose(model, *decode_ref)
+                if d is not None:
+                    m.record["decode"] = d
             out = api.save(m, str(output), force=force or attempt > 0)
             plan.extra.update({"on_disk_bytes": dir_size_bytes(out), "fixed_bytes": fixed})
             plan.save(plan_path(output, cfg.target))  # inside the checkpoint: it counts too
