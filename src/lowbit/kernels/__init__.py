@@ -12,7 +12,8 @@ A row (`Kernel`) is keyed by
 * ``format``: the weight format's registered name;
 * ``activations``: ``"float"`` (x is multiplied as given) or ``"int8"`` (the kernel quantizes x to
   int8 itself: the product changes);
-* ``device``: ``"cpu"``, or ``"any"`` (the row for every device without its own),
+* ``device``: ``"cpu"``, ``"cuda"`` (a tensor's ``device.type``), or ``"any"`` (the row for every
+  device without its own),
 
 and holds the Python entry ``linear(x, w, bias)`` (returns ``NotImplemented`` for inputs it does
 not handle — a dtype, a shape, a missing native library — and the reference runs then) and, for a
@@ -35,7 +36,7 @@ from typing import Callable
 from lowbit.kernels import reference as _reference
 
 ACTIVATIONS = ("float", "int8")
-DEVICES = ("cpu", "any")
+DEVICES = ("cpu", "cuda", "any")
 
 
 @dataclass(frozen=True)
