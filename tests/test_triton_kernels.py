@@ -83,7 +83,11 @@ def _check_exact(w, M, dtype, run):
     assert y.dtype == dtype and torch.equal(y, w.dequantize(dtype)[:, :M].T)
 
 
-@pytest.mark.parametrize("case", AFFINE, ids=lambda c: f"int{c[0]}-{c[3]}{c[4] or ''}-{'sym' if c[1] else c[2]}-{c[5]}x{c[6]}")
+def _case_id(c):
+    return f"int{c[0]}-{c[3]}{c[4] or ''}-{'sym' if c[1] else c[2]}-{c[5]}x{c[6]}"
+
+
+@pytest.mark.parametrize("case", AFFINE, ids=_case_id)
 def test_affine_matches_reference(case):
     w = _affine(case)
     for M, bias in ((1, True), (3, False), (17, True)):
