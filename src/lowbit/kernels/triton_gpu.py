@@ -391,7 +391,11 @@ def _launch(kernel, x: Tensor, N: int, K: int, bias: Tensor | None, args: tuple,
     constants = dict(HAS_BIAS=has_bias, **consts(p["BLOCK_K"]), **p)
     if target is not None:
         return _compile(kernel, call, constants, target, **options)
-    kernel[grid](*call, **constants, **options)
+    if x.device.type == "cuda" and x.device.index not in (None, torch.cuda.current_device()):
+        with torch.cuda.device(x.device):  # triton launches on the current device
+            kernel[grid](*call, **constants, **options)
+    else:
+        kernel[grid](*call, **constants, **options)
     if S > 1:
         y = out.sum(0)
         if b is not None:
