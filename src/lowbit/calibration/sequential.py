@@ -451,19 +451,7 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
                     split.observe(method, {f"{prefix}.{n}": lin for n, lin in layers.items()}, X,
                                   lambda x: blk(x, **kw))
                 elif method.needs_calibration:
-                    handles = []
-                    for name, lin in layers.items():
-                        def hook(mod, args, out, full=f"{prefix}.{name}"):
-                            method.observe(full, mod, args[0])
-                        handles.append(lin.register_forward_hook(hook))
-                    try:
-                        for x in X:
-                            y = blk(x, **kw)
-                            if T is not None:  # the float block's outputs: what fine-tuning aims at
-                                T.append(_block_output(y))
-                    finally:
-                        for h in handles:
-                            h.remove()
+                    observe_block(method, blk, prefix, layers, X, kw, T)
                 if method.needs_calibration:
                     method.transform_block(blk, prefix, X, kw)
                     layers = linear_layers(blk)
@@ -506,6 +494,40 @@ def run_sequential(model: nn.Module, method: Method, samples: Tensor, device: st
         streaming=stream is not None, dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         spilled_bytes=pool.spilled, batch_size=batch_size, resumed_blocks=start)
     return stats
+
+
+def observe_block(method: Method, blk: nn.Module, prefix: str, layers: dict[str, nn.Module], X, kw: dict,
+                  T=None) -> None:
+    """Run the float block over every batch of ``X`` and show each linear its inputs
+    (``method.observe``, from a forward pre-hook). The block's output feeds nothing here (unless
+    ``T`` collects it for fine-tuning), so once the first batch has shown in which order the
+    linears run, later batches stop as soon as the last of them has been observed: the last
+    linear's product (a down projection) and what follows it are never computed."""
+    order: list[str] = []
+    last: list[str | None] = [None]  # known after the first batch
+
+    handles = []
+    for name, lin in layers.items():
+        def pre(mod, args, full=f"{prefix}.{name}"):
+            method.observe(full, mod, args[0])
+            if last[0] is None:
+                order.append(full)
+            elif full == last[0]:
+                raise _StopForward
+        handles.append(lin.register_forward_pre_hook(pre))
+    try:
+        for j, x in enumerate(X):
+            if j == 1 and T is None and len(order) == len(set(order)) == len(layers):
+                last[0] = order[-1]  # each linear ran once: the last one ends the pass
+            try:
+                y = blk(x, **kw)
+            except _StopForward:
+                continue
+            if T is not None:  # the float block's outputs: what fine-tuning aims at
+                T.append(_block_output(y))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _nonfinite(blk: nn.Module, x: Tensor, kw: dict, prefix: str, i: int, j: int, dtype) -> None:
