@@ -360,15 +360,16 @@ def _accepts(x: Tensor, interpret: bool | None, *weights: Tensor) -> bool:
 
 
 def _launch(kernel, x: Tensor, N: int, K: int, bias: Tensor | None, args: tuple, consts, config: dict | None,
-            target=None, **options) -> Tensor:
-    """Run ``kernel`` over x [..., K] -> y [..., N] in x's dtype: ``args`` the weight's pointers
-    and strides between (x, ..., b, y) and (M, N, K, ...); ``consts(BLOCK_K)`` the kernel's own
-    compile-time constants. ``target`` (a triton ``GPUTarget``): only compile the kernel this call
-    would launch, for that GPU, and return it (see `compile_for`)."""
+            target=None, out_dtype: torch.dtype | None = None, **options) -> Tensor:
+    """Run ``kernel`` over x [..., K] -> y [..., N] in x's dtype (or ``out_dtype``): ``args`` the
+    weight's pointers and strides between (x, ..., b, y) and (M, N, K, ...); ``consts(BLOCK_K)``
+    the kernel's own compile-time constants. ``target`` (a triton ``GPUTarget``): only compile the
+    kernel this call would launch, for that GPU, and return it (see `compile_for`)."""
     X = x.reshape(-1, K)
     if X.stride(-1) != 1:
         X = X.contiguous()
     M = X.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     p = plan(M, N, K, x.device, config)
     S = p.pop("split_k")
     k_split = p.pop("k_split")
@@ -381,7 +382,7 @@ def _launch(kernel, x: Tensor, N: int, K: int, bias: Tensor | None, args: tuple,
     b = None if bias is None else bias.to(device=x.device, dtype=x.dtype).contiguous()
     grid = (math.ceil(N / p["BLOCK_N"]), math.ceil(M / p["BLOCK_M"]), S)
     if S == 1:
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        y = torch.empty(M, N, dtype=out_dtype, device=x.device)
         out, stride_yk, has_bias = y, 0, b is not None
     else:
         out = torch.empty(S, M, N, dtype=torch.float32, device=x.device)
@@ -400,11 +401,12 @@ def _launch(kernel, x: Tensor, N: int, K: int, bias: Tensor | None, args: tuple,
         y = out.sum(0)
         if b is not None:
             y += b.float()
-        y = y.to(x.dtype)
+        y = y.to(out_dtype)
     return y.view(*x.shape[:-1], N)
 
 
-_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8"}
+_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
+              torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32"}
 
 
 def _compile(kernel, call: tuple, constants: dict, target, **options):
