@@ -5,8 +5,9 @@ without a GPU.
 * E8P (2, 3 and 4 bits; plain and tuned sign vectors; Sylvester, Paley and dense orthogonal
   transforms) and AQLM (1 and 2 codebooks of 8 bits, 1 of 16 bits, 2 of 4 bits; groups of 8, 4
   and 12; float16, bfloat16 and float32 codebooks), batch 1 / 3 / 16 (GEMV-style and tl.dot
-  kernels), bias and no bias, against `lowbit.kernels.reference` (dequantize, then the matmul);
-  split-K, 3-D and non-contiguous activations; weights from the quantizers (QuIP#, AQLM);
+  kernels; 40 rows once), bias and no bias, against `lowbit.kernels.reference` (dequantize, then
+  the matmul); split-K, 3-D and non-contiguous activations; weights from the quantizers (QuIP#,
+  AQLM);
 * the decoded weight inside the kernels equals the format's own decoding bit for bit (x = rows of
   the identity): ``w.transformed()`` for E8P (every one of the 65,536 codes), ``w.dequantize()``
   for AQLM, in float32, float16 and bfloat16;
@@ -176,12 +177,14 @@ def test_weights_from_the_quantizers():
 
 
 def test_split_k_and_shapes():
-    """Forced input splits (float32 partial sums added, the bias once), 3-D activations, a
-    non-contiguous x."""
+    """Forced input splits (float32 partial sums added, the bias once), a batch past 16 rows (no
+    split, 64-row tiles), 3-D activations, a non-contiguous x."""
     we, wa = _e8p(48, 576, 2, True), _aqlm(40, 192)
     for M in (1, 16):
         _check_float32(we, tc.e8p_run, M, True, config={"split_k": 3})
         _check_float32(wa, tc.aqlm_run, M, True, config={"split_k": 2})
+    _check_float32(we, tc.e8p_run, 40, False)
+    _check_float32(wa, tc.aqlm_run, 40, True)
     for w, fn in ((we, tc.e8p_linear), (wa, tc.aqlm_linear)):
         x = torch.randn(2, 3, 2 * w.shape[1], generator=_gen(5))[..., ::2]
         b = torch.randn(w.shape[0], generator=_gen(6))
@@ -287,7 +290,8 @@ def test_kernels_compile_for_sm90():
                 "                                 torch.rand(64) + 0.5, (64, 384))\n"
                 "for w, x in ((e8p(2), torch.randn(1, 256).bfloat16()), (e8p(2), torch.randn(16, 256).half()),\n"
                 "             (e8p(4), torch.randn(2, 256)), (aqlm(2, 8, 8), torch.randn(1, 384).bfloat16()),\n"
-                "             (aqlm(1, 16, 8), torch.randn(16, 384).bfloat16()), (aqlm(1, 8, 12), torch.randn(3, 384).half())):\n"
+                "             (aqlm(1, 16, 8), torch.randn(16, 384).bfloat16()),\n"
+                "             (aqlm(1, 8, 12), torch.randn(3, 384).half())):\n"
                 "    k = tc.compile_for(x, w, torch.randn(64), arch=90)\n"
                 "    assert k.asm['cubin'], 'no binary'\n", False)
     assert r.returncode == 0, r.stderr[-3000:]
