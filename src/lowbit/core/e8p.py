@@ -82,8 +82,8 @@ def decode(codes: Tensor) -> Tensor:
     codes = codes.to(torch.int64)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CODES):
         raise LowbitError("E8P codes must lie in 0..65535")
-    a = abs_patterns()[codes & 255]                                    # [..., 8]
-    bits = (codes[..., None] >> (8 + torch.arange(DIM - 1))) & 1       # [..., 7]
+    a = abs_patterns().to(codes.device)[codes & 255]                   # [..., 8] (on the codes' device)
+    bits = (codes[..., None] >> (8 + torch.arange(DIM - 1, device=codes.device))) & 1  # [..., 7]
     s = 1.0 - 2.0 * bits.to(torch.float32)
     partial = (s * a[..., :-1]).sum(-1) + a[..., -1]                   # with the last sign +
     last = torch.where(torch.remainder(partial, 2) == 0, 1.0, -1.0)
