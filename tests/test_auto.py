@@ -154,6 +154,8 @@ def test_auto_command_meets_a_size_budget(tiny_dir, tmp_path, monkeypatch, capsy
     assert dir_size_bytes(out) <= size
     plan = Plan.load(out)
     assert abs(plan.extra["on_disk_bytes"] - dir_size_bytes(out)) < 32
+    uni = [r for r in plan.rounds if str(r["round"]).startswith("uniform ")]  # the uniform check ran
+    assert uni and plan.measured_kl <= min(r["measured_kl"] for r in uni) + 1e-12
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "measured in" in captured.err
     dec = json.loads((out / "lowbit.json").read_text())["decode"]  # the decode default, measured as quantize does
@@ -396,3 +398,24 @@ def test_auto_gguf_target_with_awq_scales(gguf_dir, tmp_path, monkeypatch):
     assert not torch.allclose(n0, orig.model.model.layers[0].input_layernorm.weight)
     assert torch.allclose(n0, m.model.model.layers[0].input_layernorm.weight)
     assert S.KLMeter(orig.model, meas.meter.ids).kl(g.model) == pytest.approx(plan.measured_kl, rel=1e-4)
+
+
+def test_uniform_seeds_and_greedy_fill():
+    """The uniform check's pieces: the largest uniform plan of each method within the budget, and
+    the greedy fill (most predicted KL saved per byte, never over the budget), by hand."""
+    table = S.Table(key={}, shapes={"a": [4, 8], "b": [4, 8]})
+    table.kl = {"a": {"rtn-w2g8": 1.0, "rtn-w4g8": 0.3, "gptq-w2g8": 0.8, "gptq-w4g8": 0.1, "float": 0.0},
+                "b": {"rtn-w2g8": 2.0, "rtn-w4g8": 0.2, "gptq-w2g8": 1.5, "gptq-w4g8": 0.15}}
+    table.bytes = {"a": {"rtn-w2g8": 10, "rtn-w4g8": 20, "gptq-w2g8": 10, "gptq-w4g8": 20, "float": 64},
+                   "b": {"rtn-w2g8": 10, "rtn-w4g8": 20, "gptq-w2g8": 10, "gptq-w4g8": 20}}
+    assert R.uniform_seeds(table, 30) == ["gptq-w2g8", "rtn-w2g8"]
+    assert R.uniform_seeds(table, 40) == ["gptq-w4g8", "rtn-w4g8"]
+    assert R.uniform_seeds(table, 19) == []
+    # from gptq-w2 everywhere with 10 bytes to spare: b's upgrade saves 1.35 per 10 bytes, a's 0.7
+    assert R.greedy_fill(table, {"a": "gptq-w2g8", "b": "gptq-w2g8"}, 30) == {"a": "gptq-w2g8", "b": "gptq-w4g8"}
+    assert R.greedy_fill(table, {"a": "gptq-w2g8", "b": "gptq-w2g8"}, 40) == {"a": "gptq-w4g8", "b": "gptq-w4g8"}
+    # a measured correction (scale) changes the order
+    assert R.greedy_fill(table, {"a": "gptq-w2g8", "b": "gptq-w2g8"}, 30, scale={"a": 10.0}) == \
+        {"a": "gptq-w4g8", "b": "gptq-w2g8"}
+    # a same-size swap with a saving is taken at once (rtn -> gptq at 2 bits)
+    assert R.greedy_fill(table, {"a": "rtn-w2g8", "b": "rtn-w2g8"}, 20) == {"a": "gptq-w2g8", "b": "gptq-w2g8"}
