@@ -417,5 +417,7 @@ def test_uniform_seeds_and_greedy_fill():
     # a measured correction (scale) changes the order
     assert R.greedy_fill(table, {"a": "gptq-w2g8", "b": "gptq-w2g8"}, 30, scale={"a": 10.0}) == \
         {"a": "gptq-w4g8", "b": "gptq-w2g8"}
-    # a same-size swap with a saving is taken at once (rtn -> gptq at 2 bits)
+    # a same-size swap with a saving is taken at once (rtn -> gptq at 2 bits), unless kept to one method
     assert R.greedy_fill(table, {"a": "rtn-w2g8", "b": "rtn-w2g8"}, 20) == {"a": "gptq-w2g8", "b": "gptq-w2g8"}
+    assert R.greedy_fill(table, {"a": "rtn-w2g8", "b": "rtn-w2g8"}, 30, method="rtn") == \
+        {"a": "rtn-w2g8", "b": "rtn-w4g8"}

@@ -294,9 +294,11 @@ def uniform_seeds(table: S.Table, budget: int, sizes=None) -> list[str]:
 
 
 def greedy_fill(table: S.Table, choice: dict[str, str], budget: int, sizes=None,
-                scale: dict[str, float] | None = None) -> dict[str, str]:
+                scale: dict[str, float] | None = None, method: str | None = None) -> dict[str, str]:
     """``choice`` improved one tensor at a time within the budget: each step takes the change of
-    one item's option with the most predicted KL saved per byte added (or any saving at no cost)."""
+    one item's option with the most predicted KL saved per byte added (or any saving at no cost);
+    ``method``: only that method's options (a uniform plan that beat the allocated one did so
+    where the proxy misjudged methods against each other: within one method it ranks well)."""
     sizes = sizes or table.bytes
     scale = scale or {}
     choice = dict(choice)
@@ -306,6 +308,8 @@ def greedy_fill(table: S.Table, choice: dict[str, str], budget: int, sizes=None,
         for k, cur in choice.items():
             f = scale.get(k, 1.0)
             for lab, kl in table.kl[k].items():
+                if method is not None and S.Option.parse(lab).method != method:
+                    continue
                 gain = (table.kl[k][cur] - kl) * f
                 extra = sizes[k][lab] - sizes[k][cur]
                 if gain <= 0 or used + extra > budget:
@@ -332,7 +336,7 @@ def _uniform_check(meas: Measured, best: tuple[float, dict], budget: int, sizes,
         kl_u = plan_kl(meas, uni, model)
         row = {"round": f"uniform {lab}", "measured_kl": kl_u, "kept": kl_u < best[0]}
         if kl_u < best[0]:
-            filled = greedy_fill(table, uni, budget, sizes, scale)
+            filled = greedy_fill(table, uni, budget, sizes, scale, method=S.Option.parse(lab).method)
             if filled != uni:
                 kl_f = plan_kl(meas, filled, model)
                 row.update({"filled_kl": kl_f, "changed": sum(filled[k] != lab for k in filled)})
