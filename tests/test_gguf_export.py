@@ -531,3 +531,30 @@ def test_reader_errors_name_the_problem(tmp_path):
         read_gguf(p)
     with pytest.raises(LowbitError, match="not found"):
         read_gguf(tmp_path / "missing.gguf")
+
+
+def test_cli_tensor_type_patterns(tmp_path, capsys):
+    """--tensor-type PATTERN=TYPE (llama.cpp's flag): every tensor whose GGUF name matches the
+    regular expression gets TYPE, later flags win, the rest keep the mix's types; a pattern that
+    matches nothing, an invalid one, a bad spec or a type the rows cannot hold is a one-line error."""
+    gguf = pytest.importorskip("gguf")
+    from lowbit.cli import main
+
+    save_tiny(tmp_path / "hf", "llama", seed=3)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "hf"), "--type", "Q4_0", "--tensor-type", "ffn_.*=Q8_0",
+                 "--tensor-type", r"blk\.0\.ffn_down=f16", "-o", str(out)]) == 0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["blk.0.ffn_gate.weight"] == "Q8_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    capsys.readouterr()
+    for spec, needle in (("nothing_here=Q8_0", "matches no weight matrix"), ("blk[=Q8_0", "not a regular expression"),
+                         ("Q8_0", "PATTERN=TYPE"), ("attn_q=Q6_K", "not whole Q6_K blocks")):
+        assert main(["export", str(tmp_path / "hf"), "--type", "Q4_0", "--tensor-type", spec,
+                     "-o", str(tmp_path / "bad.gguf")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (spec, err)
+    assert not (tmp_path / "bad.gguf").exists()
+    assert main(["export", str(tmp_path / "hf"), "--format", "compressed-tensors", "--tensor-type", "x=Q8_0",
+                 "-o", str(tmp_path / "ct")]) == 2

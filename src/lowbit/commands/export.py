@@ -42,7 +42,13 @@ def _export_gguf(m, args) -> str:
             text = load_text(args.calib)
         _log(f"collecting the importance matrix ({args.samples} x {args.seq_len} calibration tokens)…")
         imatrix = collect_imatrix(m, n_samples=args.samples, seq_len=args.seq_len, text=text)
-    rep = export_gguf(m, args.output, qtype, imatrix=imatrix, force=args.force)
+    patterns = []
+    for spec in args.tensor_type or ():
+        pat, sep, t = spec.rpartition("=")
+        if not sep or not pat or not t:
+            raise LowbitError(f"--tensor-type takes PATTERN=TYPE (e.g. ffn_down=Q6_K), got {spec!r}")
+        patterns.append((pat, t))
+    rep = export_gguf(m, args.output, qtype, imatrix=imatrix, force=args.force, tensor_patterns=patterns or None)
     types = ", ".join(f"{k} x{v}" for k, v in rep.types.items())
     exact = ""
     if rep.ternary:
@@ -71,8 +77,8 @@ def _export_compressed_tensors(m, args) -> str:
         from lowbit.export.compressed_tensors import export_compressed_tensors
     except ImportError:
         raise LowbitError("the compressed-tensors exporter is not available in this version") from None
-    if args.type:
-        raise LowbitError("--type applies to --format gguf only")
+    if args.type or args.tensor_type:
+        raise LowbitError("--type and --tensor-type apply to --format gguf only")
     if args.imatrix or args.calib:
         raise LowbitError("--imatrix and --calib apply to --format gguf only")
     out = export_compressed_tensors(m, args.output, dtype=args.dtype, activations=args.activations,
@@ -84,8 +90,8 @@ def _export_compressed_tensors(m, args) -> str:
 def _export_aqlm(m, args) -> str:
     from lowbit.export.aqlm import export_aqlm
 
-    if args.type or args.imatrix or args.calib or args.activations:
-        raise LowbitError("--type, --imatrix, --calib and --activations do not apply to --format aqlm")
+    if args.type or args.tensor_type or args.imatrix or args.calib or args.activations:
+        raise LowbitError("--type, --tensor-type, --imatrix, --calib and --activations do not apply to --format aqlm")
     out = export_aqlm(m, args.output, dtype=args.dtype, force=args.force)
     return f"wrote {out}: AQLM (transformers + aqlm)"
 # -- end AQLM ------------------------------------------------------------------------------------
@@ -128,6 +134,10 @@ def register(sub) -> None:
     p.add_argument("--format", default="gguf", help="gguf (default), compressed-tensors or aqlm")
     p.add_argument("--type", help="GGUF tensor type or mix, e.g. Q4_K_M, Q8_0, F16, TQ2_0 (default: Q8_0; BitNet layers: TQ2_0, "
                         "or TQ1_0 if asked)")
+    p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
+                   help="gguf: write the tensors whose GGUF name matches the regular expression PATTERN as TYPE "
+                        "(repeatable, later ones win; as llama.cpp's --tensor-type), e.g. ffn_down=Q6_K "
+                        "'blk\.(0|1)\.attn_.*=Q8_0'")
     p.add_argument("--imatrix", action="store_true",
                    help="collect an importance matrix on calibration text and weight the GGUF scale searches by it")
     p.add_argument("--calib", metavar="FILE", help="calibration text for --imatrix (default: bundled text)")

@@ -731,6 +731,26 @@ def check_tensor_types(tensor_types: dict[str, str], shapes: dict[str, tuple[int
             raise LowbitError(f"tensor_types: rows of {shape[-1]} in {name} are not whole {t} blocks of {_block_size(t)}")
 
 
+def tensor_type_patterns(patterns, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """GGUF tensor name -> type from ``patterns`` [(regex, type)] (llama.cpp's ``--tensor-type``):
+    each regex is searched in the name of every matrix of ``shapes`` (vectors stay F32), later
+    patterns win; a regex that is invalid or matches no matrix is a one-line LowbitError."""
+    import re
+
+    names = [n for n, shp in shapes.items() if len(shp) >= 2]
+    out: dict[str, str] = {}
+    for pat, t in patterns:
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise LowbitError(f"--tensor-type: {pat!r} is not a regular expression ({e})") from None
+        hit = [n for n in names if rx.search(n)]
+        if not hit:
+            raise LowbitError(f"--tensor-type: {pat!r} matches no weight matrix of this model (e.g. {names[0]})")
+        out.update({n: t.upper() for n in hit})
+    return out
+
+
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """GGUF name -> float32 tensor (torch layout [rows, row length]), q/k permuted, tied head dropped."""
     fam = family_of(model)  # LowbitError for a family lowbit does not know
@@ -833,11 +853,13 @@ def _input_paths(m) -> list[str]:
 
 def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix: dict | None = None,
                 name: str | None = None, progress=None, force: bool = False,
-                tensor_types: dict[str, str] | None = None) -> ExportReport:
+                tensor_types: dict[str, str] | None = None,
+                tensor_patterns: list[tuple[str, str]] | None = None) -> ExportReport:
     """Write ``m`` (a lowbit Model: float or lowbit-quantized) to ``out_path`` as GGUF ``qtype``.
     ``tensor_types`` (GGUF tensor name -> type) overrides the type `choose_types` gives those
     tensors (checked by `check_tensor_types`); a layer held as GGUF blocks is written as its own
-    type unless ``tensor_types`` names another. An existing file is replaced only if it is a GGUF
+    type unless ``tensor_types`` names another; ``tensor_patterns`` [(regex, type)] name tensors by
+    regular expression (`tensor_type_patterns`). An existing file is replaced only if it is a GGUF
     file, not the model's own input and not inside a checkpoint (`lowbit.outputs.check_file`;
     ``force`` overrides)."""
     import gguf
@@ -854,6 +876,8 @@ def export_gguf(m, out_path: str | os.PathLike, qtype: str = "Q8_0", *, imatrix:
     cfg = model.config
     n_layer = int(cfg.num_hidden_layers)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if tensor_patterns:  # regex -> type, resolved on this model's names (exact names below win)
+        tensor_types = {**tensor_type_patterns(tensor_patterns, shapes), **(tensor_types or {})}
     if tensor_types:
         check_tensor_types(tensor_types, shapes)
     types = choose_types(shapes, qtype, n_layer, set(ternary))
