@@ -137,7 +137,7 @@ def register(sub) -> None:
     p.add_argument("--tensor-type", action="append", metavar="PATTERN=TYPE",
                    help="gguf: write the tensors whose GGUF name matches the regular expression PATTERN as TYPE "
                         "(repeatable, later ones win; as llama.cpp's --tensor-type), e.g. ffn_down=Q6_K "
-                        "'blk\.(0|1)\.attn_.*=Q8_0'")
+                        r"'blk\.(0|1)\.attn_.*=Q8_0'")
     p.add_argument("--imatrix", action="store_true",
                    help="collect an importance matrix on calibration text and weight the GGUF scale searches by it")
     p.add_argument("--calib", metavar="FILE", help="calibration text for --imatrix (default: bundled text)")
