@@ -431,8 +431,7 @@ def apply_lowbit(m, meas: Measured, plan: Plan, cfg: AutoConfig) -> None:
         if e.tensor == S.HEAD:
             model.set_output_embeddings(new)
             continue
-        parent, _, child = names[mod].rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(names[mod], new)
     m.record = {
         "method": {"method": "auto", "config": {"budget": plan.budget, "target": plan.target,
                                                 "options": sorted({e.option for e in plan.entries})}},
@@ -462,12 +461,7 @@ def _install_embedding(model, emb: nn.Embedding, fmt) -> None:
         model.set_output_embeddings(replacement(head, type(fmt).from_state_dict(
             {k: v.clone() for k, v in tensors.items()}, meta)))
         model.config.tie_word_embeddings = False
-    _set_module(model, family_of(model).embed, QuantizedEmbedding.replacing(emb, fmt))
-
-
-def _set_module(model, name: str, new) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.set_submodule(family_of(model).embed, QuantizedEmbedding.replacing(emb, fmt))
 
 
 def gguf_blocks(meas: Measured, plan: Plan, model) -> tuple[dict[str, str], dict[str, object]]:
@@ -510,13 +504,12 @@ def _restore(model, meas: Measured, names: dict[str, str]) -> None:
             model.set_output_embeddings(mod)
         elif k == S.EMBED:
             if model.get_input_embeddings() is not mod:  # the lowbit target replaced it (and a tied head)
-                _set_module(model, family_of(model).embed, mod)
+                model.set_submodule(family_of(model).embed, mod)
                 if meas.tied_head is not None:
                     model.set_output_embeddings(meas.tied_head)
                     model.config.tie_word_embeddings = True
         else:
-            parent, _, child = names[k].rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, mod)
+            model.set_submodule(names[k], mod)
 
 
 def _apply_gguf_blocks(model, meas: Measured, plan: Plan, names: dict[str, str]) -> tuple[dict, dict]:
@@ -546,8 +539,7 @@ def _apply_gguf_blocks(model, meas: Measured, plan: Plan, names: dict[str, str])
             if e.tensor == S.HEAD:
                 model.set_output_embeddings(new)
             else:
-                parent, _, child = hf.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, new)
+                model.set_submodule(hf, new)
     return types, imatrix
 
 
