@@ -17,11 +17,11 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported or any kernel is compiled
 
 import dataclasses  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.triton_util import run_python as _python  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -186,13 +186,6 @@ def test_not_implemented_for_what_the_kernels_do_not_take():
     with torch.no_grad():
         assert triton_gpu.affine_linear(x, w) is not NotImplemented
     assert triton_gpu.affine_linear(x.detach(), w) is not NotImplemented  # interpret=None: TRITON_INTERPRET decides
-
-
-def _python(code: str, interpret: bool) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_import_is_cheap_and_works_without_triton():
