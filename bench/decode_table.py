@@ -472,25 +472,11 @@ def step_quality(decoders: dict, reference: str, ids) -> dict:
     """{label: (mean KL(reference || row), top-1 agreement)} from teacher-forced one-token steps."""
     import torch
 
-    ref_lp = []
-    dec = decoders[reference]
-    dec.reset()
-    with torch.inference_mode():
-        for t in range(len(ids)):
-            ref_lp.append(torch.log_softmax(dec.forward(ids[t:t + 1]), -1))
-    out = {}
-    for label, dec in decoders.items():
-        if label == reference:
-            continue
-        dec.reset()
-        kl, same = 0.0, 0
-        with torch.inference_mode():
-            for t in range(len(ids)):
-                lp = torch.log_softmax(dec.forward(ids[t:t + 1]), -1)
-                kl += float((ref_lp[t].exp() * (ref_lp[t] - lp)).sum())
-                same += int(lp.argmax() == ref_lp[t].argmax())
-        out[label] = (kl / len(ids), same / len(ids))
-    return out
+    from lowbit.runtime.defaults import decoder_steps, step_kl
+
+    ids = torch.as_tensor(ids)
+    ref = decoder_steps(decoders[reference], ids)
+    return {label: step_kl(ref, decoder_steps(dec, ids)) for label, dec in decoders.items() if label != reference}
 
 
 def render(head: list[str], rows: list[list[str]], markdown: bool) -> str:

@@ -52,16 +52,22 @@ def decodable(model: nn.Module) -> bool:
     return True
 
 
-def _steps(model: nn.Module, ids: Tensor, int8_activations: bool = False) -> Tensor:
-    """Log-probabilities [T, vocab] of the lean decoder fed ``ids`` one token at a time."""
-    from lowbit.runtime.decoder import LeanDecoder
-
-    dec = LeanDecoder(model, max_len=len(ids), int8_activations=int8_activations)
+def decoder_steps(dec, ids: Tensor) -> Tensor:
+    """Log-probabilities [T, vocab] of lean decoder ``dec`` (reset first) fed ``ids`` one token
+    at a time (teacher forcing)."""
+    dec.reset()
     out = []
     with torch.inference_mode():
         for t in range(len(ids)):
             out.append(torch.log_softmax(dec.forward(ids[t:t + 1]).float(), -1))
     return torch.stack(out)
+
+
+def _steps(model: nn.Module, ids: Tensor, int8_activations: bool = False) -> Tensor:
+    """`decoder_steps` of a new lean decoder over ``model``."""
+    from lowbit.runtime.decoder import LeanDecoder
+
+    return decoder_steps(LeanDecoder(model, max_len=len(ids), int8_activations=int8_activations), ids)
 
 
 def reference_steps(model: nn.Module, ids: Tensor) -> Tensor:
