@@ -274,3 +274,47 @@ def test_supports_matches_the_c_side():
         st = affine_weight_struct(w)
         rc = lib.lb_affine_a8_linear_w(ctypes.addressof(st), x.data_ptr(), 1, None, y.data_ptr(), 1)
         assert ok == (rc == 0), (sch.short_name(), K, rc)
+
+
+# -- several activation rows: the register-blocked GEMM ---------------------------------------
+@pytest.fixture
+def gemm_from():
+    """Set the row count from which a call runs the GEMM; restored afterwards."""
+    lib = a8.library()
+    yield lib.lb_affine_a8_set_gemm_min_rows
+    lib.lb_affine_a8_set_gemm_min_rows(8)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.short_name() + "-" + s.scale_dtype)
+def test_gemm_matches_reference(path, gemm_from, scheme):
+    """Prompts (many rows) through the GEMM: the same rule as one row at a time, every output
+    written (NaN-poisoned buffer), N not a multiple of a panel (32 / 8 rows), M not a multiple of
+    a tile (4 rows), one and two threads."""
+    gemm_from(1)
+    lib = a8.library()
+    for i, (N, K) in enumerate(SHAPES + [(200, 576)]):
+        w, g = _weight((N, K), scheme, 10 * i + scheme.bits + 1)
+        addr = ctypes.addressof(affine_weight_struct(w))
+        for M, nt in ((1, 1), (5, 1), (13, 2), (64, 2)):
+            x = torch.randn(M, K, generator=g) * 2
+            bias = torch.randn(N, generator=g) if M != 5 else None
+            y = torch.full((M, N), float("nan"))
+            assert lib.lb_affine_a8_linear_w(addr, x.data_ptr(), M, None if bias is None else bias.data_ptr(),
+                                             y.data_ptr(), nt) == 0
+            assert torch.isfinite(y).all()
+            r = ref_a8_linear(x, w, bias)
+            assert rel_err(y, r) < TOL, (path, scheme.short_name(), N, K, M, nt, rel_err(y, r))
+
+
+def test_gemm_rows_equal_one_row_calls(path, gemm_from):
+    """A prompt's row m is the row kernel's answer for that row alone (activations are rounded per
+    row), to float summation order: what lets a decoder run prompts through the GEMM and decode
+    steps through the row kernel with the same numbers."""
+    for scheme in (S(4, False, 128), S(8, True, gran="channel"), S(2, False, 64)):
+        w, g = _weight((300, 576), scheme, 21)
+        x = torch.randn(37, 576, generator=g)
+        gemm_from(8)
+        y = _run(x, w)
+        rows = torch.cat([_run(x[m:m + 1], w) for m in range(37)])
+        assert rel_err(y, rows) < 1e-6, (path, scheme.short_name())
+        assert (y - rows).abs().max() <= 1e-5 * rows.abs().max()

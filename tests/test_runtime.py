@@ -105,6 +105,32 @@ def test_quantized_parity(method, scheme):
     check_parity(m.model, ids, n_prefill=10)
 
 
+def test_int8_activation_prompt_equals_decode_steps():
+    """With int8 activations a prompt runs the int8 GEMM of lowbit.kernels.a8 and decode steps its
+    row kernel (or the C step): activations are rounded per row, so the prompt's logits are the
+    one-token steps' logits up to float summation order — except where that last-bit difference
+    moves an activation across an int8 rounding boundary (from then on, through the cache, ~1e-3) — and
+    clearly not the float-activation ones."""
+    from lowbit.kernels import a8
+
+    if not a8.available():
+        pytest.skip("native affine_a8 library not built")
+    lm = tiny_model("llama", seed=2)
+    m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
+    api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), progress=False)
+    ids = prompt(24, m.model.config.vocab_size, seed=4)
+    for native in (False, None):
+        dec = LeanDecoder(m.model, max_len=24, int8_activations=True, native=native)
+        whole = dec.forward(ids, all_logits=True)
+        dec.reset()
+        steps = torch.cat([dec.forward(ids[t:t + 1])[None] for t in range(24)])
+        per_pos = [rel(whole[t], steps[t]) for t in range(24)]
+        assert sum(e < 1e-5 for e in per_pos) >= 6, (native, per_pos)  # before the first flip: equal
+        assert max(per_pos) < 1e-2, (native, per_pos)
+        flt = LeanDecoder(m.model, max_len=24).forward(ids, all_logits=True)
+        assert rel(whole, steps) < rel(whole, flt) / 3, (native, rel(whole, steps), rel(whole, flt))
+
+
 def test_kv_cache_chunked_prefill_equals_full_recompute_and_reset_reuses_buffers():
     m = tiny_model("gemma3_text", sliding_window=6).model
     ids = prompt(30, m.config.vocab_size, seed=7)

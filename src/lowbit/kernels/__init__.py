@@ -53,6 +53,7 @@ class Kernel:
     symbol: str | None = None  # the C entry in that library
     struct: Callable | None = None  # w -> the ctypes struct the C entry reads (cached), or None
     supports: Callable | None = None  # w -> whether this row takes w (None: every weight of the format)
+    prompts: bool = False  # an opt-in row with a batched product worth running on prompts too
 
     def c_entry(self) -> int | None:
         """Address of the C entry, or None (no C entry, or its library is not built)."""
@@ -70,7 +71,7 @@ _ROUTES: dict = {}  # (format class, device type) -> the default row's Python en
 
 def register_kernel(format: str, activations: str = "float", device: str = "cpu", *, default: bool = True,
                     name: str | None = None, library: Callable | None = None, symbol: str | None = None,
-                    struct: Callable | None = None, supports: Callable | None = None):
+                    struct: Callable | None = None, supports: Callable | None = None, prompts: bool = False):
     """Decorator: the decorated function is the Python entry of row (format, activations, device)."""
     if activations not in ACTIVATIONS or device not in DEVICES:
         raise RuntimeError(f"kernel for {format!r}: activations must be one of {ACTIVATIONS}, device one of {DEVICES}")
@@ -84,7 +85,7 @@ def register_kernel(format: str, activations: str = "float", device: str = "cpu"
         if default and _DEFAULT.setdefault(format, activations) != activations:
             raise RuntimeError(f"format {format!r} already has its own product with {_DEFAULT[format]} activations")
         KERNELS[key] = Kernel(format, activations, device, fn, default, name or format, library, symbol, struct,
-                              supports)
+                              supports, prompts)
         _ROUTES.clear()
         return fn
 

@@ -47,7 +47,8 @@ from lowbit.kernels.cpu import _bias_ptr, affine_struct, affine_weight_struct
 _vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _FUNCTIONS = {"lb_affine_a8_linear_w": ([_vp, _vp, _i64, _vp, _vp, _i32], _i32),
               "lb_affine_a8_quantize": ([_vp, _i64, _i64, _vp, _vp], _i32),
-              "lb_affine_a8_set_min_parallel_bytes": ([_i64], None)}
+              "lb_affine_a8_set_min_parallel_bytes": ([_i64], None),
+              "lb_affine_a8_set_gemm_min_rows": ([_i64], None)}
 
 
 def library():
@@ -93,7 +94,7 @@ def supports(w) -> bool:
 
 
 @register_kernel("affine", "int8", default=False, name="affine-a8", library=library, symbol="lb_affine_a8_linear_w",
-                 struct=affine_weight_struct, supports=supports)
+                 struct=affine_weight_struct, supports=supports, prompts=True)
 def affine_a8_linear(x: Tensor, w, bias: Tensor | None = None):
     """y = x W^T + bias with x quantized to int8 per block of 32 (see the module docstring), or
     ``NotImplemented`` when this kernel does not handle the inputs."""

@@ -26,9 +26,11 @@ Why plain C + OpenMP loaded with ctypes (``csrc/cpu_linear.c``):
 Dispatch: batch rows <= ``FUSED_MAX_ROWS`` run the fused kernel (each block of codes unpacked
 once in registers and multiplied with up to 8 activation rows, two weight rows at a time).
 Larger batches (long prefills) dequantize the whole weight once in C and call the float GEMM,
-whose blocking wins once the product is compute bound. Measured here (one thread, int4 g128,
-1536 x 576): fused 2.0 ms vs dequantize + GEMM 2.9 ms at 128 rows, 4.0 vs 4.9 ms at 256, 9.2 vs
-9.2 ms at 512 — hence 256 (`bench/kernels.py --crossover` prints the table).
+whose blocking wins once the product is compute bound. Measured (one thread, int4 g128,
+1536 x 576; `bench/kernels.py --crossover` prints the table): on an AVX-512 Xeon fused 0.87 ms
+vs dequantize + GEMM 1.03 ms at 32 rows, 1.73 vs 1.42 ms at 64, 3.43 vs 2.14 ms at 128; on an
+AVX2-only EPYC (half the float GEMM throughput) the two met near 512 rows. Hence 64. With int8
+activations (`lowbit.kernels.a8`) prompts run that kernel's own int8 GEMM instead.
 
 Every function returns ``NotImplemented`` for what it does not handle, and the reference path
 (`lowbit.kernels.reference.linear`) runs then: non-CPU tensors, activations that are not
@@ -47,7 +49,7 @@ from torch import Tensor
 
 from lowbit.kernels import _native, register_kernel
 
-FUSED_MAX_ROWS = 256  # batch rows up to which the fused kernel runs (above: dequantize + GEMM)
+FUSED_MAX_ROWS = 64  # batch rows up to which the fused kernel runs (above: dequantize + GEMM)
 
 _vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 

@@ -55,8 +55,10 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
 
     ``int8_activations``: where the kernel table has an opt-in int8-activation row that takes the
     layer's weight (`lowbit.kernels.select`; for affine weights `lowbit.kernels.a8`, the W4A8
-    product llama.cpp's Q4_0 x Q8_0 dot computes), a single activation row runs it; several rows
-    (prompts) keep the format's own product."""
+    product llama.cpp's Q4_0 x Q8_0 dot computes), a single activation row (decode) runs it, and
+    so do several (prompts) where the row has a batched product (``Kernel.prompts``: the affine
+    row's int8 GEMM; each prompt row's numbers are those of a one-row call, since the activation
+    rounding is per row); the format's own product runs where it returns ``NotImplemented``."""
     from lowbit import kernels
     from lowbit.kernels import linear as kernel_linear
     from lowbit.nn.linear import QuantizedLinear
@@ -71,10 +73,10 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
         dev = next((t.device.type for t in mod.buffers()), "cpu")
         k = kernels.select(fmt, "int8", dev) if int8_activations else None  # decided once, as the C step decides
         if k is not None and not k.default:
-            opt_in = k.linear
+            opt_in, prompts = k.linear, k.prompts
 
             def run(x):
-                if x.numel() == x.shape[-1]:
+                if prompts or x.numel() == x.shape[-1]:
                     y = opt_in(x, fmt, b)
                     if y is not NotImplemented:
                         return y
@@ -226,8 +228,8 @@ class LeanDecoder:
         self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self._k = list(self.k_cache.unbind(0))  # per-layer views
         self._v = list(self.v_cache.unbind(0))
-        half = self.head_dim // 2
-        self._swap = torch.cat((torch.arange(half, self.head_dim), torch.arange(half))).to(self.device)
+        self._half = self.head_dim // 2
+        self._masks: dict = {}  # (start, T, window) -> the prompt's attention mask (shared by the layers)
         self.pos = 0  # positions filled
 
         # One-token steps run in C when every part of the model is something the C step covers
@@ -255,30 +257,42 @@ class LeanDecoder:
     _rms = staticmethod(_rms)
 
     def _rotate_and_store(self, i: int, q: Tensor, k: Tensor, v: Tensor, tables, start: int, T: int) -> Tensor:
-        """Rotate q and k (x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = x[swap]·sin_signed);
+        """Rotate q and k (x·cos + rotate_half(x)·sin, with rotate_half(x)·sin = roll(x, half)·sin_signed,
+        the halves swapped: a copy, ~10x cheaper than the equivalent index_select on prompts);
         write k and v into layer i's cache at [start, start+T). Returns the rotated, scaled q."""
         cos, sin, cos_q, sin_q = tables
-        swap = self._swap
+        half = self._half
         kdst = self._k[i][start:start + T]  # [T, kv, hd], contiguous
         if kdst.dtype == k.dtype:
             torch.mul(k, cos, out=kdst)
-            kdst.addcmul_(k.index_select(-1, swap), sin)
+            kdst.addcmul_(torch.roll(k, half, -1), sin)
         else:  # rotate in the compute dtype, round once into the cache
-            kdst.copy_(torch.addcmul(k * cos, k.index_select(-1, swap), sin))
+            kdst.copy_(torch.addcmul(k * cos, torch.roll(k, half, -1), sin))
         self._v[i][start:start + T].copy_(v)
-        return torch.addcmul(q * cos_q, q.index_select(-1, swap), sin_q)
+        return torch.addcmul(q * cos_q, torch.roll(q, half, -1), sin_q)
 
     def _mask(self, start: int, T: int, window: int | None) -> Tensor | None:
-        """Boolean mask [T, start+T] (True = attend), None when every key is allowed."""
+        """Boolean mask [T, start+T] (True = masked out), None when every key is allowed. Built once
+        per forward and window (the last few are kept: every layer of a prompt shares them)."""
         S = start + T
         if T == 1 and (window is None or window >= S):
             return None
+        key = (start, T, window)
+        m = self._masks.get(key)
+        if m is None:
+            if len(self._masks) > 8:
+                self._masks.clear()
+            m = self._masks[key] = self._build_mask(start, T, window)
+        return m
+
+    def _build_mask(self, start: int, T: int, window: int | None) -> Tensor:
+        S = start + T
         q = torch.arange(start, S, device=self.device)[:, None]
         k = torch.arange(S, device=self.device)[None]
         m = k <= q
         if window is not None and window < S:
             m &= k > q - window
-        return m
+        return ~m
 
     def _attention(self, layer: int, q: Tensor, start: int, T: int, window: int | None) -> Tensor:
         """q [T, heads, head_dim] (rotated); keys/values of positions [0, start+T) are cached.
@@ -291,6 +305,13 @@ class LeanDecoder:
         V = self._v[layer][lo:S].transpose(0, 1)
         if K.dtype != q.dtype:
             K, V = K.to(q.dtype), V.to(q.dtype)
+        if T > 1 and self.attn_softcap is None:
+            # prompts: torch's fused attention (blocked, skips fully masked blocks; ~3.5x the
+            # eager product at 512 positions, the same numbers to float rounding)
+            mask = None if (start == 0 and window is None) else ~self._mask(start, T, window)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
+                                                 is_causal=mask is None, scale=1.0, enable_gqa=g > 1)
+            return out[0].transpose(0, 1).reshape(T, -1)
         if T == 1:
             qg = q.view(KV, g, hd)
         else:
@@ -300,7 +321,7 @@ class LeanDecoder:
             scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
         if T > 1:
             mask = self._mask(start, T, window)
-            scores = scores.view(KV, g, T, S).masked_fill_(~mask, float("-inf")).view(KV, g * T, S)
+            scores = scores.view(KV, g, T, S).masked_fill_(mask, float("-inf")).view(KV, g * T, S)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if probs.dtype != q.dtype:
             probs = probs.to(q.dtype)

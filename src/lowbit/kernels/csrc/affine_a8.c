@@ -607,6 +607,338 @@ TV static void lane_sums_vnni(const int8_t* qs, int64_t NCB, int S, int64_t NC, 
 #endif /* LB_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
+/* Several activation rows (prompts, evaluation): a register-blocked GEMM.                     */
+/*
+ * The row kernels above keep the decode layout (lanes along K, one activation row at a time),
+ * which re-unpacks every weight chunk for each activation row and needs a horizontal sum per
+ * output.  From A8_GEMM_MIN_ROWS rows on, the call runs this GEMM instead; same numbers (the
+ * activation quantization is the same function, every D_b and Q_b the same exact integer),
+ * only the float sums are ordered differently.
+ *
+ * Weight panels: GP consecutive output rows at a time are unpacked to one byte per code and
+ * transposed to [K/4][GP][4] (4 consecutive codes of row r at int32 position kq*GP + r), so
+ * that one vector holds 4 codes of GP/16 (AVX-512) or GP/8 (AVX2) rows, and the activation
+ * is a broadcast int32 of 4 consecutive int8 codes: vpdpbusd (u8 codes x s8 activations)
+ * accumulates the block's integer dot D_b of 16 rows in one instruction per 4 columns.  A tile
+ * is GP rows x up to 4 activation rows; per 32-column block its integer accumulators are
+ * converted once and multiplied by the activation's block scale, per group by the weight
+ * scale, and the zero-point term subtracts s_w * z * xs_g (xs_g = sum_{b in g} sx_b Q_b).
+ * AVX2 (no vpdpbusd): vpmaddubsw into int16 over a whole 32-column block (codes <= 15 times
+ * |q| <= 127: 8 pair sums stay below 2^15), then vpmaddwd; 8-bit codes are stored as
+ * u - 128 and use the sign trick (one vpmaddwd per 4 columns), their zero-point term takes
+ * z - 128.  A panel is packed once and used for every activation row; packing is O(N K) for
+ * an O(M N K) product.  The scalar path keeps the naive row loop.
+ */
+#ifndef A8_GEMM_MIN_ROWS
+#define A8_GEMM_MIN_ROWS 8
+#endif
+static int64_t g_gemm_min_rows = A8_GEMM_MIN_ROWS;
+/* rows from which a call runs the GEMM (tests lower/raise it to reach both paths) */
+void lb_affine_a8_set_gemm_min_rows(int64_t n) { g_gemm_min_rows = n < 1 ? 1 : n; }
+
+static _Thread_local void* t_pan = NULL;
+static _Thread_local size_t t_pan_n = 0;
+
+typedef struct {
+    int64_t M, K, N, nb, ng, bpg;
+    const int8_t* q;  /* [M, K] activation codes */
+    const float* sx;  /* [M, nb] block scales */
+    const float* xs;  /* [M, ng] sum_{b in g} sx_b Q_b */
+} a8_gemm_act;
+
+#if LB_X86
+/* one weight row's codes, one byte each, into out[0 .. K) */
+T2 static void unpack_row(const lb_affine_weight* w, int64_t r, uint8_t* out) {
+    const uint8_t* row = w->qw + r * w->row_bytes;
+    const int64_t K = w->K;
+    int64_t c = 0;
+    if (w->bits == 8) {
+        memcpy(out, row, (size_t)K);
+        return;
+    }
+    if (w->bits == 4) {
+        const __m128i m4 = _mm_set1_epi8(0x0f);
+        for (; c + 32 <= K; c += 32) {
+            __m128i v = _mm_loadu_si128((const __m128i*)(row + c / 2));
+            __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+            _mm_storeu_si128((__m128i*)(out + c), _mm_unpacklo_epi8(lo, hi));
+            _mm_storeu_si128((__m128i*)(out + c + 16), _mm_unpackhi_epi8(lo, hi));
+        }
+    } else {
+        const __m128i m2 = _mm_set1_epi8(0x03);
+        for (; c + 64 <= K; c += 64) {
+            __m128i v = _mm_loadu_si128((const __m128i*)(row + c / 4));
+            __m128i c0 = _mm_and_si128(v, m2), c1 = _mm_and_si128(_mm_srli_epi16(v, 2), m2);
+            __m128i c2 = _mm_and_si128(_mm_srli_epi16(v, 4), m2), c3 = _mm_and_si128(_mm_srli_epi16(v, 6), m2);
+            __m128i p01l = _mm_unpacklo_epi8(c0, c1), p01h = _mm_unpackhi_epi8(c0, c1);
+            __m128i p23l = _mm_unpacklo_epi8(c2, c3), p23h = _mm_unpackhi_epi8(c2, c3);
+            _mm_storeu_si128((__m128i*)(out + c), _mm_unpacklo_epi16(p01l, p23l));
+            _mm_storeu_si128((__m128i*)(out + c + 16), _mm_unpackhi_epi16(p01l, p23l));
+            _mm_storeu_si128((__m128i*)(out + c + 32), _mm_unpacklo_epi16(p01h, p23h));
+            _mm_storeu_si128((__m128i*)(out + c + 48), _mm_unpackhi_epi16(p01h, p23h));
+        }
+    }
+    for (; c < K; c++) out[c] = (uint8_t)code_at(row, w->bits, c);
+}
+
+/* Pack rows r0 .. r0+GP-1 (rows past N: code 0, scale 0) into pan [K/4][GP][4] (flip: codes
+ * stored as u ^ 0x80, i.e. u - 128 as int8), ps[g][GP] = s_w, psz[g][GP] = s_w * (z - centre),
+ * pb[GP] = bias (or 0).  tmp holds 4 unpacked rows (4 K bytes). */
+T2 static void pack_panel(const lb_affine_weight* w, const float* bias, int64_t r0, int GP, int flip, int centre,
+                          uint8_t* tmp, uint8_t* pan, float* ps, float* psz, float* pb) {
+    const int64_t K = w->K, N = w->N, ng = w->n_groups, nkq = K / 4;
+    const __m128i fl = _mm_set1_epi8(flip ? (char)0x80 : 0);
+    for (int rb = 0; rb < GP; rb += 4) {
+        for (int i = 0; i < 4; i++) {
+            int64_t r = r0 + rb + i;
+            if (r < N) unpack_row(w, r, tmp + i * K);
+            else memset(tmp + i * K, 0, (size_t)K);
+        }
+        for (int64_t kq = 0; kq < nkq; kq += 4) {
+            __m128i t0 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(tmp + 4 * kq)), fl);
+            __m128i t1 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(tmp + K + 4 * kq)), fl);
+            __m128i t2 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(tmp + 2 * K + 4 * kq)), fl);
+            __m128i t3 = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(tmp + 3 * K + 4 * kq)), fl);
+            __m128i a = _mm_unpacklo_epi32(t0, t1), b = _mm_unpacklo_epi32(t2, t3);
+            __m128i c = _mm_unpackhi_epi32(t0, t1), d = _mm_unpackhi_epi32(t2, t3);
+            uint8_t* o = pan + (kq * GP + rb) * 4;
+            _mm_storeu_si128((__m128i*)o, _mm_unpacklo_epi64(a, b));
+            _mm_storeu_si128((__m128i*)(o + GP * 4), _mm_unpackhi_epi64(a, b));
+            _mm_storeu_si128((__m128i*)(o + 2 * GP * 4), _mm_unpacklo_epi64(c, d));
+            _mm_storeu_si128((__m128i*)(o + 3 * GP * 4), _mm_unpackhi_epi64(c, d));
+        }
+    }
+    for (int j = 0; j < GP; j++) {
+        int64_t r = r0 + j;
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f, sz = 0.0f;
+            if (r < N) {
+                s = ld_f(w->scales, w->scales_f16, r * w->s_stride + g);
+                sz = s * (weight_zero(w, r, g) - (float)centre);
+            }
+            ps[g * GP + j] = s;
+            psz[g * GP + j] = sz;
+        }
+        pb[j] = bias && r < N ? bias[r] : 0.0f;
+    }
+}
+
+static inline int32_t ld_i32(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* AVX-512 VNNI tile: 32 rows (two vectors) x C activation rows from m0 */
+#define GP_VNNI 32
+TV_INLINE void vnni_tile(const uint8_t* pan, const float* ps, const float* psz, const float* pb,
+                         const a8_gemm_act* A, int64_t m0, float* y, int64_t r0, const int C) {
+    const int64_t K = A->K, nb = A->nb, ng = A->ng, bpg = A->bpg;
+    __m512 o0[4], o1[4];
+    const int8_t* q[4];
+    for (int c = 0; c < C; c++) {
+        o0[c] = _mm512_setzero_ps();
+        o1[c] = _mm512_setzero_ps();
+        q[c] = A->q + (m0 + c) * K;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m512 f0[4], f1[4];
+        for (int c = 0; c < C; c++) {
+            f0[c] = _mm512_setzero_ps();
+            f1[c] = _mm512_setzero_ps();
+        }
+        const int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+        for (int64_t b = g * bpg; b < b1; b++) {
+            __m512i a0[4], a1[4];
+            for (int c = 0; c < C; c++) {
+                a0[c] = _mm512_setzero_si512();
+                a1[c] = _mm512_setzero_si512();
+            }
+            const uint8_t* pw = pan + b * 8 * GP_VNNI * 4;
+            for (int k = 0; k < 8; k++) {
+                __m512i w0 = _mm512_load_si512(pw + k * 128), w1 = _mm512_load_si512(pw + k * 128 + 64);
+                for (int c = 0; c < C; c++) {
+                    __m512i xb = _mm512_set1_epi32(ld_i32(q[c] + b * QB + 4 * k));
+                    a0[c] = _mm512_dpbusd_epi32(a0[c], w0, xb);
+                    a1[c] = _mm512_dpbusd_epi32(a1[c], w1, xb);
+                }
+            }
+            for (int c = 0; c < C; c++) {
+                __m512 s = _mm512_set1_ps(A->sx[(m0 + c) * nb + b]);
+                f0[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[c]), s, f0[c]);
+                f1[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[c]), s, f1[c]);
+            }
+        }
+        __m512 s0 = _mm512_load_ps(ps + g * GP_VNNI), s1 = _mm512_load_ps(ps + g * GP_VNNI + 16);
+        __m512 z0 = _mm512_load_ps(psz + g * GP_VNNI), z1 = _mm512_load_ps(psz + g * GP_VNNI + 16);
+        for (int c = 0; c < C; c++) {
+            __m512 xv = _mm512_set1_ps(A->xs[(m0 + c) * ng + g]);
+            o0[c] = _mm512_fnmadd_ps(z0, xv, _mm512_fmadd_ps(f0[c], s0, o0[c]));
+            o1[c] = _mm512_fnmadd_ps(z1, xv, _mm512_fmadd_ps(f1[c], s1, o1[c]));
+        }
+    }
+    const int64_t nr = A->N - r0;
+    const __mmask16 k0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+    const __mmask16 k1 = nr >= 32 ? 0xffff : (nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1));
+    __m512 b0 = _mm512_load_ps(pb), b1v = _mm512_load_ps(pb + 16);
+    for (int c = 0; c < C; c++) {
+        float* yr = y + (m0 + c) * A->N + r0;
+        _mm512_mask_storeu_ps(yr, k0, _mm512_add_ps(o0[c], b0));
+        _mm512_mask_storeu_ps(yr + 16, k1, _mm512_add_ps(o1[c], b1v));
+    }
+}
+
+TV static void vnni_panel_rows(const uint8_t* pan, const float* ps, const float* psz, const float* pb,
+                               const a8_gemm_act* A, float* y, int64_t r0) {
+    int64_t m = 0;
+    for (; m + 4 <= A->M; m += 4) vnni_tile(pan, ps, psz, pb, A, m, y, r0, 4);
+    switch (A->M - m) {
+    case 3: vnni_tile(pan, ps, psz, pb, A, m, y, r0, 3); break;
+    case 2: vnni_tile(pan, ps, psz, pb, A, m, y, r0, 2); break;
+    case 1: vnni_tile(pan, ps, psz, pb, A, m, y, r0, 1); break;
+    default: break;
+    }
+}
+
+/* AVX2 tile: 8 rows (one vector) x C activation rows; SIGN: 8-bit codes stored as u - 128 */
+#define GP_AVX2 8
+T2_INLINE void avx2_tile(const uint8_t* pan, const float* ps, const float* psz, const float* pb,
+                         const a8_gemm_act* A, int64_t m0, float* y, int64_t r0, const int C, const int SIGN) {
+    const int64_t K = A->K, nb = A->nb, ng = A->ng, bpg = A->bpg;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 o[4];
+    const int8_t* q[4];
+    for (int c = 0; c < C; c++) {
+        o[c] = _mm256_setzero_ps();
+        q[c] = A->q + (m0 + c) * K;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 f[4];
+        for (int c = 0; c < C; c++) f[c] = _mm256_setzero_ps();
+        const int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
+        for (int64_t b = g * bpg; b < b1; b++) {
+            __m256i a[4];
+            for (int c = 0; c < C; c++) a[c] = _mm256_setzero_si256();
+            const uint8_t* pw = pan + b * 8 * GP_AVX2 * 4;
+            for (int k = 0; k < 8; k++) {
+                __m256i wv = _mm256_load_si256((const __m256i*)(pw + k * 32));
+                if (SIGN) {
+                    __m256i aw = _mm256_abs_epi8(wv);
+                    for (int c = 0; c < C; c++) {
+                        __m256i xb = _mm256_set1_epi32(ld_i32(q[c] + b * QB + 4 * k));
+                        a[c] = _mm256_add_epi32(a[c], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb, wv)), ones));
+                    }
+                } else {
+                    for (int c = 0; c < C; c++) {
+                        __m256i xb = _mm256_set1_epi32(ld_i32(q[c] + b * QB + 4 * k));
+                        a[c] = _mm256_add_epi16(a[c], _mm256_maddubs_epi16(wv, xb));
+                    }
+                }
+            }
+            for (int c = 0; c < C; c++) {
+                __m256i d = SIGN ? a[c] : _mm256_madd_epi16(a[c], ones);
+                f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(A->sx[(m0 + c) * nb + b]), f[c]);
+            }
+        }
+        __m256 s = _mm256_load_ps(ps + g * GP_AVX2), z = _mm256_load_ps(psz + g * GP_AVX2);
+        for (int c = 0; c < C; c++)
+            o[c] = _mm256_fnmadd_ps(z, _mm256_set1_ps(A->xs[(m0 + c) * ng + g]), _mm256_fmadd_ps(f[c], s, o[c]));
+    }
+    const int64_t nr = A->N - r0;
+    const __m256 bv = _mm256_load_ps(pb);
+    for (int c = 0; c < C; c++) {
+        float* yr = y + (m0 + c) * A->N + r0;
+        __m256 v = _mm256_add_ps(o[c], bv);
+        if (nr >= 8) {
+            _mm256_storeu_ps(yr, v);
+        } else {
+            float t[8];
+            _mm256_storeu_ps(t, v);
+            for (int64_t j = 0; j < nr; j++) yr[j] = t[j];
+        }
+    }
+}
+
+#define AVX2_PANEL(NAME, SIGN)                                                                          \
+    T2 static void NAME(const uint8_t* pan, const float* ps, const float* psz, const float* pb,         \
+                        const a8_gemm_act* A, float* y, int64_t r0) {                                   \
+        int64_t m = 0;                                                                                  \
+        for (; m + 4 <= A->M; m += 4) avx2_tile(pan, ps, psz, pb, A, m, y, r0, 4, SIGN);                \
+        switch (A->M - m) {                                                                             \
+        case 3: avx2_tile(pan, ps, psz, pb, A, m, y, r0, 3, SIGN); break;                               \
+        case 2: avx2_tile(pan, ps, psz, pb, A, m, y, r0, 2, SIGN); break;                               \
+        case 1: avx2_tile(pan, ps, psz, pb, A, m, y, r0, 1, SIGN); break;                               \
+        default: break;                                                                                 \
+        }                                                                                               \
+    }
+AVX2_PANEL(avx2_panel_rows, 0)
+AVX2_PANEL(avx2_panel_rows_sign, 1)
+
+/* the GEMM; isa is A8_VNNI or A8_AVX2, the weight already validated by the entry point */
+static int a8_gemm(const lb_affine_weight* w, const float* x, int64_t M, const float* bias, float* y, int nthreads,
+                   int isa) {
+    const int64_t K = w->K, N = w->N, ng = w->n_groups, nb = K / QB;
+    const int GP = isa == A8_VNNI ? GP_VNNI : GP_AVX2;
+    const int sign = isa == A8_AVX2 && w->bits == 8, centre = sign ? 128 : 0;
+    a8_gemm_act A = {M, K, N, nb, ng, ng == 1 ? nb : w->G / QB, NULL, NULL, NULL};
+    const size_t off_sx = PAD64(M * K), off_xs = off_sx + PAD64(M * nb * 4), total = off_xs + PAD64(M * ng * 4);
+    uint8_t* base = (uint8_t*)lb_grow(&t_act, &t_act_n, total);
+    if (!base) return 2;
+    int8_t* q = (int8_t*)base;
+    float* sx = (float*)(base + off_sx);
+    float* xs = (float*)(base + off_xs);
+    A.q = q;
+    A.sx = sx;
+    A.xs = xs;
+    const int64_t npan = (N + GP - 1) / GP;
+    const int nt = pick_threads(nthreads, N * w->row_bytes * (M / 4 + 1), npan);
+    const size_t pan_b = PAD64(K * GP), tmp_b = PAD64(4 * K), tab_b = PAD64(ng * GP * 4);
+    int bad = 0;
+#pragma omp parallel num_threads(nt) reduction(| : bad)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            int8_t* qm = q + m * K;
+            float* sxm = sx + m * nb;
+            quant_blocks(isa, x + m * K, nb, qm, sxm);
+            for (int64_t g = 0; g < ng; g++) {
+                const int64_t b1 = (g + 1) * A.bpg < nb ? (g + 1) * A.bpg : nb;
+                float t = 0.0f;
+                for (int64_t b = g * A.bpg; b < b1; b++) {
+                    int32_t s = 0;
+                    for (int i = 0; i < QB; i++) s += qm[b * QB + i];
+                    t += sxm[b] * (float)s;
+                }
+                xs[m * ng + g] = t;
+            }
+        }
+        int64_t p0, p1;
+        thread_rows(npan, nt, omp_get_thread_num(), 1, &p0, &p1);
+        if (p0 < p1) {
+            uint8_t* s = (uint8_t*)lb_grow(&t_pan, &t_pan_n, pan_b + tmp_b + 2 * tab_b + 64 * 4);
+            if (!s) {
+                bad = 1;
+            } else {
+                uint8_t* pan = s;
+                uint8_t* tmp = s + pan_b;
+                float* ps = (float*)(s + pan_b + tmp_b);
+                float* psz = (float*)(s + pan_b + tmp_b + tab_b);
+                float* pb = (float*)(s + pan_b + tmp_b + 2 * tab_b);
+                for (int64_t p = p0; p < p1; p++) {
+                    const int64_t r0 = p * GP;
+                    pack_panel(w, bias, r0, GP, sign, centre, tmp, pan, ps, psz, pb);
+                    if (isa == A8_VNNI) vnni_panel_rows(pan, ps, psz, pb, &A, y, r0);
+                    else if (sign) avx2_panel_rows_sign(pan, ps, psz, pb, &A, y, r0);
+                    else avx2_panel_rows(pan, ps, psz, pb, &A, y, r0);
+                }
+            }
+        }
+    }
+    return bad ? 2 : 0;
+}
+#endif /* LB_X86 */
+
+/* ------------------------------------------------------------------------------------------ */
 /* entry point                                                                                 */
 int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, const float* bias, float* y,
                           int nthreads) {
@@ -620,6 +952,12 @@ int lb_affine_a8_linear_w(const lb_affine_weight* w, const float* x, int64_t M, 
     if (ng > 1 && G % QB) return 4;
     if (M == 0 || N == 0) return 0;
     if (!x || !y || !w->qw || !w->scales) return 2;
+#if LB_X86
+    if (M >= g_gemm_min_rows) {
+        const int isa = lb_affine_a8_isa();
+        if (isa == A8_VNNI || isa == A8_AVX2) return a8_gemm(w, x, M, bias, y, nthreads, isa);
+    }
+#endif
 
 #if LB_X86
     /* start the first weight bytes of every thread's share on their way from memory while the

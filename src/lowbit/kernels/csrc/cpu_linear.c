@@ -902,6 +902,9 @@ int lb_noop_w(const lb_affine_weight* w, const float* x, int64_t M, const float*
 
 /* Dequantize the affine weight into W [N, K] fp32 exactly as AffineWeight.dequantize does:
  * W = (u - z) * s in fp32, two roundings). */
+static _Thread_local void* t_codes = NULL; /* affine_dequant's per-thread row of unpacked codes */
+static _Thread_local size_t t_codes_n = 0;
+
 static int affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_bytes, int bits, const void* scales,
                       int scales_f16, int64_t s_stride, int64_t G, int64_t n_groups, const uint8_t* qz,
                       int64_t qz_stride, const void* fz, int fz_f16, float zconst, float* W, int nthreads) {
@@ -910,29 +913,49 @@ static int affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_b
     affine_args a = {NULL, 0, K, N, qw, row_bytes, bits, scales, scales_f16, s_stride, G, n_groups,
                      qz, qz_stride, fz, fz_f16, zconst, NULL, NULL};
     int nt = pick_threads(nthreads, N * K, N);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < N; r++) {
-        const uint8_t* row = qw + r * row_bytes;
-        float* o = W + r * K;
-        for (int64_t g = 0; g < n_groups; g++) {
-            float s = ld_f(scales, scales_f16, r * s_stride + g);
-            float z = affine_zero(&a, r, g);
-            int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
-            if (bits == 4) {
-                int64_t c = c0;
-                if (c & 1) { o[c] = ((float)(row[c >> 1] >> 4) - z) * s; c++; }
-                for (; c + 1 < c1; c += 2) {
-                    uint8_t b = row[c >> 1];
-                    o[c] = ((float)(b & 15) - z) * s;
-                    o[c + 1] = ((float)(b >> 4) - z) * s;
+    /* per row: the codes to one byte each (simple loops the compiler vectorises for 2/4/8 bits),
+     * then (u - z) * s per group, also vectorised: 2.4x the code-at-a-time loop at 4 bits */
+    int bad = 0;
+#pragma omp parallel num_threads(nt) reduction(| : bad)
+    {
+        uint8_t* u = (uint8_t*)lb_grow(&t_codes, &t_codes_n, (size_t)K + 64);
+        if (!u) {
+            bad = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < N; r++) {
+                const uint8_t* row = qw + r * row_bytes;
+                float* o = W + r * K;
+                if (bits == 8) {
+                    memcpy(u, row, (size_t)K);
+                } else if (bits == 4) {
+                    for (int64_t i = 0; i < K / 2; i++) {
+                        u[2 * i] = row[i] & 15;
+                        u[2 * i + 1] = row[i] >> 4;
+                    }
+                    if (K & 1) u[K - 1] = row[K / 2] & 15;
+                } else if (bits == 2) {
+                    for (int64_t i = 0; i < K / 4; i++) {
+                        const uint8_t b = row[i];
+                        u[4 * i] = b & 3;
+                        u[4 * i + 1] = (b >> 2) & 3;
+                        u[4 * i + 2] = (b >> 4) & 3;
+                        u[4 * i + 3] = b >> 6;
+                    }
+                    for (int64_t c = K / 4 * 4; c < K; c++) u[c] = (uint8_t)code_at(row, bits, c);
+                } else {
+                    for (int64_t c = 0; c < K; c++) u[c] = (uint8_t)code_at(row, bits, c);
                 }
-                if (c < c1) o[c] = ((float)(row[c >> 1] & 15) - z) * s;
-            } else {
-                for (int64_t c = c0; c < c1; c++) o[c] = ((float)code_at(row, bits, c) - z) * s;
+                for (int64_t g = 0; g < n_groups; g++) {
+                    const float s = ld_f(scales, scales_f16, r * s_stride + g);
+                    const float z = affine_zero(&a, r, g);
+                    const int64_t c0 = g * G, c1 = c0 + G < K ? c0 + G : K;
+                    for (int64_t c = c0; c < c1; c++) o[c] = ((float)u[c] - z) * s;
+                }
             }
         }
     }
-    return 0;
+    return bad ? 2 : 0;
 }
 
 int lb_affine_dequant_w(const lb_affine_weight* w, float* W, int nthreads) {
