@@ -5,7 +5,7 @@ switches thread counts gives the same logits as one that does not."""
 import pytest
 import torch
 
-from lowbit.runtime.threads import ThreadChooser
+from lowbit.runtime.threads import FreeCores, ThreadChooser
 
 
 def drive(ch: ThreadChooser, cost, steps: int) -> list[int]:
@@ -46,6 +46,60 @@ def test_probes_grow_sparse_while_the_choice_holds():
     used = drive(ch, lambda n, i: 1.0 / n, 2000)
     assert ch.interval == 128 and set(c for c, _ in ch.history) == {2}
     assert used.count(1) < 2000 * 0.03                       # the slower count: probes only
+
+
+def test_free_cores_drop_the_count_at_once_and_give_it_back():
+    """With the free-core reading, a competing process takes the team down to 1 thread at the next
+    reading (no slow 2-thread probe step is ever run while it lasts); when the core frees up, a
+    probe runs at once and 2 threads come back."""
+    state = {"i": 0}
+
+    def free():  # a reading every 10 steps; another process busy on a core for steps 100..299
+        i = state["i"]
+        if i % 10:
+            return None
+        return 1.05 if 100 <= i < 300 else 1.95
+
+    def cost(n, i):
+        state["i"] = i + 1
+        busy = 100 <= i < 300
+        return (1.0 if n == 1 else 20.0) if busy else 1.0 / n
+
+    ch = ThreadChooser(2, every=16, probe=3, free=free)
+    used = drive(ch, cost, 500)
+    assert used[60:100].count(2) >= 34                       # quiet: 2 threads (and a periodic probe)
+    assert set(used[100:300]) == {1}                         # busy: never 2, not even to probe
+    assert used[300:320].count(2) >= 10 and used[320:500].count(1) < 20  # freed: probed at once, 2 again
+    assert ch.allowed == 2 and ch.current == 2
+
+
+def test_free_cores_reads_proc_stat(tmp_path):
+    """free = CPUs - (busy ticks / Hz - own CPU seconds) / wall seconds, on a fake /proc/stat."""
+    import os
+
+    stat = tmp_path / "stat"
+    clock = {"t": 0.0}
+    fc = FreeCores(min_interval=0.25, stat_path=str(stat), clock=lambda: clock["t"])
+    assert fc._last is None and fc.free() is None            # no file yet: no reading
+
+    def write(busy_per_cpu):
+        lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+        for c in fc.cpus:
+            lines.append(f"cpu{c} {busy_per_cpu} 0 0 1000 0 0 0 0 0 0")
+        stat.write_text("\n".join(lines + ["intr 0"]) + "\n")
+
+    write(0)
+    fc._last = fc._read()
+    own0 = fc._last[2]
+    clock["t"] = 0.1
+    assert fc.free() is None                                 # under min_interval: no reading
+    clock["t"] = 1.0
+    write(int(fc.hz * 1.0 / len(fc.cpus)) if len(fc.cpus) else 0)  # one CPU-second of busy ticks over the CPUs
+    f = fc.free()
+    own = fc._last[2] - own0
+    expect = len(fc.cpus) - max(0.0, min(float(len(fc.cpus)), (len(fc.cpus) * int(fc.hz / len(fc.cpus)) / fc.hz) - own))
+    assert f == pytest.approx(expect, abs=1e-9)
+    assert len(fc.cpus) == len(os.sched_getaffinity(0))
 
 
 def test_ties_keep_fewer_threads_and_fixed_pins():

@@ -16,8 +16,9 @@ tanh-GELU gated MLPs, one RMSNorm epsilon for the whole model. Prefill (several 
 stays on the Python path, where the work is matrix-matrix and torch's dispatch cost is amortised.
 
 Threads: each step runs on the count `lowbit.runtime.threads.ThreadChooser` picks by timing the
-steps (up to ``torch.get_num_threads()``), so that another process busy on a core does not leave
-a 2-thread team waiting at every barrier; ``step.threads.fixed = n`` pins it.
+steps (up to ``torch.get_num_threads()``) among the counts that fit the cores other processes
+leave free (`lowbit.runtime.threads.FreeCores`), so that another process busy on a core does not
+leave a 2-thread team waiting at every barrier; ``step.threads.fixed = n`` pins it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.kernels import _native
-from lowbit.runtime.threads import ThreadChooser
+from lowbit.runtime.threads import FreeCores, ThreadChooser
 
 __all__ = ["NativeStep", "PROFILE_CATEGORIES"]
 
@@ -110,7 +111,7 @@ class NativeStep:
         self._plan_addr = ctypes.addressof(plan)
         self._prof = None
         self.kernels: dict[str, int] = {}  # kernel kind -> number of linear layers that run it
-        self.threads = ThreadChooser(torch.get_num_threads())  # `.fixed = n` pins the count
+        self.threads = ThreadChooser(torch.get_num_threads(), free=FreeCores().free)  # `.fixed = n` pins the count
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -209,7 +210,7 @@ class NativeStep:
         `lowbit.runtime.threads`); a change of ``torch.get_num_threads()`` starts a new chooser."""
         most = torch.get_num_threads()
         if self.threads.most != most:
-            self.threads = ThreadChooser(most, fixed=self.threads.fixed)
+            self.threads = ThreadChooser(most, fixed=self.threads.fixed, free=self.threads.free)
         nt = self.threads.next()
         logits = torch.empty(self.vocab, dtype=torch.float32)
         t0 = time.perf_counter()

@@ -15,6 +15,13 @@ A step at the chosen count that takes over ``give_up`` times that count's median
 probe (another process took a core) starts a probe at once, with the interval back at ``every``. Candidates are 1, the powers of two below the
 maximum, and the maximum (``torch.get_num_threads()`` when the chooser was made).
 
+Timing alone pays for what it learns: every probe of 2 threads while another process holds a core
+costs one very slow step. So the chooser also asks `FreeCores` (when given one; the C decode step
+does) how many of this process's CPUs other processes left free over the last quarter second
+(/proc/stat's busy time of those CPUs minus this process's own CPU time): counts above the free
+cores are neither run nor probed until the load goes away, and the count drops at once when it
+appears. Timing still decides among the counts that fit.
+
 The results do not depend on the choice: every native kernel and the decode step give bit-identical
 output on any thread count (tests/test_runtime_native.py). A fixed count (``fixed``) turns the
 choice off, as benchmarks that compare thread counts need.
@@ -22,16 +29,74 @@ choice off, as benchmarks that compare thread counts need.
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
+import time
 
-__all__ = ["ThreadChooser"]
+__all__ = ["FreeCores", "ThreadChooser"]
+
+
+class FreeCores:
+    """``free()`` -> how many of this process's CPUs (its affinity mask) other processes left idle
+    since the previous call, or None (first call, no /proc/stat, or under ``min_interval``
+    seconds since the previous reading: too short for /proc/stat's 10 ms ticks).
+
+    busy by others = (busy ticks of those CPUs in /proc/stat: user, nice, system, irq, softirq,
+    steal) / ticks per second - this process's own CPU seconds (``os.times``), per wall second;
+    free = CPUs - that. A hypervisor's steal counts as busy: that core is not ours either."""
+
+    def __init__(self, min_interval: float = 0.25, stat_path: str = "/proc/stat", clock=time.perf_counter):
+        try:
+            self.cpus = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cpus = list(range(os.cpu_count() or 1))
+        self.names = {f"cpu{c}" for c in self.cpus}
+        self.min_interval = min_interval
+        self.stat_path = stat_path
+        self.clock = clock
+        try:
+            self.hz = os.sysconf("SC_CLK_TCK")
+        except (AttributeError, ValueError, OSError):
+            self.hz = 100
+        self._last = self._read()
+
+    def _read(self):
+        """(wall seconds, busy ticks of our CPUs, own CPU seconds), or None."""
+        try:
+            with open(self.stat_path) as f:
+                busy = 0
+                for line in f:
+                    if not line.startswith("cpu"):
+                        break
+                    parts = line.split()
+                    if parts[0] in self.names:
+                        v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+                        busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+        except (OSError, ValueError, IndexError):
+            return None
+        t = os.times()
+        return self.clock(), busy, t.user + t.system
+
+    def free(self) -> float | None:
+        if self._last is None:
+            return None
+        if self.clock() - self._last[0] < self.min_interval:
+            return None
+        now = self._read()
+        if now is None:
+            return None
+        prev, self._last = self._last, now
+        wall = now[0] - prev[0]
+        others = ((now[1] - prev[1]) / self.hz - (now[2] - prev[2])) / wall
+        return len(self.cpus) - min(max(others, 0.0), float(len(self.cpus)))
 
 
 class ThreadChooser:
     """``next()`` -> the thread count for the coming step; ``record(count, seconds)`` after it."""
 
     def __init__(self, most: int, every: int = 64, probe: int = 3, fixed: int | None = None,
-                 most_every: int = 1024, give_up: float = 2.0):
+                 most_every: int = 1024, give_up: float = 2.0, free=None):
         if most < 1 or every < 1 or probe < 1 or most_every < every or give_up <= 1:
             raise ValueError("ThreadChooser needs most, every, probe >= 1, most_every >= every, give_up > 1")
         self.most = most
@@ -46,6 +111,8 @@ class ThreadChooser:
             c *= 2
         self.candidates = tuple(sorted(counts))
         self.current = most                      # the count the last probe chose
+        self.free = free                         # () -> free cores or None (FreeCores().free), or None
+        self.allowed = most                      # counts above this are not run: cores taken by others
         self.history: list[tuple[int, dict[int, float]]] = []  # (chosen, median seconds per count)
         self._schedule: list[int] = []
         self._times: dict[int, list[float]] = {}
@@ -62,6 +129,8 @@ class ThreadChooser:
         left there is nothing to time, and its run simply continues."""
         want = []
         for c in self.candidates:
+            if c > self.allowed:
+                continue
             if c != self.current and self._skip.get(c, 0) > 0:
                 self._skip[c] -= 1
             else:
@@ -79,9 +148,37 @@ class ThreadChooser:
             return self._schedule[0]
         return self.current
 
+    def _check_free(self) -> None:
+        """Fit the counts to the cores other processes leave free (when `free` says)."""
+        f = self.free() if self.free is not None else None
+        if f is None:
+            return
+        allowed = min(self.most, max(1, math.floor(f + 0.3)))  # 2 CPUs, another process on ~0.7+ of one: 1
+        if allowed == self.allowed:
+            return
+        grew = allowed > self.allowed
+        self.allowed = allowed
+        if self.current > allowed:
+            self.current = max(c for c in self.candidates if c <= allowed)
+        if self._schedule:
+            self._schedule = [c for c in self._schedule if c <= allowed]
+            if len(set(self._schedule)) < 2:     # nothing left to compare: the probe ends here
+                self._schedule = []
+                self._left = self.every
+        if grew:                                 # cores came back: find out at once whether they pay
+            self._skip.clear()
+            self._sit_out.clear()
+            self.interval = self.every
+            self._left = 0
+            self._start_probe()
+
     def record(self, count: int, seconds: float) -> None:
         if self.fixed is not None or len(self.candidates) == 1:
             return
+        self._record(count, seconds)
+        self._check_free()
+
+    def _record(self, count: int, seconds: float) -> None:
         if self._schedule and count == self._schedule[0]:
             self._schedule.pop(0)
             self._times[count].append(seconds)
@@ -93,7 +190,7 @@ class ThreadChooser:
             elif len(self._times[count]) == self.probe:
                 self._sit_out[count] = 0
             if not self._schedule:               # probe done: the fastest median wins (ties: fewer)
-                med = {c: statistics.median(t) for c, t in self._times.items() if t}
+                med = {c: statistics.median(t) for c, t in self._times.items() if t and c <= self.allowed}
                 chosen = min(med, key=lambda c: (med[c], c))
                 held = bool(self.history) and chosen == self.current
                 self.interval = min(2 * self.interval, self.most_every) if held else self.every
