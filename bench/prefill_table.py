@@ -208,16 +208,7 @@ def main() -> int:
                 ref = next((results[(lb, nt, P)] for lb, _ in llama_files if lb.startswith("llama.cpp Q4_0")), None)
                 row += [f"{v:.0f}", f"{v / ref:.2f}x" if ref else "-"]
         rows.append(row)
-    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    if args.markdown:
-        print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-        print("| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |")
-        for r in rows:
-            print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
-    else:
-        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-        for r in rows:
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(DT.render(head, rows, args.markdown))
     for n in notes:
         print(f"note: {n}")
     return 0

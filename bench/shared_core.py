@@ -4,6 +4,9 @@ threads, quiet and under the same competing load, in one run.
 
     python -P bench/shared_core.py [--new-tokens 128] [--repeats 5] [--markdown] [--no-llama]
 
+The chooser row runs as `lowbit generate` does: timing the steps among the thread counts that
+fit the cores other processes leave free (`lowbit.runtime.threads.FreeCores`).
+
 Model: SmolLM2-135M, lowbit int4 g128 (RTN asym, the default 4-bit checkpoint) against llama.cpp
 Q4_0 (requantized from the shipped Q4_1 GGUF, as in bench/decode_table.py, whose llama.cpp
 worker runs it). Protocol: a 128-token prompt (the decode_table draw), then --new-tokens greedy
@@ -59,7 +62,7 @@ def main() -> int:
     from lowbit import api
     from lowbit.core.scheme import QuantScheme
     from lowbit.runtime import LeanDecoder
-    from lowbit.runtime.threads import ThreadChooser
+    from lowbit.runtime.threads import FreeCores, ThreadChooser
     from lowbit.runtime.timing import bench_prompt, measure_lean
 
     dt = _decode_table()
@@ -77,7 +80,7 @@ def main() -> int:
         dec = LeanDecoder(q.model, max_len=P + N + 8)
         if dec.native_step is None:
             raise SystemExit(f"the native decode step does not run: {dec.native_reason}")
-        dec.native_step.threads = ThreadChooser(2, fixed=fixed)
+        dec.native_step.threads = ThreadChooser(2, fixed=fixed, free=FreeCores().free)  # as LeanDecoder makes it
         choosers[label] = dec.native_step.threads
 
         def run(dec=dec):
@@ -122,7 +125,8 @@ def main() -> int:
         for label, ch in choosers.items():
             if ch.fixed is None:
                 chosen = [c for c, _ in ch.history[-8:]]
-                results.setdefault("_chosen", {})[phase] = ", ".join(map(str, chosen))
+                results.setdefault("_chosen", {})[phase] = (", ".join(map(str, chosen))
+                                                            + f"; free-core limit at the end: {ch.allowed}")
         time.sleep(2.0)
     for r in runners:
         r.close()
@@ -137,7 +141,8 @@ def main() -> int:
     print(f"# CPU flags: {cpu_flags()}; {os.cpu_count()} cores; load average at the end of each phase: "
           f"quiet {results['_load']['quiet']:.2f}, busy {results['_load']['one core busy']:.2f}; "
           f"prompt {P}, {N} new tokens, medians of {args.repeats} interleaved rounds")
-    print(f"# chooser's picks (last probes): quiet [{results['_chosen']['quiet']}], "
+    print(f"# chooser's picks (last timing probes; none run above the free-core limit): "
+          f"quiet [{results['_chosen']['quiet']}], "
           f"busy [{results['_chosen']['one core busy']}]")
     print(dt.render(head, table, args.markdown))
     for n in notes:

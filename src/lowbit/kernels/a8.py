@@ -26,6 +26,12 @@ group per row: per-channel / per-tensor); the last group may be shorter. Anythin
 non-float32 or non-CPU activations, wrong in_features, autograd through x) returns
 ``NotImplemented``.
 
+Several activation rows (prompts): from 8 rows on the same entry point runs a register-blocked
+GEMM (weight panels unpacked and transposed once per call, ``vpdpbusd`` on broadcast activation
+codes; see ``csrc/affine_a8.c``) with the same rule, so each row's result is that of a one-row
+call to float summation order; ``prompts=True`` in its kernel-table row tells the decoder to run
+prompts through it. ``lb_affine_a8_set_gemm_min_rows(n)`` moves the switch (tests).
+
 C ABI (for callers holding the pointer): ``int lb_affine_a8_linear_w(const lb_affine_weight* w,
 const float* x, int64_t M, const float* bias, float* y, int nthreads)`` with ``lb_affine_weight``
 laid out as in csrc/lb_common.h (`lowbit.kernels.cpu.AffineWeightC`); 0 = done, positive =

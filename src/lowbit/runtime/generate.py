@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
@@ -92,8 +93,13 @@ def generate(dec: LeanDecoder, prompt_ids, max_new_tokens: int, sampling: Sampli
 
 
 def _finite_logits(dec: LeanDecoder, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-    """``logits``, or an error saying at which position NaN/Inf appeared and in which layer."""
-    if bool(torch.isfinite(logits).all()):
+    """``logits``, or an error saying at which position NaN/Inf appeared and in which layer. (The
+    check runs in numpy for float32 CPU logits: on the calling thread, as `sample_next` does.)"""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        finite = bool(np.isfinite(logits.numpy()).all())
+    else:
+        finite = bool(torch.isfinite(logits).all())
+    if finite:
         return logits
     from lowbit.eval.diagnose import where_nonfinite
 

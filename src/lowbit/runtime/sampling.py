@@ -73,6 +73,11 @@ def filtered_logits(logits: Tensor, params: SamplingParams) -> Tensor:
 def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """The next token id for logits [vocab]."""
     if params.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 1:
+            # numpy's argmax runs on the calling thread (same first-maximum rule): torch's splits a
+            # large vocabulary over the thread pool, and with another process on a core that one
+            # parallel region per token halved 1-thread decode (bench/shared_core.py)
+            return int(logits.numpy().argmax())
         return int(torch.argmax(logits))
     probs = torch.softmax(filtered_logits(logits, params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
