@@ -20,7 +20,9 @@ GEMM of `lowbit.kernels.a8` (activations quantized per row and block of 32, as o
 steps do, so a prompt row's numbers are exactly those of a decode step); the other lowbit rows
 run the format's float product (fused kernel up to ``lowbit.kernels.cpu.FUSED_MAX_ROWS`` rows,
 dequantize + float GEMM above). llama.cpp's GGUFs are requantized from the shipped Q4_1 file
-(the only original available offline), as in decode_table.py.
+(the only original available offline), as in decode_table.py. On a CPU with AMX llama.cpp runs
+without its repacked / AMX buffer types (they crash there; see `lowbit.integrations.llama_cpp`),
+which slows its prompts: the table then says so.
 
 The header names the CPU's instruction-set flags that matter here (avx2, avx512f, avx512_vnni,
 amx_int8 ...) and the load average before and after the run.
@@ -158,6 +160,13 @@ def main() -> int:
                 if not path.is_file():
                     DT.requantize(q41, path, ftype, max(threads))
                 llama_files.append((label + " (requant. from Q4_1)", path))
+            from lowbit.integrations import llama_cpp as LC
+
+            if not LC.use_extra_buffer_types():
+                notes.append("llama.cpp runs without its extra CPU buffer types (weight repacking, AMX) on this "
+                             "CPU: they crash a native build on CPUs with AMX (lowbit.integrations.llama_cpp); "
+                             "its Q4_0 prompt GEMM is then the plain vec-dot path, slower than on CPUs "
+                             "without AMX")
         except ImportError:
             notes.append("llama.cpp rows skipped: llama-cpp-python is not importable (an optional peer)")
         except Exception as e:  # noqa: BLE001  (a missing peer file must not lose the lowbit rows)

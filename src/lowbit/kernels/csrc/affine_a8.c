@@ -835,9 +835,10 @@ T2_INLINE void avx2_tile(const uint8_t* pan, const float* ps, const float* psz, 
         o[c] = _mm256_setzero_ps();
         q[c] = A->q + (m0 + c) * K;
     }
+    /* 16 ymm registers: no per-group float partials (as the AVX-512 tile keeps); the weight
+     * scale is folded into each block's factor instead (s_w * sx_b, one multiply per block) */
     for (int64_t g = 0; g < ng; g++) {
-        __m256 f[4];
-        for (int c = 0; c < C; c++) f[c] = _mm256_setzero_ps();
+        const __m256 s = _mm256_load_ps(ps + g * GP_AVX2);
         const int64_t b1 = (g + 1) * bpg < nb ? (g + 1) * bpg : nb;
         for (int64_t b = g * bpg; b < b1; b++) {
             __m256i a[4];
@@ -860,12 +861,11 @@ T2_INLINE void avx2_tile(const uint8_t* pan, const float* ps, const float* psz, 
             }
             for (int c = 0; c < C; c++) {
                 __m256i d = SIGN ? a[c] : _mm256_madd_epi16(a[c], ones);
-                f[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(A->sx[(m0 + c) * nb + b]), f[c]);
+                o[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_set1_ps(A->sx[(m0 + c) * nb + b])), o[c]);
             }
         }
-        __m256 s = _mm256_load_ps(ps + g * GP_AVX2), z = _mm256_load_ps(psz + g * GP_AVX2);
-        for (int c = 0; c < C; c++)
-            o[c] = _mm256_fnmadd_ps(z, _mm256_set1_ps(A->xs[(m0 + c) * ng + g]), _mm256_fmadd_ps(f[c], s, o[c]));
+        const __m256 z = _mm256_load_ps(psz + g * GP_AVX2);
+        for (int c = 0; c < C; c++) o[c] = _mm256_fnmadd_ps(z, _mm256_set1_ps(A->xs[(m0 + c) * ng + g]), o[c]);
     }
     const int64_t nr = A->N - r0;
     const __m256 bv = _mm256_load_ps(pb);
