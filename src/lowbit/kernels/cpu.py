@@ -29,8 +29,11 @@ Larger batches (long prefills) dequantize the whole weight once in C and call th
 whose blocking wins once the product is compute bound. Measured (one thread, int4 g128,
 1536 x 576; `bench/kernels.py --crossover` prints the table): on an AVX-512 Xeon fused 0.87 ms
 vs dequantize + GEMM 1.03 ms at 32 rows, 1.73 vs 1.42 ms at 64, 3.43 vs 2.14 ms at 128; on an
-AVX2-only EPYC (half the float GEMM throughput) the two met near 512 rows. Hence 64. With int8
-activations (`lowbit.kernels.a8`) prompts run that kernel's own int8 GEMM instead.
+AVX2-only EPYC (half the float GEMM throughput) the two met near 512 rows. The switch stays at
+256 nevertheless: it also decides the rounding of every calibration forward through quantized
+layers (GPTQ, AWQ, SparseGPT feed each block the previous quantized block's outputs), and moving
+it changes their checkpoints' bytes (tests/test_golden.py). With int8 activations
+(`lowbit.kernels.a8`) prompts run that kernel's own int8 GEMM instead.
 
 Every function returns ``NotImplemented`` for what it does not handle, and the reference path
 (`lowbit.kernels.reference.linear`) runs then: non-CPU tensors, activations that are not
@@ -49,7 +52,7 @@ from torch import Tensor
 
 from lowbit.kernels import _native, register_kernel
 
-FUSED_MAX_ROWS = 64  # batch rows up to which the fused kernel runs (above: dequantize + GEMM)
+FUSED_MAX_ROWS = 256  # batch rows up to which the fused kernel runs (above: dequantize + GEMM)
 
 _vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
