@@ -20,7 +20,8 @@ hits all rows alike rather than a few); the table shows medians over the rounds.
   ``lowbit quantize --head int8``; the embedding stays fp32 for the lookup). "int8 act": decode
   steps quantize activations to int8 per block of 32 and multiply in integers
   (``LeanDecoder(int8_activations=True)``, ``--int8-activations``), the product llama.cpp's
-  Q4_0 x Q8_0 and Q8_0 x Q8_0 dots compute; prompts keep float activations. Rows that differ only
+  Q4_0 x Q8_0 and Q8_0 x Q8_0 dots compute; their prompts run the same rounding through the
+  int8 GEMM of `lowbit.kernels.a8` (bench/prefill_table.py times prompts). Rows that differ only
   in how they run share one quantized model. "fp16 KV": the KV cache stored as float16
   (``kv_dtype=torch.float16``, ``--kv-cache float16``; llama.cpp's default cache type).
 * llama.cpp rows: llama-cpp-python's ``Llama.eval`` (prefill in one batch of the whole prompt,
