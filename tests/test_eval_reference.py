@@ -541,6 +541,35 @@ def test_cli_hidden_reference_prints_the_memory_table(quantized, capsys, tmp_pat
     assert alone == alone_mem and "read from" not in err
 
 
+def test_cli_int8_activations_scores_the_int8_path(quantized, capsys, tmp_path):
+    """--int8-activations: the quantized layers run their int8 product (kernels.prefer), so the
+    numbers move a little from the float path's; the memory and hidden references agree on
+    them; a results file keeps float and int8 rows apart."""
+    from lowbit.kernels import a8
+
+    if not a8.available():
+        pytest.skip("native affine_a8 library not built")
+    d, text, (q4, _) = quantized
+    common = ["--text", text, "--max-tokens", 512, "--ctx", 64, "--no-latency"]
+    res = tmp_path / "rows.jsonl"
+    code, flt, err = cli(capsys, "eval", q4, *common, "--reference", "memory", "--results", res)
+    assert code == 0, err
+    code, i8, err = cli(capsys, "eval", q4, *common, "--reference", "memory", "--int8-activations", "--results", res)
+    assert code == 0, err
+    assert "int8 activations" in err
+    head, rows_f = table(flt)
+    _, rows_i = table(i8)
+    name = next(k for k in rows_f if k != "original")
+    ppl = head.index("ppl")
+    pf, pi = float(rows_f[name][ppl]), float(rows_i[name][ppl])
+    assert pf != pi and abs(pf - pi) < 0.05 * pf      # a different product, the same model
+    assert rows_f["original"] == rows_i["original"]   # the float original is untouched
+    code, hid, err = cli(capsys, "eval", q4, *common, "--reference", "hidden", "--int8-activations",
+                         "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert table(hid)[1][name] == rows_i[name]
+
+
 def test_cli_topk_reference_reports_its_error(quantized, capsys, tmp_path):
     d, text, (q4, _) = quantized
     common = ["--text", text, "--max-tokens", 512, "--ctx", 64, "--no-latency", "--cache-dir", tmp_path]

@@ -210,3 +210,37 @@ def test_int8_activations_come_from_the_opt_in_row(monkeypatch):
         assert torch.equal(x, y)
         tok = int(x.argmax())
         assert torch.equal(f.forward([tok]), d.forward([tok]))
+
+
+def test_prefer_int8_routes_linear_to_the_opt_in_row():
+    """Inside kernels.prefer("int8"), kernels.linear runs the affine int8 row (one row and, with
+    its batched product, many rows); formats without such a row keep their own product; outside,
+    the own product again."""
+    import torch
+
+    from lowbit import kernels
+    from lowbit.algorithms.nf4 import NF4Config, nf4_quantize
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.formats.affine import AffineWeight
+    from lowbit.kernels import a8
+
+    if not a8.available():
+        pytest.skip("native affine_a8 library not built")
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 128, generator=g)
+    w = AffineWeight.quantize_rtn(W, QuantScheme(bits=4, symmetric=False, group_size=32))
+    nf = nf4_quantize(W, NF4Config())
+    for rows in (1, 40):
+        x = torch.randn(rows, 128, generator=g)
+        own, own_nf = kernels.linear(x, w), kernels.linear(x, nf)
+        with kernels.prefer("int8"):
+            y = kernels.linear(x, w)
+            assert torch.equal(kernels.linear(x, nf), own_nf)  # NF4 has no int8 row
+        assert torch.equal(y, a8.affine_a8_linear(x, w))
+        assert not torch.equal(y, own)
+        assert torch.equal(kernels.linear(x, w), own)
+        with kernels.prefer("float"):
+            assert torch.equal(kernels.linear(x, w), own)
+    with pytest.raises(ValueError):
+        with kernels.prefer("int4"):
+            pass

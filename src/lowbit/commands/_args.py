@@ -188,6 +188,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="activations kept in memory while streaming the original (default: a quarter of the "
                         "available memory); the rest goes to temporary files")
     p.add_argument("--spill-dir", metavar="DIR", help="where those temporary files go (default: the temp directory)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="score and time quantized layers with int8-quantized activations where their format has "
+                        "such a product (affine 2/4/8-bit: W4A8 as llama.cpp's Q4_0 x Q8_0): the path `lowbit "
+                        "generate` takes for a checkpoint that recorded it. Default: float activations")
 
 
 def scheme_from_flags(args, method_cls):
@@ -293,12 +297,15 @@ def eval_settings(args, latency_default=True):
         raise LowbitError(f"--tail-samples must be an integer >= 0, got {args.tail_samples}")
     if args.activation_budget is not None and args.activation_budget < 0:
         raise LowbitError(f"--activation-budget must be >= 0 MiB, got {args.activation_budget}")
+    if getattr(args, "int8_activations", False):
+        log("int8 activations: quantized layers whose format has an int8 product run it (prompts and decode "
+            "steps alike), as `lowbit generate` does for a checkpoint that recorded it")
     return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
                         latency=latency_default and not args.no_latency, device=args.device,
                         reference=reference, topk=args.topk or 32,
                         tail_samples=64 if args.tail_samples is None else args.tail_samples, cache_dir=args.cache_dir,
                         activation_budget=None if args.activation_budget is None else args.activation_budget * 2**20,
-                        spill_dir=args.spill_dir)
+                        spill_dir=args.spill_dir, int8_activations=bool(getattr(args, "int8_activations", False)))
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -31,4 +31,10 @@ def run(args) -> int:
         else:
             rows, _ = evaluate_specs(args.model, [], settings, log=log, results=results)
     print(render(rows, markdown=args.markdown))
+    if args.model is not None and checkpoint.is_checkpoint(args.model) and not settings.int8_activations:
+        from lowbit.runtime.defaults import resolve
+
+        if resolve(checkpoint.read_record(args.model), None)[0]:
+            log("note: this checkpoint decodes with int8 activations by default (lowbit generate/bench); the "
+                "numbers above are for float activations: --int8-activations scores the int8 path")
     return 0

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit import api
+from lowbit import api, kernels
 from lowbit.eval.latency import measure_latency
 from lowbit.eval.quality import PplProtocol, evaluate_quality
 from lowbit.eval.report import format_table, plot_ppl_vs_bits
@@ -76,6 +76,11 @@ class EvalSettings:
     cache_dir: str | None = None  # default: lowbit.eval.reference.default_cache_dir()
     activation_budget: int | None = None  # bytes of activations kept in memory when streaming
     spill_dir: str | None = None  # where activations beyond the budget go (default: the temp dir)
+    int8_activations: bool = False  # score and time quantized layers with int8 activations where
+    # their format has such a product (`lowbit.kernels.prefer`), the path `lowbit generate` takes
+
+    def activations(self) -> str | None:
+        return "int8" if self.int8_activations else None
 
 
 REFERENCES = ("auto", "memory", "hidden", "topk")
@@ -123,14 +128,15 @@ def compare(variants: dict[str, api.Model], baseline: str, settings: EvalSetting
     tokens = eval_tokens(base.tokenizer, load_text(settings.text))
     for m in variants.values():
         m.model.to(settings.device).eval()
-    quality = evaluate_quality({k: v.model for k, v in variants.items()}, baseline, tokens,
-                               settings.protocol, default_bos_id(base.tokenizer), device=settings.device,
-                               progress=settings.progress)
-    rows = []
-    for i, (name, m) in enumerate(variants.items()):
-        rows.append(_row(name, m, quality[name], settings))
-        if on_row is not None:
-            on_row(i, rows[-1])
+    with kernels.prefer(settings.activations()):
+        quality = evaluate_quality({k: v.model for k, v in variants.items()}, baseline, tokens,
+                                   settings.protocol, default_bos_id(base.tokenizer), device=settings.device,
+                                   progress=settings.progress)
+        rows = []
+        for i, (name, m) in enumerate(variants.items()):
+            rows.append(_row(name, m, quality[name], settings))
+            if on_row is not None:
+                on_row(i, rows[-1])
     return rows
 
 
@@ -397,9 +403,10 @@ def evaluate_specs(base_spec: str | None, specs: list[str], settings: EvalSettin
         while vname in names:
             vname += "'"
         names.add(vname)
-        q = score_against_reference(ref, lz if streamed else m.model, windows, device=settings.device,
-                                    progress=settings.progress, stream=stream)
-        out.done(j, _row(vname, None, q, settings, lazy=lz) if streamed else _row(vname, m, q, settings))
+        with kernels.prefer(settings.activations()):
+            q = score_against_reference(ref, lz if streamed else m.model, windows, device=settings.device,
+                                        progress=settings.progress, stream=stream)
+            out.done(j, _row(vname, None, q, settings, lazy=lz) if streamed else _row(vname, m, q, settings))
         lz = m = None
         gc.collect()
     return list(out.rows), {"reference": kind, "cache": str(ref.path), "hit": hit, "base_name": name}

@@ -55,9 +55,12 @@ def run_key(base_spec: str | None, settings, kind: str) -> dict:
         "kind": kind, "k": settings.topk, "m": settings.tail_samples, "audit": settings.audit}
     latency = {"prompt": settings.prompt_len, "decode": settings.decode_tokens,
                "repeats": settings.latency_repeats} if settings.latency else None
-    return {"base": model_identity(base_spec), "text": hashlib.sha256(load_text(settings.text).encode()).hexdigest(),
-            "protocol": asdict(settings.protocol), "reference": ref, "latency": latency,
-            "device": settings.device, "lowbit": __version__}
+    key = {"base": model_identity(base_spec), "text": hashlib.sha256(load_text(settings.text).encode()).hexdigest(),
+           "protocol": asdict(settings.protocol), "reference": ref, "latency": latency,
+           "device": settings.device, "lowbit": __version__}
+    if getattr(settings, "int8_activations", False):  # absent for float: earlier files' keys stay valid
+        key["activations"] = "int8"
+    return key
 
 
 def row_key(run: dict, variant: str | None) -> str:

@@ -24,10 +24,15 @@ builder (w -> the ctypes struct that function reads, or None when it cannot read
 One row per format is the format's own product (``default=True``): the one `linear` runs. Other
 rows are opt-in (`select`), e.g. affine weights with int8-quantized activations, which the
 decoder offers as ``int8_activations``; their ``supports(w)`` says which weights they take.
+Inside ``with prefer("int8"):`` `linear` itself runs the opt-in row where one applies (`runs`:
+one activation row always, several only for a row with a batched product, ``prompts=True``),
+so that a transformers forward (evaluation, latency) takes the path the decoder takes.
 """
 
 from __future__ import annotations
 
+import contextlib as _contextlib
+import contextvars as _contextvars
 import importlib as _importlib
 import pkgutil as _pkgutil
 from dataclasses import dataclass
@@ -110,8 +115,40 @@ def select(w, activations: str | None = None, device: str = "cpu") -> Kernel | N
     return find(fmt, None, device)
 
 
+_PREFER = _contextvars.ContextVar("lowbit_kernels_prefer", default=None)
+
+
+@_contextlib.contextmanager
+def prefer(activations: str | None):
+    """``with prefer("int8"):`` `linear` runs each format's opt-in ``activations`` row where it
+    applies (see `runs`), the format's own product elsewhere; ``prefer(None)`` (or "float"): the
+    own product, as outside any block."""
+    if activations is not None and activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS} or None, got {activations!r}")
+    token = _PREFER.set(None if activations == "float" else activations)
+    try:
+        yield
+    finally:
+        _PREFER.reset(token)
+
+
+def runs(k: Kernel, rows: int) -> bool:
+    """Whether opt-in row ``k`` is the one to run for ``rows`` activation rows: one row (decode)
+    always; several (prompts, evaluation batches) only with its batched product
+    (``k.prompts``), else the format's own product is the faster."""
+    return rows == 1 or k.prompts
+
+
 def linear(x, weight_format, bias=None):
-    """y = x Wᵀ + b by the format's own kernel for x's device, or the reference."""
+    """y = x Wᵀ + b by the format's own kernel for x's device, or the reference (inside
+    `prefer`: by the preferred opt-in row where it applies)."""
+    want = _PREFER.get()
+    if want is not None:
+        k = find(getattr(type(weight_format), "name", None), want, x.device.type)
+        if k is not None and not k.default and runs(k, x.numel() // max(x.shape[-1], 1)):
+            y = k.linear(x, weight_format, bias)
+            if y is not NotImplemented:
+                return y
     key = (type(weight_format), x.device.type)
     try:
         fn = _ROUTES[key]

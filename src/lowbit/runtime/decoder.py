@@ -73,10 +73,10 @@ def linear_fn(mod: nn.Module, int8_activations: bool = False):
         dev = next((t.device.type for t in mod.buffers()), "cpu")
         k = kernels.select(fmt, "int8", dev) if int8_activations else None  # decided once, as the C step decides
         if k is not None and not k.default:
-            opt_in, prompts = k.linear, k.prompts
+            opt_in, runs = k.linear, kernels.runs
 
             def run(x):
-                if prompts or x.numel() == x.shape[-1]:
+                if runs(k, x.numel() // x.shape[-1]):
                     y = opt_in(x, fmt, b)
                     if y is not NotImplemented:
                         return y
