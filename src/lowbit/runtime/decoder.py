@@ -25,7 +25,9 @@ than in its matrix products. This decoder does only the arithmetic:
 The arithmetic follows transformers' eager implementation of each family (RMSNorm in float32,
 ``rotate_half`` rotary, softmax in float32, Gemma's ``(1 + w)`` norms, sandwich norms, q/k norms,
 scaled embedding, query_pre_attn_scalar, sliding windows as ``kv > q - window``), so logits agree
-with ``model(ids).logits`` to float32 rounding (tests/test_runtime.py).
+with ``model(ids).logits`` to float32 rounding (tests/test_runtime.py). Prompts (several positions)
+run attention through torch's fused ``scaled_dot_product_attention`` (same numbers to float
+rounding; eager where logits are soft-capped).
 
 Families: those in `lowbit.models.families`; the family's record says where each part of a block
 is and which of the variants above the family uses. The decoder holds references to the model's
