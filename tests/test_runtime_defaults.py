@@ -2,9 +2,10 @@
 followed by `lowbit generate` / `bench`, overridden by their flags.
 
 * step KL is mean Σ p_ref (log p_ref − log p), checked against a loop by hand;
-* `choose` takes int8 activations exactly when their step KL is within the tolerance of the float
-  path's (the same measurement, two tolerances either side of the ratio); models without an
-  int8-activation row record nothing;
+* `choose` takes int8 activations exactly when their step KL is within the relative tolerance of
+  the float path's (the same measurement, two tolerances either side of the ratio) or within the
+  absolute one (two either side of the difference); models without an int8-activation row record
+  nothing;
 * `lowbit quantize` writes the choice into lowbit.json, and `generate` / `bench` start from it
   unless --int8-activations / --float-activations say otherwise.
 """
@@ -46,9 +47,13 @@ def test_choose_follows_the_tolerance():
     assert d["tokens"] == 24 and d["step_kl_float"] > 0 and d["step_kl_int8"] > 0
     assert d["step_kl_int8"] != d["step_kl_float"]  # the int8 path rounds differently
     ratio = d["step_kl_int8"] / d["step_kl_float"]
-    assert d["int8_activations"] == (ratio <= 1.05)
-    assert D.choose(m.model, ids, ref, tolerance=ratio - 1 + 1e-3)["int8_activations"] is True
-    assert D.choose(m.model, ids, ref, tolerance=ratio - 1 - 1e-3)["int8_activations"] is False
+    diff = d["step_kl_int8"] - d["step_kl_float"]
+    assert d["int8_activations"] == (ratio <= 1.05 or diff <= D.ABS_TOLERANCE)
+    assert D.choose(m.model, ids, ref, tolerance=ratio - 1 + 1e-3, absolute=-1.0)["int8_activations"] is True
+    assert D.choose(m.model, ids, ref, tolerance=ratio - 1 - 1e-3, absolute=-1.0)["int8_activations"] is False
+    eps = 1e-3 * abs(diff) + 1e-9  # the absolute rule alone (relative rule off: tolerance -1), either side
+    assert D.choose(m.model, ids, ref, tolerance=-1.0, absolute=diff + eps)["int8_activations"] is True
+    assert D.choose(m.model, ids, ref, tolerance=-1.0, absolute=diff - eps)["int8_activations"] is False
     # the record's choice, unless a flag says otherwise
     rec = {"decode": d}
     assert D.resolve(rec, None)[0] == d["int8_activations"] and "measured" in D.resolve(rec, None)[1]

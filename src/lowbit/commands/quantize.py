@@ -132,4 +132,4 @@ def _record_decode_choice(m, ids, ref) -> None:
     m.record["decode"] = d
     log(f"decode default: {'int8' if d['int8_activations'] else 'float'} activations (step KL to the float model "
         f"{d['step_kl_int8']:.4g} with int8 vs {d['step_kl_float']:.4g} with float over {d['tokens']} tokens; "
-        f"int8 when within {100 * d['tolerance']:.0f} %)")
+        f"int8 when within {100 * d['tolerance']:.0f} % or +{d['abs_tolerance']:.3g})")
