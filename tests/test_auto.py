@@ -159,7 +159,8 @@ def test_auto_command_meets_a_size_budget(tiny_dir, tmp_path, monkeypatch, capsy
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert "measured in" in captured.err
     dec = json.loads((out / "lowbit.json").read_text())["decode"]  # the decode default, measured as quantize does
-    assert dec["int8_activations"] == (dec["step_kl_int8"] <= 1.05 * dec["step_kl_float"])
+    assert dec["int8_activations"] == (dec["step_kl_int8"] <= 1.05 * dec["step_kl_float"]
+                                       or dec["step_kl_int8"] - dec["step_kl_float"] <= 0.01)
     # the checkpoint holds exactly the plan's choices
     q = api.load(str(out))
     mods = dict(q.model.named_modules())

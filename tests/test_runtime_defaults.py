@@ -70,7 +70,8 @@ def test_quantize_records_the_choice_and_generate_follows_it(tmp_path, capsys):
     rec = json.loads((out / "lowbit.json").read_text())
     d = rec["decode"]
     assert d["tokens"] == D.TOKENS and d["tolerance"] == D.TOLERANCE
-    assert d["int8_activations"] == (d["step_kl_int8"] <= 1.05 * d["step_kl_float"])
+    assert d["int8_activations"] == (d["step_kl_int8"] <= 1.05 * d["step_kl_float"]
+                                     or d["step_kl_int8"] - d["step_kl_float"] <= D.ABS_TOLERANCE)
     assert "decode default:" in err
     act = "int8" if d["int8_activations"] else "float"
     for flags, want in (((), act), (("--int8-activations",), "int8"), (("--float-activations",), "float")):
