@@ -79,19 +79,9 @@ void lb_affine_a8_set_min_parallel_bytes(int64_t n) { g_min_parallel_bytes = n; 
 /* ------------------------------------------------------------------------------------------ */
 /* helpers                                                                                     */
 static inline float weight_zero(const lb_affine_weight* w, int64_t r, int64_t g) {
-    if (w->qz) {
-        const uint8_t* p = w->qz + r * w->qz_stride;
-        int lg = w->bits == 8 ? 0 : (w->bits == 4 ? 1 : 2);
-        return (float)((p[g >> lg] >> ((g & ((1 << lg) - 1)) * w->bits)) & ((1 << w->bits) - 1));
-    }
+    if (w->qz) return (float)lb_code_at(w->qz + r * w->qz_stride, w->bits, g);  /* packed like the codes */
     if (w->fz) return ld_f(w->fz, w->fz_f16, r * w->s_stride + g);
     return w->zconst;
-}
-
-static inline unsigned code_at(const uint8_t* row, int bits, int64_t c) {
-    if (bits == 8) return row[c];
-    int lg = bits == 4 ? 1 : 2;
-    return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
 }
 
 /* grow-only scratch: one for the caller's per-call activation data, one per worker thread */
@@ -291,7 +281,7 @@ static void rows_scalar(const lb_affine_weight* w, const a8_act* A, const float*
                 float t = 0.0f;
                 for (int64_t b = b0; b < b1; b++) {
                     int32_t d = 0;
-                    for (int64_t c = b * QB; c < (b + 1) * QB; c++) d += (int32_t)code_at(row, w->bits, c) * q[c];
+                    for (int64_t c = b * QB; c < (b + 1) * QB; c++) d += (int32_t)lb_code_at(row, w->bits, c) * q[c];
                     t += sx[b] * (float)d;
                 }
                 acc += s * (t - z * xs[g]);
@@ -647,40 +637,6 @@ typedef struct {
 } a8_gemm_act;
 
 #if LB_X86
-/* one weight row's codes, one byte each, into out[0 .. K) */
-T2 static void unpack_row(const lb_affine_weight* w, int64_t r, uint8_t* out) {
-    const uint8_t* row = w->qw + r * w->row_bytes;
-    const int64_t K = w->K;
-    int64_t c = 0;
-    if (w->bits == 8) {
-        memcpy(out, row, (size_t)K);
-        return;
-    }
-    if (w->bits == 4) {
-        const __m128i m4 = _mm_set1_epi8(0x0f);
-        for (; c + 32 <= K; c += 32) {
-            __m128i v = _mm_loadu_si128((const __m128i*)(row + c / 2));
-            __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-            _mm_storeu_si128((__m128i*)(out + c), _mm_unpacklo_epi8(lo, hi));
-            _mm_storeu_si128((__m128i*)(out + c + 16), _mm_unpackhi_epi8(lo, hi));
-        }
-    } else {
-        const __m128i m2 = _mm_set1_epi8(0x03);
-        for (; c + 64 <= K; c += 64) {
-            __m128i v = _mm_loadu_si128((const __m128i*)(row + c / 4));
-            __m128i c0 = _mm_and_si128(v, m2), c1 = _mm_and_si128(_mm_srli_epi16(v, 2), m2);
-            __m128i c2 = _mm_and_si128(_mm_srli_epi16(v, 4), m2), c3 = _mm_and_si128(_mm_srli_epi16(v, 6), m2);
-            __m128i p01l = _mm_unpacklo_epi8(c0, c1), p01h = _mm_unpackhi_epi8(c0, c1);
-            __m128i p23l = _mm_unpacklo_epi8(c2, c3), p23h = _mm_unpackhi_epi8(c2, c3);
-            _mm_storeu_si128((__m128i*)(out + c), _mm_unpacklo_epi16(p01l, p23l));
-            _mm_storeu_si128((__m128i*)(out + c + 16), _mm_unpackhi_epi16(p01l, p23l));
-            _mm_storeu_si128((__m128i*)(out + c + 32), _mm_unpacklo_epi16(p01h, p23h));
-            _mm_storeu_si128((__m128i*)(out + c + 48), _mm_unpackhi_epi16(p01h, p23h));
-        }
-    }
-    for (; c < K; c++) out[c] = (uint8_t)code_at(row, w->bits, c);
-}
-
 /* Pack rows r0 .. r0+GP-1 (rows past N: code 0, scale 0) into pan [K/4][GP][4] (flip: codes
  * stored as u ^ 0x80, i.e. u - 128 as int8), ps[g][GP] = s_w, psz[g][GP] = s_w * (z - centre),
  * pb[GP] = bias (or 0).  tmp holds 4 unpacked rows (4 K bytes). */
@@ -691,7 +647,7 @@ T2 static void pack_panel(const lb_affine_weight* w, const float* bias, int64_t 
     for (int rb = 0; rb < GP; rb += 4) {
         for (int i = 0; i < 4; i++) {
             int64_t r = r0 + rb + i;
-            if (r < N) unpack_row(w, r, tmp + i * K);
+            if (r < N) lb_unpack_codes(w->qw + r * w->row_bytes, w->bits, K, tmp + i * K);
             else memset(tmp + i * K, 0, (size_t)K);
         }
         for (int64_t kq = 0; kq < nkq; kq += 4) {
@@ -726,7 +682,7 @@ T2 static void pack_panel(const lb_affine_weight* w, const float* bias, int64_t 
             for (int64_t g = 0; g < ng; g++) {
                 const float sg = w->scales_f16 ? _cvtsh_ss(sh[g]) : sf[g];
                 ps[g * GP + j] = sg;
-                psz[g * GP + j] = sg * ((float)code_at(zq, w->bits, g) - (float)centre);
+                psz[g * GP + j] = sg * ((float)lb_code_at(zq, w->bits, g) - (float)centre);
             }
         } else if (w->fz) {
             const uint16_t* zh = (const uint16_t*)w->fz + so;

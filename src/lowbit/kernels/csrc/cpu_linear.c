@@ -71,23 +71,8 @@ typedef struct {
     float* y;            /* [M, N] */
 } affine_args;
 
-/* Code c of a packed row: bits 2, 4, 8 hold whole codes per byte (shifts, no division); other
- * widths are runs of 8 codes in `bits` bytes, code j of a run at bits [j*b, j*b + b). */
-static inline unsigned code_at(const uint8_t* row, int bits, int64_t c) {
-    if (bits == 8) return row[c];
-    if (bits == 4 || bits == 2) {
-        int lg = bits == 4 ? 1 : 2;  /* 2 or 4 codes per byte */
-        return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
-    }
-    int bit = (int)(c & 7) * bits, sh = bit & 7;
-    const uint8_t* p = row + (c >> 3) * bits + (bit >> 3);
-    unsigned v = (unsigned)p[0] >> sh;
-    if (sh + bits > 8) v |= (unsigned)p[1] << (8 - sh);
-    return v & ((1u << bits) - 1u);
-}
-
 static inline float affine_zero(const affine_args* a, int64_t r, int64_t g) {
-    if (a->qz) return (float)code_at(a->qz + r * a->qz_stride, a->bits, g);  /* same packing as the codes */
+    if (a->qz) return (float)lb_code_at(a->qz + r * a->qz_stride, a->bits, g);  /* same packing as the codes */
     if (a->fz) return ld_f(a->fz, a->fz_f16, r * a->s_stride + g);
     return a->zconst;
 }
@@ -143,7 +128,7 @@ static void affine_rows_scalar(const affine_args* a, int64_t r0, int64_t r1) {
                 float nz = -(affine_zero(a, r, g) * s);
                 int64_t c0 = g * a->G, c1 = c0 + a->G < K ? c0 + a->G : K;
                 for (int64_t c = c0; c < c1; c++) {
-                    float w = (float)code_at(row, a->bits, c) * s + nz;
+                    float w = (float)lb_code_at(row, a->bits, c) * s + nz;
                     for (int i = 0; i < mb; i++) acc[i] += w * a->x[(m0 + i) * K + c];
                 }
             }
@@ -913,8 +898,8 @@ static int affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_b
     affine_args a = {NULL, 0, K, N, qw, row_bytes, bits, scales, scales_f16, s_stride, G, n_groups,
                      qz, qz_stride, fz, fz_f16, zconst, NULL, NULL};
     int nt = pick_threads(nthreads, N * K, N);
-    /* per row: the codes to one byte each (simple loops the compiler vectorises for 2/4/8 bits),
-     * then (u - z) * s per group, also vectorised: 2.4x the code-at-a-time loop at 4 bits */
+    /* per row: the codes to one byte each (lb_unpack_codes), then (u - z) * s per group, a loop
+     * the compiler vectorises: 2.4x the code-at-a-time loop at 4 bits */
     int bad = 0;
 #pragma omp parallel num_threads(nt) reduction(| : bad)
     {
@@ -926,26 +911,7 @@ static int affine_dequant(int64_t K, int64_t N, const uint8_t* qw, int64_t row_b
             for (int64_t r = 0; r < N; r++) {
                 const uint8_t* row = qw + r * row_bytes;
                 float* o = W + r * K;
-                if (bits == 8) {
-                    memcpy(u, row, (size_t)K);
-                } else if (bits == 4) {
-                    for (int64_t i = 0; i < K / 2; i++) {
-                        u[2 * i] = row[i] & 15;
-                        u[2 * i + 1] = row[i] >> 4;
-                    }
-                    if (K & 1) u[K - 1] = row[K / 2] & 15;
-                } else if (bits == 2) {
-                    for (int64_t i = 0; i < K / 4; i++) {
-                        const uint8_t b = row[i];
-                        u[4 * i] = b & 3;
-                        u[4 * i + 1] = (b >> 2) & 3;
-                        u[4 * i + 2] = (b >> 4) & 3;
-                        u[4 * i + 3] = b >> 6;
-                    }
-                    for (int64_t c = K / 4 * 4; c < K; c++) u[c] = (uint8_t)code_at(row, bits, c);
-                } else {
-                    for (int64_t c = 0; c < K; c++) u[c] = (uint8_t)code_at(row, bits, c);
-                }
+                lb_unpack_codes(row, bits, K, u);
                 for (int64_t g = 0; g < n_groups; g++) {
                     const float s = ld_f(scales, scales_f16, r * s_stride + g);
                     const float z = affine_zero(&a, r, g);

@@ -13,6 +13,8 @@
  *                      library's lb_<lib>_set_min_parallel_bytes) stay on one thread, because
  *                      waking a second thread costs more than it saves
  *   lb_grow            grow-only 64-byte-aligned scratch (a kernel's thread-local buffers)
+ *   lb_code_at, lb_unpack_codes
+ *                      one code of a packed affine row, or a row's codes one byte each
  *   LB_ISA_*, lb_cpu_isa, LB_ISA_EXPORTS
  *                      the one CPU-feature check and the instruction-set levels every library
  *                      dispatches on (lowbit.kernels._native.ISAS names them in this order)
@@ -33,6 +35,48 @@ static inline void* lb_grow(void** p, size_t* have, size_t n) {
         *have = *p ? n : 0;
     }
     return *p;
+}
+
+/* Code c of a packed affine row: bits 2, 4, 8 hold whole codes per byte (code j of a byte at bit
+ * j*b); other widths are runs of 8 codes in `bits` bytes, code j of a run at bits [j*b, j*b + b). */
+static inline unsigned lb_code_at(const uint8_t* row, int bits, int64_t c) {
+    if (bits == 8) return row[c];
+    if (bits == 4 || bits == 2) {
+        int lg = bits == 4 ? 1 : 2;  /* 2 or 4 codes per byte */
+        return (row[c >> lg] >> ((c & ((1 << lg) - 1)) * bits)) & ((1u << bits) - 1u);
+    }
+    int bit = (int)(c & 7) * bits, sh = bit & 7;
+    const uint8_t* p = row + (c >> 3) * bits + (bit >> 3);
+    unsigned v = (unsigned)p[0] >> sh;
+    if (sh + bits > 8) v |= (unsigned)p[1] << (8 - sh);
+    return v & ((1u << bits) - 1u);
+}
+
+/* The first K codes of a packed affine row, one byte each (simple loops the compiler vectorises
+ * for 2, 4 and 8 bits; other widths code by code). */
+static inline void lb_unpack_codes(const uint8_t* row, int bits, int64_t K, uint8_t* out) {
+    int64_t c = 0;
+    if (bits == 8) {
+        memcpy(out, row, (size_t)K);
+        return;
+    }
+    if (bits == 4) {
+        for (int64_t i = 0; i < K / 2; i++) {
+            out[2 * i] = row[i] & 15;
+            out[2 * i + 1] = row[i] >> 4;
+        }
+        c = K / 2 * 2;
+    } else if (bits == 2) {
+        for (int64_t i = 0; i < K / 4; i++) {
+            const uint8_t b = row[i];
+            out[4 * i] = b & 3;
+            out[4 * i + 1] = (b >> 2) & 3;
+            out[4 * i + 2] = (b >> 4) & 3;
+            out[4 * i + 3] = b >> 6;
+        }
+        c = K / 4 * 4;
+    }
+    for (; c < K; c++) out[c] = (uint8_t)lb_code_at(row, bits, c);
 }
 
 typedef struct {
