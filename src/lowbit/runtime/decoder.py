@@ -274,7 +274,7 @@ class LeanDecoder:
         return torch.addcmul(q * cos_q, torch.roll(q, half, -1), sin_q)
 
     def _mask(self, start: int, T: int, window: int | None) -> Tensor | None:
-        """Boolean mask [T, start+T] (True = masked out), None when every key is allowed. Built once
+        """Boolean mask [T, start+T] (True = attend), None when every key is allowed. Built once
         per forward and window (the last few are kept: every layer of a prompt shares them)."""
         S = start + T
         if T == 1 and (window is None or window >= S):
@@ -294,7 +294,7 @@ class LeanDecoder:
         m = k <= q
         if window is not None and window < S:
             m &= k > q - window
-        return ~m
+        return m
 
     def _attention(self, layer: int, q: Tensor, start: int, T: int, window: int | None) -> Tensor:
         """q [T, heads, head_dim] (rotated); keys/values of positions [0, start+T) are cached.
@@ -310,7 +310,7 @@ class LeanDecoder:
         if T > 1 and self.attn_softcap is None:
             # prompts: torch's fused attention (blocked, skips fully masked blocks; ~3.5x the
             # eager product at 512 positions, the same numbers to float rounding)
-            mask = None if (start == 0 and window is None) else ~self._mask(start, T, window)
+            mask = None if (start == 0 and window is None) else self._mask(start, T, window)
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None], V[None], attn_mask=mask,
                                                  is_causal=mask is None, scale=1.0, enable_gqa=g > 1)
             return out[0].transpose(0, 1).reshape(T, -1)
@@ -323,7 +323,7 @@ class LeanDecoder:
             scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
         if T > 1:
             mask = self._mask(start, T, window)
-            scores = scores.view(KV, g, T, S).masked_fill_(mask, float("-inf")).view(KV, g * T, S)
+            scores = scores.view(KV, g, T, S).masked_fill_(~mask, float("-inf")).view(KV, g * T, S)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if probs.dtype != q.dtype:
             probs = probs.to(q.dtype)
