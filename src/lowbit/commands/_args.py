@@ -297,7 +297,7 @@ def eval_settings(args, latency_default=True):
         raise LowbitError(f"--tail-samples must be an integer >= 0, got {args.tail_samples}")
     if args.activation_budget is not None and args.activation_budget < 0:
         raise LowbitError(f"--activation-budget must be >= 0 MiB, got {args.activation_budget}")
-    if getattr(args, "int8_activations", False):
+    if args.int8_activations:
         log("int8 activations: quantized layers whose format has an int8 product run it (prompts and decode "
             "steps alike), as `lowbit generate` does for a checkpoint that recorded it")
     return EvalSettings(text=args.text or "evaluation", protocol=PplProtocol(ctx=args.ctx, max_tokens=args.max_tokens),
@@ -305,7 +305,7 @@ def eval_settings(args, latency_default=True):
                         reference=reference, topk=args.topk or 32,
                         tail_samples=64 if args.tail_samples is None else args.tail_samples, cache_dir=args.cache_dir,
                         activation_budget=None if args.activation_budget is None else args.activation_budget * 2**20,
-                        spill_dir=args.spill_dir, int8_activations=bool(getattr(args, "int8_activations", False)))
+                        spill_dir=args.spill_dir, int8_activations=args.int8_activations)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -58,7 +58,7 @@ def run_key(base_spec: str | None, settings, kind: str) -> dict:
     key = {"base": model_identity(base_spec), "text": hashlib.sha256(load_text(settings.text).encode()).hexdigest(),
            "protocol": asdict(settings.protocol), "reference": ref, "latency": latency,
            "device": settings.device, "lowbit": __version__}
-    if getattr(settings, "int8_activations", False):  # absent for float: earlier files' keys stay valid
+    if settings.int8_activations:  # absent for float: earlier files' keys stay valid
         key["activations"] = "int8"
     return key
 
