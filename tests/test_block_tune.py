@@ -8,7 +8,8 @@ from torch import nn
 
 from lowbit import api, checkpoint
 from lowbit.algorithms.block_tune import block_parameters, relative_error, tune
-from lowbit.algorithms.quip import QuIPConfig, TunableE8P, quip_quantize
+from lowbit.algorithms.quip import QuIPConfig, quip_quantize
+from lowbit.training.tunable import TunableE8P
 from lowbit.errors import LowbitError
 from lowbit.models.tiny import tiny_model
 from lowbit.nn.linear import QuantizedLinear
@@ -32,7 +33,7 @@ def test_the_trainable_stand_in_equals_the_stored_layer(bits):
         torch.testing.assert_close(t(x), q(x), rtol=1e-5, atol=1e-5)
         t.sv[:5] *= 1.5  # a tuned value is what the rebuilt weight stores
         t.scale.mul_(0.9)
-        again = QuantizedLinear(t.weight(), q.bias)
+        again = QuantizedLinear(t.weight_format(), q.bias)
         torch.testing.assert_close(t(x), again(x), rtol=1e-5, atol=1e-5)
     assert again.weight_format.sv is not None and again.weight_format.su is not None
 

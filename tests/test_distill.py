@@ -9,6 +9,7 @@ import torch
 from lowbit import api, checkpoint
 from lowbit.cli import main
 from lowbit.models.tiny import save_tiny
+from lowbit.nn.linear import QuantizedLinear
 from lowbit.training.kd import KDConfig, distill, named_parameters_of, norm_parameters
 from lowbit.training.qat import convert, prepare
 from lowbit.training.trainer import TrainConfig
@@ -87,6 +88,30 @@ def test_quantized_student_recovers(tmp_path, capsys, tiny_dir, texts, tune):
     assert rec["method"]["method"] == "rtn" and rec["modules"]  # the same packed formats as before
     _, _, before = checkpoint.load(q)
     assert {k: v["format"] for k, v in rec["modules"].items()} == {k: v["format"] for k, v in before["modules"].items()}
+
+
+def test_quip_student_recovers_end_to_end(tmp_path, capsys, tiny_dir, texts):
+    """QuIP#'s end-to-end fine-tuning: the E8P layers' sign vectors and scales train against the
+    teacher's logits, the lattice codes stay exactly as they were."""
+    q = tmp_path / "quip2"
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "quip", "--samples", 8, "--seq-len", 32, "-o", q)
+    assert code == 0, err
+    out = tmp_path / "quip2kd"
+    flags = _train_flags(texts, steps=20, lr=1e-3)
+    flags[3] = texts[0]
+    code, _, err = run(capsys, "distill", tiny_dir, "--student", q, *flags, "-o", out)
+    assert code == 0, err
+    assert "no trainable view" not in err
+    d = checkpoint.read_record(out)["distill"]
+    assert d["final_eval"]["kl"] < 0.9 * d["first_eval"]["kl"]
+    fa = {n: m.weight_format for n, m in api.load(str(q)).model.named_modules() if isinstance(m, QuantizedLinear)}
+    fb = {n: m.weight_format for n, m in api.load(str(out)).model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert fa.keys() == fb.keys() and fa
+    moved = 0
+    for n in fa:
+        assert fb[n].name == "e8p" and torch.equal(fa[n].codes, fb[n].codes), n
+        moved += int(not torch.equal(fa[n].incoherence().V.diagonal(), fb[n].sv))
+    assert moved == len(fa)
 
 
 def test_qat_cli_packs_a_checkpoint(tmp_path, capsys, tiny_dir, texts):

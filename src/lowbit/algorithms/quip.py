@@ -24,7 +24,6 @@ paper is `QuIP.tune_block` (``finetune_steps`` > 0).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from lowbit.core.log import log
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
 from lowbit.formats.e8p import BITS, E8PWeight, decode_signs, encode_signs
+from lowbit.training.tunable import TunableE8P
 
 SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4)  # candidate s / RMS(W~) (E8P's coordinates have RMS ~1.1)
 RESIDUAL_SCALES = (0.25, 0.35, 0.5, 0.7, 1.0)  # candidate s2 / RMS(residual) for the 4-bit E8P residual
@@ -218,50 +218,10 @@ class QuIP(GPTQ):
                 block.set_submodule(n, t.original)
         self.tuned[prefix] = {"held_out_before": res.held_out_before, "held_out_after": res.held_out_after,
                               "kept": res.kept}
-        return {n: t.weight() for n, t in layers.items()} if res.kept else {}
+        return {n: t.weight_format() for n, t in layers.items()} if res.kept else {}
 
     def describe(self) -> dict:
         d = super().describe()
         if self.tuned:
             d["tuning"] = dict(sorted(self.tuned.items()))
         return d
-
-
-class TunableE8P(nn.Module):
-    """An E8P layer whose continuous parts are trainable: the transforms' diagonals (the sign
-    vectors, initialised to the seed's signs) and the scales; the codes stay as they are, decoded
-    once. ``weight()`` is the layer's weight with the tuned values."""
-
-    def __init__(self, q: nn.Module):
-        super().__init__()
-        self.original = q
-        f = self.fmt = q.weight_format
-        self._inc = f.incoherence()
-        du, dv = self._inc.U.diagonal(), self._inc.V.diagonal()
-        self.su = nn.Parameter(torch.ones(f.shape[0]) if du is None else du.clone(), requires_grad=False)
-        self.sv = nn.Parameter(torch.ones(f.shape[1]) if dv is None else dv.clone(), requires_grad=False)
-        self.scale = nn.Parameter(f.scale.clone(), requires_grad=False)
-        self.register_buffer("stage1", e8p.decode(f.codes.to(torch.int64) & 0xFFFF).reshape(f.shape), persistent=False)
-        stage2 = None
-        if f.bits == 4:
-            stage2 = e8p.decode(f.residual.to(torch.int64) & 0xFFFF).reshape(f.shape)
-        elif f.bits == 3:
-            stage2 = decode_signs(f.residual).reshape(f.shape)
-        self.register_buffer("stage2", stage2, persistent=False)
-        self.bias = q.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        W = self.scale[0] * self.stage1
-        if self.stage2 is not None:
-            W = W + self.scale[1] * self.stage2
-        U = dataclasses.replace(self._inc.U, diag=self.su)
-        V = dataclasses.replace(self._inc.V, diag=self.sv)
-        y = U.apply_t(V.apply(x.float()) @ W.T)
-        return (y if self.bias is None else y + self.bias).to(x.dtype)
-
-    def weight(self) -> E8PWeight:
-        """The weight with the tuned sign vectors and scales stored."""
-        fmt = dataclasses.replace(self.fmt, scale=self.scale.detach().clone(), su=self.su.detach().clone(),
-                                  sv=self.sv.detach().clone())
-        fmt.validate()
-        return fmt

@@ -18,7 +18,12 @@ weight back in the same format (``weight_format()``, validated). Views of an `Af
   GPTQ W3 g64, 100-300 steps a block: the scales lowered every block's error; the latent
   weights, whose codes flip under single-sample steps, made the first blocks worse).
 
-Layers in a format with no view (codebooks, incoherent or sparse weights, int8 with outliers, ...)
+The view of an `E8PWeight` (QuIP#, `TunableE8P`; every mode) keeps the lattice codes and trains
+the continuous rest, as the paper's fine-tuning does (§5): the two sign vectors of the
+incoherence transforms (made real-valued) and the scales. QuIP#'s block-wise tuning
+(`lowbit.algorithms.quip`) and the end-to-end recovery (`lowbit distill --student`) share it.
+
+Layers in a format with no view (AQLM codebooks, incoherent or sparse weights, int8 with outliers, ...)
 stay as they are; their names are listed in the returned mapping's ``skipped``. Every stand-in
 copies the layer's bias into a parameter of its own, trained with the rest; ``original`` is the
 QuantizedLinear it replaced.
@@ -26,12 +31,16 @@ QuantizedLinear it replaced.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
 from lowbit.core import grid
 from lowbit.errors import LowbitError
+from lowbit.core import e8p
 from lowbit.formats.affine import AffineWeight
+from lowbit.formats.e8p import E8PWeight, decode_signs
 from lowbit.nn.linear import QuantizedLinear
 from lowbit.nn.replace import replacement
 from lowbit.training.fake_quant import FakeQuantLinear
@@ -89,6 +98,55 @@ class TunableAffine(nn.Module):
         return fmt
 
 
+class TunableE8P(nn.Module):
+    """An E8P layer whose continuous parts are trainable: the transforms' diagonals ``su``, ``sv``
+    (initialised to the seed's signs) and the scales; the codes stay as they are, decoded once
+    into float buffers. The bias is the layer's own parameter (trained in place, as the block
+    tuning's norm gains are). ``weight_format()`` is the weight with the tuned values stored."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        f = q.weight_format
+        if type(f) is not E8PWeight:
+            raise LowbitError(f"TunableE8P needs a layer over an E8P weight, got {f.name}")
+        self.__dict__["_original"] = q
+        self.fmt = f
+        self._inc = f.incoherence()
+        du, dv = self._inc.U.diagonal(), self._inc.V.diagonal()
+        self.su = nn.Parameter(torch.ones(f.shape[0]) if du is None else du.clone(), requires_grad=False)
+        self.sv = nn.Parameter(torch.ones(f.shape[1]) if dv is None else dv.clone(), requires_grad=False)
+        self.scale = nn.Parameter(f.scale.clone(), requires_grad=False)
+        self.register_buffer("stage1", e8p.decode(f.codes.to(torch.int64) & 0xFFFF).reshape(f.shape), persistent=False)
+        stage2 = None
+        if f.bits == 4:
+            stage2 = e8p.decode(f.residual.to(torch.int64) & 0xFFFF).reshape(f.shape)
+        elif f.bits == 3:
+            stage2 = decode_signs(f.residual).reshape(f.shape)
+        self.register_buffer("stage2", stage2, persistent=False)
+        self.bias = q.bias
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_original"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = self.scale[0] * self.stage1
+        if self.stage2 is not None:
+            W = W + self.scale[1] * self.stage2
+        U = dataclasses.replace(self._inc.U, diag=self.su)
+        V = dataclasses.replace(self._inc.V, diag=self.sv)
+        y = U.apply_t(V.apply(x.float()) @ W.T)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    @torch.no_grad()
+    def weight_format(self) -> E8PWeight:
+        """The same codes with the tuned sign vectors and scales, validated."""
+        fmt = dataclasses.replace(self.fmt, scale=self.scale.detach().clone(), su=self.su.detach().clone(),
+                                  sv=self.sv.detach().clone())
+        fmt.validate()
+        return fmt
+
+
 class TrainableLayers(dict):
     """{name: stand-in} of `make_trainable`; ``skipped`` maps the names of the packed layers left
     as they were (no trainable view of their format) to the format's name."""
@@ -104,6 +162,8 @@ def view(q: QuantizedLinear, mode: str = "auto") -> nn.Module | None:
         raise LowbitError(f"trainable view must be one of {', '.join(MODES)}, got {mode!r}")
     if type(q.weight_format) is AffineWeight:
         return FakeQuantLinear.from_affine(q, learn_scale=True) if mode == "latent" else TunableAffine(q)
+    if type(q.weight_format) is E8PWeight:
+        return TunableE8P(q)
     return None
 
 
