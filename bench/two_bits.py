@@ -11,7 +11,10 @@ Steps (every finished step is kept, so an interrupted run goes on where it stopp
    time of quantizing (load excluded) to ``OUT/<model>/quantize.jsonl``; a variant whose
    checkpoint and time are there already is not redone. The Q2_K row is lowbit's own GGUF writer
    with an importance matrix collected on the same calibration text (llama.cpp's ``--imatrix``
-   recipe), evaluated through lowbit's GGUF loader;
+   recipe), evaluated through lowbit's GGUF loader. ``quip-2-tuned-e2e`` is QuIP#'s end-to-end
+   fine-tuning (paper §5) of ``quip-2-tuned``: ``lowbit distill --student`` trains its sign
+   vectors, scales and norms against the original's logits on the same calibration text (100
+   steps of 4 windows of 512 tokens), codes kept; its time is that of the distillation alone;
 2. ``lowbit compare`` of the original and every variant on the held-out text under lowbit's fixed
    perplexity protocol (non-overlapping windows of 512 tokens, ``--max-tokens`` tokens): perplexity,
    KL to the original, top-1 agreement, real bits per linear weight (every stored byte: codes,
@@ -38,7 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-# name -> how it is made: ("lowbit", method, scheme or None, options) or ("gguf", qtype)
+# name -> how it is made: ("lowbit", method, scheme or None, options), ("gguf", qtype), or
+# ("distill", base variant, lowbit distill flags): QuIP#'s end-to-end fine-tuning of a finished
+# variant against the original's logits (the sign vectors, scales and norms; codes kept)
 VARIANTS = {
     "gptq-w2g64": ("lowbit", "gptq", dict(bits=2, group_size=64), {}),
     "gptq-w2g64-incoherent": ("lowbit", "gptq", dict(bits=2, group_size=64), {"incoherent": True}),
@@ -46,6 +51,7 @@ VARIANTS = {
     "gptq-w4g128": ("lowbit", "gptq", dict(bits=4, group_size=128), {}),
     "quip-2": ("lowbit", "quip", None, {"bits": 2}),
     "quip-2-tuned": ("lowbit", "quip", None, {"bits": 2, "finetune_steps": 100}),
+    "quip-2-tuned-e2e": ("distill", "quip-2-tuned", ["--steps", "100", "--batch-size", "4", "--seq-len", "512"]),
     "quip-3": ("lowbit", "quip", None, {"bits": 3}),
     "quip-4": ("lowbit", "quip", None, {"bits": 4}),
     "aqlm-2x8": ("lowbit", "aqlm", None, {"bits": 2}),
@@ -76,11 +82,21 @@ def variant_path(root: Path, name: str) -> Path:
 
 def quantize_variant(model: str, name: str, path: Path) -> tuple[float, float]:
     """Make one variant at ``path``; returns the wall and CPU seconds it took (loading excluded;
-    the CPU time of all threads varies far less with the machine's load than the wall time)."""
+    the CPU time of all threads varies far less with the machine's load than the wall time). A
+    "distill" variant's seconds are its own (the base variant's are in its row)."""
     from lowbit import api
     from lowbit.core.scheme import QuantScheme
 
     spec = VARIANTS[name]
+    if spec[0] == "distill":
+        from lowbit.cli import main as lowbit_main
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        rc = lowbit_main(["distill", model, "--student", str(variant_path(path.parent, spec[1])), *spec[2],
+                          "-o", str(path)])
+        if rc:
+            raise SystemExit(f"lowbit distill for {name} failed ({rc})")
+        return time.perf_counter() - t0, time.process_time() - c0
     m = api.load(model)
     t0, c0 = time.perf_counter(), time.process_time()
     if spec[0] == "gguf":
@@ -168,6 +184,9 @@ def main() -> int:
     root = Path(args.out) / Path(args.model).name  # a model folder's name, or the bundled model's
     root.mkdir(parents=True, exist_ok=True)
     times_file = root / "quantize.jsonl"
+    for name in [n for n in names if VARIANTS[n][0] == "distill"]:  # a distilled variant needs its base
+        if VARIANTS[name][1] not in names:
+            names.insert(names.index(name), VARIANTS[name][1])
     for name in names:
         path = variant_path(root, name)
         if name in done_times(times_file) and path.exists():

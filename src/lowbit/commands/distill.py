@@ -112,7 +112,8 @@ def _run(args) -> int:
             log(f"{len(standins.skipped)} layers have no trainable view and stay as they are "
                 f"({', '.join(sorted(set(standins.skipped.values())))})")
         params = {**named_parameters_of(standins), **norm_parameters(student)}
-        what = f"{len(standins)} quantized layers ({args.tune}) of {args.student}"
+        kinds = sorted({type(s).__name__ for s in standins.values()})
+        what = f"{len(standins)} quantized layers of {args.student} (trainable views: {', '.join(kinds)})"
     else:
         from lowbit.training import depth
 
