@@ -110,6 +110,28 @@ def test_lkd_on_gemma3_with_hqq():
     assert zeros and all(z is not None and z.dtype == torch.float16 for z in zeros)
 
 
+@pytest.mark.filterwarnings("error:optimizer contains a parameter group with duplicate parameters")
+def test_lkd_on_quip_trains_the_e8p_layers():
+    """QuIP#'s E8P layers have a trainable view (sign vectors, scales; lattice codes kept): LKD
+    trains them instead of leaving them as the method made them."""
+    plain = _model()
+    api.quantize(plain, "quip", None, **CALIB)
+    m = _model()
+    rec = api.quantize(m, "quip", None, **CALIB, lkd_steps=30, lkd_lr=1e-3)
+    assert "no_view" not in rec["method"]["lkd"]
+    blocks = _check_blocks(rec)
+    assert any(b["kept"] for b in blocks.values())
+    a = {n: q.weight_format for n, q in m.model.named_modules() if isinstance(q, QuantizedLinear)}
+    b = {n: q.weight_format for n, q in plain.model.named_modules() if isinstance(q, QuantizedLinear)}
+    assert len(a) == 14 and all(f.name == "e8p" for f in a.values())
+    kept = [k for k, v in blocks.items() if v["kept"]]
+    for n, f in a.items():  # block 0's codes are the plain run's (later blocks see tuned inputs)
+        if n.startswith("model.layers.0."):
+            assert torch.equal(f.codes, b[n].codes)
+        if any(n.startswith(k + ".") for k in kept):
+            assert f.sv is not None and not torch.equal(f.sv, b[n].incoherence().V.diagonal())
+
+
 def test_lkd_steps_0_is_the_plain_method():
     meth = make_method("gptq", SCHEME, lkd_steps=0, lkd_lr=1e-3)
     assert type(meth) is GPTQ and "lkd" not in meth.describe()

@@ -43,8 +43,7 @@ from lowbit.core.log import log
 from lowbit.core.registry import register
 from lowbit.errors import LowbitError
 from lowbit.nn.linear import QuantizedLinear
-from lowbit.training.fake_quant import FakeQuantLinear
-from lowbit.training.tunable import MODES, TunableAffine, make_trainable, restore, trainable_parameters
+from lowbit.training.tunable import MODES, STANDIN_TYPES, make_trainable, restore, trainable_parameters
 
 DEFAULT_LR = 1e-4
 
@@ -66,7 +65,7 @@ class LKDConfig:
 
 
 # the block's own parameters LKD trains are those outside the (packed, stand-in or float) layers
-_LAYERS = (QuantizedLinear, nn.Linear, FakeQuantLinear, TunableAffine)
+_LAYERS = (QuantizedLinear, nn.Linear, *STANDIN_TYPES)
 
 
 def lkd_block(block: nn.Module, inputs, targets, block_kwargs: dict, cfg: LKDConfig) -> tuple[dict, dict, dict]:

@@ -226,6 +226,9 @@ class MaskedLinear(nn.Module):
         return (self.weight * self.mask).to(self.original.weight.dtype)
 
 
+STANDIN_TYPES = (TunableAffine, FakeQuantLinear, TunableE8P, MaskedLinear)  # every view `make_trainable` makes
+
+
 def trainable_parameters(standins: dict[str, nn.Module]) -> list[nn.Parameter]:
     """Every parameter of the stand-ins (latent weights, scales, float zero-points, biases)."""
     return [p for s in standins.values() for p in s.parameters()]
