@@ -13,8 +13,9 @@ Steps (every finished step is kept, so an interrupted run goes on where it stopp
    with an importance matrix collected on the same calibration text (llama.cpp's ``--imatrix``
    recipe), evaluated through lowbit's GGUF loader. ``quip-2-tuned-e2e`` is QuIP#'s end-to-end
    fine-tuning (paper §5) of ``quip-2-tuned``: ``lowbit distill --student`` trains its sign
-   vectors, scales and norms against the original's logits on the same calibration text (100
-   steps of 4 windows of 512 tokens), codes kept; its time is that of the distillation alone;
+   vectors, scales and norms against the original's logits on the same calibration text (40
+   steps of 2 windows of 512 tokens: 41k tokens), codes kept; its time is that of the
+   distillation alone;
 2. ``lowbit compare`` of the original and every variant on the held-out text under lowbit's fixed
    perplexity protocol (non-overlapping windows of 512 tokens, ``--max-tokens`` tokens): perplexity,
    KL to the original, top-1 agreement, real bits per linear weight (every stored byte: codes,
@@ -51,7 +52,8 @@ VARIANTS = {
     "gptq-w4g128": ("lowbit", "gptq", dict(bits=4, group_size=128), {}),
     "quip-2": ("lowbit", "quip", None, {"bits": 2}),
     "quip-2-tuned": ("lowbit", "quip", None, {"bits": 2, "finetune_steps": 100}),
-    "quip-2-tuned-e2e": ("distill", "quip-2-tuned", ["--steps", "100", "--batch-size", "4", "--seq-len", "512"]),
+    "quip-2-tuned-e2e": ("distill", "quip-2-tuned", ["--steps", "40", "--batch-size", "2", "--micro-batch", "1",
+                                                     "--seq-len", "512"]),
     "quip-3": ("lowbit", "quip", None, {"bits": 3}),
     "quip-4": ("lowbit", "quip", None, {"bits": 4}),
     "aqlm-2x8": ("lowbit", "aqlm", None, {"bits": 2}),
