@@ -110,11 +110,11 @@ def plot(cv: dict, path: Path, title: str) -> None:
 
 
 def header() -> str:
-    flags = open("/proc/cpuinfo").read()
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     import torch
 
-    return f"{isa}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+    from lowbit.runtime import machine
+
+    return f"{machine.isa()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
 
 
 def main() -> int:

@@ -55,26 +55,13 @@ from lowbit.integrations import llama_cpp as LC
 
 DEFAULT_MODEL = "smollm2-135m"
 
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-             "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
-
-
 def cpu_header(threads: int) -> str:
-    """CPU model, its vector instruction sets (from /proc/cpuinfo), threads, load average."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model name") and model == "unknown CPU":
-                model = val.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    isa = " ".join(f for f in CPU_FLAGS if f in flags) or "?"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"CPU: {model} ({os.cpu_count()} logical CPUs); ISA: {isa}; threads: {threads}; load average: {load}"
+    """CPU model, its vector instruction sets, threads, load average (`lowbit.runtime.machine`)."""
+    from lowbit.runtime import machine
+
+    isa = " ".join(machine.vector_flags()) or "?"
+    return (f"CPU: {machine.cpu().name} ({os.cpu_count()} logical CPUs); ISA: {isa}; threads: {threads}; "
+            f"load average: {machine.load()}")
 
 
 def load_llama(path: Path, n_ctx: int, threads: int, logits_all: bool, extra: bool):

@@ -46,10 +46,9 @@ VARIANTS = ("fp32", "int4", "int4-a8", "b1.58", "1-bit")
 
 
 def header() -> str:
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return (f"CPU: {model}; instruction set {isa}; {torch.get_num_threads()} threads; "
+    from lowbit.runtime import machine
+
+    return (f"CPU: {machine.cpu().name}; instruction set {machine.isa()}; {torch.get_num_threads()} threads; "
             f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}")
 
 

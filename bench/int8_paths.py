@@ -49,13 +49,9 @@ FLUSH = torch.empty(0)
 
 
 def cpu_flags() -> str:
-    try:
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "?"
-    keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-            "amx_int8", "amx_bf16")
-    return " ".join(f for f in keep if f in flags)
+    from lowbit.runtime import machine
+
+    return " ".join(machine.vector_flags()) or "?"
 
 
 def flush_caches() -> None:

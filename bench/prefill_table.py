@@ -41,10 +41,6 @@ import time
 import types
 from pathlib import Path
 
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
-         "amx_int8", "amx_bf16")
-
-
 def _decode_table():
     """bench/decode_table.py as a module (its llama.cpp child process and model helpers)."""
     spec = importlib.util.spec_from_file_location("lowbit_bench_decode_table", Path(__file__).with_name("decode_table.py"))
@@ -54,17 +50,9 @@ def _decode_table():
 
 
 def cpu_flags() -> tuple[str, list[str]]:
-    name, flags = "unknown CPU", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return name, [f for f in FLAGS if f in flags]
+    from lowbit.runtime import machine
+
+    return machine.cpu().name, machine.vector_flags()
 
 
 def main() -> int:

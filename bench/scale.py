@@ -55,14 +55,9 @@ SMALL_METHODS = [  # (label, lowbit quantize arguments)
 
 
 def machine() -> str:
-    flags = ""
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags else (
-        "AVX2" if "avx2" in flags else "no AVX2")
-    return f"{isa}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
+    from lowbit.runtime import machine as m
+
+    return f"{m.isa()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"
 
 
 def run(argv: list[str], launcher: list[str] | None = None) -> tuple[float, int, str]:

@@ -39,15 +39,9 @@ def _decode_table():
 
 
 def cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_vbmi", "amx_tile")
-                                if f in have)
-    except OSError:
-        pass
-    return "unknown"
+    from lowbit.runtime import machine
+
+    return " ".join(machine.vector_flags()) or "unknown"
 
 
 def main() -> int:

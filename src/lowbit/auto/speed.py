@@ -16,7 +16,6 @@ are cached per machine (CPU model, threads, torch and lowbit versions).
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,13 +33,9 @@ def machine_key(threads: int) -> dict:
 
     from lowbit.version import __version__
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "isa_cap": os.environ.get("LOWBIT_ISA"), "threads": threads, "torch": torch.__version__,
+    from lowbit.runtime import machine
+
+    return {"cpu": machine.cpu().name, "isa_cap": os.environ.get("LOWBIT_ISA"), "threads": threads, "torch": torch.__version__,
             "lowbit": __version__, "kernels": _kernel_builds()}
 
 

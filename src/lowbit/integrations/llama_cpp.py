@@ -49,15 +49,9 @@ def _import_llama_cpp():
 def has_amx() -> bool:
     """Whether this CPU has AMX tiles (``amx_tile`` in /proc/cpuinfo's flags; False where that
     file is missing, e.g. not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return "amx_tile" in val.split()
-    except OSError:
-        pass
-    return False
+    from lowbit.runtime import machine
+
+    return "amx_tile" in machine.cpu().flags
 
 
 def use_extra_buffer_types(extra_buffer_types: bool | None = None) -> bool:
