@@ -262,6 +262,27 @@ def test_tune_block_lowers_the_block_error():
     assert not any(p.requires_grad != q.requires_grad for p, q in zip(blk.parameters(), original.parameters()))
 
 
+def test_the_trainable_view_equals_the_stored_layer():
+    from lowbit.nn.linear import QuantizedLinear
+    from lowbit.training.tunable import TunableAQLM, view
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(24, 32, generator=g), torch.randn(128, 32, generator=g)
+    fmt, _ = aqlm_quantize(W, X.T @ X, AQLMConfig(**FAST))
+    q = QuantizedLinear(fmt, torch.randn(24, generator=g))
+    t = view(q, "scales")
+    assert isinstance(t, TunableAQLM) and t.original is q
+    x = torch.randn(3, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), q(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(t.weight_format().dequantize(), fmt.dequantize())  # untrained: the same weight
+        t.codebooks.mul_(1.1)
+        t.factors[:3] = 0.5
+        again = QuantizedLinear(t.weight_format(), q.bias)
+        torch.testing.assert_close(t(x), again(x), rtol=2e-3, atol=2e-3)  # float16 storage of the tuned values
+    assert torch.equal(again.weight_format.unsigned_codes(), fmt.unsigned_codes())
+
+
 # -- a whole model -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,28 @@ def test_quip_student_recovers_end_to_end(tmp_path, capsys, tiny_dir, texts):
     assert moved == len(fa)
 
 
+def test_aqlm_student_recovers_end_to_end(tmp_path, capsys, tiny_dir, texts):
+    """AQLM's codebooks and row factors train against the teacher's logits, the codes kept."""
+    q = tmp_path / "aqlm"
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "aqlm", "--samples", 4, "--seq-len", 32,
+                       "--option", "rounds=1", "--option", "kmeans_iters=4", "-o", q)
+    assert code == 0, err
+    out = tmp_path / "aqlmkd"
+    flags = _train_flags(texts, steps=20, lr=1e-3)
+    flags[3] = texts[0]
+    code, _, err = run(capsys, "distill", tiny_dir, "--student", q, *flags, "-o", out)
+    assert code == 0, err
+    assert "no trainable view" not in err and "TunableAQLM" in err
+    d = checkpoint.read_record(out)["distill"]
+    assert d["final_eval"]["kl"] < 0.9 * d["first_eval"]["kl"]
+    fa = {n: m.weight_format for n, m in api.load(str(q)).model.named_modules() if isinstance(m, QuantizedLinear)}
+    fb = {n: m.weight_format for n, m in api.load(str(out)).model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert fa.keys() == fb.keys() and fa
+    for n in fa:
+        assert fb[n].name == "aqlm" and torch.equal(fa[n].codes, fb[n].codes), n
+        assert not torch.equal(fa[n].codebooks, fb[n].codebooks), n
+
+
 def test_qat_cli_packs_a_checkpoint(tmp_path, capsys, tiny_dir, texts):
     out = tmp_path / "qat"
     flags = _train_flags(texts, steps=20, lr=3e-4)

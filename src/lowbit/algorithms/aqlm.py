@@ -53,7 +53,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.algorithms.gptq import GPTQ
@@ -62,7 +61,8 @@ from lowbit.core.grid import check_finite
 from lowbit.core.hadamard import layer_seed
 from lowbit.core.registry import register_method
 from lowbit.errors import LowbitError
-from lowbit.formats.aqlm import MAX_CODEBOOKS, AQLMWeight
+from lowbit.formats.aqlm import MAX_CODEBOOKS, AQLMWeight, reconstruct
+from lowbit.training.tunable import TunableAQLM
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 _ELEMENTS = 1 << 22  # float32 candidate scores made at once by the beam search (16 MB)
@@ -128,16 +128,6 @@ class AQLMConfig:
 # ---------------------------------------------------------------------------------------------
 # W^ and its adjoint; the objective
 # ---------------------------------------------------------------------------------------------
-
-def reconstruct(C: Tensor, b: Tensor, s: Tensor) -> Tensor:
-    """W^ [out, in] = s_o Σ_m C_m[b_ojm] from codebooks C [M, K, g], codes b [out, groups, M] and
-    scales s [out] (in C's dtype)."""
-    out = b.shape[0]
-    V = C[0][b[..., 0]]
-    for m in range(1, C.shape[0]):
-        V = V + C[m][b[..., m]]
-    return (V * s.to(V.dtype)[:, None, None]).reshape(out, -1)
-
 
 def _adjoint(Y: Tensor, b: Tensor, s: Tensor, K: int) -> Tensor:
     """The adjoint of C -> reconstruct(C, b, s) applied to Y [out, in]: [M, K, g]."""
@@ -455,37 +445,6 @@ def _solve(W: Tensor, H: Tensor, cfg: AQLMConfig, seed: int) -> tuple[AQLMWeight
 # block fine-tuning (paper §3.3; the discrete step of PV-tuning)
 # ---------------------------------------------------------------------------------------------
 
-class _Trainable(nn.Module):
-    """A differentiable stand-in for a QuantizedLinear holding an AQLM weight while its block is
-    tuned: y = x (s ⊙ r ⊙ Σ_m C_m[b])ᵀ + bias, trainable codebooks C and per-row factors r (ones
-    at the start: Adam's steps are about the same size for every parameter, and the scales s are
-    as small as the weights), the codes b and scales s fixed."""
-
-    def __init__(self, fmt: AQLMWeight, bias: Tensor | None):
-        super().__init__()
-        self.shape = fmt.shape
-        self.dtype = fmt.codebooks.dtype
-        self.codebooks = nn.Parameter(fmt.codebooks[:, :, 0, :].float().clone(), requires_grad=False)  # [M, K, g]
-        self.factors = nn.Parameter(torch.ones(fmt.shape[0]), requires_grad=False)                    # [out]
-        self.register_buffer("scales", fmt.scales.reshape(-1).float().clone())                        # [out]
-        self.register_buffer("codes", fmt.unsigned_codes())                                           # [out, groups, M]
-        self.bias = None if bias is None else bias.detach()
-
-    def forward(self, x: Tensor) -> Tensor:
-        W = reconstruct(self.codebooks, self.codes, self.scales * self.factors).to(x.dtype)
-        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
-
-    @torch.no_grad()
-    def round_to_storage(self) -> None:
-        self.codebooks.copy_(self.codebooks.to(self.dtype))
-        self.scales.copy_((self.scales * self.factors).to(self.dtype))
-        self.factors.fill_(1.0)
-
-    def weight_format(self) -> AQLMWeight:
-        return AQLMWeight.from_codes(self.codes, self.codebooks.detach(), self.scales * self.factors.detach(),
-                                     self.shape, dtype=self.dtype)
-
-
 def tune_aqlm_block(block: nn.Module, inputs, targets, block_kwargs: dict, *, steps: int, lr: float, beam: int = 4,
                     references: dict[str, tuple[Tensor, Tensor]] | None = None) -> tuple[dict, dict[str, AQLMWeight]]:
     """Fine-tune the AQLM layers of ``block`` (modules holding `AQLMWeight`s) towards the float
@@ -511,7 +470,7 @@ def tune_aqlm_block(block: nn.Module, inputs, targets, block_kwargs: dict, *, st
     layers = {n: m for n, m in block.named_modules() if isinstance(getattr(m, "weight_format", None), AQLMWeight)}
     if not layers:
         return {"held_out": [], "kept": False}, {}
-    stand_ins = {n: _Trainable(m.weight_format, m.bias) for n, m in layers.items()}
+    stand_ins = {n: TunableAQLM(m) for n, m in layers.items()}
 
     def held_out() -> float:
         with torch.no_grad():
@@ -521,7 +480,7 @@ def tune_aqlm_block(block: nn.Module, inputs, targets, block_kwargs: dict, *, st
         for n, t in stand_ins.items():
             block.set_submodule(n, t)
         params = [p for t in stand_ins.values() for p in (t.codebooks, t.factors)] + \
-            block_parameters(block, (_Trainable,))
+            block_parameters(block, (TunableAQLM,))
         start = [p.detach().clone() for p in params] + [t.scales.clone() for t in stand_ins.values()]
         res = tune(block, params, X, T, block_kwargs, steps, lr)
         for t in stand_ins.values():

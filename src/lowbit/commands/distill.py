@@ -13,8 +13,9 @@ Students:
   affine layers are made trainable (``--tune scales``, the default: the scales alone, every
   code kept; ``--tune latent``: latent weights with a straight-through estimator and learned
   scales), its QuIP# (E8P) layers train their sign vectors and scales with the lattice codes
-  kept (the paper's end-to-end fine-tuning), and the norms train; the result is written as a
-  checkpoint of the same formats.
+  kept (the paper's end-to-end fine-tuning), its AQLM layers their codebooks and row factors
+  with the codes kept, and the norms train; the result is written as a checkpoint of the same
+  formats.
 
 Loss: ``alpha·T²·KL(teacher ‖ student) + (1−alpha)·CE`` (+ ``hidden`` × a hidden-state matching
 loss). ``--alpha 0`` is the control without a teacher. The run is resumable (``--resume``).
@@ -50,8 +51,8 @@ def register(sub) -> None:
     p.add_argument("--tune", choices=("scales", "latent"), default="scales",
                    help="what of a --student checkpoint's affine layers is trained: scales = the scales (and float "
                         "zero-points), every code kept (default); latent = a float weight with a straight-through "
-                        "estimator and learned scales (codes may change; slower). QuIP# layers train their sign vectors "
-                        "and scales either way")
+                        "estimator and learned scales (codes may change; slower). QuIP# and AQLM layers train their own "
+                        "views either way (sign vectors and scales; codebooks and row factors)")
     add_training_args(p, lr=None)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output that lowbit did not write")

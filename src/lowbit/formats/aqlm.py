@@ -28,6 +28,17 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
+
+def reconstruct(C: Tensor, b: Tensor, s: Tensor) -> Tensor:
+    """W^ [out, in] = s_o Σ_m C_m[b_ojm] from codebooks C [M, K, g], unsigned codes b [out, groups,
+    M] and scales s [out] (in C's dtype): the format's dequantization, shared by the solver, its
+    tuning and the trainable view (differentiable in C and s)."""
+    out = b.shape[0]
+    V = C[0][b[..., 0]]
+    for m in range(1, C.shape[0]):
+        V = V + C[m][b[..., m]]
+    return (V * s.to(V.dtype)[:, None, None]).reshape(out, -1)
+
 CODEBOOK_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 MAX_CODEBOOKS = 64
 
@@ -82,13 +93,7 @@ class AQLMWeight(WeightFormat, name="aqlm"):
         return self.codes.to(torch.int64) & (self.codebook_size - 1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        out, n = self.shape
-        codes = self.unsigned_codes()                                   # [out, groups, M]
-        C = self.codebooks[:, :, 0, :].float()                          # [M, K, in_group]
-        W = C[0][codes[..., 0]]                                         # [out, groups, in_group]
-        for m in range(1, self.num_codebooks):
-            W = W + C[m][codes[..., m]]
-        W = (W * self.scales.reshape(out, 1, 1).float()).reshape(out, n)
+        W = reconstruct(self.codebooks[:, :, 0, :].float(), self.unsigned_codes(), self.scales.reshape(-1).float())
         return W if dtype == torch.float32 else W.to(dtype)
 
     @classmethod

@@ -22,8 +22,10 @@ The view of an `E8PWeight` (QuIP#, `TunableE8P`; every mode) keeps the lattice c
 the continuous rest, as the paper's fine-tuning does (§5): the two sign vectors of the
 incoherence transforms (made real-valued) and the scales. QuIP#'s block-wise tuning
 (`lowbit.algorithms.quip`) and the end-to-end recovery (`lowbit distill --student`) share it.
+The view of an `AQLMWeight` (`TunableAQLM`; every mode) keeps the codes and the bias and trains
+the codebooks and a factor per output row, as AQLM's block tuning (`lowbit.algorithms.aqlm`) does.
 
-Layers in a format with no view (AQLM codebooks, incoherent or sparse weights, int8 with outliers, ...)
+Layers in a format with no view (incoherent or sparse weights, int8 with outliers, ...)
 stay as they are; their names are listed in the returned mapping's ``skipped``. Every stand-in
 copies the layer's bias into a parameter of its own, trained with the rest; ``original`` is the
 QuantizedLinear it replaced.
@@ -40,6 +42,7 @@ from lowbit.core import grid
 from lowbit.errors import LowbitError
 from lowbit.core import e8p
 from lowbit.formats.affine import AffineWeight
+from lowbit.formats.aqlm import AQLMWeight, reconstruct
 from lowbit.formats.e8p import E8PWeight, decode_signs
 from lowbit.nn.linear import QuantizedLinear
 from lowbit.nn.replace import replacement
@@ -147,6 +150,49 @@ class TunableE8P(nn.Module):
         return fmt
 
 
+class TunableAQLM(nn.Module):
+    """An AQLM layer with its codes fixed: y = x (s ⊙ r ⊙ Σ_m C_m[b])ᵀ + bias, trainable codebooks
+    C and per-row factors r (ones at the start: Adam's steps are about the same size for every
+    parameter, while the scales s are as small as the weights); the scales s and the bias stay.
+    ``weight_format()`` stores s ⊙ r and the codebooks in the format's dtype."""
+
+    def __init__(self, q: nn.Module):
+        super().__init__()
+        fmt = q.weight_format
+        if type(fmt) is not AQLMWeight:
+            raise LowbitError(f"TunableAQLM needs a layer over an AQLM weight, got {fmt.name}")
+        self.__dict__["_original"] = q
+        self.shape = fmt.shape
+        self.dtype = fmt.codebooks.dtype
+        self.codebooks = nn.Parameter(fmt.codebooks[:, :, 0, :].float().clone(), requires_grad=False)  # [M, K, g]
+        self.factors = nn.Parameter(torch.ones(fmt.shape[0]), requires_grad=False)                    # [out]
+        self.register_buffer("scales", fmt.scales.reshape(-1).float().clone())                        # [out]
+        self.register_buffer("codes", fmt.unsigned_codes())                                           # [out, groups, M]
+        self.bias = None if q.bias is None else q.bias.detach()
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_original"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        W = reconstruct(self.codebooks, self.codes, self.scales * self.factors).to(x.dtype)
+        return nn.functional.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def round_to_storage(self) -> None:
+        """Codebooks and s ⊙ r rounded to the stored dtype (factors back to one), in place."""
+        self.codebooks.copy_(self.codebooks.to(self.dtype))
+        self.scales.copy_((self.scales * self.factors).to(self.dtype))
+        self.factors.fill_(1.0)
+
+    @torch.no_grad()
+    def weight_format(self) -> AQLMWeight:
+        fmt = AQLMWeight.from_codes(self.codes, self.codebooks.detach(), self.scales * self.factors.detach(),
+                                    self.shape, dtype=self.dtype)
+        fmt.validate()
+        return fmt
+
+
 class TrainableLayers(dict):
     """{name: stand-in} of `make_trainable`; ``skipped`` maps the names of the packed layers left
     as they were (no trainable view of their format) to the format's name."""
@@ -164,6 +210,8 @@ def view(q: QuantizedLinear, mode: str = "auto") -> nn.Module | None:
         return FakeQuantLinear.from_affine(q, learn_scale=True) if mode == "latent" else TunableAffine(q)
     if type(q.weight_format) is E8PWeight:
         return TunableE8P(q)
+    if type(q.weight_format) is AQLMWeight:
+        return TunableAQLM(q)
     return None
 
 
@@ -226,7 +274,7 @@ class MaskedLinear(nn.Module):
         return (self.weight * self.mask).to(self.original.weight.dtype)
 
 
-STANDIN_TYPES = (TunableAffine, FakeQuantLinear, TunableE8P, MaskedLinear)  # every view `make_trainable` makes
+STANDIN_TYPES = (TunableAffine, FakeQuantLinear, TunableE8P, TunableAQLM, MaskedLinear)  # every view `make_trainable` makes
 
 
 def trainable_parameters(standins: dict[str, nn.Module]) -> list[nn.Parameter]:
