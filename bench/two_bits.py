@@ -11,8 +11,9 @@ Steps (every finished step is kept, so an interrupted run goes on where it stopp
    time of quantizing (load excluded) to ``OUT/<model>/quantize.jsonl``; a variant whose
    checkpoint and time are there already is not redone. The Q2_K row is lowbit's own GGUF writer
    with an importance matrix collected on the same calibration text (llama.cpp's ``--imatrix``
-   recipe), evaluated through lowbit's GGUF loader. ``quip-2-tuned-e2e`` is QuIP#'s end-to-end
-   fine-tuning (paper §5) of ``quip-2-tuned``: ``lowbit distill --student`` trains its sign
+   recipe), evaluated through lowbit's GGUF loader. ``quip-2-e2e`` and ``quip-2-tuned-e2e`` are
+   QuIP#'s end-to-end fine-tuning (paper §5) of ``quip-2`` and of the block-tuned
+   ``quip-2-tuned``: ``lowbit distill --student`` trains their sign
    vectors, scales and norms against the original's logits on the same calibration text (40
    steps of 2 windows of 512 tokens: 41k tokens), codes kept; its time is that of the
    distillation alone;
@@ -52,6 +53,7 @@ VARIANTS = {
     "gptq-w4g128": ("lowbit", "gptq", dict(bits=4, group_size=128), {}),
     "quip-2": ("lowbit", "quip", None, {"bits": 2}),
     "quip-2-tuned": ("lowbit", "quip", None, {"bits": 2, "finetune_steps": 100}),
+    "quip-2-e2e": ("distill", "quip-2", ["--steps", "40", "--batch-size", "2", "--micro-batch", "1", "--seq-len", "512"]),
     "quip-2-tuned-e2e": ("distill", "quip-2-tuned", ["--steps", "40", "--batch-size", "2", "--micro-batch", "1",
                                                      "--seq-len", "512"]),
     "quip-3": ("lowbit", "quip", None, {"bits": 3}),
