@@ -15,8 +15,9 @@ Steps (every finished step is kept, so an interrupted run goes on where it stopp
    QuIP#'s end-to-end fine-tuning (paper §5) of ``quip-2`` and of the block-tuned
    ``quip-2-tuned``: ``lowbit distill --student`` trains their sign
    vectors, scales and norms against the original's logits on the same calibration text (40
-   steps of 2 windows of 512 tokens: 41k tokens), codes kept; its time is that of the
-   distillation alone;
+   steps of 2 windows of 512 tokens: 41k tokens), codes kept; ``quip-2-e2e-2`` is a second
+   such run on ``quip-2-e2e`` (a warm restart of the schedule at twice the peak learning rate);
+   a distilled variant's time is that of its distillation alone;
 2. ``lowbit compare`` of the original and every variant on the held-out text under lowbit's fixed
    perplexity protocol (non-overlapping windows of 512 tokens, ``--max-tokens`` tokens): perplexity,
    KL to the original, top-1 agreement, real bits per linear weight (every stored byte: codes,
@@ -54,6 +55,8 @@ VARIANTS = {
     "quip-2": ("lowbit", "quip", None, {"bits": 2}),
     "quip-2-tuned": ("lowbit", "quip", None, {"bits": 2, "finetune_steps": 100}),
     "quip-2-e2e": ("distill", "quip-2", ["--steps", "40", "--batch-size", "2", "--micro-batch", "1", "--seq-len", "512"]),
+    "quip-2-e2e-2": ("distill", "quip-2-e2e", ["--steps", "40", "--batch-size", "2", "--micro-batch", "1", "--seq-len",
+                                               "512", "--lr", "2e-3"]),
     "quip-2-tuned-e2e": ("distill", "quip-2-tuned", ["--steps", "40", "--batch-size", "2", "--micro-batch", "1",
                                                      "--seq-len", "512"]),
     "quip-3": ("lowbit", "quip", None, {"bits": 3}),
@@ -188,9 +191,13 @@ def main() -> int:
     root = Path(args.out) / Path(args.model).name  # a model folder's name, or the bundled model's
     root.mkdir(parents=True, exist_ok=True)
     times_file = root / "quantize.jsonl"
-    for name in [n for n in names if VARIANTS[n][0] == "distill"]:  # a distilled variant needs its base
-        if VARIANTS[name][1] not in names:
-            names.insert(names.index(name), VARIANTS[name][1])
+    i = 0
+    while i < len(names):  # a distilled variant needs its base (made first)
+        spec = VARIANTS[names[i]]
+        if spec[0] == "distill" and spec[1] not in names:
+            names.insert(i, spec[1])
+            continue
+        i += 1
     for name in names:
         path = variant_path(root, name)
         if name in done_times(times_file) and path.exists():
