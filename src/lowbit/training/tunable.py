@@ -26,9 +26,10 @@ The view of an `AQLMWeight` (`TunableAQLM`; every mode) keeps the codes and the 
 the codebooks and a factor per output row, as AQLM's block tuning (`lowbit.algorithms.aqlm`) does.
 
 Layers in a format with no view (incoherent or sparse weights, int8 with outliers, ...)
-stay as they are; their names are listed in the returned mapping's ``skipped``. Every stand-in
-copies the layer's bias into a parameter of its own, trained with the rest; ``original`` is the
-QuantizedLinear it replaced.
+stay as they are; their names are listed in the returned mapping's ``skipped``. The affine views
+copy the layer's bias into a parameter of their own, trained with the rest; the E8P view trains
+the layer's own bias in place, the AQLM view keeps it as it is (as their block tunings always
+did). Every stand-in's ``original`` is the QuantizedLinear it replaced.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from lowbit.core import grid
+from lowbit.core import e8p, grid
 from lowbit.errors import LowbitError
-from lowbit.core import e8p
 from lowbit.formats.affine import AffineWeight
 from lowbit.formats.aqlm import AQLMWeight, reconstruct
 from lowbit.formats.e8p import E8PWeight, decode_signs
