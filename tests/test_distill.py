@@ -90,50 +90,33 @@ def test_quantized_student_recovers(tmp_path, capsys, tiny_dir, texts, tune):
     assert {k: v["format"] for k, v in rec["modules"].items()} == {k: v["format"] for k, v in before["modules"].items()}
 
 
-def test_quip_student_recovers_end_to_end(tmp_path, capsys, tiny_dir, texts):
-    """QuIP#'s end-to-end fine-tuning: the E8P layers' sign vectors and scales train against the
-    teacher's logits, the lattice codes stay exactly as they were."""
-    q = tmp_path / "quip2"
-    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "quip", "--samples", 8, "--seq-len", 32, "-o", q)
+@pytest.mark.parametrize("method,options,view,trained", [
+    ("quip", ["--samples", 8, "--seq-len", 32], "TunableE8P", "sv"),
+    ("aqlm", ["--samples", 4, "--seq-len", 32, "--option", "rounds=1", "--option", "kmeans_iters=4"], "TunableAQLM",
+     "codebooks"),
+])
+def test_codebook_student_recovers_end_to_end(tmp_path, capsys, tiny_dir, texts, method, options, view, trained):
+    """End-to-end fine-tuning of the codebook formats: QuIP#'s sign vectors and scales, AQLM's
+    codebooks and row factors train against the teacher's logits; the codes stay exactly as they
+    were."""
+    q = tmp_path / method
+    code, _, err = run(capsys, "quantize", tiny_dir, "--method", method, *options, "-o", q)
     assert code == 0, err
-    out = tmp_path / "quip2kd"
+    out = tmp_path / f"{method}kd"
     flags = _train_flags(texts, steps=20, lr=1e-3)
     flags[3] = texts[0]
     code, _, err = run(capsys, "distill", tiny_dir, "--student", q, *flags, "-o", out)
     assert code == 0, err
-    assert "no trainable view" not in err
-    d = checkpoint.read_record(out)["distill"]
-    assert d["final_eval"]["kl"] < 0.9 * d["first_eval"]["kl"]
-    fa = {n: m.weight_format for n, m in api.load(str(q)).model.named_modules() if isinstance(m, QuantizedLinear)}
-    fb = {n: m.weight_format for n, m in api.load(str(out)).model.named_modules() if isinstance(m, QuantizedLinear)}
-    assert fa.keys() == fb.keys() and fa
-    moved = 0
-    for n in fa:
-        assert fb[n].name == "e8p" and torch.equal(fa[n].codes, fb[n].codes), n
-        moved += int(not torch.equal(fa[n].incoherence().V.diagonal(), fb[n].sv))
-    assert moved == len(fa)
-
-
-def test_aqlm_student_recovers_end_to_end(tmp_path, capsys, tiny_dir, texts):
-    """AQLM's codebooks and row factors train against the teacher's logits, the codes kept."""
-    q = tmp_path / "aqlm"
-    code, _, err = run(capsys, "quantize", tiny_dir, "--method", "aqlm", "--samples", 4, "--seq-len", 32,
-                       "--option", "rounds=1", "--option", "kmeans_iters=4", "-o", q)
-    assert code == 0, err
-    out = tmp_path / "aqlmkd"
-    flags = _train_flags(texts, steps=20, lr=1e-3)
-    flags[3] = texts[0]
-    code, _, err = run(capsys, "distill", tiny_dir, "--student", q, *flags, "-o", out)
-    assert code == 0, err
-    assert "no trainable view" not in err and "TunableAQLM" in err
+    assert "no trainable view" not in err and view in err
     d = checkpoint.read_record(out)["distill"]
     assert d["final_eval"]["kl"] < 0.9 * d["first_eval"]["kl"]
     fa = {n: m.weight_format for n, m in api.load(str(q)).model.named_modules() if isinstance(m, QuantizedLinear)}
     fb = {n: m.weight_format for n, m in api.load(str(out)).model.named_modules() if isinstance(m, QuantizedLinear)}
     assert fa.keys() == fb.keys() and fa
     for n in fa:
-        assert fb[n].name == "aqlm" and torch.equal(fa[n].codes, fb[n].codes), n
-        assert not torch.equal(fa[n].codebooks, fb[n].codebooks), n
+        assert fb[n].name == fa[n].name == method.replace("quip", "e8p") and torch.equal(fa[n].codes, fb[n].codes), n
+        before = fa[n].incoherence().V.diagonal() if method == "quip" else fa[n].codebooks
+        assert not torch.equal(before, getattr(fb[n], trained)), n
 
 
 def test_qat_cli_packs_a_checkpoint(tmp_path, capsys, tiny_dir, texts):

@@ -51,16 +51,34 @@ from lowbit.training.fake_quant import FakeQuantLinear
 MODES = ("auto", "scales", "latent")
 
 
-class TunableAffine(nn.Module):
-    """An affine layer with its integer codes fixed and its scales (and float zero-points)
-    trainable: ``W = (q - z) s`` per slice, with the trained values as they are stored."""
+class _View(nn.Module):
+    """What every view of a packed layer shares: the format it takes (``FORMAT``), checked, and
+    ``original``, the layer it stands in for (kept out of the module tree: its parameters are
+    not the view's)."""
+
+    FORMAT: type = object
 
     def __init__(self, q: QuantizedLinear):
         super().__init__()
-        fmt = q.weight_format
-        if type(fmt) is not AffineWeight:
-            raise LowbitError(f"TunableAffine needs a layer over an affine weight, got {fmt.name}")
+        if type(q.weight_format) is not self.FORMAT:
+            raise LowbitError(f"{type(self).__name__} needs a layer over a {self.FORMAT.__name__}, "
+                              f"got {q.weight_format.name}")
         self.__dict__["_original"] = q
+
+    @property
+    def original(self) -> QuantizedLinear:
+        return self.__dict__["_original"]
+
+
+class TunableAffine(_View):
+    """An affine layer with its integer codes fixed and its scales (and float zero-points)
+    trainable: ``W = (q - z) s`` per slice, with the trained values as they are stored."""
+
+    FORMAT = AffineWeight
+
+    def __init__(self, q: QuantizedLinear):
+        super().__init__(q)
+        fmt = q.weight_format
         self.scheme = fmt.scheme
         self.shape = tuple(fmt.shape)
         ints = fmt.integers()
@@ -74,9 +92,6 @@ class TunableAffine(nn.Module):
             self.register_buffer("zero", None if z is None else z.float(), persistent=False)
         self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().float().clone())
 
-    @property
-    def original(self) -> QuantizedLinear:
-        return self.__dict__["_original"]
 
     def qparams(self) -> tuple[Tensor, Tensor | None]:
         """(scale, zero-point) as stored (gradient straight through the storage rounding)."""
@@ -101,19 +116,17 @@ class TunableAffine(nn.Module):
         return fmt
 
 
-class TunableE8P(nn.Module):
+class TunableE8P(_View):
     """An E8P layer whose continuous parts are trainable: the transforms' diagonals ``su``, ``sv``
     (initialised to the seed's signs) and the scales; the codes stay as they are, decoded once
     into float buffers. The bias is the layer's own parameter (trained in place, as the block
     tuning's norm gains are). ``weight_format()`` is the weight with the tuned values stored."""
 
-    def __init__(self, q: nn.Module):
-        super().__init__()
-        f = q.weight_format
-        if type(f) is not E8PWeight:
-            raise LowbitError(f"TunableE8P needs a layer over an E8P weight, got {f.name}")
-        self.__dict__["_original"] = q
-        self.fmt = f
+    FORMAT = E8PWeight
+
+    def __init__(self, q: QuantizedLinear):
+        super().__init__(q)
+        f = self.fmt = q.weight_format
         self._inc = f.incoherence()
         du, dv = self._inc.U.diagonal(), self._inc.V.diagonal()
         self.su = nn.Parameter(torch.ones(f.shape[0]) if du is None else du.clone(), requires_grad=False)
@@ -127,10 +140,6 @@ class TunableE8P(nn.Module):
             stage2 = decode_signs(f.residual).reshape(f.shape)
         self.register_buffer("stage2", stage2, persistent=False)
         self.bias = q.bias
-
-    @property
-    def original(self) -> nn.Module:
-        return self.__dict__["_original"]
 
     def forward(self, x: Tensor) -> Tensor:
         W = self.scale[0] * self.stage1
@@ -150,18 +159,17 @@ class TunableE8P(nn.Module):
         return fmt
 
 
-class TunableAQLM(nn.Module):
+class TunableAQLM(_View):
     """An AQLM layer with its codes fixed: y = x (s ⊙ r ⊙ Σ_m C_m[b])ᵀ + bias, trainable codebooks
     C and per-row factors r (ones at the start: Adam's steps are about the same size for every
     parameter, while the scales s are as small as the weights); the scales s and the bias stay.
     ``weight_format()`` stores s ⊙ r and the codebooks in the format's dtype."""
 
-    def __init__(self, q: nn.Module):
-        super().__init__()
+    FORMAT = AQLMWeight
+
+    def __init__(self, q: QuantizedLinear):
+        super().__init__(q)
         fmt = q.weight_format
-        if type(fmt) is not AQLMWeight:
-            raise LowbitError(f"TunableAQLM needs a layer over an AQLM weight, got {fmt.name}")
-        self.__dict__["_original"] = q
         self.shape = fmt.shape
         self.dtype = fmt.codebooks.dtype
         self.codebooks = nn.Parameter(fmt.codebooks[:, :, 0, :].float().clone(), requires_grad=False)  # [M, K, g]
@@ -169,10 +177,6 @@ class TunableAQLM(nn.Module):
         self.register_buffer("scales", fmt.scales.reshape(-1).float().clone())                        # [out]
         self.register_buffer("codes", fmt.unsigned_codes())                                           # [out, groups, M]
         self.bias = None if q.bias is None else q.bias.detach()
-
-    @property
-    def original(self) -> nn.Module:
-        return self.__dict__["_original"]
 
     def forward(self, x: Tensor) -> Tensor:
         W = reconstruct(self.codebooks, self.codes, self.scales * self.factors).to(x.dtype)
