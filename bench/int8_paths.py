@@ -43,15 +43,10 @@ from lowbit.kernels import find
 from lowbit.kernels import dynamic_int8 as kdyn
 from lowbit.kernels import linear as kernel_linear
 from lowbit.kernels import reference
+from lowbit.runtime import machine
 
 SMOL_BLOCK = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in)
 FLUSH = torch.empty(0)
-
-
-def cpu_flags() -> str:
-    from lowbit.runtime import machine
-
-    return " ".join(machine.vector_flags()) or "?"
 
 
 def flush_caches() -> None:
@@ -220,7 +215,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {cpu_flags()}; "
+    flags = " ".join(machine.vector_flags()) or "?"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU flags: {flags}; "
           f"lowbit dynamic int8 path: {kdyn.native_lib().isa() if kdyn.native_lib() else 'reference (torch)'}; "
           f"w8a16 fast kernel: {'yes' if find('affine') else 'none registered'}\n")
     if not args.skip_kernels:

@@ -49,12 +49,6 @@ def _decode_table():
     return mod
 
 
-def cpu_flags() -> tuple[str, list[str]]:
-    from lowbit.runtime import machine
-
-    return machine.cpu().name, machine.vector_flags()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2-135M-Instruct)")
@@ -187,7 +181,9 @@ def main() -> int:
         for r in runners.values():
             r.close()
 
-    name, flags = cpu_flags()
+    from lowbit.runtime import machine
+
+    name, flags = machine.cpu().name, machine.vector_flags()
     load1 = os.getloadavg()
     print(f"# prefill tok/s, SmolLM2-135M, {name}; flags: {' '.join(flags)}; "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; {args.repeats} interleaved rounds; "

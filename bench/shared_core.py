@@ -30,18 +30,14 @@ from pathlib import Path
 
 import torch
 
+from lowbit.runtime import machine
+
 
 def _decode_table():
     spec = importlib.util.spec_from_file_location("decode_table", Path(__file__).with_name("decode_table.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def cpu_flags() -> str:
-    from lowbit.runtime import machine
-
-    return " ".join(machine.vector_flags()) or "unknown"
 
 
 def main() -> int:
@@ -132,7 +128,8 @@ def main() -> int:
         one = next(results[l]["one core busy"] for l, _ in rows
                    if l.split(",")[0] == label.split(",")[0] and l.endswith(" 1 thread"))
         table.append([label, f"{qv:.1f}", f"{bv:.1f}", f"{bv / qv:.2f}x", f"{bv / one:.2f}x"])
-    print(f"# CPU flags: {cpu_flags()}; {os.cpu_count()} cores; load average at the end of each phase: "
+    flags = " ".join(machine.vector_flags()) or "unknown"
+    print(f"# CPU flags: {flags}; {os.cpu_count()} cores; load average at the end of each phase: "
           f"quiet {results['_load']['quiet']:.2f}, busy {results['_load']['one core busy']:.2f}; "
           f"prompt {P}, {N} new tokens, medians of {args.repeats} interleaved rounds")
     print(f"# chooser's picks (last timing probes; none run above the free-core limit): "

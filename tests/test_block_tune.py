@@ -9,10 +9,10 @@ from torch import nn
 from lowbit import api, checkpoint
 from lowbit.algorithms.block_tune import block_parameters, relative_error, tune
 from lowbit.algorithms.quip import QuIPConfig, quip_quantize
-from lowbit.training.tunable import TunableE8P
 from lowbit.errors import LowbitError
 from lowbit.models.tiny import tiny_model
 from lowbit.nn.linear import QuantizedLinear
+from lowbit.training.tunable import TunableE8P
 
 
 def _model(seed=3):

@@ -125,6 +125,7 @@ def test_native_step_switching_threads_gives_the_same_logits():
     lm = tiny_model("llama", seed=9)
     m = api.Model(model=lm.model, tokenizer=lm.tokenizer, name=lm.name, source=lm.source)
     api.quantize(m, "rtn", QuantScheme(bits=4, symmetric=False, group_size=32), progress=False)
+
     class Alternating(ThreadChooser):
         """1, 2, 1, 2, ... threads whatever the timings say (a loaded machine makes the timing
         chooser stay on one count: this test is about the logits when the count changes)."""

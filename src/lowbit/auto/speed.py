@@ -35,8 +35,8 @@ def machine_key(threads: int) -> dict:
 
     from lowbit.runtime import machine
 
-    return {"cpu": machine.cpu().name, "isa_cap": os.environ.get("LOWBIT_ISA"), "threads": threads, "torch": torch.__version__,
-            "lowbit": __version__, "kernels": _kernel_builds()}
+    return {"cpu": machine.cpu().name, "isa_cap": os.environ.get("LOWBIT_ISA"), "threads": threads,
+            "torch": torch.__version__, "lowbit": __version__, "kernels": _kernel_builds()}
 
 
 def _kernel_builds() -> dict:

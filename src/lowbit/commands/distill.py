@@ -51,8 +51,8 @@ def register(sub) -> None:
     p.add_argument("--tune", choices=("scales", "latent"), default="scales",
                    help="what of a --student checkpoint's affine layers is trained: scales = the scales (and float "
                         "zero-points), every code kept (default); latent = a float weight with a straight-through "
-                        "estimator and learned scales (codes may change; slower). QuIP# and AQLM layers train their own "
-                        "views either way (sign vectors and scales; codebooks and row factors)")
+                        "estimator and learned scales (codes may change; slower). QuIP# and AQLM layers train their "
+                        "own views either way (sign vectors and scales; codebooks and row factors)")
     add_training_args(p, lr=None)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output that lowbit did not write")

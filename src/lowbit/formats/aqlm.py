@@ -28,6 +28,9 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.formats.base import WeightFormat, param, shape_param, tensor
 
+CODEBOOK_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
+MAX_CODEBOOKS = 64
+
 
 def reconstruct(C: Tensor, b: Tensor, s: Tensor) -> Tensor:
     """W^ [out, in] = s_o Σ_m C_m[b_ojm] from codebooks C [M, K, g], unsigned codes b [out, groups,
@@ -38,9 +41,6 @@ def reconstruct(C: Tensor, b: Tensor, s: Tensor) -> Tensor:
     for m in range(1, C.shape[0]):
         V = V + C[m][b[..., m]]
     return (V * s.to(V.dtype)[:, None, None]).reshape(out, -1)
-
-CODEBOOK_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
-MAX_CODEBOOKS = 64
 
 
 def _int(what: str, lo: int, hi: int):

@@ -278,7 +278,8 @@ class MaskedLinear(nn.Module):
         return (self.weight * self.mask).to(self.original.weight.dtype)
 
 
-STANDIN_TYPES = (TunableAffine, FakeQuantLinear, TunableE8P, TunableAQLM, MaskedLinear)  # every view `make_trainable` makes
+# every kind of stand-in `make_trainable` makes
+STANDIN_TYPES = (TunableAffine, FakeQuantLinear, TunableE8P, TunableAQLM, MaskedLinear)
 
 
 def trainable_parameters(standins: dict[str, nn.Module]) -> list[nn.Parameter]:
